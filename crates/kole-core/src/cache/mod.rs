@@ -1,0 +1,195 @@
+//! The cloud state cache: where node state lives instead of one Kubernetes object per node.
+//!
+//! [`StateCache`] is the seam; [`NodeCache`] is its compact in-memory implementation. Wrap a cache
+//! with [`shared`] to get one exclusive [`CacheWriter`] (the engine) and any number of cheap
+//! [`CacheStore`] readers (query handlers, status writers, metrics), as kube-runtime's reflector does.
+
+mod intern;
+mod shared;
+mod table;
+
+use std::borrow::Cow;
+use std::ops::ControlFlow;
+
+pub use shared::{CacheStore, CacheWriter, shared};
+pub use table::{NodeCache, Slot};
+pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
+
+use crate::model::{DesiredDigest, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState};
+
+/// Why a cache update was refused. Nothing changed when one of these is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    /// The node is not in the cache; it must register first.
+    #[error("node is not registered")]
+    UnknownNode,
+    /// The heartbeat belongs to another boot of the node than its registration.
+    #[error("heartbeat from boot {received:#x}, but the node registered with boot {registered:#x}; it must re-register")]
+    BootMismatch {
+        /// Boot id of the registration.
+        registered: u32,
+        /// Boot id in the heartbeat.
+        received: u32,
+    },
+    /// The heartbeat is older than (or the same as) one already applied: reordered or duplicated.
+    #[error("stale heartbeat: sequence {received} is not after {last}")]
+    Stale {
+        /// Last sequence applied.
+        last: u32,
+        /// Sequence received.
+        received: u32,
+    },
+    /// The name does not fit the cache's 255-byte name slots.
+    #[error("node name longer than 255 bytes")]
+    NameTooLong,
+    /// The cache cannot address more nodes or name bytes (2^32 - 1 of each).
+    #[error("cache is full")]
+    Full,
+}
+
+/// Node counts by phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PhaseCounts {
+    /// Nodes registering (known, not yet heard from in this controller's life).
+    pub registering: u32,
+    /// Nodes online.
+    pub online: u32,
+    /// Nodes offline.
+    pub offline: u32,
+}
+
+impl PhaseCounts {
+    pub(crate) fn from_array(a: [u32; 3]) -> Self {
+        Self { registering: a[0], online: a[1], offline: a[2] }
+    }
+
+    /// All nodes counted.
+    pub fn total(&self) -> u64 {
+        u64::from(self.registering) + u64::from(self.online) + u64::from(self.offline)
+    }
+
+    /// The count for one phase.
+    pub fn get(&self, phase: NodePhase) -> u32 {
+        match phase {
+            NodePhase::Registering => self.registering,
+            NodePhase::Online => self.online,
+            NodePhase::Offline => self.offline,
+        }
+    }
+}
+
+/// What a heartbeat changes in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatUpdate {
+    /// The node's boot id (random per agent start).
+    pub boot_id: u32,
+    /// Sequence within the boot, strictly increasing.
+    pub seq: u32,
+    /// Digest of what the node has applied.
+    pub applied: DesiredDigest,
+}
+
+/// The result of an accepted heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatOutcome {
+    /// The node's slot.
+    pub slot: Slot,
+    /// Phase before the heartbeat (an `Offline` here means the node came back).
+    pub previous: NodePhase,
+    /// Whether the applied digest differs from the one stored before.
+    pub applied_changed: bool,
+}
+
+/// The result of a registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registered {
+    /// The node's slot.
+    pub slot: Slot,
+    /// Whether the node was new to the cache.
+    pub created: bool,
+    /// Whether a known node came back with a different boot id (a restart, not a duplicate).
+    pub restarted: bool,
+    /// Phase before the registration, for known nodes.
+    pub previous: Option<NodePhase>,
+}
+
+/// A query over the cache: by names, selector and phase, paged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeQuery {
+    /// When non-empty, only these nodes (still filtered by selector and phase).
+    pub names: Vec<NodeName>,
+    /// Label selector; the default selects everything.
+    pub selector: Selector,
+    /// Only nodes in this phase.
+    pub phase: Option<NodePhase>,
+    /// Page size (at least 1).
+    pub limit: usize,
+    /// Resume after this position (the `continue_after` of the previous page).
+    pub continue_after: Option<u32>,
+}
+
+impl Default for NodeQuery {
+    fn default() -> Self {
+        Self { names: Vec::new(), selector: Selector::everything(), phase: None, limit: 500, continue_after: None }
+    }
+}
+
+/// One page of a [`NodeQuery`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryPage {
+    /// Matching nodes, at most `limit`.
+    pub items: Vec<NodeRecord>,
+    /// Pass back as `continue_after` for the next page; `None` on the last page.
+    pub continue_after: Option<u32>,
+    /// Counts by phase of every node matching the names and selector (all pages, any phase).
+    pub counts: PhaseCounts,
+}
+
+/// The cloud state cache: every node's identity, labels, liveness and applied state.
+///
+/// Object-safe so a controller can hold `Box<dyn StateCache>`; writes take `&mut self` because the
+/// engine is the one writer (wrap with [`shared`] for concurrent readers).
+pub trait StateCache: Send + Sync {
+    /// Number of nodes.
+    fn len(&self) -> usize;
+
+    /// Whether the cache holds no node.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A full copy of one node.
+    fn get(&self, name: &str) -> Option<NodeRecord>;
+
+    /// Counts by phase of the nodes matching `selector`.
+    fn counts(&self, selector: &Selector) -> PhaseCounts;
+
+    /// Inserts or updates a node from its registration; the node becomes online at `now`.
+    /// A known node registering with a new `boot_id` is a restart and resets its heartbeat sequence.
+    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError>;
+
+    /// Applies a heartbeat: liveness, sequence, applied digest. Stale, reordered or foreign-boot
+    /// heartbeats are refused without changing anything.
+    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError>;
+
+    /// Replaces the node's per-workload state.
+    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError>;
+
+    /// Sets a node's phase; returns the previous one.
+    fn set_phase(&mut self, name: &str, phase: NodePhase) -> Result<NodePhase, CacheError>;
+
+    /// Marks online nodes last seen before `cutoff` offline; returns how many changed.
+    fn mark_offline(&mut self, cutoff: Timestamp) -> usize;
+
+    /// Removes a node; returns whether it existed.
+    fn remove(&mut self, name: &str) -> bool;
+
+    /// One page of a query, with summary counts.
+    fn query(&self, q: &NodeQuery) -> QueryPage;
+
+    /// Calls `visitor` with every node matching `selector` until it breaks.
+    fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>);
+
+    /// The cache as a [`NodeCache`], for snapshotting: borrowed when it is one, built otherwise.
+    fn to_node_cache(&self) -> Cow<'_, NodeCache>;
+}

@@ -1,0 +1,803 @@
+//! [`NodeCache`]: the compact, slot-based, in-memory node table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::ControlFlow;
+
+use hashbrown::HashTable;
+
+use super::intern::Interner;
+use super::{
+    CacheError, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage, Registered, StateCache,
+};
+use crate::model::{
+    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector,
+    Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
+};
+
+/// Dense index of a node in a [`NodeCache`]. Stable while the node exists; reused after removal.
+pub type Slot = u32;
+
+/// Id of an interned string.
+pub(crate) type StrId = u32;
+/// Id of an interned label set.
+pub(crate) type LabelSetId = u32;
+/// Id of an interned (arch, os, agent version) triple.
+pub(crate) type PlatformId = u32;
+/// Id of an interned per-node workload state list.
+pub(crate) type WorkloadSetId = u32;
+
+/// Marks a vacant slot in [`NodeSlot::label_set`].
+const VACANT: u32 = u32::MAX;
+/// Seed of the name index hash (any constant; the index is never persisted).
+const NAME_SEED: u64 = 0x6e61_6d65_5f69_6478;
+
+/// The hot, fixed-size part of a node: one cache line holds it, so a heartbeat touches one line.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NodeSlot {
+    pub(crate) applied: u64,
+    pub(crate) name_off: u32,
+    pub(crate) label_set: LabelSetId,
+    pub(crate) platform: PlatformId,
+    pub(crate) workloads: WorkloadSetId,
+    /// Primary IPv4 address; `0` with `has_ipv4 == false` means none.
+    pub(crate) ipv4: u32,
+    /// Last heard from, seconds since the epoch.
+    pub(crate) last_seen: u32,
+    /// Boot id of the node's current registration (`0`: unknown, e.g. after a restore).
+    pub(crate) boot_id: u32,
+    /// Highest heartbeat sequence accepted in this boot.
+    pub(crate) seq: u32,
+    /// Position of this slot in its label set's member list.
+    pub(crate) pos_in_set: u32,
+    pub(crate) name_len: u8,
+    pub(crate) phase: u8,
+    pub(crate) flags: u8,
+}
+
+const FLAG_IPV4: u8 = 1;
+const FLAG_EXTRA_ADDRS: u8 = 2;
+
+/// A label set: `(key, value)` string ids sorted by key string.
+pub(crate) type LabelPairs = Box<[(StrId, StrId)]>;
+/// A workload state list: `(workload id string, version, phase)` sorted by workload string.
+pub(crate) type WorkloadItems = Box<[(StrId, u64, u8)]>;
+
+/// Per label set: the slots carrying it and how many are in each phase.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LabelSetMembers {
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) phases: [u32; 3],
+}
+
+/// The compact in-memory node table: the in-memory implementation of [`StateCache`].
+///
+/// A node is a 48-byte [`NodeSlot`] plus its name in a shared byte arena. Everything that repeats
+/// across nodes — label sets, label strings, platform triples, workload state lists — is interned
+/// and shared, and each label set keeps the list of its member slots, so a selector is evaluated once
+/// per distinct label set, never once per node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeCache {
+    pub(crate) slots: Vec<NodeSlot>,
+    pub(crate) free: Vec<Slot>,
+    names: Vec<u8>,
+    name_garbage: usize,
+    index: HashTable<Slot>,
+    pub(crate) strings: Interner<Box<str>>,
+    pub(crate) label_sets: Interner<LabelPairs>,
+    pub(crate) members: Vec<LabelSetMembers>,
+    pub(crate) platforms: Interner<[StrId; 3]>,
+    pub(crate) workload_sets: Interner<WorkloadItems>,
+    pub(crate) extra_addrs: HashMap<Slot, Box<[IpAddr]>>,
+    phase_totals: [u32; 3],
+    live: usize,
+}
+
+/// A label set resolved against the string table, for selector evaluation.
+pub(crate) struct LabelSetView<'a> {
+    pub(crate) cache: &'a NodeCache,
+    pub(crate) pairs: &'a [(StrId, StrId)],
+}
+
+impl LabelLookup for LabelSetView<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        // Sorted by key string; sets are small, so a binary search over resolved keys is plenty.
+        let s = &self.cache.strings;
+        self.pairs
+            .binary_search_by(|&(k, _)| (**s.get(k)).cmp(key))
+            .ok()
+            .map(|i| &**s.get(self.pairs[i].1))
+    }
+}
+
+impl NodeCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty cache with room for `nodes` nodes of about `avg_name_len` bytes of name each.
+    pub fn with_capacity(nodes: usize, avg_name_len: usize) -> Self {
+        Self {
+            slots: Vec::with_capacity(nodes),
+            names: Vec::with_capacity(nodes * avg_name_len),
+            index: HashTable::with_capacity(nodes),
+            ..Self::default()
+        }
+    }
+
+    /// Releases spare capacity (call after bulk loading).
+    pub fn shrink_to_fit(&mut self) {
+        self.slots.shrink_to_fit();
+        self.names.shrink_to_fit();
+        self.index.shrink_to_fit(|&s| hash_name(name_at(&self.names, &self.slots[s as usize])));
+        for m in &mut self.members {
+            m.slots.shrink_to_fit();
+        }
+    }
+
+    /// The slot of `name`, if present.
+    #[inline]
+    pub fn slot_of(&self, name: &str) -> Option<Slot> {
+        let h = hash_name(name.as_bytes());
+        self.index
+            .find(h, |&s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
+            .copied()
+    }
+
+    /// The name stored in a live slot.
+    pub fn name_of(&self, slot: Slot) -> Option<&str> {
+        let n = self.slots.get(slot as usize).filter(|n| n.label_set != VACANT)?;
+        std::str::from_utf8(name_at(&self.names, n)).ok()
+    }
+
+    /// Number of distinct label sets in use.
+    pub fn label_set_count(&self) -> usize {
+        self.label_sets.len()
+    }
+
+    /// Number of distinct interned strings.
+    pub fn string_count(&self) -> usize {
+        self.strings.len()
+    }
+
+    /// Approximate heap bytes held, by component, for diagnostics (benchmarks measure the allocator).
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * size_of::<NodeSlot>()
+            + self.free.capacity() * 4
+            + self.names.capacity()
+            + self.index.capacity() * 5
+            + self.members.iter().map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>()).sum::<usize>()
+            + self.strings.heap_bytes(|s| s.len())
+            + self.label_sets.heap_bytes(|p| p.len() * 8)
+            + self.platforms.heap_bytes(|_| 0)
+            + self.workload_sets.heap_bytes(|w| w.len() * 16)
+    }
+
+    /// Whether `slot` holds a node.
+    #[inline]
+    pub(crate) fn is_live(&self, slot: Slot) -> bool {
+        self.slots.get(slot as usize).is_some_and(|n| n.label_set != VACANT)
+    }
+
+    pub(crate) fn name_bytes(&self, slot: Slot) -> &[u8] {
+        name_at(&self.names, &self.slots[slot as usize])
+    }
+
+    pub(crate) fn str_of(&self, id: StrId) -> &str {
+        self.strings.get(id)
+    }
+
+    pub(crate) fn label_set_view(&self, id: LabelSetId) -> LabelSetView<'_> {
+        LabelSetView { cache: self, pairs: self.label_sets.get(id) }
+    }
+
+    fn intern_str(&mut self, s: &str) -> StrId {
+        self.strings.acquire(&Box::from(s)).0
+    }
+
+    /// Interns a label set, taking a reference on it (and, when new, on its strings).
+    fn intern_labels(&mut self, labels: &Labels) -> LabelSetId {
+        // Look up by resolved strings first so an existing set costs no string refcount traffic.
+        let mut pairs = Vec::with_capacity(labels.len());
+        let mut all_known = true;
+        for (k, v) in labels.iter() {
+            match (self.strings.find(&Box::from(k)), self.strings.find(&Box::from(v))) {
+                (Some(k), Some(v)) => pairs.push((k, v)),
+                _ => {
+                    all_known = false;
+                    break;
+                }
+            }
+        }
+        if all_known {
+            let key: LabelPairs = pairs.into_boxed_slice();
+            if let Some(id) = self.label_sets.find(&key) {
+                self.label_sets.retain(id);
+                return id;
+            }
+        }
+        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let (id, new) = self.label_sets.acquire(&pairs);
+        if !new {
+            for &(k, v) in pairs.iter() {
+                self.strings.release(k);
+                self.strings.release(v);
+            }
+        } else {
+            let idx = id as usize;
+            if self.members.len() <= idx {
+                self.members.resize_with(idx + 1, LabelSetMembers::default);
+            }
+            self.members[idx] = LabelSetMembers::default();
+        }
+        id
+    }
+
+    fn release_labels(&mut self, id: LabelSetId) {
+        if let Some(pairs) = self.label_sets.release(id) {
+            for &(k, v) in pairs.iter() {
+                self.strings.release(k);
+                self.strings.release(v);
+            }
+            self.members[id as usize] = LabelSetMembers::default();
+        }
+    }
+
+    fn intern_platform(&mut self, info: &NodeInfo) -> PlatformId {
+        let triple = [self.intern_str(&info.arch), self.intern_str(&info.os), self.intern_str(&info.agent_version)];
+        let (id, new) = self.platforms.acquire(&triple);
+        if !new {
+            triple.iter().for_each(|&s| {
+                self.strings.release(s);
+            });
+        }
+        id
+    }
+
+    fn release_platform(&mut self, id: PlatformId) {
+        if let Some(triple) = self.platforms.release(id) {
+            triple.iter().for_each(|&s| {
+                self.strings.release(s);
+            });
+        }
+    }
+
+    fn intern_workloads(&mut self, states: &[WorkloadState]) -> WorkloadSetId {
+        let mut sorted: Vec<&WorkloadState> = states.iter().collect();
+        sorted.sort_by(|a, b| a.workload.cmp(&b.workload));
+        sorted.dedup_by(|a, b| a.workload == b.workload);
+        let items: WorkloadItems =
+            sorted.iter().map(|w| (self.intern_str(w.workload.as_str()), w.version, w.phase as u8)).collect();
+        let (id, new) = self.workload_sets.acquire(&items);
+        if !new {
+            for &(w, _, _) in items.iter() {
+                self.strings.release(w);
+            }
+        }
+        id
+    }
+
+    fn release_workloads(&mut self, id: WorkloadSetId) {
+        if let Some(items) = self.workload_sets.release(id) {
+            for &(w, _, _) in items.iter() {
+                self.strings.release(w);
+            }
+        }
+    }
+
+    fn join_set(&mut self, slot: Slot, set: LabelSetId, phase: u8) {
+        let m = &mut self.members[set as usize];
+        self.slots[slot as usize].pos_in_set = m.slots.len() as u32;
+        m.slots.push(slot);
+        m.phases[usize::from(phase)] += 1;
+    }
+
+    fn leave_set(&mut self, slot: Slot) {
+        let n = self.slots[slot as usize];
+        let m = &mut self.members[n.label_set as usize];
+        let pos = n.pos_in_set as usize;
+        m.slots.swap_remove(pos);
+        if let Some(&moved) = m.slots.get(pos) {
+            self.slots[moved as usize].pos_in_set = pos as u32;
+        }
+        m.phases[usize::from(n.phase)] -= 1;
+    }
+
+    fn set_phase_at(&mut self, slot: Slot, phase: NodePhase) -> NodePhase {
+        let n = &mut self.slots[slot as usize];
+        let old = n.phase;
+        let new = phase as u8;
+        if old != new {
+            n.phase = new;
+            let m = &mut self.members[n.label_set as usize];
+            m.phases[usize::from(old)] -= 1;
+            m.phases[usize::from(new)] += 1;
+            self.phase_totals[usize::from(old)] -= 1;
+            self.phase_totals[usize::from(new)] += 1;
+        }
+        NodePhase::from_u8(old).unwrap_or_default()
+    }
+
+    fn store_addresses(&mut self, slot: Slot, addrs: &[IpAddr]) {
+        let n = &mut self.slots[slot as usize];
+        n.flags &= !(FLAG_IPV4 | FLAG_EXTRA_ADDRS);
+        n.ipv4 = 0;
+        let rest = match addrs.first() {
+            Some(IpAddr::V4(v4)) => {
+                n.flags |= FLAG_IPV4;
+                n.ipv4 = u32::from(*v4);
+                &addrs[1..]
+            }
+            _ => addrs,
+        };
+        if rest.is_empty() {
+            self.extra_addrs.remove(&slot);
+        } else {
+            n.flags |= FLAG_EXTRA_ADDRS;
+            self.extra_addrs.insert(slot, rest.into());
+        }
+    }
+
+    pub(crate) fn addresses_of(&self, slot: Slot) -> Vec<IpAddr> {
+        let n = &self.slots[slot as usize];
+        let mut out = Vec::new();
+        if n.flags & FLAG_IPV4 != 0 {
+            out.push(IpAddr::V4(Ipv4Addr::from(n.ipv4)));
+        }
+        if n.flags & FLAG_EXTRA_ADDRS != 0
+            && let Some(extra) = self.extra_addrs.get(&slot)
+        {
+            out.extend_from_slice(extra);
+        }
+        out
+    }
+
+    fn push_name(&mut self, name: &str) -> Result<u32, CacheError> {
+        if self.name_garbage > 1 << 20 && self.name_garbage * 2 > self.names.len() {
+            self.compact_names();
+        }
+        let off = u32::try_from(self.names.len()).map_err(|_| CacheError::Full)?;
+        if off.checked_add(name.len() as u32).is_none() {
+            return Err(CacheError::Full);
+        }
+        self.names.extend_from_slice(name.as_bytes());
+        Ok(off)
+    }
+
+    /// Rewrites the name arena without the bytes of removed nodes.
+    fn compact_names(&mut self) {
+        let mut names = Vec::with_capacity(self.names.len() - self.name_garbage);
+        for n in self.slots.iter_mut().filter(|n| n.label_set != VACANT) {
+            let off = names.len() as u32;
+            names.extend_from_slice(&self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]);
+            n.name_off = off;
+        }
+        self.names = names;
+        self.name_garbage = 0;
+    }
+
+    /// Inserts a brand-new node from already-interned parts (registration and restore share it).
+    pub(crate) fn insert_interned(
+        &mut self,
+        name: &str,
+        label_set: LabelSetId,
+        platform: PlatformId,
+        workloads: WorkloadSetId,
+        phase: NodePhase,
+        last_seen: u32,
+        applied: u64,
+    ) -> Result<Slot, CacheError> {
+        let name_off = self.push_name(name)?;
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let s = u32::try_from(self.slots.len()).ok().filter(|&s| s < VACANT).ok_or(CacheError::Full)?;
+                self.slots.push(NodeSlot::default());
+                s
+            }
+        };
+        self.slots[slot as usize] = NodeSlot {
+            applied,
+            name_off,
+            label_set,
+            platform,
+            workloads,
+            last_seen,
+            name_len: name.len() as u8,
+            phase: phase as u8,
+            ..NodeSlot::default()
+        };
+        self.join_set(slot, label_set, phase as u8);
+        self.phase_totals[phase as usize] += 1;
+        self.live += 1;
+        let h = hash_name(name.as_bytes());
+        let (names, slots) = (&self.names, &self.slots);
+        self.index.insert_unique(h, slot, |&s| hash_name(name_at(names, &slots[s as usize])));
+        Ok(slot)
+    }
+
+    /// Interning hooks used by snapshot restore.
+    pub(crate) fn restore_label_set(&mut self, pairs: &[(&str, &str)]) -> LabelSetId {
+        let mut labels: Vec<(&str, &str)> = pairs.to_vec();
+        labels.sort_unstable();
+        let ids: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let (id, new) = self.label_sets.acquire(&ids);
+        if new {
+            let idx = id as usize;
+            if self.members.len() <= idx {
+                self.members.resize_with(idx + 1, LabelSetMembers::default);
+            }
+            self.members[idx] = LabelSetMembers::default();
+        } else {
+            for &(k, v) in ids.iter() {
+                self.strings.release(k);
+                self.strings.release(v);
+            }
+        }
+        id
+    }
+
+    pub(crate) fn restore_platform(&mut self, arch: &str, os: &str, version: &str) -> PlatformId {
+        self.intern_platform(&NodeInfo {
+            arch: arch.to_owned(),
+            os: os.to_owned(),
+            agent_version: version.to_owned(),
+            addresses: Vec::new(),
+        })
+    }
+
+    pub(crate) fn restore_workload_set(&mut self, items: &[(&str, u64, u8)]) -> WorkloadSetId {
+        let mut sorted = items.to_vec();
+        sorted.sort_unstable();
+        let ids: WorkloadItems = sorted.iter().map(|&(w, v, p)| (self.intern_str(w), v, p)).collect();
+        let (id, new) = self.workload_sets.acquire(&ids);
+        if !new {
+            for &(w, _, _) in ids.iter() {
+                self.strings.release(w);
+            }
+        }
+        id
+    }
+
+    /// Drops the references the restore's dictionaries took (each node took its own).
+    pub(crate) fn release_restore_refs(&mut self, labels: &[LabelSetId], platforms: &[PlatformId], wls: &[WorkloadSetId]) {
+        labels.iter().for_each(|&l| self.release_labels(l));
+        platforms.iter().for_each(|&p| self.release_platform(p));
+        wls.iter().for_each(|&w| self.release_workloads(w));
+    }
+
+    pub(crate) fn retain_parts(&mut self, label_set: LabelSetId, platform: PlatformId, workloads: WorkloadSetId) {
+        self.label_sets.retain(label_set);
+        self.platforms.retain(platform);
+        self.workload_sets.retain(workloads);
+    }
+
+    pub(crate) fn set_addresses_raw(&mut self, slot: Slot, addrs: &[IpAddr]) {
+        self.store_addresses(slot, addrs);
+    }
+
+    fn record_at(&self, slot: Slot) -> NodeRecord {
+        let n = &self.slots[slot as usize];
+        let labels = self
+            .label_sets
+            .get(n.label_set)
+            .iter()
+            .map(|&(k, v)| (self.str_of(k).to_owned(), self.str_of(v).to_owned()))
+            .collect::<std::collections::BTreeMap<_, _>>();
+        let [arch, os, ver] = *self.platforms.get(n.platform);
+        let workloads = self
+            .workload_sets
+            .get(n.workloads)
+            .iter()
+            .filter_map(|&(w, version, phase)| {
+                Some(WorkloadState {
+                    workload: WorkloadId::new(self.str_of(w)).ok()?,
+                    version,
+                    phase: WorkloadPhase::from_u8(phase)?,
+                })
+            })
+            .collect();
+        NodeRecord {
+            // Names and labels were validated on the way in.
+            name: NodeName::new(String::from_utf8_lossy(self.name_bytes(slot)).into_owned())
+                .unwrap_or_else(|_| unreachable_name()),
+            labels: Labels::try_from(labels).unwrap_or_default(),
+            info: NodeInfo {
+                arch: self.str_of(arch).to_owned(),
+                os: self.str_of(os).to_owned(),
+                agent_version: self.str_of(ver).to_owned(),
+                addresses: self.addresses_of(slot),
+            },
+            phase: NodePhase::from_u8(n.phase).unwrap_or_default(),
+            last_seen: Timestamp::from_secs(u64::from(n.last_seen)),
+            applied: DesiredDigest(n.applied),
+            workloads,
+        }
+    }
+
+    /// Label sets matching `selector`, each evaluated once.
+    pub(crate) fn matching_sets(&self, selector: &Selector) -> Vec<LabelSetId> {
+        self.label_sets
+            .iter()
+            .filter(|&(id, _, _)| selector.is_everything() || selector.matches(&self.label_set_view(id)))
+            .map(|(id, _, _)| id)
+            .collect()
+    }
+
+    /// Calls `f` with every live slot matching `selector`, label set by label set.
+    pub fn for_each_selected(&self, selector: &Selector, mut f: impl FnMut(Slot) -> ControlFlow<()>) {
+        for set in self.matching_sets(selector) {
+            for &slot in &self.members[set as usize].slots {
+                if f(slot).is_break() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
+    pub fn mark_offline_before(&mut self, cutoff: Timestamp) -> usize {
+        let cutoff = cutoff.as_secs_u32();
+        let mut changed = 0;
+        for slot in 0..self.slots.len() as u32 {
+            let n = self.slots[slot as usize];
+            if n.label_set != VACANT && n.phase == NodePhase::Online as u8 && n.last_seen < cutoff {
+                self.set_phase_at(slot, NodePhase::Offline);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// Checks every internal invariant; for tests. Returns a description of the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut live = 0;
+        let mut totals = [0u32; 3];
+        for (slot, n) in self.slots.iter().enumerate() {
+            if n.label_set == VACANT {
+                continue;
+            }
+            live += 1;
+            totals[usize::from(n.phase)] += 1;
+            let name = std::str::from_utf8(name_at(&self.names, n)).map_err(|e| e.to_string())?;
+            if self.slot_of(name) != Some(slot as u32) {
+                return Err(format!("index does not find {name:?} at slot {slot}"));
+            }
+            let m = &self.members[n.label_set as usize];
+            if m.slots.get(n.pos_in_set as usize) != Some(&(slot as u32)) {
+                return Err(format!("slot {slot} not at its position in label set {}", n.label_set));
+            }
+        }
+        if live != self.live || self.index.len() != live {
+            return Err(format!("live {live}, counted {}, indexed {}", self.live, self.index.len()));
+        }
+        if totals != self.phase_totals {
+            return Err(format!("phase totals {totals:?} vs kept {:?}", self.phase_totals));
+        }
+        for (id, _, refs) in self.label_sets.iter() {
+            let m = &self.members[id as usize];
+            if m.slots.len() as u32 != refs {
+                return Err(format!("label set {id}: {} members, {refs} refs", m.slots.len()));
+            }
+            let mut phases = [0u32; 3];
+            for &s in &m.slots {
+                phases[usize::from(self.slots[s as usize].phase)] += 1;
+            }
+            if phases != m.phases {
+                return Err(format!("label set {id}: phases {phases:?} vs kept {:?}", m.phases));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cold]
+fn unreachable_name() -> NodeName {
+    // Only reachable if the arena were corrupted; keep going with a visible placeholder.
+    NodeName::new("invalid-name").unwrap_or_else(|_| unreachable!())
+}
+
+#[inline]
+fn name_at<'a>(names: &'a [u8], n: &NodeSlot) -> &'a [u8] {
+    &names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]
+}
+
+#[inline]
+fn hash_name(name: &[u8]) -> u64 {
+    stable_hash(NAME_SEED, name)
+}
+
+impl StateCache for NodeCache {
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    fn get(&self, name: &str) -> Option<NodeRecord> {
+        self.slot_of(name).map(|s| self.record_at(s))
+    }
+
+    fn counts(&self, selector: &Selector) -> PhaseCounts {
+        if selector.is_everything() {
+            return PhaseCounts::from_array(self.phase_totals);
+        }
+        let mut c = [0u32; 3];
+        for set in self.matching_sets(selector) {
+            let p = self.members[set as usize].phases;
+            (0..3).for_each(|i| c[i] += p[i]);
+        }
+        PhaseCounts::from_array(c)
+    }
+
+    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
+        if reg.name.as_str().len() > usize::from(u8::MAX) {
+            return Err(CacheError::NameTooLong);
+        }
+        let now_s = now.as_secs_u32();
+        if let Some(slot) = self.slot_of(reg.name.as_str()) {
+            let old = self.slots[slot as usize];
+            let restarted = old.boot_id != 0 && old.boot_id != boot_id;
+            // Labels may change across registrations: move the slot between label sets.
+            let new_set = self.intern_labels(&reg.labels);
+            if new_set != old.label_set {
+                self.leave_set(slot);
+                self.slots[slot as usize].label_set = new_set;
+                self.join_set(slot, new_set, old.phase);
+            }
+            self.release_labels(old.label_set);
+            let platform = self.intern_platform(&reg.info);
+            self.release_platform(old.platform);
+            let workloads = self.intern_workloads(&reg.workloads);
+            self.release_workloads(old.workloads);
+            let previous = self.set_phase_at(slot, NodePhase::Online);
+            let n = &mut self.slots[slot as usize];
+            n.platform = platform;
+            n.workloads = workloads;
+            n.applied = reg.applied.0;
+            n.last_seen = now_s;
+            if n.boot_id != boot_id {
+                n.seq = 0;
+            }
+            n.boot_id = boot_id;
+            self.store_addresses(slot, &reg.info.addresses);
+            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
+        }
+        let label_set = self.intern_labels(&reg.labels);
+        let platform = self.intern_platform(&reg.info);
+        let workloads = self.intern_workloads(&reg.workloads);
+        let slot = match self.insert_interned(
+            reg.name.as_str(),
+            label_set,
+            platform,
+            workloads,
+            NodePhase::Online,
+            now_s,
+            reg.applied.0,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                self.release_labels(label_set);
+                self.release_platform(platform);
+                self.release_workloads(workloads);
+                return Err(e);
+            }
+        };
+        self.slots[slot as usize].boot_id = boot_id;
+        self.store_addresses(slot, &reg.info.addresses);
+        Ok(Registered { slot, created: true, restarted: false, previous: None })
+    }
+
+    #[inline]
+    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError> {
+        let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
+        let n = &mut self.slots[slot as usize];
+        if n.boot_id != 0 && n.boot_id != hb.boot_id {
+            return Err(CacheError::BootMismatch { registered: n.boot_id, received: hb.boot_id });
+        }
+        if n.boot_id == hb.boot_id && hb.seq <= n.seq {
+            return Err(CacheError::Stale { last: n.seq, received: hb.seq });
+        }
+        n.boot_id = hb.boot_id;
+        n.seq = hb.seq;
+        n.last_seen = n.last_seen.max(now.as_secs_u32());
+        let applied_changed = n.applied != hb.applied.0;
+        n.applied = hb.applied.0;
+        let previous = if n.phase == NodePhase::Online as u8 {
+            NodePhase::Online
+        } else {
+            self.set_phase_at(slot, NodePhase::Online)
+        };
+        Ok(HeartbeatOutcome { slot, previous, applied_changed })
+    }
+
+    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError> {
+        let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
+        let id = self.intern_workloads(states);
+        let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
+        self.release_workloads(old);
+        Ok(slot)
+    }
+
+    fn set_phase(&mut self, name: &str, phase: NodePhase) -> Result<NodePhase, CacheError> {
+        let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
+        Ok(self.set_phase_at(slot, phase))
+    }
+
+    fn mark_offline(&mut self, cutoff: Timestamp) -> usize {
+        self.mark_offline_before(cutoff)
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        let Some(slot) = self.slot_of(name) else { return false };
+        let n = self.slots[slot as usize];
+        self.leave_set(slot);
+        let h = hash_name(name.as_bytes());
+        if let Ok(entry) = self.index.find_entry(h, |&s| s == slot) {
+            entry.remove();
+        }
+        self.release_labels(n.label_set);
+        self.release_platform(n.platform);
+        self.release_workloads(n.workloads);
+        self.extra_addrs.remove(&slot);
+        self.phase_totals[usize::from(n.phase)] -= 1;
+        self.name_garbage += usize::from(n.name_len);
+        self.slots[slot as usize] = NodeSlot { label_set: VACANT, ..NodeSlot::default() };
+        self.free.push(slot);
+        self.live -= 1;
+        true
+    }
+
+    fn query(&self, q: &NodeQuery) -> QueryPage {
+        let limit = q.limit.max(1);
+        let mut items = Vec::new();
+        let mut next = None;
+        let phase_ok = |slot: Slot| q.phase.is_none_or(|p| self.slots[slot as usize].phase == p as u8);
+        if !q.names.is_empty() {
+            // Name lookups: the page walks the requested names in order; the token is a position.
+            let start = q.continue_after.map_or(0, |c| c as usize + 1);
+            let mut matched = [0u32; 3];
+            for (i, name) in q.names.iter().enumerate() {
+                let Some(slot) = self.slot_of(name.as_str()) else { continue };
+                if !q.selector.matches(&self.label_set_view(self.slots[slot as usize].label_set)) {
+                    continue;
+                }
+                matched[usize::from(self.slots[slot as usize].phase)] += 1;
+                if i >= start && phase_ok(slot) && next.is_none() {
+                    if items.len() == limit {
+                        next = Some((i - 1) as u32);
+                    } else {
+                        items.push(self.record_at(slot));
+                    }
+                }
+            }
+            return QueryPage { items, continue_after: next, counts: PhaseCounts::from_array(matched) };
+        }
+        // Selector scan in slot order, so a continue token (the last slot returned) stays valid
+        // while nodes come and go; each label set is evaluated once.
+        let mut selected = vec![false; self.label_sets.capacity_ids()];
+        for set in self.matching_sets(&q.selector) {
+            selected[set as usize] = true;
+        }
+        let start = q.continue_after.map_or(0, |c| c as usize + 1);
+        for slot in start..self.slots.len() {
+            let n = &self.slots[slot];
+            if n.label_set == VACANT || !selected[n.label_set as usize] || !phase_ok(slot as u32) {
+                continue;
+            }
+            if items.len() == limit {
+                next = items.last().and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
+                break;
+            }
+            items.push(self.record_at(slot as u32));
+        }
+        QueryPage { items, continue_after: next, counts: self.counts(&q.selector) }
+    }
+
+    fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {
+        self.for_each_selected(selector, |slot| visitor(self.record_at(slot)));
+    }
+
+    fn to_node_cache(&self) -> std::borrow::Cow<'_, NodeCache> {
+        std::borrow::Cow::Borrowed(self)
+    }
+}

@@ -1,0 +1,1 @@
+//! The wire protocol: envelope, message kinds, topic layout (see `docs/protocol.md`).

@@ -1,0 +1,1 @@
+//! Snapshots of the node cache: format, codecs, chunking, stores and paranoid restore.

@@ -1,0 +1,1 @@
+//! The message transport seam between the engine/agents and a broker.

@@ -1,0 +1,1 @@
+//! Runnable assemblies of kole (see the `examples` of this package).
