@@ -15,4 +15,6 @@
 //! # Ok::<(), kole_core::cache::CacheError>(())
 //! ```
 
+pub mod cli;
 pub mod dataset;
+pub mod mem;
