@@ -15,6 +15,8 @@
 //! # Ok::<(), kole_core::cache::CacheError>(())
 //! ```
 
+pub mod bench;
 pub mod cli;
 pub mod dataset;
 pub mod mem;
+pub mod report;
