@@ -68,6 +68,9 @@ pub(crate) type WorkloadItems = Box<[(StrId, u64, u8)]>;
 pub(crate) struct LabelSetMembers {
     pub(crate) slots: Vec<Slot>,
     pub(crate) phases: [u32; 3],
+    /// Changes whenever the id is (re)allocated to a label set, so users caching per-set
+    /// derivations (the engine's targeting) notice a recycled id.
+    pub(crate) epoch: u32,
 }
 
 /// The compact in-memory node table: the in-memory implementation of [`StateCache`].
@@ -91,6 +94,7 @@ pub struct NodeCache {
     pub(crate) extra_addrs: HashMap<Slot, Box<[IpAddr]>>,
     phase_totals: [u32; 3],
     live: usize,
+    set_epoch: u32,
 }
 
 /// A label set resolved against the string table, for selector evaluation.
@@ -242,13 +246,18 @@ impl NodeCache {
                 self.strings.release(v);
             }
         } else {
-            let idx = id as usize;
-            if self.members.len() <= idx {
-                self.members.resize_with(idx + 1, LabelSetMembers::default);
-            }
-            self.members[idx] = LabelSetMembers::default();
+            self.init_members(id);
         }
         id
+    }
+
+    fn init_members(&mut self, id: LabelSetId) {
+        let idx = id as usize;
+        if self.members.len() <= idx {
+            self.members.resize_with(idx + 1, LabelSetMembers::default);
+        }
+        self.set_epoch = self.set_epoch.wrapping_add(1);
+        self.members[idx] = LabelSetMembers { epoch: self.set_epoch, ..LabelSetMembers::default() };
     }
 
     fn release_labels(&mut self, id: LabelSetId) {
@@ -481,11 +490,7 @@ impl NodeCache {
             .collect();
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
-            let idx = id as usize;
-            if self.members.len() <= idx {
-                self.members.resize_with(idx + 1, LabelSetMembers::default);
-            }
-            self.members[idx] = LabelSetMembers::default();
+            self.init_members(id);
         } else {
             for &(k, v) in ids.iter() {
                 self.strings.release(k);

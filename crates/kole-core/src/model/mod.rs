@@ -21,7 +21,7 @@ pub use selector::{
 };
 pub use workload::{
     DeliveryMode, FailureThreshold, MAX_WORKLOAD_ID_LEN, RolloutStrategy, Workload, WorkloadId,
-    wave_point,
+    wave_point, wave_point_seeded, wave_seed,
 };
 
 #[allow(unused_imports)]

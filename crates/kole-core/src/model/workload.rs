@@ -150,12 +150,19 @@ impl RolloutStrategy {
 /// Deterministic in (node, workload) so agents compute their own wave from a broadcast spec.
 /// Independent of the version, so a node in the first 1% stays a canary across versions.
 pub fn wave_point(node: &str, workload: &WorkloadId) -> u16 {
-    let h = super::digest::stable_hash(
-        super::digest::stable_hash(0x7761_7665, workload.as_str().as_bytes()),
-        node.as_bytes(),
-    );
+    wave_point_seeded(wave_seed(workload), node.as_bytes())
+}
+
+/// The per-workload half of [`wave_point`], to hoist out of loops over many nodes.
+pub fn wave_seed(workload: &WorkloadId) -> u64 {
+    super::digest::stable_hash(0x7761_7665, workload.as_str().as_bytes())
+}
+
+/// [`wave_point`] with the workload's [`wave_seed`] precomputed.
+#[inline]
+pub fn wave_point_seeded(seed: u64, node: &[u8]) -> u16 {
     // `h % 10_000` is below 10_000, so it fits.
-    (h % 10_000) as u16
+    (super::digest::stable_hash(seed, node) % 10_000) as u16
 }
 
 /// A workload: an opaque runtime spec, the nodes it targets, and how it rolls out.
