@@ -22,6 +22,8 @@
 
 mod rollout;
 mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
