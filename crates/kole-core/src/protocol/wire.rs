@@ -353,11 +353,45 @@ impl Serialize for LabelsOut<'_> {
 // ---------------------------------------------------------------------------------------------
 // Decoding forms
 
+/// Most elements a sequence reserves room for before any has been decoded.
+const MAX_PREALLOC: usize = 16;
+
+/// Deserializes a sequence without trusting its declared length for the allocation: serde's own
+/// `Vec` reserves up to the declared count (which postcard caps only at the remaining input length,
+/// i.e. up to `size_of::<T>()` times the input), while this reserves at most [`MAX_PREALLOC`] and
+/// then grows with the elements actually decoded, each of which consumed input bytes.
+fn bounded_seq<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_PREALLOC));
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    d.deserialize_seq(Bounded(std::marker::PhantomData))
+}
+
 #[derive(Deserialize)]
 struct InfoIn<'a> {
     arch: &'a str,
     os: &'a str,
     agent_version: &'a str,
+    #[serde(deserialize_with = "bounded_seq")]
     addresses: Vec<IpAddr>,
 }
 
@@ -365,12 +399,12 @@ struct InfoIn<'a> {
 struct RegisterIn<'a> {
     name: &'a str,
     boot_id: [u8; 4],
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     labels: Vec<(&'a str, &'a str)>,
     #[serde(borrow)]
     info: InfoIn<'a>,
     applied: [u8; 8],
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     workloads: Vec<StateWire<'a>>,
 }
 
@@ -379,7 +413,7 @@ struct StatusIn<'a> {
     seq: u32,
     boot_id: [u8; 4],
     applied: [u8; 8],
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     workloads: Vec<StateWire<'a>>,
 }
 
@@ -389,7 +423,7 @@ struct AckIn<'a> {
     #[serde(borrow)]
     outcome: OutcomeWire<'a>,
     heartbeat_interval_ms: u32,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     groups: Vec<&'a str>,
     desired: [u8; 8],
 }
@@ -398,7 +432,7 @@ struct AckIn<'a> {
 struct RequirementIn<'a> {
     key: &'a str,
     op: RequirementOp,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     values: Vec<&'a str>,
 }
 
@@ -414,7 +448,7 @@ struct WorkloadIn<'a> {
     id: &'a str,
     version: u64,
     spec: &'a [u8],
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     selector: Vec<RequirementIn<'a>>,
     #[serde(borrow)]
     delivery: DeliveryWire<'a>,
@@ -432,7 +466,7 @@ struct SpecIn<'a> {
 #[derive(Deserialize)]
 struct DesiredIn<'a> {
     digest: [u8; 8],
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "bounded_seq")]
     workloads: Vec<WorkloadIn<'a>>,
 }
 
