@@ -552,6 +552,28 @@ impl NodeCache {
         self.store_addresses(slot, addrs);
     }
 
+    /// Snapshot hook: the primary IPv4 address of a live slot, if it has one.
+    pub(crate) fn ipv4_of(&self, slot: Slot) -> Option<u32> {
+        let n = &self.slots[slot as usize];
+        (n.flags & FLAG_IPV4 != 0).then_some(n.ipv4)
+    }
+
+    /// Snapshot hook: the addresses after the primary IPv4 one (all of them without one).
+    pub(crate) fn extra_addrs_of(&self, slot: Slot) -> &[IpAddr] {
+        if self.slots[slot as usize].flags & FLAG_EXTRA_ADDRS == 0 {
+            return &[];
+        }
+        self.extra_addrs.get(&slot).map_or(&[], |a| &a[..])
+    }
+
+    /// Restore hook: gives a freshly inserted slot (no addresses yet) its primary IPv4 address,
+    /// without the extra-address map lookup of [`Self::set_addresses_raw`].
+    pub(crate) fn set_ipv4_raw(&mut self, slot: Slot, ipv4: u32) {
+        let n = &mut self.slots[slot as usize];
+        n.flags |= FLAG_IPV4;
+        n.ipv4 = ipv4;
+    }
+
     fn record_at(&self, slot: Slot) -> NodeRecord {
         let n = &self.slots[slot as usize];
         let labels = self
