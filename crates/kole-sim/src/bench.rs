@@ -58,7 +58,7 @@ pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figures,
     let fleet = ReferenceFleet::new(n, cfg.seed);
     let mut fig = Figures::default();
     fig.int("nodes", n as u64);
-    fig.str("codec", cfg.codec.name());
+    fig.str("codec", cfg.codec.as_str());
     fig.int("seed", cfg.seed);
 
     // 1. Build the cache; its memory is the RSS growth (generation's garbage is freed as we go).
@@ -107,7 +107,7 @@ pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figures,
     fig.int("heartbeat_wire_bytes", HeartbeatWire::typical_len() as u64);
 
     // 3. Snapshot: encode, compress, chunk (in memory; the directory store adds the disk).
-    progress(&format!("writing a {} snapshot", cfg.codec.name()));
+    progress(&format!("writing a {} snapshot", cfg.codec.as_str()));
     let opts = SnapshotOptions { codec: cfg.codec, max_chunk_bytes: cfg.max_chunk_bytes, ..SnapshotOptions::default() };
     let t = Instant::now();
     let encoded = snapshot::encode_snapshot(&cache, 1, fleet.now(), &opts)?;
@@ -121,7 +121,7 @@ pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figures,
     // 4. Restore: verify, decompress, decode, rebuild a fresh cache.
     progress("restoring a fresh cache from the snapshot");
     let t = Instant::now();
-    let restored = snapshot::decode_snapshot(&encoded.manifest, encoded.chunks, &RestoreLimits::default())?;
+    let restored = snapshot::decode_snapshot(&encoded.manifest, &encoded.chunks, &RestoreLimits::default())?;
     let restore_s = t.elapsed().as_secs_f64();
     fig.float("restore_s", restore_s);
     check_restored(&cache, &restored, &fleet)?;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use kole_core::snapshot::{Codec, DirSnapshotStore, RestoreLimits, SnapshotOptions};
+use kole_core::snapshot::{Codec, DirSnapshotStore, RestoreLimits, SnapshotOptions, SnapshotStore};
 use kole_sim::bench::{self, BenchConfig};
 use kole_sim::cli::{Args, UsageError};
 use kole_sim::dataset::ReferenceFleet;
@@ -65,7 +65,11 @@ fn run(argv: Vec<String>) -> AnyResult<ExitCode> {
 
 fn codec_arg(args: &Args) -> AnyResult<Codec> {
     let name: String = args.get("codec", "gzip".to_owned())?;
-    Codec::from_name(&name).ok_or_else(|| UsageError(format!("--codec {name}: expected gzip or lz4")).into())
+    match name.as_str() {
+        "gzip" => Ok(Codec::Gzip),
+        "lz4" => Ok(Codec::Lz4),
+        _ => Err(UsageError(format!("--codec {name}: expected gzip or lz4")).into()),
+    }
 }
 
 fn cmd_bench(args: &Args, default_nodes: usize) -> AnyResult<ExitCode> {
@@ -106,17 +110,17 @@ fn cmd_snapshot_write(args: &Args) -> AnyResult<ExitCode> {
     let fleet = ReferenceFleet::new(nodes, seed);
     let mut cache = kole_core::cache::NodeCache::with_capacity(nodes, 28);
     fleet.load_into(&mut cache)?;
-    let store = DirSnapshotStore::open(&dir)?.keep(keep);
-    let opts = SnapshotOptions { codec, ..SnapshotOptions::default() };
+    let store = DirSnapshotStore::open(&dir)?;
+    let opts = SnapshotOptions { codec, keep_generations: keep.max(1), ..SnapshotOptions::default() };
     let manifest = runtime()?.block_on(kole_core::snapshot::write_snapshot(&store, &cache, &opts, fleet.now()))?;
     println!(
         "wrote generation {} to {}: {} nodes, {} chunks, {} bytes ({})",
         manifest.generation,
         dir.display(),
         thousands(manifest.node_count),
-        manifest.chunk_count(),
-        thousands(manifest.total_bytes()),
-        codec.name()
+        manifest.chunk_count,
+        thousands(manifest.total_bytes),
+        codec.as_str()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -125,24 +129,31 @@ fn cmd_snapshot_verify(args: &Args) -> AnyResult<ExitCode> {
     let dir = dir_arg(args)?;
     args.reject_unknown()?;
     let store = DirSnapshotStore::open(&dir)?;
-    let reports = runtime()?.block_on(kole_core::snapshot::verify_store(&store, &RestoreLimits::default()))?;
-    if reports.is_empty() {
+    let limits = RestoreLimits::default();
+    let rt = runtime()?;
+    let manifests = rt.block_on(store.list_manifests())?;
+    if manifests.is_empty() {
         println!("no complete generation in {}", dir.display());
         return Ok(ExitCode::FAILURE);
     }
     let mut faulty = false;
-    for r in &reports {
-        match &r.result {
-            Ok(()) => println!(
-                "generation {}: ok ({} nodes, {} chunks, {})",
-                r.manifest.generation,
-                thousands(r.manifest.node_count),
-                r.manifest.chunk_count(),
-                r.manifest.codec.name()
+    for m in &manifests {
+        let checked = rt
+            .block_on(kole_core::snapshot::fetch_chunks(&store, m, &limits))
+            .and_then(|chunks| kole_core::snapshot::verify(m, &chunks, &limits));
+        match checked {
+            Ok(v) => println!(
+                "generation {}: ok, {} nodes, {} chunks, {} bytes stored ({} raw), codec {}",
+                m.generation,
+                thousands(v.nodes),
+                v.chunks,
+                thousands(v.stored_bytes),
+                thousands(v.raw_bytes),
+                m.codec.as_str()
             ),
             Err(e) => {
                 faulty = true;
-                println!("generation {}: FAULT: {e}", r.manifest.generation);
+                println!("generation {}: FAULT: {e}", m.generation);
             }
         }
     }

@@ -147,7 +147,7 @@ pub(crate) struct Dictionary<'a> {
     label_map: Vec<u32>,
     platform_map: Vec<u32>,
     workload_map: Vec<u32>,
-    digest_map: hashbrown::HashMap<u64, u32, MixState>,
+    digest_map: std::collections::HashMap<u64, u32, MixState>,
 }
 
 /// Ids ranked by use count, most used first (ties by id, for deterministic output).
@@ -187,7 +187,7 @@ impl<'a> Dictionary<'a> {
             workload_map[id as usize] = workload_sets.len() as u32;
             workload_sets.push(cache.workload_sets.get(id).iter().map(|&(w, v, p)| (sid(w), v, p)).collect());
         }
-        let mut counts: hashbrown::HashMap<u64, u32, MixState> = hashbrown::HashMap::with_hasher(MixState);
+        let mut counts: std::collections::HashMap<u64, u32, MixState> = std::collections::HashMap::with_hasher(MixState);
         for n in cache.slots.iter().enumerate().filter(|&(s, _)| cache.is_live(s as Slot)).map(|(_, n)| n) {
             *counts.entry(n.applied).or_insert(0) += 1;
         }
