@@ -756,8 +756,13 @@ impl StateCache for NodeCache {
             // Name lookups: the page walks the requested names in order; the token is a position.
             let start = q.continue_after.map_or(0, |c| c as usize + 1);
             let mut matched = [0u32; 3];
+            let mut seen = std::collections::HashSet::with_capacity(q.names.len());
             for (i, name) in q.names.iter().enumerate() {
                 let Some(slot) = self.slot_of(name.as_str()) else { continue };
+                // A name asked for twice is one node: count it and return it once.
+                if !seen.insert(slot) {
+                    continue;
+                }
                 if !q.selector.matches(&self.label_set_view(self.slots[slot as usize].label_set)) {
                     continue;
                 }
