@@ -7,6 +7,8 @@
 mod intern;
 mod shared;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use std::borrow::Cow;
 use std::ops::ControlFlow;
