@@ -373,7 +373,8 @@ fn name_pool() -> Vec<String> {
 }
 
 const LABEL_KEYS: &[&str] = &["a", "b", "tier", "example.com/zone"];
-const LABEL_VALUES: &[&str] = &["", "1", "2", "edge"];
+// Strings recur across roles (a key as a value, a value as an arch or a workload) to share interned ids.
+const LABEL_VALUES: &[&str] = &["", "1", "2", "edge", "a"];
 
 fn labels() -> impl Strategy<Value = Labels> {
     prop::collection::btree_map(
@@ -394,7 +395,7 @@ fn info() -> impl Strategy<Value = NodeInfo> {
     ]);
     (
         prop::sample::select(&["amd64", "arm64", "1"][..]),
-        prop::sample::select(&["linux-6.1", "linux-5.15"][..]),
+        prop::sample::select(&["linux-6.1", "linux-5.15", "1"][..]),
         prop::sample::select(&["1.0.0", "1.1.0", "edge"][..]),
         prop::collection::vec(addr, 0..3),
     )
