@@ -401,6 +401,20 @@ proptest! {
     }
 }
 
+/// Whitespace is what upstream's lexer skips (`' '`, `'\t'`, `'\r'`, `'\n'`); anything else, such as a
+/// form feed, stays part of a word and so makes the key or value invalid.
+#[test]
+fn only_upstream_whitespace_separates_tokens() {
+    let want = Selector::parse("a=b,c in (d,e)").unwrap();
+    assert_eq!(
+        Selector::parse("\r\na\t=\nb ,\r\nc in\t(\nd,\re )\n"),
+        Ok(want)
+    );
+    for bad in ["a\x0c=b", "a=b\x0c", "\x0ca", "a in\x0c(b)", "a\u{a0}=b"] {
+        assert!(Selector::parse(bad).is_err(), "{bad:?}");
+    }
+}
+
 /// The reference automata themselves, on the cases Kubernetes' own validation tests list.
 #[test]
 fn reference_agrees_with_upstream_examples() {
