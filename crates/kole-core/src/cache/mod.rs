@@ -8,6 +8,8 @@ mod index;
 mod intern;
 mod shared;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use std::borrow::Cow;
 use std::ops::ControlFlow;

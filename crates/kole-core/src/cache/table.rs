@@ -745,6 +745,60 @@ impl NodeCache {
                 ));
             }
         }
+        self.check_shared_parts()
+    }
+
+    /// The invariants of what nodes share: free slots, the name arena and every interner's counts.
+    fn check_shared_parts(&self) -> Result<(), String> {
+        let vacant: Vec<Slot> = (0..self.slots.len() as u32).filter(|&s| !self.is_live(s)).collect();
+        let mut free = self.free.clone();
+        free.sort_unstable();
+        if free != vacant {
+            return Err(format!("free list {free:?} vs vacant slots {vacant:?}"));
+        }
+        let live_name_bytes: usize =
+            self.slots.iter().filter(|n| n.label_set != VACANT).map(|n| usize::from(n.name_len)).sum();
+        if live_name_bytes + self.name_garbage != self.names.len() {
+            let (len, garbage) = (self.names.len(), self.name_garbage);
+            return Err(format!("arena holds {len} bytes, not {live_name_bytes} live + {garbage} garbage"));
+        }
+        for (&slot, addrs) in &self.extra_addrs {
+            if !self.is_live(slot) || self.slots[slot as usize].flags & FLAG_EXTRA_ADDRS == 0 || addrs.is_empty() {
+                return Err(format!("extra addresses kept for slot {slot}, which has none"));
+            }
+        }
+        for (id, m) in self.members.iter().enumerate() {
+            if !m.slots.is_empty() && self.label_sets.iter().all(|(l, _, _)| l as usize != id) {
+                return Err(format!("freed label set {id} still lists members"));
+            }
+        }
+        // Every reference to an interned value is held by a live user, and every user holds one.
+        let mut platform_refs = HashMap::<PlatformId, u32>::new();
+        let mut workload_refs = HashMap::<WorkloadSetId, u32>::new();
+        for n in self.slots.iter().filter(|n| n.label_set != VACANT) {
+            *platform_refs.entry(n.platform).or_default() += 1;
+            *workload_refs.entry(n.workloads).or_default() += 1;
+        }
+        let platforms: HashMap<_, _> = self.platforms.iter().map(|(id, _, refs)| (id, refs)).collect();
+        let workloads: HashMap<_, _> = self.workload_sets.iter().map(|(id, _, refs)| (id, refs)).collect();
+        if platforms != platform_refs {
+            return Err(format!("platform refs {platforms:?} vs users {platform_refs:?}"));
+        }
+        if workloads != workload_refs {
+            return Err(format!("workload set refs {workloads:?} vs users {workload_refs:?}"));
+        }
+        let mut string_refs = HashMap::<StrId, u32>::new();
+        let mut count = |id: StrId| *string_refs.entry(id).or_default() += 1;
+        self.label_sets.iter().flat_map(|(_, pairs, _)| pairs.iter()).for_each(|&(k, v)| {
+            count(k);
+            count(v);
+        });
+        self.platforms.iter().for_each(|(_, triple, _)| triple.iter().for_each(|&s| count(s)));
+        self.workload_sets.iter().flat_map(|(_, items, _)| items.iter()).for_each(|&(w, _, _)| count(w));
+        let strings: HashMap<_, _> = self.strings.iter().map(|(id, _, refs)| (id, refs)).collect();
+        if strings != string_refs {
+            return Err(format!("string refs {strings:?} vs users {string_refs:?}"));
+        }
         Ok(())
     }
 }
@@ -974,14 +1028,14 @@ impl StateCache for NodeCache {
             // Name lookups: the page walks the requested names in order; the token is a position.
             let start = q.continue_after.map_or(0, |c| c as usize + 1);
             let mut matched = [0u32; 3];
+            let mut seen = std::collections::HashSet::with_capacity(q.names.len());
             for (i, name) in q.names.iter().enumerate() {
-                let Some(slot) = self.slot_of(name.as_str()) else {
+                let Some(slot) = self.slot_of(name.as_str()) else { continue };
+                // A name asked for twice is one node: count it and return it once.
+                if !seen.insert(slot) {
                     continue;
-                };
-                if !q
-                    .selector
-                    .matches(&self.label_set_view(self.slots[slot as usize].label_set))
-                {
+                }
+                if !q.selector.matches(&self.label_set_view(self.slots[slot as usize].label_set)) {
                     continue;
                 }
                 matched[usize::from(self.slots[slot as usize].phase)] += 1;

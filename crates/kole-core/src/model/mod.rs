@@ -5,6 +5,8 @@ mod labels;
 mod name;
 mod node;
 mod selector;
+#[cfg(test)]
+mod selector_props;
 mod workload;
 
 use serde::{Deserialize, Serialize};

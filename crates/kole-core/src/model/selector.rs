@@ -251,6 +251,11 @@ impl fmt::Display for Selector {
     }
 }
 
+/// The whitespace of upstream's selector lexer; unlike `u8::is_ascii_whitespace`, not form feed.
+fn is_selector_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n')
+}
+
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
@@ -267,7 +272,7 @@ impl Parser<'_> {
     }
 
     fn skip_ws(&mut self) {
-        while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
+        while self.pos < self.s.len() && is_selector_space(self.s[self.pos]) {
             self.pos += 1;
         }
     }
@@ -289,9 +294,7 @@ impl Parser<'_> {
     fn word(&mut self) -> &str {
         let start = self.pos;
         while let Some(c) = self.peek() {
-            if c.is_ascii_whitespace()
-                || matches!(c, b',' | b'=' | b'!' | b'(' | b')' | b'<' | b'>')
-            {
+            if is_selector_space(c) || matches!(c, b',' | b'=' | b'!' | b'(' | b')' | b'<' | b'>') {
                 break;
             }
             self.pos += 1;
@@ -304,9 +307,7 @@ impl Parser<'_> {
     fn keyword(&mut self, kw: &str) -> bool {
         let rest = &self.s[self.pos..];
         if rest.starts_with(kw.as_bytes())
-            && rest
-                .get(kw.len())
-                .is_some_and(|&c| c.is_ascii_whitespace() || c == b'(')
+            && rest.get(kw.len()).is_some_and(|&c| is_selector_space(c) || c == b'(')
         {
             self.pos += kw.len();
             true
