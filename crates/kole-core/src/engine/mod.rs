@@ -20,6 +20,8 @@
 //! assert!(out.messages.is_empty());
 //! ```
 
+#[cfg(feature = "tokio-driver")]
+pub mod driver;
 mod rollout;
 mod status;
 #[cfg(test)]
@@ -257,7 +259,6 @@ struct Core {
     reported: BTreeMap<WorkloadId, WorkloadStatus>,
     stats: EngineStats,
     next_command_id: u64,
-    hb_index: Vec<usize>,
     hb_results: Vec<Result<crate::cache::HeartbeatOutcome, CacheError>>,
 }
 
@@ -279,7 +280,6 @@ impl Engine {
             reported: BTreeMap::new(),
             stats: EngineStats::default(),
             next_command_id: 1,
-            hb_index: Vec::new(),
             hb_results: Vec::new(),
         };
         Self { cache, store, core }
