@@ -1,0 +1,438 @@
+//! The whole-system simulator: one engine and N agents in one process, over the deterministic
+//! [`SimNetwork`], in virtual time.
+//!
+//! Everything is a state machine driven by this loop, so a run is reproducible from its seed:
+//! the same fleet, fault plan and calls give the same messages in the same order. Time only moves
+//! when nothing is due at the current instant, and then jumps to the next due event (a message,
+//! an agent timer, or the engine's tick), so idle virtual minutes cost nothing.
+//!
+//! ```
+//! use kole_sim::sim::{SimConfig, Simulation};
+//!
+//! let mut sim = Simulation::new(SimConfig { nodes: 200, ..SimConfig::default() });
+//! sim.connect_all();
+//! assert!(sim.run_until_registered(60_000));
+//! assert_eq!(sim.engine().stats().registered_new, 200);
+//! ```
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+
+use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState, RecordingRuntime};
+use kole_core::cache::NodeCache;
+use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
+use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp, Workload};
+use kole_core::protocol::{self, Message};
+use kole_core::transport::fault::FaultPlan;
+use kole_core::transport::sim::{NodeId, SimNetwork};
+use kole_core::transport::{Destination, NodeDelivery};
+
+use crate::dataset::ReferenceFleet;
+
+/// Simulation settings.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Fleet size (nodes of the reference data set).
+    pub nodes: usize,
+    /// Seed of the fleet, the agents' boot ids and (unless set there) the fault plan.
+    pub seed: u64,
+    /// Network faults.
+    pub plan: FaultPlan,
+    /// The engine's settings.
+    pub engine: EngineConfig,
+    /// The agents' settings (shared by all).
+    pub agent: AgentConfig,
+    /// Virtual time between engine ticks, in milliseconds. Default 1,000.
+    pub engine_tick_ms: u64,
+    /// Most uplink messages handed to the engine per batch. Default 16,384.
+    pub uplink_batch: usize,
+    /// Most downlink deliveries handed to agents per round. Default 65,536.
+    pub downlink_batch: usize,
+    /// Keep each agent's last persisted state, so agents can be restarted with it (costs memory).
+    pub keep_agent_state: bool,
+    /// Virtual start time, in milliseconds since the epoch.
+    pub start_ms: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 1_000,
+            seed: 42,
+            plan: FaultPlan::default(),
+            engine: EngineConfig::default(),
+            agent: AgentConfig::default(),
+            engine_tick_ms: 1_000,
+            uplink_batch: 16_384,
+            downlink_batch: 65_536,
+            keep_agent_state: false,
+            start_ms: crate::dataset::REFERENCE_NOW_SECS * 1000,
+        }
+    }
+}
+
+/// Counters of the simulation loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Agents registered (acks accepted), over the run.
+    pub agent_registrations: u64,
+    /// Uplink messages handed to the engine.
+    pub uplink: u64,
+    /// Downlink deliveries handed to agents.
+    pub downlink: u64,
+    /// Agent timer wake-ups.
+    pub wakeups: u64,
+    /// Engine ticks.
+    pub engine_ticks: u64,
+    /// Messages the engine asked to send.
+    pub engine_messages: u64,
+    /// Wall-clock seconds spent inside the engine.
+    pub engine_wall_ns: u64,
+}
+
+/// One engine, N agents and the network between them.
+pub struct Simulation {
+    cfg: SimConfig,
+    fleet: ReferenceFleet,
+    net: SimNetwork,
+    engine: Engine,
+    agents: Vec<Agent>,
+    persisted: Vec<Option<PersistedState>>,
+    runtime: RecordingRuntime,
+    wakes: BinaryHeap<Reverse<(u64, u32)>>,
+    wake_at: Vec<u64>,
+    now_ms: u64,
+    next_tick_ms: u64,
+    out: Outputs,
+    aout: AgentOutputs,
+    spec_cache: Option<(Arc<[u8]>, Arc<Workload>, u16)>,
+    events: Vec<EngineEvent>,
+    stats: SimStats,
+}
+
+const NEVER: u64 = u64::MAX;
+
+impl Simulation {
+    /// A simulation of `cfg.nodes` reference nodes, all disconnected, and an empty engine.
+    pub fn new(cfg: SimConfig) -> Self {
+        let fleet = ReferenceFleet::new(cfg.nodes, cfg.seed);
+        let mut net = SimNetwork::with_capacity(cfg.plan.clone(), cfg.nodes);
+        let agent_cfg = Arc::new(cfg.agent.clone());
+        let mut agents = Vec::with_capacity(cfg.nodes);
+        // A million nodes share a few thousand label sets and a few hundred platforms: share them.
+        let mut label_pool: std::collections::HashMap<Labels, Arc<Labels>> = std::collections::HashMap::new();
+        let mut info_pool: std::collections::HashMap<(String, String, String), Arc<NodeInfo>> =
+            std::collections::HashMap::new();
+        for i in 0..cfg.nodes {
+            let node = fleet.node(i);
+            let reg = node.registration;
+            let labels = Arc::clone(label_pool.entry(reg.labels.clone()).or_insert_with(|| Arc::new(reg.labels)));
+            // Addresses are per node; the simulated agent reports none to keep its info shared.
+            let key = (reg.info.arch.clone(), reg.info.os.clone(), reg.info.agent_version.clone());
+            let info = Arc::clone(info_pool.entry(key).or_insert_with(|| {
+                Arc::new(NodeInfo { addresses: Vec::new(), ..reg.info.clone() })
+            }));
+            // Names are unique by construction, so adding cannot fail.
+            let _ = net.add_node(reg.name.clone());
+            let identity = AgentIdentity { name: reg.name, labels, info };
+            agents.push(Agent::new(Arc::clone(&agent_cfg), identity, node.boot_id, None));
+        }
+        let now_ms = cfg.start_ms;
+        let engine = Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
+        Self {
+            persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
+            wake_at: vec![NEVER; cfg.nodes],
+            next_tick_ms: now_ms + cfg.engine_tick_ms,
+            cfg,
+            fleet,
+            net,
+            engine,
+            agents,
+            runtime: RecordingRuntime::instant(),
+            wakes: BinaryHeap::new(),
+            now_ms,
+            out: Outputs::default(),
+            aout: AgentOutputs::default(),
+            spec_cache: None,
+            events: Vec::new(),
+            stats: SimStats::default(),
+        }
+    }
+
+    /// The reference fleet the nodes come from.
+    pub fn fleet(&self) -> &ReferenceFleet {
+        &self.fleet
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, mutably (for queries that compute).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// The network (to inject faults).
+    pub fn net(&mut self) -> &mut SimNetwork {
+        &mut self.net
+    }
+
+    /// The shared runtime (to make workloads fail).
+    pub fn runtime(&mut self) -> &mut RecordingRuntime {
+        &mut self.runtime
+    }
+
+    /// The agents, by node id.
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    /// Loop counters.
+    pub fn stats(&self) -> &SimStats {
+        &self.stats
+    }
+
+    /// Engine events so far (drained by the caller).
+    pub fn take_events(&mut self) -> Vec<EngineEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Current virtual time.
+    pub fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.now_ms)
+    }
+
+    /// Connects every node's transport (each agent then registers).
+    pub fn connect_all(&mut self) {
+        for i in 0..self.agents.len() {
+            self.connect(NodeId(i as u32));
+        }
+    }
+
+    /// Connects one node.
+    pub fn connect(&mut self, node: NodeId) {
+        let now = self.now();
+        if self.net.connect(node, now).is_ok() {
+            self.agent_input(node, AgentInput::Connected);
+        }
+    }
+
+    /// Disconnects one node (its agent keeps running its workloads).
+    pub fn disconnect(&mut self, node: NodeId) {
+        let _ = self.net.disconnect(node);
+        self.agent_input(node, AgentInput::Disconnected);
+    }
+
+    /// Restarts one agent process with a new boot id: from its persisted state when
+    /// [`SimConfig::keep_agent_state`] is on (edge autonomy), else from nothing. It comes back
+    /// disconnected; call [`Simulation::connect`] to let it reach the cloud.
+    pub fn restart_agent(&mut self, node: NodeId, new_boot: u32) {
+        let i = node.index();
+        let _ = self.net.disconnect(node);
+        let old = &self.agents[i];
+        let identity =
+            AgentIdentity { name: old.name().clone(), labels: Arc::clone(old.labels()), info: Arc::clone(old.info()) };
+        let persisted = self.persisted.get(i).cloned().flatten();
+        self.agents[i] = Agent::new(Arc::new(self.cfg.agent.clone()), identity, new_boot, persisted);
+        self.wake_at[i] = NEVER;
+        self.agent_input(node, AgentInput::Tick);
+    }
+
+    /// Hands a workload command to the engine.
+    pub fn command(&mut self, cmd: &WorkloadCommand) {
+        let now = self.now();
+        self.engine_call(|e, out| e.handle(Input::Workload(cmd), now, out));
+    }
+
+    /// Replaces the engine (a controller restart), e.g. with one restored from a snapshot.
+    /// Messages in flight to the old engine are lost, as with a real restart.
+    pub fn replace_engine(&mut self, engine: Engine) -> Engine {
+        self.net.restart_cloud();
+        std::mem::replace(&mut self.engine, engine)
+    }
+
+    fn engine_call(&mut self, f: impl FnOnce(&mut Engine, &mut Outputs)) {
+        let t = std::time::Instant::now();
+        f(&mut self.engine, &mut self.out);
+        self.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
+        self.route_engine_outputs();
+    }
+
+    fn route_engine_outputs(&mut self) {
+        if !self.out.messages.is_empty() {
+            self.stats.engine_messages += self.out.messages.len() as u64;
+            let msgs = std::mem::take(&mut self.out.messages);
+            self.net.cloud_send(msgs, self.now());
+        }
+        self.events.append(&mut self.out.events);
+        self.out.clear();
+    }
+
+    fn agent_input(&mut self, node: NodeId, input: AgentInput<'_>) {
+        let i = node.index();
+        let now = self.now();
+        self.aout.clear();
+        self.agents[i].handle(input, now, &mut self.runtime, &mut self.aout);
+        for p in self.aout.publish.drain(..) {
+            let _ = self.net.node_publish(node, p, now);
+        }
+        for g in self.aout.groups.drain(..) {
+            let _ = match g {
+                GroupChange::Subscribe(g) => self.net.subscribe(node, &g, now),
+                GroupChange::Unsubscribe(g) => self.net.unsubscribe(node, &g),
+            };
+        }
+        if let Some(state) = self.aout.persist.take()
+            && self.cfg.keep_agent_state
+        {
+            self.persisted[i] = Some(state);
+        }
+        for e in &self.aout.events {
+            if matches!(e, AgentEvent::Registered { .. }) {
+                self.stats.agent_registrations += 1;
+            }
+        }
+        if let Some(at) = self.aout.next_wake {
+            let at = at.as_millis();
+            if at != self.wake_at[i] {
+                self.wake_at[i] = at;
+                self.wakes.push(Reverse((at, node.0)));
+            }
+        }
+    }
+
+    fn deliver(&mut self, node: NodeId, d: &NodeDelivery) {
+        // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
+        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) && !d.payload.is_empty() {
+            let hit = self.spec_cache.as_ref().is_some_and(|(p, _, _)| Arc::ptr_eq(p, &d.payload));
+            if !hit
+                && let Ok(Message::WorkloadSpec(s)) = protocol::decode_downlink(&d.payload, &self.cfg.agent.decode_limits)
+            {
+                self.spec_cache = Some((Arc::clone(&d.payload), Arc::new(s.workload), s.wave_threshold));
+            }
+            if let Some((p, w, t)) = &self.spec_cache
+                && Arc::ptr_eq(p, &d.payload)
+            {
+                let (w, t) = (Arc::clone(w), *t);
+                self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
+                return;
+            }
+        }
+        self.agent_input(node, AgentInput::Delivery(d));
+    }
+
+    /// Processes everything due at the current instant, until nothing is.
+    fn pump(&mut self) {
+        loop {
+            let mut progress = false;
+            while let Some(&Reverse((at, id))) = self.wakes.peek() {
+                if at > self.now_ms {
+                    break;
+                }
+                self.wakes.pop();
+                if self.wake_at[id as usize] == at {
+                    self.wake_at[id as usize] = NEVER;
+                    self.stats.wakeups += 1;
+                    self.agent_input(NodeId(id), AgentInput::Tick);
+                    progress = true;
+                }
+            }
+            loop {
+                let batch = self.net.take_uplink(self.now(), self.cfg.uplink_batch);
+                if batch.is_empty() {
+                    break;
+                }
+                progress = true;
+                self.stats.uplink += batch.len() as u64;
+                let now = self.now();
+                self.engine_call(|e, out| e.handle(Input::Uplink(&batch), now, out));
+            }
+            let mut deliveries = Vec::new();
+            loop {
+                deliveries.clear();
+                self.net.take_downlink(self.now(), self.cfg.downlink_batch, |n, d| deliveries.push((n, d)));
+                if deliveries.is_empty() {
+                    break;
+                }
+                progress = true;
+                self.stats.downlink += deliveries.len() as u64;
+                for (n, d) in &deliveries {
+                    self.deliver(*n, d);
+                }
+            }
+            if self.now_ms >= self.next_tick_ms {
+                self.next_tick_ms = self.now_ms + self.cfg.engine_tick_ms;
+                self.stats.engine_ticks += 1;
+                let now = self.now();
+                self.engine_call(|e, out| e.handle(Input::Tick, now, out));
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+    }
+
+    /// Runs until `done` holds (checked whenever the current instant is fully processed) or
+    /// virtual time passes `now + max_ms`; returns whether `done` held.
+    pub fn run_until(&mut self, max_ms: u64, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        let deadline = self.now_ms.saturating_add(max_ms);
+        loop {
+            self.pump();
+            if done(self) {
+                return true;
+            }
+            let mut next = self.next_tick_ms;
+            if let Some(t) = self.net.next_due() {
+                next = next.min(t.as_millis());
+            }
+            if let Some(&Reverse((t, _))) = self.wakes.peek() {
+                next = next.min(t);
+            }
+            if next > deadline {
+                self.now_ms = deadline;
+                self.pump();
+                return done(self);
+            }
+            self.now_ms = next.max(self.now_ms);
+        }
+    }
+
+    /// Advances virtual time by `ms`, processing everything on the way.
+    pub fn run_for(&mut self, ms: u64) {
+        self.run_until(ms, |_| false);
+    }
+
+    /// Runs until every agent is registered (or `max_ms` of virtual time passes).
+    pub fn run_until_registered(&mut self, max_ms: u64) -> bool {
+        self.run_until(max_ms, |s| s.agents.iter().all(|a| a.link() == LinkState::Registered))
+    }
+
+    /// Nodes whose agent's applied digest differs from the engine's desired digest.
+    pub fn unconverged(&mut self) -> Vec<NodeId> {
+        let mut bad = Vec::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            let want = self.engine.desired_digest(a.name().as_str()).unwrap_or(DesiredDigest::EMPTY);
+            if a.applied() != want {
+                bad.push(NodeId(i as u32));
+            }
+        }
+        bad
+    }
+
+    /// Runs until every node's applied digest equals its desired digest.
+    pub fn run_until_converged(&mut self, max_ms: u64) -> bool {
+        // Checking a million digests is not free: check at most once per virtual second.
+        let mut last_check = 0u64;
+        self.run_until(max_ms, |s| {
+            if s.now_ms < last_check + 1_000 && last_check != 0 {
+                return false;
+            }
+            last_check = s.now_ms;
+            s.unconverged().is_empty()
+        })
+    }
+}
