@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::chunk::{CHUNK_HEADER_LEN, ChunkHeader};
 use super::cursor::{put_planes, put_varint, zigzag};
-use super::{ChunkInfo, FORMAT_VERSION, Manifest, SectionKind, SnapshotError, SnapshotOptions, codec};
+use super::{
+    ChunkInfo, FORMAT_VERSION, Manifest, SectionKind, SnapshotError, SnapshotOptions, codec,
+};
 use crate::cache::{NodeCache, Slot};
 use crate::model::{Timestamp, mix64};
 
@@ -72,7 +74,12 @@ pub fn encode_snapshot(
     let threads = opts.thread_count();
     let dict = Dictionary::build(cache);
     let order = sorted_slots(cache, threads);
-    let nodes = NodeSection { cache, dict: &dict, order: &order, base: now.as_secs_u32() };
+    let nodes = NodeSection {
+        cache,
+        dict: &dict,
+        order: &order,
+        base: now.as_secs_u32(),
+    };
     let mut pending = cut(&dict, opts, threads)?;
     pending.extend(cut(&nodes, opts, threads)?);
 
@@ -124,7 +131,10 @@ pub fn encode_snapshot(
         total_bytes: infos.iter().map(|c| u64::from(c.bytes)).sum(),
         chunks: infos,
     };
-    Ok(EncodedSnapshot { manifest, chunks: pending.into_iter().map(|p| p.bytes).collect() })
+    Ok(EncodedSnapshot {
+        manifest,
+        chunks: pending.into_iter().map(|p| p.bytes).collect(),
+    })
 }
 
 /// A fresh snapshot id: randomness from the standard library's per-process hash keys, mixed with
@@ -173,7 +183,14 @@ impl<'a> Dictionary<'a> {
         let mut label_sets = Vec::new();
         for id in ranked(cache.label_sets.iter().map(|(id, _, refs)| (id, refs))) {
             label_map[id as usize] = label_sets.len() as u32;
-            label_sets.push(cache.label_sets.get(id).iter().map(|&(k, v)| (sid(k), sid(v))).collect());
+            label_sets.push(
+                cache
+                    .label_sets
+                    .get(id)
+                    .iter()
+                    .map(|&(k, v)| (sid(k), sid(v)))
+                    .collect(),
+            );
         }
         let mut platform_map = vec![NONE; cache.platforms.capacity_ids()];
         let mut platforms = Vec::new();
@@ -185,10 +202,24 @@ impl<'a> Dictionary<'a> {
         let mut workload_sets = Vec::new();
         for id in ranked(cache.workload_sets.iter().map(|(id, _, refs)| (id, refs))) {
             workload_map[id as usize] = workload_sets.len() as u32;
-            workload_sets.push(cache.workload_sets.get(id).iter().map(|&(w, v, p)| (sid(w), v, p)).collect());
+            workload_sets.push(
+                cache
+                    .workload_sets
+                    .get(id)
+                    .iter()
+                    .map(|&(w, v, p)| (sid(w), v, p))
+                    .collect(),
+            );
         }
-        let mut counts: hashbrown::HashMap<u64, u32, MixState> = hashbrown::HashMap::with_hasher(MixState);
-        for n in cache.slots.iter().enumerate().filter(|&(s, _)| cache.is_live(s as Slot)).map(|(_, n)| n) {
+        let mut counts: hashbrown::HashMap<u64, u32, MixState> =
+            hashbrown::HashMap::with_hasher(MixState);
+        for n in cache
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(s, _)| cache.is_live(s as Slot))
+            .map(|(_, n)| n)
+        {
             *counts.entry(n.applied).or_insert(0) += 1;
         }
         let mut by_use: Vec<(u64, u32)> = counts.iter().map(|(&d, &c)| (d, c)).collect();
@@ -198,11 +229,27 @@ impl<'a> Dictionary<'a> {
         for (rank, &d) in digests.iter().enumerate() {
             digest_map.insert(d, rank as u32);
         }
-        Self { strings, label_sets, platforms, workload_sets, digests, label_map, platform_map, workload_map, digest_map }
+        Self {
+            strings,
+            label_sets,
+            platforms,
+            workload_sets,
+            digests,
+            label_map,
+            platform_map,
+            workload_map,
+            digest_map,
+        }
     }
 
     fn table_lens(&self) -> [usize; TABLES] {
-        [self.strings.len(), self.label_sets.len(), self.platforms.len(), self.workload_sets.len(), self.digests.len()]
+        [
+            self.strings.len(),
+            self.label_sets.len(),
+            self.platforms.len(),
+            self.workload_sets.len(),
+            self.digests.len(),
+        ]
     }
 }
 
@@ -278,7 +325,10 @@ impl Section for Dictionary<'_> {
                     });
                 }),
                 TABLE_PLATFORMS => {
-                    self.platforms[a..b].iter().flatten().for_each(|&s| put_varint(out, u64::from(s)));
+                    self.platforms[a..b]
+                        .iter()
+                        .flatten()
+                        .for_each(|&s| put_varint(out, u64::from(s)));
                 }
                 TABLE_WORKLOAD_SETS => self.workload_sets[a..b].iter().for_each(|set| {
                     put_varint(out, set.len() as u64);
@@ -288,7 +338,9 @@ impl Section for Dictionary<'_> {
                         out.push(phase);
                     });
                 }),
-                _ => self.digests[a..b].iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes())),
+                _ => self.digests[a..b]
+                    .iter()
+                    .for_each(|d| out.extend_from_slice(&d.to_le_bytes())),
             }
         }
     }
@@ -313,6 +365,10 @@ impl Section for NodeSection<'_> {
         let (cache, dict) = (self.cache, self.dict);
         let slots = &self.order[range];
         let n = slots.len();
+        // One gather pass touches each node's slot once; the column passes then run over this
+        // chunk-local copy instead of chasing slots across the whole table again.
+        let nodes: Vec<crate::cache::NodeSlot> =
+            slots.iter().map(|&s| cache.slots[s as usize]).collect();
         put_varint(out, n as u64);
         put_varint(out, u64::from(self.base));
         let mut suffix_lens = Vec::with_capacity(n);
@@ -320,7 +376,12 @@ impl Section for NodeSection<'_> {
         let mut prev: &[u8] = &[];
         for &s in slots {
             let name = cache.name_bytes(s);
-            let shared = prev.iter().zip(name).take_while(|(a, b)| a == b).count().min(255);
+            let shared = prev
+                .iter()
+                .zip(name)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(255);
             out.push(shared as u8);
             suffix_lens.push((name.len() - shared) as u8);
             suffixes.extend_from_slice(&name[shared..]);
@@ -330,30 +391,32 @@ impl Section for NodeSection<'_> {
         out.extend_from_slice(&suffixes);
         let mut ipv4 = Vec::with_capacity(n);
         let mut extra = Vec::new();
-        for &s in slots {
-            let node = &cache.slots[s as usize];
+        for (&s, node) in slots.iter().zip(&nodes) {
             let mut flags = node.phase & FLAG_PHASE_MASK;
-            if let Some(v4) = cache.ipv4_of(s) {
+            if let Some(v4) = cache.ipv4_of_slot(node) {
                 flags |= FLAG_IPV4;
                 ipv4.push(v4);
             }
-            if !cache.extra_addrs_of(s).is_empty() {
+            if cache.has_extra_addrs(node) {
                 flags |= FLAG_EXTRA;
                 extra.push(s);
             }
             out.push(flags);
         }
-        for &s in slots {
-            put_varint(out, zigzag(i64::from(self.base) - i64::from(cache.slots[s as usize].last_seen)));
+        for node in &nodes {
+            put_varint(
+                out,
+                zigzag(i64::from(self.base) - i64::from(node.last_seen)),
+            );
         }
-        let column = |f: &dyn Fn(Slot) -> u32, out: &mut Vec<u8>| {
-            let v: Vec<u32> = slots.iter().map(|&s| f(s)).collect();
+        let mut column = |f: &dyn Fn(&crate::cache::NodeSlot) -> u32| {
+            let v: Vec<u32> = nodes.iter().map(f).collect();
             put_planes(out, &v);
         };
-        column(&|s| dict.label_map[cache.slots[s as usize].label_set as usize], out);
-        column(&|s| dict.platform_map[cache.slots[s as usize].platform as usize], out);
-        column(&|s| dict.workload_map[cache.slots[s as usize].workloads as usize], out);
-        column(&|s| dict.digest_map.get(&cache.slots[s as usize].applied).copied().unwrap_or(NONE), out);
+        column(&|n| dict.label_map[n.label_set as usize]);
+        column(&|n| dict.platform_map[n.platform as usize]);
+        column(&|n| dict.workload_map[n.workloads as usize]);
+        column(&|n| dict.digest_map.get(&n.applied).copied().unwrap_or(NONE));
         for shift in [24, 16, 8, 0] {
             out.extend(ipv4.iter().map(|&v| (v >> shift) as u8));
         }
@@ -376,36 +439,84 @@ impl Section for NodeSection<'_> {
     }
 }
 
-/// Live slots sorted by name: sorted in `threads` parts in parallel, then merged.
-fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
-    let mut live: Vec<Slot> = (0..cache.slots.len() as Slot).filter(|&s| cache.is_live(s)).collect();
-    let by_name = |a: &Slot, b: &Slot| cache.name_bytes(*a).cmp(cache.name_bytes(*b));
-    if threads < 2 || live.len() < 1 << 15 {
-        live.sort_unstable_by(by_name);
-        return live;
+/// A node's sort key: the first 32 bytes of its name, big-endian, zero-padded (names hold no NUL,
+/// so padding sorts shorter names first, as byte order does). Sorting keys instead of chasing
+/// every comparison into the name arena keeps the sort in cache.
+#[derive(Clone, Copy)]
+struct NameKey {
+    hi: u128,
+    lo: u128,
+    slot: Slot,
+}
+
+fn name_key(cache: &NodeCache, slot: Slot) -> NameKey {
+    let mut b = [0u8; 32];
+    let name = cache.name_bytes(slot);
+    let n = name.len().min(32);
+    b[..n].copy_from_slice(&name[..n]);
+    let mut hi = [0u8; 16];
+    let mut lo = [0u8; 16];
+    hi.copy_from_slice(&b[..16]);
+    lo.copy_from_slice(&b[16..]);
+    NameKey {
+        hi: u128::from_be_bytes(hi),
+        lo: u128::from_be_bytes(lo),
+        slot,
     }
-    let per = live.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for part in live.chunks_mut(per) {
-            s.spawn(move || part.sort_unstable_by(by_name));
-        }
+}
+
+/// Live slots sorted by name: keys sorted in `threads` parts in parallel, then merged.
+fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
+    let cmp = |a: &NameKey, b: &NameKey| {
+        (a.hi, a.lo)
+            .cmp(&(b.hi, b.lo))
+            .then_with(|| cache.name_bytes(a.slot).cmp(cache.name_bytes(b.slot)))
+    };
+    let live: Vec<Slot> = (0..cache.slots.len() as Slot)
+        .filter(|&s| cache.is_live(s))
+        .collect();
+    let parts = if threads < 2 || live.len() < 1 << 15 {
+        1
+    } else {
+        threads
+    };
+    let per = live.len().div_ceil(parts).max(1);
+    let mut runs: Vec<Vec<NameKey>> = std::thread::scope(|s| {
+        let handles: Vec<_> = live
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    let mut keys: Vec<NameKey> =
+                        part.iter().map(|&slot| name_key(cache, slot)).collect();
+                    keys.sort_unstable_by(cmp);
+                    keys
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     });
-    let mut runs: Vec<Vec<Slot>> = live.chunks(per).map(<[Slot]>::to_vec).collect();
     while runs.len() > 1 {
         let mut next = Vec::with_capacity(runs.len().div_ceil(2));
         let mut it = runs.into_iter();
         while let Some(a) = it.next() {
             match it.next() {
-                Some(b) => next.push(merge(&a, &b, by_name)),
+                Some(b) => next.push(merge(&a, &b, cmp)),
                 None => next.push(a),
             }
         }
         runs = next;
     }
-    runs.pop().unwrap_or_default()
+    runs.pop()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|k| k.slot)
+        .collect()
 }
 
-fn merge(a: &[Slot], b: &[Slot], cmp: impl Fn(&Slot, &Slot) -> std::cmp::Ordering) -> Vec<Slot> {
+fn merge<T: Copy>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
@@ -432,19 +543,34 @@ struct Pending {
     checksum: u32,
 }
 
-fn build<S: Section>(section: &S, range: Range<usize>, opts: &SnapshotOptions) -> Result<Pending, SnapshotError> {
+fn build<S: Section>(
+    section: &S,
+    range: Range<usize>,
+    opts: &SnapshotOptions,
+) -> Result<Pending, SnapshotError> {
     let items = range.len() as u32;
     let mut raw = Vec::new();
     section.encode(range, &mut raw);
-    let raw_len = u32::try_from(raw.len())
-        .map_err(|_| SnapshotError::InvalidOptions { reason: "a chunk's raw section exceeds 4 GiB" })?;
+    let raw_len = u32::try_from(raw.len()).map_err(|_| SnapshotError::InvalidOptions {
+        reason: "a chunk's raw section exceeds 4 GiB",
+    })?;
     let mut bytes = vec![0u8; CHUNK_HEADER_LEN];
     codec::compress(opts.codec, opts.level, &raw, &mut bytes);
-    Ok(Pending { section: S::KIND, items, raw_len, bytes, checksum: 0 })
+    Ok(Pending {
+        section: S::KIND,
+        items,
+        raw_len,
+        bytes,
+        checksum: 0,
+    })
 }
 
 /// Runs `f` over `items` on up to `threads` scoped threads; results in input order.
-pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+pub(crate) fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     if threads <= 1 || items.len() <= 1 {
         return items.iter().map(f).collect();
     }
@@ -463,7 +589,10 @@ pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     });
     results.sort_unstable_by_key(|&(i, _)| i);
     results.into_iter().map(|(_, r)| r).collect()
@@ -474,7 +603,11 @@ pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(
 /// The compressed bytes per item are estimated from a sample, then chunks are compressed a wave
 /// of `threads` at a time, each wave sized by the ratio the previous chunk achieved. A chunk that
 /// overflows is discarded with the rest of its wave and re-cut smaller at its own ratio.
-fn cut<S: Section>(section: &S, opts: &SnapshotOptions, threads: usize) -> Result<Vec<Pending>, SnapshotError> {
+fn cut<S: Section>(
+    section: &S,
+    opts: &SnapshotOptions,
+    threads: usize,
+) -> Result<Vec<Pending>, SnapshotError> {
     let total = section.len();
     let budget = opts.max_chunk_bytes - CHUNK_HEADER_LEN;
     let target = budget as f64 * f64::from(opts.target_fill);
@@ -485,7 +618,10 @@ fn cut<S: Section>(section: &S, opts: &SnapshotOptions, threads: usize) -> Resul
         if S::KIND == SectionKind::Dictionary {
             let p = build(section, 0..0, opts)?;
             if !fits(&p) {
-                return Err(SnapshotError::RecordTooLarge { needed: p.bytes.len(), max_chunk_bytes: opts.max_chunk_bytes });
+                return Err(SnapshotError::RecordTooLarge {
+                    needed: p.bytes.len(),
+                    max_chunk_bytes: opts.max_chunk_bytes,
+                });
             }
             out.push(p);
         }
@@ -516,7 +652,10 @@ fn cut<S: Section>(section: &S, opts: &SnapshotOptions, threads: usize) -> Resul
                 pos = r.end;
                 out.push(chunk);
             } else if r.len() == 1 {
-                return Err(SnapshotError::RecordTooLarge { needed: chunk.bytes.len(), max_chunk_bytes: opts.max_chunk_bytes });
+                return Err(SnapshotError::RecordTooLarge {
+                    needed: chunk.bytes.len(),
+                    max_chunk_bytes: opts.max_chunk_bytes,
+                });
             } else {
                 // Shrink strictly, even when the ratio estimate rounds the same way twice.
                 per_item = per_item.max(target / (r.len() - 1) as f64);
