@@ -26,6 +26,7 @@
 //! ```
 
 pub mod cache;
+pub mod engine;
 pub mod model;
 pub mod protocol;
 pub mod snapshot;

@@ -9,4 +9,4 @@
 //! of `kole-core` is the only one. This crate currently exports the topic layout, which the
 //! protocol document fixes and both sides will share.
 
-// pub use kole_core::protocol::topics; (arrives with the protocol module)
+pub use kole_core::protocol::topics;

@@ -1,1 +1,22 @@
-//! placeholder
+//! # kole-sim
+//!
+//! The simulator and benchmark of kole: the seeded [`dataset::ReferenceFleet`] every published
+//! figure is measured on, and the `kole-sim` binary (`kole-sim bench`, `kole-sim snapshot …`) that
+//! reproduces the KOLE paper's experiments.
+//!
+//! ```
+//! use kole_core::cache::{NodeCache, StateCache};
+//! use kole_sim::dataset::ReferenceFleet;
+//!
+//! let fleet = ReferenceFleet::new(1_000, 42);
+//! let mut cache = NodeCache::new();
+//! fleet.load_into(&mut cache)?;
+//! assert_eq!(cache.len(), 1_000);
+//! # Ok::<(), kole_core::cache::CacheError>(())
+//! ```
+
+pub mod bench;
+pub mod cli;
+pub mod dataset;
+pub mod mem;
+pub mod report;

@@ -1,7 +1,66 @@
 //! Reference-counted interning of values that repeat across many nodes.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+/// A fast, non-cryptographic hasher for in-process dictionaries (FxHash's word-at-a-time mix).
+///
+/// The interners hold operator-controlled strings (labels, versions), and a flooding attacker
+/// would need to control label sets of many registered nodes, which the broker ACLs and the
+/// registration validation already bound; SipHash's DoS resistance is not worth its cost here.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+const FX_K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(FX_K);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `HashMap` with [`FxHasher`].
+pub(crate) type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Interns values of `T`: each distinct value is stored once and named by a dense `u32` id.
 ///
@@ -10,7 +69,7 @@ use std::hash::Hash;
 #[derive(Debug, Clone)]
 pub(crate) struct Interner<T: Eq + Hash + Clone> {
     entries: Vec<Entry<T>>,
-    by_value: HashMap<T, u32>,
+    by_value: FxHashMap<T, u32>,
     free: Vec<u32>,
 }
 
@@ -22,7 +81,11 @@ struct Entry<T> {
 
 impl<T: Eq + Hash + Clone> Default for Interner<T> {
     fn default() -> Self {
-        Self { entries: Vec::new(), by_value: HashMap::new(), free: Vec::new() }
+        Self {
+            entries: Vec::new(),
+            by_value: FxHashMap::default(),
+            free: Vec::new(),
+        }
     }
 }
 
@@ -33,7 +96,10 @@ impl<T: Eq + Hash + Clone> Interner<T> {
             self.entries[id as usize].refs += 1;
             return (id, false);
         }
-        let entry = Entry { value: Some(value.clone()), refs: 1 };
+        let entry = Entry {
+            value: Some(value.clone()),
+            refs: 1,
+        };
         let id = match self.free.pop() {
             Some(id) => {
                 self.entries[id as usize] = entry;
@@ -80,7 +146,12 @@ impl<T: Eq + Hash + Clone> Interner<T> {
     }
 
     /// The id of `value`, if interned.
-    pub(crate) fn find(&self, value: &T) -> Option<u32> {
+    #[inline]
+    pub(crate) fn find<Q>(&self, value: &Q) -> Option<u32>
+    where
+        T: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.by_value.get(value).copied()
     }
 

@@ -4,18 +4,24 @@
 //! with [`shared`] to get one exclusive [`CacheWriter`] (the engine) and any number of cheap
 //! [`CacheStore`] readers (query handlers, status writers, metrics), as kube-runtime's reflector does.
 
+mod index;
 mod intern;
 mod shared;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use std::borrow::Cow;
 use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
-pub use table::{NodeCache, Slot};
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
+pub use table::{NodeCache, Slot};
 
-use crate::model::{DesiredDigest, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState};
+use crate::model::{
+    DesiredDigest, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp,
+    WorkloadState,
+};
 
 /// Why a cache update was refused. Nothing changed when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +30,9 @@ pub enum CacheError {
     #[error("node is not registered")]
     UnknownNode,
     /// The heartbeat belongs to another boot of the node than its registration.
-    #[error("heartbeat from boot {received:#x}, but the node registered with boot {registered:#x}; it must re-register")]
+    #[error(
+        "heartbeat from boot {received:#x}, but the node registered with boot {registered:#x}; it must re-register"
+    )]
     BootMismatch {
         /// Boot id of the registration.
         registered: u32,
@@ -60,7 +68,11 @@ pub struct PhaseCounts {
 
 impl PhaseCounts {
     pub(crate) fn from_array(a: [u32; 3]) -> Self {
-        Self { registering: a[0], online: a[1], offline: a[2] }
+        Self {
+            registering: a[0],
+            online: a[1],
+            offline: a[2],
+        }
     }
 
     /// All nodes counted.
@@ -87,6 +99,15 @@ pub struct HeartbeatUpdate {
     pub seq: u32,
     /// Digest of what the node has applied.
     pub applied: DesiredDigest,
+}
+
+/// One heartbeat of a batch: the node (authenticated by the transport) and what it reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatIn<'a> {
+    /// The node's name, from the transport (e.g. the MQTT topic), not from the payload.
+    pub node: &'a str,
+    /// The heartbeat's content.
+    pub update: HeartbeatUpdate,
 }
 
 /// The result of an accepted heartbeat.
@@ -130,7 +151,13 @@ pub struct NodeQuery {
 
 impl Default for NodeQuery {
     fn default() -> Self {
-        Self { names: Vec::new(), selector: Selector::everything(), phase: None, limit: 500, continue_after: None }
+        Self {
+            names: Vec::new(),
+            selector: Selector::everything(),
+            phase: None,
+            limit: 500,
+            continue_after: None,
+        }
     }
 }
 
@@ -166,14 +193,44 @@ pub trait StateCache: Send + Sync {
 
     /// Inserts or updates a node from its registration; the node becomes online at `now`.
     /// A known node registering with a new `boot_id` is a restart and resets its heartbeat sequence.
-    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError>;
+    fn register(
+        &mut self,
+        reg: &NodeRegistration,
+        boot_id: u32,
+        now: Timestamp,
+    ) -> Result<Registered, CacheError>;
 
     /// Applies a heartbeat: liveness, sequence, applied digest. Stale, reordered or foreign-boot
     /// heartbeats are refused without changing anything.
-    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError>;
+    fn heartbeat(
+        &mut self,
+        name: &str,
+        hb: &HeartbeatUpdate,
+        now: Timestamp,
+    ) -> Result<HeartbeatOutcome, CacheError>;
+
+    /// Applies a batch of heartbeats, appending one result per heartbeat to `out`, in order.
+    /// Equivalent to calling [`StateCache::heartbeat`] for each; implementations overlap the
+    /// lookups' memory accesses.
+    fn heartbeat_batch(
+        &mut self,
+        batch: &[HeartbeatIn<'_>],
+        now: Timestamp,
+        out: &mut Vec<Result<HeartbeatOutcome, CacheError>>,
+    ) {
+        out.extend(
+            batch
+                .iter()
+                .map(|hb| self.heartbeat(hb.node, &hb.update, now)),
+        );
+    }
 
     /// Replaces the node's per-workload state.
-    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError>;
+    fn report_workloads(
+        &mut self,
+        name: &str,
+        states: &[WorkloadState],
+    ) -> Result<Slot, CacheError>;
 
     /// Sets a node's phase; returns the previous one.
     fn set_phase(&mut self, name: &str, phase: NodePhase) -> Result<NodePhase, CacheError>;

@@ -4,15 +4,15 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::ControlFlow;
 
-use hashbrown::HashTable;
-
+use super::index::{NameIndex, entry_hash, entry_slot};
 use super::intern::Interner;
 use super::{
-    CacheError, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage, Registered, StateCache,
+    CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage,
+    Registered, StateCache,
 };
 use crate::model::{
-    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector,
-    Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
+    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord,
+    NodeRegistration, Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
 };
 
 /// Dense index of a node in a [`NodeCache`]. Stable while the node exists; reused after removal.
@@ -68,6 +68,9 @@ pub(crate) type WorkloadItems = Box<[(StrId, u64, u8)]>;
 pub(crate) struct LabelSetMembers {
     pub(crate) slots: Vec<Slot>,
     pub(crate) phases: [u32; 3],
+    /// Changes whenever the id is (re)allocated to a label set, so users caching per-set
+    /// derivations (the engine's targeting) notice a recycled id.
+    pub(crate) epoch: u32,
 }
 
 /// The compact in-memory node table: the in-memory implementation of [`StateCache`].
@@ -82,7 +85,7 @@ pub struct NodeCache {
     pub(crate) free: Vec<Slot>,
     names: Vec<u8>,
     name_garbage: usize,
-    index: HashTable<Slot>,
+    index: NameIndex,
     pub(crate) strings: Interner<Box<str>>,
     pub(crate) label_sets: Interner<LabelPairs>,
     pub(crate) members: Vec<LabelSetMembers>,
@@ -91,6 +94,7 @@ pub struct NodeCache {
     pub(crate) extra_addrs: HashMap<Slot, Box<[IpAddr]>>,
     phase_totals: [u32; 3],
     live: usize,
+    set_epoch: u32,
 }
 
 /// A label set resolved against the string table, for selector evaluation.
@@ -121,7 +125,7 @@ impl NodeCache {
         Self {
             slots: Vec::with_capacity(nodes),
             names: Vec::with_capacity(nodes * avg_name_len),
-            index: HashTable::with_capacity(nodes),
+            index: NameIndex::with_capacity(nodes),
             ..Self::default()
         }
     }
@@ -130,7 +134,7 @@ impl NodeCache {
     pub fn shrink_to_fit(&mut self) {
         self.slots.shrink_to_fit();
         self.names.shrink_to_fit();
-        self.index.shrink_to_fit(|&s| hash_name(name_at(&self.names, &self.slots[s as usize])));
+        self.index.shrink_to_fit();
         for m in &mut self.members {
             m.slots.shrink_to_fit();
         }
@@ -140,14 +144,17 @@ impl NodeCache {
     #[inline]
     pub fn slot_of(&self, name: &str) -> Option<Slot> {
         let h = hash_name(name.as_bytes());
-        self.index
-            .find(h, |&s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
-            .copied()
+        self.index.find(h, |s| {
+            name_at(&self.names, &self.slots[s as usize]) == name.as_bytes()
+        })
     }
 
     /// The name stored in a live slot.
     pub fn name_of(&self, slot: Slot) -> Option<&str> {
-        let n = self.slots.get(slot as usize).filter(|n| n.label_set != VACANT)?;
+        let n = self
+            .slots
+            .get(slot as usize)
+            .filter(|n| n.label_set != VACANT)?;
         std::str::from_utf8(name_at(&self.names, n)).ok()
     }
 
@@ -166,8 +173,12 @@ impl NodeCache {
         self.slots.capacity() * size_of::<NodeSlot>()
             + self.free.capacity() * 4
             + self.names.capacity()
-            + self.index.capacity() * 5
-            + self.members.iter().map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>()).sum::<usize>()
+            + self.index.heap_bytes()
+            + self
+                .members
+                .iter()
+                .map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>())
+                .sum::<usize>()
             + self.strings.heap_bytes(|s| s.len())
             + self.label_sets.heap_bytes(|p| p.len() * 8)
             + self.platforms.heap_bytes(|_| 0)
@@ -177,7 +188,9 @@ impl NodeCache {
     /// Whether `slot` holds a node.
     #[inline]
     pub(crate) fn is_live(&self, slot: Slot) -> bool {
-        self.slots.get(slot as usize).is_some_and(|n| n.label_set != VACANT)
+        self.slots
+            .get(slot as usize)
+            .is_some_and(|n| n.label_set != VACANT)
     }
 
     pub(crate) fn name_bytes(&self, slot: Slot) -> &[u8] {
@@ -189,35 +202,43 @@ impl NodeCache {
     }
 
     pub(crate) fn label_set_view(&self, id: LabelSetId) -> LabelSetView<'_> {
-        LabelSetView { cache: self, pairs: self.label_sets.get(id) }
+        LabelSetView {
+            cache: self,
+            pairs: self.label_sets.get(id),
+        }
     }
 
     fn intern_str(&mut self, s: &str) -> StrId {
-        self.strings.acquire(&Box::from(s)).0
+        match self.strings.find(s) {
+            Some(id) => {
+                self.strings.retain(id);
+                id
+            }
+            None => self.strings.acquire(&Box::from(s)).0,
+        }
     }
 
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
     fn intern_labels(&mut self, labels: &Labels) -> LabelSetId {
-        // Look up by resolved strings first so an existing set costs no string refcount traffic.
+        // Fast path: every string and the set itself already exist, so no refcount traffic and no
+        // allocation beyond the probe key.
         let mut pairs = Vec::with_capacity(labels.len());
-        let mut all_known = true;
         for (k, v) in labels.iter() {
-            match (self.strings.find(&Box::from(k)), self.strings.find(&Box::from(v))) {
+            match (self.strings.find(k), self.strings.find(v)) {
                 (Some(k), Some(v)) => pairs.push((k, v)),
-                _ => {
-                    all_known = false;
-                    break;
-                }
+                _ => break,
             }
         }
-        if all_known {
-            let key: LabelPairs = pairs.into_boxed_slice();
-            if let Some(id) = self.label_sets.find(&key) {
-                self.label_sets.retain(id);
-                return id;
-            }
+        if pairs.len() == labels.len()
+            && let Some(id) = self.label_sets.find(pairs.as_slice())
+        {
+            self.label_sets.retain(id);
+            return id;
         }
-        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let pairs: LabelPairs = labels
+            .iter()
+            .map(|(k, v)| (self.intern_str(k), self.intern_str(v)))
+            .collect();
         let (id, new) = self.label_sets.acquire(&pairs);
         if !new {
             for &(k, v) in pairs.iter() {
@@ -225,13 +246,18 @@ impl NodeCache {
                 self.strings.release(v);
             }
         } else {
-            let idx = id as usize;
-            if self.members.len() <= idx {
-                self.members.resize_with(idx + 1, LabelSetMembers::default);
-            }
-            self.members[idx] = LabelSetMembers::default();
+            self.init_members(id);
         }
         id
+    }
+
+    fn init_members(&mut self, id: LabelSetId) {
+        let idx = id as usize;
+        if self.members.len() <= idx {
+            self.members.resize_with(idx + 1, LabelSetMembers::default);
+        }
+        self.set_epoch = self.set_epoch.wrapping_add(1);
+        self.members[idx] = LabelSetMembers { epoch: self.set_epoch, ..LabelSetMembers::default() };
     }
 
     fn release_labels(&mut self, id: LabelSetId) {
@@ -245,7 +271,20 @@ impl NodeCache {
     }
 
     fn intern_platform(&mut self, info: &NodeInfo) -> PlatformId {
-        let triple = [self.intern_str(&info.arch), self.intern_str(&info.os), self.intern_str(&info.agent_version)];
+        if let (Some(a), Some(o), Some(v)) = (
+            self.strings.find(info.arch.as_str()),
+            self.strings.find(info.os.as_str()),
+            self.strings.find(info.agent_version.as_str()),
+        ) && let Some(id) = self.platforms.find(&[a, o, v])
+        {
+            self.platforms.retain(id);
+            return id;
+        }
+        let triple = [
+            self.intern_str(&info.arch),
+            self.intern_str(&info.os),
+            self.intern_str(&info.agent_version),
+        ];
         let (id, new) = self.platforms.acquire(&triple);
         if !new {
             triple.iter().for_each(|&s| {
@@ -267,8 +306,29 @@ impl NodeCache {
         let mut sorted: Vec<&WorkloadState> = states.iter().collect();
         sorted.sort_by(|a, b| a.workload.cmp(&b.workload));
         sorted.dedup_by(|a, b| a.workload == b.workload);
-        let items: WorkloadItems =
-            sorted.iter().map(|w| (self.intern_str(w.workload.as_str()), w.version, w.phase as u8)).collect();
+        let mut probe = Vec::with_capacity(sorted.len());
+        for w in &sorted {
+            match self.strings.find(w.workload.as_str()) {
+                Some(id) => probe.push((id, w.version, w.phase as u8)),
+                None => break,
+            }
+        }
+        if probe.len() == sorted.len()
+            && let Some(id) = self.workload_sets.find(probe.as_slice())
+        {
+            self.workload_sets.retain(id);
+            return id;
+        }
+        let items: WorkloadItems = sorted
+            .iter()
+            .map(|w| {
+                (
+                    self.intern_str(w.workload.as_str()),
+                    w.version,
+                    w.phase as u8,
+                )
+            })
+            .collect();
         let (id, new) = self.workload_sets.acquire(&items);
         if !new {
             for &(w, _, _) in items.iter() {
@@ -370,7 +430,9 @@ impl NodeCache {
         let mut names = Vec::with_capacity(self.names.len() - self.name_garbage);
         for n in self.slots.iter_mut().filter(|n| n.label_set != VACANT) {
             let off = names.len() as u32;
-            names.extend_from_slice(&self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]);
+            names.extend_from_slice(
+                &self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)],
+            );
             n.name_off = off;
         }
         self.names = names;
@@ -393,7 +455,10 @@ impl NodeCache {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                let s = u32::try_from(self.slots.len()).ok().filter(|&s| s < VACANT).ok_or(CacheError::Full)?;
+                let s = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&s| s < VACANT)
+                    .ok_or(CacheError::Full)?;
                 self.slots.push(NodeSlot::default());
                 s
             }
@@ -412,9 +477,7 @@ impl NodeCache {
         self.join_set(slot, label_set, phase as u8);
         self.phase_totals[phase as usize] += 1;
         self.live += 1;
-        let h = hash_name(name.as_bytes());
-        let (names, slots) = (&self.names, &self.slots);
-        self.index.insert_unique(h, slot, |&s| hash_name(name_at(names, &slots[s as usize])));
+        self.index.insert(hash_name(name.as_bytes()), slot);
         Ok(slot)
     }
 
@@ -422,14 +485,13 @@ impl NodeCache {
     pub(crate) fn restore_label_set(&mut self, pairs: &[(&str, &str)]) -> LabelSetId {
         let mut labels: Vec<(&str, &str)> = pairs.to_vec();
         labels.sort_unstable();
-        let ids: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let ids: LabelPairs = labels
+            .iter()
+            .map(|(k, v)| (self.intern_str(k), self.intern_str(v)))
+            .collect();
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
-            let idx = id as usize;
-            if self.members.len() <= idx {
-                self.members.resize_with(idx + 1, LabelSetMembers::default);
-            }
-            self.members[idx] = LabelSetMembers::default();
+            self.init_members(id);
         } else {
             for &(k, v) in ids.iter() {
                 self.strings.release(k);
@@ -451,7 +513,10 @@ impl NodeCache {
     pub(crate) fn restore_workload_set(&mut self, items: &[(&str, u64, u8)]) -> WorkloadSetId {
         let mut sorted = items.to_vec();
         sorted.sort_unstable();
-        let ids: WorkloadItems = sorted.iter().map(|&(w, v, p)| (self.intern_str(w), v, p)).collect();
+        let ids: WorkloadItems = sorted
+            .iter()
+            .map(|&(w, v, p)| (self.intern_str(w), v, p))
+            .collect();
         let (id, new) = self.workload_sets.acquire(&ids);
         if !new {
             for &(w, _, _) in ids.iter() {
@@ -462,13 +527,23 @@ impl NodeCache {
     }
 
     /// Drops the references the restore's dictionaries took (each node took its own).
-    pub(crate) fn release_restore_refs(&mut self, labels: &[LabelSetId], platforms: &[PlatformId], wls: &[WorkloadSetId]) {
+    pub(crate) fn release_restore_refs(
+        &mut self,
+        labels: &[LabelSetId],
+        platforms: &[PlatformId],
+        wls: &[WorkloadSetId],
+    ) {
         labels.iter().for_each(|&l| self.release_labels(l));
         platforms.iter().for_each(|&p| self.release_platform(p));
         wls.iter().for_each(|&w| self.release_workloads(w));
     }
 
-    pub(crate) fn retain_parts(&mut self, label_set: LabelSetId, platform: PlatformId, workloads: WorkloadSetId) {
+    pub(crate) fn retain_parts(
+        &mut self,
+        label_set: LabelSetId,
+        platform: PlatformId,
+        workloads: WorkloadSetId,
+    ) {
         self.label_sets.retain(label_set);
         self.platforms.retain(platform);
         self.workload_sets.retain(workloads);
@@ -547,13 +622,19 @@ impl NodeCache {
     pub(crate) fn matching_sets(&self, selector: &Selector) -> Vec<LabelSetId> {
         self.label_sets
             .iter()
-            .filter(|&(id, _, _)| selector.is_everything() || selector.matches(&self.label_set_view(id)))
+            .filter(|&(id, _, _)| {
+                selector.is_everything() || selector.matches(&self.label_set_view(id))
+            })
             .map(|(id, _, _)| id)
             .collect()
     }
 
     /// Calls `f` with every live slot matching `selector`, label set by label set.
-    pub fn for_each_selected(&self, selector: &Selector, mut f: impl FnMut(Slot) -> ControlFlow<()>) {
+    pub fn for_each_selected(
+        &self,
+        selector: &Selector,
+        mut f: impl FnMut(Slot) -> ControlFlow<()>,
+    ) {
         for set in self.matching_sets(selector) {
             for &slot in &self.members[set as usize].slots {
                 if f(slot).is_break() {
@@ -561,6 +642,44 @@ impl NodeCache {
                 }
             }
         }
+    }
+
+    /// Applies a heartbeat to a known slot (see [`StateCache::heartbeat`]).
+    #[inline]
+    fn heartbeat_at(
+        &mut self,
+        slot: Slot,
+        hb: &HeartbeatUpdate,
+        now_s: u32,
+    ) -> Result<HeartbeatOutcome, CacheError> {
+        let n = &mut self.slots[slot as usize];
+        if n.boot_id != 0 && n.boot_id != hb.boot_id {
+            return Err(CacheError::BootMismatch {
+                registered: n.boot_id,
+                received: hb.boot_id,
+            });
+        }
+        if n.boot_id == hb.boot_id && hb.seq <= n.seq {
+            return Err(CacheError::Stale {
+                last: n.seq,
+                received: hb.seq,
+            });
+        }
+        n.boot_id = hb.boot_id;
+        n.seq = hb.seq;
+        n.last_seen = n.last_seen.max(now_s);
+        let applied_changed = n.applied != hb.applied.0;
+        n.applied = hb.applied.0;
+        let previous = if n.phase == NodePhase::Online as u8 {
+            NodePhase::Online
+        } else {
+            self.set_phase_at(slot, NodePhase::Online)
+        };
+        Ok(HeartbeatOutcome {
+            slot,
+            previous,
+            applied_changed,
+        })
     }
 
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
@@ -593,27 +712,97 @@ impl NodeCache {
             }
             let m = &self.members[n.label_set as usize];
             if m.slots.get(n.pos_in_set as usize) != Some(&(slot as u32)) {
-                return Err(format!("slot {slot} not at its position in label set {}", n.label_set));
+                return Err(format!(
+                    "slot {slot} not at its position in label set {}",
+                    n.label_set
+                ));
             }
         }
         if live != self.live || self.index.len() != live {
-            return Err(format!("live {live}, counted {}, indexed {}", self.live, self.index.len()));
+            return Err(format!(
+                "live {live}, counted {}, indexed {}",
+                self.live,
+                self.index.len()
+            ));
         }
         if totals != self.phase_totals {
-            return Err(format!("phase totals {totals:?} vs kept {:?}", self.phase_totals));
+            return Err(format!(
+                "phase totals {totals:?} vs kept {:?}",
+                self.phase_totals
+            ));
         }
         for (id, _, refs) in self.label_sets.iter() {
             let m = &self.members[id as usize];
             if m.slots.len() as u32 != refs {
-                return Err(format!("label set {id}: {} members, {refs} refs", m.slots.len()));
+                return Err(format!(
+                    "label set {id}: {} members, {refs} refs",
+                    m.slots.len()
+                ));
             }
             let mut phases = [0u32; 3];
             for &s in &m.slots {
                 phases[usize::from(self.slots[s as usize].phase)] += 1;
             }
             if phases != m.phases {
-                return Err(format!("label set {id}: phases {phases:?} vs kept {:?}", m.phases));
+                return Err(format!(
+                    "label set {id}: phases {phases:?} vs kept {:?}",
+                    m.phases
+                ));
             }
+        }
+        self.check_shared_parts()
+    }
+
+    /// The invariants of what nodes share: free slots, the name arena and every interner's counts.
+    fn check_shared_parts(&self) -> Result<(), String> {
+        let vacant: Vec<Slot> = (0..self.slots.len() as u32).filter(|&s| !self.is_live(s)).collect();
+        let mut free = self.free.clone();
+        free.sort_unstable();
+        if free != vacant {
+            return Err(format!("free list {free:?} vs vacant slots {vacant:?}"));
+        }
+        let live_name_bytes: usize =
+            self.slots.iter().filter(|n| n.label_set != VACANT).map(|n| usize::from(n.name_len)).sum();
+        if live_name_bytes + self.name_garbage != self.names.len() {
+            let (len, garbage) = (self.names.len(), self.name_garbage);
+            return Err(format!("arena holds {len} bytes, not {live_name_bytes} live + {garbage} garbage"));
+        }
+        for (&slot, addrs) in &self.extra_addrs {
+            if !self.is_live(slot) || self.slots[slot as usize].flags & FLAG_EXTRA_ADDRS == 0 || addrs.is_empty() {
+                return Err(format!("extra addresses kept for slot {slot}, which has none"));
+            }
+        }
+        for (id, m) in self.members.iter().enumerate() {
+            if !m.slots.is_empty() && self.label_sets.iter().all(|(l, _, _)| l as usize != id) {
+                return Err(format!("freed label set {id} still lists members"));
+            }
+        }
+        // Every reference to an interned value is held by a live user, and every user holds one.
+        let mut platform_refs = HashMap::<PlatformId, u32>::new();
+        let mut workload_refs = HashMap::<WorkloadSetId, u32>::new();
+        for n in self.slots.iter().filter(|n| n.label_set != VACANT) {
+            *platform_refs.entry(n.platform).or_default() += 1;
+            *workload_refs.entry(n.workloads).or_default() += 1;
+        }
+        let platforms: HashMap<_, _> = self.platforms.iter().map(|(id, _, refs)| (id, refs)).collect();
+        let workloads: HashMap<_, _> = self.workload_sets.iter().map(|(id, _, refs)| (id, refs)).collect();
+        if platforms != platform_refs {
+            return Err(format!("platform refs {platforms:?} vs users {platform_refs:?}"));
+        }
+        if workloads != workload_refs {
+            return Err(format!("workload set refs {workloads:?} vs users {workload_refs:?}"));
+        }
+        let mut string_refs = HashMap::<StrId, u32>::new();
+        let mut count = |id: StrId| *string_refs.entry(id).or_default() += 1;
+        self.label_sets.iter().flat_map(|(_, pairs, _)| pairs.iter()).for_each(|&(k, v)| {
+            count(k);
+            count(v);
+        });
+        self.platforms.iter().for_each(|(_, triple, _)| triple.iter().for_each(|&s| count(s)));
+        self.workload_sets.iter().flat_map(|(_, items, _)| items.iter()).for_each(|&(w, _, _)| count(w));
+        let strings: HashMap<_, _> = self.strings.iter().map(|(id, _, refs)| (id, refs)).collect();
+        if strings != string_refs {
+            return Err(format!("string refs {strings:?} vs users {string_refs:?}"));
         }
         Ok(())
     }
@@ -631,8 +820,9 @@ fn name_at<'a>(names: &'a [u8], n: &NodeSlot) -> &'a [u8] {
 }
 
 #[inline]
-fn hash_name(name: &[u8]) -> u64 {
-    stable_hash(NAME_SEED, name)
+fn hash_name(name: &[u8]) -> u32 {
+    let h = stable_hash(NAME_SEED, name);
+    (h ^ (h >> 32)) as u32
 }
 
 impl StateCache for NodeCache {
@@ -656,7 +846,12 @@ impl StateCache for NodeCache {
         PhaseCounts::from_array(c)
     }
 
-    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
+    fn register(
+        &mut self,
+        reg: &NodeRegistration,
+        boot_id: u32,
+        now: Timestamp,
+    ) -> Result<Registered, CacheError> {
         if reg.name.as_str().len() > usize::from(u8::MAX) {
             return Err(CacheError::NameTooLong);
         }
@@ -687,7 +882,12 @@ impl StateCache for NodeCache {
             }
             n.boot_id = boot_id;
             self.store_addresses(slot, &reg.info.addresses);
-            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
+            return Ok(Registered {
+                slot,
+                created: false,
+                restarted,
+                previous: Some(previous),
+            });
         }
         let label_set = self.intern_labels(&reg.labels);
         let platform = self.intern_platform(&reg.info);
@@ -711,33 +911,78 @@ impl StateCache for NodeCache {
         };
         self.slots[slot as usize].boot_id = boot_id;
         self.store_addresses(slot, &reg.info.addresses);
-        Ok(Registered { slot, created: true, restarted: false, previous: None })
+        Ok(Registered {
+            slot,
+            created: true,
+            restarted: false,
+            previous: None,
+        })
     }
 
     #[inline]
-    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError> {
+    fn heartbeat(
+        &mut self,
+        name: &str,
+        hb: &HeartbeatUpdate,
+        now: Timestamp,
+    ) -> Result<HeartbeatOutcome, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
-        let n = &mut self.slots[slot as usize];
-        if n.boot_id != 0 && n.boot_id != hb.boot_id {
-            return Err(CacheError::BootMismatch { registered: n.boot_id, received: hb.boot_id });
-        }
-        if n.boot_id == hb.boot_id && hb.seq <= n.seq {
-            return Err(CacheError::Stale { last: n.seq, received: hb.seq });
-        }
-        n.boot_id = hb.boot_id;
-        n.seq = hb.seq;
-        n.last_seen = n.last_seen.max(now.as_secs_u32());
-        let applied_changed = n.applied != hb.applied.0;
-        n.applied = hb.applied.0;
-        let previous = if n.phase == NodePhase::Online as u8 {
-            NodePhase::Online
-        } else {
-            self.set_phase_at(slot, NodePhase::Online)
-        };
-        Ok(HeartbeatOutcome { slot, previous, applied_changed })
+        self.heartbeat_at(slot, hb, now.as_secs_u32())
     }
 
-    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError> {
+    fn heartbeat_batch(
+        &mut self,
+        batch: &[HeartbeatIn<'_>],
+        now: Timestamp,
+        out: &mut Vec<Result<HeartbeatOutcome, CacheError>>,
+    ) {
+        // Random node order makes every heartbeat a handful of cache misses (index bucket, slot,
+        // name bytes). Resolving a group in passes, each issuing independent loads for all of its
+        // members, lets the CPU overlap those misses instead of paying them one after another.
+        const GROUP: usize = 16;
+        let now_s = now.as_secs_u32();
+        out.reserve(batch.len());
+        for group in batch.chunks(GROUP) {
+            let mut hashes = [0u32; GROUP];
+            let mut cand = [u32::MAX; GROUP];
+            for (k, hb) in group.iter().enumerate() {
+                hashes[k] = hash_name(hb.node.as_bytes());
+            }
+            for k in 0..group.len() {
+                let e = self.index.first_probe(hashes[k]);
+                if entry_hash(e) == hashes[k] {
+                    cand[k] = entry_slot(e);
+                }
+            }
+            let mut touch = 0u64;
+            for &c in &cand[..group.len()] {
+                if let Some(n) = self.slots.get(c as usize) {
+                    touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
+                }
+            }
+            std::hint::black_box(touch);
+            for (k, hb) in group.iter().enumerate() {
+                let c = cand[k];
+                let slot = if self.is_live(c) && self.name_bytes(c) == hb.node.as_bytes() {
+                    Some(c)
+                } else {
+                    self.index.find(hashes[k], |s| {
+                        name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes()
+                    })
+                };
+                out.push(match slot {
+                    Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
+                    None => Err(CacheError::UnknownNode),
+                });
+            }
+        }
+    }
+
+    fn report_workloads(
+        &mut self,
+        name: &str,
+        states: &[WorkloadState],
+    ) -> Result<Slot, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
         let id = self.intern_workloads(states);
         let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
@@ -755,20 +1000,22 @@ impl StateCache for NodeCache {
     }
 
     fn remove(&mut self, name: &str) -> bool {
-        let Some(slot) = self.slot_of(name) else { return false };
+        let Some(slot) = self.slot_of(name) else {
+            return false;
+        };
         let n = self.slots[slot as usize];
         self.leave_set(slot);
-        let h = hash_name(name.as_bytes());
-        if let Ok(entry) = self.index.find_entry(h, |&s| s == slot) {
-            entry.remove();
-        }
+        self.index.remove(hash_name(name.as_bytes()), slot);
         self.release_labels(n.label_set);
         self.release_platform(n.platform);
         self.release_workloads(n.workloads);
         self.extra_addrs.remove(&slot);
         self.phase_totals[usize::from(n.phase)] -= 1;
         self.name_garbage += usize::from(n.name_len);
-        self.slots[slot as usize] = NodeSlot { label_set: VACANT, ..NodeSlot::default() };
+        self.slots[slot as usize] = NodeSlot {
+            label_set: VACANT,
+            ..NodeSlot::default()
+        };
         self.free.push(slot);
         self.live -= 1;
         true
@@ -778,13 +1025,21 @@ impl StateCache for NodeCache {
         let limit = q.limit.max(1);
         let mut items = Vec::new();
         let mut next = None;
-        let phase_ok = |slot: Slot| q.phase.is_none_or(|p| self.slots[slot as usize].phase == p as u8);
+        let phase_ok = |slot: Slot| {
+            q.phase
+                .is_none_or(|p| self.slots[slot as usize].phase == p as u8)
+        };
         if !q.names.is_empty() {
             // Name lookups: the page walks the requested names in order; the token is a position.
             let start = q.continue_after.map_or(0, |c| c as usize + 1);
             let mut matched = [0u32; 3];
+            let mut seen = std::collections::HashSet::with_capacity(q.names.len());
             for (i, name) in q.names.iter().enumerate() {
                 let Some(slot) = self.slot_of(name.as_str()) else { continue };
+                // A name asked for twice is one node: count it and return it once.
+                if !seen.insert(slot) {
+                    continue;
+                }
                 if !q.selector.matches(&self.label_set_view(self.slots[slot as usize].label_set)) {
                     continue;
                 }
@@ -797,7 +1052,11 @@ impl StateCache for NodeCache {
                     }
                 }
             }
-            return QueryPage { items, continue_after: next, counts: PhaseCounts::from_array(matched) };
+            return QueryPage {
+                items,
+                continue_after: next,
+                counts: PhaseCounts::from_array(matched),
+            };
         }
         // Selector scan in slot order, so a continue token (the last slot returned) stays valid
         // while nodes come and go; each label set is evaluated once.
@@ -812,12 +1071,18 @@ impl StateCache for NodeCache {
                 continue;
             }
             if items.len() == limit {
-                next = items.last().and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
+                next = items
+                    .last()
+                    .and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
                 break;
             }
             items.push(self.record_at(slot as u32));
         }
-        QueryPage { items, continue_after: next, counts: self.counts(&q.selector) }
+        QueryPage {
+            items,
+            continue_after: next,
+            counts: self.counts(&q.selector),
+        }
     }
 
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {

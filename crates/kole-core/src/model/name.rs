@@ -53,7 +53,10 @@ pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
     if bytes.len() > MAX_NODE_NAME_LEN {
         return Err(invalid("longer than 128 bytes"));
     }
-    if !bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+    if !bytes
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
         return Err(invalid(
             "may contain only ASCII letters, digits, '-', '_' and '.' (MQTT wildcards and '/' are not allowed)",
         ));
@@ -135,7 +138,18 @@ mod tests {
 
     #[test]
     fn rejects_mqtt_specials_and_bad_edges() {
-        for n in ["", "a/b", "a+b", "a#", "$sys", "-a", "a-", "a b", "é", &"x".repeat(129)] {
+        for n in [
+            "",
+            "a/b",
+            "a+b",
+            "a#",
+            "$sys",
+            "-a",
+            "a-",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
             assert!(NodeName::new(n).is_err(), "{n:?} should be rejected");
         }
         assert!(NodeName::new("x".repeat(128)).is_ok());

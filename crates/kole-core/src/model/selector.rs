@@ -74,7 +74,11 @@ pub struct Requirement {
 
 impl Requirement {
     /// Validates and builds a requirement.
-    pub fn new(key: impl Into<String>, op: RequirementOp, values: Vec<String>) -> Result<Self, ValidationError> {
+    pub fn new(
+        key: impl Into<String>,
+        op: RequirementOp,
+        values: Vec<String>,
+    ) -> Result<Self, ValidationError> {
         let key = key.into();
         validate_label_key(&key)?;
         let bad = |reason: &'static str| ValidationError::Selector {
@@ -86,7 +90,9 @@ impl Requirement {
                 return Err(bad("values must be specified when operator is In or NotIn"));
             }
             RequirementOp::Exists | RequirementOp::DoesNotExist if !values.is_empty() => {
-                return Err(bad("values must be empty when operator is Exists or DoesNotExist"));
+                return Err(bad(
+                    "values must be empty when operator is Exists or DoesNotExist",
+                ));
             }
             _ => {}
         }
@@ -168,7 +174,12 @@ impl Selector {
     /// Parses the string form used by `kubectl -l` and the API's `labelSelector` parameter:
     /// comma-separated `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k` and `!k`.
     pub fn parse(input: &str) -> Result<Self, ValidationError> {
-        Parser { s: input.as_bytes(), pos: 0, input }.parse()
+        Parser {
+            s: input.as_bytes(),
+            pos: 0,
+            input,
+        }
+        .parse()
     }
 }
 
@@ -195,7 +206,11 @@ impl TryFrom<&LabelSelector> for Selector {
     fn try_from(ls: &LabelSelector) -> Result<Self, Self::Error> {
         let mut reqs = Vec::with_capacity(ls.match_labels.len() + ls.match_expressions.len());
         for (k, v) in &ls.match_labels {
-            reqs.push(Requirement::new(k.clone(), RequirementOp::In, vec![v.clone()])?);
+            reqs.push(Requirement::new(
+                k.clone(),
+                RequirementOp::In,
+                vec![v.clone()],
+            )?);
         }
         for e in &ls.match_expressions {
             let op = match e.operator {
@@ -236,6 +251,11 @@ impl fmt::Display for Selector {
     }
 }
 
+/// The whitespace of upstream's selector lexer; unlike `u8::is_ascii_whitespace`, not form feed.
+fn is_selector_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n')
+}
+
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
@@ -252,7 +272,7 @@ impl Parser<'_> {
     }
 
     fn skip_ws(&mut self) {
-        while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
+        while self.pos < self.s.len() && is_selector_space(self.s[self.pos]) {
             self.pos += 1;
         }
     }
@@ -274,7 +294,7 @@ impl Parser<'_> {
     fn word(&mut self) -> &str {
         let start = self.pos;
         while let Some(c) = self.peek() {
-            if c.is_ascii_whitespace() || matches!(c, b',' | b'=' | b'!' | b'(' | b')' | b'<' | b'>') {
+            if is_selector_space(c) || matches!(c, b',' | b'=' | b'!' | b'(' | b')' | b'<' | b'>') {
                 break;
             }
             self.pos += 1;
@@ -287,7 +307,7 @@ impl Parser<'_> {
     fn keyword(&mut self, kw: &str) -> bool {
         let rest = &self.s[self.pos..];
         if rest.starts_with(kw.as_bytes())
-            && rest.get(kw.len()).is_some_and(|&c| c.is_ascii_whitespace() || c == b'(')
+            && rest.get(kw.len()).is_some_and(|&c| is_selector_space(c) || c == b'(')
         {
             self.pos += kw.len();
             true
@@ -351,7 +371,9 @@ impl Parser<'_> {
                     let values = self.value_list()?;
                     Requirement::new(key, RequirementOp::NotIn, values)?
                 } else if matches!(self.peek(), Some(b'<' | b'>')) {
-                    return Err(self.err("'<' and '>' are not supported by label selectors on workloads"));
+                    return Err(
+                        self.err("'<' and '>' are not supported by label selectors on workloads")
+                    );
                 } else if matches!(self.peek(), None | Some(b',')) {
                     Requirement::new(key, RequirementOp::Exists, vec![])?
                 } else {
@@ -412,9 +434,15 @@ mod tests {
         let s = Selector::parse("environment = production,tier != frontend").unwrap();
         assert!(s.matches(&labels(&[("environment", "production")])));
         assert!(s.matches(&labels(&[("environment", "production"), ("tier", "cache")])));
-        assert!(!s.matches(&labels(&[("environment", "production"), ("tier", "frontend")])));
+        assert!(!s.matches(&labels(&[
+            ("environment", "production"),
+            ("tier", "frontend")
+        ])));
         assert!(!s.matches(&labels(&[("tier", "cache")])));
-        assert_eq!(Selector::parse("environment==production").unwrap(), Selector::parse("environment=production").unwrap());
+        assert_eq!(
+            Selector::parse("environment==production").unwrap(),
+            Selector::parse("environment=production").unwrap()
+        );
     }
 
     // The Deployment/DaemonSet example: matchLabels and matchExpressions ANDed.
@@ -423,14 +451,30 @@ mod tests {
         let ls = LabelSelector {
             match_labels: [("component".to_owned(), "redis".to_owned())].into(),
             match_expressions: vec![
-                LabelSelectorRequirement { key: "tier".into(), operator: SelectorOperator::In, values: vec!["cache".into()] },
-                LabelSelectorRequirement { key: "environment".into(), operator: SelectorOperator::NotIn, values: vec!["dev".into()] },
+                LabelSelectorRequirement {
+                    key: "tier".into(),
+                    operator: SelectorOperator::In,
+                    values: vec!["cache".into()],
+                },
+                LabelSelectorRequirement {
+                    key: "environment".into(),
+                    operator: SelectorOperator::NotIn,
+                    values: vec!["dev".into()],
+                },
             ],
         };
         let s = Selector::try_from(&ls).unwrap();
         assert!(s.matches(&labels(&[("component", "redis"), ("tier", "cache")])));
-        assert!(s.matches(&labels(&[("component", "redis"), ("tier", "cache"), ("environment", "prod")])));
-        assert!(!s.matches(&labels(&[("component", "redis"), ("tier", "cache"), ("environment", "dev")])));
+        assert!(s.matches(&labels(&[
+            ("component", "redis"),
+            ("tier", "cache"),
+            ("environment", "prod")
+        ])));
+        assert!(!s.matches(&labels(&[
+            ("component", "redis"),
+            ("tier", "cache"),
+            ("environment", "dev")
+        ])));
         assert!(!s.matches(&labels(&[("component", "redis")])));
         assert!(!s.matches(&labels(&[("tier", "cache")])));
     }
@@ -449,12 +493,20 @@ mod tests {
     #[test]
     fn invalid_requirements_are_rejected_like_upstream() {
         let in_empty = LabelSelector {
-            match_expressions: vec![LabelSelectorRequirement { key: "a".into(), operator: SelectorOperator::In, values: vec![] }],
+            match_expressions: vec![LabelSelectorRequirement {
+                key: "a".into(),
+                operator: SelectorOperator::In,
+                values: vec![],
+            }],
             ..Default::default()
         };
         assert!(Selector::try_from(&in_empty).is_err());
         let exists_vals = LabelSelector {
-            match_expressions: vec![LabelSelectorRequirement { key: "a".into(), operator: SelectorOperator::Exists, values: vec!["x".into()] }],
+            match_expressions: vec![LabelSelectorRequirement {
+                key: "a".into(),
+                operator: SelectorOperator::Exists,
+                values: vec!["x".into()],
+            }],
             ..Default::default()
         };
         assert!(Selector::try_from(&exists_vals).is_err());

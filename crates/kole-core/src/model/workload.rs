@@ -4,8 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Selector, ValidationError};
 use super::name::truncate_for_error;
+use super::{Selector, ValidationError};
 
 /// Longest workload id, in bytes (`namespace/name` of a Kubernetes object fits).
 pub const MAX_WORKLOAD_ID_LEN: usize = 317;
@@ -20,7 +20,10 @@ impl WorkloadId {
     /// Validates and wraps an id.
     pub fn new(id: impl Into<String>) -> Result<Self, ValidationError> {
         let id = id.into();
-        let bad = |reason| ValidationError::WorkloadId { id: truncate_for_error(&id), reason };
+        let bad = |reason| ValidationError::WorkloadId {
+            id: truncate_for_error(&id),
+            reason,
+        };
         if id.is_empty() || id.len() > MAX_WORKLOAD_ID_LEN {
             return Err(bad("must be 1 to 317 bytes"));
         }
@@ -29,11 +32,15 @@ impl WorkloadId {
             parts += 1;
             let b = part.as_bytes();
             if b.is_empty()
-                || !b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                || !b
+                    .iter()
+                    .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
                 || !b[0].is_ascii_alphanumeric()
                 || !b[b.len() - 1].is_ascii_alphanumeric()
             {
-                return Err(bad("segments must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric"));
+                return Err(bad(
+                    "segments must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric",
+                ));
             }
         }
         if parts > 2 {
@@ -108,7 +115,11 @@ pub struct RolloutStrategy {
 impl Default for RolloutStrategy {
     /// All at once: one wave of 100%.
     fn default() -> Self {
-        Self { waves: vec![100], paused: false, failure_threshold: FailureThreshold::default() }
+        Self {
+            waves: vec![100],
+            paused: false,
+            failure_threshold: FailureThreshold::default(),
+        }
     }
 }
 
@@ -139,9 +150,19 @@ impl RolloutStrategy {
 /// Deterministic in (node, workload) so agents compute their own wave from a broadcast spec.
 /// Independent of the version, so a node in the first 1% stays a canary across versions.
 pub fn wave_point(node: &str, workload: &WorkloadId) -> u16 {
-    let h = super::digest::stable_hash(super::digest::stable_hash(0x7761_7665, workload.as_str().as_bytes()), node.as_bytes());
+    wave_point_seeded(wave_seed(workload), node.as_bytes())
+}
+
+/// The per-workload half of [`wave_point`], to hoist out of loops over many nodes.
+pub fn wave_seed(workload: &WorkloadId) -> u64 {
+    super::digest::stable_hash(0x7761_7665, workload.as_str().as_bytes())
+}
+
+/// [`wave_point`] with the workload's [`wave_seed`] precomputed.
+#[inline]
+pub fn wave_point_seeded(seed: u64, node: &[u8]) -> u16 {
     // `h % 10_000` is below 10_000, so it fits.
-    (h % 10_000) as u16
+    (super::digest::stable_hash(seed, node) % 10_000) as u16
 }
 
 /// A workload: an opaque runtime spec, the nodes it targets, and how it rolls out.
@@ -178,7 +199,10 @@ mod tests {
     #[test]
     fn rollout_validation() {
         assert!(RolloutStrategy::default().validate().is_ok());
-        let s = |w: &[u8]| RolloutStrategy { waves: w.to_vec(), ..Default::default() };
+        let s = |w: &[u8]| RolloutStrategy {
+            waves: w.to_vec(),
+            ..Default::default()
+        };
         assert!(s(&[1, 10, 50, 100]).validate().is_ok());
         assert!(s(&[10, 10, 100]).validate().is_err());
         assert!(s(&[0, 100]).validate().is_err());
@@ -193,6 +217,9 @@ mod tests {
         for i in 0..100_000 {
             buckets[usize::from(wave_point(&format!("node-{i}"), &w) / 1000)] += 1;
         }
-        assert!(buckets.iter().all(|&b| (9_000..11_000).contains(&b)), "{buckets:?}");
+        assert!(
+            buckets.iter().all(|&b| (9_000..11_000).contains(&b)),
+            "{buckets:?}"
+        );
     }
 }

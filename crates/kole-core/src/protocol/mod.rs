@@ -1,1 +1,39 @@
-//! The wire protocol: envelope, message kinds, topic layout (see `docs/protocol.md`).
+//! The wire protocol: the versioned envelope, the messages, and the MQTT topic layout.
+//!
+//! Every payload is a 2-byte envelope (protocol version, message kind) followed by the message's
+//! postcard body; `docs/protocol.md` documents every byte. [`encode`] / [`encode_into`] write a
+//! [`Message`]; [`decode`] (or the direction-checking [`decode_uplink`], [`decode_downlink`] and
+//! [`decode_from_node`]) read one back under [`DecodeLimits`], never panicking on any input.
+//! [`topics`] renders and parses topics and the broker ACL templates.
+//!
+//! ```
+//! use kole_core::model::DesiredDigest;
+//! use kole_core::protocol::{self, DecodeLimits, Heartbeat, Message, NodeHealth};
+//!
+//! let hb = Heartbeat { seq: 1_234, boot_id: 0x5eed_b007, applied: DesiredDigest(0x0123_4567_89ab_cdef), health: NodeHealth::OK };
+//! let bytes = protocol::encode(&Message::Heartbeat(hb));
+//! assert!(bytes.len() <= 20);
+//! assert_eq!(protocol::decode_uplink(&bytes, &DecodeLimits::default())?, Message::Heartbeat(hb));
+//! # Ok::<(), protocol::DecodeError>(())
+//! ```
+
+mod envelope;
+mod messages;
+pub mod topics;
+mod wire;
+
+#[cfg(test)]
+pub(crate) mod strategies;
+#[cfg(test)]
+mod tests;
+
+pub use envelope::{
+    DecodeError, DecodeLimits, HEADER_LEN, Limit, PROTOCOL_VERSION, decode, decode_downlink,
+    decode_from_node, decode_uplink, encode, encode_into, peek_kind,
+};
+pub use messages::{
+    Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth,
+    Register, RegisterAck, RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved,
+    WorkloadSpec,
+};
+pub use topics::{Destination, GroupName, TopicError, Topics, UplinkKind};

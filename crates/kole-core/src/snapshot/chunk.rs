@@ -121,24 +121,15 @@ pub(crate) struct Expected {
 
 /// Checks everything the header promises, in the order that gives the most precise complaint;
 /// returns the header and the compressed payload.
-pub(crate) fn open<'a>(
-    chunk: &'a [u8],
-    want: &Expected,
-) -> Result<(ChunkHeader, &'a [u8]), ChunkFault> {
+pub(crate) fn open<'a>(chunk: &'a [u8], want: &Expected) -> Result<(ChunkHeader, &'a [u8]), ChunkFault> {
     let h = ChunkHeader::parse(chunk)?;
     let payload = &chunk[CHUNK_HEADER_LEN..];
     if h.payload_len as usize != payload.len() {
-        return Err(ChunkFault::LengthMismatch {
-            header: h.payload_len,
-            actual: payload.len(),
-        });
+        return Err(ChunkFault::LengthMismatch { header: h.payload_len, actual: payload.len() });
     }
     let computed = checksum(&chunk[..40], payload);
     if computed != h.checksum {
-        return Err(ChunkFault::Checksum {
-            stored: h.checksum,
-            computed,
-        });
+        return Err(ChunkFault::Checksum { stored: h.checksum, computed });
     }
     // Intact from here on: what remains is whether it belongs.
     if h.version != FORMAT_VERSION {
@@ -154,36 +145,22 @@ pub(crate) fn open<'a>(
         return Err(ChunkFault::SectionMismatch { found: h.section });
     }
     if h.generation != want.generation {
-        return Err(ChunkFault::WrongGeneration {
-            found: h.generation,
-        });
+        return Err(ChunkFault::WrongGeneration { found: h.generation });
     }
     if h.snapshot_id != want.snapshot_id {
-        return Err(ChunkFault::WrongSnapshot {
-            found: h.snapshot_id,
-            expected: want.snapshot_id,
-        });
+        return Err(ChunkFault::WrongSnapshot { found: h.snapshot_id, expected: want.snapshot_id });
     }
     if h.index != want.index {
         return Err(ChunkFault::WrongIndex { found: h.index });
     }
     if h.count != want.count {
-        return Err(ChunkFault::WrongCount {
-            found: h.count,
-            expected: want.count,
-        });
+        return Err(ChunkFault::WrongCount { found: h.count, expected: want.count });
     }
     if h.checksum != want.checksum {
-        return Err(ChunkFault::NotInManifest {
-            found: h.checksum,
-            expected: want.checksum,
-        });
+        return Err(ChunkFault::NotInManifest { found: h.checksum, expected: want.checksum });
     }
     if u64::from(h.raw_len) > want.max_raw_len {
-        return Err(ChunkFault::TooLarge {
-            raw_len: u64::from(h.raw_len),
-            limit: want.max_raw_len,
-        });
+        return Err(ChunkFault::TooLarge { raw_len: u64::from(h.raw_len), limit: want.max_raw_len });
     }
     Ok((h, payload))
 }
@@ -247,66 +224,30 @@ mod tests {
     fn every_header_check_fires() {
         let chunk = sample();
         let want = expected(&chunk);
-        assert!(matches!(
-            open(&chunk[..10], &want),
-            Err(ChunkFault::Truncated { len: 10 })
-        ));
-        assert!(matches!(
-            open(&chunk[..chunk.len() - 1], &want),
-            Err(ChunkFault::LengthMismatch { .. })
-        ));
+        assert!(matches!(open(&chunk[..10], &want), Err(ChunkFault::Truncated { len: 10 })));
+        assert!(matches!(open(&chunk[..chunk.len() - 1], &want), Err(ChunkFault::LengthMismatch { .. })));
         let mut bad = chunk.clone();
         bad[50] ^= 1;
-        assert!(matches!(
-            open(&bad, &want),
-            Err(ChunkFault::Checksum { .. })
-        ));
+        assert!(matches!(open(&bad, &want), Err(ChunkFault::Checksum { .. })));
         let other = |f: &dyn Fn(&mut Expected)| {
             let mut w = want;
             f(&mut w);
             open(&chunk, &w).unwrap_err()
         };
-        assert_eq!(
-            other(&|w| w.generation = 41),
-            ChunkFault::WrongGeneration { found: 42 }
-        );
-        assert!(matches!(
-            other(&|w| w.snapshot_id = 1),
-            ChunkFault::WrongSnapshot { .. }
-        ));
+        assert_eq!(other(&|w| w.generation = 41), ChunkFault::WrongGeneration { found: 42 });
+        assert!(matches!(other(&|w| w.snapshot_id = 1), ChunkFault::WrongSnapshot { .. }));
         assert_eq!(other(&|w| w.index = 6), ChunkFault::WrongIndex { found: 7 });
-        assert!(matches!(
-            other(&|w| w.count = 8),
-            ChunkFault::WrongCount { .. }
-        ));
-        assert!(matches!(
-            other(&|w| w.codec = Codec::Gzip),
-            ChunkFault::CodecMismatch { .. }
-        ));
-        assert!(matches!(
-            other(&|w| w.section = SectionKind::Dictionary),
-            ChunkFault::SectionMismatch { .. }
-        ));
-        assert!(matches!(
-            other(&|w| w.checksum ^= 1),
-            ChunkFault::NotInManifest { .. }
-        ));
-        assert!(matches!(
-            other(&|w| w.max_raw_len = 99),
-            ChunkFault::TooLarge { .. }
-        ));
+        assert!(matches!(other(&|w| w.count = 8), ChunkFault::WrongCount { .. }));
+        assert!(matches!(other(&|w| w.codec = Codec::Gzip), ChunkFault::CodecMismatch { .. }));
+        assert!(matches!(other(&|w| w.section = SectionKind::Dictionary), ChunkFault::SectionMismatch { .. }));
+        assert!(matches!(other(&|w| w.checksum ^= 1), ChunkFault::NotInManifest { .. }));
+        assert!(matches!(other(&|w| w.max_raw_len = 99), ChunkFault::TooLarge { .. }));
         let msg = crate::snapshot::SnapshotError::Chunk {
             generation: 42,
             index: 7,
-            fault: ChunkFault::Checksum {
-                stored: 1,
-                computed: 2,
-            },
+            fault: ChunkFault::Checksum { stored: 1, computed: 2 },
         }
         .to_string();
-        assert!(
-            msg.starts_with("snapshot chunk 7 of generation 42 failed its checksum"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("snapshot chunk 7 of generation 42 failed its checksum"), "{msg}");
     }
 }

@@ -61,10 +61,7 @@ pub(crate) fn compress(codec: Codec, level: u32, raw: &[u8], out: &mut Vec<u8>) 
         }
         Codec::Lz4 => {
             let start = out.len();
-            out.resize(
-                start + lz4_flex::block::get_maximum_output_size(raw.len()),
-                0,
-            );
+            out.resize(start + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
             match lz4_flex::block::compress_into(raw, &mut out[start..]) {
                 Ok(n) => out.truncate(start + n),
                 // Unreachable with a maximum-size buffer; an empty payload then fails loudly on restore
@@ -92,20 +89,14 @@ fn stored_deflate(raw: &[u8], out: &mut Vec<u8>) {
 
 /// Decompresses `payload` to exactly `raw_len` bytes; anything else is a fault. Never allocates
 /// more than `raw_len` bytes (the caller has checked it against its limit).
-pub(crate) fn decompress(
-    codec: Codec,
-    payload: &[u8],
-    raw_len: usize,
-) -> Result<Vec<u8>, ChunkFault> {
+pub(crate) fn decompress(codec: Codec, payload: &[u8], raw_len: usize) -> Result<Vec<u8>, ChunkFault> {
     match codec {
         Codec::Gzip => {
             let mut z = Decompress::new(false);
             let mut out = Vec::with_capacity(raw_len);
             let status = z
                 .decompress_vec(payload, &mut out, FlushDecompress::Finish)
-                .map_err(|e| ChunkFault::Decompress {
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| ChunkFault::Decompress { reason: e.to_string() })?;
             match status {
                 Status::StreamEnd if out.len() == raw_len => {
                     if z.total_in() as usize != payload.len() {
@@ -115,46 +106,28 @@ pub(crate) fn decompress(
                     }
                     Ok(out)
                 }
-                Status::StreamEnd => Err(ChunkFault::RawLengthMismatch {
-                    declared: raw_len as u32,
-                    actual: out.len() as u64,
-                }),
+                Status::StreamEnd => {
+                    Err(ChunkFault::RawLengthMismatch { declared: raw_len as u32, actual: out.len() as u64 })
+                }
                 _ if out.len() == raw_len => {
                     // Output full but the stream goes on: longer than declared (or cut short).
                     let mut probe = [0u8; 1];
-                    match z.decompress(
-                        &payload[z.total_in() as usize..],
-                        &mut probe,
-                        FlushDecompress::Finish,
-                    ) {
+                    match z.decompress(&payload[z.total_in() as usize..], &mut probe, FlushDecompress::Finish) {
                         Ok(_) if z.total_out() as usize > raw_len => {
-                            Err(ChunkFault::RawLengthMismatch {
-                                declared: raw_len as u32,
-                                actual: z.total_out(),
-                            })
+                            Err(ChunkFault::RawLengthMismatch { declared: raw_len as u32, actual: z.total_out() })
                         }
-                        _ => Err(ChunkFault::Decompress {
-                            reason: "compressed stream is cut short".into(),
-                        }),
+                        _ => Err(ChunkFault::Decompress { reason: "compressed stream is cut short".into() }),
                     }
                 }
-                _ => Err(ChunkFault::Decompress {
-                    reason: "compressed stream is cut short".into(),
-                }),
+                _ => Err(ChunkFault::Decompress { reason: "compressed stream is cut short".into() }),
             }
         }
         Codec::Lz4 => {
             let mut out = vec![0u8; raw_len];
-            let n = lz4_flex::block::decompress_into(payload, &mut out).map_err(|e| {
-                ChunkFault::Decompress {
-                    reason: e.to_string(),
-                }
-            })?;
+            let n = lz4_flex::block::decompress_into(payload, &mut out)
+                .map_err(|e| ChunkFault::Decompress { reason: e.to_string() })?;
             if n != raw_len {
-                return Err(ChunkFault::RawLengthMismatch {
-                    declared: raw_len as u32,
-                    actual: n as u64,
-                });
+                return Err(ChunkFault::RawLengthMismatch { declared: raw_len as u32, actual: n as u64 });
             }
             Ok(out)
         }
@@ -167,9 +140,7 @@ mod tests {
 
     #[test]
     fn both_codecs_round_trip_and_reject_wrong_lengths() {
-        let raw: Vec<u8> = (0..50_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
-            .collect();
+        let raw: Vec<u8> = (0..50_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
         for codec in [Codec::Gzip, Codec::Lz4] {
             let mut out = vec![9, 9];
             compress(codec, 1, &raw, &mut out);
@@ -177,14 +148,8 @@ mod tests {
             let payload = &out[2..];
             assert!(payload.len() < raw.len() / 2, "{codec:?} compresses");
             assert_eq!(decompress(codec, payload, raw.len()).unwrap(), raw);
-            assert!(
-                decompress(codec, payload, raw.len() - 1).is_err(),
-                "{codec:?} longer than declared"
-            );
-            assert!(
-                decompress(codec, payload, raw.len() + 1).is_err(),
-                "{codec:?} shorter than declared"
-            );
+            assert!(decompress(codec, payload, raw.len() - 1).is_err(), "{codec:?} longer than declared");
+            assert!(decompress(codec, payload, raw.len() + 1).is_err(), "{codec:?} shorter than declared");
             assert!(decompress(codec, &payload[..payload.len() / 2], raw.len()).is_err());
         }
         let mut out = Vec::new();
@@ -192,9 +157,6 @@ mod tests {
         assert_eq!(decompress(Codec::Gzip, &out, 0).unwrap(), b"");
         let mut stored = Vec::new();
         stored_deflate(&raw[..70_000], &mut stored);
-        assert_eq!(
-            decompress(Codec::Gzip, &stored, 70_000).unwrap(),
-            &raw[..70_000]
-        );
+        assert_eq!(decompress(Codec::Gzip, &stored, 70_000).unwrap(), &raw[..70_000]);
     }
 }

@@ -57,10 +57,7 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn err(&self, reason: &'static str) -> ReadError {
-        ReadError {
-            reason,
-            offset: self.pos,
-        }
+        ReadError { reason, offset: self.pos }
     }
 
     pub(crate) fn remaining(&self) -> usize {
@@ -73,10 +70,7 @@ impl<'a> Reader<'a> {
 
     #[inline]
     pub(crate) fn u8(&mut self) -> ReadResult<u8> {
-        let b = *self
-            .buf
-            .get(self.pos)
-            .ok_or_else(|| self.err("unexpected end"))?;
+        let b = *self.buf.get(self.pos).ok_or_else(|| self.err("unexpected end"))?;
         self.pos += 1;
         Ok(b)
     }
@@ -124,10 +118,7 @@ impl<'a> Reader<'a> {
     pub(crate) fn count(&mut self, min_bytes: usize) -> ReadResult<usize> {
         let n = self.varint()?;
         let max = self.remaining() / min_bytes.max(1);
-        usize::try_from(n)
-            .ok()
-            .filter(|&n| n <= max)
-            .ok_or_else(|| self.err("count exceeds the bytes left"))
+        usize::try_from(n).ok().filter(|&n| n <= max).ok_or_else(|| self.err("count exceeds the bytes left"))
     }
 
     /// `n` values written by [`put_planes`].
@@ -137,10 +128,7 @@ impl<'a> Reader<'a> {
             return Err(self.err("bad byte-plane width"));
         }
         let w = usize::from(w);
-        let all = self.bytes(
-            n.checked_mul(w)
-                .ok_or_else(|| self.err("byte planes too long"))?,
-        )?;
+        let all = self.bytes(n.checked_mul(w).ok_or_else(|| self.err("byte planes too long"))?)?;
         let mut out = vec![0u32; n];
         for plane in all.chunks_exact(n.max(1)).take(w) {
             for (v, &b) in out.iter_mut().zip(plane) {

@@ -9,24 +9,18 @@ use std::sync::mpsc;
 use super::chunk::{self, Expected};
 use super::cursor::{ReadError, ReadResult, Reader, unzigzag};
 use super::encode::{
-    FLAG_EXTRA, FLAG_IPV4, FLAG_PHASE_MASK, TABLE_DIGESTS, TABLE_LABEL_SETS, TABLE_PLATFORMS,
-    TABLE_STRINGS, TABLE_WORKLOAD_SETS, TABLES,
+    FLAG_EXTRA, FLAG_IPV4, FLAG_PHASE_MASK, TABLE_DIGESTS, TABLE_LABEL_SETS, TABLE_PLATFORMS, TABLE_STRINGS,
+    TABLE_WORKLOAD_SETS, TABLES,
 };
 use super::error::lossy;
 use super::{ChunkFault, Manifest, RestoreLimits, SectionKind, SnapshotError, codec};
 use crate::cache::{LabelSetId, NodeCache, PlatformId, WorkloadSetId};
 use crate::model::{
-    MAX_NODE_NAME_LEN, NodePhase, WorkloadId, WorkloadPhase, validate_label_key,
-    validate_label_value, validate_node_name,
+    MAX_NODE_NAME_LEN, NodePhase, WorkloadId, WorkloadPhase, validate_label_key, validate_label_value,
+    validate_node_name,
 };
 
-const TABLE_NAMES: [&str; TABLES] = [
-    "string",
-    "label set",
-    "platform",
-    "workload-state set",
-    "digest",
-];
+const TABLE_NAMES: [&str; TABLES] = ["string", "label set", "platform", "workload-state set", "digest"];
 
 /// What [`verify`] found in a generation whose every chunk checks out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,18 +47,12 @@ pub fn decode_snapshot(
     let cache = NodeCache::with_capacity(manifest.node_count.min(limits.max_nodes) as usize, 28);
     let mut asm = Assembler::new(manifest, Some(cache));
     run(manifest, chunks, limits, &mut asm)?;
-    asm.cache
-        .take()
-        .ok_or_else(|| asm.inconsistent("no cache was built".into()))
+    asm.cache.take().ok_or_else(|| asm.inconsistent("no cache was built".into()))
 }
 
 /// Checks every chunk of a generation — header, checksum, decompression, every field, every
 /// dictionary reference, name order, counts — without building a cache.
-pub fn verify(
-    manifest: &Manifest,
-    chunks: &[Vec<u8>],
-    limits: &RestoreLimits,
-) -> Result<VerifySummary, SnapshotError> {
+pub fn verify(manifest: &Manifest, chunks: &[Vec<u8>], limits: &RestoreLimits) -> Result<VerifySummary, SnapshotError> {
     let mut asm = Assembler::new(manifest, None);
     run(manifest, chunks, limits, &mut asm)?;
     Ok(VerifySummary {
@@ -92,22 +80,9 @@ fn run(
         });
     }
     let limit = |what, value: u64, limit: u64| {
-        if value > limit {
-            Err(SnapshotError::LimitExceeded {
-                generation,
-                what,
-                value,
-                limit,
-            })
-        } else {
-            Ok(())
-        }
+        if value > limit { Err(SnapshotError::LimitExceeded { generation, what, value, limit }) } else { Ok(()) }
     };
-    limit(
-        "the chunk count",
-        u64::from(manifest.chunk_count),
-        u64::from(limits.max_chunks),
-    )?;
+    limit("the chunk count", u64::from(manifest.chunk_count), u64::from(limits.max_chunks))?;
     limit("the node count", manifest.node_count, limits.max_nodes)?;
     let raw: u64 = manifest.chunks.iter().map(|c| u64::from(c.raw_len)).sum();
     limit("the decompressed size", raw, limits.max_total_raw_bytes)?;
@@ -172,11 +147,7 @@ fn parse_chunk(
     limits: &RestoreLimits,
 ) -> Result<Parsed, SnapshotError> {
     let info = &manifest.chunks[index];
-    let fault = |fault| SnapshotError::Chunk {
-        generation: manifest.generation,
-        index: index as u32,
-        fault,
-    };
+    let fault = |fault| SnapshotError::Chunk { generation: manifest.generation, index: index as u32, fault };
     let want = Expected {
         codec: manifest.codec,
         section: info.section,
@@ -189,10 +160,7 @@ fn parse_chunk(
     };
     let (header, payload) = chunk::open(bytes, &want).map_err(fault)?;
     if header.raw_len != info.raw_len || bytes.len() != info.bytes as usize {
-        return Err(fault(ChunkFault::NotInManifest {
-            found: header.checksum,
-            expected: info.checksum,
-        }));
+        return Err(fault(ChunkFault::NotInManifest { found: header.checksum, expected: info.checksum }));
     }
     let raw = codec::decompress(manifest.codec, payload, header.raw_len as usize).map_err(fault)?;
     let parsed = parse_section(info.section, &raw).map_err(fault)?;
@@ -203,10 +171,7 @@ fn parse_chunk(
     if items != u64::from(info.items) {
         return Err(SnapshotError::Inconsistent {
             generation: manifest.generation,
-            reason: format!(
-                "chunk {index} holds {items} entries, its manifest says {}",
-                info.items
-            ),
+            reason: format!("chunk {index} holds {items} entries, its manifest says {}", info.items),
         });
     }
     Ok(parsed)
@@ -214,20 +179,14 @@ fn parse_chunk(
 
 /// Parses a decompressed section. Total: any input gives `Ok` or a fault, never a panic.
 pub(crate) fn parse_section(kind: SectionKind, raw: &[u8]) -> Result<Parsed, ChunkFault> {
-    let malformed = |e: ReadError| ChunkFault::Malformed {
-        reason: e.reason,
-        offset: e.offset,
-    };
+    let malformed = |e: ReadError| ChunkFault::Malformed { reason: e.reason, offset: e.offset };
     let mut r = Reader::new(raw);
     let parsed = match kind {
         SectionKind::Dictionary => Parsed::Dictionary(parse_dictionary(&mut r).map_err(malformed)?),
         SectionKind::Nodes => Parsed::Nodes(parse_nodes(&mut r)?),
     };
     if !r.is_empty() {
-        return Err(ChunkFault::Malformed {
-            reason: "trailing bytes after the section",
-            offset: r.offset(),
-        });
+        return Err(ChunkFault::Malformed { reason: "trailing bytes after the section", offset: r.offset() });
     }
     Ok(parsed)
 }
@@ -257,11 +216,7 @@ fn parse_dictionary(r: &mut Reader<'_>) -> ReadResult<DictPart> {
     }
     let string_id = |r: &mut Reader<'_>, total: u64| -> ReadResult<u32> {
         let id = r.varint_u32()?;
-        if u64::from(id) >= total {
-            Err(r.err("string id past the end of the string table"))
-        } else {
-            Ok(id)
-        }
+        if u64::from(id) >= total { Err(r.err("string id past the end of the string table")) } else { Ok(id) }
     };
     let segments = r.count(3)?;
     let mut last_table = None;
@@ -276,10 +231,7 @@ fn parse_dictionary(r: &mut Reader<'_>) -> ReadResult<DictPart> {
         last_table = Some(table);
         let first = r.varint()?;
         let count = r.count(1)?;
-        if first
-            .checked_add(count as u64)
-            .is_none_or(|end| end > d.totals[usize::from(table)])
-        {
+        if first.checked_add(count as u64).is_none_or(|end| end > d.totals[usize::from(table)]) {
             return Err(r.err("dictionary segment runs past its table's size"));
         }
         let strings = d.totals[usize::from(TABLE_STRINGS)];
@@ -307,11 +259,7 @@ fn parse_dictionary(r: &mut Reader<'_>) -> ReadResult<DictPart> {
             TABLE_PLATFORMS => {
                 d.platforms.reserve(count);
                 for _ in 0..count {
-                    d.platforms.push([
-                        string_id(r, strings)?,
-                        string_id(r, strings)?,
-                        string_id(r, strings)?,
-                    ]);
+                    d.platforms.push([string_id(r, strings)?, string_id(r, strings)?, string_id(r, strings)?]);
                 }
             }
             TABLE_WORKLOAD_SETS => {
@@ -341,11 +289,7 @@ fn parse_dictionary(r: &mut Reader<'_>) -> ReadResult<DictPart> {
                 }
             }
         }
-        d.segments.push(Segment {
-            table,
-            first,
-            count,
-        });
+        d.segments.push(Segment { table, first, count });
     }
     Ok(d)
 }
@@ -365,64 +309,44 @@ pub(crate) struct NodePart {
 }
 
 fn parse_nodes(r: &mut Reader<'_>) -> Result<NodePart, ChunkFault> {
-    let malformed = |e: ReadError| ChunkFault::Malformed {
-        reason: e.reason,
-        offset: e.offset,
-    };
+    let malformed = |e: ReadError| ChunkFault::Malformed { reason: e.reason, offset: e.offset };
     let n = r.count(6).map_err(malformed)?;
     let base = i64::from(r.varint_u32().map_err(malformed)?);
     let prefixes = r.bytes(n).map_err(malformed)?;
     let suffix_lens = r.bytes(n).map_err(malformed)?;
     let suffix_total: usize = suffix_lens.iter().map(|&l| usize::from(l)).sum();
     let mut suffixes = r.bytes(suffix_total).map_err(malformed)?;
-    let mut names =
-        Vec::with_capacity(prefixes.iter().map(|&p| usize::from(p)).sum::<usize>() + suffix_total);
+    let mut names = Vec::with_capacity(prefixes.iter().map(|&p| usize::from(p)).sum::<usize>() + suffix_total);
     let mut prev = 0..0;
     for (&p, &s) in prefixes.iter().zip(suffix_lens) {
         let (p, s) = (usize::from(p), usize::from(s));
         if p > prev.len() {
-            return Err(malformed(
-                r.err("name shares more bytes than the previous name has"),
-            ));
+            return Err(malformed(r.err("name shares more bytes than the previous name has")));
         }
         let start = names.len();
         names.extend_from_within(prev.start..prev.start + p);
         names.extend_from_slice(&suffixes[..s]);
         suffixes = &suffixes[s..];
         let name = &names[start..];
-        if name.len() > MAX_NODE_NAME_LEN
-            || validate_node_name(std::str::from_utf8(name).unwrap_or("")).is_err()
-        {
-            return Err(ChunkFault::InvalidValue {
-                what: "node name",
-                value: lossy(name),
-            });
+        if name.len() > MAX_NODE_NAME_LEN || validate_node_name(std::str::from_utf8(name).unwrap_or("")).is_err() {
+            return Err(ChunkFault::InvalidValue { what: "node name", value: lossy(name) });
         }
         if !prev.is_empty() && names[prev.clone()] >= *name {
             return Err(ChunkFault::NamesOutOfOrder { name: lossy(name) });
         }
         prev = start..names.len();
     }
-    let name_lens: Vec<u8> = prefixes
-        .iter()
-        .zip(suffix_lens)
-        .map(|(&p, &s)| p.wrapping_add(s))
-        .collect();
+    let name_lens: Vec<u8> = prefixes.iter().zip(suffix_lens).map(|(&p, &s)| p.wrapping_add(s)).collect();
     let flags = r.bytes(n).map_err(malformed)?.to_vec();
-    if let Some(&bad) = flags
-        .iter()
-        .find(|&&f| f & !(FLAG_PHASE_MASK | FLAG_IPV4 | FLAG_EXTRA) != 0 || f & FLAG_PHASE_MASK > 2)
+    if let Some(&bad) =
+        flags.iter().find(|&&f| f & !(FLAG_PHASE_MASK | FLAG_IPV4 | FLAG_EXTRA) != 0 || f & FLAG_PHASE_MASK > 2)
     {
-        return Err(ChunkFault::InvalidValue {
-            what: "node flags",
-            value: format!("{bad:#04x}"),
-        });
+        return Err(ChunkFault::InvalidValue { what: "node flags", value: format!("{bad:#04x}") });
     }
     let mut last_seen = Vec::with_capacity(n);
     for _ in 0..n {
         let t = base - unzigzag(r.varint().map_err(malformed)?);
-        last_seen
-            .push(u32::try_from(t).map_err(|_| malformed(r.err("last-seen time out of range")))?);
+        last_seen.push(u32::try_from(t).map_err(|_| malformed(r.err("last-seen time out of range")))?);
     }
     let label = r.planes(n).map_err(malformed)?;
     let platform = r.planes(n).map_err(malformed)?;
@@ -430,24 +354,14 @@ fn parse_nodes(r: &mut Reader<'_>) -> Result<NodePart, ChunkFault> {
     let digest = r.planes(n).map_err(malformed)?;
     let k = flags.iter().filter(|&&f| f & FLAG_IPV4 != 0).count();
     let planes = r.bytes(4 * k).map_err(malformed)?;
-    let ipv4 = (0..k)
-        .map(|i| {
-            u32::from_be_bytes([
-                planes[i],
-                planes[k + i],
-                planes[2 * k + i],
-                planes[3 * k + i],
-            ])
-        })
-        .collect();
+    let ipv4 =
+        (0..k).map(|i| u32::from_be_bytes([planes[i], planes[k + i], planes[2 * k + i], planes[3 * k + i]])).collect();
     let with_extra = flags.iter().filter(|&&f| f & FLAG_EXTRA != 0).count();
     let mut extras = Vec::with_capacity(with_extra.min(r.remaining()));
     for _ in 0..with_extra {
         let count = r.count(5).map_err(malformed)?;
         if count == 0 {
-            return Err(malformed(
-                r.err("node flagged with extra addresses has none"),
-            ));
+            return Err(malformed(r.err("node flagged with extra addresses has none")));
         }
         let mut addrs = Vec::with_capacity(count);
         for _ in 0..count {
@@ -466,18 +380,7 @@ fn parse_nodes(r: &mut Reader<'_>) -> Result<NodePart, ChunkFault> {
         }
         extras.push(addrs);
     }
-    Ok(NodePart {
-        names,
-        name_lens,
-        flags,
-        last_seen,
-        label,
-        platform,
-        workloads,
-        digest,
-        ipv4,
-        extras,
-    })
+    Ok(NodePart { names, name_lens, flags, last_seen, label, platform, workloads, digest, ipv4, extras })
 }
 
 /// The whole dictionary, checked, and (when building) interned into the cache.
@@ -501,45 +404,26 @@ struct Assembler<'m> {
 
 impl<'m> Assembler<'m> {
     fn new(manifest: &'m Manifest, cache: Option<NodeCache>) -> Self {
-        Self {
-            manifest,
-            cache,
-            parts: Vec::new(),
-            dict: None,
-            nodes: 0,
-            last_name: Vec::new(),
-        }
+        Self { manifest, cache, parts: Vec::new(), dict: None, nodes: 0, last_name: Vec::new() }
     }
 
     fn inconsistent(&self, reason: String) -> SnapshotError {
-        SnapshotError::Inconsistent {
-            generation: self.manifest.generation,
-            reason,
-        }
+        SnapshotError::Inconsistent { generation: self.manifest.generation, reason }
     }
 
     fn fault(&self, index: usize, fault: ChunkFault) -> SnapshotError {
-        SnapshotError::Chunk {
-            generation: self.manifest.generation,
-            index: index as u32,
-            fault,
-        }
+        SnapshotError::Chunk { generation: self.manifest.generation, index: index as u32, fault }
     }
 
-    fn take(
-        &mut self,
-        index: usize,
-        parsed: Parsed,
-        limits: &RestoreLimits,
-    ) -> Result<(), SnapshotError> {
+    fn take(&mut self, index: usize, parsed: Parsed, limits: &RestoreLimits) -> Result<(), SnapshotError> {
         match parsed {
             Parsed::Dictionary(d) => {
                 if let Some(first) = self.parts.first()
                     && first.totals != d.totals
                 {
-                    return Err(self.inconsistent(format!(
-                        "chunk {index} disagrees with chunk 0 on the dictionary's size"
-                    )));
+                    return Err(
+                        self.inconsistent(format!("chunk {index} disagrees with chunk 0 on the dictionary's size"))
+                    );
                 }
                 let entries: u64 = d.totals.iter().fold(0u64, |a, &t| a.saturating_add(t));
                 if entries > limits.max_dictionary_entries {
@@ -595,18 +479,15 @@ impl<'m> Assembler<'m> {
             let mut taken = [0usize; TABLES];
             for seg in &part.segments {
                 let t = usize::from(seg.table);
-                let have = [
-                    strings.len(),
-                    label_sets.len(),
-                    platforms.len(),
-                    workload_sets.len(),
-                    digests.len(),
-                ][t];
+                let have = [strings.len(), label_sets.len(), platforms.len(), workload_sets.len(), digests.len()][t];
                 if seg.first != have as u64 {
-                    return Err(self.fault(index, ChunkFault::Malformed {
-                        reason: "dictionary segment does not continue where the previous chunk stopped",
-                        offset: 0,
-                    }));
+                    return Err(self.fault(
+                        index,
+                        ChunkFault::Malformed {
+                            reason: "dictionary segment does not continue where the previous chunk stopped",
+                            offset: 0,
+                        },
+                    ));
                 }
                 let (a, b) = (taken[t], taken[t] + seg.count);
                 taken[t] = b;
@@ -619,43 +500,27 @@ impl<'m> Assembler<'m> {
                     _ => digests.extend(part.digests.drain(..b - a)),
                 }
             }
-            let have = [
-                strings.len(),
-                label_sets.len(),
-                platforms.len(),
-                workload_sets.len(),
-                digests.len(),
-            ];
+            let have = [strings.len(), label_sets.len(), platforms.len(), workload_sets.len(), digests.len()];
             for (o, h) in origin.iter_mut().zip(have) {
                 o.push((h, index));
             }
         }
         let chunk_of = |t: u8, id: usize| {
             let o = &origin[usize::from(t)];
-            o.get(o.partition_point(|&(end, _)| end <= id))
-                .map_or(0, |&(_, c)| c) as u32
+            o.get(o.partition_point(|&(end, _)| end <= id)).map_or(0, |&(_, c)| c) as u32
         };
-        let lens = [
-            strings.len(),
-            label_sets.len(),
-            platforms.len(),
-            workload_sets.len(),
-            digests.len(),
-        ]
-        .map(|l| l as u64);
+        let lens =
+            [strings.len(), label_sets.len(), platforms.len(), workload_sets.len(), digests.len()].map(|l| l as u64);
         if lens != totals {
-            return Err(self.inconsistent(format!(
-                "the dictionary declares {totals:?} entries, its chunks hold {lens:?}"
-            )));
+            return Err(
+                self.inconsistent(format!("the dictionary declares {totals:?} entries, its chunks hold {lens:?}"))
+            );
         }
         // Values the model would reject never enter the cache. Each string is checked once per role.
         let dict_fault = |index: u32, what: &'static str, value: &str| SnapshotError::Chunk {
             generation: self.manifest.generation,
             index,
-            fault: ChunkFault::InvalidValue {
-                what,
-                value: lossy(value.as_bytes()),
-            },
+            fault: ChunkFault::InvalidValue { what, value: lossy(value.as_bytes()) },
         };
         let mut key_ok = vec![false; strings.len()];
         let mut value_ok = vec![false; strings.len()];
@@ -664,21 +529,15 @@ impl<'m> Assembler<'m> {
             for (i, &(k, v)) in set.iter().enumerate() {
                 let (k, v) = (k as usize, v as usize);
                 if !key_ok[k] {
-                    validate_label_key(&strings[k])
-                        .map_err(|_| dict_fault(at, "label key", &strings[k]))?;
+                    validate_label_key(&strings[k]).map_err(|_| dict_fault(at, "label key", &strings[k]))?;
                     key_ok[k] = true;
                 }
                 if !value_ok[v] {
-                    validate_label_value(&strings[v])
-                        .map_err(|_| dict_fault(at, "label value", &strings[v]))?;
+                    validate_label_value(&strings[v]).map_err(|_| dict_fault(at, "label value", &strings[v]))?;
                     value_ok[v] = true;
                 }
                 if i > 0 && strings[set[i - 1].0 as usize] >= strings[k] {
-                    return Err(dict_fault(
-                        at,
-                        "label set (keys out of order or repeated)",
-                        &strings[k],
-                    ));
+                    return Err(dict_fault(at, "label set (keys out of order or repeated)", &strings[k]));
                 }
             }
         }
@@ -688,26 +547,15 @@ impl<'m> Assembler<'m> {
             for (i, &(w, _, _)) in set.iter().enumerate() {
                 let w = w as usize;
                 if !workload_ok[w] {
-                    WorkloadId::new(strings[w].as_str())
-                        .map_err(|_| dict_fault(at, "workload id", &strings[w]))?;
+                    WorkloadId::new(strings[w].as_str()).map_err(|_| dict_fault(at, "workload id", &strings[w]))?;
                     workload_ok[w] = true;
                 }
                 if i > 0 && strings[set[i - 1].0 as usize] >= strings[w] {
-                    return Err(dict_fault(
-                        at,
-                        "workload-state set (workloads out of order or repeated)",
-                        &strings[w],
-                    ));
+                    return Err(dict_fault(at, "workload-state set (workloads out of order or repeated)", &strings[w]));
                 }
             }
         }
-        let mut dict = Dict {
-            lens,
-            labels: Vec::new(),
-            platforms: Vec::new(),
-            workloads: Vec::new(),
-            digests,
-        };
+        let mut dict = Dict { lens, labels: Vec::new(), platforms: Vec::new(), workloads: Vec::new(), digests };
         if let Some(cache) = self.cache.as_mut() {
             let s = |id: u32| strings[id as usize].as_str();
             dict.labels = label_sets
@@ -717,15 +565,11 @@ impl<'m> Assembler<'m> {
                     cache.restore_label_set(&pairs)
                 })
                 .collect();
-            dict.platforms = platforms
-                .iter()
-                .map(|&[a, o, v]| cache.restore_platform(s(a), s(o), s(v)))
-                .collect();
+            dict.platforms = platforms.iter().map(|&[a, o, v]| cache.restore_platform(s(a), s(o), s(v))).collect();
             dict.workloads = workload_sets
                 .iter()
                 .map(|set| {
-                    let items: Vec<(&str, u64, u8)> =
-                        set.iter().map(|&(w, v, p)| (s(w), v, p)).collect();
+                    let items: Vec<(&str, u64, u8)> = set.iter().map(|&(w, v, p)| (s(w), v, p)).collect();
                     cache.restore_workload_set(&items)
                 })
                 .collect();
@@ -739,11 +583,7 @@ impl<'m> Assembler<'m> {
         let Some(dict) = self.dict.as_ref() else {
             return Err(self.inconsistent("node chunk before the dictionary".into()));
         };
-        let fault = |fault| SnapshotError::Chunk {
-            generation,
-            index: index as u32,
-            fault,
-        };
+        let fault = |fault| SnapshotError::Chunk { generation, index: index as u32, fault };
         let dangling = |t: u8, id: u32| {
             fault(ChunkFault::DanglingId {
                 table: TABLE_NAMES[usize::from(t)],
@@ -759,10 +599,7 @@ impl<'m> Assembler<'m> {
         {
             return Err(fault(ChunkFault::NamesOutOfOrder { name: lossy(first) }));
         }
-        let check = |col: &[u32], t: u8| match col
-            .iter()
-            .find(|&&id| u64::from(id) >= dict.lens[usize::from(t)])
-        {
+        let check = |col: &[u32], t: u8| match col.iter().find(|&&id| u64::from(id) >= dict.lens[usize::from(t)]) {
             Some(&id) => Err(dangling(t, id)),
             None => Ok(()),
         };
@@ -815,8 +652,7 @@ impl<'m> Assembler<'m> {
         if n > 0 {
             let last_len = usize::from(part.name_lens[n - 1]);
             self.last_name.clear();
-            self.last_name
-                .extend_from_slice(&part.names[part.names.len() - last_len..]);
+            self.last_name.extend_from_slice(&part.names[part.names.len() - last_len..]);
         }
         self.nodes += n as u64;
         Ok(())

@@ -33,9 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::chunk::{CHUNK_HEADER_LEN, ChunkHeader};
 use super::cursor::{put_planes, put_varint, zigzag};
-use super::{
-    ChunkInfo, FORMAT_VERSION, Manifest, SectionKind, SnapshotError, SnapshotOptions, codec,
-};
+use super::{ChunkInfo, FORMAT_VERSION, Manifest, SectionKind, SnapshotError, SnapshotOptions, codec};
 use crate::cache::{NodeCache, Slot};
 use crate::model::{Timestamp, mix64};
 
@@ -74,19 +72,13 @@ pub fn encode_snapshot(
     let threads = opts.thread_count();
     let dict = Dictionary::build(cache);
     let order = sorted_slots(cache, threads);
-    let nodes = NodeSection {
-        cache,
-        dict: &dict,
-        order: &order,
-        base: now.as_secs_u32(),
-    };
+    let nodes = NodeSection { cache, dict: &dict, order: &order, base: now.as_secs_u32() };
     let mut pending = cut(&dict, opts, threads)?;
     pending.extend(cut(&nodes, opts, threads)?);
 
     let snapshot_id = opts.snapshot_id.unwrap_or_else(random_id);
-    let count = u32::try_from(pending.len()).map_err(|_| SnapshotError::InvalidOptions {
-        reason: "more than 2^32 chunks; raise max_chunk_bytes",
-    })?;
+    let count = u32::try_from(pending.len())
+        .map_err(|_| SnapshotError::InvalidOptions { reason: "more than 2^32 chunks; raise max_chunk_bytes" })?;
     // Seal headers in parallel: the CRC runs over every byte once more.
     let per = pending.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
@@ -131,10 +123,7 @@ pub fn encode_snapshot(
         total_bytes: infos.iter().map(|c| u64::from(c.bytes)).sum(),
         chunks: infos,
     };
-    Ok(EncodedSnapshot {
-        manifest,
-        chunks: pending.into_iter().map(|p| p.bytes).collect(),
-    })
+    Ok(EncodedSnapshot { manifest, chunks: pending.into_iter().map(|p| p.bytes).collect() })
 }
 
 /// A fresh snapshot id: randomness from the standard library's per-process hash keys, mixed with
@@ -157,7 +146,7 @@ pub(crate) struct Dictionary<'a> {
     label_map: Vec<u32>,
     platform_map: Vec<u32>,
     workload_map: Vec<u32>,
-    digest_map: hashbrown::HashMap<u64, u32, MixState>,
+    digest_map: std::collections::HashMap<u64, u32, MixState>,
 }
 
 /// Ids ranked by use count, most used first (ties by id, for deterministic output).
@@ -183,14 +172,7 @@ impl<'a> Dictionary<'a> {
         let mut label_sets = Vec::new();
         for id in ranked(cache.label_sets.iter().map(|(id, _, refs)| (id, refs))) {
             label_map[id as usize] = label_sets.len() as u32;
-            label_sets.push(
-                cache
-                    .label_sets
-                    .get(id)
-                    .iter()
-                    .map(|&(k, v)| (sid(k), sid(v)))
-                    .collect(),
-            );
+            label_sets.push(cache.label_sets.get(id).iter().map(|&(k, v)| (sid(k), sid(v))).collect());
         }
         let mut platform_map = vec![NONE; cache.platforms.capacity_ids()];
         let mut platforms = Vec::new();
@@ -202,24 +184,11 @@ impl<'a> Dictionary<'a> {
         let mut workload_sets = Vec::new();
         for id in ranked(cache.workload_sets.iter().map(|(id, _, refs)| (id, refs))) {
             workload_map[id as usize] = workload_sets.len() as u32;
-            workload_sets.push(
-                cache
-                    .workload_sets
-                    .get(id)
-                    .iter()
-                    .map(|&(w, v, p)| (sid(w), v, p))
-                    .collect(),
-            );
+            workload_sets.push(cache.workload_sets.get(id).iter().map(|&(w, v, p)| (sid(w), v, p)).collect());
         }
-        let mut counts: hashbrown::HashMap<u64, u32, MixState> =
-            hashbrown::HashMap::with_hasher(MixState);
-        for n in cache
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|&(s, _)| cache.is_live(s as Slot))
-            .map(|(_, n)| n)
-        {
+        let mut counts: std::collections::HashMap<u64, u32, MixState> =
+            std::collections::HashMap::with_hasher(MixState);
+        for n in cache.slots.iter().enumerate().filter(|&(s, _)| cache.is_live(s as Slot)).map(|(_, n)| n) {
             *counts.entry(n.applied).or_insert(0) += 1;
         }
         let mut by_use: Vec<(u64, u32)> = counts.iter().map(|(&d, &c)| (d, c)).collect();
@@ -243,13 +212,7 @@ impl<'a> Dictionary<'a> {
     }
 
     fn table_lens(&self) -> [usize; TABLES] {
-        [
-            self.strings.len(),
-            self.label_sets.len(),
-            self.platforms.len(),
-            self.workload_sets.len(),
-            self.digests.len(),
-        ]
+        [self.strings.len(), self.label_sets.len(), self.platforms.len(), self.workload_sets.len(), self.digests.len()]
     }
 }
 
@@ -325,10 +288,7 @@ impl Section for Dictionary<'_> {
                     });
                 }),
                 TABLE_PLATFORMS => {
-                    self.platforms[a..b]
-                        .iter()
-                        .flatten()
-                        .for_each(|&s| put_varint(out, u64::from(s)));
+                    self.platforms[a..b].iter().flatten().for_each(|&s| put_varint(out, u64::from(s)));
                 }
                 TABLE_WORKLOAD_SETS => self.workload_sets[a..b].iter().for_each(|set| {
                     put_varint(out, set.len() as u64);
@@ -338,9 +298,7 @@ impl Section for Dictionary<'_> {
                         out.push(phase);
                     });
                 }),
-                _ => self.digests[a..b]
-                    .iter()
-                    .for_each(|d| out.extend_from_slice(&d.to_le_bytes())),
+                _ => self.digests[a..b].iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes())),
             }
         }
     }
@@ -367,8 +325,7 @@ impl Section for NodeSection<'_> {
         let n = slots.len();
         // One gather pass touches each node's slot once; the column passes then run over this
         // chunk-local copy instead of chasing slots across the whole table again.
-        let nodes: Vec<crate::cache::NodeSlot> =
-            slots.iter().map(|&s| cache.slots[s as usize]).collect();
+        let nodes: Vec<crate::cache::NodeSlot> = slots.iter().map(|&s| cache.slots[s as usize]).collect();
         put_varint(out, n as u64);
         put_varint(out, u64::from(self.base));
         let mut suffix_lens = Vec::with_capacity(n);
@@ -376,12 +333,7 @@ impl Section for NodeSection<'_> {
         let mut prev: &[u8] = &[];
         for &s in slots {
             let name = cache.name_bytes(s);
-            let shared = prev
-                .iter()
-                .zip(name)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(255);
+            let shared = prev.iter().zip(name).take_while(|(a, b)| a == b).count().min(255);
             out.push(shared as u8);
             suffix_lens.push((name.len() - shared) as u8);
             suffixes.extend_from_slice(&name[shared..]);
@@ -404,10 +356,7 @@ impl Section for NodeSection<'_> {
             out.push(flags);
         }
         for node in &nodes {
-            put_varint(
-                out,
-                zigzag(i64::from(self.base) - i64::from(node.last_seen)),
-            );
+            put_varint(out, zigzag(i64::from(self.base) - i64::from(node.last_seen)));
         }
         let mut column = |f: &dyn Fn(&crate::cache::NodeSlot) -> u32| {
             let v: Vec<u32> = nodes.iter().map(f).collect();
@@ -458,45 +407,29 @@ fn name_key(cache: &NodeCache, slot: Slot) -> NameKey {
     let mut lo = [0u8; 16];
     hi.copy_from_slice(&b[..16]);
     lo.copy_from_slice(&b[16..]);
-    NameKey {
-        hi: u128::from_be_bytes(hi),
-        lo: u128::from_be_bytes(lo),
-        slot,
-    }
+    NameKey { hi: u128::from_be_bytes(hi), lo: u128::from_be_bytes(lo), slot }
 }
 
 /// Live slots sorted by name: keys sorted in `threads` parts in parallel, then merged.
 fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
     let cmp = |a: &NameKey, b: &NameKey| {
-        (a.hi, a.lo)
-            .cmp(&(b.hi, b.lo))
-            .then_with(|| cache.name_bytes(a.slot).cmp(cache.name_bytes(b.slot)))
+        (a.hi, a.lo).cmp(&(b.hi, b.lo)).then_with(|| cache.name_bytes(a.slot).cmp(cache.name_bytes(b.slot)))
     };
-    let live: Vec<Slot> = (0..cache.slots.len() as Slot)
-        .filter(|&s| cache.is_live(s))
-        .collect();
-    let parts = if threads < 2 || live.len() < 1 << 15 {
-        1
-    } else {
-        threads
-    };
+    let live: Vec<Slot> = (0..cache.slots.len() as Slot).filter(|&s| cache.is_live(s)).collect();
+    let parts = if threads < 2 || live.len() < 1 << 15 { 1 } else { threads };
     let per = live.len().div_ceil(parts).max(1);
     let mut runs: Vec<Vec<NameKey>> = std::thread::scope(|s| {
         let handles: Vec<_> = live
             .chunks(per)
             .map(|part| {
                 s.spawn(move || {
-                    let mut keys: Vec<NameKey> =
-                        part.iter().map(|&slot| name_key(cache, slot)).collect();
+                    let mut keys: Vec<NameKey> = part.iter().map(|&slot| name_key(cache, slot)).collect();
                     keys.sort_unstable_by(cmp);
                     keys
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
     while runs.len() > 1 {
         let mut next = Vec::with_capacity(runs.len().div_ceil(2));
@@ -509,11 +442,7 @@ fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
         }
         runs = next;
     }
-    runs.pop()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|k| k.slot)
-        .collect()
+    runs.pop().unwrap_or_default().into_iter().map(|k| k.slot).collect()
 }
 
 fn merge<T: Copy>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
@@ -543,34 +472,19 @@ struct Pending {
     checksum: u32,
 }
 
-fn build<S: Section>(
-    section: &S,
-    range: Range<usize>,
-    opts: &SnapshotOptions,
-) -> Result<Pending, SnapshotError> {
+fn build<S: Section>(section: &S, range: Range<usize>, opts: &SnapshotOptions) -> Result<Pending, SnapshotError> {
     let items = range.len() as u32;
     let mut raw = Vec::new();
     section.encode(range, &mut raw);
-    let raw_len = u32::try_from(raw.len()).map_err(|_| SnapshotError::InvalidOptions {
-        reason: "a chunk's raw section exceeds 4 GiB",
-    })?;
+    let raw_len = u32::try_from(raw.len())
+        .map_err(|_| SnapshotError::InvalidOptions { reason: "a chunk's raw section exceeds 4 GiB" })?;
     let mut bytes = vec![0u8; CHUNK_HEADER_LEN];
     codec::compress(opts.codec, opts.level, &raw, &mut bytes);
-    Ok(Pending {
-        section: S::KIND,
-        items,
-        raw_len,
-        bytes,
-        checksum: 0,
-    })
+    Ok(Pending { section: S::KIND, items, raw_len, bytes, checksum: 0 })
 }
 
 /// Runs `f` over `items` on up to `threads` scoped threads; results in input order.
-pub(crate) fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
+pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     if threads <= 1 || items.len() <= 1 {
         return items.iter().map(f).collect();
     }
@@ -589,10 +503,7 @@ pub(crate) fn par_map<T: Sync, R: Send>(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
     results.sort_unstable_by_key(|&(i, _)| i);
     results.into_iter().map(|(_, r)| r).collect()
@@ -603,11 +514,7 @@ pub(crate) fn par_map<T: Sync, R: Send>(
 /// The compressed bytes per item are estimated from a sample, then chunks are compressed a wave
 /// of `threads` at a time, each wave sized by the ratio the previous chunk achieved. A chunk that
 /// overflows is discarded with the rest of its wave and re-cut smaller at its own ratio.
-fn cut<S: Section>(
-    section: &S,
-    opts: &SnapshotOptions,
-    threads: usize,
-) -> Result<Vec<Pending>, SnapshotError> {
+fn cut<S: Section>(section: &S, opts: &SnapshotOptions, threads: usize) -> Result<Vec<Pending>, SnapshotError> {
     let total = section.len();
     let budget = opts.max_chunk_bytes - CHUNK_HEADER_LEN;
     let target = budget as f64 * f64::from(opts.target_fill);

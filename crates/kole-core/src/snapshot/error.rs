@@ -49,9 +49,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// A manifest or chunk uses a format version this build does not read.
-    #[error(
-        "generation {generation} uses snapshot format version {found}; this build reads version {supported}"
-    )]
+    #[error("generation {generation} uses snapshot format version {found}; this build reads version {supported}")]
     UnsupportedVersion {
         /// Generation.
         generation: u64,
@@ -82,9 +80,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// Writing: one node (or dictionary entry) does not fit in a chunk of `max_chunk_bytes`.
-    #[error(
-        "a single snapshot record needs {needed} bytes, over max_chunk_bytes = {max_chunk_bytes}; raise it"
-    )]
+    #[error("a single snapshot record needs {needed} bytes, over max_chunk_bytes = {max_chunk_bytes}; raise it")]
     RecordTooLarge {
         /// Bytes the smallest chunk holding it needs, header included.
         needed: usize,
@@ -271,10 +267,7 @@ impl fmt::Display for ChunkFault {
             Self::UnknownCodec { found } => write!(f, "uses unknown codec {found}"),
             Self::CodecMismatch { found } => write!(f, "uses codec {found}, not its manifest's"),
             Self::SectionMismatch { found } => {
-                write!(
-                    f,
-                    "holds section kind {found}, not the one its manifest lists"
-                )
+                write!(f, "holds section kind {found}, not the one its manifest lists")
             }
             Self::WrongGeneration { found } => write!(f, "belongs to generation {found}"),
             Self::WrongSnapshot { found, expected } => {
@@ -285,44 +278,26 @@ impl fmt::Display for ChunkFault {
                 write!(f, "claims {found} chunks, the manifest {expected}")
             }
             Self::LengthMismatch { header, actual } => {
-                write!(
-                    f,
-                    "is truncated or padded: header says {header} payload bytes, {actual} present"
-                )
+                write!(f, "is truncated or padded: header says {header} payload bytes, {actual} present")
             }
             Self::Checksum { stored, computed } => {
-                write!(
-                    f,
-                    "failed its checksum (stored {stored:#010x}, computed {computed:#010x})"
-                )
+                write!(f, "failed its checksum (stored {stored:#010x}, computed {computed:#010x})")
             }
             Self::NotInManifest { found, expected } => {
-                write!(
-                    f,
-                    "is not the chunk its manifest recorded (checksum {found:#010x}, expected {expected:#010x})"
-                )
+                write!(f, "is not the chunk its manifest recorded (checksum {found:#010x}, expected {expected:#010x})")
             }
             Self::TooLarge { raw_len, limit } => {
-                write!(
-                    f,
-                    "declares {raw_len} decompressed bytes, over the limit of {limit}"
-                )
+                write!(f, "declares {raw_len} decompressed bytes, over the limit of {limit}")
             }
             Self::Decompress { reason } => write!(f, "does not decompress: {reason}"),
             Self::RawLengthMismatch { declared, actual } => {
-                write!(
-                    f,
-                    "decompresses to {actual} bytes, not the declared {declared}"
-                )
+                write!(f, "decompresses to {actual} bytes, not the declared {declared}")
             }
             Self::Malformed { reason, offset } => {
                 write!(f, "is malformed at byte {offset}: {reason}")
             }
             Self::DanglingId { table, id, len } => {
-                write!(
-                    f,
-                    "refers to {table} entry {id}, but the dictionary has {len}"
-                )
+                write!(f, "refers to {table} entry {id}, but the dictionary has {len}")
             }
             Self::InvalidValue { what, value } => write!(f, "holds an invalid {what} {value:?}"),
             Self::NamesOutOfOrder { name } => {

@@ -50,10 +50,7 @@ pub struct Manifest {
 impl Manifest {
     /// Checks that the manifest agrees with itself and with this build.
     pub fn validate(&self) -> Result<(), SnapshotError> {
-        let bad = |reason: String| SnapshotError::InvalidManifest {
-            generation: Some(self.generation),
-            reason,
-        };
+        let bad = |reason: String| SnapshotError::InvalidManifest { generation: Some(self.generation), reason };
         if self.format_version != FORMAT_VERSION {
             return Err(SnapshotError::UnsupportedVersion {
                 generation: self.generation,
@@ -62,49 +59,26 @@ impl Manifest {
             });
         }
         if self.chunk_count as usize != self.chunks.len() {
-            return Err(bad(format!(
-                "chunk_count {} but {} chunks listed",
-                self.chunk_count,
-                self.chunks.len()
-            )));
+            return Err(bad(format!("chunk_count {} but {} chunks listed", self.chunk_count, self.chunks.len())));
         }
         let total: u64 = self.chunks.iter().map(|c| u64::from(c.bytes)).sum();
         if total != self.total_bytes {
-            return Err(bad(format!(
-                "total_bytes {} but chunks add up to {total}",
-                self.total_bytes
-            )));
+            return Err(bad(format!("total_bytes {} but chunks add up to {total}", self.total_bytes)));
         }
-        let dict = self
-            .chunks
-            .iter()
-            .take_while(|c| c.section == SectionKind::Dictionary)
-            .count();
-        if dict == 0
-            || self.chunks[dict..]
-                .iter()
-                .any(|c| c.section != SectionKind::Nodes)
-        {
-            return Err(bad(
-                "chunks must be one or more dictionary sections, then node sections".into(),
-            ));
+        let dict = self.chunks.iter().take_while(|c| c.section == SectionKind::Dictionary).count();
+        if dict == 0 || self.chunks[dict..].iter().any(|c| c.section != SectionKind::Nodes) {
+            return Err(bad("chunks must be one or more dictionary sections, then node sections".into()));
         }
         let nodes: u64 = self.chunks[dict..].iter().map(|c| u64::from(c.items)).sum();
         if nodes != self.node_count {
-            return Err(bad(format!(
-                "node_count {} but node chunks hold {nodes}",
-                self.node_count
-            )));
+            return Err(bad(format!("node_count {} but node chunks hold {nodes}", self.node_count)));
         }
         Ok(())
     }
 
     /// Chunks that hold dictionary sections (they come first).
     pub fn dictionary_chunks(&self) -> usize {
-        self.chunks
-            .iter()
-            .take_while(|c| c.section == SectionKind::Dictionary)
-            .count()
+        self.chunks.iter().take_while(|c| c.section == SectionKind::Dictionary).count()
     }
 
     /// The manifest's stored form: magic, format version (u16 LE), postcard body, CRC-32 (u32 LE)
@@ -125,10 +99,7 @@ impl Manifest {
 
     /// Parses and validates a stored manifest. `max_bytes` bounds what is accepted at all.
     pub fn from_bytes(bytes: &[u8], max_bytes: usize) -> Result<Self, SnapshotError> {
-        let bad = |reason: &str| SnapshotError::InvalidManifest {
-            generation: None,
-            reason: reason.to_owned(),
-        };
+        let bad = |reason: &str| SnapshotError::InvalidManifest { generation: None, reason: reason.to_owned() };
         if bytes.len() > max_bytes {
             return Err(bad("larger than the manifest size limit"));
         }
@@ -148,11 +119,10 @@ impl Manifest {
         if version != FORMAT_VERSION {
             return Err(bad("unknown manifest format version"));
         }
-        let m: Manifest =
-            postcard::from_bytes(&body[6..]).map_err(|e| SnapshotError::InvalidManifest {
-                generation: None,
-                reason: format!("does not decode: {e}"),
-            })?;
+        let m: Manifest = postcard::from_bytes(&body[6..]).map_err(|e| SnapshotError::InvalidManifest {
+            generation: None,
+            reason: format!("does not decode: {e}"),
+        })?;
         m.validate()?;
         Ok(m)
     }
@@ -165,20 +135,8 @@ mod tests {
 
     fn sample() -> Manifest {
         let chunks = vec![
-            ChunkInfo {
-                section: SectionKind::Dictionary,
-                bytes: 100,
-                raw_len: 300,
-                items: 12,
-                checksum: 1,
-            },
-            ChunkInfo {
-                section: SectionKind::Nodes,
-                bytes: 200,
-                raw_len: 900,
-                items: 40,
-                checksum: 2,
-            },
+            ChunkInfo { section: SectionKind::Dictionary, bytes: 100, raw_len: 300, items: 12, checksum: 1 },
+            ChunkInfo { section: SectionKind::Nodes, bytes: 200, raw_len: 900, items: 40, checksum: 2 },
         ];
         Manifest {
             format_version: FORMAT_VERSION,

@@ -91,16 +91,13 @@ impl Default for SnapshotOptions {
 
 impl SnapshotOptions {
     pub(crate) fn validate(&self) -> Result<(), SnapshotError> {
-        if self.max_chunk_bytes < CHUNK_HEADER_LEN + 64 || self.max_chunk_bytes > u32::MAX as usize
-        {
+        if self.max_chunk_bytes < CHUNK_HEADER_LEN + 64 || self.max_chunk_bytes > u32::MAX as usize {
             return Err(SnapshotError::InvalidOptions {
                 reason: "max_chunk_bytes must be between 108 bytes and 4 GiB",
             });
         }
         if !(0.1..=1.0).contains(&self.target_fill) {
-            return Err(SnapshotError::InvalidOptions {
-                reason: "target_fill must be between 0.1 and 1.0",
-            });
+            return Err(SnapshotError::InvalidOptions { reason: "target_fill must be between 0.1 and 1.0" });
         }
         Ok(())
     }
@@ -111,11 +108,7 @@ impl SnapshotOptions {
 }
 
 fn resolve_threads(threads: usize) -> usize {
-    if threads > 0 {
-        threads
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
+    if threads > 0 { threads } else { std::thread::available_parallelism().map_or(1, |n| n.get()) }
 }
 
 /// Bounds on what a restore accepts, so a corrupt or hostile snapshot cannot exhaust memory

@@ -32,16 +32,9 @@ pub async fn restore_latest(
     for manifest in manifests {
         match restore_generation(store, &manifest, limits).await {
             Ok(cache) => {
-                return Ok(Some(Restored {
-                    cache,
-                    manifest,
-                    faults,
-                }));
+                return Ok(Some(Restored { cache, manifest, faults }));
             }
-            Err(error) => faults.push(RestoreFault {
-                generation: manifest.generation,
-                error,
-            }),
+            Err(error) => faults.push(RestoreFault { generation: manifest.generation, error }),
         }
     }
     Err(SnapshotError::NoUsableGeneration { faults })
@@ -78,10 +71,7 @@ pub async fn fetch_chunks(
         match store.get_chunk(manifest.generation, index).await? {
             Some(c) => chunks.push(c),
             None => {
-                return Err(SnapshotError::MissingChunk {
-                    generation: manifest.generation,
-                    index,
-                });
+                return Err(SnapshotError::MissingChunk { generation: manifest.generation, index });
             }
         }
     }

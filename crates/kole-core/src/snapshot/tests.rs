@@ -11,22 +11,15 @@ use proptest::prelude::*;
 use super::*;
 use crate::cache::{NodeCache, StateCache};
 use crate::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector,
-    Timestamp, WorkloadId, WorkloadPhase, WorkloadState,
+    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp,
+    WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 const NOW: u64 = 1_700_000_000;
 
 fn bounded<F: Future>(f: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(120), f)
-            .await
-            .expect("test timed out")
-    })
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), f).await.expect("test timed out") })
 }
 
 fn records(cache: &NodeCache) -> Vec<NodeRecord> {
@@ -47,10 +40,7 @@ fn assert_same(a: &NodeCache, b: &NodeCache) {
     for r in &ra {
         assert_eq!(b.get(r.name.as_str()).as_ref(), Some(r));
     }
-    assert_eq!(
-        a.counts(&Selector::everything()),
-        b.counts(&Selector::everything())
-    );
+    assert_eq!(a.counts(&Selector::everything()), b.counts(&Selector::everything()));
 }
 
 #[derive(Clone, Debug)]
@@ -77,13 +67,7 @@ enum Op {
     },
 }
 
-const KEYS: [&str; 5] = [
-    "region",
-    "tier",
-    "zone",
-    "app.kubernetes.io/name",
-    "kole.dev/site",
-];
+const KEYS: [&str; 5] = ["region", "tier", "zone", "app.kubernetes.io/name", "kole.dev/site"];
 const VALUES: [&str; 6] = ["", "cdn", "retail", "cn-hangzhou", "s0042", "a.b-c_d"];
 const WORKLOADS: [&str; 4] = ["edge/agent", "cdn-cache", "ns/x.y", "probe"];
 
@@ -99,14 +83,7 @@ fn addr() -> impl Strategy<Value = IpAddr> {
 }
 
 fn workloads() -> impl Strategy<Value = Vec<(usize, u64, u8)>> {
-    proptest::collection::vec(
-        (
-            0..WORKLOADS.len(),
-            prop_oneof![0..4u64, any::<u64>()],
-            0..4u8,
-        ),
-        0..4,
-    )
+    proptest::collection::vec((0..WORKLOADS.len(), prop_oneof![0..4u64, any::<u64>()], 0..4u8), 0..4)
 }
 
 fn op(nodes: usize) -> impl Strategy<Value = Op> {
@@ -143,19 +120,10 @@ fn apply(ops: &[Op]) -> NodeCache {
     let mut c = NodeCache::new();
     for op in ops {
         match op {
-            Op::Register {
-                node,
-                labels,
-                addrs,
-                platform,
-                applied,
-                workloads,
-                at,
-            } => {
+            Op::Register { node, labels, addrs, platform, applied, workloads, at } => {
                 let reg = NodeRegistration {
                     name: NodeName::new(node_name(*node)).unwrap(),
-                    labels: Labels::from_pairs(labels.iter().map(|&(k, v)| (KEYS[k], VALUES[v])))
-                        .unwrap(),
+                    labels: Labels::from_pairs(labels.iter().map(|&(k, v)| (KEYS[k], VALUES[v]))).unwrap(),
                     info: NodeInfo {
                         arch: ["amd64", "arm64", "riscv64"][*platform].into(),
                         os: "linux-6.1".into(),
@@ -165,8 +133,7 @@ fn apply(ops: &[Op]) -> NodeCache {
                     applied: DesiredDigest(*applied),
                     workloads: states(workloads),
                 };
-                c.register(&reg, 1, Timestamp::from_secs(NOW - 100 + at))
-                    .unwrap();
+                c.register(&reg, 1, Timestamp::from_secs(NOW - 100 + at)).unwrap();
             }
             Op::Report { node, workloads } => {
                 let _ = c.report_workloads(&node_name(*node), &states(workloads));
@@ -183,13 +150,7 @@ fn apply(ops: &[Op]) -> NodeCache {
 }
 
 fn opts(codec: Codec, max_chunk_bytes: usize) -> SnapshotOptions {
-    SnapshotOptions {
-        codec,
-        max_chunk_bytes,
-        threads: 2,
-        sample_items: 8,
-        ..SnapshotOptions::default()
-    }
+    SnapshotOptions { codec, max_chunk_bytes, threads: 2, sample_items: 8, ..SnapshotOptions::default() }
 }
 
 fn codec_strategy() -> impl Strategy<Value = Codec> {
@@ -258,25 +219,15 @@ fn huge_dictionary_spans_chunks() {
     for i in 0..3000u32 {
         let reg = NodeRegistration {
             name: NodeName::new(format!("n{i:05}")).unwrap(),
-            labels: Labels::from_pairs([(
-                "serial",
-                format!("v{i}-{}", i.wrapping_mul(2_654_435_761)),
-            )])
-            .unwrap(),
-            info: NodeInfo {
-                arch: "arm64".into(),
-                os: "linux".into(),
-                agent_version: "1".into(),
-                addresses: vec![],
-            },
+            labels: Labels::from_pairs([("serial", format!("v{i}-{}", i.wrapping_mul(2_654_435_761)))]).unwrap(),
+            info: NodeInfo { arch: "arm64".into(), os: "linux".into(), agent_version: "1".into(), addresses: vec![] },
             applied: DesiredDigest(u64::from(i)),
             workloads: vec![],
         };
         cache.register(&reg, 1, Timestamp::from_secs(NOW)).unwrap();
     }
     for codec in [Codec::Gzip, Codec::Lz4] {
-        let enc =
-            encode_snapshot(&cache, 1, Timestamp::from_secs(NOW), &opts(codec, 4096)).unwrap();
+        let enc = encode_snapshot(&cache, 1, Timestamp::from_secs(NOW), &opts(codec, 4096)).unwrap();
         assert!(
             enc.manifest.dictionary_chunks() > 3,
             "{codec:?}: {} dictionary chunks",
@@ -307,45 +258,18 @@ fn limits_stop_oversized_snapshots() {
         workloads: vec![],
         at: 0,
     }]);
-    let enc = encode_snapshot(
-        &cache,
-        1,
-        Timestamp::from_secs(NOW),
-        &SnapshotOptions::default(),
-    )
-    .unwrap();
-    let tight = RestoreLimits {
-        max_nodes: 0,
-        ..RestoreLimits::default()
-    };
-    assert!(matches!(
-        decode_snapshot(&enc.manifest, &enc.chunks, &tight),
-        Err(SnapshotError::LimitExceeded { .. })
-    ));
-    let tight = RestoreLimits {
-        max_chunk_raw_bytes: 4,
-        ..RestoreLimits::default()
-    };
+    let enc = encode_snapshot(&cache, 1, Timestamp::from_secs(NOW), &SnapshotOptions::default()).unwrap();
+    let tight = RestoreLimits { max_nodes: 0, ..RestoreLimits::default() };
+    assert!(matches!(decode_snapshot(&enc.manifest, &enc.chunks, &tight), Err(SnapshotError::LimitExceeded { .. })));
+    let tight = RestoreLimits { max_chunk_raw_bytes: 4, ..RestoreLimits::default() };
     let err = decode_snapshot(&enc.manifest, &enc.chunks, &tight).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SnapshotError::Chunk {
-                fault: ChunkFault::TooLarge { .. },
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, SnapshotError::Chunk { fault: ChunkFault::TooLarge { .. }, .. }), "{err}");
 }
 
 #[test]
 fn options_are_validated() {
     let cache = NodeCache::new();
-    let bad = SnapshotOptions {
-        max_chunk_bytes: 50,
-        ..SnapshotOptions::default()
-    };
+    let bad = SnapshotOptions { max_chunk_bytes: 50, ..SnapshotOptions::default() };
     assert!(encode_snapshot(&cache, 1, Timestamp::from_secs(NOW), &bad).is_err());
     let mut big = apply(&[]);
     let reg = NodeRegistration {
@@ -353,11 +277,7 @@ fn options_are_validated() {
         labels: Labels::new(),
         info: NodeInfo {
             addresses: (0..200u128)
-                .map(|v| {
-                    IpAddr::V6(Ipv6Addr::from(
-                        v.wrapping_mul(0x9e3779b97f4a7c15_f39cc0605cedc834),
-                    ))
-                })
+                .map(|v| IpAddr::V6(Ipv6Addr::from(v.wrapping_mul(0x9e3779b97f4a7c15_f39cc0605cedc834))))
                 .collect(),
             ..NodeInfo::default()
         },
@@ -365,8 +285,7 @@ fn options_are_validated() {
         workloads: vec![],
     };
     big.register(&reg, 1, Timestamp::from_secs(NOW)).unwrap();
-    let err =
-        encode_snapshot(&big, 1, Timestamp::from_secs(NOW), &opts(Codec::Lz4, 400)).unwrap_err();
+    let err = encode_snapshot(&big, 1, Timestamp::from_secs(NOW), &opts(Codec::Lz4, 400)).unwrap_err();
     assert!(matches!(err, SnapshotError::RecordTooLarge { .. }), "{err}");
 }
 
@@ -389,27 +308,15 @@ fn sample_cache(seed: u64, nodes: usize) -> NodeCache {
 fn memory_store_falls_back_to_the_previous_generation() {
     bounded(async {
         let store = MemorySnapshotStore::new();
-        assert!(
-            restore_latest(&store, &RestoreLimits::default())
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(restore_latest(&store, &RestoreLimits::default()).await.unwrap().is_none());
         let old = sample_cache(1, 300);
         let new = sample_cache(2, 500);
         let o = opts(Codec::Gzip, 600);
-        let m1 = write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW))
-            .await
-            .unwrap();
-        let m2 = write_snapshot(&store, &new, &o, Timestamp::from_secs(NOW + 60))
-            .await
-            .unwrap();
+        let m1 = write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW)).await.unwrap();
+        let m2 = write_snapshot(&store, &new, &o, Timestamp::from_secs(NOW + 60)).await.unwrap();
         assert_eq!((m1.generation, m2.generation), (1, 2));
         assert!(m2.chunk_count > 2);
-        let r = restore_latest(&store, &RestoreLimits::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let r = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
         assert_eq!(r.manifest, m2);
         assert!(r.faults.is_empty());
         assert_same(&new, &r.cache);
@@ -418,59 +325,26 @@ fn memory_store_falls_back_to_the_previous_generation() {
             let last = c.len() - 1;
             c[last] ^= 0x40;
         }));
-        let r = restore_latest(&store, &RestoreLimits::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let r = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
         assert_eq!(r.manifest, m1);
         assert_same(&old, &r.cache);
         assert_eq!(r.faults.len(), 1);
         let msg = r.faults[0].to_string();
-        assert!(
-            msg.contains("snapshot chunk 2 of generation 2 failed its checksum"),
-            "{msg}"
-        );
+        assert!(msg.contains("snapshot chunk 2 of generation 2 failed its checksum"), "{msg}");
 
         store.remove_chunk(1, 0);
-        let err = restore_latest(&store, &RestoreLimits::default())
-            .await
-            .unwrap_err();
-        let SnapshotError::NoUsableGeneration { faults } = &err else {
-            panic!("{err}")
-        };
+        let err = restore_latest(&store, &RestoreLimits::default()).await.unwrap_err();
+        let SnapshotError::NoUsableGeneration { faults } = &err else { panic!("{err}") };
         assert_eq!(faults.len(), 2);
-        assert!(
-            matches!(
-                faults[1].error,
-                SnapshotError::MissingChunk {
-                    generation: 1,
-                    index: 0
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(faults[1].error, SnapshotError::MissingChunk { generation: 1, index: 0 }), "{err}");
 
         // A third write prunes down to two generations, and the newest is restorable again.
-        let m3 = write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW + 120))
-            .await
-            .unwrap();
+        let m3 = write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW + 120)).await.unwrap();
         assert_eq!(store.generations(), vec![2, 3]);
-        assert_eq!(
-            restore_latest(&store, &RestoreLimits::default())
-                .await
-                .unwrap()
-                .unwrap()
-                .manifest,
-            m3
-        );
+        assert_eq!(restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap().manifest, m3);
         assert!(store.corrupt_manifest(3, |m| m[8] ^= 1));
-        let r = restore_latest(&store, &RestoreLimits::default())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(r, SnapshotError::NoUsableGeneration { .. }),
-            "generation 2 is still damaged"
-        );
+        let r = restore_latest(&store, &RestoreLimits::default()).await.unwrap_err();
+        assert!(matches!(r, SnapshotError::NoUsableGeneration { .. }), "generation 2 is still damaged");
     });
 }
 
@@ -492,10 +366,7 @@ fn dir_store_survives_a_crash_after_every_file_operation() {
         loop {
             let _ = std::fs::remove_dir_all(&dir);
             let store = DirSnapshotStore::open(&dir).unwrap();
-            let g = write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW))
-                .await
-                .unwrap()
-                .generation;
+            let g = write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW)).await.unwrap().generation;
             let crashing = DirSnapshotStore::open(&dir).unwrap().fail_after(n);
             let result = write_snapshot(&crashing, &new, &o, Timestamp::from_secs(NOW + 60)).await;
 
@@ -504,19 +375,14 @@ fn dir_store_survives_a_crash_after_every_file_operation() {
             let r = restore_latest(&restarted, &limits).await.unwrap().unwrap();
             assert!(r.faults.is_empty(), "n = {n}: {:?}", r.faults);
             if r.manifest.generation == g {
-                assert!(
-                    result.is_err(),
-                    "n = {n}: write reported success but restore found the old generation"
-                );
+                assert!(result.is_err(), "n = {n}: write reported success but restore found the old generation");
                 assert_same(&old, &r.cache);
             } else {
                 assert_eq!(r.manifest.generation, g + 1, "n = {n}");
                 assert_same(&new, &r.cache);
             }
             // And the next write works and becomes the latest.
-            let m = write_snapshot(&restarted, &old, &o, Timestamp::from_secs(NOW + 120))
-                .await
-                .unwrap();
+            let m = write_snapshot(&restarted, &old, &o, Timestamp::from_secs(NOW + 120)).await.unwrap();
             let r = restore_latest(&restarted, &limits).await.unwrap().unwrap();
             assert_eq!(r.manifest, m, "n = {n}");
             assert_same(&old, &r.cache);
@@ -541,35 +407,20 @@ fn dir_store_falls_back_when_the_newest_generation_is_damaged() {
         let old = sample_cache(1, 300);
         let new = sample_cache(2, 300);
         let o = opts(Codec::Gzip, 700);
-        write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW))
-            .await
-            .unwrap();
-        let m = write_snapshot(&store, &new, &o, Timestamp::from_secs(NOW))
-            .await
-            .unwrap();
+        write_snapshot(&store, &old, &o, Timestamp::from_secs(NOW)).await.unwrap();
+        let m = write_snapshot(&store, &new, &o, Timestamp::from_secs(NOW)).await.unwrap();
         assert!(m.chunk_count >= 2);
         let path = store.chunk_path(m.generation, 1);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[CHUNK_HEADER_LEN + 3] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let r = restore_latest(&store, &RestoreLimits::default())
-            .await
-            .unwrap()
-            .unwrap();
+        let r = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
         assert_eq!(r.manifest.generation, m.generation - 1);
         assert_same(&old, &r.cache);
         let msg = r.faults[0].to_string();
-        assert!(
-            msg.contains(&format!(
-                "snapshot chunk 1 of generation {} failed its checksum",
-                m.generation
-            )),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("snapshot chunk 1 of generation {} failed its checksum", m.generation)), "{msg}");
         // A third write lands at max + 1 and prunes the damaged one's predecessor.
-        let m3 = write_snapshot(&store, &new, &o, Timestamp::from_secs(NOW))
-            .await
-            .unwrap();
+        let m3 = write_snapshot(&store, &new, &o, Timestamp::from_secs(NOW)).await.unwrap();
         assert_eq!(m3.generation, m.generation + 1);
         let _ = std::fs::remove_dir_all(&dir);
     });
@@ -603,18 +454,13 @@ pub(crate) fn reference_like_fleet(nodes: usize) -> NodeCache {
     for _ in 0..nodes {
         let site = (next() % sites as u64) as usize;
         let region = REGIONS[site % REGIONS.len()];
-        let serial: String = (0..8)
-            .map(|_| ALNUM[(next() % 36) as usize] as char)
-            .collect();
+        let serial: String = (0..8).map(|_| ALNUM[(next() % 36) as usize] as char).collect();
         let name = format!("{region}-s{site:04}-{serial}");
         let mut labels = vec![("topology.kubernetes.io/region", region.to_owned())];
         let r = next();
         labels.push(("tier", TIERS[(r % 4) as usize].to_owned()));
         if r & 0x100 != 0 {
-            labels.push((
-                "topology.kubernetes.io/zone",
-                ZONES[((r >> 12) % 6) as usize].to_owned(),
-            ));
+            labels.push(("topology.kubernetes.io/zone", ZONES[((r >> 12) % 6) as usize].to_owned()));
         }
         if r & 0x200 != 0 {
             labels.push(("isp", ISPS[((r >> 20) % 5) as usize].to_owned()));
@@ -627,10 +473,7 @@ pub(crate) fn reference_like_fleet(nodes: usize) -> NodeCache {
         let nw = 2 + (p >> 24) % 2;
         let workloads: Vec<WorkloadState> = (0..nw)
             .map(|w| WorkloadState {
-                workload: WorkloadId::new(
-                    ["edge/agent-sidecar", "cdn/cache", "iot/collector"][w as usize],
-                )
-                .unwrap(),
+                workload: WorkloadId::new(["edge/agent-sidecar", "cdn/cache", "iot/collector"][w as usize]).unwrap(),
                 version: 3 + (p >> 30) % 2,
                 phase: WorkloadPhase::Running,
             })
@@ -663,44 +506,22 @@ pub(crate) fn reference_like_fleet(nodes: usize) -> NodeCache {
 #[test]
 #[ignore = "timing run on a million nodes; use --release"]
 fn snapshot_timing() {
-    let nodes = std::env::var("KOLE_NODES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let nodes = std::env::var("KOLE_NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let t = std::time::Instant::now();
     let cache = reference_like_fleet(nodes);
-    println!(
-        "fleet: {} nodes, {} label sets, built in {:?}",
-        cache.len(),
-        cache.label_set_count(),
-        t.elapsed()
-    );
+    println!("fleet: {} nodes, {} label sets, built in {:?}", cache.len(), cache.label_set_count(), t.elapsed());
     for codec in [Codec::Gzip, Codec::Lz4] {
-        for level in if codec == Codec::Gzip {
-            vec![2]
-        } else {
-            vec![0]
-        } {
-            let o = SnapshotOptions {
-                codec,
-                level,
-                ..SnapshotOptions::default()
-            };
+        for level in if codec == Codec::Gzip { vec![2] } else { vec![0] } {
+            let o = SnapshotOptions { codec, level, ..SnapshotOptions::default() };
             let (t, c0) = (std::time::Instant::now(), cpu_secs());
             let enc = encode_snapshot(&cache, 1, Timestamp::from_secs(NOW), &o).unwrap();
             let encode = t.elapsed();
             let encode_cpu = cpu_secs() - c0;
             let (t, c0) = (std::time::Instant::now(), cpu_secs());
-            let back =
-                decode_snapshot(&enc.manifest, &enc.chunks, &RestoreLimits::default()).unwrap();
+            let back = decode_snapshot(&enc.manifest, &enc.chunks, &RestoreLimits::default()).unwrap();
             let restore = t.elapsed();
             let restore_cpu = cpu_secs() - c0;
-            let raw: u64 = enc
-                .manifest
-                .chunks
-                .iter()
-                .map(|c| u64::from(c.raw_len))
-                .sum();
+            let raw: u64 = enc.manifest.chunks.iter().map(|c| u64::from(c.raw_len)).sum();
             println!(
                 "{:>4} level {level}: encode {encode:?} (cpu {encode_cpu:.2}s), restore {restore:?} (cpu {restore_cpu:.2}s), {} bytes ({:.2} B/node, raw {raw}), {} chunks ({} dictionary), fullest {}",
                 codec.as_str(),
@@ -718,17 +539,7 @@ fn snapshot_timing() {
 /// CPU seconds this process has used (user + system), from /proc; 0 elsewhere.
 fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }

@@ -1,1 +1,190 @@
-//! The message transport seam between the engine/agents and a broker.
+//! The message transport seam between the controller / agents and a broker.
+//!
+//! Two object-safe traits, one per side, both batch-oriented (one boxed future per batch of
+//! messages, never per message) and both extending [`MessageTransport`]:
+//!
+//! - [`CloudTransport`], the controller's side: [`send`](CloudTransport::send) a batch of
+//!   [`Outbound`] messages to nodes, groups, the fleet or a retained spec topic, and
+//!   [`recv`](CloudTransport::recv) batches of [`Inbound`] uplink messages, each stamped with the
+//!   node's authenticated identity (the topic's node level, which the broker ACL ties to the node's
+//!   credentials).
+//! - [`NodeTransport`], an agent's side: [`publish`](NodeTransport::publish) its own uplink
+//!   messages, [`recv`](NodeTransport::recv) [`NodeDelivery`]s, and subscribe to groups.
+//!
+//! Payloads are opaque bytes here; [`crate::protocol`] encodes and decodes them. The in-memory
+//! implementation is [`memory`]; `kole-mqtt` implements the traits over MQTT.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kole_core::model::{DesiredDigest, NodeName};
+//! use kole_core::protocol::{self, Heartbeat, Message, NodeHealth, UplinkKind};
+//! use kole_core::transport::memory::{MemoryConfig, MemoryHub};
+//! use kole_core::transport::{CloudTransport, NodePublish, NodeTransport};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let hub = MemoryHub::new(MemoryConfig::default());
+//! let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud()?);
+//! let node: Arc<dyn NodeTransport> = Arc::new(hub.connect(NodeName::new("edge-1")?)?);
+//!
+//! let hb = Heartbeat { seq: 1, boot_id: 7, applied: DesiredDigest::EMPTY, health: NodeHealth::OK };
+//! let payload = protocol::encode(&Message::Heartbeat(hb));
+//! node.publish(vec![NodePublish { kind: UplinkKind::Heartbeat, payload }]).await?;
+//!
+//! let batch = cloud.recv(1024).await?;
+//! assert_eq!(batch[0].node.as_str(), "edge-1");
+//! assert_eq!(batch[0].decode(&Default::default())?, Message::Heartbeat(hb));
+//! # Ok(())
+//! # }
+//! # tokio::runtime::Builder::new_current_thread().build()?.block_on(demo())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::model::NodeName;
+use crate::protocol::{DecodeError, DecodeLimits, Message, decode_downlink, decode_from_node};
+
+pub use crate::protocol::topics::{Destination, GroupName, UplinkKind};
+
+/// Why a transport operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The endpoint was closed (by its owner, by a takeover of the same identity, or by shutdown).
+    /// Reconnect to go on.
+    #[error("transport endpoint is closed; reconnect to go on")]
+    Closed,
+    /// A bounded queue cannot take the batch; nothing of it was enqueued. Retry later (with backoff).
+    #[error("{queue} is full ({capacity} messages); nothing of the batch was sent, retry later")]
+    Full {
+        /// Which queue.
+        queue: &'static str,
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// A payload exceeds the transport's (broker's) maximum; nothing of the batch was sent.
+    #[error("payload of {len} bytes exceeds the transport's limit of {max} bytes")]
+    PayloadTooLarge {
+        /// The payload's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Any other failure of the underlying transport.
+    #[error("{context}")]
+    Other {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A downlink message the cloud sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    /// Where it goes.
+    pub to: Destination,
+    /// The encoded message. With `retain`, an empty payload deletes the retained message.
+    pub payload: Vec<u8>,
+    /// Whether the broker keeps it for nodes that connect or subscribe later (MQTT retain).
+    pub retain: bool,
+}
+
+/// An uplink message the cloud received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    /// The sending node, from the topic (authenticated by the broker ACL), not from the payload.
+    pub node: NodeName,
+    /// The uplink topic's kind.
+    pub kind: UplinkKind,
+    /// The encoded message.
+    pub payload: Vec<u8>,
+}
+
+impl Inbound {
+    /// Decodes the payload, enforcing that it is an uplink message of the topic's kind and that a
+    /// registration claims this node (see [`crate::protocol::decode_from_node`]).
+    pub fn decode(&self, limits: &DecodeLimits) -> Result<Message, DecodeError> {
+        decode_from_node(&self.payload, &self.node, self.kind, limits)
+    }
+}
+
+/// An uplink message a node publishes on its own topic of `kind`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePublish {
+    /// Which uplink topic.
+    pub kind: UplinkKind,
+    /// The encoded message.
+    pub payload: Vec<u8>,
+}
+
+/// A downlink message a node received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeDelivery {
+    /// The destination (topic) it was published to.
+    pub from: Destination,
+    /// The encoded message, shared between every node a fan-out reached. Empty on a spec topic when
+    /// the retained spec was deleted.
+    pub payload: Arc<[u8]>,
+    /// Whether it was replayed from the retained store on connect or subscribe (MQTT's retain flag on
+    /// delivery), rather than published while the node was subscribed.
+    pub retained: bool,
+}
+
+impl NodeDelivery {
+    /// Decodes the payload, refusing uplink kinds.
+    pub fn decode(&self, limits: &DecodeLimits) -> Result<Message, DecodeError> {
+        decode_downlink(&self.payload, limits)
+    }
+}
+
+/// What both sides of a transport have in common.
+pub trait MessageTransport: Send + Sync {
+    /// Closes this endpoint: pending and later calls fail with [`TransportError::Closed`].
+    /// Idempotent.
+    fn close(&self);
+
+    /// Whether this endpoint is closed.
+    fn is_closed(&self) -> bool;
+}
+
+/// The controller's side of a transport. Object-safe: hold it as `Arc<dyn CloudTransport>`.
+#[async_trait]
+pub trait CloudTransport: MessageTransport {
+    /// Sends a batch of downlink messages. Fan-out (groups, fleet, specs) is the transport's (the
+    /// broker's) job: one [`Outbound`] reaches every subscriber of its destination.
+    async fn send(&self, batch: Vec<Outbound>) -> Result<(), TransportError>;
+
+    /// Waits until at least one uplink message is available, then returns up to `max` of them in
+    /// arrival order (`max == 0` returns an empty batch at once).
+    async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError>;
+}
+
+/// An edge node's side of a transport. Object-safe: hold it as `Arc<dyn NodeTransport>`.
+///
+/// On connect a node receives its own topic, the fleet topic and the fleet-wide spec topics
+/// (including their retained messages); groups are added with [`NodeTransport::subscribe`].
+/// Subscriptions do not survive a reconnect: subscribe again to every group.
+#[async_trait]
+pub trait NodeTransport: MessageTransport {
+    /// The node this endpoint speaks for.
+    fn node(&self) -> &NodeName;
+
+    /// Publishes a batch of uplink messages on this node's own topics.
+    async fn publish(&self, batch: Vec<NodePublish>) -> Result<(), TransportError>;
+
+    /// Waits until at least one downlink message is available, then returns up to `max` of them in
+    /// arrival order (`max == 0` returns an empty batch at once).
+    async fn recv(&self, max: usize) -> Result<Vec<NodeDelivery>, TransportError>;
+
+    /// Subscribes to a group's topic and spec topics; the group's retained messages are delivered.
+    async fn subscribe(&self, group: &GroupName) -> Result<(), TransportError>;
+
+    /// Unsubscribes from a group.
+    async fn unsubscribe(&self, group: &GroupName) -> Result<(), TransportError>;
+}

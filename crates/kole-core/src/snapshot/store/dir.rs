@@ -40,11 +40,7 @@ impl DirSnapshotStore {
     /// A store in `root`, created if missing.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, SnapshotError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| SnapshotError::Io {
-            op: "create",
-            path: root.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&root).map_err(|source| SnapshotError::Io { op: "create", path: root.clone(), source })?;
         Ok(Self {
             root,
             ops: AtomicU64::new(0),
@@ -79,8 +75,7 @@ impl DirSnapshotStore {
 
     /// Path of a chunk file.
     pub fn chunk_path(&self, generation: u64, index: u32) -> PathBuf {
-        self.generation_dir(generation)
-            .join(format!("chunk-{index:06}.kole"))
+        self.generation_dir(generation).join(format!("chunk-{index:06}.kole"))
     }
 
     /// Counts one file operation; fails it when the injected crash point is passed.
@@ -96,22 +91,13 @@ impl DirSnapshotStore {
         }
     }
 
-    fn io<'a>(
-        op: &'static str,
-        path: &'a Path,
-    ) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
-        move |source| SnapshotError::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+        move |source| SnapshotError::Io { op, path: path.to_owned(), source }
     }
 
     fn fsync_dir(&self, dir: &Path) -> Result<(), SnapshotError> {
         self.op("fsync", dir)?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Self::io("fsync", dir))
+        File::open(dir).and_then(|d| d.sync_all()).map_err(Self::io("fsync", dir))
     }
 
     /// create + write + fsync, each counted.
@@ -132,18 +118,12 @@ impl DirSnapshotStore {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
-                return Err(SnapshotError::Io {
-                    op: "read",
-                    path: path.to_owned(),
-                    source: e,
-                });
+                return Err(SnapshotError::Io { op: "read", path: path.to_owned(), source: e });
             }
         };
         // One byte over the limit is enough for the reader to see it is too long.
         let mut out = Vec::new();
-        f.take(limit + 1)
-            .read_to_end(&mut out)
-            .map_err(Self::io("read", path))?;
+        f.take(limit + 1).read_to_end(&mut out).map_err(Self::io("read", path))?;
         Ok(Some(out))
     }
 
@@ -153,11 +133,7 @@ impl DirSnapshotStore {
         for entry in fs::read_dir(&self.root).map_err(Self::io("list", &self.root))? {
             let entry = entry.map_err(Self::io("list", &self.root))?;
             let name = entry.file_name();
-            if let Some(g) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("gen-"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            if let Some(g) = name.to_str().and_then(|n| n.strip_prefix("gen-")).and_then(|n| n.parse::<u64>().ok()) {
                 gens.push(g);
             }
         }
@@ -195,12 +171,7 @@ impl SnapshotStore for DirSnapshotStore {
         Ok(self.generation_dirs()?.last().map_or(1, |g| g + 1))
     }
 
-    async fn put_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-        chunk: &[u8],
-    ) -> Result<(), SnapshotError> {
+    async fn put_chunk(&self, generation: u64, index: u32, chunk: &[u8]) -> Result<(), SnapshotError> {
         let dir = self.generation_dir(generation);
         if !dir.is_dir() {
             self.op("create", &dir)?;
@@ -235,11 +206,7 @@ impl SnapshotStore for DirSnapshotStore {
         Ok(out)
     }
 
-    async fn get_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-    ) -> Result<Option<Vec<u8>>, SnapshotError> {
+    async fn get_chunk(&self, generation: u64, index: u32) -> Result<Option<Vec<u8>>, SnapshotError> {
         Self::read_limited(&self.chunk_path(generation, index), self.max_file_bytes)
     }
 

@@ -42,17 +42,9 @@ impl MemorySnapshotStore {
     }
 
     /// Test hook: changes a stored chunk in place; returns whether it existed.
-    pub fn corrupt_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-        damage: impl FnOnce(&mut Vec<u8>),
-    ) -> bool {
+    pub fn corrupt_chunk(&self, generation: u64, index: u32, damage: impl FnOnce(&mut Vec<u8>)) -> bool {
         let mut g = self.lock();
-        match g
-            .get_mut(&generation)
-            .and_then(|g| g.chunks.get_mut(&index))
-        {
+        match g.get_mut(&generation).and_then(|g| g.chunks.get_mut(&index)) {
             Some(c) => {
                 damage(c);
                 true
@@ -68,20 +60,12 @@ impl MemorySnapshotStore {
 
     /// Test hook: stores `bytes` as a chunk, whatever they are.
     pub fn replace_chunk(&self, generation: u64, index: u32, bytes: Vec<u8>) {
-        self.lock()
-            .entry(generation)
-            .or_default()
-            .chunks
-            .insert(index, bytes);
+        self.lock().entry(generation).or_default().chunks.insert(index, bytes);
     }
 
     /// Test hook: changes a committed manifest's stored bytes; returns whether it existed.
     pub fn corrupt_manifest(&self, generation: u64, damage: impl FnOnce(&mut Vec<u8>)) -> bool {
-        match self
-            .lock()
-            .get_mut(&generation)
-            .and_then(|g| g.manifest.as_mut())
-        {
+        match self.lock().get_mut(&generation).and_then(|g| g.manifest.as_mut()) {
             Some(m) => {
                 damage(m);
                 true
@@ -97,17 +81,8 @@ impl SnapshotStore for MemorySnapshotStore {
         Ok(self.lock().keys().next_back().map_or(1, |g| g + 1))
     }
 
-    async fn put_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-        chunk: &[u8],
-    ) -> Result<(), SnapshotError> {
-        self.lock()
-            .entry(generation)
-            .or_default()
-            .chunks
-            .insert(index, chunk.to_vec());
+    async fn put_chunk(&self, generation: u64, index: u32, chunk: &[u8]) -> Result<(), SnapshotError> {
+        self.lock().entry(generation).or_default().chunks.insert(index, chunk.to_vec());
         Ok(())
     }
 
@@ -128,22 +103,12 @@ impl SnapshotStore for MemorySnapshotStore {
             .collect())
     }
 
-    async fn get_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-    ) -> Result<Option<Vec<u8>>, SnapshotError> {
+    async fn get_chunk(&self, generation: u64, index: u32) -> Result<Option<Vec<u8>>, SnapshotError> {
         Ok(self.chunk(generation, index))
     }
 
     async fn prune(&self, keep: usize) -> Result<(), SnapshotError> {
-        let complete: Vec<u64> = self
-            .list_manifests()
-            .await?
-            .iter()
-            .map(|m| m.generation)
-            .take(keep)
-            .collect();
+        let complete: Vec<u64> = self.list_manifests().await?.iter().map(|m| m.generation).take(keep).collect();
         self.lock().retain(|g, _| complete.contains(g));
         Ok(())
     }

@@ -24,12 +24,7 @@ pub trait SnapshotStore: Send + Sync {
     async fn next_generation(&self) -> Result<u64, SnapshotError>;
 
     /// Stores chunk `index` of `generation`, replacing one left there by an interrupted write.
-    async fn put_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-        chunk: &[u8],
-    ) -> Result<(), SnapshotError>;
+    async fn put_chunk(&self, generation: u64, index: u32, chunk: &[u8]) -> Result<(), SnapshotError>;
 
     /// Makes `manifest.generation` complete, atomically: before the call returns it is either
     /// wholly listed or not at all. Call after every chunk is stored.
@@ -39,11 +34,7 @@ pub trait SnapshotStore: Send + Sync {
     async fn list_manifests(&self) -> Result<Vec<Manifest>, SnapshotError>;
 
     /// Chunk `index` of `generation`, or `None` when there is none.
-    async fn get_chunk(
-        &self,
-        generation: u64,
-        index: u32,
-    ) -> Result<Option<Vec<u8>>, SnapshotError>;
+    async fn get_chunk(&self, generation: u64, index: u32) -> Result<Option<Vec<u8>>, SnapshotError>;
 
     /// Keeps the newest `keep` complete generations and removes the rest, together with any
     /// incomplete generation (leftovers of interrupted writes).

@@ -1,0 +1,218 @@
+//! The name → slot index: an open-addressing table of packed `(hash, slot)` words.
+//!
+//! Each entry is one `u64`: the upper half is a 32-bit hash of the node name, the lower half the
+//! slot. Linear probing keeps a lookup within one or two cache lines, the table never stores the
+//! names themselves (callers verify a candidate slot against the name arena), and because the hash
+//! is kept, growing and deleting (backward shift) never touch the arena. A lookup's first probe is
+//! exposed separately so batch paths can issue many independent loads before using any of them.
+
+/// Marks an empty bucket.
+const EMPTY: u64 = u64::MAX;
+
+/// Packs a hash and a slot.
+#[inline]
+fn pack(hash: u32, slot: u32) -> u64 {
+    (u64::from(hash) << 32) | u64::from(slot)
+}
+
+/// The hash half of an entry.
+#[inline]
+pub(crate) fn entry_hash(e: u64) -> u32 {
+    (e >> 32) as u32
+}
+
+/// The slot half of an entry.
+#[inline]
+pub(crate) fn entry_slot(e: u64) -> u32 {
+    e as u32
+}
+
+/// Open-addressing name index (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NameIndex {
+    table: Vec<u64>,
+    len: usize,
+}
+
+impl NameIndex {
+    /// An index that holds `n` entries without growing.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        let mut idx = Self::default();
+        if n > 0 {
+            idx.table = vec![EMPTY; buckets_for(n)];
+        }
+        idx
+    }
+
+    /// Number of entries.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Heap bytes held.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.table.capacity() * 8
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.table.len() - 1
+    }
+
+    /// The entry in `hash`'s home bucket (or `EMPTY`): the first probe of a lookup, for batching.
+    #[inline]
+    pub(crate) fn first_probe(&self, hash: u32) -> u64 {
+        if self.table.is_empty() {
+            return EMPTY;
+        }
+        self.table[hash as usize & self.mask()]
+    }
+
+    /// The slot whose entry has `hash` and for which `is_it` holds.
+    #[inline]
+    pub(crate) fn find(&self, hash: u32, mut is_it: impl FnMut(u32) -> bool) -> Option<u32> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        loop {
+            let e = self.table[i];
+            if e == EMPTY {
+                return None;
+            }
+            if entry_hash(e) == hash && is_it(entry_slot(e)) {
+                return Some(entry_slot(e));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Adds an entry; the caller guarantees the name is not present yet.
+    pub(crate) fn insert(&mut self, hash: u32, slot: u32) {
+        if self.table.is_empty() || (self.len + 1) * 10 > self.table.len() * 7 {
+            self.grow();
+        }
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        while self.table[i] != EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.table[i] = pack(hash, slot);
+        self.len += 1;
+    }
+
+    /// Removes the entry `(hash, slot)`; returns whether it was present.
+    pub(crate) fn remove(&mut self, hash: u32, slot: u32) -> bool {
+        if self.table.is_empty() {
+            return false;
+        }
+        let mask = self.mask();
+        let target = pack(hash, slot);
+        let mut i = hash as usize & mask;
+        loop {
+            let e = self.table[i];
+            if e == EMPTY {
+                return false;
+            }
+            if e == target {
+                break;
+            }
+            i = (i + 1) & mask;
+        }
+        // Backward-shift deletion: pull later entries of the probe run into the hole when their
+        // home bucket does not lie cyclically after the hole.
+        let mut hole = i;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let e = self.table[j];
+            if e == EMPTY {
+                break;
+            }
+            let home = entry_hash(e) as usize & mask;
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.table[hole] = e;
+                hole = j;
+            }
+        }
+        self.table[hole] = EMPTY;
+        self.len -= 1;
+        true
+    }
+
+    /// Resizes to the smallest table that holds the current entries.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        let want = if self.len == 0 {
+            0
+        } else {
+            buckets_for(self.len)
+        };
+        if want < self.table.len() {
+            self.rebuild(want);
+        }
+    }
+
+    fn grow(&mut self) {
+        let want = (self.table.len() * 2).max(16);
+        self.rebuild(want);
+    }
+
+    fn rebuild(&mut self, buckets: usize) {
+        let old = std::mem::replace(&mut self.table, vec![EMPTY; buckets]);
+        if buckets == 0 {
+            return;
+        }
+        let mask = buckets - 1;
+        for e in old.into_iter().filter(|&e| e != EMPTY) {
+            let mut i = entry_hash(e) as usize & mask;
+            while self.table[i] != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.table[i] = e;
+        }
+    }
+}
+
+/// Buckets (a power of two) that keep `n` entries at or below a 70% load factor.
+fn buckets_for(n: usize) -> usize {
+    (n * 10 / 7 + 1).next_power_of_two().max(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn insert_find_remove_against_a_map() {
+        let mut idx = NameIndex::default();
+        let mut model: HashMap<u32, u32> = HashMap::new();
+        // Few distinct hashes force long collision runs and wrap-around.
+        let mut x = 7u64;
+        for step in 0..20_000u32 {
+            x = crate::model::mix64(x);
+            let key = (x % 3_000) as u32;
+            let hash = key % 97 * 0x0101_0101;
+            if let Some(slot) = model.get(&key).copied() {
+                assert_eq!(idx.find(hash, |s| s == slot), Some(slot));
+                if x & 1 == 0 {
+                    assert!(idx.remove(hash, slot));
+                    model.remove(&key);
+                    assert_eq!(idx.find(hash, |s| s == slot), None);
+                }
+            } else {
+                idx.insert(hash, step);
+                model.insert(key, step);
+            }
+            assert_eq!(idx.len(), model.len());
+        }
+        for (&key, &slot) in &model {
+            assert_eq!(idx.find(key % 97 * 0x0101_0101, |s| s == slot), Some(slot));
+        }
+        idx.shrink_to_fit();
+        for (&key, &slot) in &model {
+            assert_eq!(idx.find(key % 97 * 0x0101_0101, |s| s == slot), Some(slot));
+        }
+    }
+}

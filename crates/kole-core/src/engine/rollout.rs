@@ -1,0 +1,184 @@
+//! Workloads as the engine holds them: current and previous version, rollout position, delivery.
+
+use std::sync::Arc;
+
+use crate::model::{DesiredDigest, FailureThreshold, Workload, wave_point_seeded, wave_seed};
+use crate::protocol::WorkloadSpec;
+
+/// Where a workload's rollout stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RolloutPhase {
+    /// Waves are being rolled out.
+    #[default]
+    Progressing,
+    /// Held at the current wave on request.
+    Paused,
+    /// Stopped because failures exceeded the threshold; resume or roll back.
+    Halted,
+    /// Every wave reached and healthy.
+    Complete,
+}
+
+impl RolloutPhase {
+    /// Lower-case name, for status and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutPhase::Progressing => "progressing",
+            RolloutPhase::Paused => "paused",
+            RolloutPhase::Halted => "halted",
+            RolloutPhase::Complete => "complete",
+        }
+    }
+}
+
+/// A workload's rollout position, as a controller persists it (e.g. in the custom resource's
+/// status) so that a restarted engine resumes instead of starting the rollout over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutProgress {
+    /// Index of the wave reached.
+    pub wave: usize,
+    /// Rollout phase.
+    pub phase: RolloutPhase,
+    /// The version nodes outside the reached waves keep running (and rollback returns to).
+    pub previous: Option<Workload>,
+    /// Whether the current spec and wave were already published (retained) by a previous life;
+    /// if so, the engine does not publish them again.
+    pub published: bool,
+}
+
+/// One workload inside the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkloadEntry {
+    pub(crate) current: Arc<Workload>,
+    pub(crate) previous: Option<Arc<Workload>>,
+    pub(crate) wave: usize,
+    pub(crate) phase: RolloutPhase,
+    pub(crate) seed: u64,
+    pub(crate) member_current: u64,
+    pub(crate) member_previous: u64,
+}
+
+impl WorkloadEntry {
+    pub(crate) fn new(current: Workload, previous: Option<Workload>, wave: usize, phase: RolloutPhase) -> Self {
+        let seed = wave_seed(&current.id);
+        let member_current = DesiredDigest::member(current.id.as_str(), current.version);
+        let member_previous = previous.as_ref().map_or(0, |p| DesiredDigest::member(p.id.as_str(), p.version));
+        let wave = wave.min(current.rollout.waves.len().saturating_sub(1));
+        Self {
+            current: Arc::new(current),
+            previous: previous.map(Arc::new),
+            wave,
+            phase,
+            seed,
+            member_current,
+            member_previous,
+        }
+    }
+
+    /// Nodes with a wave point below this run the current version (hundredths of a percent).
+    pub(crate) fn threshold(&self) -> u16 {
+        if self.phase == RolloutPhase::Complete {
+            return WorkloadSpec::ALL_WAVES;
+        }
+        let pct = self.current.rollout.waves.get(self.wave).copied().unwrap_or(100);
+        u16::from(pct.min(100)) * 100
+    }
+
+    /// Which version a node runs: `Some(true)` current, `Some(false)` previous, `None` neither.
+    #[inline]
+    pub(crate) fn version_for(&self, node: &[u8]) -> Option<bool> {
+        let t = self.threshold();
+        if t >= WorkloadSpec::ALL_WAVES || wave_point_seeded(self.seed, node) < t {
+            Some(true)
+        } else if self.previous.is_some() {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// This workload's contribution to a node's desired digest.
+    #[inline]
+    pub(crate) fn digest_member(&self, node: &[u8]) -> u64 {
+        match self.version_for(node) {
+            Some(true) => self.member_current,
+            Some(false) => self.member_previous,
+            None => 0,
+        }
+    }
+
+    /// The workload (version) a node should run.
+    pub(crate) fn workload_for(&self, node: &[u8]) -> Option<&Arc<Workload>> {
+        match self.version_for(node)? {
+            true => Some(&self.current),
+            false => self.previous.as_ref(),
+        }
+    }
+
+    pub(crate) fn progress(&self) -> RolloutProgress {
+        RolloutProgress {
+            wave: self.wave,
+            phase: self.phase,
+            previous: self.previous.as_deref().cloned(),
+            published: true,
+        }
+    }
+
+    pub(crate) fn is_last_wave(&self) -> bool {
+        self.wave + 1 >= self.current.rollout.waves.len()
+    }
+
+    /// Whether `failed` of `reached` nodes exceeds the failure threshold.
+    pub(crate) fn failures_exceeded(&self, failed: u32, reached: u32) -> bool {
+        match self.current.rollout.failure_threshold {
+            FailureThreshold::Count(c) => failed > c,
+            FailureThreshold::Percent(p) => u64::from(failed) * 100 > u64::from(p) * u64::from(reached.max(1)),
+        }
+    }
+
+    pub(crate) fn spec_message(&self) -> WorkloadSpec {
+        WorkloadSpec { workload: (*self.current).clone(), wave_threshold: self.threshold() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{RolloutStrategy, Selector, WorkloadId};
+
+    fn wl(version: u64, waves: &[u8]) -> Workload {
+        Workload {
+            id: WorkloadId::new("default/app").unwrap(),
+            version,
+            spec: vec![1, 2, 3],
+            selector: Selector::everything(),
+            delivery: Default::default(),
+            rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn waves_split_nodes_between_versions() {
+        let e = WorkloadEntry::new(wl(2, &[10, 100]), Some(wl(1, &[100])), 0, RolloutPhase::Progressing);
+        assert_eq!(e.threshold(), 1000);
+        let names: Vec<String> = (0..10_000).map(|i| format!("n{i}")).collect();
+        let current = names.iter().filter(|n| e.version_for(n.as_bytes()) == Some(true)).count();
+        assert!((800..1200).contains(&current), "{current}");
+        assert!(names.iter().all(|n| e.version_for(n.as_bytes()).is_some()));
+        let fresh = WorkloadEntry::new(wl(1, &[10, 100]), None, 0, RolloutPhase::Progressing);
+        assert!(names.iter().any(|n| fresh.version_for(n.as_bytes()).is_none()));
+        let done = WorkloadEntry { phase: RolloutPhase::Complete, ..fresh };
+        assert!(names.iter().all(|n| done.version_for(n.as_bytes()) == Some(true)));
+    }
+
+    #[test]
+    fn failure_thresholds() {
+        let mut w = wl(1, &[100]);
+        w.rollout.failure_threshold = FailureThreshold::Count(2);
+        let e = WorkloadEntry::new(w.clone(), None, 0, RolloutPhase::Progressing);
+        assert!(!e.failures_exceeded(2, 10) && e.failures_exceeded(3, 10));
+        w.rollout.failure_threshold = FailureThreshold::Percent(10);
+        let e = WorkloadEntry::new(w, None, 0, RolloutPhase::Progressing);
+        assert!(!e.failures_exceeded(10, 100) && e.failures_exceeded(11, 100));
+    }
+}

@@ -1,0 +1,745 @@
+//! The postcard bodies: the exact field order and encoding of every message.
+//!
+//! Two mirrors of each message live here. The `*Out` views borrow a message and serialize it
+//! without allocating; the `*In` forms deserialize borrowing from the input (`&str`, `&[u8]`), so the
+//! decoder can check limits and validate every field before it copies anything into the public,
+//! owned message types. The round-trip property tests keep the two in agreement; `docs/protocol.md`
+//! describes the result byte by byte. Digests (8 bytes) and boot ids (4 bytes) are fixed-width,
+//! little-endian (they are random, a varint would only make them longer); counters, versions and
+//! lengths are varints.
+
+use std::net::IpAddr;
+
+use serde::ser::{SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    DeliveryMode, DesiredDigest, FailureThreshold, Labels, NodeInfo, NodeName, Requirement,
+    RequirementOp, RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase,
+    WorkloadState,
+};
+
+use super::envelope::{DecodeError, DecodeLimits, Limit};
+use super::messages::{
+    Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register,
+    RegisterAck, RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+};
+use super::topics::GroupName;
+
+// ---------------------------------------------------------------------------------------------
+// Shared pieces
+
+fn fixed8(d: DesiredDigest) -> [u8; 8] {
+    d.0.to_le_bytes()
+}
+
+fn digest(b: [u8; 8]) -> DesiredDigest {
+    DesiredDigest(u64::from_le_bytes(b))
+}
+
+/// A byte string: varint length, then the bytes (same bytes as a sequence of `u8`).
+struct Bytes<'a>(&'a [u8]);
+
+impl Serialize for Bytes<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// Serializes an iterator of known length as a sequence (varint count, then the items).
+struct Seq<I>(I);
+
+impl<I> Serialize for Seq<I>
+where
+    I: Iterator + ExactSizeIterator + Clone,
+    I::Item: Serialize,
+{
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+enum RejectWire {
+    IdentityMismatch,
+    Invalid,
+    NotAllowed,
+    Overloaded,
+}
+
+#[derive(Serialize, Deserialize)]
+enum OutcomeWire<'a> {
+    Accepted,
+    Rejected {
+        code: RejectWire,
+        message: &'a str,
+        retry_after_ms: u32,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum DeliveryWire<'a> {
+    Broadcast,
+    Group(&'a str),
+    PerNode,
+}
+
+#[derive(Serialize, Deserialize)]
+enum CommandKindWire<'a> {
+    Reregister,
+    Resync,
+    RestartWorkload(&'a str),
+    Ping,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CommandWire<'a> {
+    id: u64,
+    #[serde(borrow)]
+    kind: CommandKindWire<'a>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateWire<'a> {
+    workload: &'a str,
+    version: u64,
+    phase: WorkloadPhase,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeartbeatWire {
+    seq: u32,
+    boot_id: [u8; 4],
+    applied: [u8; 8],
+    health: u8,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RemovedWire<'a> {
+    id: &'a str,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding views
+
+fn state_out(s: &WorkloadState) -> StateWire<'_> {
+    StateWire {
+        workload: s.workload.as_str(),
+        version: s.version,
+        phase: s.phase,
+    }
+}
+
+/// A slice serialized through a per-item view.
+type SliceSeq<'a, T, V> = Seq<std::iter::Map<std::slice::Iter<'a, T>, fn(&'a T) -> V>>;
+
+fn slice_seq<'a, T, V>(items: &'a [T], view: fn(&'a T) -> V) -> SliceSeq<'a, T, V> {
+    Seq(items.iter().map(view))
+}
+
+type StatesOut<'a> = SliceSeq<'a, WorkloadState, StateWire<'a>>;
+
+#[derive(Serialize)]
+struct InfoOut<'a> {
+    arch: &'a str,
+    os: &'a str,
+    agent_version: &'a str,
+    addresses: &'a [IpAddr],
+}
+
+#[derive(Serialize)]
+struct RegisterOut<'a> {
+    name: &'a str,
+    boot_id: [u8; 4],
+    labels: LabelsOut<'a>,
+    info: InfoOut<'a>,
+    applied: [u8; 8],
+    workloads: StatesOut<'a>,
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    seq: u32,
+    boot_id: [u8; 4],
+    applied: [u8; 8],
+    workloads: StatesOut<'a>,
+}
+
+#[derive(Serialize)]
+struct AckOut<'a> {
+    boot_id: [u8; 4],
+    outcome: OutcomeWire<'a>,
+    heartbeat_interval_ms: u32,
+    groups: &'a [GroupName],
+    desired: [u8; 8],
+}
+
+#[derive(Serialize)]
+struct RequirementOut<'a> {
+    key: &'a str,
+    op: RequirementOp,
+    values: &'a [String],
+}
+
+fn requirement_out(r: &Requirement) -> RequirementOut<'_> {
+    RequirementOut {
+        key: r.key(),
+        op: r.op(),
+        values: r.values(),
+    }
+}
+
+#[derive(Serialize)]
+struct RolloutOut<'a> {
+    waves: Bytes<'a>,
+    paused: bool,
+    failure_threshold: FailureThreshold,
+}
+
+type SelectorOut<'a> = SliceSeq<'a, Requirement, RequirementOut<'a>>;
+
+#[derive(Serialize)]
+struct WorkloadOut<'a> {
+    id: &'a str,
+    version: u64,
+    spec: Bytes<'a>,
+    selector: SelectorOut<'a>,
+    delivery: DeliveryWire<'a>,
+    rollout: RolloutOut<'a>,
+}
+
+fn workload_out(w: &Workload) -> WorkloadOut<'_> {
+    WorkloadOut {
+        id: w.id.as_str(),
+        version: w.version,
+        spec: Bytes(&w.spec),
+        selector: slice_seq(w.selector.requirements(), requirement_out),
+        delivery: match &w.delivery {
+            DeliveryMode::Broadcast => DeliveryWire::Broadcast,
+            DeliveryMode::Group(g) => DeliveryWire::Group(g),
+            DeliveryMode::PerNode => DeliveryWire::PerNode,
+        },
+        rollout: RolloutOut {
+            waves: Bytes(&w.rollout.waves),
+            paused: w.rollout.paused,
+            failure_threshold: w.rollout.failure_threshold,
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct SpecOut<'a> {
+    workload: WorkloadOut<'a>,
+    wave_threshold: u16,
+}
+
+#[derive(Serialize)]
+struct DesiredOut<'a> {
+    digest: [u8; 8],
+    workloads: SliceSeq<'a, Workload, WorkloadOut<'a>>,
+}
+
+/// Appends the postcard body of `msg` to `buf`.
+pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    fn put<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+        postcard::to_io(value, buf).map(|_| ())
+    }
+    match msg {
+        Message::Register(m) => put(
+            &RegisterOut {
+                name: m.name.as_str(),
+                boot_id: m.boot_id.to_le_bytes(),
+                labels: LabelsOut(&m.labels),
+                info: InfoOut {
+                    arch: &m.info.arch,
+                    os: &m.info.os,
+                    agent_version: &m.info.agent_version,
+                    addresses: &m.info.addresses,
+                },
+                applied: fixed8(m.applied),
+                workloads: slice_seq(&m.workloads, state_out),
+            },
+            buf,
+        ),
+        Message::Heartbeat(m) => put(
+            &HeartbeatWire {
+                seq: m.seq,
+                boot_id: m.boot_id.to_le_bytes(),
+                applied: fixed8(m.applied),
+                health: m.health.0,
+            },
+            buf,
+        ),
+        Message::StatusReport(m) => put(
+            &StatusOut {
+                seq: m.seq,
+                boot_id: m.boot_id.to_le_bytes(),
+                applied: fixed8(m.applied),
+                workloads: slice_seq(&m.workloads, state_out),
+            },
+            buf,
+        ),
+        Message::RegisterAck(m) => put(
+            &AckOut {
+                boot_id: m.boot_id.to_le_bytes(),
+                outcome: match &m.outcome {
+                    RegisterOutcome::Accepted => OutcomeWire::Accepted,
+                    RegisterOutcome::Rejected {
+                        code,
+                        message,
+                        retry_after_ms,
+                    } => OutcomeWire::Rejected {
+                        code: match code {
+                            RejectCode::IdentityMismatch => RejectWire::IdentityMismatch,
+                            RejectCode::Invalid => RejectWire::Invalid,
+                            RejectCode::NotAllowed => RejectWire::NotAllowed,
+                            RejectCode::Overloaded => RejectWire::Overloaded,
+                        },
+                        message,
+                        retry_after_ms: *retry_after_ms,
+                    },
+                },
+                heartbeat_interval_ms: m.heartbeat_interval_ms,
+                groups: &m.groups,
+                desired: fixed8(m.desired),
+            },
+            buf,
+        ),
+        Message::WorkloadSpec(m) => put(
+            &SpecOut {
+                workload: workload_out(&m.workload),
+                wave_threshold: m.wave_threshold,
+            },
+            buf,
+        ),
+        Message::WorkloadRemoved(m) => put(&RemovedWire { id: m.id.as_str() }, buf),
+        Message::DesiredState(m) => put(
+            &DesiredOut {
+                digest: fixed8(m.digest),
+                workloads: slice_seq(&m.workloads, workload_out),
+            },
+            buf,
+        ),
+        Message::Command(m) => put(
+            &CommandWire {
+                id: m.id,
+                kind: match &m.kind {
+                    CommandKind::Reregister => CommandKindWire::Reregister,
+                    CommandKind::Resync => CommandKindWire::Resync,
+                    CommandKind::RestartWorkload(id) => {
+                        CommandKindWire::RestartWorkload(id.as_str())
+                    }
+                    CommandKind::Ping => CommandKindWire::Ping,
+                },
+            },
+            buf,
+        ),
+    }
+}
+
+/// The labels as a sequence of `(key, value)` pairs in key order (same bytes as a map).
+struct LabelsOut<'a>(&'a Labels);
+
+impl Serialize for LabelsOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for pair in self.0.iter() {
+            seq.serialize_element(&pair)?;
+        }
+        seq.end()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding forms
+
+/// Most elements a sequence reserves room for before any has been decoded.
+const MAX_PREALLOC: usize = 16;
+
+/// Deserializes a sequence without trusting its declared length for the allocation: serde's own
+/// `Vec` reserves up to the declared count (which postcard caps only at the remaining input length,
+/// i.e. up to `size_of::<T>()` times the input), while this reserves at most [`MAX_PREALLOC`] and
+/// then grows with the elements actually decoded, each of which consumed input bytes.
+fn bounded_seq<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_PREALLOC));
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    d.deserialize_seq(Bounded(std::marker::PhantomData))
+}
+
+#[derive(Deserialize)]
+struct InfoIn<'a> {
+    arch: &'a str,
+    os: &'a str,
+    agent_version: &'a str,
+    #[serde(deserialize_with = "bounded_seq")]
+    addresses: Vec<IpAddr>,
+}
+
+#[derive(Deserialize)]
+struct RegisterIn<'a> {
+    name: &'a str,
+    boot_id: [u8; 4],
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    labels: Vec<(&'a str, &'a str)>,
+    #[serde(borrow)]
+    info: InfoIn<'a>,
+    applied: [u8; 8],
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    workloads: Vec<StateWire<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StatusIn<'a> {
+    seq: u32,
+    boot_id: [u8; 4],
+    applied: [u8; 8],
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    workloads: Vec<StateWire<'a>>,
+}
+
+#[derive(Deserialize)]
+struct AckIn<'a> {
+    boot_id: [u8; 4],
+    #[serde(borrow)]
+    outcome: OutcomeWire<'a>,
+    heartbeat_interval_ms: u32,
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    groups: Vec<&'a str>,
+    desired: [u8; 8],
+}
+
+#[derive(Deserialize)]
+struct RequirementIn<'a> {
+    key: &'a str,
+    op: RequirementOp,
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    values: Vec<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct RolloutIn<'a> {
+    waves: &'a [u8],
+    paused: bool,
+    failure_threshold: FailureThreshold,
+}
+
+#[derive(Deserialize)]
+struct WorkloadIn<'a> {
+    id: &'a str,
+    version: u64,
+    spec: &'a [u8],
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    selector: Vec<RequirementIn<'a>>,
+    #[serde(borrow)]
+    delivery: DeliveryWire<'a>,
+    #[serde(borrow)]
+    rollout: RolloutIn<'a>,
+}
+
+#[derive(Deserialize)]
+struct SpecIn<'a> {
+    #[serde(borrow)]
+    workload: WorkloadIn<'a>,
+    wave_threshold: u16,
+}
+
+#[derive(Deserialize)]
+struct DesiredIn<'a> {
+    digest: [u8; 8],
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    workloads: Vec<WorkloadIn<'a>>,
+}
+
+/// Decodes one body of `kind`, then checks limits and field rules, then builds the owned message.
+pub(super) fn decode_body(
+    kind: MessageKind,
+    body: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Message, DecodeError> {
+    let cx = Check { kind, limits };
+    match kind {
+        MessageKind::Register => cx.register(cx.parse(body)?).map(Message::Register),
+        MessageKind::Heartbeat => {
+            let m: HeartbeatWire = cx.parse(body)?;
+            Ok(Message::Heartbeat(Heartbeat {
+                seq: m.seq,
+                boot_id: u32::from_le_bytes(m.boot_id),
+                applied: digest(m.applied),
+                health: NodeHealth(m.health),
+            }))
+        }
+        MessageKind::StatusReport => {
+            let m: StatusIn<'_> = cx.parse(body)?;
+            Ok(Message::StatusReport(StatusReport {
+                seq: m.seq,
+                boot_id: u32::from_le_bytes(m.boot_id),
+                applied: digest(m.applied),
+                workloads: cx.states(&m.workloads)?,
+            }))
+        }
+        MessageKind::RegisterAck => cx.ack(cx.parse(body)?).map(Message::RegisterAck),
+        MessageKind::WorkloadSpec => {
+            let m: SpecIn<'_> = cx.parse(body)?;
+            if m.wave_threshold > WorkloadSpec::ALL_WAVES {
+                return Err(cx.invalid("wave_threshold")(ValidationError::Rollout {
+                    reason: "wave threshold must be 0 to 10000 (hundredths of a percent)",
+                }));
+            }
+            let workload = cx.workload(&m.workload)?;
+            Ok(Message::WorkloadSpec(WorkloadSpec {
+                workload,
+                wave_threshold: m.wave_threshold,
+            }))
+        }
+        MessageKind::WorkloadRemoved => {
+            let m: RemovedWire<'_> = cx.parse(body)?;
+            Ok(Message::WorkloadRemoved(WorkloadRemoved {
+                id: cx.workload_id("id", m.id)?,
+            }))
+        }
+        MessageKind::DesiredState => {
+            let m: DesiredIn<'_> = cx.parse(body)?;
+            cx.count(Limit::Workloads, m.workloads.len(), limits.max_workloads)?;
+            let workloads = m
+                .workloads
+                .iter()
+                .map(|w| cx.workload(w))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Message::DesiredState(DesiredState {
+                digest: digest(m.digest),
+                workloads,
+            }))
+        }
+        MessageKind::Command => {
+            let m: CommandWire<'_> = cx.parse(body)?;
+            let kind = match m.kind {
+                CommandKindWire::Reregister => CommandKind::Reregister,
+                CommandKindWire::Resync => CommandKind::Resync,
+                CommandKindWire::RestartWorkload(id) => {
+                    CommandKind::RestartWorkload(cx.workload_id("kind.workload", id)?)
+                }
+                CommandKindWire::Ping => CommandKind::Ping,
+            };
+            Ok(Message::Command(Command { id: m.id, kind }))
+        }
+    }
+}
+
+/// Limit and rule checks, with the message kind for error context.
+struct Check<'l> {
+    kind: MessageKind,
+    limits: &'l DecodeLimits,
+}
+
+impl Check<'_> {
+    fn parse<'a, T: Deserialize<'a>>(&self, body: &'a [u8]) -> Result<T, DecodeError> {
+        let (value, rest) =
+            postcard::take_from_bytes::<T>(body).map_err(|e| DecodeError::Malformed {
+                kind: self.kind,
+                reason: e.to_string(),
+            })?;
+        if !rest.is_empty() {
+            return Err(DecodeError::TrailingBytes {
+                kind: self.kind,
+                count: rest.len(),
+            });
+        }
+        Ok(value)
+    }
+
+    fn count(&self, limit: Limit, actual: usize, max: usize) -> Result<(), DecodeError> {
+        if actual > max {
+            return Err(DecodeError::LimitExceeded {
+                kind: self.kind,
+                limit,
+                actual,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, field: &'static str) -> impl Fn(ValidationError) -> DecodeError + '_ {
+        move |source| DecodeError::InvalidField {
+            kind: self.kind,
+            field,
+            source,
+        }
+    }
+
+    fn string(&self, s: &str) -> Result<String, DecodeError> {
+        self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
+        Ok(s.to_owned())
+    }
+
+    fn node_name(&self, field: &'static str, s: &str) -> Result<NodeName, DecodeError> {
+        self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
+        NodeName::new(s).map_err(self.invalid(field))
+    }
+
+    fn workload_id(&self, field: &'static str, s: &str) -> Result<WorkloadId, DecodeError> {
+        self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
+        WorkloadId::new(s).map_err(self.invalid(field))
+    }
+
+    fn group(&self, field: &'static str, s: &str) -> Result<GroupName, DecodeError> {
+        self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
+        GroupName::new(s).map_err(|source| DecodeError::InvalidGroup {
+            kind: self.kind,
+            field,
+            source,
+        })
+    }
+
+    fn states(&self, states: &[StateWire<'_>]) -> Result<Vec<WorkloadState>, DecodeError> {
+        self.count(Limit::Workloads, states.len(), self.limits.max_workloads)?;
+        states
+            .iter()
+            .map(|s| {
+                Ok(WorkloadState {
+                    workload: self.workload_id("workloads[].workload", s.workload)?,
+                    version: s.version,
+                    phase: s.phase,
+                })
+            })
+            .collect()
+    }
+
+    fn labels(&self, pairs: &[(&str, &str)]) -> Result<Labels, DecodeError> {
+        self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
+        for (k, v) in pairs {
+            self.count(
+                Limit::StringLen,
+                k.len().max(v.len()),
+                self.limits.max_string_len,
+            )?;
+        }
+        // One encoding per label set: keys strictly increasing, as the encoder writes them.
+        if let Some(w) = pairs.windows(2).find(|w| w[0].0 >= w[1].0) {
+            return Err(self.invalid("labels")(ValidationError::LabelKey {
+                key: crate::model::truncate_for_error(w[1].0),
+                reason: "duplicate or out of order (keys must be sorted and unique)",
+            }));
+        }
+        Labels::from_pairs(pairs.iter().copied()).map_err(self.invalid("labels"))
+    }
+
+    fn register(&self, m: RegisterIn<'_>) -> Result<Register, DecodeError> {
+        self.count(
+            Limit::Addresses,
+            m.info.addresses.len(),
+            self.limits.max_addresses,
+        )?;
+        Ok(Register {
+            name: self.node_name("name", m.name)?,
+            boot_id: u32::from_le_bytes(m.boot_id),
+            labels: self.labels(&m.labels)?,
+            info: NodeInfo {
+                arch: self.string(m.info.arch)?,
+                os: self.string(m.info.os)?,
+                agent_version: self.string(m.info.agent_version)?,
+                addresses: m.info.addresses,
+            },
+            applied: digest(m.applied),
+            workloads: self.states(&m.workloads)?,
+        })
+    }
+
+    fn ack(&self, m: AckIn<'_>) -> Result<RegisterAck, DecodeError> {
+        self.count(Limit::Groups, m.groups.len(), self.limits.max_groups)?;
+        let outcome = match m.outcome {
+            OutcomeWire::Accepted => RegisterOutcome::Accepted,
+            OutcomeWire::Rejected {
+                code,
+                message,
+                retry_after_ms,
+            } => RegisterOutcome::Rejected {
+                code: match code {
+                    RejectWire::IdentityMismatch => RejectCode::IdentityMismatch,
+                    RejectWire::Invalid => RejectCode::Invalid,
+                    RejectWire::NotAllowed => RejectCode::NotAllowed,
+                    RejectWire::Overloaded => RejectCode::Overloaded,
+                },
+                message: self.string(message)?,
+                retry_after_ms,
+            },
+        };
+        Ok(RegisterAck {
+            boot_id: u32::from_le_bytes(m.boot_id),
+            outcome,
+            heartbeat_interval_ms: m.heartbeat_interval_ms,
+            groups: m
+                .groups
+                .iter()
+                .map(|g| self.group("groups", g))
+                .collect::<Result<_, _>>()?,
+            desired: digest(m.desired),
+        })
+    }
+
+    fn selector(&self, reqs: &[RequirementIn<'_>]) -> Result<Selector, DecodeError> {
+        let terms = reqs
+            .iter()
+            .fold(reqs.len(), |n, r| n.saturating_add(r.values.len()));
+        self.count(Limit::SelectorTerms, terms, self.limits.max_selector_terms)?;
+        let reqs = reqs
+            .iter()
+            .map(|r| {
+                let key = self.string(r.key)?;
+                let values = r
+                    .values
+                    .iter()
+                    .map(|v| self.string(v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Requirement::new(key, r.op, values).map_err(self.invalid("workload.selector"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Selector::from_requirements(reqs))
+    }
+
+    fn workload(&self, w: &WorkloadIn<'_>) -> Result<Workload, DecodeError> {
+        self.count(Limit::SpecBytes, w.spec.len(), self.limits.max_spec_bytes)?;
+        let rollout = RolloutStrategy {
+            waves: w.rollout.waves.to_vec(),
+            paused: w.rollout.paused,
+            failure_threshold: w.rollout.failure_threshold,
+        };
+        rollout
+            .validate()
+            .map_err(self.invalid("workload.rollout"))?;
+        Ok(Workload {
+            id: self.workload_id("workload.id", w.id)?,
+            version: w.version,
+            spec: w.spec.to_vec(),
+            selector: self.selector(&w.selector)?,
+            delivery: match w.delivery {
+                DeliveryWire::Broadcast => DeliveryMode::Broadcast,
+                DeliveryWire::Group(g) => {
+                    DeliveryMode::Group(self.group("workload.delivery", g)?.as_str().to_owned())
+                }
+                DeliveryWire::PerNode => DeliveryMode::PerNode,
+            },
+            rollout,
+        })
+    }
+}

@@ -1,0 +1,1008 @@
+//! The in-memory transport: a hub that behaves like an MQTT broker for one fleet, in one process.
+//!
+//! [`MemoryHub`] holds one cloud endpoint ([`MemoryHub::cloud`]) and any number of node endpoints
+//! ([`MemoryHub::connect`]). It keeps MQTT's semantics where kole relies on them:
+//!
+//! - **Retained messages**: a message sent with `retain` is kept per destination and replayed to a
+//!   node that connects (node, fleet and spec topics) or subscribes to a group later; a retained
+//!   message with an empty payload deletes the retained one (and, as in MQTT, is still delivered to
+//!   the current subscribers).
+//! - **Sessions**: connecting a node name that is already connected takes the session over (the old
+//!   endpoint is closed); subscriptions belong to a session and do not survive it.
+//! - **Bounded queues**: every inbox has a capacity ([`MemoryConfig`]). A node publishing into a full
+//!   cloud inbox gets [`TransportError::Full`] (nothing of its batch is enqueued); a downlink message
+//!   for a node whose inbox is full is dropped for that node and counted, as a broker drops for a
+//!   slow subscriber — the protocol's digests repair the loss.
+//!
+//! Every message passes through one routing function per direction (`HubState::route_up` and
+//! `HubState::route_down`), the hook point where fault injection (drop, duplicate, reorder,
+//! partition) attaches.
+//!
+//! No async runtime is needed: waiting receivers park their [`Waker`]s under the hub's lock, and
+//! every enqueue wakes them after the lock is released.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
+
+use async_trait::async_trait;
+
+use crate::model::NodeName;
+
+use super::{
+    CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish,
+    NodeTransport, Outbound, TransportError,
+};
+
+/// Capacities of a [`MemoryHub`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MemoryConfig {
+    /// Uplink messages waiting for the cloud to receive them. Default 65,536.
+    pub cloud_inbox_capacity: usize,
+    /// Downlink messages waiting for one node to receive them. Default 256 (a node that connects to a
+    /// fleet with more retained specs than this loses the excess; size it above the workload count).
+    pub node_inbox_capacity: usize,
+    /// Retained messages the hub keeps. Default 65,536.
+    pub max_retained: usize,
+    /// Largest payload accepted, like a broker's maximum packet size. Default 256 KiB.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            cloud_inbox_capacity: 65_536,
+            node_inbox_capacity: 256,
+            max_retained: 65_536,
+            max_payload_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Counters of a [`MemoryHub`], since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Uplink messages enqueued for the cloud.
+    pub uplink_delivered: u64,
+    /// Downlink deliveries enqueued for nodes (one per node reached).
+    pub downlink_delivered: u64,
+    /// Deliveries dropped because the receiver's inbox was full.
+    pub dropped_full: u64,
+    /// Messages dropped because nobody was subscribed (and they were not retained).
+    pub dropped_no_subscriber: u64,
+    /// Retained messages held now.
+    pub retained: usize,
+    /// Node endpoints connected now.
+    pub nodes_connected: usize,
+}
+
+/// An in-memory broker for one fleet. Cheap to clone (all clones are the same hub).
+#[derive(Clone, Debug)]
+pub struct MemoryHub {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: MemoryConfig,
+    state: Mutex<HubState>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that matters
+        // more than losing the hub, so keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug)]
+struct Inbox<T> {
+    queue: VecDeque<T>,
+    wakers: Vec<Waker>,
+}
+
+impl<T> Inbox<T> {
+    fn new() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            wakers: Vec::new(),
+        }
+    }
+
+    fn poll_take(&mut self, max: usize, waker: &Waker) -> Poll<Vec<T>> {
+        if max == 0 {
+            return Poll::Ready(Vec::new());
+        }
+        if self.queue.is_empty() {
+            if !self.wakers.iter().any(|w| w.will_wake(waker)) {
+                self.wakers.push(waker.clone());
+            }
+            return Poll::Pending;
+        }
+        let n = max.min(self.queue.len());
+        Poll::Ready(self.queue.drain(..n).collect())
+    }
+}
+
+#[derive(Debug)]
+struct CloudSession {
+    id: u64,
+    inbox: Inbox<Inbound>,
+}
+
+#[derive(Debug)]
+struct NodeSession {
+    id: u64,
+    inbox: Inbox<NodeDelivery>,
+    groups: BTreeSet<GroupName>,
+}
+
+#[derive(Debug, Default)]
+struct HubState {
+    shut_down: bool,
+    next_session: u64,
+    cloud: Option<CloudSession>,
+    nodes: HashMap<NodeName, NodeSession>,
+    /// Group → subscribed nodes.
+    groups: HashMap<GroupName, HashSet<NodeName>>,
+    retained: BTreeMap<Destination, Arc<[u8]>>,
+    stats: HubStats,
+}
+
+/// Wakers collected under the lock, woken after it is released.
+type Wake = Vec<Waker>;
+
+fn wake_all(wakers: Wake) {
+    for w in wakers {
+        w.wake();
+    }
+}
+
+impl HubState {
+    fn session_id(&mut self) -> u64 {
+        self.next_session += 1;
+        self.next_session
+    }
+
+    fn node(&mut self, name: &NodeName, session: u64) -> Option<&mut NodeSession> {
+        self.nodes.get_mut(name).filter(|s| s.id == session)
+    }
+
+    fn cloud(&mut self, session: u64) -> Option<&mut CloudSession> {
+        self.cloud.as_mut().filter(|s| s.id == session)
+    }
+
+    /// Ends a node's session: its pending receivers wake up to `Closed`, its subscriptions go.
+    fn end_node(&mut self, name: &NodeName, wake: &mut Wake) {
+        if let Some(session) = self.nodes.remove(name) {
+            for g in &session.groups {
+                if let Some(members) = self.groups.get_mut(g) {
+                    members.remove(name);
+                    if members.is_empty() {
+                        self.groups.remove(g);
+                    }
+                }
+            }
+            wake.extend(session.inbox.wakers);
+        }
+    }
+
+    /// Every uplink message passes here (the fault-injection hook point for the uplink).
+    fn route_up(
+        &mut self,
+        capacity: usize,
+        node: &NodeName,
+        batch: Vec<NodePublish>,
+        wake: &mut Wake,
+    ) -> Result<(), TransportError> {
+        let Some(cloud) = self.cloud.as_mut() else {
+            self.stats.dropped_no_subscriber += batch.len() as u64;
+            return Ok(());
+        };
+        if cloud.inbox.queue.len() + batch.len() > capacity {
+            return Err(TransportError::Full {
+                queue: "cloud inbox",
+                capacity,
+            });
+        }
+        self.stats.uplink_delivered += batch.len() as u64;
+        cloud.inbox.queue.extend(batch.into_iter().map(|p| Inbound {
+            node: node.clone(),
+            kind: p.kind,
+            payload: p.payload,
+        }));
+        wake.append(&mut cloud.inbox.wakers);
+        Ok(())
+    }
+
+    /// Every downlink message passes here (the fault-injection hook point for the downlink).
+    fn route_down(
+        &mut self,
+        capacity: usize,
+        to: Destination,
+        payload: Arc<[u8]>,
+        retain: bool,
+        wake: &mut Wake,
+    ) {
+        if retain {
+            if payload.is_empty() {
+                self.retained.remove(&to);
+            } else {
+                self.retained.insert(to.clone(), payload.clone());
+            }
+        }
+        let HubState {
+            nodes,
+            groups,
+            stats,
+            ..
+        } = self;
+        let mut reached = 0u64;
+        let mut deliver = |session: &mut NodeSession| {
+            reached += 1;
+            push_delivery(
+                session,
+                capacity,
+                NodeDelivery {
+                    from: to.clone(),
+                    payload: payload.clone(),
+                    retained: false,
+                },
+                stats,
+                wake,
+            );
+        };
+        match &to {
+            Destination::Node(n) => {
+                if let Some(s) = nodes.get_mut(n) {
+                    deliver(s);
+                }
+            }
+            Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) => {
+                for n in groups.get(g).into_iter().flatten() {
+                    if let Some(s) = nodes.get_mut(n) {
+                        deliver(s);
+                    }
+                }
+            }
+            Destination::Fleet | Destination::WorkloadSpec(_) => {
+                nodes.values_mut().for_each(&mut deliver)
+            }
+        }
+        if reached == 0 && !retain {
+            stats.dropped_no_subscriber += 1;
+        }
+    }
+
+    /// Replays the retained messages `filter` selects into one node's inbox.
+    fn replay(
+        &mut self,
+        name: &NodeName,
+        capacity: usize,
+        filter: impl Fn(&Destination) -> bool,
+        wake: &mut Wake,
+    ) {
+        let HubState {
+            nodes,
+            retained,
+            stats,
+            ..
+        } = self;
+        let Some(session) = nodes.get_mut(name) else {
+            return;
+        };
+        for (to, payload) in retained.iter().filter(|(to, _)| filter(to)) {
+            push_delivery(
+                session,
+                capacity,
+                NodeDelivery {
+                    from: to.clone(),
+                    payload: payload.clone(),
+                    retained: true,
+                },
+                stats,
+                wake,
+            );
+        }
+    }
+}
+
+fn push_delivery(
+    session: &mut NodeSession,
+    capacity: usize,
+    delivery: NodeDelivery,
+    stats: &mut HubStats,
+    wake: &mut Wake,
+) {
+    if session.inbox.queue.len() >= capacity {
+        stats.dropped_full += 1;
+        return;
+    }
+    session.inbox.queue.push_back(delivery);
+    stats.downlink_delivered += 1;
+    wake.append(&mut session.inbox.wakers);
+}
+
+impl MemoryHub {
+    /// A hub with the given capacities and nobody connected.
+    pub fn new(config: MemoryConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                state: Mutex::new(HubState::default()),
+            }),
+        }
+    }
+
+    /// The hub's capacities.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.shared.config
+    }
+
+    /// Connects the cloud endpoint. A hub has one: connecting again takes over (the previous cloud
+    /// endpoint is closed and its unreceived messages are dropped), as a restarted controller does.
+    pub fn cloud(&self) -> Result<MemoryCloud, TransportError> {
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        if st.shut_down {
+            return Err(TransportError::Closed);
+        }
+        let id = st.session_id();
+        if let Some(old) = st.cloud.replace(CloudSession {
+            id,
+            inbox: Inbox::new(),
+        }) {
+            wake.extend(old.inbox.wakers);
+        }
+        drop(st);
+        wake_all(wake);
+        Ok(MemoryCloud {
+            shared: self.shared.clone(),
+            session: id,
+        })
+    }
+
+    /// Connects a node endpoint with a clean session: subscribed to the node's own topic, the fleet
+    /// topic and the fleet-wide spec topics, whose retained messages it receives at once. A node
+    /// already connected under this name is taken over (its old endpoint is closed).
+    pub fn connect(&self, node: NodeName) -> Result<MemoryNode, TransportError> {
+        let capacity = self.shared.config.node_inbox_capacity;
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        if st.shut_down {
+            return Err(TransportError::Closed);
+        }
+        st.end_node(&node, &mut wake);
+        let id = st.session_id();
+        st.nodes.insert(
+            node.clone(),
+            NodeSession {
+                id,
+                inbox: Inbox::new(),
+                groups: BTreeSet::new(),
+            },
+        );
+        st.replay(
+            &node,
+            capacity,
+            |to| match to {
+                Destination::Node(n) => *n == node,
+                Destination::Fleet | Destination::WorkloadSpec(_) => true,
+                Destination::Group(_) | Destination::GroupWorkloadSpec(..) => false,
+            },
+            &mut wake,
+        );
+        drop(st);
+        wake_all(wake);
+        Ok(MemoryNode {
+            shared: self.shared.clone(),
+            node,
+            session: id,
+        })
+    }
+
+    /// Closes every endpoint and refuses new ones.
+    pub fn shutdown(&self) {
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        st.shut_down = true;
+        if let Some(cloud) = st.cloud.take() {
+            wake.extend(cloud.inbox.wakers);
+        }
+        for (_, session) in st.nodes.drain() {
+            wake.extend(session.inbox.wakers);
+        }
+        st.groups.clear();
+        drop(st);
+        wake_all(wake);
+    }
+
+    /// The hub's counters.
+    pub fn stats(&self) -> HubStats {
+        let st = self.shared.lock();
+        HubStats {
+            retained: st.retained.len(),
+            nodes_connected: st.nodes.len(),
+            ..st.stats
+        }
+    }
+
+    /// The retained message of a destination, if any.
+    pub fn retained(&self, to: &Destination) -> Option<Arc<[u8]>> {
+        self.shared.lock().retained.get(to).cloned()
+    }
+}
+
+/// The cloud endpoint of a [`MemoryHub`]. Dropping it closes it.
+#[derive(Debug)]
+pub struct MemoryCloud {
+    shared: Arc<Shared>,
+    session: u64,
+}
+
+impl MessageTransport for MemoryCloud {
+    fn close(&self) {
+        let mut st = self.shared.lock();
+        if st.cloud.as_ref().is_some_and(|c| c.id == self.session)
+            && let Some(old) = st.cloud.take()
+        {
+            drop(st);
+            wake_all(old.inbox.wakers);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.lock().cloud(self.session).is_none()
+    }
+}
+
+#[async_trait]
+impl CloudTransport for MemoryCloud {
+    async fn send(&self, batch: Vec<Outbound>) -> Result<(), TransportError> {
+        let config = &self.shared.config;
+        if let Some(big) = batch
+            .iter()
+            .find(|o| o.payload.len() > config.max_payload_bytes)
+        {
+            return Err(TransportError::PayloadTooLarge {
+                len: big.payload.len(),
+                max: config.max_payload_bytes,
+            });
+        }
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        if st.cloud(self.session).is_none() {
+            return Err(TransportError::Closed);
+        }
+        // Conservative (a key retained twice in one batch counts twice), so a batch is all or nothing.
+        let new_retained = batch
+            .iter()
+            .filter(|o| o.retain && !o.payload.is_empty() && !st.retained.contains_key(&o.to))
+            .count();
+        if st.retained.len() + new_retained > config.max_retained {
+            return Err(TransportError::Full {
+                queue: "retained store",
+                capacity: config.max_retained,
+            });
+        }
+        for o in batch {
+            st.route_down(
+                config.node_inbox_capacity,
+                o.to,
+                Arc::from(o.payload),
+                o.retain,
+                &mut wake,
+            );
+        }
+        drop(st);
+        wake_all(wake);
+        Ok(())
+    }
+
+    async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            match st.cloud(self.session) {
+                Some(c) => c.inbox.poll_take(max, cx.waker()).map(Ok),
+                None => Poll::Ready(Err(TransportError::Closed)),
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for MemoryCloud {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A node endpoint of a [`MemoryHub`]. Dropping it closes it.
+#[derive(Debug)]
+pub struct MemoryNode {
+    shared: Arc<Shared>,
+    node: NodeName,
+    session: u64,
+}
+
+impl MessageTransport for MemoryNode {
+    fn close(&self) {
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        if st.node(&self.node, self.session).is_some() {
+            st.end_node(&self.node, &mut wake);
+        }
+        drop(st);
+        wake_all(wake);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.lock().node(&self.node, self.session).is_none()
+    }
+}
+
+#[async_trait]
+impl NodeTransport for MemoryNode {
+    fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    async fn publish(&self, batch: Vec<NodePublish>) -> Result<(), TransportError> {
+        let config = &self.shared.config;
+        if let Some(big) = batch
+            .iter()
+            .find(|p| p.payload.len() > config.max_payload_bytes)
+        {
+            return Err(TransportError::PayloadTooLarge {
+                len: big.payload.len(),
+                max: config.max_payload_bytes,
+            });
+        }
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        if st.node(&self.node, self.session).is_none() {
+            return Err(TransportError::Closed);
+        }
+        let result = st.route_up(config.cloud_inbox_capacity, &self.node, batch, &mut wake);
+        drop(st);
+        wake_all(wake);
+        result
+    }
+
+    async fn recv(&self, max: usize) -> Result<Vec<NodeDelivery>, TransportError> {
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            match st.node(&self.node, self.session) {
+                Some(s) => s.inbox.poll_take(max, cx.waker()).map(Ok),
+                None => Poll::Ready(Err(TransportError::Closed)),
+            }
+        })
+        .await
+    }
+
+    async fn subscribe(&self, group: &GroupName) -> Result<(), TransportError> {
+        let capacity = self.shared.config.node_inbox_capacity;
+        let mut wake = Wake::new();
+        let mut st = self.shared.lock();
+        let Some(session) = st.node(&self.node, self.session) else {
+            return Err(TransportError::Closed);
+        };
+        session.groups.insert(group.clone());
+        st.groups
+            .entry(group.clone())
+            .or_default()
+            .insert(self.node.clone());
+        // As MQTT 3.1.1: every SUBSCRIBE replays the retained messages it matches.
+        st.replay(
+            &self.node,
+            capacity,
+            |to| matches!(to, Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) if g == group),
+            &mut wake,
+        );
+        drop(st);
+        wake_all(wake);
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, group: &GroupName) -> Result<(), TransportError> {
+        let mut st = self.shared.lock();
+        let Some(session) = st.node(&self.node, self.session) else {
+            return Err(TransportError::Closed);
+        };
+        session.groups.remove(group);
+        if let Some(members) = st.groups.get_mut(group) {
+            members.remove(&self.node);
+            if members.is_empty() {
+                st.groups.remove(group);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemoryNode {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{DesiredDigest, WorkloadId};
+    use crate::protocol::{
+        self, Command, CommandKind, DecodeLimits, Heartbeat, Message, NodeHealth, UplinkKind,
+    };
+
+    /// Every async step of these tests is bounded.
+    async fn bounded<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("timed out")
+    }
+
+    fn name(n: &str) -> NodeName {
+        NodeName::new(n).unwrap()
+    }
+
+    fn group(g: &str) -> GroupName {
+        GroupName::new(g).unwrap()
+    }
+
+    fn command(id: u64) -> Vec<u8> {
+        protocol::encode(&Message::Command(Command {
+            id,
+            kind: CommandKind::Ping,
+        }))
+    }
+
+    fn out(to: Destination, payload: Vec<u8>, retain: bool) -> Outbound {
+        Outbound {
+            to,
+            payload,
+            retain,
+        }
+    }
+
+    async fn ids(node: &dyn NodeTransport, max: usize) -> Vec<u64> {
+        bounded(node.recv(max))
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| match d.decode(&DecodeLimits::default()).unwrap() {
+                Message::Command(c) => c.id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Whether `recv` would wait (nothing queued).
+    async fn is_idle(node: &dyn NodeTransport) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), node.recv(1))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn uplink_round_trip_through_trait_objects() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().unwrap());
+        let node: Arc<dyn NodeTransport> = Arc::new(hub.connect(name("edge-a")).unwrap());
+        let hbs: Vec<_> = (1..=3)
+            .map(|seq| Heartbeat {
+                seq,
+                boot_id: 9,
+                applied: DesiredDigest(seq.into()),
+                health: NodeHealth::OK,
+            })
+            .collect();
+        let batch = hbs
+            .iter()
+            .map(|hb| NodePublish {
+                kind: UplinkKind::Heartbeat,
+                payload: protocol::encode(&Message::Heartbeat(*hb)),
+            })
+            .collect();
+        bounded(node.publish(batch)).await.unwrap();
+        let got = bounded(cloud.recv(2)).await.unwrap();
+        assert_eq!(got.len(), 2, "recv returns at most max");
+        let rest = bounded(cloud.recv(100)).await.unwrap();
+        let decoded: Vec<_> = got
+            .iter()
+            .chain(&rest)
+            .map(|i| {
+                assert_eq!(i.node, name("edge-a"));
+                i.decode(&DecodeLimits::default()).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            decoded,
+            hbs.into_iter().map(Message::Heartbeat).collect::<Vec<_>>()
+        );
+        assert_eq!(hub.stats().uplink_delivered, 3);
+    }
+
+    #[tokio::test]
+    async fn recv_waits_until_a_message_arrives() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = Arc::new(hub.cloud().unwrap());
+        let node = hub.connect(name("edge-a")).unwrap();
+        let waiter = tokio::spawn({
+            let cloud = cloud.clone();
+            async move { cloud.recv(10).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        bounded(node.publish(vec![NodePublish {
+            kind: UplinkKind::Status,
+            payload: vec![1, 2, 3],
+        }]))
+        .await
+        .unwrap();
+        let got = bounded(waiter).await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            vec![Inbound {
+                node: name("edge-a"),
+                kind: UplinkKind::Status,
+                payload: vec![1, 2, 3]
+            }]
+        );
+        assert!(bounded(cloud.recv(0)).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn downlink_reaches_exactly_its_destination() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let a = hub.connect(name("edge-a")).unwrap();
+        let b = hub.connect(name("edge-b")).unwrap();
+        bounded(a.subscribe(&group("site-1"))).await.unwrap();
+        bounded(cloud.send(vec![
+            out(Destination::Node(name("edge-a")), command(1), false),
+            out(Destination::Group(group("site-1")), command(2), false),
+            out(Destination::Fleet, command(3), false),
+            out(Destination::Node(name("edge-c")), command(4), false),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!(ids(&a, 10).await, [1, 2, 3]);
+        assert_eq!(ids(&b, 10).await, [3]);
+        assert_eq!(
+            hub.stats().dropped_no_subscriber,
+            1,
+            "edge-c is not connected"
+        );
+        bounded(a.unsubscribe(&group("site-1"))).await.unwrap();
+        bounded(cloud.send(vec![out(
+            Destination::Group(group("site-1")),
+            command(5),
+            false,
+        )]))
+        .await
+        .unwrap();
+        assert!(is_idle(&a).await);
+    }
+
+    #[tokio::test]
+    async fn retained_messages_reach_late_joiners_and_empty_payload_deletes() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let spec = Destination::WorkloadSpec(WorkloadId::new("default/app").unwrap());
+        let gspec = Destination::GroupWorkloadSpec(
+            group("site-1"),
+            WorkloadId::new("default/app").unwrap(),
+        );
+        bounded(cloud.send(vec![
+            out(spec.clone(), command(10), true),
+            out(gspec.clone(), command(11), true),
+            out(Destination::Node(name("edge-a")), command(12), true),
+            out(Destination::Fleet, command(13), false),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!(hub.stats().retained, 3);
+
+        let a = hub.connect(name("edge-a")).unwrap();
+        let got = bounded(a.recv(10)).await.unwrap();
+        assert!(got.iter().all(|d| d.retained));
+        let mut froms: Vec<_> = got.iter().map(|d| d.from.clone()).collect();
+        froms.sort();
+        assert_eq!(froms, [Destination::Node(name("edge-a")), spec.clone()]);
+        bounded(a.subscribe(&group("site-1"))).await.unwrap();
+        let got = bounded(a.recv(10)).await.unwrap();
+        assert_eq!(
+            (got.len(), &got[0].from, got[0].retained),
+            (1, &gspec, true)
+        );
+
+        // Deleting: delivered (empty) to current subscribers, gone for later ones.
+        bounded(cloud.send(vec![out(spec.clone(), Vec::new(), true)]))
+            .await
+            .unwrap();
+        let got = bounded(a.recv(10)).await.unwrap();
+        assert_eq!(
+            (got[0].from.clone(), got[0].payload.len(), got[0].retained),
+            (spec.clone(), 0, false)
+        );
+        assert_eq!(hub.retained(&spec), None);
+        let b = hub.connect(name("edge-b")).unwrap();
+        assert!(is_idle(&b).await, "nothing retained for edge-b any more");
+    }
+
+    #[tokio::test]
+    async fn full_cloud_inbox_refuses_whole_batches() {
+        let hub = MemoryHub::new(MemoryConfig {
+            cloud_inbox_capacity: 2,
+            ..MemoryConfig::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        let hb = |n: u8| NodePublish {
+            kind: UplinkKind::Heartbeat,
+            payload: vec![n],
+        };
+        let err = bounded(node.publish(vec![hb(1), hb(2), hb(3)]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransportError::Full { capacity: 2, .. }),
+            "{err}"
+        );
+        bounded(node.publish(vec![hb(1), hb(2)])).await.unwrap();
+        assert!(matches!(
+            bounded(node.publish(vec![hb(3)])).await,
+            Err(TransportError::Full { .. })
+        ));
+        assert_eq!(bounded(cloud.recv(10)).await.unwrap().len(), 2);
+        bounded(node.publish(vec![hb(3)])).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn full_node_inbox_drops_and_counts() {
+        let hub = MemoryHub::new(MemoryConfig {
+            node_inbox_capacity: 2,
+            ..MemoryConfig::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        let batch = (1..=4)
+            .map(|i| out(Destination::Fleet, command(i), false))
+            .collect();
+        bounded(cloud.send(batch)).await.unwrap();
+        assert_eq!(ids(&node, 10).await, [1, 2]);
+        assert_eq!(hub.stats().dropped_full, 2);
+    }
+
+    #[tokio::test]
+    async fn limits_on_payloads_and_retained_store() {
+        let hub = MemoryHub::new(MemoryConfig {
+            max_payload_bytes: 4,
+            max_retained: 1,
+            ..MemoryConfig::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        let big = NodePublish {
+            kind: UplinkKind::Register,
+            payload: vec![0; 5],
+        };
+        assert!(matches!(
+            bounded(node.publish(vec![big])).await,
+            Err(TransportError::PayloadTooLarge { len: 5, max: 4 })
+        ));
+        assert!(matches!(
+            bounded(cloud.send(vec![out(Destination::Fleet, vec![0; 5], false)])).await,
+            Err(TransportError::PayloadTooLarge { .. })
+        ));
+        bounded(cloud.send(vec![out(Destination::Fleet, vec![1], true)]))
+            .await
+            .unwrap();
+        // Replacing a retained message is fine; a second one is not.
+        bounded(cloud.send(vec![out(Destination::Fleet, vec![2], true)]))
+            .await
+            .unwrap();
+        let err = bounded(cloud.send(vec![out(Destination::Node(name("edge-a")), vec![3], true)]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Full {
+                    queue: "retained store",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_takeover_and_shutdown_wake_receivers() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let first = Arc::new(hub.connect(name("edge-a")).unwrap());
+        bounded(first.subscribe(&group("g"))).await.unwrap();
+        let waiter = tokio::spawn({
+            let first = first.clone();
+            async move { first.recv(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // A second connection under the same name takes the session over.
+        let second = hub.connect(name("edge-a")).unwrap();
+        assert!(matches!(
+            bounded(waiter).await.unwrap(),
+            Err(TransportError::Closed)
+        ));
+        assert!(first.is_closed() && !second.is_closed());
+        assert!(matches!(
+            bounded(first.publish(vec![])).await,
+            Err(TransportError::Closed)
+        ));
+        // The new session starts clean: no group subscription.
+        bounded(cloud.send(vec![out(Destination::Group(group("g")), command(1), false)]))
+            .await
+            .unwrap();
+        assert!(is_idle(&second).await);
+        // Closing the old endpoint (or dropping it) leaves the new session alone.
+        drop(first);
+        assert!(!second.is_closed());
+        second.close();
+        assert!(matches!(
+            bounded(second.recv(1)).await,
+            Err(TransportError::Closed)
+        ));
+        assert_eq!(hub.stats().nodes_connected, 0);
+
+        let cloud = Arc::new(cloud);
+        let waiter = tokio::spawn({
+            let cloud = cloud.clone();
+            async move { cloud.recv(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        hub.shutdown();
+        assert!(matches!(
+            bounded(waiter).await.unwrap(),
+            Err(TransportError::Closed)
+        ));
+        assert!(cloud.is_closed());
+        assert!(matches!(
+            hub.connect(name("edge-b")),
+            Err(TransportError::Closed)
+        ));
+        assert!(matches!(hub.cloud(), Err(TransportError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn uplink_without_a_cloud_is_dropped_and_counted() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let node = hub.connect(name("edge-a")).unwrap();
+        bounded(node.publish(vec![NodePublish {
+            kind: UplinkKind::Heartbeat,
+            payload: vec![1],
+        }]))
+        .await
+        .unwrap();
+        assert_eq!(hub.stats().dropped_no_subscriber, 1);
+        // A cloud taking over starts with an empty inbox; the old one is closed.
+        let c1 = hub.cloud().unwrap();
+        bounded(node.publish(vec![NodePublish {
+            kind: UplinkKind::Heartbeat,
+            payload: vec![2],
+        }]))
+        .await
+        .unwrap();
+        let c2 = hub.cloud().unwrap();
+        assert!(c1.is_closed());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), c2.recv(1))
+                .await
+                .is_err()
+        );
+    }
+}
