@@ -6,8 +6,8 @@
 //! out and falls back to older ones, reporting each one it skipped. A cache is restored whole or
 //! not at all.
 //!
-//! The layout is columnar and dictionary-coded for size (see [`encode`](self) docs in
-//! `encode.rs`): a dictionary of strings, label sets, platforms, workload-state sets and applied
+//! The layout is columnar and dictionary-coded for size (each section's bytes are documented in
+//! `snapshot/encode.rs`): a dictionary of strings, label sets, platforms, workload-state sets and applied
 //! digests, then the nodes in name order, one column per field. It is cut into chunks of at most
 //! [`SnapshotOptions::max_chunk_bytes`], each with a fixed header ([`ChunkHeader`]) and compressed
 //! on its own ([`Codec`]), so chunks fit a Kubernetes object and compress and decompress in parallel.
