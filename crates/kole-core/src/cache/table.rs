@@ -440,6 +440,7 @@ impl NodeCache {
     }
 
     /// Inserts a brand-new node from already-interned parts (registration and restore share it).
+    #[allow(clippy::too_many_arguments)] // one per column of a node; a struct would only rename them
     pub(crate) fn insert_interned(
         &mut self,
         name: &str,
@@ -552,10 +553,14 @@ impl NodeCache {
         self.store_addresses(slot, addrs);
     }
 
-    /// Snapshot hook: the primary IPv4 address of a live slot, if it has one.
-    pub(crate) fn ipv4_of(&self, slot: Slot) -> Option<u32> {
-        let n = &self.slots[slot as usize];
+    /// Snapshot hook: the primary IPv4 address of a node, if it has one.
+    pub(crate) fn ipv4_of_slot(&self, n: &NodeSlot) -> Option<u32> {
         (n.flags & FLAG_IPV4 != 0).then_some(n.ipv4)
+    }
+
+    /// Snapshot hook: whether a node has addresses beyond its primary IPv4 one.
+    pub(crate) fn has_extra_addrs(&self, n: &NodeSlot) -> bool {
+        n.flags & FLAG_EXTRA_ADDRS != 0
     }
 
     /// Snapshot hook: the addresses after the primary IPv4 one (all of them without one).

@@ -100,7 +100,9 @@ pub(crate) fn decompress(codec: Codec, payload: &[u8], raw_len: usize) -> Result
             match status {
                 Status::StreamEnd if out.len() == raw_len => {
                     if z.total_in() as usize != payload.len() {
-                        return Err(ChunkFault::Decompress { reason: "trailing bytes after the compressed stream".into() });
+                        return Err(ChunkFault::Decompress {
+                            reason: "trailing bytes after the compressed stream".into(),
+                        });
                     }
                     Ok(out)
                 }
@@ -111,10 +113,9 @@ pub(crate) fn decompress(codec: Codec, payload: &[u8], raw_len: usize) -> Result
                     // Output full but the stream goes on: longer than declared (or cut short).
                     let mut probe = [0u8; 1];
                     match z.decompress(&payload[z.total_in() as usize..], &mut probe, FlushDecompress::Finish) {
-                        Ok(_) if z.total_out() as usize > raw_len => Err(ChunkFault::RawLengthMismatch {
-                            declared: raw_len as u32,
-                            actual: z.total_out(),
-                        }),
+                        Ok(_) if z.total_out() as usize > raw_len => {
+                            Err(ChunkFault::RawLengthMismatch { declared: raw_len as u32, actual: z.total_out() })
+                        }
                         _ => Err(ChunkFault::Decompress { reason: "compressed stream is cut short".into() }),
                     }
                 }

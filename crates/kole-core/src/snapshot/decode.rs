@@ -64,11 +64,20 @@ pub fn verify(manifest: &Manifest, chunks: &[Vec<u8>], limits: &RestoreLimits) -
     })
 }
 
-fn run(manifest: &Manifest, chunks: &[Vec<u8>], limits: &RestoreLimits, asm: &mut Assembler<'_>) -> Result<(), SnapshotError> {
+fn run(
+    manifest: &Manifest,
+    chunks: &[Vec<u8>],
+    limits: &RestoreLimits,
+    asm: &mut Assembler<'_>,
+) -> Result<(), SnapshotError> {
     let generation = manifest.generation;
     manifest.validate()?;
     if chunks.len() != manifest.chunks.len() {
-        return Err(SnapshotError::ChunkCountMismatch { generation, expected: manifest.chunks.len(), found: chunks.len() });
+        return Err(SnapshotError::ChunkCountMismatch {
+            generation,
+            expected: manifest.chunks.len(),
+            found: chunks.len(),
+        });
     }
     let limit = |what, value: u64, limit: u64| {
         if value > limit { Err(SnapshotError::LimitExceeded { generation, what, value, limit }) } else { Ok(()) }
@@ -131,7 +140,12 @@ pub(crate) enum Parsed {
     Nodes(NodePart),
 }
 
-fn parse_chunk(manifest: &Manifest, index: usize, bytes: &[u8], limits: &RestoreLimits) -> Result<Parsed, SnapshotError> {
+fn parse_chunk(
+    manifest: &Manifest,
+    index: usize,
+    bytes: &[u8],
+    limits: &RestoreLimits,
+) -> Result<Parsed, SnapshotError> {
     let info = &manifest.chunks[index];
     let fault = |fault| SnapshotError::Chunk { generation: manifest.generation, index: index as u32, fault };
     let want = Expected {
@@ -324,7 +338,9 @@ fn parse_nodes(r: &mut Reader<'_>) -> Result<NodePart, ChunkFault> {
     }
     let name_lens: Vec<u8> = prefixes.iter().zip(suffix_lens).map(|(&p, &s)| p.wrapping_add(s)).collect();
     let flags = r.bytes(n).map_err(malformed)?.to_vec();
-    if let Some(&bad) = flags.iter().find(|&&f| f & !(FLAG_PHASE_MASK | FLAG_IPV4 | FLAG_EXTRA) != 0 || f & FLAG_PHASE_MASK > 2) {
+    if let Some(&bad) =
+        flags.iter().find(|&&f| f & !(FLAG_PHASE_MASK | FLAG_IPV4 | FLAG_EXTRA) != 0 || f & FLAG_PHASE_MASK > 2)
+    {
         return Err(ChunkFault::InvalidValue { what: "node flags", value: format!("{bad:#04x}") });
     }
     let mut last_seen = Vec::with_capacity(n);
@@ -338,9 +354,8 @@ fn parse_nodes(r: &mut Reader<'_>) -> Result<NodePart, ChunkFault> {
     let digest = r.planes(n).map_err(malformed)?;
     let k = flags.iter().filter(|&&f| f & FLAG_IPV4 != 0).count();
     let planes = r.bytes(4 * k).map_err(malformed)?;
-    let ipv4 = (0..k)
-        .map(|i| u32::from_be_bytes([planes[i], planes[k + i], planes[2 * k + i], planes[3 * k + i]]))
-        .collect();
+    let ipv4 =
+        (0..k).map(|i| u32::from_be_bytes([planes[i], planes[k + i], planes[2 * k + i], planes[3 * k + i]])).collect();
     let with_extra = flags.iter().filter(|&&f| f & FLAG_EXTRA != 0).count();
     let mut extras = Vec::with_capacity(with_extra.min(r.remaining()));
     for _ in 0..with_extra {
@@ -406,7 +421,9 @@ impl<'m> Assembler<'m> {
                 if let Some(first) = self.parts.first()
                     && first.totals != d.totals
                 {
-                    return Err(self.inconsistent(format!("chunk {index} disagrees with chunk 0 on the dictionary's size")));
+                    return Err(
+                        self.inconsistent(format!("chunk {index} disagrees with chunk 0 on the dictionary's size"))
+                    );
                 }
                 let entries: u64 = d.totals.iter().fold(0u64, |a, &t| a.saturating_add(t));
                 if entries > limits.max_dictionary_entries {
@@ -464,10 +481,13 @@ impl<'m> Assembler<'m> {
                 let t = usize::from(seg.table);
                 let have = [strings.len(), label_sets.len(), platforms.len(), workload_sets.len(), digests.len()][t];
                 if seg.first != have as u64 {
-                    return Err(self.fault(index, ChunkFault::Malformed {
-                        reason: "dictionary segment does not continue where the previous chunk stopped",
-                        offset: 0,
-                    }));
+                    return Err(self.fault(
+                        index,
+                        ChunkFault::Malformed {
+                            reason: "dictionary segment does not continue where the previous chunk stopped",
+                            offset: 0,
+                        },
+                    ));
                 }
                 let (a, b) = (taken[t], taken[t] + seg.count);
                 taken[t] = b;
@@ -489,9 +509,12 @@ impl<'m> Assembler<'m> {
             let o = &origin[usize::from(t)];
             o.get(o.partition_point(|&(end, _)| end <= id)).map_or(0, |&(_, c)| c) as u32
         };
-        let lens = [strings.len(), label_sets.len(), platforms.len(), workload_sets.len(), digests.len()].map(|l| l as u64);
+        let lens =
+            [strings.len(), label_sets.len(), platforms.len(), workload_sets.len(), digests.len()].map(|l| l as u64);
         if lens != totals {
-            return Err(self.inconsistent(format!("the dictionary declares {totals:?} entries, its chunks hold {lens:?}")));
+            return Err(
+                self.inconsistent(format!("the dictionary declares {totals:?} entries, its chunks hold {lens:?}"))
+            );
         }
         // Values the model would reject never enter the cache. Each string is checked once per role.
         let dict_fault = |index: u32, what: &'static str, value: &str| SnapshotError::Chunk {
@@ -562,7 +585,11 @@ impl<'m> Assembler<'m> {
         };
         let fault = |fault| SnapshotError::Chunk { generation, index: index as u32, fault };
         let dangling = |t: u8, id: u32| {
-            fault(ChunkFault::DanglingId { table: TABLE_NAMES[usize::from(t)], id: u64::from(id), len: dict.lens[usize::from(t)] })
+            fault(ChunkFault::DanglingId {
+                table: TABLE_NAMES[usize::from(t)],
+                id: u64::from(id),
+                len: dict.lens[usize::from(t)],
+            })
         };
         let first_len = part.name_lens.first().map_or(0, |&l| usize::from(l));
         if let Some(first) = part.names.get(..first_len)

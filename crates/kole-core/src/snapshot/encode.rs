@@ -77,9 +77,8 @@ pub fn encode_snapshot(
     pending.extend(cut(&nodes, opts, threads)?);
 
     let snapshot_id = opts.snapshot_id.unwrap_or_else(random_id);
-    let count = u32::try_from(pending.len()).map_err(|_| SnapshotError::InvalidOptions {
-        reason: "more than 2^32 chunks; raise max_chunk_bytes",
-    })?;
+    let count = u32::try_from(pending.len())
+        .map_err(|_| SnapshotError::InvalidOptions { reason: "more than 2^32 chunks; raise max_chunk_bytes" })?;
     // Seal headers in parallel: the CRC runs over every byte once more.
     let per = pending.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
@@ -187,7 +186,8 @@ impl<'a> Dictionary<'a> {
             workload_map[id as usize] = workload_sets.len() as u32;
             workload_sets.push(cache.workload_sets.get(id).iter().map(|&(w, v, p)| (sid(w), v, p)).collect());
         }
-        let mut counts: std::collections::HashMap<u64, u32, MixState> = std::collections::HashMap::with_hasher(MixState);
+        let mut counts: std::collections::HashMap<u64, u32, MixState> =
+            std::collections::HashMap::with_hasher(MixState);
         for n in cache.slots.iter().enumerate().filter(|&(s, _)| cache.is_live(s as Slot)).map(|(_, n)| n) {
             *counts.entry(n.applied).or_insert(0) += 1;
         }
@@ -198,7 +198,17 @@ impl<'a> Dictionary<'a> {
         for (rank, &d) in digests.iter().enumerate() {
             digest_map.insert(d, rank as u32);
         }
-        Self { strings, label_sets, platforms, workload_sets, digests, label_map, platform_map, workload_map, digest_map }
+        Self {
+            strings,
+            label_sets,
+            platforms,
+            workload_sets,
+            digests,
+            label_map,
+            platform_map,
+            workload_map,
+            digest_map,
+        }
     }
 
     fn table_lens(&self) -> [usize; TABLES] {
@@ -313,6 +323,9 @@ impl Section for NodeSection<'_> {
         let (cache, dict) = (self.cache, self.dict);
         let slots = &self.order[range];
         let n = slots.len();
+        // One gather pass touches each node's slot once; the column passes then run over this
+        // chunk-local copy instead of chasing slots across the whole table again.
+        let nodes: Vec<crate::cache::NodeSlot> = slots.iter().map(|&s| cache.slots[s as usize]).collect();
         put_varint(out, n as u64);
         put_varint(out, u64::from(self.base));
         let mut suffix_lens = Vec::with_capacity(n);
@@ -330,30 +343,29 @@ impl Section for NodeSection<'_> {
         out.extend_from_slice(&suffixes);
         let mut ipv4 = Vec::with_capacity(n);
         let mut extra = Vec::new();
-        for &s in slots {
-            let node = &cache.slots[s as usize];
+        for (&s, node) in slots.iter().zip(&nodes) {
             let mut flags = node.phase & FLAG_PHASE_MASK;
-            if let Some(v4) = cache.ipv4_of(s) {
+            if let Some(v4) = cache.ipv4_of_slot(node) {
                 flags |= FLAG_IPV4;
                 ipv4.push(v4);
             }
-            if !cache.extra_addrs_of(s).is_empty() {
+            if cache.has_extra_addrs(node) {
                 flags |= FLAG_EXTRA;
                 extra.push(s);
             }
             out.push(flags);
         }
-        for &s in slots {
-            put_varint(out, zigzag(i64::from(self.base) - i64::from(cache.slots[s as usize].last_seen)));
+        for node in &nodes {
+            put_varint(out, zigzag(i64::from(self.base) - i64::from(node.last_seen)));
         }
-        let column = |f: &dyn Fn(Slot) -> u32, out: &mut Vec<u8>| {
-            let v: Vec<u32> = slots.iter().map(|&s| f(s)).collect();
+        let mut column = |f: &dyn Fn(&crate::cache::NodeSlot) -> u32| {
+            let v: Vec<u32> = nodes.iter().map(f).collect();
             put_planes(out, &v);
         };
-        column(&|s| dict.label_map[cache.slots[s as usize].label_set as usize], out);
-        column(&|s| dict.platform_map[cache.slots[s as usize].platform as usize], out);
-        column(&|s| dict.workload_map[cache.slots[s as usize].workloads as usize], out);
-        column(&|s| dict.digest_map.get(&cache.slots[s as usize].applied).copied().unwrap_or(NONE), out);
+        column(&|n| dict.label_map[n.label_set as usize]);
+        column(&|n| dict.platform_map[n.platform as usize]);
+        column(&|n| dict.workload_map[n.workloads as usize]);
+        column(&|n| dict.digest_map.get(&n.applied).copied().unwrap_or(NONE));
         for shift in [24, 16, 8, 0] {
             out.extend(ipv4.iter().map(|&v| (v >> shift) as u8));
         }
@@ -376,36 +388,64 @@ impl Section for NodeSection<'_> {
     }
 }
 
-/// Live slots sorted by name: sorted in `threads` parts in parallel, then merged.
+/// A node's sort key: the first 32 bytes of its name, big-endian, zero-padded (names hold no NUL,
+/// so padding sorts shorter names first, as byte order does). Sorting keys instead of chasing
+/// every comparison into the name arena keeps the sort in cache.
+#[derive(Clone, Copy)]
+struct NameKey {
+    hi: u128,
+    lo: u128,
+    slot: Slot,
+}
+
+fn name_key(cache: &NodeCache, slot: Slot) -> NameKey {
+    let mut b = [0u8; 32];
+    let name = cache.name_bytes(slot);
+    let n = name.len().min(32);
+    b[..n].copy_from_slice(&name[..n]);
+    let mut hi = [0u8; 16];
+    let mut lo = [0u8; 16];
+    hi.copy_from_slice(&b[..16]);
+    lo.copy_from_slice(&b[16..]);
+    NameKey { hi: u128::from_be_bytes(hi), lo: u128::from_be_bytes(lo), slot }
+}
+
+/// Live slots sorted by name: keys sorted in `threads` parts in parallel, then merged.
 fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
-    let mut live: Vec<Slot> = (0..cache.slots.len() as Slot).filter(|&s| cache.is_live(s)).collect();
-    let by_name = |a: &Slot, b: &Slot| cache.name_bytes(*a).cmp(cache.name_bytes(*b));
-    if threads < 2 || live.len() < 1 << 15 {
-        live.sort_unstable_by(by_name);
-        return live;
-    }
-    let per = live.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for part in live.chunks_mut(per) {
-            s.spawn(move || part.sort_unstable_by(by_name));
-        }
+    let cmp = |a: &NameKey, b: &NameKey| {
+        (a.hi, a.lo).cmp(&(b.hi, b.lo)).then_with(|| cache.name_bytes(a.slot).cmp(cache.name_bytes(b.slot)))
+    };
+    let live: Vec<Slot> = (0..cache.slots.len() as Slot).filter(|&s| cache.is_live(s)).collect();
+    let parts = if threads < 2 || live.len() < 1 << 15 { 1 } else { threads };
+    let per = live.len().div_ceil(parts).max(1);
+    let mut runs: Vec<Vec<NameKey>> = std::thread::scope(|s| {
+        let handles: Vec<_> = live
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    let mut keys: Vec<NameKey> = part.iter().map(|&slot| name_key(cache, slot)).collect();
+                    keys.sort_unstable_by(cmp);
+                    keys
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
-    let mut runs: Vec<Vec<Slot>> = live.chunks(per).map(<[Slot]>::to_vec).collect();
     while runs.len() > 1 {
         let mut next = Vec::with_capacity(runs.len().div_ceil(2));
         let mut it = runs.into_iter();
         while let Some(a) = it.next() {
             match it.next() {
-                Some(b) => next.push(merge(&a, &b, by_name)),
+                Some(b) => next.push(merge(&a, &b, cmp)),
                 None => next.push(a),
             }
         }
         runs = next;
     }
-    runs.pop().unwrap_or_default()
+    runs.pop().unwrap_or_default().into_iter().map(|k| k.slot).collect()
 }
 
-fn merge(a: &[Slot], b: &[Slot], cmp: impl Fn(&Slot, &Slot) -> std::cmp::Ordering) -> Vec<Slot> {
+fn merge<T: Copy>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
@@ -485,7 +525,10 @@ fn cut<S: Section>(section: &S, opts: &SnapshotOptions, threads: usize) -> Resul
         if S::KIND == SectionKind::Dictionary {
             let p = build(section, 0..0, opts)?;
             if !fits(&p) {
-                return Err(SnapshotError::RecordTooLarge { needed: p.bytes.len(), max_chunk_bytes: opts.max_chunk_bytes });
+                return Err(SnapshotError::RecordTooLarge {
+                    needed: p.bytes.len(),
+                    max_chunk_bytes: opts.max_chunk_bytes,
+                });
             }
             out.push(p);
         }
@@ -516,7 +559,10 @@ fn cut<S: Section>(section: &S, opts: &SnapshotOptions, threads: usize) -> Resul
                 pos = r.end;
                 out.push(chunk);
             } else if r.len() == 1 {
-                return Err(SnapshotError::RecordTooLarge { needed: chunk.bytes.len(), max_chunk_bytes: opts.max_chunk_bytes });
+                return Err(SnapshotError::RecordTooLarge {
+                    needed: chunk.bytes.len(),
+                    max_chunk_bytes: opts.max_chunk_bytes,
+                });
             } else {
                 // Shrink strictly, even when the ratio estimate rounds the same way twice.
                 per_item = per_item.max(target / (r.len() - 1) as f64);

@@ -259,7 +259,9 @@ pub enum ChunkFault {
 impl fmt::Display for ChunkFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Truncated { len } => write!(f, "is truncated: {len} bytes, shorter than its header"),
+            Self::Truncated { len } => {
+                write!(f, "is truncated: {len} bytes, shorter than its header")
+            }
             Self::BadMagic => write!(f, "is not a kole snapshot chunk (bad magic)"),
             Self::UnsupportedVersion { found } => write!(f, "uses unknown format version {found}"),
             Self::UnknownCodec { found } => write!(f, "uses unknown codec {found}"),
@@ -272,7 +274,9 @@ impl fmt::Display for ChunkFault {
                 write!(f, "belongs to snapshot {found:#018x}, not {expected:#018x}")
             }
             Self::WrongIndex { found } => write!(f, "carries index {found}"),
-            Self::WrongCount { found, expected } => write!(f, "claims {found} chunks, the manifest {expected}"),
+            Self::WrongCount { found, expected } => {
+                write!(f, "claims {found} chunks, the manifest {expected}")
+            }
             Self::LengthMismatch { header, actual } => {
                 write!(f, "is truncated or padded: header says {header} payload bytes, {actual} present")
             }
@@ -289,12 +293,16 @@ impl fmt::Display for ChunkFault {
             Self::RawLengthMismatch { declared, actual } => {
                 write!(f, "decompresses to {actual} bytes, not the declared {declared}")
             }
-            Self::Malformed { reason, offset } => write!(f, "is malformed at byte {offset}: {reason}"),
+            Self::Malformed { reason, offset } => {
+                write!(f, "is malformed at byte {offset}: {reason}")
+            }
             Self::DanglingId { table, id, len } => {
                 write!(f, "refers to {table} entry {id}, but the dictionary has {len}")
             }
             Self::InvalidValue { what, value } => write!(f, "holds an invalid {what} {value:?}"),
-            Self::NamesOutOfOrder { name } => write!(f, "holds node name {name:?} out of order or twice"),
+            Self::NamesOutOfOrder { name } => {
+                write!(f, "holds node name {name:?} out of order or twice")
+            }
         }
     }
 }

@@ -6,8 +6,8 @@
 //! out and falls back to older ones, reporting each one it skipped. A cache is restored whole or
 //! not at all.
 //!
-//! The layout is columnar and dictionary-coded for size (see [`encode`](self) docs in
-//! `encode.rs`): a dictionary of strings, label sets, platforms, workload-state sets and applied
+//! The layout is columnar and dictionary-coded for size (each section's bytes are documented in
+//! `snapshot/encode.rs`): a dictionary of strings, label sets, platforms, workload-state sets and applied
 //! digests, then the nodes in name order, one column per field. It is cut into chunks of at most
 //! [`SnapshotOptions::max_chunk_bytes`], each with a fixed header ([`ChunkHeader`]) and compressed
 //! on its own ([`Codec`]), so chunks fit a Kubernetes object and compress and decompress in parallel.
@@ -92,7 +92,9 @@ impl Default for SnapshotOptions {
 impl SnapshotOptions {
     pub(crate) fn validate(&self) -> Result<(), SnapshotError> {
         if self.max_chunk_bytes < CHUNK_HEADER_LEN + 64 || self.max_chunk_bytes > u32::MAX as usize {
-            return Err(SnapshotError::InvalidOptions { reason: "max_chunk_bytes must be between 108 bytes and 4 GiB" });
+            return Err(SnapshotError::InvalidOptions {
+                reason: "max_chunk_bytes must be between 108 bytes and 4 GiB",
+            });
         }
         if !(0.1..=1.0).contains(&self.target_fill) {
             return Err(SnapshotError::InvalidOptions { reason: "target_fill must be between 0.1 and 1.0" });

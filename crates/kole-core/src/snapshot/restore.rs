@@ -31,7 +31,9 @@ pub async fn restore_latest(
     let mut faults = Vec::new();
     for manifest in manifests {
         match restore_generation(store, &manifest, limits).await {
-            Ok(cache) => return Ok(Some(Restored { cache, manifest, faults })),
+            Ok(cache) => {
+                return Ok(Some(Restored { cache, manifest, faults }));
+            }
             Err(error) => faults.push(RestoreFault { generation: manifest.generation, error }),
         }
     }
@@ -68,7 +70,9 @@ pub async fn fetch_chunks(
     for index in 0..manifest.chunk_count {
         match store.get_chunk(manifest.generation, index).await? {
             Some(c) => chunks.push(c),
-            None => return Err(SnapshotError::MissingChunk { generation: manifest.generation, index }),
+            None => {
+                return Err(SnapshotError::MissingChunk { generation: manifest.generation, index });
+            }
         }
     }
     Ok(chunks)

@@ -41,7 +41,13 @@ impl DirSnapshotStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, SnapshotError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|source| SnapshotError::Io { op: "create", path: root.clone(), source })?;
-        Ok(Self { root, ops: AtomicU64::new(0), fail_after: None, max_file_bytes: 64 << 20, max_manifest_bytes: 16 << 20 })
+        Ok(Self {
+            root,
+            ops: AtomicU64::new(0),
+            fail_after: None,
+            max_file_bytes: 64 << 20,
+            max_manifest_bytes: 16 << 20,
+        })
     }
 
     /// Crash testing: every file operation (create, write, fsync, rename, remove) after the
@@ -111,7 +117,9 @@ impl DirSnapshotStore {
         let f = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(SnapshotError::Io { op: "read", path: path.to_owned(), source: e }),
+            Err(e) => {
+                return Err(SnapshotError::Io { op: "read", path: path.to_owned(), source: e });
+            }
         };
         // One byte over the limit is enough for the reader to see it is too long.
         let mut out = Vec::new();
