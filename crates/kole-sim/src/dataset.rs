@@ -344,7 +344,7 @@ impl ReferenceFleet {
             if n.phase != NodePhase::Online {
                 cache.set_phase(n.registration.name.as_str(), n.phase)?;
             }
-            if i % 65_536 == 0 {
+            if i.is_multiple_of(65_536) {
                 progress(i);
             }
         }

@@ -85,6 +85,8 @@ impl Default for EngineConfig {
 }
 
 /// A change to the workloads, as a workload controller (e.g. a Kubernetes watcher) reports it.
+// Commands are rare (one per workload change), so `Apply` carrying the workload inline costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkloadCommand {
     /// Create or update a workload. A new version starts a rollout from the first wave; nodes

@@ -339,7 +339,7 @@ fn arb_labels() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
 
 fn arb_selector() -> impl Strategy<Value = String> {
     let keys = ["region", "tier", "env", "hw"];
-    let reqs = proptest::collection::vec((0..keys.len(), 0..5usize, 0..3usize), 0..3).prop_map(move |v| {
+    proptest::collection::vec((0..keys.len(), 0..5usize, 0..3usize), 0..3).prop_map(move |v| {
         v.into_iter()
             .map(|(k, op, x)| {
                 let (k, x) = (keys[k], ["a", "b", "c"][x]);
@@ -353,8 +353,7 @@ fn arb_selector() -> impl Strategy<Value = String> {
             })
             .collect::<Vec<_>>()
             .join(",")
-    });
-    reqs
+    })
 }
 
 proptest! {
