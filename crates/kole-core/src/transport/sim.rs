@@ -62,14 +62,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::mem::size_of;
 use std::sync::Arc;
 
 use crate::model::{NodeName, Timestamp, stable_hash};
 
-use super::fault::{Direction, FaultPlan};
+use super::fault::{Direction, FaultPlan, Timed};
 use super::{Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
 
 /// A node of a [`SimNetwork`]: a dense index, `0..len`, in the order nodes were added.
@@ -433,34 +432,6 @@ impl RetainedStore {
                 self.groups.get(g).and_then(|m| m.get(to))
             }
         }
-    }
-}
-
-/// An entry of a delay heap, ordered so that `BinaryHeap` pops the earliest `(due, seq)` first.
-#[derive(Debug)]
-struct Timed<T> {
-    due: u64,
-    seq: u64,
-    item: T,
-}
-
-impl<T> PartialEq for Timed<T> {
-    fn eq(&self, other: &Self) -> bool {
-        (self.due, self.seq) == (other.due, other.seq)
-    }
-}
-
-impl<T> Eq for Timed<T> {}
-
-impl<T> PartialOrd for Timed<T> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<T> Ord for Timed<T> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.due, other.seq).cmp(&(self.due, self.seq))
     }
 }
 
