@@ -1228,3 +1228,574 @@ impl Enqueue<'_> {
         subscribers
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::WorkloadId;
+
+    const T0: Timestamp = Timestamp(1_000);
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp(T0.0 + ms)
+    }
+
+    /// A realistic node name (region, site, serial), about 26 bytes.
+    fn node_name(i: usize) -> NodeName {
+        NodeName::new(format!("cn-hangzhou-s{:04}-{:08x}", i % 5000, i * 7919)).unwrap()
+    }
+
+    fn group(g: &str) -> GroupName {
+        GroupName::new(g).unwrap()
+    }
+
+    fn spec(id: &str) -> Destination {
+        Destination::WorkloadSpec(WorkloadId::new(id).unwrap())
+    }
+
+    fn out(to: Destination, payload: &[u8], retain: bool) -> Outbound {
+        Outbound {
+            to,
+            payload: payload.to_vec(),
+            retain,
+        }
+    }
+
+    fn hb(payload: &[u8]) -> NodePublish {
+        NodePublish {
+            kind: UplinkKind::Heartbeat,
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// A network of `n` connected nodes.
+    fn network(plan: FaultPlan, n: usize) -> (SimNetwork, Vec<NodeId>) {
+        let mut net = SimNetwork::with_capacity(plan, n);
+        let ids: Vec<_> = (0..n)
+            .map(|i| net.add_node(node_name(i)).unwrap())
+            .collect();
+        for &id in &ids {
+            net.connect(id, T0).unwrap();
+        }
+        (net, ids)
+    }
+
+    /// Every downlink delivery due by `now`, as (node, from, payload, retained).
+    fn drain_down(
+        net: &mut SimNetwork,
+        now: Timestamp,
+    ) -> Vec<(NodeId, Destination, Vec<u8>, bool)> {
+        let mut got = Vec::new();
+        net.take_downlink(now, usize::MAX, |n, d| {
+            got.push((n, d.from, d.payload.to_vec(), d.retained))
+        });
+        got
+    }
+
+    fn payloads_up(net: &mut SimNetwork, now: Timestamp) -> Vec<Vec<u8>> {
+        net.take_uplink(now, usize::MAX)
+            .into_iter()
+            .map(|i| i.payload)
+            .collect()
+    }
+
+    /// A mixed scenario under faults; returns every delivery with its virtual time.
+    fn scenario(seed: u64) -> Vec<String> {
+        let plan = FaultPlan {
+            drop_uplink: 0.2,
+            drop_downlink: 0.2,
+            duplicate: 0.2,
+            min_delay_ms: 0,
+            max_delay_ms: 40,
+            seed,
+        };
+        let (mut net, ids) = network(plan, 200);
+        for &id in ids.iter().step_by(3) {
+            net.subscribe(id, &group("site-1"), T0).unwrap();
+        }
+        let mut trace = Vec::new();
+        for step in 0..20u64 {
+            let now = at(step * 10);
+            net.cloud_send(
+                vec![
+                    out(Destination::Fleet, &[1, step as u8], false),
+                    out(Destination::Group(group("site-1")), &[2, step as u8], false),
+                    out(
+                        Destination::Node(node_name(step as usize)),
+                        &[3, step as u8],
+                        false,
+                    ),
+                ],
+                now,
+            );
+            for &id in ids.iter().skip(step as usize).step_by(7) {
+                net.node_publish(id, hb(&[step as u8, id.0 as u8]), now)
+                    .unwrap();
+            }
+            net.take_downlink(now, usize::MAX, |n, d| {
+                trace.push(format!("{} down {} {:?}", now.0, n.0, d.payload))
+            });
+            for i in net.take_uplink(now, usize::MAX) {
+                trace.push(format!("{} up {} {:?}", now.0, i.node, i.payload));
+            }
+        }
+        while let Some(due) = net.next_due() {
+            net.take_downlink(due, usize::MAX, |n, d| {
+                trace.push(format!("{} down {} {:?}", due.0, n.0, d.payload))
+            });
+            for i in net.take_uplink(due, usize::MAX) {
+                trace.push(format!("{} up {} {:?}", due.0, i.node, i.payload));
+            }
+        }
+        trace
+    }
+
+    #[test]
+    fn same_seed_replays_identically_and_another_seed_differs() {
+        let a = scenario(11);
+        assert!(a.len() > 1000, "{}", a.len());
+        assert_eq!(a, scenario(11));
+        assert_ne!(a, scenario(12));
+    }
+
+    #[test]
+    fn drop_probability_one_zero_and_half() {
+        for (p, lo, hi) in [(1.0, 4000, 4000), (0.0, 0, 0), (0.5, 1750, 2250)] {
+            let plan = FaultPlan {
+                drop_uplink: p,
+                drop_downlink: p,
+                seed: 5,
+                ..FaultPlan::default()
+            };
+            let (mut net, ids) = network(plan, 4000);
+            net.cloud_send(vec![out(Destination::Fleet, b"x", false)], T0);
+            let down = drain_down(&mut net, T0).len() as u64;
+            for &id in &ids {
+                net.node_publish(id, hb(b"h"), T0).unwrap();
+            }
+            let up = net.take_uplink(T0, usize::MAX).len() as u64;
+            let s = net.stats();
+            // Binomial(4000, 0.5): sd ≈ 32, so ±250 is about 8 sd.
+            assert!(
+                (lo..=hi).contains(&s.dropped_downlink_fault),
+                "p={p}: {s:?}"
+            );
+            assert!((lo..=hi).contains(&s.dropped_uplink_fault), "p={p}: {s:?}");
+            assert_eq!(down + s.dropped_downlink_fault, 4000);
+            assert_eq!(up + s.dropped_uplink_fault, 4000);
+            assert_eq!((s.uplink_in_flight, s.downlink_in_flight), (0, 0));
+        }
+    }
+
+    #[test]
+    fn duplicates_arrive_twice() {
+        let plan = FaultPlan {
+            duplicate: 1.0,
+            ..FaultPlan::default()
+        };
+        let (mut net, ids) = network(plan, 10);
+        net.cloud_send(vec![out(Destination::Fleet, b"x", false)], T0);
+        let down = drain_down(&mut net, T0);
+        assert_eq!(down.len(), 20);
+        for &id in &ids {
+            assert_eq!(down.iter().filter(|d| d.0 == id).count(), 2);
+        }
+        net.node_publish(ids[3], hb(b"h"), T0).unwrap();
+        assert_eq!(payloads_up(&mut net, T0), [b"h".to_vec(), b"h".to_vec()]);
+        assert_eq!(net.stats().duplicated, 11);
+    }
+
+    #[test]
+    fn delays_reorder_and_next_due_is_exact() {
+        let plan = FaultPlan {
+            min_delay_ms: 5,
+            max_delay_ms: 100,
+            seed: 3,
+            ..FaultPlan::default()
+        };
+        let (mut net, ids) = network(plan, 1);
+        assert_eq!(net.next_due(), None);
+        for i in 0..50u8 {
+            net.node_publish(ids[0], hb(&[i]), T0).unwrap();
+        }
+        assert!(
+            net.take_uplink(at(4), usize::MAX).is_empty(),
+            "nothing due before 5 ms"
+        );
+        let mut order = Vec::new();
+        let mut last = at(0);
+        while let Some(due) = net.next_due() {
+            assert!(due >= last && due >= at(5) && due <= at(100));
+            // Just before the due time nothing comes; at it, something does.
+            if due > last {
+                assert!(net.take_uplink(Timestamp(due.0 - 1), usize::MAX).is_empty());
+            }
+            let got = payloads_up(&mut net, due);
+            assert!(!got.is_empty());
+            order.extend(got.into_iter().map(|p| p[0]));
+            last = due;
+        }
+        assert_eq!(order.len(), 50);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert_ne!(order, sorted, "random delays reorder");
+        assert_eq!(net.stats().uplink_in_flight, 0);
+    }
+
+    #[test]
+    fn equal_due_times_keep_send_order_and_time_never_goes_back() {
+        let plan = FaultPlan {
+            min_delay_ms: 10,
+            max_delay_ms: 10,
+            ..FaultPlan::default()
+        };
+        let (mut net, ids) = network(plan, 1);
+        net.cloud_send(
+            (0..20u8)
+                .map(|i| out(Destination::Fleet, &[i], false))
+                .collect(),
+            at(100),
+        );
+        // An earlier `now` reads as the latest one.
+        net.cloud_send(vec![out(Destination::Fleet, &[20], false)], at(50));
+        assert_eq!(net.next_due(), Some(at(110)));
+        let got: Vec<u8> = drain_down(&mut net, at(110))
+            .iter()
+            .map(|d| d.2[0])
+            .collect();
+        assert_eq!(got, (0..=20).collect::<Vec<_>>());
+        assert_eq!(net.now(), at(110));
+        let _ = ids;
+    }
+
+    #[test]
+    fn partition_then_heal() {
+        let (mut net, ids) = network(FaultPlan::default(), 3);
+        let (a, b) = (ids[0], ids[1]);
+        // Queued before the cut, lost at delivery.
+        net.cloud_send(vec![out(Destination::Fleet, b"1", false)], T0);
+        net.partition(&[b, NodeId(99)]);
+        assert!(net.is_partitioned(b) && net.is_connected(b));
+        let got = drain_down(&mut net, T0);
+        assert_eq!(got.iter().map(|d| d.0).collect::<Vec<_>>(), [a, ids[2]]);
+        net.cloud_send(vec![out(Destination::Node(node_name(1)), b"2", false)], T0);
+        net.node_publish(b, hb(b"lost"), T0).unwrap();
+        net.node_publish(a, hb(b"kept"), T0).unwrap();
+        assert!(drain_down(&mut net, T0).is_empty());
+        assert_eq!(payloads_up(&mut net, T0), [b"kept".to_vec()]);
+        assert_eq!(net.stats().dropped_partition, 3);
+        assert_eq!(net.stats().nodes_partitioned, 1);
+
+        net.heal(&[b]);
+        net.node_publish(b, hb(b"back"), at(1)).unwrap();
+        net.cloud_send(
+            vec![out(Destination::Node(node_name(1)), b"3", false)],
+            at(1),
+        );
+        assert_eq!(payloads_up(&mut net, at(1)), [b"back".to_vec()]);
+        assert_eq!(drain_down(&mut net, at(1))[0].2, b"3");
+
+        net.partition(&ids);
+        net.heal_all();
+        assert!(ids.iter().all(|&n| !net.is_partitioned(n)));
+        assert_eq!(net.stats().nodes_partitioned, 0);
+    }
+
+    #[test]
+    fn retained_specs_on_connect_and_subscribe_and_deletion() {
+        let mut net = SimNetwork::new(FaultPlan::default());
+        let a = net.add_node(node_name(0)).unwrap();
+        let b = net.add_node(node_name(1)).unwrap();
+        let app = spec("default/app");
+        let gspec = Destination::GroupWorkloadSpec(
+            group("site-1"),
+            WorkloadId::new("default/app").unwrap(),
+        );
+        net.cloud_send(
+            vec![
+                out(app.clone(), b"spec", true),
+                out(gspec.clone(), b"gspec", true),
+                out(Destination::Node(node_name(0)), b"mine", true),
+                out(Destination::Fleet, b"not retained", false),
+            ],
+            T0,
+        );
+        assert_eq!(net.stats().retained, 3);
+        assert_eq!(net.stats().dropped_no_subscriber, 1);
+        assert_eq!(net.retained(&app).as_deref(), Some(&b"spec"[..]));
+
+        net.connect(a, T0).unwrap();
+        let got = drain_down(&mut net, T0);
+        assert_eq!(
+            got,
+            [
+                (a, Destination::Node(node_name(0)), b"mine".to_vec(), true),
+                (a, app.clone(), b"spec".to_vec(), true),
+            ]
+        );
+        net.subscribe(a, &group("site-1"), T0).unwrap();
+        assert_eq!(
+            drain_down(&mut net, T0),
+            [(a, gspec.clone(), b"gspec".to_vec(), true)]
+        );
+
+        // A live publish is not flagged retained; deletion reaches current subscribers, empty.
+        net.cloud_send(vec![out(app.clone(), b"spec2", true)], T0);
+        assert_eq!(
+            drain_down(&mut net, T0),
+            [(a, app.clone(), b"spec2".to_vec(), false)]
+        );
+        net.cloud_send(
+            vec![out(app.clone(), b"", true), out(gspec.clone(), b"", true)],
+            T0,
+        );
+        assert_eq!(
+            drain_down(&mut net, T0),
+            [
+                (a, app.clone(), vec![], false),
+                (a, gspec.clone(), vec![], false)
+            ]
+        );
+        assert_eq!(net.retained(&app), None);
+        assert_eq!(net.stats().retained, 1);
+
+        // After deletion, a late joiner gets nothing but... nothing (edge-b has no own retained).
+        net.connect(b, T0).unwrap();
+        net.subscribe(b, &group("site-1"), T0).unwrap();
+        assert!(drain_down(&mut net, T0).is_empty());
+    }
+
+    #[test]
+    fn disconnect_drops_queued_deliveries_and_subscriptions() {
+        let (mut net, ids) = network(FaultPlan::default(), 2);
+        let (a, b) = (ids[0], ids[1]);
+        for g in ["g1", "g2", "g3", "g4", "g5"] {
+            net.subscribe(a, &group(g), T0).unwrap();
+        }
+        net.unsubscribe(a, &group("g2")).unwrap();
+        net.unsubscribe(a, &group("nope")).unwrap();
+        let subs: Vec<_> = net.subscriptions(a).iter().map(|g| g.as_str()).collect();
+        assert_eq!(subs, ["g1", "g3", "g4", "g5"]);
+        net.cloud_send(
+            vec![
+                out(Destination::Group(group("g1")), b"1", false),
+                out(Destination::Group(group("g2")), b"2", false),
+                out(Destination::Fleet, b"3", false),
+            ],
+            T0,
+        );
+        net.disconnect(a).unwrap();
+        net.disconnect(a).unwrap();
+        assert!(!net.is_connected(a) && net.subscriptions(a).is_empty());
+        // A reconnect is a new session: nothing of the old one arrives.
+        net.connect(a, T0).unwrap();
+        let got = drain_down(&mut net, T0);
+        assert_eq!(
+            got.iter().map(|d| (d.0, d.2.clone())).collect::<Vec<_>>(),
+            [(b, b"3".to_vec())]
+        );
+        let s = net.stats();
+        assert_eq!((s.dropped_disconnected, s.dropped_no_subscriber), (2, 1));
+        net.cloud_send(vec![out(Destination::Group(group("g1")), b"4", false)], T0);
+        assert!(drain_down(&mut net, T0).is_empty());
+        assert!(matches!(net.node_publish(a, hb(b""), T0), Ok(())));
+        net.disconnect(a).unwrap();
+        assert!(matches!(
+            net.node_publish(a, hb(b""), T0),
+            Err(SimError::NotConnected { .. })
+        ));
+        assert!(matches!(
+            net.subscribe(a, &group("g1"), T0),
+            Err(SimError::NotConnected { .. })
+        ));
+    }
+
+    #[test]
+    fn restart_cloud_loses_in_flight_uplink_and_isolation_cuts_both_ways() {
+        let plan = FaultPlan {
+            min_delay_ms: 10,
+            max_delay_ms: 10,
+            ..FaultPlan::default()
+        };
+        let (mut net, ids) = network(plan, 2);
+        net.node_publish(ids[0], hb(b"1"), T0).unwrap();
+        net.node_publish(ids[1], hb(b"2"), T0).unwrap();
+        assert_eq!(net.stats().uplink_in_flight, 2);
+        net.restart_cloud();
+        assert!(payloads_up(&mut net, at(100)).is_empty());
+        assert_eq!(net.stats().dropped_cloud_restart, 2);
+
+        net.set_plan(FaultPlan::default());
+        net.cloud_send(vec![out(Destination::Fleet, b"before", false)], at(100));
+        net.node_publish(ids[0], hb(b"3"), at(100)).unwrap();
+        net.isolate_cloud();
+        assert!(net.is_cloud_isolated());
+        net.node_publish(ids[0], hb(b"4"), at(100)).unwrap();
+        net.cloud_send(vec![out(spec("default/app"), b"s", true)], at(100));
+        assert!(payloads_up(&mut net, at(100)).is_empty());
+        assert_eq!(
+            net.retained(&spec("default/app")),
+            None,
+            "never reached the broker"
+        );
+        // What the broker already had still reaches the nodes.
+        assert_eq!(drain_down(&mut net, at(100)).len(), 2);
+        assert_eq!(net.stats().dropped_cloud_isolated, 3);
+        net.recover_cloud();
+        net.node_publish(ids[0], hb(b"5"), at(100)).unwrap();
+        assert_eq!(payloads_up(&mut net, at(100)), [b"5".to_vec()]);
+    }
+
+    #[test]
+    fn restart_broker_ends_sessions_and_keeps_retained() {
+        let (mut net, ids) = network(FaultPlan::default(), 3);
+        net.cloud_send(vec![out(spec("default/app"), b"s", true)], T0);
+        net.node_publish(ids[0], hb(b"1"), T0).unwrap();
+        net.restart_broker();
+        let s = net.stats();
+        assert_eq!((s.dropped_broker_restart, s.nodes_connected), (4, 0));
+        assert_eq!((s.uplink_in_flight, s.downlink_in_flight), (0, 0));
+        net.connect(ids[2], T0).unwrap();
+        assert_eq!(
+            drain_down(&mut net, T0),
+            [(ids[2], spec("default/app"), b"s".to_vec(), true)]
+        );
+    }
+
+    #[test]
+    fn take_downlink_respects_max_inside_a_fan_out() {
+        let (mut net, ids) = network(FaultPlan::default(), 10);
+        net.cloud_send(
+            vec![
+                out(Destination::Fleet, b"a", false),
+                out(Destination::Fleet, b"b", false),
+            ],
+            T0,
+        );
+        let mut got = Vec::new();
+        for _ in 0..7 {
+            let remaining = 20 - got.len();
+            let n = net.take_downlink(T0, 3, |n, d| got.push((n, d.payload[0])));
+            assert_eq!(n, remaining.min(3));
+        }
+        assert_eq!(got.len(), 20);
+        let expected: Vec<_> = [b'a', b'b']
+            .iter()
+            .flat_map(|&p| ids.iter().map(move |&n| (n, p)))
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!(net.stats().downlink_in_flight, 0);
+    }
+
+    #[test]
+    fn ids_names_and_refusals() {
+        let mut net = SimNetwork::new(FaultPlan::default());
+        assert!(net.is_empty());
+        let a = net.add_node(node_name(0)).unwrap();
+        let b = net.add_node(node_name(1)).unwrap();
+        assert_eq!((a, b), (NodeId(0), NodeId(1)));
+        assert_eq!(
+            net.add_node(node_name(0)).unwrap(),
+            a,
+            "adding twice returns the id"
+        );
+        assert_eq!(net.len(), 2);
+        assert_eq!(net.node_id(node_name(1).as_str()), Some(b));
+        assert_eq!(net.node_id("edge-unknown"), None);
+        assert_eq!(net.name(b), Some(&node_name(1)));
+        assert_eq!(net.name(NodeId(2)), None);
+        assert!(!net.is_connected(a), "nodes start disconnected");
+        let unknown = NodeId(7);
+        assert_eq!(
+            net.connect(unknown, T0),
+            Err(SimError::UnknownNode { id: 7, len: 2 })
+        );
+        assert!(net.disconnect(unknown).is_err());
+        assert!(net.node_publish(unknown, hb(b""), T0).is_err());
+        assert!(net.subscribe(unknown, &group("g"), T0).is_err());
+        assert!(net.unsubscribe(unknown, &group("g")).is_err());
+        let msg = net.connect(unknown, T0).unwrap_err().to_string();
+        assert!(msg.contains("node id 7"), "{msg}");
+        // Node lookups stay right across index growth.
+        for i in 2..5000 {
+            assert_eq!(net.add_node(node_name(i)).unwrap(), NodeId(i as u32));
+        }
+        assert!((0..5000).all(|i| net.node_id(node_name(i).as_str()) == Some(NodeId(i as u32))));
+    }
+
+    #[test]
+    fn fleet_wide_message_reaches_100k_nodes_exactly_once_with_a_shared_payload() {
+        let n = 100_000;
+        let (mut net, ids) = network(FaultPlan::default(), n);
+        for &id in ids.iter().step_by(2) {
+            net.subscribe(id, &group("even"), T0).unwrap();
+        }
+        net.cloud_send(
+            vec![
+                out(spec("default/app"), &[7; 64], true),
+                out(Destination::Group(group("even")), b"g", false),
+            ],
+            T0,
+        );
+        assert_eq!(net.stats().downlink_in_flight, n + n / 2);
+        let mut seen = vec![0u8; n];
+        let mut group_seen = vec![0u8; n];
+        let mut first: Option<Arc<[u8]>> = None;
+        let delivered = net.take_downlink(T0, usize::MAX, |node, d| match d.from {
+            Destination::Group(_) => group_seen[node.index()] += 1,
+            _ => {
+                seen[node.index()] += 1;
+                let shared = first.get_or_insert_with(|| d.payload.clone());
+                assert!(
+                    Arc::ptr_eq(shared, &d.payload),
+                    "one payload for the whole fan-out"
+                );
+            }
+        });
+        assert_eq!(delivered, n + n / 2);
+        assert!(seen.iter().all(|&c| c == 1));
+        assert!(
+            group_seen
+                .iter()
+                .enumerate()
+                .all(|(i, &c)| c == u8::from(i % 2 == 0))
+        );
+        let s = net.stats();
+        assert_eq!(
+            (s.downlink_delivered, s.downlink_in_flight),
+            ((n + n / 2) as u64, 0)
+        );
+    }
+
+    #[test]
+    fn node_overhead_stays_under_120_bytes() {
+        let n = 100_000;
+        let (mut net, ids) = network(FaultPlan::default(), n);
+        for &id in &ids {
+            net.subscribe(id, &group("site-1"), T0).unwrap();
+        }
+        let per_node = net.node_memory_bytes() as f64 / n as f64;
+        let name_len = ids
+            .iter()
+            .map(|&i| net.name(i).unwrap().as_str().len())
+            .sum::<usize>() as f64
+            / n as f64;
+        println!(
+            "SimNetwork: {per_node:.1} bytes per node (names average {name_len:.1} bytes; NodeState {} bytes, NodeName {} bytes)",
+            size_of::<NodeState>(),
+            size_of::<NodeName>()
+        );
+        assert_eq!(size_of::<NodeState>(), 24);
+        assert!(per_node <= 120.0, "{per_node}");
+
+        // Grown without a capacity hint, vectors may hold up to twice what they need.
+        let mut grown = SimNetwork::new(FaultPlan::default());
+        for i in 0..n {
+            grown.add_node(node_name(i)).unwrap();
+        }
+        let per_node = grown.node_memory_bytes() as f64 / n as f64;
+        println!("SimNetwork grown without a hint: {per_node:.1} bytes per node");
+        assert!(per_node <= 160.0, "{per_node}");
+    }
+}
