@@ -887,6 +887,7 @@ mod tests {
     use crate::protocol::{
         self, Command, CommandKind, DecodeLimits, Heartbeat, Message, NodeHealth, UplinkKind,
     };
+    use crate::transport::fault::FaultPlan;
 
     /// Every async step of these tests is bounded.
     async fn bounded<T>(f: impl Future<Output = T>) -> T {
@@ -1252,6 +1253,328 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(20), c2.recv(1))
                 .await
                 .is_err()
+        );
+    }
+
+    fn command_ids(got: &[NodeDelivery]) -> Vec<u64> {
+        got.iter()
+            .map(|d| match d.decode(&DecodeLimits::default()).unwrap() {
+                Message::Command(c) => c.id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    fn hb_publish(n: u16) -> NodePublish {
+        NodePublish {
+            kind: UplinkKind::Heartbeat,
+            payload: n.to_be_bytes().to_vec(),
+        }
+    }
+
+    /// Receives everything queued (and due) at the cloud now.
+    async fn drain_cloud(cloud: &MemoryCloud) -> Vec<Inbound> {
+        let mut all = Vec::new();
+        while let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(20), cloud.recv(usize::MAX)).await
+        {
+            all.extend(batch.unwrap());
+        }
+        all
+    }
+
+    /// Receives everything queued (and due) for a node now.
+    async fn drain_node(node: &MemoryNode) -> Vec<NodeDelivery> {
+        let mut all = Vec::new();
+        while let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(20), node.recv(usize::MAX)).await
+        {
+            all.extend(batch.unwrap());
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn faults_drop_all_none_or_about_half() {
+        for (p, lo, hi) in [(1.0, 4000, 4000), (0.0, 0, 0), (0.5, 1750, 2250)] {
+            let hub = MemoryHub::new(MemoryConfig {
+                node_inbox_capacity: 8192,
+                ..MemoryConfig::default()
+            });
+            hub.set_faults(FaultPlan {
+                drop_uplink: p,
+                drop_downlink: p,
+                seed: 9,
+                ..FaultPlan::default()
+            });
+            let cloud = hub.cloud().unwrap();
+            let node = hub.connect(name("edge-a")).unwrap();
+            bounded(node.publish((0..4000).map(hb_publish).collect()))
+                .await
+                .unwrap();
+            let up = drain_cloud(&cloud).await.len() as u64;
+            bounded(
+                cloud.send(
+                    (0..4000)
+                        .map(|i| out(Destination::Fleet, command(i), false))
+                        .collect(),
+                ),
+            )
+            .await
+            .unwrap();
+            let down = drain_node(&node).await.len() as u64;
+            let s = hub.stats();
+            // Binomial(8000 draws, 0.5) over both directions: ±250 per direction is over 7 sd.
+            assert_eq!(up + down + s.dropped_fault, 8000, "p={p}: {s:?}");
+            assert!(
+                (lo..=hi).contains(&(4000 - up)),
+                "p={p}: uplink dropped {}",
+                4000 - up
+            );
+            assert!(
+                (lo..=hi).contains(&(4000 - down)),
+                "p={p}: downlink dropped {}",
+                4000 - down
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn faults_duplicate_in_both_directions() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        hub.set_faults(FaultPlan {
+            duplicate: 1.0,
+            ..FaultPlan::default()
+        });
+        assert_eq!(hub.faults().duplicate, 1.0);
+        let cloud = hub.cloud().unwrap();
+        let a = hub.connect(name("edge-a")).unwrap();
+        let b = hub.connect(name("edge-b")).unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)]))
+            .await
+            .unwrap();
+        assert_eq!(ids(&a, 10).await, [1, 1]);
+        assert_eq!(ids(&b, 10).await, [1, 1]);
+        bounded(a.publish(vec![hb_publish(5)])).await.unwrap();
+        let got = drain_cloud(&cloud).await;
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter()
+                .all(|i| i.node == name("edge-a") && i.payload == [0, 5])
+        );
+        assert_eq!(hub.stats().duplicated, 3);
+    }
+
+    /// Runs a fixed script under faults and returns what every node and the cloud received.
+    async fn faulty_script(seed: u64) -> Vec<(String, Vec<u64>)> {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        hub.set_faults(FaultPlan {
+            drop_uplink: 0.3,
+            drop_downlink: 0.3,
+            duplicate: 0.3,
+            seed,
+            ..FaultPlan::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let nodes: Vec<_> = (0..20)
+            .map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap())
+            .collect();
+        for (i, n) in nodes.iter().enumerate().step_by(2) {
+            bounded(n.subscribe(&group("even"))).await.unwrap();
+            bounded(n.publish(vec![hb_publish(i as u16)]))
+                .await
+                .unwrap();
+        }
+        for i in 0..40 {
+            let to = if i % 2 == 0 {
+                Destination::Fleet
+            } else {
+                Destination::Group(group("even"))
+            };
+            bounded(cloud.send(vec![out(to, command(i), false)]))
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        for n in &nodes {
+            let got = drain_node(n).await;
+            seen.push((n.node().to_string(), command_ids(&got)));
+        }
+        let up = drain_cloud(&cloud).await;
+        seen.push((
+            "cloud".into(),
+            up.iter().map(|i| u64::from(i.payload[1])).collect(),
+        ));
+        seen
+    }
+
+    #[tokio::test]
+    async fn faults_replay_with_the_same_seed() {
+        let a = faulty_script(1).await;
+        assert_eq!(a, faulty_script(1).await);
+        assert_ne!(a, faulty_script(2).await);
+    }
+
+    #[tokio::test]
+    async fn faults_delay_until_due_on_the_hub_clock_in_due_order() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let clock = Arc::new(AtomicU64::new(1_000));
+        hub.set_clock({
+            let clock = clock.clone();
+            move || Timestamp::from_millis(clock.load(Ordering::SeqCst))
+        });
+        let plan = FaultPlan {
+            min_delay_ms: 1,
+            max_delay_ms: 100,
+            seed: 4,
+            ..FaultPlan::default()
+        };
+        hub.set_faults(plan);
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        bounded(node.publish((0..30).map(hb_publish).collect()))
+            .await
+            .unwrap();
+        assert_eq!(hub.stats().delayed, 30);
+        assert!(drain_cloud(&cloud).await.is_empty(), "nothing due yet");
+
+        // The exact order: by (delay, send order), from the same fates the hub drew.
+        let faults = HubFaults {
+            plan,
+            ..HubFaults::default()
+        };
+        let mut expected: Vec<(u64, u16)> = (0..30u16)
+            .map(|i| {
+                (
+                    faults
+                        .fate(Direction::Uplink, u64::from(i) + 1, &name("edge-a"))
+                        .delay_ms,
+                    i,
+                )
+            })
+            .collect();
+        expected.sort();
+        let half: Vec<u16> = expected
+            .iter()
+            .filter(|(d, _)| *d <= 50)
+            .map(|(_, i)| *i)
+            .collect();
+        let all: Vec<u16> = expected.iter().map(|(_, i)| *i).collect();
+        assert!(!half.is_empty() && half.len() < 30);
+        assert_ne!(all, (0..30).collect::<Vec<_>>(), "delays reorder");
+
+        clock.store(1_050, Ordering::SeqCst);
+        let got: Vec<u16> = drain_cloud(&cloud)
+            .await
+            .iter()
+            .map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]]))
+            .collect();
+        assert_eq!(got, half);
+        clock.store(1_100, Ordering::SeqCst);
+        let rest: Vec<u16> = drain_cloud(&cloud)
+            .await
+            .iter()
+            .map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]]))
+            .collect();
+        assert_eq!([got, rest].concat(), all);
+
+        // Downlink too; a waiting receiver picks the message up once the clock passes its due time.
+        bounded(cloud.send(vec![out(Destination::Fleet, command(7), false)]))
+            .await
+            .unwrap();
+        assert!(is_idle(&node).await);
+        let node = Arc::new(node);
+        let waiter = tokio::spawn({
+            let node = node.clone();
+            async move { node.recv(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        clock.store(1_200, Ordering::SeqCst);
+        let got = bounded(waiter).await.unwrap().unwrap();
+        assert_eq!(command_ids(&got), [7]);
+        assert_eq!(hub.stats().delayed, 0);
+    }
+
+    #[tokio::test]
+    async fn partition_then_heal_on_the_hub() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let a = hub.connect(name("edge-a")).unwrap();
+        let b = hub.connect(name("edge-b")).unwrap();
+        hub.partition(&[name("edge-a")]);
+        bounded(a.publish(vec![hb_publish(1)])).await.unwrap();
+        bounded(b.publish(vec![hb_publish(2)])).await.unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(3), false)]))
+            .await
+            .unwrap();
+        assert!(
+            !a.is_closed(),
+            "a partitioned node still believes it is connected"
+        );
+        assert!(is_idle(&a).await);
+        assert_eq!(ids(&b, 10).await, [3]);
+        let up = drain_cloud(&cloud).await;
+        assert_eq!(
+            up.iter().map(|i| i.node.clone()).collect::<Vec<_>>(),
+            [name("edge-b")]
+        );
+        assert_eq!(hub.stats().dropped_partition, 2);
+
+        hub.heal(&[name("edge-a")]);
+        bounded(a.publish(vec![hb_publish(4)])).await.unwrap();
+        bounded(cloud.send(vec![out(
+            Destination::Node(name("edge-a")),
+            command(5),
+            false,
+        )]))
+        .await
+        .unwrap();
+        assert_eq!(ids(&a, 10).await, [5]);
+        assert_eq!(drain_cloud(&cloud).await.len(), 1);
+
+        // Deliveries still delayed when the cut comes are lost with it.
+        hub.set_clock(|| Timestamp::from_millis(0));
+        hub.set_faults(FaultPlan {
+            min_delay_ms: 10,
+            max_delay_ms: 10,
+            ..FaultPlan::default()
+        });
+        bounded(cloud.send(vec![out(Destination::Fleet, command(6), false)]))
+            .await
+            .unwrap();
+        hub.partition(&[name("edge-a"), name("edge-b")]);
+        hub.heal_all();
+        hub.set_clock(|| Timestamp::from_millis(100));
+        assert!(is_idle(&a).await && is_idle(&b).await);
+        assert_eq!(hub.stats().dropped_partition, 4);
+    }
+
+    #[tokio::test]
+    async fn fleet_message_reaches_100k_nodes_exactly_once_through_the_hooks() {
+        let n = 100_000;
+        let hub = MemoryHub::new(MemoryConfig::default());
+        // Uplink faults only: the downlink goes through the fault hook with clean fates.
+        hub.set_faults(FaultPlan {
+            drop_uplink: 1.0,
+            seed: 3,
+            ..FaultPlan::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let nodes: Vec<_> = (0..n)
+            .map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap())
+            .collect();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)]))
+            .await
+            .unwrap();
+        for node in &nodes {
+            let got = bounded(node.recv(10)).await.unwrap();
+            assert_eq!(command_ids(&got), [1], "{}", node.node());
+        }
+        let s = hub.stats();
+        assert_eq!(
+            (s.downlink_delivered, s.dropped_fault, s.duplicated),
+            (n as u64, 0, 0)
         );
     }
 }
