@@ -152,8 +152,7 @@ impl Fate {
 }
 
 fn clamp_probability(p: f64) -> f64 {
-    // `f64::clamp` keeps NaN; `max` drops it.
-    p.max(0.0).min(1.0)
+    if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) }
 }
 
 impl FaultPlan {
@@ -175,6 +174,18 @@ impl FaultPlan {
             && !self.has_delay()
     }
 
+    /// Whether every message travelling `direction` is delivered once, at once (no drop, duplicate
+    /// or delay can touch it).
+    pub fn is_clean(&self, direction: Direction) -> bool {
+        let drop = match direction {
+            Direction::Uplink => self.drop_uplink,
+            Direction::Downlink => self.drop_downlink,
+        };
+        clamp_probability(drop) == 0.0
+            && clamp_probability(self.duplicate) == 0.0
+            && !self.has_delay()
+    }
+
     /// Whether messages may be delayed (and therefore reordered).
     pub fn has_delay(&self) -> bool {
         self.min_delay_ms > 0 || self.max_delay_ms > 0
@@ -184,14 +195,14 @@ impl FaultPlan {
     /// alone. Callers give every message (every delivery, for a fan-out) its own key; the same key
     /// always gets the same fate.
     pub fn fate(&self, direction: Direction, key: u64) -> Fate {
+        if self.is_clean(direction) {
+            return Fate::CLEAN;
+        }
         let drop = clamp_probability(match direction {
             Direction::Uplink => self.drop_uplink,
             Direction::Downlink => self.drop_downlink,
         });
         let duplicate = clamp_probability(self.duplicate);
-        if drop == 0.0 && duplicate == 0.0 && !self.has_delay() {
-            return Fate::CLEAN;
-        }
         let salt = match direction {
             Direction::Uplink => 0x7570_6c69_6e6b_0000,
             Direction::Downlink => 0x646f_776e_6c69_6e6b,

@@ -68,7 +68,7 @@ use std::sync::Arc;
 
 use crate::model::{NodeName, Timestamp, stable_hash};
 
-use super::fault::{Direction, FaultPlan, Timed};
+use super::fault::{Direction, Fate, FaultPlan, Timed};
 use super::{Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
 
 /// A node of a [`SimNetwork`]: a dense index, `0..len`, in the order nodes were added.
@@ -1101,7 +1101,7 @@ impl SimNetwork {
                 }
                 continue;
             }
-            if !queues.down_heap.peek().is_some_and(|t| t.due <= now) {
+            if queues.down_heap.peek().is_none_or(|t| t.due > now) {
                 break;
             }
             if let Some(t) = queues.down_heap.pop() {
@@ -1173,6 +1173,8 @@ impl Enqueue<'_> {
     /// many connected nodes there were, partitioned ones included.
     fn push(&mut self, ids: impl Iterator<Item = u32>, hint: usize) -> usize {
         let fifo = self.queues.down_heap.is_empty() && !self.plan.has_delay();
+        // Skips the per-delivery fate when the plan cannot touch the downlink.
+        let clean = self.plan.is_clean(Direction::Downlink);
         let mut list = TargetList::default();
         let mut subscribers = 0;
         for id in ids {
@@ -1187,9 +1189,12 @@ impl Enqueue<'_> {
                 self.stats.dropped_partition += 1;
                 continue;
             }
-            let fate = self
-                .plan
-                .fate(Direction::Downlink, delivery_key(self.key, id));
+            let fate = if clean {
+                Fate::CLEAN
+            } else {
+                self.plan
+                    .fate(Direction::Downlink, delivery_key(self.key, id))
+            };
             if fate.dropped {
                 self.stats.dropped_downlink_fault += 1;
                 continue;
