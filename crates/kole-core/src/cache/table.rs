@@ -257,10 +257,7 @@ impl NodeCache {
             self.members.resize_with(idx + 1, LabelSetMembers::default);
         }
         self.set_epoch = self.set_epoch.wrapping_add(1);
-        self.members[idx] = LabelSetMembers {
-            epoch: self.set_epoch,
-            ..LabelSetMembers::default()
-        };
+        self.members[idx] = LabelSetMembers { epoch: self.set_epoch, ..LabelSetMembers::default() };
     }
 
     fn release_labels(&mut self, id: LabelSetId) {

@@ -32,15 +32,12 @@ pub use rollout::{RolloutPhase, RolloutProgress};
 pub use status::WorkloadStatus;
 
 use crate::cache::{
-    CacheError, CacheStore, CacheWriter, HeartbeatIn, HeartbeatUpdate, NodeCache, Slot, StateCache,
-    shared,
+    CacheError, CacheStore, CacheWriter, HeartbeatIn, HeartbeatUpdate, NodeCache, Slot, StateCache, shared,
 };
-use crate::model::{
-    DesiredDigest, Labels, NodeName, NodePhase, Timestamp, ValidationError, Workload, WorkloadId,
-};
+use crate::model::{DesiredDigest, Labels, NodeName, NodePhase, Timestamp, ValidationError, Workload, WorkloadId};
 use crate::protocol::{
-    self, Command, CommandKind, DecodeLimits, DesiredState, GroupName, Message, RegisterAck,
-    RegisterOutcome, RejectCode, WorkloadRemoved,
+    self, Command, CommandKind, DecodeLimits, DesiredState, GroupName, Message, RegisterAck, RegisterOutcome,
+    RejectCode, WorkloadRemoved,
 };
 use crate::transport::{Destination, Inbound, Outbound};
 use rollout::WorkloadEntry;
@@ -324,23 +321,14 @@ impl Engine {
 
     /// Every workload with its current spec.
     pub fn workloads(&self) -> Vec<Arc<Workload>> {
-        self.core
-            .workloads
-            .iter()
-            .flatten()
-            .map(|e| Arc::clone(&e.current))
-            .collect()
+        self.core.workloads.iter().flatten().map(|e| Arc::clone(&e.current)).collect()
     }
 
     /// Fresh status of one workload (computed now, not rate-limited).
     pub fn workload_status(&mut self, id: &WorkloadId) -> Option<WorkloadStatus> {
         let cache = self.cache.write();
         let idx = *self.core.by_id.get(id)?;
-        self.core
-            .statuses(&cache)
-            .into_iter()
-            .find(|s| s.id == *id)
-            .filter(|_| self.core.workloads[idx as usize].is_some())
+        self.core.statuses(&cache).into_iter().find(|s| s.id == *id).filter(|_| self.core.workloads[idx as usize].is_some())
     }
 
     /// Handles one input at time `now`, appending what to do to `out`.
@@ -356,35 +344,19 @@ impl Engine {
 
 impl Core {
     fn entry(&self, id: &WorkloadId) -> Option<&WorkloadEntry> {
-        self.by_id
-            .get(id)
-            .and_then(|&i| self.workloads[i as usize].as_ref())
+        self.by_id.get(id).and_then(|&i| self.workloads[i as usize].as_ref())
     }
 
-    fn reject(
-        &mut self,
-        out: &mut Outputs,
-        node: &NodeName,
-        reason: &'static str,
-        detail: impl FnOnce() -> String,
-    ) {
+    fn reject(&mut self, out: &mut Outputs, node: &NodeName, reason: &'static str, detail: impl FnOnce() -> String) {
         if out.rejects.len() < self.cfg.max_rejects_reported {
-            out.rejects.push(Reject {
-                node: node.clone(),
-                reason,
-                detail: detail(),
-            });
+            out.rejects.push(Reject { node: node.clone(), reason, detail: detail() });
         } else {
             out.rejects_dropped += 1;
         }
     }
 
     fn send(&mut self, out: &mut Outputs, to: Destination, msg: &Message, retain: bool) {
-        out.messages.push(Outbound {
-            to,
-            payload: protocol::encode(msg),
-            retain,
-        });
+        out.messages.push(Outbound { to, payload: protocol::encode(msg), retain });
     }
 
     /// Workload indices whose selector matches label set `set` (cached per set, per epoch).
@@ -431,12 +403,7 @@ impl Core {
         let targets = self.targets(cache, set).to_vec();
         targets
             .into_iter()
-            .filter_map(|w| {
-                self.workloads[w as usize]
-                    .as_ref()?
-                    .workload_for(name)
-                    .cloned()
-            })
+            .filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned())
             .collect()
     }
 
@@ -452,39 +419,15 @@ impl Core {
             .collect()
     }
 
-    fn send_catchup(
-        &mut self,
-        cache: &NodeCache,
-        slot: Slot,
-        digest: DesiredDigest,
-        out: &mut Outputs,
-    ) {
-        let workloads: Vec<Workload> = self
-            .desired_set(cache, slot)
-            .iter()
-            .map(|w| (**w).clone())
-            .collect();
-        let Some(name) = cache.name_of(slot).and_then(|n| NodeName::new(n).ok()) else {
-            return;
-        };
-        self.send(
-            out,
-            Destination::Node(name),
-            &Message::DesiredState(DesiredState { digest, workloads }),
-            false,
-        );
+    fn send_catchup(&mut self, cache: &NodeCache, slot: Slot, digest: DesiredDigest, out: &mut Outputs) {
+        let workloads: Vec<Workload> = self.desired_set(cache, slot).iter().map(|w| (**w).clone()).collect();
+        let Some(name) = cache.name_of(slot).and_then(|n| NodeName::new(n).ok()) else { return };
+        self.send(out, Destination::Node(name), &Message::DesiredState(DesiredState { digest, workloads }), false);
         self.stats.catchups += 1;
     }
 
     /// A node shows `applied`; decide whether it needs a catch-up now.
-    fn reconcile(
-        &mut self,
-        cache: &NodeCache,
-        slot: Slot,
-        applied: DesiredDigest,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
+    fn reconcile(&mut self, cache: &NodeCache, slot: Slot, applied: DesiredDigest, now: Timestamp, out: &mut Outputs) {
         let desired = self.desired(cache, slot);
         if desired == applied {
             if !self.pending.is_empty() {
@@ -497,25 +440,14 @@ impl Core {
             return; // A broadcast is still on its way.
         }
         let now_s = now.as_secs_u32();
-        if self
-            .pending
-            .get(&slot)
-            .is_some_and(|&deadline| now_s < deadline)
-        {
+        if self.pending.get(&slot).is_some_and(|&deadline| now_s < deadline) {
             return;
         }
-        self.pending
-            .insert(slot, now_s.saturating_add((grace / 1000) as u32));
+        self.pending.insert(slot, now_s.saturating_add((grace / 1000) as u32));
         self.send_catchup(cache, slot, desired, out);
     }
 
-    fn uplink(
-        &mut self,
-        cache: &mut NodeCache,
-        batch: &[Inbound],
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
+    fn uplink(&mut self, cache: &mut NodeCache, batch: &[Inbound], now: Timestamp, out: &mut Outputs) {
         let mut start = 0;
         // Runs of heartbeats go through the cache's batch path; anything else in between is handled
         // in order, so a node's registration always precedes its later heartbeats.
@@ -531,12 +463,7 @@ impl Core {
                     self.stats.decode_errors += 1;
                     if matches!(e, protocol::DecodeError::IdentityMismatch { .. }) {
                         self.stats.identity_mismatch += 1;
-                        self.send_register_reject(
-                            out,
-                            &msg.node,
-                            RejectCode::IdentityMismatch,
-                            e.to_string(),
-                        );
+                        self.send_register_reject(out, &msg.node, RejectCode::IdentityMismatch, e.to_string());
                     }
                     self.reject(out, &msg.node, e.reason(), || e.to_string());
                 }
@@ -560,10 +487,7 @@ impl Core {
         }
         let ins: Vec<HeartbeatIn<'_>> = hbs
             .iter()
-            .map(|(i, h)| HeartbeatIn {
-                node: batch[*i].node.as_str(),
-                update: HeartbeatUpdate::from(h),
-            })
+            .map(|(i, h)| HeartbeatIn { node: batch[*i].node.as_str(), update: HeartbeatUpdate::from(h) })
             .collect();
         let mut results = std::mem::take(&mut self.hb_results);
         results.clear();
@@ -603,11 +527,7 @@ impl Core {
                     self.stats.boot_mismatch += 1;
                 }
                 self.send_command(out, node, CommandKind::Reregister);
-                let reason = if matches!(e, CacheError::UnknownNode) {
-                    "unknown_node"
-                } else {
-                    "boot_mismatch"
-                };
+                let reason = if matches!(e, CacheError::UnknownNode) { "unknown_node" } else { "boot_mismatch" };
                 self.reject(out, node, reason, || e.to_string());
             }
             Err(e) => self.reject(out, node, "cache", || e.to_string()),
@@ -617,48 +537,21 @@ impl Core {
     fn send_command(&mut self, out: &mut Outputs, node: &NodeName, kind: CommandKind) {
         let id = self.next_command_id;
         self.next_command_id += 1;
-        self.send(
-            out,
-            Destination::Node(node.clone()),
-            &Message::Command(Command { id, kind }),
-            false,
-        );
+        self.send(out, Destination::Node(node.clone()), &Message::Command(Command { id, kind }), false);
     }
 
-    fn send_register_reject(
-        &mut self,
-        out: &mut Outputs,
-        node: &NodeName,
-        code: RejectCode,
-        message: String,
-    ) {
+    fn send_register_reject(&mut self, out: &mut Outputs, node: &NodeName, code: RejectCode, message: String) {
         let ack = RegisterAck {
             boot_id: 0,
-            outcome: RegisterOutcome::Rejected {
-                code,
-                message,
-                retry_after_ms: self.cfg.heartbeat_interval_ms,
-            },
+            outcome: RegisterOutcome::Rejected { code, message, retry_after_ms: self.cfg.heartbeat_interval_ms },
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
             groups: Vec::new(),
             desired: DesiredDigest::EMPTY,
         };
-        self.send(
-            out,
-            Destination::Node(node.clone()),
-            &Message::RegisterAck(ack),
-            false,
-        );
+        self.send(out, Destination::Node(node.clone()), &Message::RegisterAck(ack), false);
     }
 
-    fn handle_message(
-        &mut self,
-        cache: &mut NodeCache,
-        msg: &Inbound,
-        decoded: Message,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
+    fn handle_message(&mut self, cache: &mut NodeCache, msg: &Inbound, decoded: Message, now: Timestamp, out: &mut Outputs) {
         match decoded {
             Message::Register(reg) => {
                 let boot = reg.boot_id;
@@ -681,12 +574,7 @@ impl Core {
                             groups: self.groups_of(&registration.labels),
                             desired,
                         };
-                        self.send(
-                            out,
-                            Destination::Node(msg.node.clone()),
-                            &Message::RegisterAck(ack),
-                            false,
-                        );
+                        self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
                         if registration.applied != desired {
                             // Retained specs reach the node as it subscribes; per-node workloads
                             // can only come from us.
@@ -698,30 +586,20 @@ impl Core {
                                 self.send_catchup(cache, r.slot, desired, out);
                             }
                             let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
-                            self.pending
-                                .insert(r.slot, now.as_secs_u32().saturating_add(grace_s));
+                            self.pending.insert(r.slot, now.as_secs_u32().saturating_add(grace_s));
                         } else if !self.pending.is_empty() {
                             self.pending.remove(&r.slot);
                         }
                     }
                     Err(e) => {
                         self.stats.register_rejected += 1;
-                        self.send_register_reject(
-                            out,
-                            &msg.node,
-                            RejectCode::Invalid,
-                            e.to_string(),
-                        );
+                        self.send_register_reject(out, &msg.node, RejectCode::Invalid, e.to_string());
                         self.reject(out, &msg.node, "register_rejected", || e.to_string());
                     }
                 }
             }
             Message::StatusReport(s) => {
-                let update = HeartbeatUpdate {
-                    boot_id: s.boot_id,
-                    seq: s.seq,
-                    applied: s.applied,
-                };
+                let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied };
                 let r = cache.heartbeat(msg.node.as_str(), &update, now);
                 if r.is_ok() {
                     self.stats.status_reports += 1;
@@ -740,17 +618,8 @@ impl Core {
         }
     }
 
-    fn publish(
-        &mut self,
-        cache: &NodeCache,
-        idx: usize,
-        from_threshold: u16,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
-        let Some(e) = &self.workloads[idx] else {
-            return;
-        };
+    fn publish(&mut self, cache: &NodeCache, idx: usize, from_threshold: u16, now: Timestamp, out: &mut Outputs) {
+        let Some(e) = &self.workloads[idx] else { return };
         let id = e.current.id.clone();
         match &e.current.delivery {
             crate::model::DeliveryMode::Broadcast => {
@@ -790,28 +659,17 @@ impl Core {
         self.spec_changed_ms = now.as_millis();
     }
 
-    fn workload(
-        &mut self,
-        cache: &NodeCache,
-        cmd: &WorkloadCommand,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
+    fn workload(&mut self, cache: &NodeCache, cmd: &WorkloadCommand, now: Timestamp, out: &mut Outputs) {
         match cmd {
             WorkloadCommand::Apply { workload, progress } => {
                 if let Err(e) = validate_workload(workload) {
-                    out.events.push(EngineEvent::CommandRejected {
-                        id: workload.id.clone(),
-                        reason: e.to_string(),
-                    });
+                    out.events.push(EngineEvent::CommandRejected { id: workload.id.clone(), reason: e.to_string() });
                     return;
                 }
                 let existing = self.by_id.get(&workload.id).copied();
                 let (idx, publish) = match existing {
                     Some(i) => {
-                        let Some(old) = self.workloads[i as usize].as_ref() else {
-                            return;
-                        };
+                        let Some(old) = self.workloads[i as usize].as_ref() else { return };
                         if *old.current == *workload {
                             return; // Nothing changed (a re-list after a watch restart).
                         }
@@ -820,29 +678,14 @@ impl Core {
                         } else {
                             Some((*old.current).clone())
                         };
-                        let entry = WorkloadEntry::new(
-                            workload.clone(),
-                            previous,
-                            0,
-                            RolloutPhase::Progressing,
-                        );
+                        let entry = WorkloadEntry::new(workload.clone(), previous, 0, RolloutPhase::Progressing);
                         self.workloads[i as usize] = Some(entry);
                         (i as usize, true)
                     }
                     None => {
                         let entry = match progress {
-                            Some(p) => WorkloadEntry::new(
-                                workload.clone(),
-                                p.previous.clone(),
-                                p.wave,
-                                p.phase,
-                            ),
-                            None => WorkloadEntry::new(
-                                workload.clone(),
-                                None,
-                                0,
-                                RolloutPhase::Progressing,
-                            ),
+                            Some(p) => WorkloadEntry::new(workload.clone(), p.previous.clone(), p.wave, p.phase),
+                            None => WorkloadEntry::new(workload.clone(), None, 0, RolloutPhase::Progressing),
                         };
                         let i = match self.workloads.iter().position(Option::is_none) {
                             Some(free) => {
@@ -864,12 +707,8 @@ impl Core {
                 }
             }
             WorkloadCommand::Delete(id) => {
-                let Some(i) = self.by_id.remove(id) else {
-                    return;
-                };
-                let Some(e) = self.workloads[i as usize].take() else {
-                    return;
-                };
+                let Some(i) = self.by_id.remove(id) else { return };
+                let Some(e) = self.workloads[i as usize].take() else { return };
                 self.generation += 1;
                 self.reported.remove(id);
                 let removed = Message::WorkloadRemoved(WorkloadRemoved { id: id.clone() });
@@ -911,9 +750,7 @@ impl Core {
             }
             WorkloadCommand::Rollback(id) => {
                 let Some(&i) = self.by_id.get(id) else { return };
-                let Some(e) = self.workloads[i as usize].as_ref() else {
-                    return;
-                };
+                let Some(e) = self.workloads[i as usize].as_ref() else { return };
                 let Some(prev) = e.previous.as_deref().cloned() else {
                     out.events.push(EngineEvent::CommandRejected {
                         id: id.clone(),
@@ -922,8 +759,7 @@ impl Core {
                     return;
                 };
                 let last = prev.rollout.waves.len().saturating_sub(1);
-                self.workloads[i as usize] =
-                    Some(WorkloadEntry::new(prev, None, last, RolloutPhase::Complete));
+                self.workloads[i as usize] = Some(WorkloadEntry::new(prev, None, last, RolloutPhase::Complete));
                 self.generation += 1;
                 self.publish(cache, i as usize, 0, now, out);
             }
@@ -936,8 +772,7 @@ impl Core {
     }
 
     fn tick(&mut self, cache: &mut NodeCache, now: Timestamp, out: &mut Outputs) {
-        let window =
-            u64::from(self.cfg.heartbeat_interval_ms) * u64::from(self.cfg.offline_after_missed);
+        let window = u64::from(self.cfg.heartbeat_interval_ms) * u64::from(self.cfg.offline_after_missed);
         let now_ms = now.as_millis();
         // No node can be declared offline until a full window after this engine started: a
         // restored cache's last-seen times predate the restart.
@@ -946,18 +781,11 @@ impl Core {
             self.stats.marked_offline += n as u64;
         }
         for i in 0..self.workloads.len() {
-            if self.workloads[i]
-                .as_ref()
-                .is_some_and(|e| e.phase == RolloutPhase::Progressing)
-            {
+            if self.workloads[i].as_ref().is_some_and(|e| e.phase == RolloutPhase::Progressing) {
                 self.evaluate_rollout(cache, i, now, out);
             }
         }
-        if now_ms
-            >= self
-                .last_status_ms
-                .saturating_add(self.cfg.status_interval_ms)
-        {
+        if now_ms >= self.last_status_ms.saturating_add(self.cfg.status_interval_ms) {
             self.last_status_ms = now_ms;
             for s in self.statuses(cache) {
                 if self.reported.get(&s.id) != Some(&s) {
@@ -966,11 +794,7 @@ impl Core {
                 }
             }
         }
-        if now_ms
-            >= self
-                .last_snapshot_ms
-                .saturating_add(self.cfg.snapshot_interval_ms)
-        {
+        if now_ms >= self.last_snapshot_ms.saturating_add(self.cfg.snapshot_interval_ms) {
             self.last_snapshot_ms = now_ms;
             out.snapshot_due = true;
         }
@@ -983,9 +807,7 @@ impl Core {
     /// Wave health of workload `idx`: (reached, online in reached waves, ready, failed) at its
     /// current version, from one pass over the targeted nodes.
     fn wave_counts(&self, cache: &NodeCache, idx: usize) -> (u32, u32, u32, u32) {
-        let Some(e) = &self.workloads[idx] else {
-            return (0, 0, 0, 0);
-        };
+        let Some(e) = &self.workloads[idx] else { return (0, 0, 0, 0) };
         let threshold = e.threshold();
         let wl_str = cache.strings.find(e.current.id.as_str());
         let (mut reached, mut online, mut ready, mut failed) = (0u32, 0u32, 0u32, 0u32);
@@ -1005,22 +827,13 @@ impl Core {
                 }
                 let st = *state_of.entry(n.workloads).or_insert_with(|| {
                     let w = wl_str?;
-                    cache
-                        .workload_sets
-                        .get(n.workloads)
-                        .iter()
-                        .find(|x| x.0 == w)
-                        .map(|x| (x.1, x.2))
+                    cache.workload_sets.get(n.workloads).iter().find(|x| x.0 == w).map(|x| (x.1, x.2))
                 });
                 if let Some((version, phase)) = st
                     && version == e.current.version
                 {
                     match crate::model::WorkloadPhase::from_u8(phase) {
-                        Some(crate::model::WorkloadPhase::Running)
-                            if n.phase == NodePhase::Online as u8 =>
-                        {
-                            ready += 1
-                        }
+                        Some(crate::model::WorkloadPhase::Running) if n.phase == NodePhase::Online as u8 => ready += 1,
                         Some(crate::model::WorkloadPhase::Failed) => failed += 1,
                         _ => {}
                     }
@@ -1030,25 +843,13 @@ impl Core {
         (reached, online, ready, failed)
     }
 
-    fn evaluate_rollout(
-        &mut self,
-        cache: &NodeCache,
-        idx: usize,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
+    fn evaluate_rollout(&mut self, cache: &NodeCache, idx: usize, now: Timestamp, out: &mut Outputs) {
         let (reached, online, ready, failed) = self.wave_counts(cache, idx);
-        let Some(e) = self.workloads[idx].as_mut() else {
-            return;
-        };
+        let Some(e) = self.workloads[idx].as_mut() else { return };
         let id = e.current.id.clone();
         if e.failures_exceeded(failed, reached) {
             e.phase = RolloutPhase::Halted;
-            out.events.push(EngineEvent::RolloutHalted {
-                id,
-                failed,
-                reached,
-            });
+            out.events.push(EngineEvent::RolloutHalted { id, failed, reached });
             return;
         }
         if ready < online {
@@ -1118,9 +919,7 @@ impl Core {
 fn validate_workload(w: &Workload) -> Result<(), ValidationError> {
     w.rollout.validate()?;
     if let crate::model::DeliveryMode::Group(g) = &w.delivery {
-        GroupName::new(g.clone()).map_err(|_| ValidationError::Rollout {
-            reason: "group name is not a valid topic level",
-        })?;
+        GroupName::new(g.clone()).map_err(|_| ValidationError::Rollout { reason: "group name is not a valid topic level" })?;
     }
     Ok(())
 }

@@ -59,17 +59,10 @@ pub(crate) struct WorkloadEntry {
 }
 
 impl WorkloadEntry {
-    pub(crate) fn new(
-        current: Workload,
-        previous: Option<Workload>,
-        wave: usize,
-        phase: RolloutPhase,
-    ) -> Self {
+    pub(crate) fn new(current: Workload, previous: Option<Workload>, wave: usize, phase: RolloutPhase) -> Self {
         let seed = wave_seed(&current.id);
         let member_current = DesiredDigest::member(current.id.as_str(), current.version);
-        let member_previous = previous
-            .as_ref()
-            .map_or(0, |p| DesiredDigest::member(p.id.as_str(), p.version));
+        let member_previous = previous.as_ref().map_or(0, |p| DesiredDigest::member(p.id.as_str(), p.version));
         let wave = wave.min(current.rollout.waves.len().saturating_sub(1));
         Self {
             current: Arc::new(current),
@@ -87,13 +80,7 @@ impl WorkloadEntry {
         if self.phase == RolloutPhase::Complete {
             return WorkloadSpec::ALL_WAVES;
         }
-        let pct = self
-            .current
-            .rollout
-            .waves
-            .get(self.wave)
-            .copied()
-            .unwrap_or(100);
+        let pct = self.current.rollout.waves.get(self.wave).copied().unwrap_or(100);
         u16::from(pct.min(100)) * 100
     }
 
@@ -145,17 +132,12 @@ impl WorkloadEntry {
     pub(crate) fn failures_exceeded(&self, failed: u32, reached: u32) -> bool {
         match self.current.rollout.failure_threshold {
             FailureThreshold::Count(c) => failed > c,
-            FailureThreshold::Percent(p) => {
-                u64::from(failed) * 100 > u64::from(p) * u64::from(reached.max(1))
-            }
+            FailureThreshold::Percent(p) => u64::from(failed) * 100 > u64::from(p) * u64::from(reached.max(1)),
         }
     }
 
     pub(crate) fn spec_message(&self) -> WorkloadSpec {
-        WorkloadSpec {
-            workload: (*self.current).clone(),
-            wave_threshold: self.threshold(),
-        }
+        WorkloadSpec { workload: (*self.current).clone(), wave_threshold: self.threshold() }
     }
 }
 
@@ -171,44 +153,22 @@ mod tests {
             spec: vec![1, 2, 3],
             selector: Selector::everything(),
             delivery: Default::default(),
-            rollout: RolloutStrategy {
-                waves: waves.to_vec(),
-                ..Default::default()
-            },
+            rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
         }
     }
 
     #[test]
     fn waves_split_nodes_between_versions() {
-        let e = WorkloadEntry::new(
-            wl(2, &[10, 100]),
-            Some(wl(1, &[100])),
-            0,
-            RolloutPhase::Progressing,
-        );
+        let e = WorkloadEntry::new(wl(2, &[10, 100]), Some(wl(1, &[100])), 0, RolloutPhase::Progressing);
         assert_eq!(e.threshold(), 1000);
         let names: Vec<String> = (0..10_000).map(|i| format!("n{i}")).collect();
-        let current = names
-            .iter()
-            .filter(|n| e.version_for(n.as_bytes()) == Some(true))
-            .count();
+        let current = names.iter().filter(|n| e.version_for(n.as_bytes()) == Some(true)).count();
         assert!((800..1200).contains(&current), "{current}");
         assert!(names.iter().all(|n| e.version_for(n.as_bytes()).is_some()));
         let fresh = WorkloadEntry::new(wl(1, &[10, 100]), None, 0, RolloutPhase::Progressing);
-        assert!(
-            names
-                .iter()
-                .any(|n| fresh.version_for(n.as_bytes()).is_none())
-        );
-        let done = WorkloadEntry {
-            phase: RolloutPhase::Complete,
-            ..fresh
-        };
-        assert!(
-            names
-                .iter()
-                .all(|n| done.version_for(n.as_bytes()) == Some(true))
-        );
+        assert!(names.iter().any(|n| fresh.version_for(n.as_bytes()).is_none()));
+        let done = WorkloadEntry { phase: RolloutPhase::Complete, ..fresh };
+        assert!(names.iter().all(|n| done.version_for(n.as_bytes()) == Some(true)));
     }
 
     #[test]

@@ -27,61 +27,29 @@ fn register(node: &str, l: &Labels, boot: u32, applied: DesiredDigest) -> Inboun
         name: name(node),
         boot_id: boot,
         labels: l.clone(),
-        info: NodeInfo {
-            arch: "arm64".into(),
-            os: "linux-6.1".into(),
-            agent_version: "1.5.1".into(),
-            addresses: vec![],
-        },
+        info: NodeInfo { arch: "arm64".into(), os: "linux-6.1".into(), agent_version: "1.5.1".into(), addresses: vec![] },
         applied,
         workloads: vec![],
     });
-    Inbound {
-        node: name(node),
-        kind: UplinkKind::Register,
-        payload: protocol::encode(&msg),
-    }
+    Inbound { node: name(node), kind: UplinkKind::Register, payload: protocol::encode(&msg) }
 }
 
 fn heartbeat(node: &str, seq: u32, boot: u32, applied: DesiredDigest) -> Inbound {
-    let msg = Message::Heartbeat(Heartbeat {
-        seq,
-        boot_id: boot,
-        applied,
-        health: NodeHealth::OK,
-    });
-    Inbound {
-        node: name(node),
-        kind: UplinkKind::Heartbeat,
-        payload: protocol::encode(&msg),
-    }
+    let msg = Message::Heartbeat(Heartbeat { seq, boot_id: boot, applied, health: NodeHealth::OK });
+    Inbound { node: name(node), kind: UplinkKind::Heartbeat, payload: protocol::encode(&msg) }
 }
 
-fn status(
-    node: &str,
-    seq: u32,
-    boot: u32,
-    applied: DesiredDigest,
-    states: &[(&Workload, WorkloadPhase)],
-) -> Inbound {
+fn status(node: &str, seq: u32, boot: u32, applied: DesiredDigest, states: &[(&Workload, WorkloadPhase)]) -> Inbound {
     let msg = Message::StatusReport(StatusReport {
         seq,
         boot_id: boot,
         applied,
         workloads: states
             .iter()
-            .map(|(w, p)| WorkloadState {
-                workload: w.id.clone(),
-                version: w.version,
-                phase: *p,
-            })
+            .map(|(w, p)| WorkloadState { workload: w.id.clone(), version: w.version, phase: *p })
             .collect(),
     });
-    Inbound {
-        node: name(node),
-        kind: UplinkKind::Status,
-        payload: protocol::encode(&msg),
-    }
+    Inbound { node: name(node), kind: UplinkKind::Status, payload: protocol::encode(&msg) }
 }
 
 fn workload(id: &str, version: u64, selector: &str, waves: &[u8]) -> Workload {
@@ -91,10 +59,7 @@ fn workload(id: &str, version: u64, selector: &str, waves: &[u8]) -> Workload {
         spec: format!("image: {id}:{version}").into_bytes(),
         selector: Selector::parse(selector).unwrap(),
         delivery: DeliveryMode::Broadcast,
-        rollout: RolloutStrategy {
-            waves: waves.to_vec(),
-            ..Default::default()
-        },
+        rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
     }
 }
 
@@ -102,25 +67,13 @@ fn decode_all(out: &Outputs) -> Vec<(Destination, Message)> {
     out.messages
         .iter()
         .filter(|m| !m.payload.is_empty())
-        .map(|m| {
-            (
-                m.to.clone(),
-                protocol::decode_downlink(&m.payload, &DecodeLimits::default()).unwrap(),
-            )
-        })
+        .map(|m| (m.to.clone(), protocol::decode_downlink(&m.payload, &DecodeLimits::default()).unwrap()))
         .collect()
 }
 
 fn apply(engine: &mut Engine, w: &Workload, now: Timestamp) -> Outputs {
     let mut out = Outputs::default();
-    engine.handle(
-        Input::Workload(&WorkloadCommand::Apply {
-            workload: w.clone(),
-            progress: None,
-        }),
-        now,
-        &mut out,
-    );
+    engine.handle(Input::Workload(&WorkloadCommand::Apply { workload: w.clone(), progress: None }), now, &mut out);
     out
 }
 
@@ -139,23 +92,15 @@ fn registration_is_acknowledged_at_once_with_interval_groups_and_digest() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let w = workload("default/cdn", 3, "tier=cdn", &[100]);
     apply(&mut e, &w, t(0));
-    let l = labels(&[
-        ("tier", "cdn"),
-        ("topology.kubernetes.io/region", "cn-hangzhou"),
-    ]);
+    let l = labels(&[("tier", "cdn"), ("topology.kubernetes.io/region", "cn-hangzhou")]);
     let out = uplink(&mut e, &[register("n1", &l, 7, DesiredDigest::EMPTY)], t(1));
     let msgs = decode_all(&out);
-    let (to, Message::RegisterAck(ack)) = &msgs[0] else {
-        panic!("expected an ack, got {msgs:?}")
-    };
+    let (to, Message::RegisterAck(ack)) = &msgs[0] else { panic!("expected an ack, got {msgs:?}") };
     assert_eq!(*to, Destination::Node(name("n1")));
     assert_eq!(ack.outcome, RegisterOutcome::Accepted);
     assert_eq!(ack.boot_id, 7);
     assert_eq!(ack.heartbeat_interval_ms, 30_000);
-    assert_eq!(
-        ack.groups,
-        vec![GroupName::new("region.cn-hangzhou").unwrap()]
-    );
+    assert_eq!(ack.groups, vec![GroupName::new("region.cn-hangzhou").unwrap()]);
     assert_eq!(ack.desired, digest_of(&[&w]));
     assert_eq!(e.stats().registered_new, 1);
     // Broadcast delivery: no per-node spec message goes with the ack.
@@ -173,28 +118,12 @@ fn bad_input_is_counted_and_changes_nothing() {
     let mut spoof = register("n1", &labels(&[("tier", "evil")]), 9, DesiredDigest::EMPTY);
     spoof.node = name("n2");
     // Garbage, oversize, a downlink kind on an uplink topic, a heartbeat on the register topic.
-    let garbage = Inbound {
-        node: name("n1"),
-        kind: UplinkKind::Heartbeat,
-        payload: vec![1, 2, 0xff, 0xff, 0xff],
-    };
-    let oversize = Inbound {
-        node: name("n1"),
-        kind: UplinkKind::Register,
-        payload: vec![1; 1 << 20],
-    };
+    let garbage = Inbound { node: name("n1"), kind: UplinkKind::Heartbeat, payload: vec![1, 2, 0xff, 0xff, 0xff] };
+    let oversize = Inbound { node: name("n1"), kind: UplinkKind::Register, payload: vec![1; 1 << 20] };
     let mut wrong_topic = heartbeat("n1", 5, 7, DesiredDigest::EMPTY);
     wrong_topic.kind = UplinkKind::Register;
-    let empty = Inbound {
-        node: name("n1"),
-        kind: UplinkKind::Heartbeat,
-        payload: vec![],
-    };
-    let out = uplink(
-        &mut e,
-        &[spoof, garbage, oversize, wrong_topic, empty],
-        t(2),
-    );
+    let empty = Inbound { node: name("n1"), kind: UplinkKind::Heartbeat, payload: vec![] };
+    let out = uplink(&mut e, &[spoof, garbage, oversize, wrong_topic, empty], t(2));
 
     assert_eq!(e.stats().decode_errors, 5);
     assert_eq!(e.stats().identity_mismatch, 1);
@@ -206,10 +135,8 @@ fn bad_input_is_counted_and_changes_nothing() {
     // The spoofer is told it was refused, on its own topic only.
     let msgs = decode_all(&out);
     assert_eq!(msgs.len(), 1);
-    assert!(
-        matches!(&msgs[0], (Destination::Node(n), Message::RegisterAck(a))
-        if n.as_str() == "n2" && matches!(a.outcome, RegisterOutcome::Rejected { code: RejectCode::IdentityMismatch, .. }))
-    );
+    assert!(matches!(&msgs[0], (Destination::Node(n), Message::RegisterAck(a))
+        if n.as_str() == "n2" && matches!(a.outcome, RegisterOutcome::Rejected { code: RejectCode::IdentityMismatch, .. })));
 }
 
 #[test]
@@ -229,10 +156,7 @@ fn unknown_and_foreign_boot_heartbeats_ask_to_reregister_and_stale_ones_are_drop
         t(2),
     );
     let s = e.stats();
-    assert_eq!(
-        (s.unknown_node, s.boot_mismatch, s.heartbeats, s.stale),
-        (1, 1, 1, 2)
-    );
+    assert_eq!((s.unknown_node, s.boot_mismatch, s.heartbeats, s.stale), (1, 1, 1, 2));
     let cmds: Vec<_> = decode_all(&out)
         .into_iter()
         .filter_map(|(to, m)| match m {
@@ -251,67 +175,29 @@ fn unknown_and_foreign_boot_heartbeats_ask_to_reregister_and_stale_ones_are_drop
 
 #[test]
 fn catchup_only_for_mismatch_and_only_after_the_grace_period() {
-    let cfg = EngineConfig {
-        convergence_grace_ms: 60_000,
-        ..Default::default()
-    };
+    let cfg = EngineConfig { convergence_grace_ms: 60_000, ..Default::default() };
     let mut e = Engine::new(cfg, NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
-    uplink(
-        &mut e,
-        &[
-            register("ok", &l, 1, DesiredDigest::EMPTY),
-            register("late", &l, 2, DesiredDigest::EMPTY),
-        ],
-        t(1),
-    );
+    uplink(&mut e, &[register("ok", &l, 1, DesiredDigest::EMPTY), register("late", &l, 2, DesiredDigest::EMPTY)], t(1));
     let w = workload("default/cdn", 1, "tier=cdn", &[100]);
     let out = apply(&mut e, &w, t(10));
-    assert_eq!(
-        decode_all(&out).len(),
-        1,
-        "one broadcast, not one message per node"
-    );
+    assert_eq!(decode_all(&out).len(), 1, "one broadcast, not one message per node");
     let want = digest_of(&[&w]);
 
     // Within the grace period nobody gets a per-node message.
-    let out = uplink(
-        &mut e,
-        &[
-            heartbeat("ok", 1, 1, want),
-            heartbeat("late", 1, 2, DesiredDigest::EMPTY),
-        ],
-        t(30),
-    );
+    let out = uplink(&mut e, &[heartbeat("ok", 1, 1, want), heartbeat("late", 1, 2, DesiredDigest::EMPTY)], t(30));
     assert!(out.messages.is_empty());
     // After it, only the node that is still wrong gets its desired state, once per grace period.
-    let out = uplink(
-        &mut e,
-        &[
-            heartbeat("ok", 2, 1, want),
-            heartbeat("late", 2, 2, DesiredDigest::EMPTY),
-        ],
-        t(75),
-    );
+    let out = uplink(&mut e, &[heartbeat("ok", 2, 1, want), heartbeat("late", 2, 2, DesiredDigest::EMPTY)], t(75));
     let msgs = decode_all(&out);
     assert_eq!(msgs.len(), 1);
-    let (Destination::Node(n), Message::DesiredState(d)) = &msgs[0] else {
-        panic!("{msgs:?}")
-    };
+    let (Destination::Node(n), Message::DesiredState(d)) = &msgs[0] else { panic!("{msgs:?}") };
     assert_eq!(n.as_str(), "late");
     assert_eq!(d.digest, want);
     assert_eq!(d.workloads, vec![w.clone()]);
-    let out = uplink(
-        &mut e,
-        &[heartbeat("late", 3, 2, DesiredDigest::EMPTY)],
-        t(100),
-    );
+    let out = uplink(&mut e, &[heartbeat("late", 3, 2, DesiredDigest::EMPTY)], t(100));
     assert!(out.messages.is_empty(), "rate-limited per node");
-    let out = uplink(
-        &mut e,
-        &[heartbeat("late", 4, 2, DesiredDigest::EMPTY)],
-        t(140),
-    );
+    let out = uplink(&mut e, &[heartbeat("late", 4, 2, DesiredDigest::EMPTY)], t(140));
     assert_eq!(decode_all(&out).len(), 1);
     assert_eq!(e.stats().catchups, 2);
 }
@@ -323,39 +209,21 @@ fn a_restarted_engine_does_not_resend_to_converged_nodes() {
     let w = workload("default/cdn", 1, "tier=cdn", &[100]);
     apply(&mut e, &w, t(0));
     let want = digest_of(&[&w]);
-    let regs: Vec<Inbound> = (0..50)
-        .map(|i| register(&format!("n{i}"), &l, i + 1, want))
-        .collect();
+    let regs: Vec<Inbound> = (0..50).map(|i| register(&format!("n{i}"), &l, i + 1, want)).collect();
     uplink(&mut e, &regs, t(1));
     let progress = e.progress(&w.id).unwrap();
     let saved = e.store().read().clone();
 
     let mut e2 = Engine::new(EngineConfig::default(), saved, t(500));
     let mut out = Outputs::default();
-    e2.handle(
-        Input::Workload(&WorkloadCommand::Apply {
-            workload: w.clone(),
-            progress: Some(progress),
-        }),
-        t(500),
-        &mut out,
-    );
-    assert!(
-        out.messages.is_empty(),
-        "spec was already published and retained"
-    );
-    let hbs: Vec<Inbound> = (0..50)
-        .map(|i| heartbeat(&format!("n{i}"), 1, i + 1, want))
-        .collect();
+    e2.handle(Input::Workload(&WorkloadCommand::Apply { workload: w.clone(), progress: Some(progress) }), t(500), &mut out);
+    assert!(out.messages.is_empty(), "spec was already published and retained");
+    let hbs: Vec<Inbound> = (0..50).map(|i| heartbeat(&format!("n{i}"), 1, i + 1, want)).collect();
     let out = uplink(&mut e2, &hbs, t(600));
     assert!(out.messages.is_empty());
     assert_eq!(e2.stats().heartbeats, 50);
     // …but a node that is wrong is caught up.
-    let out = uplink(
-        &mut e2,
-        &[heartbeat("n3", 2, 4, DesiredDigest::EMPTY)],
-        t(601),
-    );
+    let out = uplink(&mut e2, &[heartbeat("n3", 2, 4, DesiredDigest::EMPTY)], t(601));
     assert_eq!(e2.stats().catchups, 1, "{:?}", decode_all(&out));
 }
 
@@ -364,29 +232,18 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
     let nodes: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
-    let regs: Vec<Inbound> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY))
-        .collect();
+    let regs: Vec<Inbound> = nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
     uplink(&mut e, &regs, t(1));
     let mut w = workload("default/cdn", 1, "tier=cdn", &[10, 50, 100]);
     w.rollout.failure_threshold = crate::model::FailureThreshold::Count(2);
     apply(&mut e, &w, t(2));
     let in_wave = |threshold: u16| -> Vec<&String> {
-        nodes
-            .iter()
-            .filter(|n| crate::model::wave_point(n, &w.id) < threshold)
-            .collect()
+        nodes.iter().filter(|n| crate::model::wave_point(n, &w.id) < threshold).collect()
     };
 
     let mut out = Outputs::default();
     e.handle(Input::Tick, t(3), &mut out);
-    assert!(
-        out.events.is_empty(),
-        "nobody runs v1 yet: {:?}",
-        out.events
-    );
+    assert!(out.events.is_empty(), "nobody runs v1 yet: {:?}", out.events);
 
     // Wave 1 nodes report Running → advance to wave 2 with a republished threshold.
     let first = in_wave(1000);
@@ -394,61 +251,29 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
         .iter()
         .map(|n| {
             let i = nodes.iter().position(|x| x == *n).unwrap() as u32;
-            status(
-                n,
-                1,
-                i + 1,
-                digest_of(&[&w]),
-                &[(&w, WorkloadPhase::Running)],
-            )
+            status(n, 1, i + 1, digest_of(&[&w]), &[(&w, WorkloadPhase::Running)])
         })
         .collect();
     uplink(&mut e, &reports, t(4));
     let mut out = Outputs::default();
     e.handle(Input::Tick, t(5), &mut out);
-    assert_eq!(
-        out.events,
-        vec![EngineEvent::WaveAdvanced {
-            id: w.id.clone(),
-            wave: 1
-        }]
-    );
+    assert_eq!(out.events, vec![EngineEvent::WaveAdvanced { id: w.id.clone(), wave: 1 }]);
     let msgs = decode_all(&out);
-    assert!(
-        msgs.iter()
-            .any(|(_, m)| matches!(m, Message::WorkloadSpec(s) if s.wave_threshold == 5000))
-    );
+    assert!(msgs.iter().any(|(_, m)| matches!(m, Message::WorkloadSpec(s) if s.wave_threshold == 5000)));
 
     // Three wave-2 nodes fail → halt (threshold: more than 2).
-    let second: Vec<&String> = in_wave(5000)
-        .into_iter()
-        .filter(|n| !first.contains(n))
-        .take(3)
-        .collect();
+    let second: Vec<&String> = in_wave(5000).into_iter().filter(|n| !first.contains(n)).take(3).collect();
     let reports: Vec<Inbound> = second
         .iter()
         .map(|n| {
             let i = nodes.iter().position(|x| x == *n).unwrap() as u32;
-            status(
-                n,
-                1,
-                i + 1,
-                digest_of(&[&w]),
-                &[(&w, WorkloadPhase::Failed)],
-            )
+            status(n, 1, i + 1, digest_of(&[&w]), &[(&w, WorkloadPhase::Failed)])
         })
         .collect();
     uplink(&mut e, &reports, t(6));
     let mut out = Outputs::default();
     e.handle(Input::Tick, t(7), &mut out);
-    assert!(
-        matches!(
-            out.events.as_slice(),
-            [EngineEvent::RolloutHalted { failed: 3, .. }]
-        ),
-        "{:?}",
-        out.events
-    );
+    assert!(matches!(out.events.as_slice(), [EngineEvent::RolloutHalted { failed: 3, .. }]), "{:?}", out.events);
     assert_eq!(e.progress(&w.id).unwrap().phase, RolloutPhase::Halted);
     let st = e.workload_status(&w.id).unwrap();
     assert_eq!((st.targeted, st.failed, st.wave), (200, 3, 1));
@@ -459,41 +284,21 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
 fn rollback_returns_everyone_to_the_previous_version() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
-    uplink(
-        &mut e,
-        &[
-            register("a", &l, 1, DesiredDigest::EMPTY),
-            register("b", &l, 2, DesiredDigest::EMPTY),
-        ],
-        t(1),
-    );
+    uplink(&mut e, &[register("a", &l, 1, DesiredDigest::EMPTY), register("b", &l, 2, DesiredDigest::EMPTY)], t(1));
     let v1 = workload("default/cdn", 1, "tier=cdn", &[100]);
     let v2 = workload("default/cdn", 2, "tier=cdn", &[1, 100]);
     apply(&mut e, &v1, t(2));
     apply(&mut e, &v2, t(3));
     let mut out = Outputs::default();
-    e.handle(
-        Input::Workload(&WorkloadCommand::Rollback(v1.id.clone())),
-        t(4),
-        &mut out,
-    );
+    e.handle(Input::Workload(&WorkloadCommand::Rollback(v1.id.clone())), t(4), &mut out);
     assert_eq!(e.desired_digest("a"), Some(digest_of(&[&v1])));
     assert_eq!(e.desired_digest("b"), Some(digest_of(&[&v1])));
     let msgs = decode_all(&out);
-    assert!(
-        matches!(&msgs[..], [(_, Message::WorkloadSpec(s))] if s.workload.version == 1 && s.wave_threshold == 10_000)
-    );
+    assert!(matches!(&msgs[..], [(_, Message::WorkloadSpec(s))] if s.workload.version == 1 && s.wave_threshold == 10_000));
     // A second rollback has nothing to return to.
     let mut out = Outputs::default();
-    e.handle(
-        Input::Workload(&WorkloadCommand::Rollback(v1.id.clone())),
-        t(5),
-        &mut out,
-    );
-    assert!(matches!(
-        out.events.as_slice(),
-        [EngineEvent::CommandRejected { .. }]
-    ));
+    e.handle(Input::Workload(&WorkloadCommand::Rollback(v1.id.clone())), t(5), &mut out);
+    assert!(matches!(out.events.as_slice(), [EngineEvent::CommandRejected { .. }]));
 }
 
 #[test]
@@ -504,14 +309,8 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
     let w = workload("default/cdn", 1, "", &[100]);
     apply(&mut e, &w, t(2));
     let mut out = Outputs::default();
-    e.handle(
-        Input::Workload(&WorkloadCommand::Delete(w.id.clone())),
-        t(3),
-        &mut out,
-    );
-    assert!(out.messages.iter().any(|m| m.retain
-        && m.payload.is_empty()
-        && m.to == Destination::WorkloadSpec(w.id.clone())));
+    e.handle(Input::Workload(&WorkloadCommand::Delete(w.id.clone())), t(3), &mut out);
+    assert!(out.messages.iter().any(|m| m.retain && m.payload.is_empty() && m.to == Destination::WorkloadSpec(w.id.clone())));
     assert_eq!(e.desired_digest("a"), Some(DesiredDigest::EMPTY));
     assert!(e.workloads().is_empty());
 }
@@ -520,14 +319,7 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
 fn nodes_go_offline_after_missed_intervals_and_come_back() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
-    uplink(
-        &mut e,
-        &[
-            register("a", &l, 1, DesiredDigest::EMPTY),
-            register("b", &l, 2, DesiredDigest::EMPTY),
-        ],
-        t(1),
-    );
+    uplink(&mut e, &[register("a", &l, 1, DesiredDigest::EMPTY), register("b", &l, 2, DesiredDigest::EMPTY)], t(1));
     uplink(&mut e, &[heartbeat("a", 1, 1, DesiredDigest::EMPTY)], t(80));
     let mut out = Outputs::default();
     e.handle(Input::Tick, t(95), &mut out);
@@ -547,22 +339,21 @@ fn arb_labels() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
 
 fn arb_selector() -> impl Strategy<Value = String> {
     let keys = ["region", "tier", "env", "hw"];
-    let reqs =
-        proptest::collection::vec((0..keys.len(), 0..5usize, 0..3usize), 0..3).prop_map(move |v| {
-            v.into_iter()
-                .map(|(k, op, x)| {
-                    let (k, x) = (keys[k], ["a", "b", "c"][x]);
-                    match op {
-                        0 => format!("{k}={x}"),
-                        1 => format!("{k}!={x}"),
-                        2 => format!("{k} in ({x},c)"),
-                        3 => k.to_string(),
-                        _ => format!("!{k}"),
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(",")
-        });
+    let reqs = proptest::collection::vec((0..keys.len(), 0..5usize, 0..3usize), 0..3).prop_map(move |v| {
+        v.into_iter()
+            .map(|(k, op, x)| {
+                let (k, x) = (keys[k], ["a", "b", "c"][x]);
+                match op {
+                    0 => format!("{k}={x}"),
+                    1 => format!("{k}!={x}"),
+                    2 => format!("{k} in ({x},c)"),
+                    3 => k.to_string(),
+                    _ => format!("!{k}"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    });
     reqs
 }
 
@@ -604,12 +395,6 @@ proptest! {
 
 #[test]
 fn label_selector_objects_target_like_strings() {
-    let ls = LabelSelector {
-        match_labels: [("tier".to_owned(), "cdn".to_owned())].into(),
-        match_expressions: vec![],
-    };
-    assert_eq!(
-        Selector::try_from(&ls).unwrap(),
-        Selector::parse("tier=cdn").unwrap()
-    );
+    let ls = LabelSelector { match_labels: [("tier".to_owned(), "cdn".to_owned())].into(), match_expressions: vec![] };
+    assert_eq!(Selector::try_from(&ls).unwrap(), Selector::parse("tier=cdn").unwrap());
 }
