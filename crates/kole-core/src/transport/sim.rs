@@ -1694,6 +1694,12 @@ mod tests {
     }
 
     #[test]
+    fn network_can_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<SimNetwork>();
+    }
+
+    #[test]
     fn ids_names_and_refusals() {
         let mut net = SimNetwork::new(FaultPlan::default());
         assert!(net.is_empty());
