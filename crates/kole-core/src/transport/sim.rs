@@ -1565,7 +1565,7 @@ mod tests {
         assert_eq!(net.retained(&app), None);
         assert_eq!(net.stats().retained, 1);
 
-        // After deletion, a late joiner gets nothing but... nothing (edge-b has no own retained).
+        // After deletion a late joiner gets nothing (edge-b has no retained message of its own).
         net.connect(b, T0).unwrap();
         net.subscribe(b, &group("site-1"), T0).unwrap();
         assert!(drain_down(&mut net, T0).is_empty());
