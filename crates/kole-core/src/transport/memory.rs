@@ -15,21 +15,29 @@
 //!   slow subscriber — the protocol's digests repair the loss.
 //!
 //! Every message passes through one routing function per direction (`HubState::route_up` and
-//! `HubState::route_down`), the hook point where fault injection (drop, duplicate, reorder,
-//! partition) attaches.
+//! `HubState::route_down`), where fault injection attaches: [`MemoryHub::set_faults`] applies a
+//! [`FaultPlan`] (drop, duplicate, delay; decided from the plan's seed, the message's sequence number
+//! and the receiving node, so a replay of the same calls loses the same messages), and
+//! [`MemoryHub::partition`] cuts nodes off while their endpoints stay open. Delayed messages wait in
+//! their receiver's inbox until due on the hub's clock ([`MemoryHub::set_clock`]; by default
+//! milliseconds since the hub was created) and are released by `recv` in due order; a receiver that
+//! has only undue messages yields to the runtime and polls again, so no timer is needed.
 //!
 //! No async runtime is needed: waiting receivers park their [`Waker`]s under the hub's lock, and
 //! every enqueue wakes them after the lock is released.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::fmt;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
-use crate::model::NodeName;
+use crate::model::{NodeName, Timestamp, stable_hash};
 
+use super::fault::{Direction, Fate, FaultPlan, Timed};
 use super::{
     CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish,
     NodeTransport, Outbound, TransportError,
@@ -75,6 +83,14 @@ pub struct HubStats {
     pub retained: usize,
     /// Node endpoints connected now.
     pub nodes_connected: usize,
+    /// Messages (uplink) and deliveries (downlink) lost to the fault plan's drop probabilities.
+    pub dropped_fault: u64,
+    /// Messages and deliveries lost to a partition.
+    pub dropped_partition: u64,
+    /// Extra copies made by the fault plan's `duplicate`.
+    pub duplicated: u64,
+    /// Messages held back by the fault plan's delay now, not yet due.
+    pub delayed: usize,
 }
 
 /// An in-memory broker for one fleet. Cheap to clone (all clones are the same hub).
@@ -100,6 +116,8 @@ impl Shared {
 #[derive(Debug)]
 struct Inbox<T> {
     queue: VecDeque<T>,
+    /// Messages a fault plan delays, by (due, sequence); they count against the inbox capacity.
+    delayed: BinaryHeap<Timed<T>>,
     wakers: Vec<Waker>,
 }
 
@@ -107,7 +125,21 @@ impl<T> Inbox<T> {
     fn new() -> Self {
         Self {
             queue: VecDeque::new(),
+            delayed: BinaryHeap::new(),
             wakers: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len() + self.delayed.len()
+    }
+
+    /// Moves the delayed messages due by `now` into the queue, in due order.
+    fn release(&mut self, now: u64) {
+        while self.delayed.peek().is_some_and(|t| t.due <= now) {
+            if let Some(t) = self.delayed.pop() {
+                self.queue.push_back(t.item);
+            }
         }
     }
 
@@ -118,6 +150,10 @@ impl<T> Inbox<T> {
         if self.queue.is_empty() {
             if !self.wakers.iter().any(|w| w.will_wake(waker)) {
                 self.wakers.push(waker.clone());
+            }
+            if !self.delayed.is_empty() {
+                // No timer: come back when the runtime next gets to this task.
+                waker.wake_by_ref();
             }
             return Poll::Pending;
         }
@@ -149,6 +185,101 @@ struct HubState {
     groups: HashMap<GroupName, HashSet<NodeName>>,
     retained: BTreeMap<Destination, Arc<[u8]>>,
     stats: HubStats,
+    faults: HubFaults,
+}
+
+/// The hub's clock for delays: milliseconds.
+#[derive(Clone)]
+struct HubClock {
+    origin: Instant,
+    custom: Option<Arc<dyn Fn() -> Timestamp + Send + Sync>>,
+}
+
+impl HubClock {
+    fn now(&self) -> u64 {
+        match &self.custom {
+            Some(clock) => clock().as_millis(),
+            None => u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl Default for HubClock {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            custom: None,
+        }
+    }
+}
+
+impl fmt::Debug for HubClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubClock")
+            .field("custom", &self.custom.is_some())
+            .finish()
+    }
+}
+
+/// Fault injection state.
+#[derive(Debug, Default)]
+struct HubFaults {
+    plan: FaultPlan,
+    partitioned: BTreeSet<NodeName>,
+    clock: HubClock,
+    /// Numbers every routed message (and retained replay): the fault plan's key.
+    msg_seq: u64,
+    /// Orders delayed messages with the same due time.
+    delay_seq: u64,
+    /// The clock, read once per routing operation while the plan has delays.
+    now: u64,
+}
+
+impl HubFaults {
+    fn next_msg(&mut self) -> u64 {
+        self.msg_seq += 1;
+        self.msg_seq
+    }
+
+    /// Reads the clock if delays need it.
+    fn tick(&mut self) {
+        if self.plan.has_delay() {
+            self.now = self.clock.now();
+        }
+    }
+
+    /// The fate of one delivery of message `msg` to `node` (hashing the name keeps it independent
+    /// of the order the hub visits subscribers in).
+    fn fate(&self, direction: Direction, msg: u64, node: &NodeName) -> Fate {
+        if self.plan.is_off() {
+            return Fate::CLEAN;
+        }
+        let node = stable_hash(0x6875_622d_6661_756c, node.as_str().as_bytes());
+        self.plan
+            .fate(direction, msg.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ node)
+    }
+
+    /// Queues the copies `fate` lets through into `inbox` (or its delay heap); returns how many.
+    fn enqueue<T: Clone>(&mut self, inbox: &mut Inbox<T>, item: T, fate: Fate) -> u64 {
+        let mut n = 0;
+        if !self.plan.has_delay() {
+            for _ in fate.copies() {
+                inbox.queue.push_back(item.clone());
+                n += 1;
+            }
+            return n;
+        }
+        for delay in fate.copies() {
+            self.delay_seq += 1;
+            inbox.delayed.push(Timed {
+                due: self.now.saturating_add(delay),
+                seq: self.delay_seq,
+                item: item.clone(),
+            });
+            n += 1;
+        }
+        n
+    }
 }
 
 /// Wakers collected under the lock, woken after it is released.
@@ -201,18 +332,41 @@ impl HubState {
             self.stats.dropped_no_subscriber += batch.len() as u64;
             return Ok(());
         };
-        if cloud.inbox.queue.len() + batch.len() > capacity {
+        if cloud.inbox.len() + batch.len() > capacity {
             return Err(TransportError::Full {
                 queue: "cloud inbox",
                 capacity,
             });
         }
-        self.stats.uplink_delivered += batch.len() as u64;
-        cloud.inbox.queue.extend(batch.into_iter().map(|p| Inbound {
-            node: node.clone(),
-            kind: p.kind,
-            payload: p.payload,
-        }));
+        if self.faults.partitioned.contains(node) {
+            self.stats.dropped_partition += batch.len() as u64;
+            return Ok(());
+        }
+        if self.faults.plan.is_off() {
+            self.stats.uplink_delivered += batch.len() as u64;
+            cloud.inbox.queue.extend(batch.into_iter().map(|p| Inbound {
+                node: node.clone(),
+                kind: p.kind,
+                payload: p.payload,
+            }));
+        } else {
+            self.faults.tick();
+            for p in batch {
+                let key = self.faults.next_msg();
+                let fate = self.faults.fate(Direction::Uplink, key, node);
+                if fate.dropped {
+                    self.stats.dropped_fault += 1;
+                    continue;
+                }
+                self.stats.duplicated += u64::from(fate.duplicated);
+                let inbound = Inbound {
+                    node: node.clone(),
+                    kind: p.kind,
+                    payload: p.payload,
+                };
+                self.stats.uplink_delivered += self.faults.enqueue(&mut cloud.inbox, inbound, fate);
+            }
+        }
         wake.append(&mut cloud.inbox.wakers);
         Ok(())
     }
@@ -237,19 +391,25 @@ impl HubState {
             nodes,
             groups,
             stats,
+            faults,
             ..
         } = self;
+        faults.tick();
+        let key = faults.next_msg();
         let mut reached = 0u64;
-        let mut deliver = |session: &mut NodeSession| {
+        let mut deliver = |name: &NodeName, session: &mut NodeSession| {
             reached += 1;
             push_delivery(
                 session,
+                name,
                 capacity,
                 NodeDelivery {
                     from: to.clone(),
                     payload: payload.clone(),
                     retained: false,
                 },
+                key,
+                faults,
                 stats,
                 wake,
             );
@@ -257,18 +417,18 @@ impl HubState {
         match &to {
             Destination::Node(n) => {
                 if let Some(s) = nodes.get_mut(n) {
-                    deliver(s);
+                    deliver(n, s);
                 }
             }
             Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) => {
                 for n in groups.get(g).into_iter().flatten() {
                     if let Some(s) = nodes.get_mut(n) {
-                        deliver(s);
+                        deliver(n, s);
                     }
                 }
             }
             Destination::Fleet | Destination::WorkloadSpec(_) => {
-                nodes.values_mut().for_each(&mut deliver)
+                nodes.iter_mut().for_each(|(n, s)| deliver(n, s))
             }
         }
         if reached == 0 && !retain {
@@ -288,20 +448,26 @@ impl HubState {
             nodes,
             retained,
             stats,
+            faults,
             ..
         } = self;
         let Some(session) = nodes.get_mut(name) else {
             return;
         };
+        faults.tick();
         for (to, payload) in retained.iter().filter(|(to, _)| filter(to)) {
+            let key = faults.next_msg();
             push_delivery(
                 session,
+                name,
                 capacity,
                 NodeDelivery {
                     from: to.clone(),
                     payload: payload.clone(),
                     retained: true,
                 },
+                key,
+                faults,
                 stats,
                 wake,
             );
@@ -309,19 +475,33 @@ impl HubState {
     }
 }
 
+/// Queues one delivery for one node: the downlink's fault hook (partition, drop, duplicate, delay).
+#[allow(clippy::too_many_arguments)] // one call site per routing path; a struct would only rename them
 fn push_delivery(
     session: &mut NodeSession,
+    name: &NodeName,
     capacity: usize,
     delivery: NodeDelivery,
+    key: u64,
+    faults: &mut HubFaults,
     stats: &mut HubStats,
     wake: &mut Wake,
 ) {
-    if session.inbox.queue.len() >= capacity {
+    if faults.partitioned.contains(name) {
+        stats.dropped_partition += 1;
+        return;
+    }
+    if session.inbox.len() >= capacity {
         stats.dropped_full += 1;
         return;
     }
-    session.inbox.queue.push_back(delivery);
-    stats.downlink_delivered += 1;
+    let fate = faults.fate(Direction::Downlink, key, name);
+    if fate.dropped {
+        stats.dropped_fault += 1;
+        return;
+    }
+    stats.duplicated += u64::from(fate.duplicated);
+    stats.downlink_delivered += faults.enqueue(&mut session.inbox, delivery, fate);
     wake.append(&mut session.inbox.wakers);
 }
 
@@ -422,9 +602,15 @@ impl MemoryHub {
     /// The hub's counters.
     pub fn stats(&self) -> HubStats {
         let st = self.shared.lock();
+        let delayed = st.cloud.as_ref().map_or(0, |c| c.inbox.delayed.len())
+            + st.nodes
+                .values()
+                .map(|s| s.inbox.delayed.len())
+                .sum::<usize>();
         HubStats {
             retained: st.retained.len(),
             nodes_connected: st.nodes.len(),
+            delayed,
             ..st.stats
         }
     }
@@ -432,6 +618,53 @@ impl MemoryHub {
     /// The retained message of a destination, if any.
     pub fn retained(&self, to: &Destination) -> Option<Arc<[u8]>> {
         self.shared.lock().retained.get(to).cloned()
+    }
+
+    /// Applies a fault plan to every message routed from now on (uplink per message, downlink per
+    /// node reached, retained replays included). Messages already delayed are released when due.
+    pub fn set_faults(&self, plan: FaultPlan) {
+        self.shared.lock().faults.plan = plan;
+    }
+
+    /// The fault plan in force ([`FaultPlan::NONE`] unless [`set_faults`](Self::set_faults) was
+    /// called).
+    pub fn faults(&self) -> FaultPlan {
+        self.shared.lock().faults.plan
+    }
+
+    /// Replaces the clock that delays are measured on (by default milliseconds since the hub was
+    /// created). It is read only while the fault plan has delays, under the hub's lock, so it must
+    /// not call into the hub. A test drives time by hand with it.
+    pub fn set_clock(&self, clock: impl Fn() -> Timestamp + Send + Sync + 'static) {
+        self.shared.lock().faults.clock.custom = Some(Arc::new(clock));
+    }
+
+    /// Cuts nodes off while their endpoints stay open: what they publish and what is routed to them
+    /// vanishes (counted in [`HubStats::dropped_partition`]), and so do deliveries still delayed for
+    /// them. Messages already in their inboxes stay. Names need not be connected.
+    pub fn partition(&self, nodes: &[NodeName]) {
+        let mut st = self.shared.lock();
+        let st = &mut *st;
+        for name in nodes {
+            st.faults.partitioned.insert(name.clone());
+            if let Some(session) = st.nodes.get_mut(name) {
+                st.stats.dropped_partition += session.inbox.delayed.len() as u64;
+                session.inbox.delayed.clear();
+            }
+        }
+    }
+
+    /// Heals partitions of these nodes; what vanished stays lost.
+    pub fn heal(&self, nodes: &[NodeName]) {
+        let mut st = self.shared.lock();
+        for name in nodes {
+            st.faults.partitioned.remove(name);
+        }
+    }
+
+    /// Heals every partition.
+    pub fn heal_all(&self) {
+        self.shared.lock().faults.partitioned.clear();
     }
 }
 
@@ -504,8 +737,14 @@ impl CloudTransport for MemoryCloud {
     async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
         poll_fn(|cx| {
             let mut st = self.shared.lock();
-            match st.cloud(self.session) {
-                Some(c) => c.inbox.poll_take(max, cx.waker()).map(Ok),
+            let st = &mut *st;
+            match st.cloud.as_mut().filter(|c| c.id == self.session) {
+                Some(c) => {
+                    if !c.inbox.delayed.is_empty() {
+                        c.inbox.release(st.faults.clock.now());
+                    }
+                    c.inbox.poll_take(max, cx.waker()).map(Ok)
+                }
                 None => Poll::Ready(Err(TransportError::Closed)),
             }
         })
@@ -574,8 +813,18 @@ impl NodeTransport for MemoryNode {
     async fn recv(&self, max: usize) -> Result<Vec<NodeDelivery>, TransportError> {
         poll_fn(|cx| {
             let mut st = self.shared.lock();
-            match st.node(&self.node, self.session) {
-                Some(s) => s.inbox.poll_take(max, cx.waker()).map(Ok),
+            let st = &mut *st;
+            match st
+                .nodes
+                .get_mut(&self.node)
+                .filter(|s| s.id == self.session)
+            {
+                Some(s) => {
+                    if !s.inbox.delayed.is_empty() {
+                        s.inbox.release(st.faults.clock.now());
+                    }
+                    s.inbox.poll_take(max, cx.waker()).map(Ok)
+                }
                 None => Poll::Ready(Err(TransportError::Closed)),
             }
         })
@@ -638,6 +887,7 @@ mod tests {
     use crate::protocol::{
         self, Command, CommandKind, DecodeLimits, Heartbeat, Message, NodeHealth, UplinkKind,
     };
+    use crate::transport::fault::FaultPlan;
 
     /// Every async step of these tests is bounded.
     async fn bounded<T>(f: impl Future<Output = T>) -> T {
@@ -1003,6 +1253,328 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(20), c2.recv(1))
                 .await
                 .is_err()
+        );
+    }
+
+    fn command_ids(got: &[NodeDelivery]) -> Vec<u64> {
+        got.iter()
+            .map(|d| match d.decode(&DecodeLimits::default()).unwrap() {
+                Message::Command(c) => c.id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    fn hb_publish(n: u16) -> NodePublish {
+        NodePublish {
+            kind: UplinkKind::Heartbeat,
+            payload: n.to_be_bytes().to_vec(),
+        }
+    }
+
+    /// Receives everything queued (and due) at the cloud now.
+    async fn drain_cloud(cloud: &MemoryCloud) -> Vec<Inbound> {
+        let mut all = Vec::new();
+        while let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(20), cloud.recv(usize::MAX)).await
+        {
+            all.extend(batch.unwrap());
+        }
+        all
+    }
+
+    /// Receives everything queued (and due) for a node now.
+    async fn drain_node(node: &MemoryNode) -> Vec<NodeDelivery> {
+        let mut all = Vec::new();
+        while let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(20), node.recv(usize::MAX)).await
+        {
+            all.extend(batch.unwrap());
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn faults_drop_all_none_or_about_half() {
+        for (p, lo, hi) in [(1.0, 4000, 4000), (0.0, 0, 0), (0.5, 1750, 2250)] {
+            let hub = MemoryHub::new(MemoryConfig {
+                node_inbox_capacity: 8192,
+                ..MemoryConfig::default()
+            });
+            hub.set_faults(FaultPlan {
+                drop_uplink: p,
+                drop_downlink: p,
+                seed: 9,
+                ..FaultPlan::default()
+            });
+            let cloud = hub.cloud().unwrap();
+            let node = hub.connect(name("edge-a")).unwrap();
+            bounded(node.publish((0..4000).map(hb_publish).collect()))
+                .await
+                .unwrap();
+            let up = drain_cloud(&cloud).await.len() as u64;
+            bounded(
+                cloud.send(
+                    (0..4000)
+                        .map(|i| out(Destination::Fleet, command(i), false))
+                        .collect(),
+                ),
+            )
+            .await
+            .unwrap();
+            let down = drain_node(&node).await.len() as u64;
+            let s = hub.stats();
+            // Binomial(8000 draws, 0.5) over both directions: ±250 per direction is over 7 sd.
+            assert_eq!(up + down + s.dropped_fault, 8000, "p={p}: {s:?}");
+            assert!(
+                (lo..=hi).contains(&(4000 - up)),
+                "p={p}: uplink dropped {}",
+                4000 - up
+            );
+            assert!(
+                (lo..=hi).contains(&(4000 - down)),
+                "p={p}: downlink dropped {}",
+                4000 - down
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn faults_duplicate_in_both_directions() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        hub.set_faults(FaultPlan {
+            duplicate: 1.0,
+            ..FaultPlan::default()
+        });
+        assert_eq!(hub.faults().duplicate, 1.0);
+        let cloud = hub.cloud().unwrap();
+        let a = hub.connect(name("edge-a")).unwrap();
+        let b = hub.connect(name("edge-b")).unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)]))
+            .await
+            .unwrap();
+        assert_eq!(ids(&a, 10).await, [1, 1]);
+        assert_eq!(ids(&b, 10).await, [1, 1]);
+        bounded(a.publish(vec![hb_publish(5)])).await.unwrap();
+        let got = drain_cloud(&cloud).await;
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter()
+                .all(|i| i.node == name("edge-a") && i.payload == [0, 5])
+        );
+        assert_eq!(hub.stats().duplicated, 3);
+    }
+
+    /// Runs a fixed script under faults and returns what every node and the cloud received.
+    async fn faulty_script(seed: u64) -> Vec<(String, Vec<u64>)> {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        hub.set_faults(FaultPlan {
+            drop_uplink: 0.3,
+            drop_downlink: 0.3,
+            duplicate: 0.3,
+            seed,
+            ..FaultPlan::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let nodes: Vec<_> = (0..20)
+            .map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap())
+            .collect();
+        for (i, n) in nodes.iter().enumerate().step_by(2) {
+            bounded(n.subscribe(&group("even"))).await.unwrap();
+            bounded(n.publish(vec![hb_publish(i as u16)]))
+                .await
+                .unwrap();
+        }
+        for i in 0..40 {
+            let to = if i % 2 == 0 {
+                Destination::Fleet
+            } else {
+                Destination::Group(group("even"))
+            };
+            bounded(cloud.send(vec![out(to, command(i), false)]))
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        for n in &nodes {
+            let got = drain_node(n).await;
+            seen.push((n.node().to_string(), command_ids(&got)));
+        }
+        let up = drain_cloud(&cloud).await;
+        seen.push((
+            "cloud".into(),
+            up.iter().map(|i| u64::from(i.payload[1])).collect(),
+        ));
+        seen
+    }
+
+    #[tokio::test]
+    async fn faults_replay_with_the_same_seed() {
+        let a = faulty_script(1).await;
+        assert_eq!(a, faulty_script(1).await);
+        assert_ne!(a, faulty_script(2).await);
+    }
+
+    #[tokio::test]
+    async fn faults_delay_until_due_on_the_hub_clock_in_due_order() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let clock = Arc::new(AtomicU64::new(1_000));
+        hub.set_clock({
+            let clock = clock.clone();
+            move || Timestamp::from_millis(clock.load(Ordering::SeqCst))
+        });
+        let plan = FaultPlan {
+            min_delay_ms: 1,
+            max_delay_ms: 100,
+            seed: 4,
+            ..FaultPlan::default()
+        };
+        hub.set_faults(plan);
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        bounded(node.publish((0..30).map(hb_publish).collect()))
+            .await
+            .unwrap();
+        assert_eq!(hub.stats().delayed, 30);
+        assert!(drain_cloud(&cloud).await.is_empty(), "nothing due yet");
+
+        // The exact order: by (delay, send order), from the same fates the hub drew.
+        let faults = HubFaults {
+            plan,
+            ..HubFaults::default()
+        };
+        let mut expected: Vec<(u64, u16)> = (0..30u16)
+            .map(|i| {
+                (
+                    faults
+                        .fate(Direction::Uplink, u64::from(i) + 1, &name("edge-a"))
+                        .delay_ms,
+                    i,
+                )
+            })
+            .collect();
+        expected.sort();
+        let half: Vec<u16> = expected
+            .iter()
+            .filter(|(d, _)| *d <= 50)
+            .map(|(_, i)| *i)
+            .collect();
+        let all: Vec<u16> = expected.iter().map(|(_, i)| *i).collect();
+        assert!(!half.is_empty() && half.len() < 30);
+        assert_ne!(all, (0..30).collect::<Vec<_>>(), "delays reorder");
+
+        clock.store(1_050, Ordering::SeqCst);
+        let got: Vec<u16> = drain_cloud(&cloud)
+            .await
+            .iter()
+            .map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]]))
+            .collect();
+        assert_eq!(got, half);
+        clock.store(1_100, Ordering::SeqCst);
+        let rest: Vec<u16> = drain_cloud(&cloud)
+            .await
+            .iter()
+            .map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]]))
+            .collect();
+        assert_eq!([got, rest].concat(), all);
+
+        // Downlink too; a waiting receiver picks the message up once the clock passes its due time.
+        bounded(cloud.send(vec![out(Destination::Fleet, command(7), false)]))
+            .await
+            .unwrap();
+        assert!(is_idle(&node).await);
+        let node = Arc::new(node);
+        let waiter = tokio::spawn({
+            let node = node.clone();
+            async move { node.recv(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        clock.store(1_200, Ordering::SeqCst);
+        let got = bounded(waiter).await.unwrap().unwrap();
+        assert_eq!(command_ids(&got), [7]);
+        assert_eq!(hub.stats().delayed, 0);
+    }
+
+    #[tokio::test]
+    async fn partition_then_heal_on_the_hub() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let a = hub.connect(name("edge-a")).unwrap();
+        let b = hub.connect(name("edge-b")).unwrap();
+        hub.partition(&[name("edge-a")]);
+        bounded(a.publish(vec![hb_publish(1)])).await.unwrap();
+        bounded(b.publish(vec![hb_publish(2)])).await.unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(3), false)]))
+            .await
+            .unwrap();
+        assert!(
+            !a.is_closed(),
+            "a partitioned node still believes it is connected"
+        );
+        assert!(is_idle(&a).await);
+        assert_eq!(ids(&b, 10).await, [3]);
+        let up = drain_cloud(&cloud).await;
+        assert_eq!(
+            up.iter().map(|i| i.node.clone()).collect::<Vec<_>>(),
+            [name("edge-b")]
+        );
+        assert_eq!(hub.stats().dropped_partition, 2);
+
+        hub.heal(&[name("edge-a")]);
+        bounded(a.publish(vec![hb_publish(4)])).await.unwrap();
+        bounded(cloud.send(vec![out(
+            Destination::Node(name("edge-a")),
+            command(5),
+            false,
+        )]))
+        .await
+        .unwrap();
+        assert_eq!(ids(&a, 10).await, [5]);
+        assert_eq!(drain_cloud(&cloud).await.len(), 1);
+
+        // Deliveries still delayed when the cut comes are lost with it.
+        hub.set_clock(|| Timestamp::from_millis(0));
+        hub.set_faults(FaultPlan {
+            min_delay_ms: 10,
+            max_delay_ms: 10,
+            ..FaultPlan::default()
+        });
+        bounded(cloud.send(vec![out(Destination::Fleet, command(6), false)]))
+            .await
+            .unwrap();
+        hub.partition(&[name("edge-a"), name("edge-b")]);
+        hub.heal_all();
+        hub.set_clock(|| Timestamp::from_millis(100));
+        assert!(is_idle(&a).await && is_idle(&b).await);
+        assert_eq!(hub.stats().dropped_partition, 4);
+    }
+
+    #[tokio::test]
+    async fn fleet_message_reaches_100k_nodes_exactly_once_through_the_hooks() {
+        let n = 100_000;
+        let hub = MemoryHub::new(MemoryConfig::default());
+        // Uplink faults only: the downlink goes through the fault hook with clean fates.
+        hub.set_faults(FaultPlan {
+            drop_uplink: 1.0,
+            seed: 3,
+            ..FaultPlan::default()
+        });
+        let cloud = hub.cloud().unwrap();
+        let nodes: Vec<_> = (0..n)
+            .map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap())
+            .collect();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)]))
+            .await
+            .unwrap();
+        for node in &nodes {
+            let got = bounded(node.recv(10)).await.unwrap();
+            assert_eq!(command_ids(&got), [1], "{}", node.node());
+        }
+        let s = hub.stats();
+        assert_eq!(
+            (s.downlink_delivered, s.dropped_fault, s.duplicated),
+            (n as u64, 0, 0)
         );
     }
 }

@@ -39,7 +39,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod fault;
 pub mod memory;
+pub mod sim;
 
 use std::sync::Arc;
 
