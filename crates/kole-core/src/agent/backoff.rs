@@ -100,9 +100,15 @@ mod tests {
 
     #[test]
     fn jitter_is_reproducible_per_seed() {
-        let a: Vec<u64> = (0..4).scan(Jitter::new(1), |j, _| Some(j.next_u64())).collect();
-        let b: Vec<u64> = (0..4).scan(Jitter::new(1), |j, _| Some(j.next_u64())).collect();
-        let c: Vec<u64> = (0..4).scan(Jitter::new(2), |j, _| Some(j.next_u64())).collect();
+        let a: Vec<u64> = (0..4)
+            .scan(Jitter::new(1), |j, _| Some(j.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .scan(Jitter::new(1), |j, _| Some(j.next_u64()))
+            .collect();
+        let c: Vec<u64> = (0..4)
+            .scan(Jitter::new(2), |j, _| Some(j.next_u64()))
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(Jitter::new(3).below(0), 0);

@@ -155,7 +155,11 @@ impl ProcessSpec {
                         .filter(|n| *n <= MAX_RESTARTS_LIMIT)
                         .ok_or_else(|| bad("max_restarts must be an integer from 0 to 1000"))?;
                 }
-                _ => return Err(bad("unknown directive (expected restart= or max_restarts=)")),
+                _ => {
+                    return Err(bad(
+                        "unknown directive (expected restart= or max_restarts=)",
+                    ));
+                }
             }
         }
         let mut words = command.ok_or(ProcessSpecError::NoCommand)?.into_iter();
@@ -314,7 +318,12 @@ fn kill(child: &mut Child) {
 }
 
 impl WorkloadRuntime for ProcessRuntime {
-    fn apply(&mut self, _node: &NodeName, workload: &Arc<Workload>, now: Timestamp) -> WorkloadPhase {
+    fn apply(
+        &mut self,
+        _node: &NodeName,
+        workload: &Arc<Workload>,
+        now: Timestamp,
+    ) -> WorkloadPhase {
         if let Some(mut old) = self.procs.remove(&workload.id)
             && let Some(child) = old.child.as_mut()
         {
@@ -351,7 +360,12 @@ impl WorkloadRuntime for ProcessRuntime {
         }
     }
 
-    fn restart(&mut self, _node: &NodeName, id: &WorkloadId, now: Timestamp) -> Option<WorkloadPhase> {
+    fn restart(
+        &mut self,
+        _node: &NodeName,
+        id: &WorkloadId,
+        now: Timestamp,
+    ) -> Option<WorkloadPhase> {
         let p = self.procs.get_mut(id)?;
         if let Some(child) = p.child.as_mut() {
             kill(child);
@@ -446,11 +460,18 @@ mod tests {
     }
 
     /// Polls (on the real clock) until `id` reaches `phase`, for at most 10 s.
-    fn poll_until(rt: &mut ProcessRuntime, id: &WorkloadId, phase: WorkloadPhase) -> Vec<WorkloadPhase> {
+    fn poll_until(
+        rt: &mut ProcessRuntime,
+        id: &WorkloadId,
+        phase: WorkloadPhase,
+    ) -> Vec<WorkloadPhase> {
         let start = Instant::now();
         let mut seen = Vec::new();
         while rt.phase(id) != Some(phase) {
-            assert!(start.elapsed() < Duration::from_secs(10), "stuck; saw {seen:?}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "stuck; saw {seen:?}"
+            );
             std::thread::sleep(Duration::from_millis(5));
             let mut changes = Vec::new();
             let now = Timestamp::from_millis(start.elapsed().as_millis() as u64);
@@ -482,14 +503,22 @@ mod tests {
             b"true\nrestart",
             b"\xff\xfe",
         ] {
-            assert!(ProcessSpec::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                ProcessSpec::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn failing_process_is_restarted_then_failed() {
         let mut rt = runtime();
-        let w = workload("crash", 1, "sh -c 'exit 1'\nrestart=on-failure\nmax_restarts=2");
+        let w = workload(
+            "crash",
+            1,
+            "sh -c 'exit 1'\nrestart=on-failure\nmax_restarts=2",
+        );
         rt.apply(&node(), &w, Timestamp::from_millis(0));
         let seen = poll_until(&mut rt, &w.id, WorkloadPhase::Failed);
         assert_eq!(rt.restarts(&w.id), Some(2));
@@ -501,8 +530,14 @@ mod tests {
     fn successful_exit_is_stopped_and_not_restarted_on_failure_policy() {
         let mut rt = runtime();
         let w = workload("once", 1, "true");
-        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Running);
-        assert_eq!(poll_until(&mut rt, &w.id, WorkloadPhase::Stopped), [WorkloadPhase::Stopped]);
+        assert_eq!(
+            rt.apply(&node(), &w, Timestamp::from_millis(0)),
+            WorkloadPhase::Running
+        );
+        assert_eq!(
+            poll_until(&mut rt, &w.id, WorkloadPhase::Stopped),
+            [WorkloadPhase::Stopped]
+        );
         assert_eq!(rt.restarts(&w.id), Some(0));
         // restart=always restarts even successful exits, up to its bound.
         let w = workload("loop", 1, "true\nrestart=always\nmax_restarts=2");
@@ -515,7 +550,10 @@ mod tests {
     fn long_running_process_runs_until_removed() {
         let mut rt = runtime();
         let w = workload("sleeper", 1, "sleep 30");
-        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Running);
+        assert_eq!(
+            rt.apply(&node(), &w, Timestamp::from_millis(0)),
+            WorkloadPhase::Running
+        );
         let pid = rt.pid(&w.id).unwrap();
         let mut changes = Vec::new();
         std::thread::sleep(Duration::from_millis(20));
@@ -528,10 +566,14 @@ mod tests {
         assert_ne!(rt.pid(&w.id), Some(pid));
         let started = Instant::now();
         rt.remove(&node(), &w.id, Timestamp::from_millis(40));
-        assert!(started.elapsed() < Duration::from_secs(5), "killed, not waited for");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "killed, not waited for"
+        );
         assert_eq!(rt.phase(&w.id), None);
         assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists() || cfg!(not(target_os = "linux")),
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || cfg!(not(target_os = "linux")),
             "the first process was killed and reaped"
         );
     }
@@ -540,9 +582,18 @@ mod tests {
     fn invalid_spec_or_missing_program_fails() {
         let mut rt = runtime();
         let w = workload("bad", 1, "sh -c 'unterminated");
-        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Failed);
+        assert_eq!(
+            rt.apply(&node(), &w, Timestamp::from_millis(0)),
+            WorkloadPhase::Failed
+        );
         let w = workload("missing", 1, "/nonexistent/kole-test-binary\nrestart=never");
-        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Failed);
-        assert_eq!(rt.restart(&node(), &w.id, Timestamp::from_millis(1)), Some(WorkloadPhase::Failed));
+        assert_eq!(
+            rt.apply(&node(), &w, Timestamp::from_millis(0)),
+            WorkloadPhase::Failed
+        );
+        assert_eq!(
+            rt.restart(&node(), &w.id, Timestamp::from_millis(1)),
+            Some(WorkloadPhase::Failed)
+        );
     }
 }

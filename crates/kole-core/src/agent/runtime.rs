@@ -28,12 +28,21 @@ pub trait WorkloadRuntime: Send {
 
     /// Restarts workload `id` on `node`; returns its new phase, or `None` when the phase does not
     /// change now (or the workload is unknown).
-    fn restart(&mut self, node: &NodeName, id: &WorkloadId, now: Timestamp)
-    -> Option<WorkloadPhase>;
+    fn restart(
+        &mut self,
+        node: &NodeName,
+        id: &WorkloadId,
+        now: Timestamp,
+    ) -> Option<WorkloadPhase>;
 
     /// Appends to `changes` every workload of `node` whose phase changed since it was last
     /// reported (by `apply`, `restart` or an earlier `poll`), with its new phase.
-    fn poll(&mut self, node: &NodeName, now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>);
+    fn poll(
+        &mut self,
+        node: &NodeName,
+        now: Timestamp,
+        changes: &mut Vec<(WorkloadId, WorkloadPhase)>,
+    );
 
     /// Node-level health flags the runtime contributes to heartbeats (e.g.
     /// [`NodeHealth::DEGRADED`] when the container runtime is unreachable). Default: none.
@@ -124,7 +133,8 @@ impl RecordingRuntime {
 
     /// Every applied `(id, version)` comes up in `phase` (e.g. `Failed`, `Pending`) on every node.
     pub fn set_outcome(&mut self, id: WorkloadId, version: u64, phase: WorkloadPhase) -> &mut Self {
-        self.outcomes.retain(|(i, v, _)| !(*i == id && *v == version));
+        self.outcomes
+            .retain(|(i, v, _)| !(*i == id && *v == version));
         self.outcomes.push((id, version, phase));
         self
     }
@@ -141,7 +151,10 @@ impl RecordingRuntime {
 
     /// Queues a phase change of workload `id` on `node`, reported by the node's next poll.
     pub fn push_phase(&mut self, node: &NodeName, id: WorkloadId, phase: WorkloadPhase) {
-        self.queued.entry(node.clone()).or_default().push((id, phase));
+        self.queued
+            .entry(node.clone())
+            .or_default()
+            .push((id, phase));
     }
 
     /// The calls recorded so far, in order.

@@ -85,7 +85,9 @@ impl Agent {
         persisted: Option<PersistedState>,
     ) -> Self {
         let boot_id = boot_id.max(1);
-        let seed = mix64(u64::from(boot_id) ^ stable_hash(0x6167_656e_74, identity.name.as_str().as_bytes()));
+        let seed = mix64(
+            u64::from(boot_id) ^ stable_hash(0x6167_656e_74, identity.name.as_str().as_bytes()),
+        );
         let mut agent = Self {
             config: config.into(),
             name: identity.name,
@@ -229,9 +231,7 @@ impl Agent {
             }
             AgentInput::Tick => self.tick(now, runtime, out),
             AgentInput::Delivery(d) => self.delivery(d, now, runtime, out),
-            AgentInput::Message { message, from } => {
-                self.message(message, from, now, runtime, out)
-            }
+            AgentInput::Message { message, from } => self.message(message, from, now, runtime, out),
             AgentInput::SharedSpec {
                 workload,
                 wave_threshold,
@@ -319,7 +319,12 @@ impl Agent {
         h
     }
 
-    fn send_heartbeat(&mut self, now: Timestamp, runtime: &dyn WorkloadRuntime, out: &mut AgentOutputs) {
+    fn send_heartbeat(
+        &mut self,
+        now: Timestamp,
+        runtime: &dyn WorkloadRuntime,
+        out: &mut AgentOutputs,
+    ) {
         let hb = Heartbeat {
             seq: self.next_seq(),
             boot_id: self.boot_id,
@@ -330,7 +335,12 @@ impl Agent {
         self.timer_at = now.as_millis().saturating_add(u64::from(self.heartbeat_ms));
     }
 
-    fn send_status(&mut self, now: Timestamp, runtime: &dyn WorkloadRuntime, out: &mut AgentOutputs) {
+    fn send_status(
+        &mut self,
+        now: Timestamp,
+        runtime: &dyn WorkloadRuntime,
+        out: &mut AgentOutputs,
+    ) {
         let _ = runtime;
         let report = StatusReport {
             seq: self.next_seq(),

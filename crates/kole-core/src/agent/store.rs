@@ -71,7 +71,9 @@ pub enum StateDecodeError {
         found: [u8; 8],
     },
     /// Written by another format version.
-    #[error("format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION})")]
+    #[error(
+        "format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION})"
+    )]
     UnsupportedVersion {
         /// The version found.
         found: u16,
@@ -205,7 +207,9 @@ pub enum StoreError {
         source: io::Error,
     },
     /// The stored state is unusable; the agent should start with an empty desired state.
-    #[error("agent state in {origin} is unusable; start empty and let the cloud's catch-up refill it")]
+    #[error(
+        "agent state in {origin} is unusable; start empty and let the cloud's catch-up refill it"
+    )]
     Corrupt {
         /// Where it was read from.
         origin: String,
@@ -402,10 +406,8 @@ mod tests {
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "kole-agent-store-{tag}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("kole-agent-store-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -423,7 +425,10 @@ mod tests {
         let s2 = PersistedState::new(vec![wl("default/a", 3)]);
         store.save(&s2).unwrap();
         assert_eq!(store.load().unwrap(), Some(s2));
-        assert!(!store.temp_path().exists(), "the temporary file was renamed");
+        assert!(
+            !store.temp_path().exists(),
+            "the temporary file was renamed"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
