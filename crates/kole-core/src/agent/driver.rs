@@ -319,3 +319,366 @@ pub async fn run_agent(
     }
     d.stats
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::agent::{
+        AgentConfig, AgentIdentity, MemoryAgentStore, PersistedState, RecordingRuntime, RuntimeOp,
+    };
+    use crate::cache::{NodeCache, StateCache};
+    use crate::engine::{Engine, EngineConfig, Input, Outputs, WorkloadCommand};
+    use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, Selector, Workload, WorkloadId};
+    use crate::protocol::{self, GroupName, Message, RegisterAck, RegisterOutcome, WorkloadSpec};
+    use crate::transport::memory::{MemoryConfig, MemoryHub, MemoryNode};
+    use crate::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound};
+
+    async fn bounded<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(600), f)
+            .await
+            .expect("timed out")
+    }
+
+    fn agent(name: &str, boot: u32, persisted: Option<PersistedState>) -> Agent {
+        let identity = AgentIdentity {
+            name: NodeName::new(name).unwrap(),
+            labels: Arc::new(
+                Labels::from_pairs([("topology.kubernetes.io/region", "east")]).unwrap(),
+            ),
+            info: Arc::new(NodeInfo::default()),
+        };
+        let config = AgentConfig {
+            runtime_poll_ms: 500,
+            ..AgentConfig::default()
+        };
+        Agent::new(config, identity, boot, persisted)
+    }
+
+    fn workload(id: &str, version: u64) -> Workload {
+        Workload {
+            id: WorkloadId::new(id).unwrap(),
+            version,
+            spec: b"run".to_vec(),
+            selector: Selector::everything(),
+            delivery: Default::default(),
+            rollout: Default::default(),
+        }
+    }
+
+    type Endpoints = Arc<Mutex<Vec<Arc<MemoryNode>>>>;
+
+    /// A connector over the hub that keeps every endpoint it made, so a test can cut them.
+    fn connector(hub: &MemoryHub, name: &str) -> (impl Connector + 'static, Endpoints) {
+        let made = Arc::new(Mutex::new(Vec::new()));
+        let (hub, name, kept) = (hub.clone(), NodeName::new(name).unwrap(), made.clone());
+        let connect = move || {
+            let node = Arc::new(hub.connect(name.clone())?);
+            kept.lock().unwrap().push(node.clone());
+            Ok(node as Arc<dyn NodeTransport>)
+        };
+        (connect, made)
+    }
+
+    async fn next(cloud: &dyn CloudTransport) -> (Inbound, Message) {
+        let mut batch = bounded(cloud.recv(1)).await.unwrap();
+        let inbound = batch.remove(0);
+        let msg = inbound.decode(&Default::default()).unwrap();
+        (inbound, msg)
+    }
+
+    fn ack(boot_id: u32, groups: &[&str]) -> Vec<u8> {
+        protocol::encode(&Message::RegisterAck(RegisterAck {
+            boot_id,
+            outcome: RegisterOutcome::Accepted,
+            heartbeat_interval_ms: 2_000,
+            groups: groups.iter().map(|g| GroupName::new(*g).unwrap()).collect(),
+            desired: DesiredDigest::EMPTY,
+        }))
+    }
+
+    fn to(to: Destination, payload: Vec<u8>, retain: bool) -> Vec<Outbound> {
+        vec![Outbound {
+            to,
+            payload,
+            retain,
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn driver_registers_heartbeats_persists_reconnects_and_stops() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let (connect, endpoints) = connector(&hub, "edge-1");
+        let store = MemoryAgentStore::new();
+        let (stop, shutdown) = watch::channel(false);
+        let driver = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let mut agent = agent("edge-1", 77, None);
+                let mut runtime = RecordingRuntime::new();
+                let config = DriverConfig {
+                    reconnect: RetryPolicy::new(1_000, 10_000, 2.0),
+                    ..DriverConfig::default()
+                };
+                let stats = run_agent(
+                    &mut agent,
+                    &connect,
+                    &mut runtime,
+                    &store,
+                    &config,
+                    shutdown,
+                )
+                .await;
+                (agent, stats, runtime)
+            }
+        });
+        let node = Destination::Node(NodeName::new("edge-1").unwrap());
+
+        let (_, Message::Register(reg)) = next(&cloud).await else {
+            panic!("expected a registration")
+        };
+        assert_eq!(reg.boot_id, 77);
+        bounded(cloud.send(to(node.clone(), ack(77, &["region.east"]), false)))
+            .await
+            .unwrap();
+        let acked = Instant::now();
+        let mut beats = Vec::new();
+        for seq in 1..=3 {
+            let (i, Message::Heartbeat(hb)) = next(&cloud).await else {
+                panic!("expected a heartbeat")
+            };
+            assert_eq!((i.node.as_str(), hb.seq, hb.boot_id), ("edge-1", seq, 77));
+            beats.push(Instant::now());
+        }
+        assert!(
+            beats[0] - acked < Duration::from_millis(2_000),
+            "first jittered within the interval"
+        );
+        for w in beats.windows(2) {
+            assert_eq!(w[1] - w[0], Duration::from_millis(2_000));
+        }
+
+        // The group subscription from the ack carries a group spec: applied, reported, persisted.
+        let w = workload("default/app", 1);
+        let g = GroupName::new("region.east").unwrap();
+        let spec = protocol::encode(&Message::WorkloadSpec(WorkloadSpec {
+            workload: w.clone(),
+            wave_threshold: WorkloadSpec::ALL_WAVES,
+        }));
+        bounded(cloud.send(to(
+            Destination::GroupWorkloadSpec(g, w.id.clone()),
+            spec,
+            true,
+        )))
+        .await
+        .unwrap();
+        let (_, Message::StatusReport(report)) = next(&cloud).await else {
+            panic!("expected a status report")
+        };
+        assert_eq!(report.applied, DesiredDigest::of([("default/app", 1)]));
+        assert_eq!(store.saves(), 1);
+
+        // The broker drops the connection: the driver reconnects after a backoff and registers
+        // again with the same boot id.
+        let cut = Instant::now();
+        endpoints.lock().unwrap()[0].close();
+        let (_, Message::Register(reg)) = next(&cloud).await else {
+            panic!("expected a re-registration")
+        };
+        let waited = Instant::now() - cut;
+        assert!(
+            (Duration::from_millis(500)..=Duration::from_millis(1_000)).contains(&waited),
+            "{waited:?}"
+        );
+        assert_eq!((reg.boot_id, reg.applied), (77, report.applied));
+        assert_eq!(endpoints.lock().unwrap().len(), 2);
+
+        stop.send(true).unwrap();
+        let (agent, stats, runtime) = bounded(driver).await.unwrap();
+        assert_eq!(
+            (stats.connects, stats.disconnects, stats.persisted),
+            (2, 1, 1)
+        );
+        assert_eq!(agent.link(), LinkState::Disconnected);
+        assert_eq!(
+            runtime.calls_for(agent.name()),
+            [RuntimeOp::Apply {
+                id: w.id,
+                version: 1
+            }]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn driver_backs_off_while_unreachable_and_runs_the_persisted_state_meanwhile() {
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let _cloud = hub.cloud().unwrap();
+        let connect = {
+            let (attempts, hub) = (attempts.clone(), hub.clone());
+            move || -> Result<Arc<dyn NodeTransport>, TransportError> {
+                let mut a = attempts.lock().unwrap();
+                a.push(Instant::now());
+                if a.len() <= 5 {
+                    return Err(TransportError::Closed);
+                }
+                Ok(Arc::new(hub.connect(NodeName::new("edge-2").unwrap())?))
+            }
+        };
+        let w = Arc::new(workload("default/app", 9));
+        let store = MemoryAgentStore::new();
+        store.save(&PersistedState::new(vec![w.clone()])).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let driver = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let persisted = store.load().unwrap();
+                let mut agent = agent("edge-2", 5, persisted);
+                let mut runtime = RecordingRuntime::new();
+                let config = DriverConfig {
+                    reconnect: RetryPolicy::new(100, 1_000, 2.0),
+                    ..DriverConfig::default()
+                };
+                let stats = run_agent(
+                    &mut agent,
+                    &connect,
+                    &mut runtime,
+                    &store,
+                    &config,
+                    shutdown,
+                )
+                .await;
+                (agent, stats, runtime)
+            }
+        });
+        bounded(async {
+            while attempts.lock().unwrap().len() < 6 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        stop.send(true).unwrap();
+        let (agent, stats, runtime) = bounded(driver).await.unwrap();
+        assert_eq!((stats.connect_failures, stats.connects), (5, 1));
+        let a = attempts.lock().unwrap();
+        for (k, nominal) in [100u64, 200, 400, 800, 1_000].into_iter().enumerate() {
+            let gap = a[k + 1] - a[k];
+            assert!(
+                (Duration::from_millis(nominal / 2)..=Duration::from_millis(nominal))
+                    .contains(&gap),
+                "attempt {k}: {gap:?}"
+            );
+        }
+        // The persisted workload ran before the first connection.
+        assert_eq!(
+            runtime.calls_for(agent.name()),
+            [RuntimeOp::Apply {
+                id: w.id.clone(),
+                version: 9
+            }]
+        );
+    }
+
+    /// A real engine in a task, a dozen drivers over the hub: everyone converges on a workload.
+    #[tokio::test(start_paused = true)]
+    async fn drivers_and_engine_converge() {
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let engine = Arc::new(Mutex::new(Engine::new(
+            EngineConfig {
+                heartbeat_interval_ms: 2_000,
+                convergence_grace_ms: 4_000,
+                ..EngineConfig::default()
+            },
+            NodeCache::new(),
+            Timestamp::from_millis(0),
+        )));
+        let clock = Instant::now();
+        let now = move || Timestamp::from_millis(clock.elapsed().as_millis() as u64);
+        let (stop, shutdown) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for i in 0..12u32 {
+            let (connect, _) = connector(&hub, &format!("edge-{i}"));
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut agent = agent(&format!("edge-{i}"), 100 + i, None);
+                let mut runtime = RecordingRuntime::instant();
+                let store = MemoryAgentStore::new();
+                run_agent(
+                    &mut agent,
+                    &connect,
+                    &mut runtime,
+                    &store,
+                    &DriverConfig::default(),
+                    shutdown,
+                )
+                .await
+            }));
+        }
+        let (commands, mut command_rx) = tokio::sync::mpsc::channel::<WorkloadCommand>(8);
+        let engine_task = tokio::spawn({
+            let engine = engine.clone();
+            let mut shutdown = shutdown.clone();
+            async move {
+                let mut out = Outputs::default();
+                let mut tick = tokio::time::interval(Duration::from_millis(1_000));
+                loop {
+                    tokio::select! {
+                        () = stopped(&mut shutdown) => break,
+                        batch = cloud.recv(1024) => {
+                            let Ok(batch) = batch else { break };
+                            engine.lock().unwrap().handle(Input::Uplink(&batch), now(), &mut out);
+                        }
+                        Some(cmd) = command_rx.recv() => {
+                            engine.lock().unwrap().handle(Input::Workload(&cmd), now(), &mut out);
+                        }
+                        _ = tick.tick() => {
+                            engine.lock().unwrap().handle(Input::Tick, now(), &mut out);
+                        }
+                    }
+                    let batch = std::mem::take(&mut out.messages);
+                    out.clear();
+                    if !batch.is_empty() {
+                        let _ = cloud.send(batch).await;
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        commands
+            .send(WorkloadCommand::Apply {
+                workload: workload("default/app", 1),
+                progress: None,
+            })
+            .await
+            .unwrap();
+        bounded(async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut e = engine.lock().unwrap();
+                let cache = e.store();
+                let done = (0..12).all(|i| {
+                    let name = format!("edge-{i}");
+                    let applied = cache.read().get(&name).map(|r| r.applied);
+                    applied.is_some()
+                        && e.desired_digest(&name) == applied
+                        && applied != Some(DesiredDigest::EMPTY)
+                });
+                if done {
+                    break;
+                }
+            }
+        })
+        .await;
+        stop.send(true).unwrap();
+        for t in tasks {
+            let stats = bounded(t).await.unwrap();
+            assert_eq!(stats.connects, 1);
+        }
+        bounded(engine_task).await.unwrap();
+    }
+}

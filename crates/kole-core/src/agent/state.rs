@@ -86,7 +86,7 @@ impl Agent {
     ) -> Self {
         let boot_id = boot_id.max(1);
         let seed = mix64(
-            u64::from(boot_id) ^ stable_hash(0x6167_656e_74, identity.name.as_str().as_bytes()),
+            u64::from(boot_id) ^ stable_hash(0x0061_6765_6e74, identity.name.as_str().as_bytes()),
         );
         let mut agent = Self {
             config: config.into(),

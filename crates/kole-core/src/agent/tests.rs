@@ -111,7 +111,7 @@ impl Harness {
         self.input(AgentInput::Message { message: m, from });
     }
 
-    fn to_me(&mut self, m: &Message) {
+    fn send_me(&mut self, m: &Message) {
         let me = self.me();
         self.msg(m, &me);
     }
@@ -141,7 +141,7 @@ impl Harness {
     fn register(&mut self, interval_ms: u32) {
         self.input(AgentInput::Connected);
         assert!(matches!(self.sent()[..], [Message::Register(_)]));
-        self.to_me(&accepted(BOOT, interval_ms, &[]));
+        self.send_me(&accepted(BOOT, interval_ms, &[]));
         assert_eq!(self.agent.link(), LinkState::Registered);
         self.out.clear();
     }
@@ -160,9 +160,11 @@ impl Harness {
 
 #[test]
 fn registration_retries_with_jittered_backoff_until_accepted() {
-    let mut config = AgentConfig::default();
-    config.register_retry = RetryPolicy::new(1_000, 8_000, 2.0);
-    config.runtime_poll_ms = 0;
+    let config = AgentConfig {
+        register_retry: RetryPolicy::new(1_000, 8_000, 2.0),
+        runtime_poll_ms: 0,
+        ..AgentConfig::default()
+    };
     let mut h = Harness::with(config, "edge-1", &[], None);
     h.input(AgentInput::Connected);
     let Message::Register(reg) = &h.sent()[0] else {
@@ -187,12 +189,12 @@ fn registration_retries_with_jittered_backoff_until_accepted() {
         assert!((nominal / 2..=nominal).contains(w), "{waits:?}");
     }
     // A stale ack (an earlier boot) changes nothing; ours registers.
-    h.to_me(&accepted(BOOT + 1, 10_000, &[]));
+    h.send_me(&accepted(BOOT + 1, 10_000, &[]));
     assert_eq!(h.agent.link(), LinkState::Registering);
     assert!(h.out.events.contains(&AgentEvent::Ignored {
         reason: "stale_ack"
     }));
-    h.to_me(&accepted(BOOT, 10_000, &[]));
+    h.send_me(&accepted(BOOT, 10_000, &[]));
     assert_eq!(h.agent.link(), LinkState::Registered);
     // No more registrations, only heartbeats.
     let wake = h.wake();
@@ -220,7 +222,7 @@ fn rejected_registration_retries_after_retry_after_with_jitter() {
         })
     };
     // The controller rejects undecodable registrations with boot id 0: that is ours too.
-    h.to_me(&reject(0));
+    h.send_me(&reject(0));
     let Some(AgentEvent::RegisterRejected { code, retry_at, .. }) = h.out.events.last().cloned()
     else {
         panic!("{:?}", h.out.events)
@@ -272,7 +274,7 @@ fn heartbeats_count_up_at_the_acked_interval_and_the_first_is_jittered() {
 fn groups_follow_the_ack_and_are_resubscribed_after_reconnect() {
     let mut h = Harness::new("edge-1", &[]);
     h.input(AgentInput::Connected);
-    h.to_me(&accepted(BOOT, 10_000, &["region.a", "site.1"]));
+    h.send_me(&accepted(BOOT, 10_000, &["region.a", "site.1"]));
     let g = |n: &str| GroupName::new(n).unwrap();
     assert_eq!(
         h.out.groups,
@@ -283,8 +285,8 @@ fn groups_follow_the_ack_and_are_resubscribed_after_reconnect() {
     );
     h.out.clear();
     // A later ack (after Reregister) replaces the set.
-    h.to_me(&command(1, CommandKind::Reregister));
-    h.to_me(&accepted(BOOT, 10_000, &["region.a", "site.2"]));
+    h.send_me(&command(1, CommandKind::Reregister));
+    h.send_me(&accepted(BOOT, 10_000, &["region.a", "site.2"]));
     assert_eq!(
         h.out.groups,
         [
@@ -418,7 +420,7 @@ fn desired_state_replaces_the_set_exactly() {
         digest: DesiredDigest::of([("default/a", 2), ("default/c", 1)]),
         workloads: vec![c1.clone(), a2.clone()],
     });
-    h.to_me(&ds);
+    h.send_me(&ds);
     let versions: Vec<(String, u64)> = h
         .agent
         .workloads()
@@ -445,9 +447,9 @@ fn desired_state_replaces_the_set_exactly() {
     assert_eq!(calls.len(), 3);
     // The same desired state again changes nothing; an empty one removes everything.
     h.rt.take_calls();
-    h.to_me(&ds);
+    h.send_me(&ds);
     assert!(h.rt.calls().is_empty());
-    h.to_me(&Message::DesiredState(DesiredState {
+    h.send_me(&Message::DesiredState(DesiredState {
         digest: DesiredDigest::EMPTY,
         workloads: vec![],
     }));
@@ -562,7 +564,7 @@ fn commands_reregister_resync_restart_and_ping() {
     assert!(matches!(h.sent()[..], [Message::Heartbeat(_)]));
 
     // Reregister: a fresh registration of the same boot, heartbeats wait for the ack.
-    h.to_me(&command(7, CommandKind::Reregister));
+    h.send_me(&command(7, CommandKind::Reregister));
     let [Message::Register(reg)] = &h.sent()[..] else {
         panic!()
     };
@@ -570,7 +572,7 @@ fn commands_reregister_resync_restart_and_ping() {
     assert_eq!(h.agent.link(), LinkState::Registering);
     h.tick_at(h.now + 500);
     assert!(h.sent().is_empty());
-    h.to_me(&accepted(BOOT, 10_000, &[]));
+    h.send_me(&accepted(BOOT, 10_000, &[]));
     h.tick_at(h.wake());
     let [Message::Heartbeat(hb)] = h.sent()[..] else {
         panic!()
@@ -578,12 +580,12 @@ fn commands_reregister_resync_restart_and_ping() {
     assert_eq!(hb.seq, 2, "the sequence continues within a boot");
 
     // Ping answers with a heartbeat now; Resync with a status report.
-    h.to_me(&command(8, CommandKind::Ping));
+    h.send_me(&command(8, CommandKind::Ping));
     assert!(matches!(
         h.sent()[..],
         [Message::Heartbeat(Heartbeat { seq: 3, .. })]
     ));
-    h.to_me(&command(9, CommandKind::Resync));
+    h.send_me(&command(9, CommandKind::Resync));
     assert!(matches!(
         h.sent()[..],
         [Message::StatusReport(StatusReport { seq: 4, .. })]
@@ -597,8 +599,8 @@ fn commands_reregister_resync_restart_and_ping() {
     );
     h.rt.take_calls();
     let restart = command(10, CommandKind::RestartWorkload(w.id.clone()));
-    h.to_me(&restart);
-    h.to_me(&restart);
+    h.send_me(&restart);
+    h.send_me(&restart);
     assert_eq!(
         h.rt.calls_for(h.agent.name()),
         [RuntimeOp::Restart { id: w.id.clone() }]
@@ -718,7 +720,7 @@ fn agent_is_small() {
     ];
     let mut h = Harness::new("cn-hangzhou-s0042-7k2m9q4x", labels);
     h.input(AgentInput::Connected);
-    h.to_me(&accepted(BOOT, 30_000, &["region.cn-hangzhou"]));
+    h.send_me(&accepted(BOOT, 30_000, &["region.cn-hangzhou"]));
     let shared: Vec<Arc<Workload>> = [
         "default/cdn-cache",
         "default/log-shipper",

@@ -32,6 +32,9 @@ fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
     }
 }
 
+/// A decoded spec, keyed by its payload's address; the payload is kept so the address stays its.
+type SharedSpec = (Arc<[u8]>, Arc<Workload>, u16);
+
 const HEARTBEAT_MS: u32 = 5_000;
 const STEP_MS: u64 = 500;
 
@@ -46,7 +49,7 @@ struct Fleet {
     eout: Outputs,
     events: Vec<EngineEvent>,
     /// Fan-out deliveries share their payload; decode each spec once and share the workload.
-    specs: HashMap<usize, (Arc<[u8]>, Arc<Workload>, u16)>,
+    specs: HashMap<usize, SharedSpec>,
     now: u64,
 }
 
@@ -269,7 +272,7 @@ fn fleet_registers_rolls_out_in_waves_halts_on_failures_and_rolls_back() {
     let mut runtime = RecordingRuntime::instant();
     // Version 3 fails on about a third of the nodes.
     runtime.outcome_with(|node, w| {
-        (w.version == 3 && stable_hash(3, node.as_str().as_bytes()) % 3 == 0)
+        (w.version == 3 && stable_hash(3, node.as_str().as_bytes()).is_multiple_of(3))
             .then_some(WorkloadPhase::Failed)
     });
     let mut fleet = Fleet::new(N, runtime);
