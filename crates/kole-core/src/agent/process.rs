@@ -1,29 +1,6 @@
 //! A [`WorkloadRuntime`] that runs each workload as a local process.
 //!
-//! # Spec format
-//!
-//! A workload's spec bytes are UTF-8 text, one directive per line; blank lines and lines starting
-//! with `#` are ignored:
-//!
-//! ```text
-//! # the first directive line is the command: program and arguments, separated by whitespace;
-//! # '…' or "…" group words containing spaces (no escapes inside quotes)
-//! sh -c 'while true; do date; sleep 5; done'
-//! restart=on-failure     # always | on-failure | never          (default on-failure)
-//! max_restarts=5         # restarts before giving up, 0 to 1000 (default 5)
-//! ```
-//!
-//! Unknown directives, a missing command or an unterminated quote make the spec invalid: the
-//! workload is reported `Failed` without anything being started.
-//!
-//! # Lifecycle
-//!
-//! [`WorkloadRuntime::apply`] kills any running version, spawns the new one (`Running`, or per the
-//! policy after a failed spawn); [`WorkloadRuntime::poll`] reaps exited processes with
-//! `try_wait` and restarts them per the policy after a jittered, bounded backoff (`Pending` while
-//! waiting); once the restarts are spent, a process that last failed is `Failed` and one that last
-//! exited successfully is `Stopped`. Removing a workload (or dropping the runtime) kills its
-//! process and reaps it.
+//! (See [`ProcessRuntime`] for the spec format and the lifecycle.)
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -49,7 +26,7 @@ pub enum RestartPolicy {
 /// Most restarts a spec may ask for.
 pub const MAX_RESTARTS_LIMIT: u32 = 1_000;
 
-/// A parsed process spec (see the [module documentation](self) for the format).
+/// A parsed process spec (see [`ProcessRuntime`] for the format).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessSpec {
     /// The program to run (looked up in `PATH` when it has no `/`).
@@ -207,6 +184,31 @@ struct Proc {
 
 /// Runs workloads as local processes. One per node: the `node` argument of the trait's methods is
 /// ignored.
+///
+/// # Spec format
+///
+/// A workload's spec bytes are UTF-8 text, one directive per line; blank lines and lines starting
+/// with `#` are ignored:
+///
+/// ```text
+/// # the first directive line is the command: program and arguments, separated by whitespace;
+/// # '…' or "…" group words containing spaces (no escapes inside quotes)
+/// sh -c 'while true; do date; sleep 5; done'
+/// restart=on-failure     # always | on-failure | never          (default on-failure)
+/// max_restarts=5         # restarts before giving up, 0 to 1000 (default 5)
+/// ```
+///
+/// Unknown directives, a missing command or an unterminated quote make the spec invalid: the
+/// workload is reported `Failed` without anything being started.
+///
+/// # Lifecycle
+///
+/// [`WorkloadRuntime::apply`] kills any running version, spawns the new one (`Running`, or per the
+/// policy after a failed spawn); [`WorkloadRuntime::poll`] reaps exited processes with
+/// `try_wait` and restarts them per the policy after a jittered, bounded backoff (`Pending` while
+/// waiting); once the restarts are spent, a process that last failed is `Failed` and one that last
+/// exited successfully is `Stopped`. Removing a workload (or dropping the runtime) kills its
+/// process and reaps it.
 #[derive(Debug)]
 pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,

@@ -1,20 +1,7 @@
 //! Local persistence of the agent's desired state, so a node restarted while cut off from the cloud
 //! keeps running what it ran (edge autonomy).
 //!
-//! The on-disk format of [`FileAgentStore`] (all integers little-endian):
-//!
-//! ```text
-//! bytes 0..8      magic "KOLEAGST"
-//! bytes 8..10     format version, u16 = 1
-//! bytes 10..14    body length N, u32
-//! bytes 14..14+N  postcard body: the desired workloads (model::Workload's serde form) and the
-//!                 applied digest
-//! last 4 bytes    CRC-32 (IEEE, as gzip) of every byte before it
-//! ```
-//!
-//! A file that is truncated, has another magic or version, a wrong length or checksum, or a body
-//! that does not decode is reported as [`StoreError::Corrupt`]; the agent then starts with an
-//! empty desired state and the cloud's catch-up refills it.
+//! (See [`FileAgentStore`] for the on-disk format.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
@@ -293,6 +280,21 @@ impl AgentStore for MemoryAgentStore {
 
 /// An [`AgentStore`] in one file, replaced atomically: write a temporary file next to it, fsync
 /// it, rename it over the old one, fsync the directory.
+///
+/// The on-disk format of [`FileAgentStore`] (all integers little-endian):
+///
+/// ```text
+/// bytes 0..8      magic "KOLEAGST"
+/// bytes 8..10     format version, u16 = 1
+/// bytes 10..14    body length N, u32
+/// bytes 14..14+N  postcard body: the desired workloads (model::Workload's serde form) and the
+///                 applied digest
+/// last 4 bytes    CRC-32 (IEEE, as gzip) of every byte before it
+/// ```
+///
+/// A file that is truncated, has another magic or version, a wrong length or checksum, or a body
+/// that does not decode is reported as [`StoreError::Corrupt`]; the agent then starts with an
+/// empty desired state and the cloud's catch-up refills it.
 #[derive(Clone, Debug)]
 pub struct FileAgentStore {
     path: PathBuf,
