@@ -746,3 +746,150 @@ fn agent_is_small() {
     assert!(size <= 192, "size_of::<Agent>() = {size}");
     assert!(size + heap <= 300, "{size} + {heap}");
 }
+
+mod random_inputs {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Ev {
+        Connected,
+        Disconnected,
+        Tick(u32),
+        Ack {
+            accept: bool,
+            own_boot: bool,
+            interval: u32,
+            groups: Vec<u8>,
+        },
+        Spec {
+            id: usize,
+            version: u64,
+            threshold: u16,
+            selector: usize,
+            group_topic: bool,
+        },
+        DeletedSpec(usize),
+        Removed(usize),
+        Desired(Vec<(usize, u64)>),
+        Command(u64, u8, usize),
+        Phase(usize, u8),
+        Garbage(Vec<u8>),
+    }
+
+    const IDS: [&str; 3] = ["a", "b", "ns/c"];
+    const SELECTORS: [&str; 3] = ["", "tier=cdn", "tier=retail"];
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            1 => Just(Ev::Connected),
+            1 => Just(Ev::Disconnected),
+            4 => (0u32..40_000).prop_map(Ev::Tick),
+            2 => (any::<bool>(), any::<bool>(), 0u32..20_000, proptest::collection::vec(0u8..4, 0..3))
+                .prop_map(|(accept, own_boot, interval, groups)| Ev::Ack { accept, own_boot, interval, groups }),
+            4 => (0usize..3, 1u64..4, 0u16..=10_000, 0usize..3, any::<bool>())
+                .prop_map(|(id, version, threshold, selector, group_topic)| Ev::Spec { id, version, threshold, selector, group_topic }),
+            1 => (0usize..3).prop_map(Ev::DeletedSpec),
+            1 => (0usize..3).prop_map(Ev::Removed),
+            2 => proptest::collection::vec((0usize..3, 1u64..4), 0..4).prop_map(Ev::Desired),
+            2 => (0u64..4, 0u8..4, 0usize..3).prop_map(|(id, k, w)| Ev::Command(id, k, w)),
+            2 => (0usize..3, 0u8..4).prop_map(|(w, p)| Ev::Phase(w, p)),
+            1 => proptest::collection::vec(any::<u8>(), 0..40).prop_map(Ev::Garbage),
+        ]
+    }
+
+    fn wl(id: usize, version: u64, selector: usize) -> Workload {
+        workload(IDS[id], version, SELECTORS[selector])
+    }
+
+    proptest! {
+        /// Whatever arrives in whatever order: no panic, the digest always matches the desired set,
+        /// sequence numbers strictly increase, and nothing is published while disconnected.
+        #[test]
+        fn agent_invariants_hold_under_random_inputs(events in proptest::collection::vec(ev(), 1..60)) {
+            let mut h = Harness::new("edge-1", &[("tier", "cdn")]);
+            let mut last_seq = 0u32;
+            for e in events {
+                let before = h.agent.link();
+                match e {
+                    Ev::Connected => h.input(AgentInput::Connected),
+                    Ev::Disconnected => h.input(AgentInput::Disconnected),
+                    Ev::Tick(dt) => h.tick_at(h.now + u64::from(dt)),
+                    Ev::Ack { accept, own_boot, interval, groups } => {
+                        let outcome = if accept {
+                            RegisterOutcome::Accepted
+                        } else {
+                            RegisterOutcome::Rejected { code: RejectCode::Overloaded, message: String::new(), retry_after_ms: interval }
+                        };
+                        let ack = Message::RegisterAck(RegisterAck {
+                            boot_id: if own_boot { BOOT } else { 3 },
+                            outcome,
+                            heartbeat_interval_ms: interval,
+                            groups: groups.iter().map(|g| GroupName::new(format!("g{g}")).unwrap()).collect(),
+                            desired: DesiredDigest::EMPTY,
+                        });
+                        h.send_me(&ack);
+                    }
+                    Ev::Spec { id, version, threshold, selector, group_topic } => {
+                        let w = wl(id, version, selector);
+                        let from = if group_topic {
+                            Destination::GroupWorkloadSpec(GroupName::new("g1").unwrap(), w.id.clone())
+                        } else {
+                            Destination::WorkloadSpec(w.id.clone())
+                        };
+                        h.msg(&spec(&w, threshold), &from);
+                    }
+                    Ev::DeletedSpec(id) => {
+                        let d = NodeDelivery { from: Destination::WorkloadSpec(wid(IDS[id])), payload: Arc::from(Vec::new()), retained: true };
+                        h.input(AgentInput::Delivery(&d));
+                    }
+                    Ev::Removed(id) => h.msg(&Message::WorkloadRemoved(WorkloadRemoved { id: wid(IDS[id]) }), &Destination::Fleet),
+                    Ev::Desired(items) => {
+                        let workloads = items.into_iter().map(|(id, v)| wl(id, v, 0)).collect();
+                        h.send_me(&Message::DesiredState(DesiredState { digest: DesiredDigest::EMPTY, workloads }));
+                    }
+                    Ev::Command(id, kind, w) => {
+                        let kind = match kind {
+                            0 => CommandKind::Reregister,
+                            1 => CommandKind::Resync,
+                            2 => CommandKind::RestartWorkload(wid(IDS[w])),
+                            _ => CommandKind::Ping,
+                        };
+                        h.send_me(&command(id, kind));
+                    }
+                    Ev::Phase(w, p) => {
+                        h.rt.push_phase(&name("edge-1"), wid(IDS[w]), WorkloadPhase::ALL[usize::from(p)]);
+                    }
+                    Ev::Garbage(bytes) => {
+                        let d = NodeDelivery { from: Destination::Fleet, payload: Arc::from(bytes), retained: false };
+                        h.input(AgentInput::Delivery(&d));
+                    }
+                }
+                let link = h.agent.link();
+                let sent = h.sent();
+                if before == LinkState::Disconnected && link == LinkState::Disconnected {
+                    prop_assert!(sent.is_empty(), "published while disconnected: {sent:?}");
+                }
+                for m in sent {
+                    let seq = match m {
+                        Message::Heartbeat(hb) => Some(hb.seq),
+                        Message::StatusReport(r) => Some(r.seq),
+                        _ => None,
+                    };
+                    if let Some(seq) = seq {
+                        prop_assert!(seq > last_seq, "seq {seq} after {last_seq}");
+                        last_seq = seq;
+                    }
+                }
+                h.out.clear();
+                let pairs: Vec<(String, u64)> = h.agent.workloads().map(|(w, _)| (w.id.to_string(), w.version)).collect();
+                prop_assert!(pairs.windows(2).all(|p| p[0].0 < p[1].0), "sorted, unique: {pairs:?}");
+                prop_assert_eq!(h.agent.applied(), DesiredDigest::of(pairs.iter().map(|(i, v)| (i.as_str(), *v))));
+                if link != LinkState::Disconnected {
+                    prop_assert!(h.agent.next_wake().is_some());
+                }
+            }
+        }
+    }
+}
