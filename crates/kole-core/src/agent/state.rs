@@ -247,7 +247,7 @@ impl Agent {
             ),
         }
         if self.flags & STATUS_DIRTY != 0 && self.link == LinkState::Registered {
-            self.send_status(now, runtime, out);
+            self.send_status(now, out);
         }
         out.next_wake = self.next_wake();
     }
@@ -335,13 +335,7 @@ impl Agent {
         self.timer_at = now.as_millis().saturating_add(u64::from(self.heartbeat_ms));
     }
 
-    fn send_status(
-        &mut self,
-        now: Timestamp,
-        runtime: &dyn WorkloadRuntime,
-        out: &mut AgentOutputs,
-    ) {
-        let _ = runtime;
+    fn send_status(&mut self, now: Timestamp, out: &mut AgentOutputs) {
         let report = StatusReport {
             seq: self.next_seq(),
             boot_id: self.boot_id,

@@ -11,8 +11,8 @@ use crate::model::{
     WorkloadPhase, wave_point,
 };
 use crate::protocol::{
-    self, Command, CommandKind, DesiredState, GroupName, Message, NodeHealth, RegisterAck,
-    RegisterOutcome, RejectCode, WorkloadRemoved, WorkloadSpec,
+    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth,
+    RegisterAck, RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 use crate::transport::{Destination, NodeDelivery};
 
@@ -606,8 +606,6 @@ fn commands_reregister_resync_restart_and_ping() {
         [RuntimeOp::Restart { id: w.id.clone() }]
     );
 }
-
-use crate::protocol::{Heartbeat, StatusReport};
 
 #[test]
 fn disconnected_agent_keeps_its_workloads_and_reregisters_on_reconnect() {
