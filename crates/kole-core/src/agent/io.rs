@@ -1,0 +1,158 @@
+//! What goes into and comes out of [`super::Agent::handle`], and the agent's settings.
+
+use std::sync::Arc;
+
+use crate::model::{Labels, NodeInfo, NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
+use crate::protocol::{DecodeLimits, GroupName, Message, RejectCode};
+use crate::transport::{Destination, NodeDelivery, NodePublish};
+
+use super::backoff::RetryPolicy;
+use super::store::PersistedState;
+
+/// Agent settings. Every interval is a field with a documented default. Share one `Arc` of it
+/// among all agents of a process (a simulator holds a million).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// Backoff between registration attempts until an ack arrives. Default 1 s doubling to 60 s.
+    pub register_retry: RetryPolicy,
+    /// Lower bound on the heartbeat interval an ack may set, in milliseconds (protects the
+    /// broker from a misconfigured controller). Default 1,000.
+    pub min_heartbeat_interval_ms: u32,
+    /// How often the runtime is polled for state changes, in milliseconds; 0 polls only when the
+    /// agent wakes for other reasons (heartbeats). Default 1,000.
+    pub runtime_poll_ms: u32,
+    /// Limits for decoding downlink payloads.
+    pub decode_limits: DecodeLimits,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            register_retry: RetryPolicy::new(1_000, 60_000, 2.0),
+            min_heartbeat_interval_ms: 1_000,
+            runtime_poll_ms: 1_000,
+            decode_limits: DecodeLimits::default(),
+        }
+    }
+}
+
+/// Who the agent is: its name, labels and static facts. Labels and info are shared (`Arc`), as
+/// a million simulated nodes share a few hundred label sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentIdentity {
+    /// The node's name (also its MQTT identity).
+    pub name: NodeName,
+    /// The node's labels.
+    pub labels: Arc<Labels>,
+    /// Static facts about the node.
+    pub info: Arc<NodeInfo>,
+}
+
+/// What the agent is told.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentInput<'a> {
+    /// The transport connected (a clean session: no group subscriptions).
+    Connected,
+    /// The transport is gone; workloads keep running.
+    Disconnected,
+    /// Time passed: registration retries, heartbeats, runtime polling. Call at (or after)
+    /// [`AgentOutputs::next_wake`].
+    Tick,
+    /// A raw downlink delivery; decoded here under [`AgentConfig::decode_limits`]. An empty payload
+    /// on a spec topic removes that workload (the retained spec was deleted).
+    Delivery(&'a NodeDelivery),
+    /// An already decoded downlink message and the destination it arrived on.
+    Message {
+        /// The message.
+        message: &'a Message,
+        /// Where it was published.
+        from: &'a Destination,
+    },
+    /// A [`crate::protocol::WorkloadSpec`] decoded once and shared: a simulator that fans one spec
+    /// out to many agents hands each the same `Arc`, so they share its memory.
+    SharedSpec {
+        /// The workload.
+        workload: &'a Arc<Workload>,
+        /// The spec's wave threshold.
+        wave_threshold: u16,
+        /// Where it was published.
+        from: &'a Destination,
+    },
+}
+
+/// A subscription change for the driver to carry out, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Subscribe to the group's topics.
+    Subscribe(GroupName),
+    /// Unsubscribe from the group's topics.
+    Unsubscribe(GroupName),
+}
+
+/// Something noteworthy, for logs and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The cloud accepted the registration.
+    Registered {
+        /// Heartbeat interval now in use, in milliseconds.
+        heartbeat_interval_ms: u32,
+    },
+    /// The cloud refused the registration; the agent retries later.
+    RegisterRejected {
+        /// Why.
+        code: RejectCode,
+        /// The controller's explanation.
+        message: String,
+        /// When the agent retries.
+        retry_at: Timestamp,
+    },
+    /// A workload version was handed to the runtime.
+    Applied {
+        /// The workload.
+        id: WorkloadId,
+        /// The version.
+        version: u64,
+        /// Its phase right after.
+        phase: WorkloadPhase,
+    },
+    /// A workload was removed from the runtime.
+    Removed {
+        /// The workload.
+        id: WorkloadId,
+    },
+    /// A downlink input was ignored; nothing changed.
+    Ignored {
+        /// Stable reason code: a [`crate::protocol::DecodeError::reason`], `stale_ack`,
+        /// `not_connected`, `uplink_kind`, `spec_topic_mismatch`, `empty_payload`,
+        /// `duplicate_command`.
+        reason: &'static str,
+    },
+}
+
+/// What the agent wants done. Reuse one value across calls; [`super::Agent::handle`] appends to
+/// the lists, replaces `persist` and sets `next_wake`; the driver drains it.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOutputs {
+    /// Uplink messages to publish, in order.
+    pub publish: Vec<NodePublish>,
+    /// Subscription changes, in order.
+    pub groups: Vec<GroupChange>,
+    /// The state to persist (the latest wins if several changes happened before a drain).
+    pub persist: Option<PersistedState>,
+    /// Events.
+    pub events: Vec<AgentEvent>,
+    /// When to call [`super::Agent::handle`] with [`AgentInput::Tick`] next; `None`: nothing is
+    /// scheduled (wait for input).
+    pub next_wake: Option<Timestamp>,
+}
+
+impl AgentOutputs {
+    /// Empties every field, keeping allocations.
+    pub fn clear(&mut self) {
+        self.publish.clear();
+        self.groups.clear();
+        self.persist = None;
+        self.events.clear();
+        self.next_wake = None;
+    }
+}
