@@ -19,4 +19,6 @@ pub mod bench;
 pub mod cli;
 pub mod dataset;
 pub mod mem;
+pub mod progress;
 pub mod report;
+pub mod sim;

@@ -132,6 +132,11 @@ impl Agent {
         &self.labels
     }
 
+    /// The node's static facts.
+    pub fn info(&self) -> &Arc<NodeInfo> {
+        &self.info
+    }
+
     /// This boot's id.
     pub fn boot_id(&self) -> u32 {
         self.boot_id
