@@ -423,6 +423,21 @@ impl Simulation {
         bad
     }
 
+    /// Runs until the workload's rollout is complete and every targeted node reports its current
+    /// version running (checked at most once per virtual second).
+    pub fn run_until_rolled_out(&mut self, id: &kole_core::model::WorkloadId, max_ms: u64) -> bool {
+        let mut last_check = None;
+        self.run_until(max_ms, |s| {
+            if last_check.is_some_and(|t| s.now_ms < t + 1_000) {
+                return false;
+            }
+            last_check = Some(s.now_ms);
+            s.engine.workload_status(id).is_some_and(|st| {
+                st.phase == kole_core::engine::RolloutPhase::Complete && st.ready == st.targeted
+            })
+        })
+    }
+
     /// Runs until every node's applied digest equals its desired digest.
     pub fn run_until_converged(&mut self, max_ms: u64) -> bool {
         // Checking a million digests is not free: check at most once per virtual second.
@@ -461,7 +476,8 @@ mod tests {
         assert_eq!(sim.engine().stats().registered_new, 2_000);
         let w = workload(1, &[10, 50, 100]);
         sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
-        assert!(sim.run_until_converged(600_000), "unconverged: {}", sim.unconverged().len());
+        assert!(sim.run_until_rolled_out(&w.id, 600_000), "{:?}", sim.engine_mut().workload_status(&w.id));
+        assert!(sim.unconverged().is_empty());
         let st = sim.engine_mut().workload_status(&w.id).unwrap();
         assert_eq!(st.ready, st.targeted);
         assert!(st.targeted > 500);
