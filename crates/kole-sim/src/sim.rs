@@ -117,7 +117,7 @@ impl Simulation {
     /// A simulation of `cfg.nodes` reference nodes, all disconnected, and an empty engine.
     pub fn new(cfg: SimConfig) -> Self {
         let fleet = ReferenceFleet::new(cfg.nodes, cfg.seed);
-        let mut net = SimNetwork::with_capacity(cfg.plan.clone(), cfg.nodes);
+        let mut net = SimNetwork::with_capacity(cfg.plan, cfg.nodes);
         let agent_cfg = Arc::new(cfg.agent.clone());
         let mut agents = Vec::with_capacity(cfg.nodes);
         // A million nodes share a few thousand label sets and a few hundred platforms: share them.
