@@ -16,10 +16,12 @@ USAGE:
   kole-sim demo [--nodes N]
       The quickstart: builds a fleet (default 100,000 nodes), heartbeats, snapshots and restores it,
       and prints kole's figures beside the KOLE paper's.
-  kole-sim bench [--nodes N] [--codec gzip|lz4] [--seed S] [--batch B] [--max-chunk-bytes B] [--json]
+  kole-sim bench [--nodes N] [--codec gzip|lz4] [--seed S] [--batch B] [--max-chunk-bytes B] [--cache-only] [--json]
       Measures cache memory per node, heartbeat decode+apply rate, snapshot write time, size and
-      chunk count, and restore time, in one run (default 1,000,000 nodes). With --json the last
-      line is one JSON object.
+      chunk count, and restore time; then runs the engine with one agent per node over the in-process
+      network: registration, one heartbeat round, one workload delivered to every node, and a
+      controller restart from a snapshot (--cache-only skips this). Default 1,000,000 nodes.
+      With --json the last line is one JSON object.
   kole-sim snapshot write --dir D [--nodes N] [--codec gzip|lz4] [--seed S] [--keep K]
       Writes the reference fleet as the next snapshot generation in directory D.
   kole-sim snapshot verify --dir D
@@ -47,7 +49,7 @@ fn main() -> ExitCode {
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn run(argv: Vec<String>) -> AnyResult<ExitCode> {
-    let args = Args::parse(argv, &["json", "help"])?;
+    let args = Args::parse(argv, &["json", "help", "cache-only"])?;
     if args.flag("help") || args.words.is_empty() {
         print!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
@@ -80,6 +82,7 @@ fn cmd_bench(args: &Args, default_nodes: usize) -> AnyResult<ExitCode> {
         codec: codec_arg(args)?,
         batch: args.get("batch", defaults.batch)?,
         max_chunk_bytes: args.get("max-chunk-bytes", defaults.max_chunk_bytes)?,
+        engine: !args.flag("cache-only"),
     };
     let json = args.flag("json");
     args.reject_unknown()?;

@@ -15,8 +15,7 @@
 //! assert_eq!(sim.engine().stats().registered_new, 200);
 //! ```
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState, RecordingRuntime};
@@ -100,7 +99,9 @@ pub struct Simulation {
     agents: Vec<Agent>,
     persisted: Vec<Option<PersistedState>>,
     runtime: RecordingRuntime,
-    wakes: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Agent wake-ups by virtual millisecond: a calendar, not a heap, because a million timers
+    /// spread over an interval share milliseconds and a heap's sift is a cache miss per level.
+    wakes: BTreeMap<u64, Vec<u32>>,
     wake_at: Vec<u64>,
     now_ms: u64,
     next_tick_ms: u64,
@@ -150,7 +151,7 @@ impl Simulation {
             engine,
             agents,
             runtime: RecordingRuntime::instant(),
-            wakes: BinaryHeap::new(),
+            wakes: BTreeMap::new(),
             now_ms,
             out: Outputs::default(),
             aout: AgentOutputs::default(),
@@ -299,7 +300,7 @@ impl Simulation {
             let at = at.as_millis();
             if at != self.wake_at[i] {
                 self.wake_at[i] = at;
-                self.wakes.push(Reverse((at, node.0)));
+                self.wakes.entry(at).or_default().push(node.0);
             }
         }
     }
@@ -328,16 +329,19 @@ impl Simulation {
     fn pump(&mut self) {
         loop {
             let mut progress = false;
-            while let Some(&Reverse((at, id))) = self.wakes.peek() {
+            while let Some(entry) = self.wakes.first_entry() {
+                let at = *entry.key();
                 if at > self.now_ms {
                     break;
                 }
-                self.wakes.pop();
-                if self.wake_at[id as usize] == at {
-                    self.wake_at[id as usize] = NEVER;
-                    self.stats.wakeups += 1;
-                    self.agent_input(NodeId(id), AgentInput::Tick);
-                    progress = true;
+                let due = entry.remove();
+                for id in due {
+                    if self.wake_at[id as usize] == at {
+                        self.wake_at[id as usize] = NEVER;
+                        self.stats.wakeups += 1;
+                        self.agent_input(NodeId(id), AgentInput::Tick);
+                        progress = true;
+                    }
                 }
             }
             loop {
@@ -389,7 +393,7 @@ impl Simulation {
             if let Some(t) = self.net.next_due() {
                 next = next.min(t.as_millis());
             }
-            if let Some(&Reverse((t, _))) = self.wakes.peek() {
+            if let Some((&t, _)) = self.wakes.first_key_value() {
                 next = next.min(t);
             }
             if next > deadline {
