@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::ops::ControlFlow;
 
 use super::index::{NameIndex, entry_hash, entry_slot};
-use super::intern::Interner;
+use super::intern::{FxHashMap, Interner};
 use super::{
     CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage,
     Registered, StateCache,
@@ -95,6 +95,8 @@ pub struct NodeCache {
     phase_totals: [u32; 3],
     live: usize,
     set_epoch: u32,
+    /// Label sets by a hash of their strings (a hint, verified on use).
+    label_by_content: FxHashMap<u64, LabelSetId>,
 }
 
 /// A label set resolved against the string table, for selector evaluation.
@@ -220,6 +222,15 @@ impl NodeCache {
 
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
     fn intern_labels(&mut self, labels: &Labels) -> LabelSetId {
+        // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
+        // hot strings confirms it.
+        let h = content_hash(labels.iter());
+        if let Some(&id) = self.label_by_content.get(&h)
+            && self.label_set_is(id, labels)
+        {
+            self.label_sets.retain(id);
+            return id;
+        }
         // Fast path: every string and the set itself already exist, so no refcount traffic and no
         // allocation beyond the probe key.
         let mut pairs = Vec::with_capacity(labels.len());
@@ -247,8 +258,19 @@ impl NodeCache {
             }
         } else {
             self.init_members(id);
+            self.label_by_content.entry(h).or_insert(id);
         }
         id
+    }
+
+    /// Whether interned label set `id` holds exactly `labels`.
+    fn label_set_is(&self, id: LabelSetId, labels: &Labels) -> bool {
+        let pairs = self.label_sets.get(id);
+        pairs.len() == labels.len()
+            && pairs
+                .iter()
+                .zip(labels.iter())
+                .all(|(&(k, v), (lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
     }
 
     fn init_members(&mut self, id: LabelSetId) {
@@ -262,6 +284,10 @@ impl NodeCache {
 
     fn release_labels(&mut self, id: LabelSetId) {
         if let Some(pairs) = self.label_sets.release(id) {
+            let h = content_hash(pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
+            if self.label_by_content.get(&h) == Some(&id) {
+                self.label_by_content.remove(&h);
+            }
             for &(k, v) in pairs.iter() {
                 self.strings.release(k);
                 self.strings.release(v);
@@ -492,6 +518,7 @@ impl NodeCache {
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
             self.init_members(id);
+            self.label_by_content.entry(content_hash(labels.iter().copied())).or_insert(id);
         } else {
             for &(k, v) in ids.iter() {
                 self.strings.release(k);
@@ -812,6 +839,16 @@ impl NodeCache {
 fn unreachable_name() -> NodeName {
     // Only reachable if the arena were corrupted; keep going with a visible placeholder.
     NodeName::new("invalid-name").unwrap_or_else(|_| unreachable!())
+}
+
+/// A hash of a label set's strings, in key order.
+fn content_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
+    let mut h = 0x6c61_6265_6c73_6574;
+    for (k, v) in pairs {
+        h = stable_hash(h, k.as_bytes());
+        h = stable_hash(h.rotate_left(17), v.as_bytes());
+    }
+    h
 }
 
 #[inline]

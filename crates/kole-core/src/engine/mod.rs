@@ -235,6 +235,9 @@ struct SetTargets {
     epoch: u32,
     generation: u64,
     workloads: Vec<u32>,
+    /// Groups of the label set (depend on labels only), valid for `groups_epoch`.
+    groups_epoch: u32,
+    groups: Vec<GroupName>,
 }
 
 /// The controller engine. See the module documentation.
@@ -409,6 +412,22 @@ impl Core {
             .collect()
     }
 
+    /// The groups of label set `set`, computed once per set.
+    fn groups_of_set(&mut self, cache: &NodeCache, set: u32, labels: &Labels) -> Vec<GroupName> {
+        let idx = set as usize;
+        if self.set_targets.len() <= idx {
+            self.set_targets.resize_with(idx + 1, SetTargets::default);
+        }
+        let epoch = cache.members[idx].epoch;
+        if self.set_targets[idx].groups_epoch != epoch || epoch == 0 {
+            let groups = self.groups_of(labels);
+            let st = &mut self.set_targets[idx];
+            st.groups = groups;
+            st.groups_epoch = epoch;
+        }
+        self.set_targets[idx].groups.clone()
+    }
+
     fn groups_of(&self, labels: &Labels) -> Vec<GroupName> {
         self.cfg
             .group_label_keys
@@ -573,7 +592,10 @@ impl Core {
                             boot_id: boot,
                             outcome: RegisterOutcome::Accepted,
                             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                            groups: self.groups_of(&registration.labels),
+                            groups: {
+                                let set = cache.slots[r.slot as usize].label_set;
+                                self.groups_of_set(cache, set, &registration.labels)
+                            },
                             desired,
                         };
                         self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);

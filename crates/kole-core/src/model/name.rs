@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::ValidationError;
@@ -17,16 +19,18 @@ pub const MAX_NODE_NAME_LEN: usize = 128;
 /// A name is 1 to [`MAX_NODE_NAME_LEN`] bytes of ASCII letters, digits, `-`, `_` and `.`, and starts
 /// and ends with a letter or digit. That excludes everything MQTT gives a meaning to (`/`, `+`, `#`,
 /// `$`, NUL) so a name is always safe as one topic segment, client id or ACL `%u` substitution.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct NodeName(String);
+///
+/// The text is shared (`Arc<str>`): a name is cloned into every message, topic and delivery that
+/// concerns its node, and a clone is a reference-count increment, not an allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(Arc<str>);
 
 impl NodeName {
     /// Validates `name` and wraps it.
     pub fn new(name: impl Into<String>) -> Result<Self, ValidationError> {
         let name = name.into();
         validate_node_name(&name)?;
-        Ok(Self(name))
+        Ok(Self(Arc::from(name)))
     }
 
     /// The name as a string slice.
@@ -34,9 +38,9 @@ impl NodeName {
         &self.0
     }
 
-    /// Unwraps the inner string.
+    /// The name as an owned string.
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 
@@ -115,6 +119,12 @@ impl TryFrom<&str> for NodeName {
     type Error = ValidationError;
     fn try_from(value: &str) -> Result<Self, Self::Error> {
         Self::new(value)
+    }
+}
+
+impl Serialize for NodeName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
