@@ -267,17 +267,14 @@ fn restart_controller(sim: &mut Simulation, snapshot: &MemorySnapshotStore) -> E
 fn write_snapshot_of(sim: &Simulation, store: &MemorySnapshotStore) {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let opts = SnapshotOptions { threads: 1, ..SnapshotOptions::default() };
-    let cache = sim.engine().store();
-    let now = sim.now();
-    rt.block_on(async {
-        let guard = cache.read();
-        write_snapshot(store, &*guard, &opts, now).await.unwrap();
-    });
+    // A copy, as a driver snapshots without holding the engine's cache lock across the writes.
+    let cache = sim.engine().store().read().clone();
+    rt.block_on(write_snapshot(store, &cache, &opts, sim.now())).unwrap();
 }
 
 /// The controller restarts from a snapshot twice: once with the whole fleet converged (not one
-/// per-node catch-up follows), once in the middle of a rollout with 0–2 s delays (catch-ups only
-/// for nodes that were behind, at most one each); the rollout completes and everyone converges.
+/// per-node catch-up follows), once in the middle of a rollout with lost and delayed deliveries
+/// (catch-ups only for nodes that were behind, at most one each); the rollout completes and everyone converges.
 #[test]
 fn controller_restart_from_snapshot_resumes_without_needless_catchups() {
     let t = Instant::now();

@@ -452,38 +452,6 @@ impl Simulation {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kole_core::model::{RolloutStrategy, Selector, WorkloadId};
-
-    fn workload(version: u64, waves: &[u8]) -> Workload {
-        Workload {
-            id: WorkloadId::new("edge-system/cdn-cache").unwrap(),
-            version,
-            spec: b"image: cdn-cache".to_vec(),
-            selector: Selector::parse("kole.dev/site-type in (cdn,retail)").unwrap(),
-            delivery: Default::default(),
-            rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
-        }
-    }
-
-    #[test]
-    fn a_small_fleet_registers_and_converges() {
-        let mut sim = Simulation::new(SimConfig { nodes: 2_000, ..SimConfig::default() });
-        sim.connect_all();
-        assert!(sim.run_until_registered(120_000));
-        assert_eq!(sim.engine().stats().registered_new, 2_000);
-        let w = workload(1, &[10, 50, 100]);
-        sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
-        assert!(sim.run_until_rolled_out(&w.id, 600_000), "{:?}", sim.engine_mut().workload_status(&w.id));
-        assert!(sim.unconverged().is_empty());
-        let st = sim.engine_mut().workload_status(&w.id).unwrap();
-        assert_eq!(st.ready, st.targeted);
-        assert!(st.targeted > 500);
-    }
-}
-
 /// Broker restarts and spread reconnects, for whole-system fault tests.
 impl Simulation {
     /// Restarts the broker: everything in flight is lost and every session ends. Every agent that
@@ -520,3 +488,36 @@ impl Simulation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kole_core::model::{RolloutStrategy, Selector, WorkloadId};
+
+    fn workload(version: u64, waves: &[u8]) -> Workload {
+        Workload {
+            id: WorkloadId::new("edge-system/cdn-cache").unwrap(),
+            version,
+            spec: b"image: cdn-cache".to_vec(),
+            selector: Selector::parse("kole.dev/site-type in (cdn,retail)").unwrap(),
+            delivery: Default::default(),
+            rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn a_small_fleet_registers_and_converges() {
+        let mut sim = Simulation::new(SimConfig { nodes: 2_000, ..SimConfig::default() });
+        sim.connect_all();
+        assert!(sim.run_until_registered(120_000));
+        assert_eq!(sim.engine().stats().registered_new, 2_000);
+        let w = workload(1, &[10, 50, 100]);
+        sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
+        assert!(sim.run_until_rolled_out(&w.id, 600_000), "{:?}", sim.engine_mut().workload_status(&w.id));
+        assert!(sim.unconverged().is_empty());
+        let st = sim.engine_mut().workload_status(&w.id).unwrap();
+        assert_eq!(st.ready, st.targeted);
+        assert!(st.targeted > 500);
+    }
+}
+
