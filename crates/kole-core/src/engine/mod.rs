@@ -27,7 +27,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 pub use rollout::{RolloutPhase, RolloutProgress};
@@ -228,6 +228,9 @@ pub struct EngineStats {
     pub marked_offline: u64,
     /// Nodes that came back online.
     pub back_online: u64,
+    /// Resync commands sent because a heartbeat showed an applied digest whose status report
+    /// never arrived (lost or overtaken).
+    pub resyncs: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -257,6 +260,9 @@ struct Core {
     set_targets: Vec<SetTargets>,
     /// Nodes given until a deadline (seconds) to converge by themselves.
     pending: HashMap<Slot, u32>,
+    /// Nodes whose heartbeat showed an applied digest the engine never saw in a status report (the
+    /// report was lost or overtaken): asked to resync on every heartbeat until a report arrives.
+    unreported: HashSet<Slot>,
     spec_changed_ms: u64,
     started_ms: u64,
     last_status_ms: u64,
@@ -278,6 +284,7 @@ impl Engine {
             generation: 1,
             set_targets: Vec::new(),
             pending: HashMap::new(),
+            unreported: HashSet::new(),
             spec_changed_ms: 0,
             started_ms: now.as_millis(),
             last_status_ms: 0,
@@ -515,6 +522,16 @@ impl Core {
         cache.heartbeat_batch(&ins, now, &mut results);
         for (k, r) in results.iter().enumerate() {
             let (i, h) = &hbs[k];
+            // A status report always precedes the heartbeats of a change, so a heartbeat that changes
+            // the applied digest (or follows one that did) means the report never arrived: without
+            // it the workload status and the rollout's wave health would stay stale for good.
+            if let Ok(o) = r
+                && (o.applied_changed || (!self.unreported.is_empty() && self.unreported.contains(&o.slot)))
+            {
+                self.unreported.insert(o.slot);
+                self.stats.resyncs += 1;
+                self.send_command(out, &batch[*i].node, CommandKind::Resync);
+            }
             self.after_heartbeat(cache, &batch[*i].node, r, h.applied, now, out);
         }
         self.hb_results = results;
@@ -587,6 +604,9 @@ impl Core {
                         if r.restarted {
                             self.stats.restarts += 1;
                         }
+                        if !self.unreported.is_empty() {
+                            self.unreported.remove(&r.slot);
+                        }
                         let desired = self.desired(cache, r.slot);
                         let ack = RegisterAck {
                             boot_id: boot,
@@ -625,7 +645,10 @@ impl Core {
             Message::StatusReport(s) => {
                 let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied };
                 let r = cache.heartbeat(msg.node.as_str(), &update, now);
-                if r.is_ok() {
+                if let Ok(o) = &r {
+                    if !self.unreported.is_empty() {
+                        self.unreported.remove(&o.slot);
+                    }
                     self.stats.status_reports += 1;
                     // The node is known (the heartbeat was accepted), so this cannot fail.
                     let _ = cache.report_workloads(msg.node.as_str(), &s.workloads);

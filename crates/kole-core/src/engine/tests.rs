@@ -184,8 +184,10 @@ fn catchup_only_for_mismatch_and_only_after_the_grace_period() {
     assert_eq!(decode_all(&out).len(), 1, "one broadcast, not one message per node");
     let want = digest_of(&[&w]);
 
-    // Within the grace period nobody gets a per-node message.
-    let out = uplink(&mut e, &[heartbeat("ok", 1, 1, want), heartbeat("late", 1, 2, DesiredDigest::EMPTY)], t(30));
+    // Within the grace period nobody gets a per-node message. ("ok" reports its change, as an agent
+    // does before it heartbeats the new digest; a heartbeat alone would draw a resync command.)
+    let ok = status("ok", 1, 1, want, &[(&w, WorkloadPhase::Running)]);
+    let out = uplink(&mut e, &[ok, heartbeat("late", 1, 2, DesiredDigest::EMPTY)], t(30));
     assert!(out.messages.is_empty());
     // After it, only the node that is still wrong gets its desired state, once per grace period.
     let out = uplink(&mut e, &[heartbeat("ok", 2, 1, want), heartbeat("late", 2, 2, DesiredDigest::EMPTY)], t(75));
@@ -396,4 +398,31 @@ proptest! {
 fn label_selector_objects_target_like_strings() {
     let ls = LabelSelector { match_labels: [("tier".to_owned(), "cdn".to_owned())].into(), match_expressions: vec![] };
     assert_eq!(Selector::try_from(&ls).unwrap(), Selector::parse("tier=cdn").unwrap());
+}
+
+#[test]
+fn a_lost_status_report_is_asked_for_again_until_it_arrives() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    uplink(&mut e, &[register("n1", &l, 1, DesiredDigest::EMPTY)], t(1));
+    let w = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &w, t(2));
+    let want = digest_of(&[&w]);
+    let resyncs = |out: &Outputs| {
+        let is_resync = |m: &Message| matches!(m, Message::Command(c) if c.kind == CommandKind::Resync);
+        decode_all(out).into_iter().filter(|(_, m)| is_resync(m)).count()
+    };
+    // The node applied the spec; its status report was lost and only the heartbeat arrives.
+    let out = uplink(&mut e, &[heartbeat("n1", 2, 1, want)], t(5));
+    assert_eq!(resyncs(&out), 1);
+    // The command may be lost too: every heartbeat asks again until a report arrives.
+    let out = uplink(&mut e, &[heartbeat("n1", 3, 1, want)], t(35));
+    assert_eq!(resyncs(&out), 1);
+    assert_eq!(e.workload_status(&w.id).unwrap().updated, 0);
+    let out = uplink(&mut e, &[status("n1", 4, 1, want, &[(&w, WorkloadPhase::Running)])], t(36));
+    assert_eq!(resyncs(&out), 0);
+    assert_eq!(e.workload_status(&w.id).unwrap().ready, 1);
+    let out = uplink(&mut e, &[heartbeat("n1", 5, 1, want)], t(66));
+    assert_eq!(resyncs(&out), 0);
+    assert_eq!(e.stats().resyncs, 2);
 }
