@@ -51,7 +51,11 @@ fn workload(version: u64, image: &str, waves: &[u8]) -> Result<Workload, DemoErr
         spec: format!("image: registry.local/node-exporter:{image}").into_bytes(),
         selector: Selector::parse("kole.dev/tier in (edge, far-edge)").map_err(|e| DemoError::Other(e.to_string()))?,
         delivery: Default::default(),
-        rollout: RolloutStrategy { waves: waves.to_vec(), paused: false, failure_threshold: FailureThreshold::Percent(2) },
+        rollout: RolloutStrategy {
+            waves: waves.to_vec(),
+            paused: false,
+            failure_threshold: FailureThreshold::Percent(2),
+        },
     })
 }
 
@@ -69,7 +73,11 @@ fn roll_out(sim: &mut Simulation, w: &Workload, label: &str, stop_at_wave: Optio
         bar.set(u64::from(st.ready));
         let fleet_s = (sim.now().as_millis() - virtual_start) / 1000;
         if stop_at_wave.is_some_and(|s| st.wave as usize >= s) {
-            return Ok(bar.finish(&format!("wave {} of {} reached after {fleet_s} s of fleet time", st.wave + 1, st.waves)));
+            return Ok(bar.finish(&format!(
+                "wave {} of {} reached after {fleet_s} s of fleet time",
+                st.wave + 1,
+                st.waves
+            )));
         }
         if st.phase == RolloutPhase::Complete && st.ready == st.targeted {
             return Ok(bar.finish(&format!(
@@ -97,7 +105,11 @@ pub fn run(cfg: &DemoConfig) -> Result<(), DemoError> {
         None => std::env::temp_dir().join(format!("kole-demo-{}", std::process::id())),
     };
     let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| DemoError::Other(e.to_string()))?;
-    eprintln!("kole demo: {} simulated edge nodes, one controller, in-process network; snapshots in {}", thousands(n as u64), dir.display());
+    eprintln!(
+        "kole demo: {} simulated edge nodes, one controller, in-process network; snapshots in {}",
+        thousands(n as u64),
+        dir.display()
+    );
 
     let t = Instant::now();
     let mut sim = Simulation::new(SimConfig { nodes: n, seed: cfg.seed, ..SimConfig::default() });
@@ -185,12 +197,22 @@ pub fn run(cfg: &DemoConfig) -> Result<(), DemoError> {
         "delete-all-then-create",
         "",
     );
-    t.row("controller restart: restore", format!("{:.2} s ({} nodes)", restore_s, thousands(restored_nodes as u64)), "~20 s", "");
+    t.row(
+        "controller restart: restore",
+        format!("{:.2} s ({} nodes)", restore_s, thousands(restored_nodes as u64)),
+        "~20 s",
+        "",
+    );
     t.row("per-node catch-ups after restart", thousands(e.catchups), "n/a", "");
     t.row("v2 completed after the restart", format!("{:.2} s", v2_s), "n/a", "");
     t.row(
         "final: online / ready v2 / targeted",
-        format!("{} / {} / {}", thousands(counts.online.into()), thousands(st.ready.into()), thousands(st.targeted.into())),
+        format!(
+            "{} / {} / {}",
+            thousands(counts.online.into()),
+            thousands(st.ready.into()),
+            thousands(st.targeted.into())
+        ),
         "",
         "",
     );

@@ -7,12 +7,12 @@ use std::ops::ControlFlow;
 use super::index::{NameIndex, entry_hash, entry_slot};
 use super::intern::{FxHashMap, Interner};
 use super::{
-    CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage,
-    Registered, StateCache,
+    CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage, Registered,
+    StateCache,
 };
 use crate::model::{
-    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord,
-    NodeRegistration, Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
+    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector,
+    Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
 };
 
 /// Dense index of a node in a [`NodeCache`]. Stable while the node exists; reused after removal.
@@ -109,10 +109,7 @@ impl LabelLookup for LabelSetView<'_> {
     fn label(&self, key: &str) -> Option<&str> {
         // Sorted by key string; sets are small, so a binary search over resolved keys is plenty.
         let s = &self.cache.strings;
-        self.pairs
-            .binary_search_by(|&(k, _)| (**s.get(k)).cmp(key))
-            .ok()
-            .map(|i| &**s.get(self.pairs[i].1))
+        self.pairs.binary_search_by(|&(k, _)| (**s.get(k)).cmp(key)).ok().map(|i| &**s.get(self.pairs[i].1))
     }
 }
 
@@ -146,17 +143,12 @@ impl NodeCache {
     #[inline]
     pub fn slot_of(&self, name: &str) -> Option<Slot> {
         let h = hash_name(name.as_bytes());
-        self.index.find(h, |s| {
-            name_at(&self.names, &self.slots[s as usize]) == name.as_bytes()
-        })
+        self.index.find(h, |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
     }
 
     /// The name stored in a live slot.
     pub fn name_of(&self, slot: Slot) -> Option<&str> {
-        let n = self
-            .slots
-            .get(slot as usize)
-            .filter(|n| n.label_set != VACANT)?;
+        let n = self.slots.get(slot as usize).filter(|n| n.label_set != VACANT)?;
         std::str::from_utf8(name_at(&self.names, n)).ok()
     }
 
@@ -176,11 +168,7 @@ impl NodeCache {
             + self.free.capacity() * 4
             + self.names.capacity()
             + self.index.heap_bytes()
-            + self
-                .members
-                .iter()
-                .map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>())
-                .sum::<usize>()
+            + self.members.iter().map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>()).sum::<usize>()
             + self.strings.heap_bytes(|s| s.len())
             + self.label_sets.heap_bytes(|p| p.len() * 8)
             + self.platforms.heap_bytes(|_| 0)
@@ -190,9 +178,7 @@ impl NodeCache {
     /// Whether `slot` holds a node.
     #[inline]
     pub(crate) fn is_live(&self, slot: Slot) -> bool {
-        self.slots
-            .get(slot as usize)
-            .is_some_and(|n| n.label_set != VACANT)
+        self.slots.get(slot as usize).is_some_and(|n| n.label_set != VACANT)
     }
 
     pub(crate) fn name_bytes(&self, slot: Slot) -> &[u8] {
@@ -204,10 +190,7 @@ impl NodeCache {
     }
 
     pub(crate) fn label_set_view(&self, id: LabelSetId) -> LabelSetView<'_> {
-        LabelSetView {
-            cache: self,
-            pairs: self.label_sets.get(id),
-        }
+        LabelSetView { cache: self, pairs: self.label_sets.get(id) }
     }
 
     fn intern_str(&mut self, s: &str) -> StrId {
@@ -246,10 +229,7 @@ impl NodeCache {
             self.label_sets.retain(id);
             return id;
         }
-        let pairs: LabelPairs = labels
-            .iter()
-            .map(|(k, v)| (self.intern_str(k), self.intern_str(v)))
-            .collect();
+        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&pairs);
         if !new {
             for &(k, v) in pairs.iter() {
@@ -306,11 +286,7 @@ impl NodeCache {
             self.platforms.retain(id);
             return id;
         }
-        let triple = [
-            self.intern_str(&info.arch),
-            self.intern_str(&info.os),
-            self.intern_str(&info.agent_version),
-        ];
+        let triple = [self.intern_str(&info.arch), self.intern_str(&info.os), self.intern_str(&info.agent_version)];
         let (id, new) = self.platforms.acquire(&triple);
         if !new {
             triple.iter().for_each(|&s| {
@@ -345,16 +321,8 @@ impl NodeCache {
             self.workload_sets.retain(id);
             return id;
         }
-        let items: WorkloadItems = sorted
-            .iter()
-            .map(|w| {
-                (
-                    self.intern_str(w.workload.as_str()),
-                    w.version,
-                    w.phase as u8,
-                )
-            })
-            .collect();
+        let items: WorkloadItems =
+            sorted.iter().map(|w| (self.intern_str(w.workload.as_str()), w.version, w.phase as u8)).collect();
         let (id, new) = self.workload_sets.acquire(&items);
         if !new {
             for &(w, _, _) in items.iter() {
@@ -456,9 +424,7 @@ impl NodeCache {
         let mut names = Vec::with_capacity(self.names.len() - self.name_garbage);
         for n in self.slots.iter_mut().filter(|n| n.label_set != VACANT) {
             let off = names.len() as u32;
-            names.extend_from_slice(
-                &self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)],
-            );
+            names.extend_from_slice(&self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]);
             n.name_off = off;
         }
         self.names = names;
@@ -481,10 +447,7 @@ impl NodeCache {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                let s = u32::try_from(self.slots.len())
-                    .ok()
-                    .filter(|&s| s < VACANT)
-                    .ok_or(CacheError::Full)?;
+                let s = u32::try_from(self.slots.len()).ok().filter(|&s| s < VACANT).ok_or(CacheError::Full)?;
                 self.slots.push(NodeSlot::default());
                 s
             }
@@ -511,10 +474,7 @@ impl NodeCache {
     pub(crate) fn restore_label_set(&mut self, pairs: &[(&str, &str)]) -> LabelSetId {
         let mut labels: Vec<(&str, &str)> = pairs.to_vec();
         labels.sort_unstable();
-        let ids: LabelPairs = labels
-            .iter()
-            .map(|(k, v)| (self.intern_str(k), self.intern_str(v)))
-            .collect();
+        let ids: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
             self.init_members(id);
@@ -540,10 +500,7 @@ impl NodeCache {
     pub(crate) fn restore_workload_set(&mut self, items: &[(&str, u64, u8)]) -> WorkloadSetId {
         let mut sorted = items.to_vec();
         sorted.sort_unstable();
-        let ids: WorkloadItems = sorted
-            .iter()
-            .map(|&(w, v, p)| (self.intern_str(w), v, p))
-            .collect();
+        let ids: WorkloadItems = sorted.iter().map(|&(w, v, p)| (self.intern_str(w), v, p)).collect();
         let (id, new) = self.workload_sets.acquire(&ids);
         if !new {
             for &(w, _, _) in ids.iter() {
@@ -565,12 +522,7 @@ impl NodeCache {
         wls.iter().for_each(|&w| self.release_workloads(w));
     }
 
-    pub(crate) fn retain_parts(
-        &mut self,
-        label_set: LabelSetId,
-        platform: PlatformId,
-        workloads: WorkloadSetId,
-    ) {
+    pub(crate) fn retain_parts(&mut self, label_set: LabelSetId, platform: PlatformId, workloads: WorkloadSetId) {
         self.label_sets.retain(label_set);
         self.platforms.retain(platform);
         self.workload_sets.retain(workloads);
@@ -649,19 +601,13 @@ impl NodeCache {
     pub(crate) fn matching_sets(&self, selector: &Selector) -> Vec<LabelSetId> {
         self.label_sets
             .iter()
-            .filter(|&(id, _, _)| {
-                selector.is_everything() || selector.matches(&self.label_set_view(id))
-            })
+            .filter(|&(id, _, _)| selector.is_everything() || selector.matches(&self.label_set_view(id)))
             .map(|(id, _, _)| id)
             .collect()
     }
 
     /// Calls `f` with every live slot matching `selector`, label set by label set.
-    pub fn for_each_selected(
-        &self,
-        selector: &Selector,
-        mut f: impl FnMut(Slot) -> ControlFlow<()>,
-    ) {
+    pub fn for_each_selected(&self, selector: &Selector, mut f: impl FnMut(Slot) -> ControlFlow<()>) {
         for set in self.matching_sets(selector) {
             for &slot in &self.members[set as usize].slots {
                 if f(slot).is_break() {
@@ -673,24 +619,13 @@ impl NodeCache {
 
     /// Applies a heartbeat to a known slot (see [`StateCache::heartbeat`]).
     #[inline]
-    fn heartbeat_at(
-        &mut self,
-        slot: Slot,
-        hb: &HeartbeatUpdate,
-        now_s: u32,
-    ) -> Result<HeartbeatOutcome, CacheError> {
+    fn heartbeat_at(&mut self, slot: Slot, hb: &HeartbeatUpdate, now_s: u32) -> Result<HeartbeatOutcome, CacheError> {
         let n = &mut self.slots[slot as usize];
         if n.boot_id != 0 && n.boot_id != hb.boot_id {
-            return Err(CacheError::BootMismatch {
-                registered: n.boot_id,
-                received: hb.boot_id,
-            });
+            return Err(CacheError::BootMismatch { registered: n.boot_id, received: hb.boot_id });
         }
         if n.boot_id == hb.boot_id && hb.seq <= n.seq {
-            return Err(CacheError::Stale {
-                last: n.seq,
-                received: hb.seq,
-            });
+            return Err(CacheError::Stale { last: n.seq, received: hb.seq });
         }
         n.boot_id = hb.boot_id;
         n.seq = hb.seq;
@@ -702,11 +637,7 @@ impl NodeCache {
         } else {
             self.set_phase_at(slot, NodePhase::Online)
         };
-        Ok(HeartbeatOutcome {
-            slot,
-            previous,
-            applied_changed,
-        })
+        Ok(HeartbeatOutcome { slot, previous, applied_changed })
     }
 
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
@@ -739,42 +670,26 @@ impl NodeCache {
             }
             let m = &self.members[n.label_set as usize];
             if m.slots.get(n.pos_in_set as usize) != Some(&(slot as u32)) {
-                return Err(format!(
-                    "slot {slot} not at its position in label set {}",
-                    n.label_set
-                ));
+                return Err(format!("slot {slot} not at its position in label set {}", n.label_set));
             }
         }
         if live != self.live || self.index.len() != live {
-            return Err(format!(
-                "live {live}, counted {}, indexed {}",
-                self.live,
-                self.index.len()
-            ));
+            return Err(format!("live {live}, counted {}, indexed {}", self.live, self.index.len()));
         }
         if totals != self.phase_totals {
-            return Err(format!(
-                "phase totals {totals:?} vs kept {:?}",
-                self.phase_totals
-            ));
+            return Err(format!("phase totals {totals:?} vs kept {:?}", self.phase_totals));
         }
         for (id, _, refs) in self.label_sets.iter() {
             let m = &self.members[id as usize];
             if m.slots.len() as u32 != refs {
-                return Err(format!(
-                    "label set {id}: {} members, {refs} refs",
-                    m.slots.len()
-                ));
+                return Err(format!("label set {id}: {} members, {refs} refs", m.slots.len()));
             }
             let mut phases = [0u32; 3];
             for &s in &m.slots {
                 phases[usize::from(self.slots[s as usize].phase)] += 1;
             }
             if phases != m.phases {
-                return Err(format!(
-                    "label set {id}: phases {phases:?} vs kept {:?}",
-                    m.phases
-                ));
+                return Err(format!("label set {id}: phases {phases:?} vs kept {:?}", m.phases));
             }
         }
         self.check_shared_parts()
@@ -883,12 +798,7 @@ impl StateCache for NodeCache {
         PhaseCounts::from_array(c)
     }
 
-    fn register(
-        &mut self,
-        reg: &NodeRegistration,
-        boot_id: u32,
-        now: Timestamp,
-    ) -> Result<Registered, CacheError> {
+    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
         if reg.name.as_str().len() > usize::from(u8::MAX) {
             return Err(CacheError::NameTooLong);
         }
@@ -919,12 +829,7 @@ impl StateCache for NodeCache {
             }
             n.boot_id = boot_id;
             self.store_addresses(slot, &reg.info.addresses);
-            return Ok(Registered {
-                slot,
-                created: false,
-                restarted,
-                previous: Some(previous),
-            });
+            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
         }
         let label_set = self.intern_labels(&reg.labels);
         let platform = self.intern_platform(&reg.info);
@@ -948,21 +853,11 @@ impl StateCache for NodeCache {
         };
         self.slots[slot as usize].boot_id = boot_id;
         self.store_addresses(slot, &reg.info.addresses);
-        Ok(Registered {
-            slot,
-            created: true,
-            restarted: false,
-            previous: None,
-        })
+        Ok(Registered { slot, created: true, restarted: false, previous: None })
     }
 
     #[inline]
-    fn heartbeat(
-        &mut self,
-        name: &str,
-        hb: &HeartbeatUpdate,
-        now: Timestamp,
-    ) -> Result<HeartbeatOutcome, CacheError> {
+    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
         self.heartbeat_at(slot, hb, now.as_secs_u32())
     }
@@ -1003,9 +898,7 @@ impl StateCache for NodeCache {
                 let slot = if self.is_live(c) && self.name_bytes(c) == hb.node.as_bytes() {
                     Some(c)
                 } else {
-                    self.index.find(hashes[k], |s| {
-                        name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes()
-                    })
+                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes())
                 };
                 out.push(match slot {
                     Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
@@ -1015,11 +908,7 @@ impl StateCache for NodeCache {
         }
     }
 
-    fn report_workloads(
-        &mut self,
-        name: &str,
-        states: &[WorkloadState],
-    ) -> Result<Slot, CacheError> {
+    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
         let id = self.intern_workloads(states);
         let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
@@ -1049,10 +938,7 @@ impl StateCache for NodeCache {
         self.extra_addrs.remove(&slot);
         self.phase_totals[usize::from(n.phase)] -= 1;
         self.name_garbage += usize::from(n.name_len);
-        self.slots[slot as usize] = NodeSlot {
-            label_set: VACANT,
-            ..NodeSlot::default()
-        };
+        self.slots[slot as usize] = NodeSlot { label_set: VACANT, ..NodeSlot::default() };
         self.free.push(slot);
         self.live -= 1;
         true
@@ -1062,10 +948,7 @@ impl StateCache for NodeCache {
         let limit = q.limit.max(1);
         let mut items = Vec::new();
         let mut next = None;
-        let phase_ok = |slot: Slot| {
-            q.phase
-                .is_none_or(|p| self.slots[slot as usize].phase == p as u8)
-        };
+        let phase_ok = |slot: Slot| q.phase.is_none_or(|p| self.slots[slot as usize].phase == p as u8);
         if !q.names.is_empty() {
             // Name lookups: the page walks the requested names in order; the token is a position.
             let start = q.continue_after.map_or(0, |c| c as usize + 1);
@@ -1089,11 +972,7 @@ impl StateCache for NodeCache {
                     }
                 }
             }
-            return QueryPage {
-                items,
-                continue_after: next,
-                counts: PhaseCounts::from_array(matched),
-            };
+            return QueryPage { items, continue_after: next, counts: PhaseCounts::from_array(matched) };
         }
         // Selector scan in slot order, so a continue token (the last slot returned) stays valid
         // while nodes come and go; each label set is evaluated once.
@@ -1108,18 +987,12 @@ impl StateCache for NodeCache {
                 continue;
             }
             if items.len() == limit {
-                next = items
-                    .last()
-                    .and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
+                next = items.last().and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
                 break;
             }
             items.push(self.record_at(slot as u32));
         }
-        QueryPage {
-            items,
-            continue_after: next,
-            counts: self.counts(&q.selector),
-        }
+        QueryPage { items, continue_after: next, counts: self.counts(&q.selector) }
     }
 
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {

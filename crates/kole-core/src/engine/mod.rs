@@ -340,7 +340,11 @@ impl Engine {
     pub fn workload_status(&mut self, id: &WorkloadId) -> Option<WorkloadStatus> {
         let cache = self.cache.write();
         let idx = *self.core.by_id.get(id)?;
-        self.core.statuses(&cache).into_iter().find(|s| s.id == *id).filter(|_| self.core.workloads[idx as usize].is_some())
+        self.core
+            .statuses(&cache)
+            .into_iter()
+            .find(|s| s.id == *id)
+            .filter(|_| self.core.workloads[idx as usize].is_some())
     }
 
     /// Handles one input at time `now`, appending what to do to `out`.
@@ -413,10 +417,7 @@ impl Core {
         let set = cache.slots[slot as usize].label_set;
         let name = cache.name_bytes(slot);
         let targets = self.targets(cache, set).to_vec();
-        targets
-            .into_iter()
-            .filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned())
-            .collect()
+        targets.into_iter().filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned()).collect()
     }
 
     /// The groups of label set `set`, computed once per set.
@@ -589,7 +590,14 @@ impl Core {
         self.send(out, Destination::Node(node.clone()), &Message::RegisterAck(ack), false);
     }
 
-    fn handle_message(&mut self, cache: &mut NodeCache, msg: &Inbound, decoded: Message, now: Timestamp, out: &mut Outputs) {
+    fn handle_message(
+        &mut self,
+        cache: &mut NodeCache,
+        msg: &Inbound,
+        decoded: Message,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
         match decoded {
             Message::Register(reg) => {
                 let boot = reg.boot_id;
@@ -966,7 +974,8 @@ impl Core {
 fn validate_workload(w: &Workload) -> Result<(), ValidationError> {
     w.rollout.validate()?;
     if let crate::model::DeliveryMode::Group(g) = &w.delivery {
-        GroupName::new(g.clone()).map_err(|_| ValidationError::Rollout { reason: "group name is not a valid topic level" })?;
+        GroupName::new(g.clone())
+            .map_err(|_| ValidationError::Rollout { reason: "group name is not a valid topic level" })?;
     }
     Ok(())
 }

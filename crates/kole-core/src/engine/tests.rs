@@ -3,9 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{
-    DeliveryMode, LabelSelector, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState,
-};
+use crate::model::{DeliveryMode, LabelSelector, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState};
 use crate::protocol::{Heartbeat, NodeHealth, Register, StatusReport, UplinkKind};
 
 const T0: u64 = 1_790_000_000_000;
@@ -27,7 +25,12 @@ fn register(node: &str, l: &Labels, boot: u32, applied: DesiredDigest) -> Inboun
         name: name(node),
         boot_id: boot,
         labels: l.clone(),
-        info: NodeInfo { arch: "arm64".into(), os: "linux-6.1".into(), agent_version: "1.5.1".into(), addresses: vec![] },
+        info: NodeInfo {
+            arch: "arm64".into(),
+            os: "linux-6.1".into(),
+            agent_version: "1.5.1".into(),
+            addresses: vec![],
+        },
         applied,
         workloads: vec![],
     });
@@ -218,7 +221,11 @@ fn a_restarted_engine_does_not_resend_to_converged_nodes() {
 
     let mut e2 = Engine::new(EngineConfig::default(), saved, t(500));
     let mut out = Outputs::default();
-    e2.handle(Input::Workload(&WorkloadCommand::Apply { workload: w.clone(), progress: Some(progress) }), t(500), &mut out);
+    e2.handle(
+        Input::Workload(&WorkloadCommand::Apply { workload: w.clone(), progress: Some(progress) }),
+        t(500),
+        &mut out,
+    );
     assert!(out.messages.is_empty(), "spec was already published and retained");
     let hbs: Vec<Inbound> = (0..50).map(|i| heartbeat(&format!("n{i}"), 1, i + 1, want)).collect();
     let out = uplink(&mut e2, &hbs, t(600));
@@ -234,7 +241,8 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
     let nodes: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
-    let regs: Vec<Inbound> = nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
+    let regs: Vec<Inbound> =
+        nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
     uplink(&mut e, &regs, t(1));
     let mut w = workload("default/cdn", 1, "tier=cdn", &[10, 50, 100]);
     w.rollout.failure_threshold = crate::model::FailureThreshold::Count(2);
@@ -296,7 +304,9 @@ fn rollback_returns_everyone_to_the_previous_version() {
     assert_eq!(e.desired_digest("a"), Some(digest_of(&[&v1])));
     assert_eq!(e.desired_digest("b"), Some(digest_of(&[&v1])));
     let msgs = decode_all(&out);
-    assert!(matches!(&msgs[..], [(_, Message::WorkloadSpec(s))] if s.workload.version == 1 && s.wave_threshold == 10_000));
+    assert!(
+        matches!(&msgs[..], [(_, Message::WorkloadSpec(s))] if s.workload.version == 1 && s.wave_threshold == 10_000)
+    );
     // A second rollback has nothing to return to.
     let mut out = Outputs::default();
     e.handle(Input::Workload(&WorkloadCommand::Rollback(v1.id.clone())), t(5), &mut out);
@@ -312,7 +322,11 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
     apply(&mut e, &w, t(2));
     let mut out = Outputs::default();
     e.handle(Input::Workload(&WorkloadCommand::Delete(w.id.clone())), t(3), &mut out);
-    assert!(out.messages.iter().any(|m| m.retain && m.payload.is_empty() && m.to == Destination::WorkloadSpec(w.id.clone())));
+    assert!(
+        out.messages
+            .iter()
+            .any(|m| m.retain && m.payload.is_empty() && m.to == Destination::WorkloadSpec(w.id.clone()))
+    );
     assert_eq!(e.desired_digest("a"), Some(DesiredDigest::EMPTY));
     assert!(e.workloads().is_empty());
 }

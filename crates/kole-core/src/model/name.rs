@@ -46,10 +46,7 @@ impl NodeName {
 
 /// Checks `name` against the rules documented on [`NodeName`].
 pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
-    let invalid = |reason: &'static str| ValidationError::NodeName {
-        name: truncate_for_error(name),
-        reason,
-    };
+    let invalid = |reason: &'static str| ValidationError::NodeName { name: truncate_for_error(name), reason };
     let bytes = name.as_bytes();
     if bytes.is_empty() {
         return Err(invalid("must not be empty"));
@@ -57,10 +54,7 @@ pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
     if bytes.len() > MAX_NODE_NAME_LEN {
         return Err(invalid("longer than 128 bytes"));
     }
-    if !bytes
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
+    if !bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
         return Err(invalid(
             "may contain only ASCII letters, digits, '-', '_' and '.' (MQTT wildcards and '/' are not allowed)",
         ));
@@ -148,18 +142,7 @@ mod tests {
 
     #[test]
     fn rejects_mqtt_specials_and_bad_edges() {
-        for n in [
-            "",
-            "a/b",
-            "a+b",
-            "a#",
-            "$sys",
-            "-a",
-            "a-",
-            "a b",
-            "é",
-            &"x".repeat(129),
-        ] {
+        for n in ["", "a/b", "a+b", "a#", "$sys", "-a", "a-", "a b", "é", &"x".repeat(129)] {
             assert!(NodeName::new(n).is_err(), "{n:?} should be rejected");
         }
         assert!(NodeName::new("x".repeat(128)).is_ok());

@@ -20,10 +20,7 @@ impl WorkloadId {
     /// Validates and wraps an id.
     pub fn new(id: impl Into<String>) -> Result<Self, ValidationError> {
         let id = id.into();
-        let bad = |reason| ValidationError::WorkloadId {
-            id: truncate_for_error(&id),
-            reason,
-        };
+        let bad = |reason| ValidationError::WorkloadId { id: truncate_for_error(&id), reason };
         if id.is_empty() || id.len() > MAX_WORKLOAD_ID_LEN {
             return Err(bad("must be 1 to 317 bytes"));
         }
@@ -32,15 +29,11 @@ impl WorkloadId {
             parts += 1;
             let b = part.as_bytes();
             if b.is_empty()
-                || !b
-                    .iter()
-                    .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                || !b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
                 || !b[0].is_ascii_alphanumeric()
                 || !b[b.len() - 1].is_ascii_alphanumeric()
             {
-                return Err(bad(
-                    "segments must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric",
-                ));
+                return Err(bad("segments must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric"));
             }
         }
         if parts > 2 {
@@ -115,11 +108,7 @@ pub struct RolloutStrategy {
 impl Default for RolloutStrategy {
     /// All at once: one wave of 100%.
     fn default() -> Self {
-        Self {
-            waves: vec![100],
-            paused: false,
-            failure_threshold: FailureThreshold::default(),
-        }
+        Self { waves: vec![100], paused: false, failure_threshold: FailureThreshold::default() }
     }
 }
 
@@ -199,10 +188,7 @@ mod tests {
     #[test]
     fn rollout_validation() {
         assert!(RolloutStrategy::default().validate().is_ok());
-        let s = |w: &[u8]| RolloutStrategy {
-            waves: w.to_vec(),
-            ..Default::default()
-        };
+        let s = |w: &[u8]| RolloutStrategy { waves: w.to_vec(), ..Default::default() };
         assert!(s(&[1, 10, 50, 100]).validate().is_ok());
         assert!(s(&[10, 10, 100]).validate().is_err());
         assert!(s(&[0, 100]).validate().is_err());
@@ -217,9 +203,6 @@ mod tests {
         for i in 0..100_000 {
             buckets[usize::from(wave_point(&format!("node-{i}"), &w) / 1000)] += 1;
         }
-        assert!(
-            buckets.iter().all(|&b| (9_000..11_000).contains(&b)),
-            "{buckets:?}"
-        );
+        assert!(buckets.iter().all(|&b| (9_000..11_000).contains(&b)), "{buckets:?}");
     }
 }

@@ -259,10 +259,7 @@ pub fn encode_into(msg: &Message, buf: &mut Vec<u8>) {
 pub fn peek_kind(bytes: &[u8], limits: &DecodeLimits) -> Result<MessageKind, DecodeError> {
     let (&version, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
     if bytes.len() > limits.max_message_bytes {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: limits.max_message_bytes,
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.max_message_bytes });
     }
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::UnsupportedVersion { version });
@@ -277,18 +274,10 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Message, DecodeErro
     wire::decode_body(kind, &bytes[HEADER_LEN..], limits)
 }
 
-fn decode_directed(
-    bytes: &[u8],
-    expected: Direction,
-    limits: &DecodeLimits,
-) -> Result<Message, DecodeError> {
+fn decode_directed(bytes: &[u8], expected: Direction, limits: &DecodeLimits) -> Result<Message, DecodeError> {
     let kind = peek_kind(bytes, limits)?;
     if kind.direction() != expected {
-        return Err(DecodeError::WrongDirection {
-            kind,
-            actual: kind.direction(),
-            expected,
-        });
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected });
     }
     wire::decode_body(kind, &bytes[HEADER_LEN..], limits)
 }
@@ -316,26 +305,16 @@ pub fn decode_from_node(
 ) -> Result<Message, DecodeError> {
     let kind = peek_kind(bytes, limits)?;
     if kind.direction() != Direction::Uplink {
-        return Err(DecodeError::WrongDirection {
-            kind,
-            actual: kind.direction(),
-            expected: Direction::Uplink,
-        });
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
     }
     if kind.uplink() != Some(topic_kind) {
-        return Err(DecodeError::TopicKindMismatch {
-            topic: topic_kind,
-            payload: kind,
-        });
+        return Err(DecodeError::TopicKindMismatch { topic: topic_kind, payload: kind });
     }
     let msg = wire::decode_body(kind, &bytes[HEADER_LEN..], limits)?;
     if let Message::Register(reg) = &msg
         && reg.name != *node
     {
-        return Err(DecodeError::IdentityMismatch {
-            topic: node.clone(),
-            claimed: reg.name.clone(),
-        });
+        return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed: reg.name.clone() });
     }
     Ok(msg)
 }
