@@ -867,7 +867,7 @@ impl Core {
         let wl_str = cache.strings.find(e.current.id.as_str());
         let (mut reached, mut online, mut ready, mut failed) = (0u32, 0u32, 0u32, 0u32);
         // Per workload-state set: this workload's (version, phase) on nodes carrying that set.
-        let mut state_of: HashMap<u32, Option<(u64, u8)>> = HashMap::new();
+        let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_sets.capacity_ids()];
         for set in cache.matching_sets(&e.current.selector) {
             for &slot in &cache.members[set as usize].slots {
                 let n = &cache.slots[slot as usize];
@@ -880,10 +880,18 @@ impl Core {
                 if n.phase == NodePhase::Online as u8 {
                     online += 1;
                 }
-                let st = *state_of.entry(n.workloads).or_insert_with(|| {
-                    let w = wl_str?;
-                    cache.workload_sets.get(n.workloads).iter().find(|x| x.0 == w).map(|x| (x.1, x.2))
-                });
+                let st = match state_of.get(n.workloads as usize).copied().flatten() {
+                    Some(st) => st,
+                    None => {
+                        let st = wl_str.and_then(|w| {
+                            cache.workload_sets.get(n.workloads).iter().find(|x| x.0 == w).map(|x| (x.1, x.2))
+                        });
+                        if let Some(slot) = state_of.get_mut(n.workloads as usize) {
+                            *slot = Some(st);
+                        }
+                        st
+                    }
+                };
                 if let Some((version, phase)) = st
                     && version == e.current.version
                 {

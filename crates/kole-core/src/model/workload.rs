@@ -11,10 +11,16 @@ use super::{Selector, ValidationError};
 pub const MAX_WORKLOAD_ID_LEN: usize = 317;
 
 /// A workload's identity: `namespace/name` when it comes from Kubernetes, or any name of
-/// `[A-Za-z0-9._-]` segments with at most one `/`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct WorkloadId(String);
+/// `[A-Za-z0-9._-]` segments with at most one `/`. The text is shared (`Arc<str>`), so ids cloned
+/// into every topic, delivery and status cost a reference count, not an allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadId(std::sync::Arc<str>);
+
+impl Serialize for WorkloadId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl WorkloadId {
     /// Validates and wraps an id.
@@ -39,7 +45,7 @@ impl WorkloadId {
         if parts > 2 {
             return Err(bad("may contain at most one '/'"));
         }
-        Ok(Self(id))
+        Ok(Self(std::sync::Arc::from(id)))
     }
 
     /// The id as a string slice.
