@@ -8,8 +8,8 @@ use crate::model::{
     stable_hash, wave_point,
 };
 use crate::protocol::{
-    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, Register, RegisterAck,
-    RegisterOutcome, StatusReport, UplinkKind,
+    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, RegisterAck, RegisterOutcome,
+    StatusReport, UplinkKind,
 };
 use crate::transport::{Destination, NodeDelivery, NodePublish};
 
@@ -262,15 +262,16 @@ impl Agent {
 
     fn send_register(&mut self, now: Timestamp, out: &mut AgentOutputs) {
         self.link = LinkState::Registering;
-        let register = Register {
-            name: self.name.clone(),
+        let workloads = self.workload_states();
+        let payload = protocol::encode_register(&protocol::RegisterRef {
+            name: &self.name,
             boot_id: self.boot_id,
-            labels: (*self.labels).clone(),
-            info: (*self.info).clone(),
+            labels: &self.labels,
+            info: &self.info,
             applied: self.applied,
-            workloads: self.workload_states(),
-        };
-        push(out, UplinkKind::Register, &Message::Register(register));
+            workloads: &workloads,
+        });
+        out.publish.push(NodePublish { kind: UplinkKind::Register, payload });
         // The registration carries every workload's state.
         self.flags &= !STATUS_DIRTY;
         let delay = self.config.register_retry.delay_ms(u32::from(self.attempt), &mut self.jitter);

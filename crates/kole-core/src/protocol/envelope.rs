@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use crate::model::{NodeName, ValidationError};
+use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, ValidationError, WorkloadState};
 
 use super::messages::{Direction, Message, MessageKind};
 use super::topics::{TopicError, UplinkKind};
@@ -251,6 +251,36 @@ pub fn encode_into(msg: &Message, buf: &mut Vec<u8>) {
         debug_assert!(false, "encoding a {} body failed: {e}", msg.kind());
         buf.truncate(HEADER_LEN);
     }
+}
+
+/// A registration by reference: what [`encode_register`] writes, byte for byte the same as
+/// [`encode`] of the equivalent [`Message::Register`], without cloning labels and facts into one.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterRef<'a> {
+    /// The node's name.
+    pub name: &'a NodeName,
+    /// Boot id.
+    pub boot_id: u32,
+    /// Labels.
+    pub labels: &'a Labels,
+    /// Static facts.
+    pub info: &'a NodeInfo,
+    /// Applied digest.
+    pub applied: DesiredDigest,
+    /// Per-workload state.
+    pub workloads: &'a [WorkloadState],
+}
+
+/// Encodes a registration from borrowed parts (see [`RegisterRef`]).
+pub fn encode_register(r: &RegisterRef<'_>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    buf.push(PROTOCOL_VERSION);
+    buf.push(MessageKind::Register.as_u8());
+    if wire::encode_register_body(r, &mut buf).is_err() {
+        debug_assert!(false, "encoding a registration failed");
+        buf.truncate(HEADER_LEN);
+    }
+    buf
 }
 
 /// Reads and checks the envelope header: length, version and kind.

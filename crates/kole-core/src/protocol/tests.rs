@@ -414,3 +414,39 @@ proptest! {
         prop_assert!(encode(&Message::Heartbeat(hb)).len() <= 20);
     }
 }
+
+#[test]
+fn register_by_reference_encodes_like_the_owned_message() {
+    use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, WorkloadId, WorkloadPhase, WorkloadState};
+    let name = NodeName::new("cn-hangzhou-s00042-7k2m9q4x").unwrap();
+    let labels = Labels::from_pairs([("tier", "cdn"), ("topology.kubernetes.io/region", "cn-hangzhou")]).unwrap();
+    let info = NodeInfo {
+        arch: "arm64".into(),
+        os: "linux-6.1".into(),
+        agent_version: "1.5.1".into(),
+        addresses: vec!["10.1.2.3".parse().unwrap()],
+    };
+    let workloads = vec![WorkloadState {
+        workload: WorkloadId::new("edge-system/cdn-cache").unwrap(),
+        version: 42,
+        phase: WorkloadPhase::Running,
+    }];
+    let applied = DesiredDigest(0xfeed_beef);
+    let owned = crate::protocol::encode(&Message::Register(crate::protocol::Register {
+        name: name.clone(),
+        boot_id: 7,
+        labels: labels.clone(),
+        info: info.clone(),
+        applied,
+        workloads: workloads.clone(),
+    }));
+    let by_ref = crate::protocol::encode_register(&crate::protocol::RegisterRef {
+        name: &name,
+        boot_id: 7,
+        labels: &labels,
+        info: &info,
+        applied,
+        workloads: &workloads,
+    });
+    assert_eq!(owned, by_ref);
+}

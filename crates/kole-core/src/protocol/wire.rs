@@ -226,6 +226,24 @@ struct DesiredOut<'a> {
     workloads: SliceSeq<'a, Workload, WorkloadOut<'a>>,
 }
 
+/// Appends the postcard body of a registration built from borrowed parts (no owned [`Register`]).
+pub(super) fn encode_register_body(r: &super::RegisterRef<'_>, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    let out = RegisterOut {
+        name: r.name.as_str(),
+        boot_id: r.boot_id.to_le_bytes(),
+        labels: LabelsOut(r.labels),
+        info: InfoOut {
+            arch: &r.info.arch,
+            os: &r.info.os,
+            agent_version: &r.info.agent_version,
+            addresses: &r.info.addresses,
+        },
+        applied: fixed8(r.applied),
+        workloads: slice_seq(r.workloads, state_out),
+    };
+    postcard::to_io(&out, buf).map(|_| ())
+}
+
 /// Appends the postcard body of `msg` to `buf`.
 pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     fn put<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
