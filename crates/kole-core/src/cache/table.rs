@@ -95,6 +95,8 @@ pub struct NodeCache {
     phase_totals: [u32; 3],
     live: usize,
     set_epoch: u32,
+    /// A lower bound of the last-seen time of every online node (see `mark_offline_before`).
+    online_floor: u32,
     /// Label sets by a hash of their strings (a hint, verified on use).
     label_by_content: FxHashMap<u64, LabelSetId>,
 }
@@ -369,6 +371,9 @@ impl NodeCache {
             m.phases[usize::from(new)] += 1;
             self.phase_totals[usize::from(old)] -= 1;
             self.phase_totals[usize::from(new)] += 1;
+            if phase == NodePhase::Online {
+                self.online_floor = self.online_floor.min(n.last_seen);
+            }
         }
         NodePhase::from_u8(old).unwrap_or_default()
     }
@@ -465,6 +470,9 @@ impl NodeCache {
         };
         self.join_set(slot, label_set, phase as u8);
         self.phase_totals[phase as usize] += 1;
+        if phase == NodePhase::Online {
+            self.online_floor = self.online_floor.min(last_seen);
+        }
         self.live += 1;
         self.index.insert(hash_name(name.as_bytes()), slot);
         Ok(slot)
@@ -641,16 +649,29 @@ impl NodeCache {
     }
 
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
+    ///
+    /// Cheap when nothing is due: the cache keeps a lower bound of the online nodes' last-seen
+    /// times, and scans the table only when the cutoff passes it.
     pub fn mark_offline_before(&mut self, cutoff: Timestamp) -> usize {
         let cutoff = cutoff.as_secs_u32();
+        if cutoff <= self.online_floor {
+            return 0;
+        }
         let mut changed = 0;
+        let mut floor = u32::MAX;
         for slot in 0..self.slots.len() as u32 {
             let n = self.slots[slot as usize];
-            if n.label_set != VACANT && n.phase == NodePhase::Online as u8 && n.last_seen < cutoff {
+            if n.label_set == VACANT || n.phase != NodePhase::Online as u8 {
+                continue;
+            }
+            if n.last_seen < cutoff {
                 self.set_phase_at(slot, NodePhase::Offline);
                 changed += 1;
+            } else {
+                floor = floor.min(n.last_seen);
             }
         }
+        self.online_floor = floor;
         changed
     }
 
@@ -824,6 +845,7 @@ impl StateCache for NodeCache {
             n.workloads = workloads;
             n.applied = reg.applied.0;
             n.last_seen = now_s;
+            self.online_floor = self.online_floor.min(now_s);
             if n.boot_id != boot_id {
                 n.seq = 0;
             }
