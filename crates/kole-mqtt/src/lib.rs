@@ -14,7 +14,7 @@
 //!   [`Connector`](kole_core::agent::driver::Connector).
 //! - [`CloudConfig`], [`NodeConfig`], [`BrokerAddr`], [`Credentials`] — settings with documented
 //!   defaults.
-//! - `EmbeddedBroker` (feature `embedded-broker`) — a broker on `127.0.0.1:0` for tests and demos.
+//! - [`EmbeddedBroker`] (feature `embedded-broker`) — a broker on `127.0.0.1:0` for tests and demos.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -52,6 +52,8 @@
 //! the user name plus the topic. rumqttc's 3.1.1 client is its most used and tested path, and every
 //! broker kole targets (Mosquitto, EMQX, VerneMQ, HiveMQ and the embedded one) speaks it.
 
+#[cfg(feature = "embedded-broker")]
+mod broker;
 mod cloud;
 mod config;
 mod conn;
@@ -59,6 +61,8 @@ mod error;
 mod inbox;
 mod node;
 
+#[cfg(feature = "embedded-broker")]
+pub use broker::{EmbeddedBroker, EmbeddedBrokerConfig};
 pub use cloud::{CloudStats, DOWNLINK_QOS, MqttCloud};
 #[cfg(feature = "tls")]
 pub use config::TlsSettings;
