@@ -392,7 +392,11 @@ impl CloudTransport for MqttCloud {
             } else {
                 // Fan-out reaches every broker (each holds its share of the fleet).
                 for b in 0..nb {
-                    queues[b * per].push(Publish { topic: topic.clone(), retain: m.retain, payload: m.payload.clone() });
+                    queues[b * per].push(Publish {
+                        topic: topic.clone(),
+                        retain: m.retain,
+                        payload: m.payload.clone(),
+                    });
                 }
             }
         }
