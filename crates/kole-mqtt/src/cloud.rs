@@ -132,7 +132,7 @@ impl MqttCloud {
                     counters: counters.clone(),
                     closed: closed.clone(),
                     reconnect: cfg.reconnect.clone(),
-                    jitter: Jitter::new(mix64(stable_hash(0x636c_6f75_64, id.as_bytes()))),
+                    jitter: Jitter::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
                     ready: Some(ready_tx.clone()),
                     up: up.clone(),
                 };
