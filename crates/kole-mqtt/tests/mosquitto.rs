@@ -2,6 +2,9 @@
 //! (`deploy/mqtt/mosquitto.acl`, fleet `default`). Start it with `.ci/mosquitto.sh start`, which
 //! prints `KOLE_TEST_MOSQUITTO=127.0.0.1:PORT` and `KOLE_TEST_MOSQUITTO_CREDENTIALS=FILE`
 //! (`user:password` lines); then `cargo test -p kole-mqtt -- --include-ignored`.
+//!
+//! The tests share one broker, one fleet and its fixed node credentials: run them one at a time
+//! (`-- --include-ignored --test-threads=1`), as `.ci/run` does.
 
 mod common;
 
