@@ -107,7 +107,11 @@ pub struct Table {
 impl Table {
     /// A table with a title line.
     pub fn new(title: impl Into<String>) -> Self {
-        Self { title: title.into(), rows: Vec::new(), header: ["figure", "kole (measured)", "KOLE (paper)", "kole target"] }
+        Self {
+            title: title.into(),
+            rows: Vec::new(),
+            header: ["figure", "kole (measured)", "KOLE (paper)", "kole target"],
+        }
     }
 
     /// Renames the column headers (an empty last header drops the target column).
@@ -133,7 +137,8 @@ impl Table {
         }
         let mut s = format!("{}\n", self.title);
         let line = |s: &mut String, cells: [&str; 4]| {
-            let _ = write!(s, "  {:<w0$}  {:>w1$}  {:>w2$}", cells[0], cells[1], cells[2], w0 = w[0], w1 = w[1], w2 = w[2]);
+            let _ =
+                write!(s, "  {:<w0$}  {:>w1$}  {:>w2$}", cells[0], cells[1], cells[2], w0 = w[0], w1 = w[1], w2 = w[2]);
             if cols == 4 {
                 let _ = write!(s, "  {:>w3$}", cells[3], w3 = w[3]);
             }
