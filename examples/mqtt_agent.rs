@@ -93,7 +93,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let stats = run_agent(&mut agent, &connector, runtime.as_mut(), &store, &DriverConfig::default(), shutdown).await;
     stopper.abort();
-    let running: Vec<String> = agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();
+    let running: Vec<String> =
+        agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();
     println!("{name}: stopped after {stats:?}; workloads: [{}]", running.join(", "));
     Ok(())
 }

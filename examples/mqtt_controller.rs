@@ -106,7 +106,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("snapshot skipped: {f}");
     }
     match manifest {
-        Some(m) => println!("restored generation {} from {}: {} nodes", m.generation, snapshots.display(), m.node_count),
+        Some(m) => {
+            println!("restored generation {} from {}: {} nodes", m.generation, snapshots.display(), m.node_count)
+        }
         None => println!("no snapshot in {}: starting empty", snapshots.display()),
     }
 

@@ -27,11 +27,7 @@ pub struct Flags {
 impl Flags {
     /// Parses `argv` (without the program name). `switches` lists the flags that take no value;
     /// `known` lists the options that take one. Anything else is an error.
-    pub fn parse(
-        argv: impl IntoIterator<Item = String>,
-        switches: &[&str],
-        known: &[&str],
-    ) -> Result<Self, FlagError> {
+    pub fn parse(argv: impl IntoIterator<Item = String>, switches: &[&str], known: &[&str]) -> Result<Self, FlagError> {
         let mut flags = Self::default();
         let mut it = argv.into_iter();
         while let Some(a) = it.next() {

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod dataset;
 pub mod demo;
 pub mod mem;
+pub mod mqtt_bench;
 pub mod progress;
 pub mod report;
 pub mod sim;

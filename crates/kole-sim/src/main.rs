@@ -24,6 +24,13 @@ USAGE:
       network: registration, one heartbeat round, one workload delivered to every node, and a
       controller restart from a snapshot (--cache-only skips this). Default 1,000,000 nodes.
       With --json the last line is one JSON object.
+  kole-sim bench --transport mqtt [--broker mqtt://HOST:PORT] [--broker-pid PID] [--connections C]
+                 [--controller-connections K] [--wildcard-downlink] [--nodes N] [--seed S] [--json]
+      The engine behind the MQTT transport and the simulated nodes multiplexed over C connections
+      (default 8) to a real broker (the embedded one without --broker): registration, one heartbeat
+      from every node, one workload to every node; the controller's CPU time; the broker's peak RSS
+      when --broker-pid names a local broker process. Default 100,000 nodes. The broker must let
+      the bench's user publish on every node's uplink (no kole ACL).
   kole-sim snapshot write --dir D [--nodes N] [--codec gzip|lz4] [--seed S] [--keep K]
       Writes the reference fleet as the next snapshot generation in directory D.
   kole-sim snapshot verify --dir D
@@ -51,7 +58,7 @@ fn main() -> ExitCode {
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn run(argv: Vec<String>) -> AnyResult<ExitCode> {
-    let args = Args::parse(argv, &["json", "help", "cache-only"])?;
+    let args = Args::parse(argv, &["json", "help", "cache-only", "wildcard-downlink"])?;
     if args.flag("help") || args.words.is_empty() {
         print!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
@@ -77,6 +84,11 @@ fn codec_arg(args: &Args) -> AnyResult<Codec> {
 }
 
 fn cmd_bench(args: &Args, default_nodes: usize) -> AnyResult<ExitCode> {
+    match args.get_opt::<String>("transport")?.as_deref() {
+        None | Some("memory") => {}
+        Some("mqtt") => return cmd_bench_mqtt(args),
+        Some(t) => return Err(UsageError(format!("--transport {t}: expected memory or mqtt")).into()),
+    }
     let defaults = BenchConfig::default();
     let cfg = BenchConfig {
         nodes: args.get("nodes", default_nodes)?,
@@ -91,6 +103,32 @@ fn cmd_bench(args: &Args, default_nodes: usize) -> AnyResult<ExitCode> {
     let started = std::time::Instant::now();
     let figures = bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
     println!("{}", bench::table(&figures));
+    if json {
+        println!("{}", figures.to_json());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench --transport mqtt`: see [`kole_sim::mqtt_bench`].
+fn cmd_bench_mqtt(args: &Args) -> AnyResult<ExitCode> {
+    use kole_sim::mqtt_bench::{self, MqttBenchConfig};
+    let d = MqttBenchConfig::default();
+    let cfg = MqttBenchConfig {
+        nodes: args.get("nodes", d.nodes)?,
+        seed: args.get("seed", d.seed)?,
+        broker: args.get_opt::<kole_mqtt::BrokerAddr>("broker")?,
+        broker_pid: args.get_opt("broker-pid")?,
+        connections: args.get("connections", d.connections)?,
+        controller_connections: args.get("controller-connections", d.controller_connections)?,
+        per_node_subscriptions: !args.flag("wildcard-downlink"),
+        inflight: args.get("inflight", d.inflight)?,
+        phase_timeout: std::time::Duration::from_secs(args.get("phase-timeout", d.phase_timeout.as_secs())?),
+    };
+    let json = args.flag("json");
+    args.reject_unknown()?;
+    let started = std::time::Instant::now();
+    let figures = mqtt_bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
+    println!("{}", mqtt_bench::table(&figures));
     if json {
         println!("{}", figures.to_json());
     }
