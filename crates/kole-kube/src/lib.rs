@@ -31,8 +31,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod controller;
 pub mod convert;
 pub mod crd;
+pub mod lease;
 mod error;
 pub mod snapshot;
 pub mod yaml;
