@@ -49,7 +49,7 @@ async fn snapshot_round(client: &Client, nodes: usize, ns: &str) -> anyhow::Resu
 }
 
 fn node_object(fleet: &ReferenceFleet, i: usize) -> Node {
-    let r = fleet.node(i);
+    let r = fleet.node(i).registration;
     let mut n = Node::default();
     n.metadata.name = Some(fleet.name(i));
     n.metadata.labels = Some(r.labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect());

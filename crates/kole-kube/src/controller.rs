@@ -97,7 +97,6 @@ pub type AppliedMap = Arc<Mutex<HashMap<WorkloadId, AppliedState>>>;
 
 struct WorkloadCtx {
     client: Client,
-    cfg: ControllerConfig,
     commands: mpsc::Sender<WorkloadCommand>,
     applied: AppliedMap,
 }
@@ -216,7 +215,7 @@ pub async fn run_workload_controller(
 ) {
     let api: Api<EdgeWorkload> = api(&client, cfg.namespace.as_deref());
     let requeue = cfg.error_requeue;
-    let ctx = Arc::new(WorkloadCtx { client, cfg, commands, applied });
+    let ctx = Arc::new(WorkloadCtx { client, commands, applied });
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(
@@ -369,8 +368,7 @@ async fn reconcile_query(obj: Arc<NodeQuery>, ctx: Arc<QueryCtx>) -> Result<Acti
         let mut body = (*obj).clone();
         body.status = Some(status);
         body.metadata.managed_fields = None;
-        let bytes = serde_json::to_vec(&body).map_err(|source| Error::Json { what: "NodeQuery".into(), source })?;
-        api.replace_status(&name, &Default::default(), bytes)
+        api.replace_status(&name, &Default::default(), &body)
             .await
             .map_err(|source| Error::Kube { op: format!("write status of NodeQuery {ns}/{name}"), source })?;
     }

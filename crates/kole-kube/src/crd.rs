@@ -232,7 +232,7 @@ pub struct Condition {
 
 /// A spec as it was applied at one generation, kept so a restarted controller can resume a
 /// rollout (nodes outside the reached waves keep the previous version).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct AppliedVersion {
     /// The generation.
     pub version: u64,
@@ -487,7 +487,7 @@ pub struct SnapshotGeneration {
 
 /// The list of complete snapshot generations of one store, newest first. Replacing it (with a
 /// `resourceVersion` precondition) is what makes a generation exist.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "kole.dev",
     version = "v1alpha1",

@@ -19,6 +19,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
+//! use kole_core::cache::StateCache;
 //! use kole_core::snapshot::{RestoreLimits, SnapshotStore, restore_latest};
 //! use kole_kube::snapshot::{KubeSnapshotConfig, KubeSnapshotStore};
 //!

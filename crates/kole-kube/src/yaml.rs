@@ -109,7 +109,7 @@ mod tests {
         let y = to_yaml(&v);
         assert_eq!(
             y,
-            "a: 1\nb: \"yes\"\nc:\n- x: \"1\"\n  y: []\n- s p\n-\n  - true\nd: {}\ne:\n  f: null\n"
+            "a: 1\nb: \"yes\"\nc:\n- x: \"1\"\n  \"y\": []\n- s p\n-\n  - true\nd: {}\ne:\n  f: null\n"
         );
     }
 }

@@ -139,7 +139,7 @@ async fn an_oversized_chunk_is_a_clear_error_not_a_loop() {
             let err = task.await.unwrap().unwrap_err().to_string();
             assert!(err.contains("kole-snapshot-g00000000000000000002-c000005") && err.contains(hint), "{err}");
             // Exactly one request: the store gave up at once.
-            assert!(tokio::time::timeout(Duration::from_millis(50), h.next_request()).await.is_err());
+            assert!(!matches!(tokio::time::timeout(Duration::from_millis(50), h.next_request()).await, Ok(Some(_))));
         }
     })
     .await;
@@ -200,8 +200,8 @@ async fn lists_next_generation_from_manifest_and_chunk_labels_with_paging() {
                                 "labels": {STORE_LABEL: "kole-snapshot", GENERATION_LABEL: g.to_string()}}})
         };
         let q = "labelSelector=kole.dev%2Fsnapshot-store%3Dkole-snapshot&limit=500";
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks?{q}"), 200, list(vec![meta(4, 0), meta(4, 1)], "tok")).await;
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks?{q}&continue=tok"), 200, list(vec![meta(6, 0)], "")).await;
+        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks?&{q}"), 200, list(vec![meta(4, 0), meta(4, 1)], "tok")).await;
+        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks?&{q}&continue=tok"), 200, list(vec![meta(6, 0)], "")).await;
         // An interrupted write of generation 6 left a chunk: the next write uses 7.
         assert_eq!(task.await.unwrap().unwrap(), 7);
     })
@@ -224,7 +224,7 @@ async fn prune_drops_old_records_first_then_deletes_their_chunks_by_label() {
         expect(
             &mut h,
             Method::GET,
-            &format!("{BASE}/snapshotchunks?{q}"),
+            &format!("{BASE}/snapshotchunks?&{q}"),
             200,
             json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": [meta(4), meta(5), meta(6)]}),
         )
@@ -234,7 +234,7 @@ async fn prune_drops_old_records_first_then_deletes_their_chunks_by_label() {
             expect(
                 &mut h,
                 Method::DELETE,
-                &format!("{BASE}/snapshotchunks?{q}"),
+                &format!("{BASE}/snapshotchunks?&{q}"),
                 200,
                 json!({"apiVersion": "kole.dev/v1alpha1", "kind": "SnapshotChunkList", "metadata": {}, "items": []}),
             )
@@ -242,7 +242,7 @@ async fn prune_drops_old_records_first_then_deletes_their_chunks_by_label() {
         }
         task.await.unwrap().unwrap();
         // Generation 5, the last complete one, was never deleted.
-        assert!(tokio::time::timeout(Duration::from_millis(50), h.next_request()).await.is_err());
+        assert!(!matches!(tokio::time::timeout(Duration::from_millis(50), h.next_request()).await, Ok(Some(_))));
     })
     .await;
 }
