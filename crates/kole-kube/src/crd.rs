@@ -217,13 +217,10 @@ pub struct Condition {
     /// `True`, `False` or `Unknown`.
     pub status: String,
     /// A CamelCase reason.
-    #[serde(default)]
     pub reason: String,
     /// A human-readable message.
-    #[serde(default)]
     pub message: String,
     /// RFC 3339 time of the last change of `status`.
-    #[serde(default)]
     pub last_transition_time: String,
     /// The generation the condition was computed for.
     #[serde(default)]
@@ -375,13 +372,10 @@ pub struct NodeItem {
     /// When the controller last heard from it (RFC 3339).
     pub last_seen: String,
     /// CPU architecture.
-    #[serde(default)]
     pub arch: String,
     /// Operating system.
-    #[serde(default)]
     pub os: String,
     /// Agent version.
-    #[serde(default)]
     pub agent_version: String,
     /// Addresses, primary first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
