@@ -110,11 +110,36 @@ impl Metrics {
         let mut line = |name: &str, help: &str, kind: &str, value: String| {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
         };
-        line("kole_leader", "1 when this replica holds the Lease", "gauge", u8::from(self.leader.load(Ordering::Relaxed)).to_string());
-        line("kole_status_events_total", "Workload status changes from the engine", "counter", self.status_events.load(Ordering::Relaxed).to_string());
-        line("kole_snapshots_written_total", "Snapshot generations committed", "counter", self.snapshots_written.load(Ordering::Relaxed).to_string());
-        line("kole_snapshots_failed_total", "Snapshot writes that failed", "counter", self.snapshots_failed.load(Ordering::Relaxed).to_string());
-        line("kole_rejects_total", "Inputs refused by the engine", "counter", self.rejects.load(Ordering::Relaxed).to_string());
+        line(
+            "kole_leader",
+            "1 when this replica holds the Lease",
+            "gauge",
+            u8::from(self.leader.load(Ordering::Relaxed)).to_string(),
+        );
+        line(
+            "kole_status_events_total",
+            "Workload status changes from the engine",
+            "counter",
+            self.status_events.load(Ordering::Relaxed).to_string(),
+        );
+        line(
+            "kole_snapshots_written_total",
+            "Snapshot generations committed",
+            "counter",
+            self.snapshots_written.load(Ordering::Relaxed).to_string(),
+        );
+        line(
+            "kole_snapshots_failed_total",
+            "Snapshot writes that failed",
+            "counter",
+            self.snapshots_failed.load(Ordering::Relaxed).to_string(),
+        );
+        line(
+            "kole_rejects_total",
+            "Inputs refused by the engine",
+            "counter",
+            self.rejects.load(Ordering::Relaxed).to_string(),
+        );
         s.push_str("# HELP kole_nodes Nodes in the cache by phase\n# TYPE kole_nodes gauge\n");
         for p in NodePhase::ALL {
             s.push_str(&format!("kole_nodes{{phase=\"{}\"}} {}\n", p.as_str(), counts.get(p)));
@@ -164,7 +189,8 @@ fn spawn_simulated_fleet(hub: &MemoryHub, n: usize, stop: watch::Receiver<bool>)
         ]) else {
             continue;
         };
-        let identity = AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(NodeInfo::default()) };
+        let identity =
+            AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(NodeInfo::default()) };
         let mut agent = Agent::new(config.clone(), identity, u32::try_from(i).unwrap_or(0) + 1, None);
         let hub = hub.clone();
         let stop = stop.clone();
@@ -173,7 +199,15 @@ fn spawn_simulated_fleet(hub: &MemoryHub, n: usize, stop: watch::Receiver<bool>)
                 Ok(Arc::new(hub.connect(name.clone())?) as Arc<dyn NodeTransport>)
             };
             let mut runtime = RecordingRuntime::instant();
-            run_agent(&mut agent, &connector, &mut runtime, &MemoryAgentStore::new(), &AgentDriverConfig::default(), stop).await;
+            run_agent(
+                &mut agent,
+                &connector,
+                &mut runtime,
+                &MemoryAgentStore::new(),
+                &AgentDriverConfig::default(),
+                stop,
+            )
+            .await;
         });
     }
 }
@@ -232,7 +266,8 @@ async fn main() -> anyhow::Result<()> {
             snapshot_interval_ms: opts.snapshot_interval_ms,
             ..Default::default()
         };
-        let (engine, manifest, faults) = restore_engine(ecfg, store.as_ref(), &RestoreLimits::default(), system_clock()()).await?;
+        let (engine, manifest, faults) =
+            restore_engine(ecfg, store.as_ref(), &RestoreLimits::default(), system_clock()()).await?;
         for f in faults {
             eprintln!("snapshot skipped: {f}");
         }
@@ -244,7 +279,9 @@ async fn main() -> anyhow::Result<()> {
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (term_tx, term_rx) = watch::channel(false);
         let dcfg = DriverConfig { snapshot: SnapshotOptions::default(), ..Default::default() };
-        let driver = tokio::spawn(EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx).run(cmd_rx, term_rx.clone()));
+        let driver = tokio::spawn(
+            EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx).run(cmd_rx, term_rx.clone()),
+        );
         let ccfg = ControllerConfig {
             namespace: opts.watch_namespace.clone(),
             status_interval: Duration::from_millis(opts.status_interval_ms),
@@ -286,8 +323,20 @@ async fn main() -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         };
         let tasks = vec![
-            tokio::spawn(kole_kube::controller::run_status_writer(client.clone(), ccfg.clone(), applied.clone(), status_rx, Some(other_tx))),
-            tokio::spawn(kole_kube::controller::run_workload_controller(client.clone(), ccfg.clone(), cmd_tx, applied, until(term_rx.clone()))),
+            tokio::spawn(kole_kube::controller::run_status_writer(
+                client.clone(),
+                ccfg.clone(),
+                applied.clone(),
+                status_rx,
+                Some(other_tx),
+            )),
+            tokio::spawn(kole_kube::controller::run_workload_controller(
+                client.clone(),
+                ccfg.clone(),
+                cmd_tx,
+                applied,
+                until(term_rx.clone()),
+            )),
             tokio::spawn(kole_kube::controller::run_query_controller(client.clone(), ccfg, cache, until(term_rx))),
         ];
         // Serve until leadership is lost or shutdown is asked for.

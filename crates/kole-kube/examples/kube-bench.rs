@@ -55,9 +55,19 @@ fn node_object(fleet: &ReferenceFleet, i: usize) -> Node {
     n.metadata.labels = Some(r.labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect());
     let q = |s: &str| Quantity(s.to_owned());
     n.status = Some(NodeStatus {
-        addresses: Some(r.info.addresses.iter().map(|a| NodeAddress { type_: "InternalIP".into(), address: a.to_string() }).collect()),
-        capacity: Some([("cpu".to_owned(), q("4")), ("memory".to_owned(), q("8Gi")), ("pods".to_owned(), q("110"))].into()),
-        allocatable: Some([("cpu".to_owned(), q("4")), ("memory".to_owned(), q("7Gi")), ("pods".to_owned(), q("110"))].into()),
+        addresses: Some(
+            r.info
+                .addresses
+                .iter()
+                .map(|a| NodeAddress { type_: "InternalIP".into(), address: a.to_string() })
+                .collect(),
+        ),
+        capacity: Some(
+            [("cpu".to_owned(), q("4")), ("memory".to_owned(), q("8Gi")), ("pods".to_owned(), q("110"))].into(),
+        ),
+        allocatable: Some(
+            [("cpu".to_owned(), q("4")), ("memory".to_owned(), q("7Gi")), ("pods".to_owned(), q("110"))].into(),
+        ),
         conditions: Some(vec![NodeCondition {
             type_: "Ready".into(),
             status: "True".into(),
@@ -107,10 +117,12 @@ async fn main() -> anyhow::Result<()> {
                 let api = api.clone();
                 let pp = pp.clone();
                 let n = node_object(&fleet, i);
-                async move { api.create(&pp, &n).await.map(|_| ()).or_else(|e| match e {
-                    kube::Error::Api(s) if s.code == 409 => Ok(()),
-                    e => Err(e),
-                }) }
+                async move {
+                    api.create(&pp, &n).await.map(|_| ()).or_else(|e| match e {
+                        kube::Error::Api(s) if s.code == 409 => Ok(()),
+                        e => Err(e),
+                    })
+                }
             })
             .buffer_unordered(32)
             .collect::<Vec<_>>()

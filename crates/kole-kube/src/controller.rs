@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kole_core::cache::{CacheStore, NodeCache, NodeQuery as CacheQuery, StateCache};
-use kole_core::engine::{WorkloadCommand, WorkloadStatus};
 use kole_core::engine::driver::DriverEvent;
+use kole_core::engine::{WorkloadCommand, WorkloadStatus};
 use kole_core::model::{NodeName, NodePhase, Timestamp, WorkloadId};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -274,7 +274,8 @@ async fn flush_statuses(
     let writes: Vec<_> = batch
         .into_values()
         .filter_map(|s| {
-            let previous = applied.lock().unwrap_or_else(|p| p.into_inner()).get(&s.id).and_then(|a| a.previous.clone());
+            let previous =
+                applied.lock().unwrap_or_else(|p| p.into_inner()).get(&s.id).and_then(|a| a.previous.clone());
             let status = convert::status_from_engine(&s, previous, written.get(&s.id), t);
             (written.get(&s.id) != Some(&status)).then_some((s.id, status))
         })
@@ -355,7 +356,9 @@ async fn reconcile_query(obj: Arc<NodeQuery>, ctx: Arc<QueryCtx>) -> Result<Acti
         return Ok(Action::await_change());
     }
     let answered = obj.status.as_ref().is_some_and(|s| {
-        s.observed_generation == obj.metadata.generation && s.observed_refresh == obj.spec.refresh && s.answered_at.is_some()
+        s.observed_generation == obj.metadata.generation
+            && s.observed_refresh == obj.spec.refresh
+            && s.answered_at.is_some()
     });
     if !answered {
         let mut status = {

@@ -82,11 +82,9 @@ pub fn workload_from_spec(id: &WorkloadId, version: u64, spec: &EdgeWorkloadSpec
 /// Builds the model's workload from an object: id `namespace/name`, version `metadata.generation`.
 pub fn workload_from_object(obj: &EdgeWorkload) -> Result<Workload> {
     let id = workload_id(obj)?;
-    let version = obj
-        .metadata
-        .generation
-        .and_then(|g| u64::try_from(g).ok())
-        .ok_or_else(|| Error::InvalidWorkload { object: id.to_string(), reason: "metadata.generation is missing".into() })?;
+    let version = obj.metadata.generation.and_then(|g| u64::try_from(g).ok()).ok_or_else(|| {
+        Error::InvalidWorkload { object: id.to_string(), reason: "metadata.generation is missing".into() }
+    })?;
     workload_from_spec(&id, version, &obj.spec)
 }
 
@@ -287,15 +285,23 @@ mod tests {
 
     #[test]
     fn invalid_specs_are_clear_errors() {
-        let cases: Vec<(Box<dyn Fn(&mut EdgeWorkloadSpec)>, &str)> = vec![
+        type Damage = Box<dyn Fn(&mut EdgeWorkloadSpec)>;
+        let cases: Vec<(Damage, &str)> = vec![
             (Box::new(|s| s.rollout.waves = vec![50, 20, 100]), "strictly increasing"),
             (Box::new(|s| s.rollout.waves = vec![50]), "last wave must be 100"),
             (Box::new(|s| s.delivery.mode = DeliveryModeSpec::Group), "group is required"),
             (
-                Box::new(|s| s.rollout.failure_threshold = Some(FailureThresholdSpec { count: Some(1), percent: Some(1) })),
+                Box::new(|s| {
+                    s.rollout.failure_threshold = Some(FailureThresholdSpec { count: Some(1), percent: Some(1) })
+                }),
                 "not both",
             ),
-            (Box::new(|s| { s.selector.match_labels.insert("bad key!".into(), "x".into()); }), "spec.selector"),
+            (
+                Box::new(|s| {
+                    s.selector.match_labels.insert("bad key!".into(), "x".into());
+                }),
+                "spec.selector",
+            ),
         ];
         for (damage, expect) in cases {
             let mut s = spec();

@@ -6,6 +6,9 @@
 //! What a schema cannot say (waves strictly increasing, a group name for group delivery) is checked by
 //! the conversions in [`crate::convert`] and reported in the object's status.
 
+// kube-derive takes one `printcolumn(...)` per column; clippy mistakes the repeated `type_` for a duplicate.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -443,7 +446,10 @@ impl<'de> Deserialize<'de> for Base64Bytes {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use base64::Engine as _;
         let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map(Base64Bytes).map_err(serde::de::Error::custom)
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Base64Bytes)
+            .map_err(serde::de::Error::custom)
     }
 }
 

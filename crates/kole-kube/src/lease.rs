@@ -152,7 +152,8 @@ impl LeaderElector {
         }
         self.leading = false;
         let op = format!("release Lease {}/{}", self.cfg.namespace, self.cfg.name);
-        let Some(mut lease) = self.api.get_opt(&self.cfg.name).await.map_err(|source| Error::Kube { op: op.clone(), source })?
+        let Some(mut lease) =
+            self.api.get_opt(&self.cfg.name).await.map_err(|source| Error::Kube { op: op.clone(), source })?
         else {
             return Ok(());
         };
@@ -160,7 +161,10 @@ impl LeaderElector {
             && spec.holder_identity.as_deref() == Some(self.cfg.identity.as_str())
         {
             spec.holder_identity = None;
-            self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await.map_err(|source| Error::Kube { op, source })?;
+            self.api
+                .replace(&self.cfg.name, &PostParams::default(), &lease)
+                .await
+                .map_err(|source| Error::Kube { op, source })?;
         }
         Ok(())
     }

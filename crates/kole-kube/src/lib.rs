@@ -35,8 +35,8 @@
 pub mod controller;
 pub mod convert;
 pub mod crd;
-pub mod lease;
 mod error;
+pub mod lease;
 pub mod snapshot;
 pub mod yaml;
 

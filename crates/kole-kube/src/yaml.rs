@@ -107,9 +107,6 @@ mod tests {
             "a": 1, "b": "yes", "c": [ {"x": "1", "y": []}, "s p", [true] ], "d": {}, "e": {"f": null}
         });
         let y = to_yaml(&v);
-        assert_eq!(
-            y,
-            "a: 1\nb: \"yes\"\nc:\n- x: \"1\"\n  \"y\": []\n- s p\n-\n  - true\nd: {}\ne:\n  f: null\n"
-        );
+        assert_eq!(y, "a: 1\nb: \"yes\"\nc:\n- x: \"1\"\n  \"y\": []\n- s p\n-\n  - true\nd: {}\ne:\n  f: null\n");
     }
 }

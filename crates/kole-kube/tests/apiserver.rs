@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kole_core::cache::{NodeCache, StateCache};
-use kole_core::snapshot::{RestoreLimits, SnapshotOptions, SnapshotStore, encode_snapshot, restore_latest, write_snapshot};
+use kole_core::snapshot::{
+    RestoreLimits, SnapshotOptions, SnapshotStore, encode_snapshot, restore_latest, write_snapshot,
+};
 use kole_kube::crd::*;
 use kole_kube::snapshot::{KubeSnapshotConfig, KubeSnapshotStore};
+use kole_sim::dataset::ReferenceFleet;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::core::{DynamicObject, GroupVersionKind};
 use kube::discovery::ApiResource;
 use kube::{Api, ResourceExt};
-use kole_sim::dataset::ReferenceFleet;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -35,7 +37,10 @@ fn workload(image: &str, tier: &str) -> EdgeWorkloadSpec {
 }
 
 fn store(client: &kube::Client, ns: &str, name: &str) -> KubeSnapshotStore {
-    KubeSnapshotStore::new(client.clone(), KubeSnapshotConfig { namespace: ns.into(), name: name.into(), ..Default::default() })
+    KubeSnapshotStore::new(
+        client.clone(),
+        KubeSnapshotConfig { namespace: ns.into(), name: name.into(), ..Default::default() },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +59,8 @@ async fn crds_install_and_the_schema_rejects_invalid_workloads() {
         bad.rollout.waves = vec![0, 101];
         let err = api.create(&PostParams::default(), &EdgeWorkload::new("bad-waves", bad)).await.unwrap_err();
         assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err:?}");
-        let err = api.create(&PostParams::default(), &EdgeWorkload::new("bad-image", workload("", "cdn"))).await.unwrap_err();
+        let err =
+            api.create(&PostParams::default(), &EdgeWorkload::new("bad-image", workload("", "cdn"))).await.unwrap_err();
         assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err:?}");
 
         // Raw objects as kubectl would send them: an unknown enum value, a string for an integer.
@@ -71,9 +77,18 @@ async fn crds_install_and_the_schema_rejects_invalid_workloads() {
             assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{name}: {err:?}");
         }
         let nq: Api<NodeQuery> = Api::namespaced(client.clone(), &ns);
-        let mut q = NodeQuery::new("q", NodeQuerySpec {
-            names: vec![], selector: None, phase: None, limit: 5000, continue_: None, ttl_seconds: 60, refresh: None,
-        });
+        let mut q = NodeQuery::new(
+            "q",
+            NodeQuerySpec {
+                names: vec![],
+                selector: None,
+                phase: None,
+                limit: 5000,
+                continue_: None,
+                ttl_seconds: 60,
+                refresh: None,
+            },
+        );
         let err = nq.create(&PostParams::default(), &q).await.unwrap_err();
         assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "limit over 1000: {err:?}");
         q.spec.limit = 10;
@@ -112,7 +127,8 @@ async fn snapshot_of_100k_reference_nodes_round_trips_through_custom_resources()
             assert_eq!(restored.cache.get(&name), cache.get(&name), "node {name}");
         }
         let chunks: Api<SnapshotChunk> = Api::namespaced(client.clone(), &ns);
-        let listed = chunks.list_metadata(&ListParams::default().labels("kole.dev/snapshot-store=fleet")).await.unwrap();
+        let listed =
+            chunks.list_metadata(&ListParams::default().labels("kole.dev/snapshot-store=fleet")).await.unwrap();
         assert_eq!(listed.items.len(), manifest.chunk_count as usize);
     })
     .await;
@@ -151,9 +167,10 @@ async fn a_crash_between_chunks_and_manifest_restores_the_previous_generation() 
         // Its next write skips the leftover number and pruning removes the leftovers,
         // never generation 1 while it is the last complete one.
         assert_eq!(store.next_generation().await.unwrap(), 3);
-        let g3 = write_snapshot(&store, &cache, &SnapshotOptions { keep_generations: 2, ..Default::default() }, fleet.now())
-            .await
-            .unwrap();
+        let g3 =
+            write_snapshot(&store, &cache, &SnapshotOptions { keep_generations: 2, ..Default::default() }, fleet.now())
+                .await
+                .unwrap();
         assert_eq!(g3.generation, 3);
         assert_eq!(store.chunk_generations().await.unwrap(), BTreeSet::from([1, 3]));
         let restored = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
@@ -204,8 +221,11 @@ async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() 
         let spec = NodeQuerySpec {
             names: vec![],
             selector: Some(SelectorSpec {
-                match_labels: [("tier".to_owned(), "cdn".to_owned()), ("topology.kubernetes.io/region".to_owned(), "east".to_owned())]
-                    .into(),
+                match_labels: [
+                    ("tier".to_owned(), "cdn".to_owned()),
+                    ("topology.kubernetes.io/region".to_owned(), "east".to_owned()),
+                ]
+                .into(),
                 ..Default::default()
             }),
             phase: None,
@@ -252,10 +272,11 @@ async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() 
         })
         .await;
         eventually(Duration::from_secs(30), "nodes stopped the workload", || {
-            let running = cache
-                .read()
-                .get("edge-0000")
-                .is_some_and(|r| r.workloads.iter().any(|w| w.workload.as_str() == format!("{ns}/cdn") && w.phase == kole_core::model::WorkloadPhase::Running));
+            let running = cache.read().get("edge-0000").is_some_and(|r| {
+                r.workloads.iter().any(|w| {
+                    w.workload.as_str() == format!("{ns}/cdn") && w.phase == kole_core::model::WorkloadPhase::Running
+                })
+            });
             async move { (!running).then_some(()) }
         })
         .await;
@@ -284,9 +305,12 @@ async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
             renew_interval: Duration::from_millis(500),
             ..LeaseConfig::new(&ns, "kole-fleet", id)
         };
-        let mut a = LeaderElector::new(client.clone(), lease("a"));
+        let a = LeaderElector::new(client.clone(), lease("a"));
         let mut b = LeaderElector::new(client.clone(), lease("b"));
-        assert!(a.step().await.unwrap(), "a takes the free lease");
+        let (a_leads, mut a_leading) = tokio::sync::watch::channel(false);
+        let (_a_stop, a_stop_rx) = tokio::sync::watch::channel(false);
+        let a_task = tokio::spawn(a.run(a_leads, a_stop_rx));
+        tokio::time::timeout(Duration::from_secs(10), a_leading.wait_for(|l| *l)).await.unwrap().unwrap();
         assert!(!b.step().await.unwrap(), "b stands by");
 
         // a leads: controller + fleet, a workload converges, a snapshot is written.
@@ -307,7 +331,7 @@ async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
         eventually(Duration::from_secs(90), "a's rollout converged", ready(15, 1)).await;
         // a dies without releasing (the shutdown snapshot is its last act): b waits for expiry.
         ctl_a.stop().await;
-        drop(a);
+        a_task.abort();
         let t = Instant::now();
         loop {
             if b.step().await.unwrap() {
@@ -338,4 +362,3 @@ async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
     })
     .await;
 }
-

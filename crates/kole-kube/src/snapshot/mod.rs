@@ -150,12 +150,17 @@ impl KubeSnapshotStore {
 
     fn backend(&self, op: String, e: kube::Error) -> SnapshotError {
         let hint = match status_code(&e) {
-            Some(413) => "; the object is over the apiserver's request size limit: lower SnapshotOptions::max_chunk_bytes",
+            Some(413) => {
+                "; the object is over the apiserver's request size limit: lower SnapshotOptions::max_chunk_bytes"
+            }
             Some(422) => "; the apiserver rejected the object as invalid: are the kole CRDs installed and current?",
             Some(404) => "; are the kole CRDs installed?",
             _ => "",
         };
-        SnapshotError::Backend { context: format!("{op} in namespace {}{hint}", self.cfg.namespace), source: Box::new(e) }
+        SnapshotError::Backend {
+            context: format!("{op} in namespace {}{hint}", self.cfg.namespace),
+            source: Box::new(e),
+        }
     }
 
     /// Runs `f` until it is done, fails with a non-retryable error, or attempts run out.
@@ -209,7 +214,8 @@ impl KubeSnapshotStore {
                 )
                 .await?;
             for o in &page.items {
-                if let Some(g) = o.metadata.labels.as_ref().and_then(|l| l.get(GENERATION_LABEL)).and_then(|g| g.parse().ok())
+                if let Some(g) =
+                    o.metadata.labels.as_ref().and_then(|l| l.get(GENERATION_LABEL)).and_then(|g| g.parse().ok())
                 {
                     out.insert(g);
                 }
@@ -249,7 +255,7 @@ fn manifest_generation(m: &Manifest) -> SnapshotGeneration {
 }
 
 fn set_latest(spec: &mut SnapshotManifestSpec) {
-    spec.generations.sort_by(|a, b| b.generation.cmp(&a.generation));
+    spec.generations.sort_by_key(|g| std::cmp::Reverse(g.generation));
     spec.generations.dedup_by_key(|g| g.generation);
     let latest = spec.generations.first();
     spec.latest_generation = latest.map_or(0, |g| g.generation);
@@ -358,7 +364,7 @@ impl SnapshotStore for KubeSnapshotStore {
                 Err(e) => tracing::warn!(generation = g.generation, error = %e, "snapshot manifest record skipped"),
             }
         }
-        out.sort_by(|a, b| b.generation.cmp(&a.generation));
+        out.sort_by_key(|m| std::cmp::Reverse(m.generation));
         Ok(out)
     }
 
@@ -391,7 +397,9 @@ impl SnapshotStore for KubeSnapshotStore {
                         .spec
                         .generations
                         .iter()
-                        .filter(|g| Manifest::from_bytes(&g.manifest.0, 16 << 20).is_ok_and(|m| m.generation == g.generation))
+                        .filter(|g| {
+                            Manifest::from_bytes(&g.manifest.0, 16 << 20).is_ok_and(|m| m.generation == g.generation)
+                        })
                         .map(|g| g.generation)
                         .take(keep)
                         .collect();

@@ -20,7 +20,11 @@ fn store() -> (KubeSnapshotStore, Mock) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let cfg = KubeSnapshotConfig {
-        retry: RetryPolicy { max_attempts: 5, initial_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(2) },
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        },
         ..Default::default()
     };
     (KubeSnapshotStore::new(client, cfg), handle)
@@ -99,7 +103,14 @@ async fn put_chunk_creates_a_labelled_object_with_base64_data() {
         let (store, mut h) = store();
         let task = tokio::spawn(async move { store.put_chunk(3, 7, b"\x00chunk").await });
         let name = "kole-snapshot-g00000000000000000003-c000007";
-        let sent = expect(&mut h, Method::POST, &format!("{BASE}/snapshotchunks?"), 201, chunk_object(name, "1", 3, 7, b"\x00chunk")).await;
+        let sent = expect(
+            &mut h,
+            Method::POST,
+            &format!("{BASE}/snapshotchunks?"),
+            201,
+            chunk_object(name, "1", 3, 7, b"\x00chunk"),
+        )
+        .await;
         assert_eq!(sent["metadata"]["name"], name);
         assert_eq!(sent["metadata"]["labels"][STORE_LABEL], "kole-snapshot");
         assert_eq!(sent["metadata"]["labels"][GENERATION_LABEL], "3");
@@ -117,9 +128,22 @@ async fn put_chunk_replaces_a_leftover_and_retries_throttling() {
         let name = "kole-snapshot-g00000000000000000001-c000000";
         expect(&mut h, Method::POST, &format!("{BASE}/snapshotchunks?"), 429, status(429, "TooManyRequests")).await;
         expect(&mut h, Method::POST, &format!("{BASE}/snapshotchunks?"), 409, status(409, "AlreadyExists")).await;
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks/{name}"), 200, chunk_object(name, "41", 1, 0, b"old")).await;
-        let sent =
-            expect(&mut h, Method::PUT, &format!("{BASE}/snapshotchunks/{name}?"), 200, chunk_object(name, "42", 1, 0, b"new")).await;
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotchunks/{name}"),
+            200,
+            chunk_object(name, "41", 1, 0, b"old"),
+        )
+        .await;
+        let sent = expect(
+            &mut h,
+            Method::PUT,
+            &format!("{BASE}/snapshotchunks/{name}?"),
+            200,
+            chunk_object(name, "42", 1, 0, b"new"),
+        )
+        .await;
         assert_eq!(sent["metadata"]["resourceVersion"], "41", "replace carries the precondition");
         assert_eq!(sent["spec"]["data"], "bmV3");
         task.await.unwrap().unwrap();
@@ -174,8 +198,10 @@ async fn first_commit_creates_the_manifest() {
         let (store, mut h) = store();
         let m = sample_manifest(1);
         let task = tokio::spawn(async move { store.commit(&m).await });
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotmanifests/kole-snapshot"), 404, status(404, "NotFound")).await;
-        let sent = expect(&mut h, Method::POST, &format!("{BASE}/snapshotmanifests?"), 201, manifest_object("1", &[1])).await;
+        expect(&mut h, Method::GET, &format!("{BASE}/snapshotmanifests/kole-snapshot"), 404, status(404, "NotFound"))
+            .await;
+        let sent =
+            expect(&mut h, Method::POST, &format!("{BASE}/snapshotmanifests?"), 201, manifest_object("1", &[1])).await;
         assert_eq!(sent["metadata"]["name"], "kole-snapshot");
         assert_eq!(sent["spec"]["latestGeneration"], 1);
         assert_eq!(sent["spec"]["latestChunkCount"], 2);
@@ -189,7 +215,14 @@ async fn lists_next_generation_from_manifest_and_chunk_labels_with_paging() {
     timed(async {
         let (store, mut h) = store();
         let task = tokio::spawn(async move { store.next_generation().await });
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotmanifests/kole-snapshot"), 200, manifest_object("3", &[4])).await;
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotmanifests/kole-snapshot"),
+            200,
+            manifest_object("3", &[4]),
+        )
+        .await;
         let list = |items: Vec<Value>, cont: &str| {
             json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
                    "metadata": {"continue": cont, "resourceVersion": "9"}, "items": items})
@@ -200,8 +233,22 @@ async fn lists_next_generation_from_manifest_and_chunk_labels_with_paging() {
                                 "labels": {STORE_LABEL: "kole-snapshot", GENERATION_LABEL: g.to_string()}}})
         };
         let q = "labelSelector=kole.dev%2Fsnapshot-store%3Dkole-snapshot&limit=500";
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks?&{q}"), 200, list(vec![meta(4, 0), meta(4, 1)], "tok")).await;
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks?&{q}&continue=tok"), 200, list(vec![meta(6, 0)], "")).await;
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotchunks?&{q}"),
+            200,
+            list(vec![meta(4, 0), meta(4, 1)], "tok"),
+        )
+        .await;
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotchunks?&{q}&continue=tok"),
+            200,
+            list(vec![meta(6, 0)], ""),
+        )
+        .await;
         // An interrupted write of generation 6 left a chunk: the next write uses 7.
         assert_eq!(task.await.unwrap().unwrap(), 7);
     })
@@ -253,15 +300,30 @@ async fn list_and_get_read_back_what_was_stored() {
         let (store, mut h) = store();
         let s2 = store.clone();
         let task = tokio::spawn(async move { s2.list_manifests().await });
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotmanifests/kole-snapshot"), 200, manifest_object("3", &[5, 4])).await;
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotmanifests/kole-snapshot"),
+            200,
+            manifest_object("3", &[5, 4]),
+        )
+        .await;
         let ms = task.await.unwrap().unwrap();
         assert_eq!(ms.iter().map(|m| m.generation).collect::<Vec<_>>(), vec![5, 4]);
         assert_eq!(ms[0], sample_manifest(5));
 
         let task = tokio::spawn(async move { store.get_chunk(5, 1).await });
         let name = "kole-snapshot-g00000000000000000005-c000001";
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks/{name}"), 503, status(503, "ServiceUnavailable")).await;
-        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks/{name}"), 200, chunk_object(name, "9", 5, 1, b"bytes")).await;
+        expect(&mut h, Method::GET, &format!("{BASE}/snapshotchunks/{name}"), 503, status(503, "ServiceUnavailable"))
+            .await;
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotchunks/{name}"),
+            200,
+            chunk_object(name, "9", 5, 1, b"bytes"),
+        )
+        .await;
         assert_eq!(task.await.unwrap().unwrap(), Some(b"bytes".to_vec()));
     })
     .await;

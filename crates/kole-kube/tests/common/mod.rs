@@ -45,7 +45,12 @@ pub async fn install_crds(client: &Client) {
         let name = crd.metadata.name.clone().unwrap();
         for _ in 0..100 {
             let c = api.get(&name).await.unwrap();
-            let ok = c.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Established" && c.status == "True");
+            let ok = c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
             if ok {
                 break;
             }
@@ -92,19 +97,16 @@ pub struct ControllerUnderTest {
 }
 
 impl ControllerUnderTest {
-    pub async fn start(
-        client: &Client,
-        ns: &str,
-        hub: &MemoryHub,
-        snapshots: Option<Arc<dyn SnapshotStore>>,
-    ) -> Self {
+    pub async fn start(client: &Client, ns: &str, hub: &MemoryHub, snapshots: Option<Arc<dyn SnapshotStore>>) -> Self {
         let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().expect("cloud side"));
         let ecfg = EngineConfig { heartbeat_interval_ms: 1_000, convergence_grace_ms: 3_000, ..Default::default() };
         let engine = match &snapshots {
-            Some(s) => kole_core::engine::driver::restore_engine(ecfg, s.as_ref(), &RestoreLimits::default(), kole_kube_now())
-                .await
-                .expect("restore")
-                .0,
+            Some(s) => {
+                kole_core::engine::driver::restore_engine(ecfg, s.as_ref(), &RestoreLimits::default(), kole_kube_now())
+                    .await
+                    .expect("restore")
+                    .0
+            }
             None => Engine::new(ecfg, NodeCache::new(), kole_kube_now()),
         };
         let cache = engine.store();
@@ -129,7 +131,13 @@ impl ControllerUnderTest {
             let _ = rx.wait_for(|s| *s).await;
         };
         let tasks = vec![
-            tokio::spawn(kole_kube::controller::run_status_writer(client.clone(), cfg.clone(), applied.clone(), ev_rx, None)),
+            tokio::spawn(kole_kube::controller::run_status_writer(
+                client.clone(),
+                cfg.clone(),
+                applied.clone(),
+                ev_rx,
+                None,
+            )),
             tokio::spawn(kole_kube::controller::run_workload_controller(
                 client.clone(),
                 cfg.clone(),
@@ -137,7 +145,12 @@ impl ControllerUnderTest {
                 applied,
                 shutdown(stop_rx.clone()),
             )),
-            tokio::spawn(kole_kube::controller::run_query_controller(client.clone(), cfg, cache.clone(), shutdown(stop_rx))),
+            tokio::spawn(kole_kube::controller::run_query_controller(
+                client.clone(),
+                cfg,
+                cache.clone(),
+                shutdown(stop_rx),
+            )),
         ];
         Self { stop, tasks, driver, cache }
     }
@@ -171,7 +184,12 @@ pub fn spawn_agents(hub: &MemoryHub, n: usize) -> (watch::Sender<bool>, Vec<Join
         let identity = AgentIdentity {
             name: name.clone(),
             labels: Arc::new(labels),
-            info: Arc::new(NodeInfo { arch: "arm64".into(), os: "linux".into(), agent_version: "0.1.0".into(), addresses: vec![] }),
+            info: Arc::new(NodeInfo {
+                arch: "arm64".into(),
+                os: "linux".into(),
+                agent_version: "0.1.0".into(),
+                addresses: vec![],
+            }),
         };
         let mut agent = Agent::new(config.clone(), identity, i as u32 + 1, None);
         let hub = hub.clone();
