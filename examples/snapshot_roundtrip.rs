@@ -10,7 +10,8 @@ use kole_core::snapshot::{DirSnapshotStore, RestoreLimits, SnapshotOptions, rest
 use kole_sim::dataset::ReferenceFleet;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| std::env::temp_dir().join("kole-example").display().to_string());
+    let dir =
+        std::env::args().nth(1).unwrap_or_else(|| std::env::temp_dir().join("kole-example").display().to_string());
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
 
     let fleet = ReferenceFleet::new(50_000, 1);

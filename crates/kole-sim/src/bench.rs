@@ -340,12 +340,7 @@ pub fn table(fig: &Figures) -> String {
     if fig.get("register_s").is_some() {
         t.row("register every node (engine + agents)", format!("{:.2} s", num("register_s")), "~260 s", "<= 2 s");
         t.row("one heartbeat from every node", format!("{:.2} s", num("heartbeat_s")), "~9.2 s", "<= 0.5 s");
-        t.row(
-            "one workload delivered, all report running",
-            format!("{:.2} s", num("distribute_s")),
-            "~73 s",
-            "<= 2 s",
-        );
+        t.row("one workload delivered, all report running", format!("{:.2} s", num("distribute_s")), "~73 s", "<= 2 s");
     }
     let mut s = t.render();
     if fig.get("register_s").is_some() {

@@ -28,10 +28,7 @@ pub struct Args {
 
 impl Args {
     /// Parses `argv` (without the program name). `switches` lists the options that take no value.
-    pub fn parse(
-        argv: impl IntoIterator<Item = String>,
-        switches: &[&str],
-    ) -> Result<Self, UsageError> {
+    pub fn parse(argv: impl IntoIterator<Item = String>, switches: &[&str]) -> Result<Self, UsageError> {
         let mut args = Args::default();
         let mut it = argv.into_iter();
         while let Some(a) = it.next() {
@@ -41,9 +38,7 @@ impl Args {
                 } else if switches.contains(&name) {
                     args.flags.push(name.to_owned());
                 } else {
-                    let v = it
-                        .next()
-                        .ok_or_else(|| UsageError(format!("--{name} needs a value")))?;
+                    let v = it.next().ok_or_else(|| UsageError(format!("--{name} needs a value")))?;
                     args.options.insert(name.to_owned(), v);
                 }
             } else {
@@ -77,9 +72,7 @@ impl Args {
             None => Ok(None),
             Some(v) => {
                 let v = v.replace('_', "");
-                v.parse()
-                    .map(Some)
-                    .map_err(|e| UsageError(format!("--{name} {v}: {e}")))
+                v.parse().map(Some).map_err(|e| UsageError(format!("--{name} {v}: {e}")))
             }
         }
     }
@@ -106,11 +99,7 @@ mod tests {
 
     #[test]
     fn parses_words_options_and_switches() {
-        let a = Args::parse(
-            argv("bench --nodes 1_000_000 --json --codec=lz4"),
-            &["json"],
-        )
-        .unwrap();
+        let a = Args::parse(argv("bench --nodes 1_000_000 --json --codec=lz4"), &["json"]).unwrap();
         assert_eq!(a.words, ["bench"]);
         assert_eq!(a.get("nodes", 0usize).unwrap(), 1_000_000);
         assert_eq!(a.get("codec", String::new()).unwrap(), "lz4");

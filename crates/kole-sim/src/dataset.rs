@@ -25,8 +25,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use kole_core::cache::{CacheError, StateCache};
 use kole_core::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRegistration, Timestamp, WorkloadId,
-    WorkloadPhase, WorkloadState, mix64,
+    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRegistration, Timestamp, WorkloadId, WorkloadPhase,
+    WorkloadState, mix64,
 };
 
 /// The wall-clock "now" of the reference fleet (2026-09-21T…Z), fixed so runs are reproducible.
@@ -52,45 +52,18 @@ const SITE_TYPES: [&str; 4] = ["cdn", "retail", "gateway", "vehicle"];
 const ENVS: [(&str, u32); 3] = [("prod", 85), ("canary", 10), ("staging", 5)];
 const NETWORKS: [&str; 4] = ["fiber", "lte", "5g", "satellite"];
 const ARCHES: [(&str, u32); 3] = [("amd64", 60), ("arm64", 35), ("arm", 5)];
-const OSES: [(&str, u32); 4] = [
-    ("linux-5.10", 15),
-    ("linux-5.15", 35),
-    ("linux-6.1", 40),
-    ("linux-6.6", 10),
-];
-const AGENTS: [(&str, u32); 5] = [
-    ("1.4.0", 5),
-    ("1.4.2", 15),
-    ("1.5.0", 20),
-    ("1.5.1", 45),
-    ("1.6.0", 15),
-];
+const OSES: [(&str, u32); 4] = [("linux-5.10", 15), ("linux-5.15", 35), ("linux-6.1", 40), ("linux-6.6", 10)];
+const AGENTS: [(&str, u32); 5] = [("1.4.0", 5), ("1.4.2", 15), ("1.5.0", 20), ("1.5.1", 45), ("1.6.0", 15)];
 const HW_AMD64: [&str; 2] = ["x86-small", "x86-large"];
 const HW_ARM: [&str; 3] = ["arm-pi4", "arm-jetson", "arm-rk3588"];
 const BASE32: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
 /// Workload catalog: (id, current version) per site type.
 const CATALOG: [&[(&str, u64)]; 4] = [
-    &[
-        ("edge-system/cdn-cache", 42),
-        ("edge-system/log-shipper", 17),
-        ("edge-system/metrics-agent", 9),
-    ],
-    &[
-        ("retail/pos-app", 128),
-        ("edge-system/log-shipper", 17),
-        ("edge-system/metrics-agent", 9),
-    ],
-    &[
-        ("iot/mqtt-bridge", 6),
-        ("edge-system/metrics-agent", 9),
-        ("edge-system/log-shipper", 17),
-    ],
-    &[
-        ("fleet/telemetry", 31),
-        ("fleet/ota-updater", 12),
-        ("edge-system/log-shipper", 17),
-    ],
+    &[("edge-system/cdn-cache", 42), ("edge-system/log-shipper", 17), ("edge-system/metrics-agent", 9)],
+    &[("retail/pos-app", 128), ("edge-system/log-shipper", 17), ("edge-system/metrics-agent", 9)],
+    &[("iot/mqtt-bridge", 6), ("edge-system/metrics-agent", 9), ("edge-system/log-shipper", 17)],
+    &[("fleet/telemetry", 31), ("fleet/ota-updater", 12), ("edge-system/log-shipper", 17)],
 ];
 
 /// A deterministic, seeded fleet of `nodes` reference nodes.
@@ -159,11 +132,7 @@ fn scramble40(mut x: u64) -> u64 {
 impl ReferenceFleet {
     /// A fleet of `nodes` nodes generated from `seed`.
     pub fn new(nodes: usize, seed: u64) -> Self {
-        Self {
-            seed,
-            nodes,
-            sites: nodes.div_ceil(NODES_PER_SITE).max(1),
-        }
+        Self { seed, nodes, sites: nodes.div_ceil(NODES_PER_SITE).max(1) }
     }
 
     /// Number of nodes.
@@ -225,22 +194,14 @@ impl ReferenceFleet {
         catalog[..count]
             .iter()
             .filter_map(|&(id, version)| {
-                let version = if r.percent() < 5 {
-                    version - 1
-                } else {
-                    version
-                };
+                let version = if r.percent() < 5 { version - 1 } else { version };
                 let p = r.percent();
                 let phase = match p {
                     0..97 => WorkloadPhase::Running,
                     97..99 => WorkloadPhase::Pending,
                     _ => WorkloadPhase::Failed,
                 };
-                Some(WorkloadState {
-                    workload: WorkloadId::new(id).ok()?,
-                    version,
-                    phase,
-                })
+                Some(WorkloadState { workload: WorkloadId::new(id).ok()?, version, phase })
             })
             .collect()
     }
@@ -257,28 +218,18 @@ impl ReferenceFleet {
         let mut pairs: Vec<(&str, String)> = vec![
             ("topology.kubernetes.io/region", region.to_owned()),
             ("kole.dev/site-type", SITE_TYPES[site_type].to_owned()),
-            (
-                "kole.dev/tier",
-                if site_type == 0 { "edge" } else { "far-edge" }.to_owned(),
-            ),
+            ("kole.dev/tier", if site_type == 0 { "edge" } else { "far-edge" }.to_owned()),
         ];
         // Environment is a property of the site (canary sites), not of single nodes.
         if site_rng.percent() < 70 {
             pairs.push(("env", site_rng.weighted(&ENVS).to_owned()));
         }
         if r.percent() < 50 {
-            let hw = if arch == "amd64" {
-                HW_AMD64[r.below(2) as usize]
-            } else {
-                HW_ARM[r.below(3) as usize]
-            };
+            let hw = if arch == "amd64" { HW_AMD64[r.below(2) as usize] } else { HW_ARM[r.below(3) as usize] };
             pairs.push(("kole.dev/hw", hw.to_owned()));
         }
         if site_type == 1 {
-            pairs.push((
-                "kole.dev/customer",
-                format!("chain-{:02}", site_rng.below(40)),
-            ));
+            pairs.push(("kole.dev/customer", format!("chain-{:02}", site_rng.below(40))));
         } else if r.percent() < 40 {
             pairs.push(("kole.dev/network", NETWORKS[r.below(4) as usize].to_owned()));
         }
@@ -287,11 +238,7 @@ impl ReferenceFleet {
 
         // One /16 per site, avoiding 0/8, 10/8, 127/8 and multicast; random host part.
         let net = 0x0b00 + (mix64(self.seed ^ site as u64) % (0xdf00 - 0x0b00)) as u32;
-        let net = if (0x7f00..0x8000).contains(&net) {
-            net + 0x100
-        } else {
-            net
-        };
+        let net = if (0x7f00..0x8000).contains(&net) { net + 0x100 } else { net };
         let host = (r.below(0xfffe) + 1) as u32;
         let ipv4 = Ipv4Addr::from((net << 16) | host);
 
@@ -306,8 +253,7 @@ impl ReferenceFleet {
         };
         let registration = NodeRegistration {
             // Names are valid by construction (region, digits, base-32).
-            name: NodeName::new(self.name(i))
-                .unwrap_or_else(|e| panic!("reference name invalid: {e}")),
+            name: NodeName::new(self.name(i)).unwrap_or_else(|e| panic!("reference name invalid: {e}")),
             labels,
             info: NodeInfo {
                 arch: arch.to_owned(),
@@ -318,12 +264,7 @@ impl ReferenceFleet {
             applied,
             workloads,
         };
-        ReferenceNode {
-            registration,
-            boot_id: self.boot_id(i),
-            phase,
-            last_seen: Timestamp::from_secs(last_seen),
-        }
+        ReferenceNode { registration, boot_id: self.boot_id(i), phase, last_seen: Timestamp::from_secs(last_seen) }
     }
 
     /// Registers every node into `cache` with its phase and last-seen time.
@@ -370,10 +311,7 @@ mod tests {
     #[test]
     fn deterministic_and_unique() {
         let f = ReferenceFleet::new(20_000, 7);
-        assert_eq!(
-            f.node(123).registration,
-            ReferenceFleet::new(20_000, 7).node(123).registration
-        );
+        assert_eq!(f.node(123).registration, ReferenceFleet::new(20_000, 7).node(123).registration);
         let names: HashSet<String> = (0..f.len()).map(|i| f.name(i)).collect();
         assert_eq!(names.len(), f.len());
         assert_ne!(f.name(5), ReferenceFleet::new(20_000, 8).name(5));
@@ -388,10 +326,7 @@ mod tests {
         let sets = cache.label_set_count();
         assert!((100..5_000).contains(&sets), "{sets} label sets");
         let all = cache.counts(&Selector::everything());
-        assert!(
-            all.online > 47_000 && all.offline > 500 && all.registering > 200,
-            "{all:?}"
-        );
+        assert!(all.online > 47_000 && all.offline > 500 && all.registering > 200, "{all:?}");
         for i in (0..f.len()).step_by(997) {
             let n = f.node(i);
             assert!((3..=6).contains(&n.registration.labels.len()));

@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod cli;
 pub mod dataset;
+pub mod demo;
 pub mod mem;
 pub mod progress;
 pub mod report;

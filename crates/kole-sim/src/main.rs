@@ -13,9 +13,11 @@ const USAGE: &str = "\
 kole-sim: simulator and benchmark of kole on the reference fleet
 
 USAGE:
-  kole-sim demo [--nodes N]
-      The quickstart: builds a fleet (default 100,000 nodes), heartbeats, snapshots and restores it,
-      and prints kole's figures beside the KOLE paper's.
+  kole-sim demo [--nodes N] [--seed S] [--dir D]
+      The quickstart: a simulated fleet (default 100,000 nodes) registers with one controller, a
+      workload rolls out in waves, a new version starts, the controller crashes mid-rollout and
+      restarts from the directory snapshot store (a temporary directory unless --dir), and the
+      fleet converges. Prints a summary table.
   kole-sim bench [--nodes N] [--codec gzip|lz4] [--seed S] [--batch B] [--max-chunk-bytes B] [--cache-only] [--json]
       Measures cache memory per node, heartbeat decode+apply rate, snapshot write time, size and
       chunk count, and restore time; then runs the engine with one agent per node over the in-process
@@ -57,7 +59,7 @@ fn run(argv: Vec<String>) -> AnyResult<ExitCode> {
     let words: Vec<&str> = args.words.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["bench"] => cmd_bench(&args, 1_000_000),
-        ["demo"] => cmd_bench(&args, 100_000),
+        ["demo"] => cmd_demo(&args),
         ["snapshot", "write"] => cmd_snapshot_write(&args),
         ["snapshot", "verify"] => cmd_snapshot_verify(&args),
         ["snapshot", "restore"] => cmd_snapshot_restore(&args),
@@ -92,6 +94,18 @@ fn cmd_bench(args: &Args, default_nodes: usize) -> AnyResult<ExitCode> {
     if json {
         println!("{}", figures.to_json());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_demo(args: &Args) -> AnyResult<ExitCode> {
+    let defaults = kole_sim::demo::DemoConfig::default();
+    let cfg = kole_sim::demo::DemoConfig {
+        nodes: args.get("nodes", defaults.nodes)?,
+        seed: args.get("seed", defaults.seed)?,
+        dir: args.get_opt::<PathBuf>("dir")?,
+    };
+    args.reject_unknown()?;
+    kole_sim::demo::run(&cfg)?;
     Ok(ExitCode::SUCCESS)
 }
 

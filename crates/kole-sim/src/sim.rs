@@ -18,7 +18,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState, RecordingRuntime};
+use kole_core::agent::{
+    Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState,
+    RecordingRuntime,
+};
 use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp, Workload};
@@ -131,16 +134,19 @@ impl Simulation {
             let labels = Arc::clone(label_pool.entry(reg.labels.clone()).or_insert_with(|| Arc::new(reg.labels)));
             // Addresses are per node; the simulated agent reports none to keep its info shared.
             let key = (reg.info.arch.clone(), reg.info.os.clone(), reg.info.agent_version.clone());
-            let info = Arc::clone(info_pool.entry(key).or_insert_with(|| {
-                Arc::new(NodeInfo { addresses: Vec::new(), ..reg.info.clone() })
-            }));
+            let info = Arc::clone(
+                info_pool
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(NodeInfo { addresses: Vec::new(), ..reg.info.clone() })),
+            );
             // Names are unique by construction, so adding cannot fail.
             let _ = net.add_node(reg.name.clone());
             let identity = AgentIdentity { name: reg.name, labels, info };
             agents.push(Agent::new(Arc::clone(&agent_cfg), identity, node.boot_id, None));
         }
         let now_ms = cfg.start_ms;
-        let engine = Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
+        let engine =
+            Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
         Self {
             persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
             wake_at: vec![NEVER; cfg.nodes],
@@ -307,10 +313,12 @@ impl Simulation {
 
     fn deliver(&mut self, node: NodeId, d: &NodeDelivery) {
         // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
-        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) && !d.payload.is_empty() {
+        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) && !d.payload.is_empty()
+        {
             let hit = self.spec_cache.as_ref().is_some_and(|(p, _, _)| Arc::ptr_eq(p, &d.payload));
             if !hit
-                && let Ok(Message::WorkloadSpec(s)) = protocol::decode_downlink(&d.payload, &self.cfg.agent.decode_limits)
+                && let Ok(Message::WorkloadSpec(s)) =
+                    protocol::decode_downlink(&d.payload, &self.cfg.agent.decode_limits)
             {
                 self.spec_cache = Some((Arc::clone(&d.payload), Arc::new(s.workload), s.wave_threshold));
             }
@@ -436,9 +444,9 @@ impl Simulation {
                 return false;
             }
             last_check = Some(s.now_ms);
-            s.engine.workload_status(id).is_some_and(|st| {
-                st.phase == kole_core::engine::RolloutPhase::Complete && st.ready == st.targeted
-            })
+            s.engine
+                .workload_status(id)
+                .is_some_and(|st| st.phase == kole_core::engine::RolloutPhase::Complete && st.ready == st.targeted)
         })
     }
 
@@ -453,6 +461,43 @@ impl Simulation {
             last_check = s.now_ms;
             s.unconverged().is_empty()
         })
+    }
+}
+
+/// Broker restarts and spread reconnects, for whole-system fault tests.
+impl Simulation {
+    /// Restarts the broker: everything in flight is lost and every session ends. Every agent that
+    /// had a session is told it was disconnected (its workloads keep running); the nodes are
+    /// returned, in id order, for [`Simulation::reconnect_spread`]. Retained specs survive.
+    pub fn restart_broker(&mut self) -> Vec<NodeId> {
+        let had_session: Vec<NodeId> =
+            (0..self.agents.len() as u32).map(NodeId).filter(|&n| self.net.is_connected(n)).collect();
+        self.net.restart_broker();
+        for &n in &had_session {
+            self.agent_input(n, AgentInput::Disconnected);
+        }
+        had_session
+    }
+
+    /// Reconnects `nodes` one by one over the next `spread_ms` of virtual time, each at a jittered
+    /// instant drawn from `seed` (reproducible, and spread rather than synchronized, as agents'
+    /// reconnect backoff spreads a real reconnect storm), running the simulation in between. Returns
+    /// with virtual time advanced by `spread_ms`.
+    pub fn reconnect_spread(&mut self, nodes: &[NodeId], spread_ms: u64, seed: u64) {
+        let start = self.now_ms;
+        let mut jitter = kole_core::agent::Jitter::new(seed);
+        let mut at: Vec<(u64, NodeId)> = nodes.iter().map(|&n| (start + jitter.below(spread_ms.max(1)), n)).collect();
+        at.sort_unstable();
+        for (t, n) in at {
+            if t > self.now_ms {
+                self.run_for(t - self.now_ms);
+            }
+            self.connect(n);
+        }
+        let end = start + spread_ms;
+        if end > self.now_ms {
+            self.run_for(end - self.now_ms);
+        }
     }
 }
 

@@ -24,11 +24,7 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// A policy from its three parameters.
     pub const fn new(initial_ms: u32, max_ms: u32, multiplier: f64) -> Self {
-        Self {
-            initial_ms,
-            max_ms,
-            multiplier,
-        }
+        Self { initial_ms, max_ms, multiplier }
     }
 
     /// The nominal (un-jittered) wait before retry number `attempt` (0-based), in milliseconds.
@@ -80,10 +76,7 @@ mod tests {
     #[test]
     fn backoff_grows_to_its_bound_and_jitter_stays_in_range() {
         let p = RetryPolicy::new(100, 5_000, 2.0);
-        assert_eq!(
-            (0..8).map(|a| p.nominal_ms(a)).collect::<Vec<_>>(),
-            [100, 200, 400, 800, 1600, 3200, 5000, 5000]
-        );
+        assert_eq!((0..8).map(|a| p.nominal_ms(a)).collect::<Vec<_>>(), [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(p.nominal_ms(u32::MAX), 5_000);
         let mut j = Jitter::new(7);
         let mut seen = std::collections::BTreeSet::new();
@@ -100,15 +93,9 @@ mod tests {
 
     #[test]
     fn jitter_is_reproducible_per_seed() {
-        let a: Vec<u64> = (0..4)
-            .scan(Jitter::new(1), |j, _| Some(j.next_u64()))
-            .collect();
-        let b: Vec<u64> = (0..4)
-            .scan(Jitter::new(1), |j, _| Some(j.next_u64()))
-            .collect();
-        let c: Vec<u64> = (0..4)
-            .scan(Jitter::new(2), |j, _| Some(j.next_u64()))
-            .collect();
+        let a: Vec<u64> = (0..4).scan(Jitter::new(1), |j, _| Some(j.next_u64())).collect();
+        let b: Vec<u64> = (0..4).scan(Jitter::new(1), |j, _| Some(j.next_u64())).collect();
+        let c: Vec<u64> = (0..4).scan(Jitter::new(2), |j, _| Some(j.next_u64())).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(Jitter::new(3).below(0), 0);

@@ -79,10 +79,7 @@ pub struct DriverConfig {
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        Self {
-            reconnect: RetryPolicy::new(1_000, 60_000, 2.0),
-            max_batch: 256,
-        }
+        Self { reconnect: RetryPolicy::new(1_000, 60_000, 2.0), max_batch: 256 }
     }
 }
 
@@ -118,10 +115,7 @@ impl Clock {
         let wall_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self {
-            wall_ms,
-            start: Instant::now(),
-        }
+        Self { wall_ms, start: Instant::now() }
     }
 
     fn now(&self) -> Timestamp {
@@ -201,11 +195,7 @@ impl Driver<'_> {
     }
 
     /// Ticks the agent (offline) until `deadline`; `false` if shutdown was raised.
-    async fn idle_until(
-        &mut self,
-        deadline: Instant,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    async fn idle_until(&mut self, deadline: Instant, shutdown: &mut watch::Receiver<bool>) -> bool {
         loop {
             let wake = self.wake_at();
             tokio::select! {
@@ -297,9 +287,7 @@ pub async fn run_agent(
         match connected {
             Ok(t) => {
                 d.stats.connects += 1;
-                let lost = d
-                    .connection(&*t, config.max_batch, &mut failures, &mut shutdown)
-                    .await;
+                let lost = d.connection(&*t, config.max_batch, &mut failures, &mut shutdown).await;
                 t.close();
                 d.handle(AgentInput::Disconnected);
                 let _ = d.flush(None).await;
@@ -327,9 +315,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::agent::{
-        AgentConfig, AgentIdentity, MemoryAgentStore, PersistedState, RecordingRuntime, RuntimeOp,
-    };
+    use crate::agent::{AgentConfig, AgentIdentity, MemoryAgentStore, PersistedState, RecordingRuntime, RuntimeOp};
     use crate::cache::{NodeCache, StateCache};
     use crate::engine::{Engine, EngineConfig, Input, Outputs, WorkloadCommand};
     use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, Selector, Workload, WorkloadId};
@@ -338,23 +324,16 @@ mod tests {
     use crate::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound};
 
     async fn bounded<T>(f: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(600), f)
-            .await
-            .expect("timed out")
+        tokio::time::timeout(Duration::from_secs(600), f).await.expect("timed out")
     }
 
     fn agent(name: &str, boot: u32, persisted: Option<PersistedState>) -> Agent {
         let identity = AgentIdentity {
             name: NodeName::new(name).unwrap(),
-            labels: Arc::new(
-                Labels::from_pairs([("topology.kubernetes.io/region", "east")]).unwrap(),
-            ),
+            labels: Arc::new(Labels::from_pairs([("topology.kubernetes.io/region", "east")]).unwrap()),
             info: Arc::new(NodeInfo::default()),
         };
-        let config = AgentConfig {
-            runtime_poll_ms: 500,
-            ..AgentConfig::default()
-        };
+        let config = AgentConfig { runtime_poll_ms: 500, ..AgentConfig::default() };
         Agent::new(config, identity, boot, persisted)
     }
 
@@ -401,11 +380,7 @@ mod tests {
     }
 
     fn to(to: Destination, payload: Vec<u8>, retain: bool) -> Vec<Outbound> {
-        vec![Outbound {
-            to,
-            payload,
-            retain,
-        }]
+        vec![Outbound { to, payload, retain }]
     }
 
     #[tokio::test(start_paused = true)]
@@ -420,44 +395,25 @@ mod tests {
             async move {
                 let mut agent = agent("edge-1", 77, None);
                 let mut runtime = RecordingRuntime::new();
-                let config = DriverConfig {
-                    reconnect: RetryPolicy::new(1_000, 10_000, 2.0),
-                    ..DriverConfig::default()
-                };
-                let stats = run_agent(
-                    &mut agent,
-                    &connect,
-                    &mut runtime,
-                    &store,
-                    &config,
-                    shutdown,
-                )
-                .await;
+                let config =
+                    DriverConfig { reconnect: RetryPolicy::new(1_000, 10_000, 2.0), ..DriverConfig::default() };
+                let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
         });
         let node = Destination::Node(NodeName::new("edge-1").unwrap());
 
-        let (_, Message::Register(reg)) = next(&cloud).await else {
-            panic!("expected a registration")
-        };
+        let (_, Message::Register(reg)) = next(&cloud).await else { panic!("expected a registration") };
         assert_eq!(reg.boot_id, 77);
-        bounded(cloud.send(to(node.clone(), ack(77, &["region.east"]), false)))
-            .await
-            .unwrap();
+        bounded(cloud.send(to(node.clone(), ack(77, &["region.east"]), false))).await.unwrap();
         let acked = Instant::now();
         let mut beats = Vec::new();
         for seq in 1..=3 {
-            let (i, Message::Heartbeat(hb)) = next(&cloud).await else {
-                panic!("expected a heartbeat")
-            };
+            let (i, Message::Heartbeat(hb)) = next(&cloud).await else { panic!("expected a heartbeat") };
             assert_eq!((i.node.as_str(), hb.seq, hb.boot_id), ("edge-1", seq, 77));
             beats.push(Instant::now());
         }
-        assert!(
-            beats[0] - acked < Duration::from_millis(2_000),
-            "first jittered within the interval"
-        );
+        assert!(beats[0] - acked < Duration::from_millis(2_000), "first jittered within the interval");
         for w in beats.windows(2) {
             assert_eq!(w[1] - w[0], Duration::from_millis(2_000));
         }
@@ -469,16 +425,8 @@ mod tests {
             workload: w.clone(),
             wave_threshold: WorkloadSpec::ALL_WAVES,
         }));
-        bounded(cloud.send(to(
-            Destination::GroupWorkloadSpec(g, w.id.clone()),
-            spec,
-            true,
-        )))
-        .await
-        .unwrap();
-        let (_, Message::StatusReport(report)) = next(&cloud).await else {
-            panic!("expected a status report")
-        };
+        bounded(cloud.send(to(Destination::GroupWorkloadSpec(g, w.id.clone()), spec, true))).await.unwrap();
+        let (_, Message::StatusReport(report)) = next(&cloud).await else { panic!("expected a status report") };
         assert_eq!(report.applied, DesiredDigest::of([("default/app", 1)]));
         assert_eq!(store.saves(), 1);
 
@@ -486,31 +434,17 @@ mod tests {
         // again with the same boot id.
         let cut = Instant::now();
         endpoints.lock().unwrap()[0].close();
-        let (_, Message::Register(reg)) = next(&cloud).await else {
-            panic!("expected a re-registration")
-        };
+        let (_, Message::Register(reg)) = next(&cloud).await else { panic!("expected a re-registration") };
         let waited = Instant::now() - cut;
-        assert!(
-            (Duration::from_millis(500)..=Duration::from_millis(1_000)).contains(&waited),
-            "{waited:?}"
-        );
+        assert!((Duration::from_millis(500)..=Duration::from_millis(1_000)).contains(&waited), "{waited:?}");
         assert_eq!((reg.boot_id, reg.applied), (77, report.applied));
         assert_eq!(endpoints.lock().unwrap().len(), 2);
 
         stop.send(true).unwrap();
         let (agent, stats, runtime) = bounded(driver).await.unwrap();
-        assert_eq!(
-            (stats.connects, stats.disconnects, stats.persisted),
-            (2, 1, 1)
-        );
+        assert_eq!((stats.connects, stats.disconnects, stats.persisted), (2, 1, 1));
         assert_eq!(agent.link(), LinkState::Disconnected);
-        assert_eq!(
-            runtime.calls_for(agent.name()),
-            [RuntimeOp::Apply {
-                id: w.id,
-                version: 1
-            }]
-        );
+        assert_eq!(runtime.calls_for(agent.name()), [RuntimeOp::Apply { id: w.id, version: 1 }]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -539,19 +473,8 @@ mod tests {
                 let persisted = store.load().unwrap();
                 let mut agent = agent("edge-2", 5, persisted);
                 let mut runtime = RecordingRuntime::new();
-                let config = DriverConfig {
-                    reconnect: RetryPolicy::new(100, 1_000, 2.0),
-                    ..DriverConfig::default()
-                };
-                let stats = run_agent(
-                    &mut agent,
-                    &connect,
-                    &mut runtime,
-                    &store,
-                    &config,
-                    shutdown,
-                )
-                .await;
+                let config = DriverConfig { reconnect: RetryPolicy::new(100, 1_000, 2.0), ..DriverConfig::default() };
+                let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
         });
@@ -568,19 +491,12 @@ mod tests {
         for (k, nominal) in [100u64, 200, 400, 800, 1_000].into_iter().enumerate() {
             let gap = a[k + 1] - a[k];
             assert!(
-                (Duration::from_millis(nominal / 2)..=Duration::from_millis(nominal))
-                    .contains(&gap),
+                (Duration::from_millis(nominal / 2)..=Duration::from_millis(nominal)).contains(&gap),
                 "attempt {k}: {gap:?}"
             );
         }
         // The persisted workload ran before the first connection.
-        assert_eq!(
-            runtime.calls_for(agent.name()),
-            [RuntimeOp::Apply {
-                id: w.id.clone(),
-                version: 9
-            }]
-        );
+        assert_eq!(runtime.calls_for(agent.name()), [RuntimeOp::Apply { id: w.id.clone(), version: 9 }]);
     }
 
     /// A real engine in a task, a dozen drivers over the hub: everyone converges on a workload.
@@ -589,11 +505,7 @@ mod tests {
         let hub = MemoryHub::new(MemoryConfig::default());
         let cloud = hub.cloud().unwrap();
         let engine = Arc::new(Mutex::new(Engine::new(
-            EngineConfig {
-                heartbeat_interval_ms: 2_000,
-                convergence_grace_ms: 4_000,
-                ..EngineConfig::default()
-            },
+            EngineConfig { heartbeat_interval_ms: 2_000, convergence_grace_ms: 4_000, ..EngineConfig::default() },
             NodeCache::new(),
             Timestamp::from_millis(0),
         )));
@@ -608,15 +520,7 @@ mod tests {
                 let mut agent = agent(&format!("edge-{i}"), 100 + i, None);
                 let mut runtime = RecordingRuntime::instant();
                 let store = MemoryAgentStore::new();
-                run_agent(
-                    &mut agent,
-                    &connect,
-                    &mut runtime,
-                    &store,
-                    &DriverConfig::default(),
-                    shutdown,
-                )
-                .await
+                run_agent(&mut agent, &connect, &mut runtime, &store, &DriverConfig::default(), shutdown).await
             }));
         }
         let (commands, mut command_rx) = tokio::sync::mpsc::channel::<WorkloadCommand>(8);
@@ -649,13 +553,7 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        commands
-            .send(WorkloadCommand::Apply {
-                workload: workload("default/app", 1),
-                progress: None,
-            })
-            .await
-            .unwrap();
+        commands.send(WorkloadCommand::Apply { workload: workload("default/app", 1), progress: None }).await.unwrap();
         bounded(async {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -664,9 +562,7 @@ mod tests {
                 let done = (0..12).all(|i| {
                     let name = format!("edge-{i}");
                     let applied = cache.read().get(&name).map(|r| r.applied);
-                    applied.is_some()
-                        && e.desired_digest(&name) == applied
-                        && applied != Some(DesiredDigest::EMPTY)
+                    applied.is_some() && e.desired_digest(&name) == applied && applied != Some(DesiredDigest::EMPTY)
                 });
                 if done {
                     break;

@@ -71,12 +71,11 @@ mod tests;
 pub use backoff::{Jitter, RetryPolicy};
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 pub use process::{
-    MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError,
-    RestartPolicy,
+    MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError, RestartPolicy,
 };
 pub use runtime::{RecordingRuntime, RuntimeCall, RuntimeOp, WorkloadRuntime};
 pub use state::{Agent, LinkState};
 pub use store::{
-    AgentStore, FileAgentStore, MemoryAgentStore, PersistedState, STATE_FORMAT_VERSION,
-    STATE_MAGIC, StateDecodeError, StoreError, load_or_empty,
+    AgentStore, FileAgentStore, MemoryAgentStore, PersistedState, STATE_FORMAT_VERSION, STATE_MAGIC, StateDecodeError,
+    StoreError, load_or_empty,
 };

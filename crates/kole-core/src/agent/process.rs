@@ -113,13 +113,8 @@ impl ProcessSpec {
             }
             // Directives may carry a trailing comment.
             let line = line.split('#').next().unwrap_or("").trim();
-            let bad = |reason| ProcessSpecError::Directive {
-                line: i + 1,
-                reason,
-            };
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| bad("expected key=value"))?;
+            let bad = |reason| ProcessSpecError::Directive { line: i + 1, reason };
+            let (key, value) = line.split_once('=').ok_or_else(|| bad("expected key=value"))?;
             match (key.trim(), value.trim()) {
                 ("restart", "always") => restart = RestartPolicy::Always,
                 ("restart", "on-failure") => restart = RestartPolicy::OnFailure,
@@ -133,20 +128,13 @@ impl ProcessSpec {
                         .ok_or_else(|| bad("max_restarts must be an integer from 0 to 1000"))?;
                 }
                 _ => {
-                    return Err(bad(
-                        "unknown directive (expected restart= or max_restarts=)",
-                    ));
+                    return Err(bad("unknown directive (expected restart= or max_restarts=)"));
                 }
             }
         }
         let mut words = command.ok_or(ProcessSpecError::NoCommand)?.into_iter();
         let program = words.next().ok_or(ProcessSpecError::NoCommand)?;
-        Ok(Self {
-            program,
-            args: words.collect(),
-            restart,
-            max_restarts,
-        })
+        Ok(Self { program, args: words.collect(), restart, max_restarts })
     }
 }
 
@@ -164,11 +152,7 @@ pub struct ProcessRuntimeConfig {
 
 impl Default for ProcessRuntimeConfig {
     fn default() -> Self {
-        Self {
-            restart_backoff: RetryPolicy::new(1_000, 60_000, 2.0),
-            inherit_output: true,
-            seed: 0,
-        }
+        Self { restart_backoff: RetryPolicy::new(1_000, 60_000, 2.0), inherit_output: true, seed: 0 }
     }
 }
 
@@ -225,11 +209,7 @@ impl Default for ProcessRuntime {
 impl ProcessRuntime {
     /// A runtime with no processes.
     pub fn new(config: ProcessRuntimeConfig) -> Self {
-        Self {
-            jitter: Jitter::new(config.seed),
-            config,
-            procs: BTreeMap::new(),
-        }
+        Self { jitter: Jitter::new(config.seed), config, procs: BTreeMap::new() }
     }
 
     /// The phase of a workload, as last determined.
@@ -253,12 +233,7 @@ impl ProcessRuntime {
         } else {
             (Stdio::null(), Stdio::null())
         };
-        Command::new(&spec.program)
-            .args(&spec.args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
+        Command::new(&spec.program).args(&spec.args).stdin(Stdio::null()).stdout(out).stderr(err).spawn()
     }
 
     /// Starts (or restarts) `p`'s process; on failure to spawn, handles it like a failed exit.
@@ -296,19 +271,12 @@ impl ProcessRuntime {
             RestartPolicy::Never => false,
         };
         if again && p.restarts < spec.max_restarts {
-            let delay = self
-                .config
-                .restart_backoff
-                .delay_ms(p.restarts, &mut self.jitter);
+            let delay = self.config.restart_backoff.delay_ms(p.restarts, &mut self.jitter);
             p.restarts += 1;
             p.restart_at = Some(now.saturating_add(delay));
             p.phase = WorkloadPhase::Pending;
         } else {
-            p.phase = if success {
-                WorkloadPhase::Stopped
-            } else {
-                WorkloadPhase::Failed
-            };
+            p.phase = if success { WorkloadPhase::Stopped } else { WorkloadPhase::Failed };
         }
     }
 }
@@ -320,12 +288,7 @@ fn kill(child: &mut Child) {
 }
 
 impl WorkloadRuntime for ProcessRuntime {
-    fn apply(
-        &mut self,
-        _node: &NodeName,
-        workload: &Arc<Workload>,
-        now: Timestamp,
-    ) -> WorkloadPhase {
+    fn apply(&mut self, _node: &NodeName, workload: &Arc<Workload>, now: Timestamp) -> WorkloadPhase {
         if let Some(mut old) = self.procs.remove(&workload.id)
             && let Some(child) = old.child.as_mut()
         {
@@ -362,12 +325,7 @@ impl WorkloadRuntime for ProcessRuntime {
         }
     }
 
-    fn restart(
-        &mut self,
-        _node: &NodeName,
-        id: &WorkloadId,
-        now: Timestamp,
-    ) -> Option<WorkloadPhase> {
+    fn restart(&mut self, _node: &NodeName, id: &WorkloadId, now: Timestamp) -> Option<WorkloadPhase> {
         let p = self.procs.get_mut(id)?;
         if let Some(child) = p.child.as_mut() {
             kill(child);
@@ -382,12 +340,7 @@ impl WorkloadRuntime for ProcessRuntime {
         Some(p.phase)
     }
 
-    fn poll(
-        &mut self,
-        _node: &NodeName,
-        now: Timestamp,
-        changes: &mut Vec<(WorkloadId, WorkloadPhase)>,
-    ) {
+    fn poll(&mut self, _node: &NodeName, now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>) {
         let now = now.as_millis();
         let ids: Vec<WorkloadId> = self.procs.keys().cloned().collect();
         for id in ids {
@@ -403,12 +356,7 @@ impl WorkloadRuntime for ProcessRuntime {
             if let Some(success) = exit {
                 self.exited(&id, success, now);
             }
-            if self
-                .procs
-                .get(&id)
-                .and_then(|p| p.restart_at)
-                .is_some_and(|at| now >= at)
-            {
+            if self.procs.get(&id).and_then(|p| p.restart_at).is_some_and(|at| now >= at) {
                 self.start(&id, now);
             }
             if let Some(p) = self.procs.get_mut(&id)
@@ -462,18 +410,11 @@ mod tests {
     }
 
     /// Polls (on the real clock) until `id` reaches `phase`, for at most 10 s.
-    fn poll_until(
-        rt: &mut ProcessRuntime,
-        id: &WorkloadId,
-        phase: WorkloadPhase,
-    ) -> Vec<WorkloadPhase> {
+    fn poll_until(rt: &mut ProcessRuntime, id: &WorkloadId, phase: WorkloadPhase) -> Vec<WorkloadPhase> {
         let start = Instant::now();
         let mut seen = Vec::new();
         while rt.phase(id) != Some(phase) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "stuck; saw {seen:?}"
-            );
+            assert!(start.elapsed() < Duration::from_secs(10), "stuck; saw {seen:?}");
             std::thread::sleep(Duration::from_millis(5));
             let mut changes = Vec::new();
             let now = Timestamp::from_millis(start.elapsed().as_millis() as u64);
@@ -485,10 +426,8 @@ mod tests {
 
     #[test]
     fn spec_format() {
-        let s = ProcessSpec::parse(
-            b"# comment\n\nsh -c 'exit 1'  \"a b\"\nrestart=always # why\nmax_restarts=3\n",
-        )
-        .unwrap();
+        let s = ProcessSpec::parse(b"# comment\n\nsh -c 'exit 1'  \"a b\"\nrestart=always # why\nmax_restarts=3\n")
+            .unwrap();
         assert_eq!(s.program, "sh");
         assert_eq!(s.args, ["-c", "exit 1", "a b"]);
         assert_eq!((s.restart, s.max_restarts), (RestartPolicy::Always, 3));
@@ -505,22 +444,14 @@ mod tests {
             b"true\nrestart",
             b"\xff\xfe",
         ] {
-            assert!(
-                ProcessSpec::parse(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(ProcessSpec::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
     #[test]
     fn failing_process_is_restarted_then_failed() {
         let mut rt = runtime();
-        let w = workload(
-            "crash",
-            1,
-            "sh -c 'exit 1'\nrestart=on-failure\nmax_restarts=2",
-        );
+        let w = workload("crash", 1, "sh -c 'exit 1'\nrestart=on-failure\nmax_restarts=2");
         rt.apply(&node(), &w, Timestamp::from_millis(0));
         let seen = poll_until(&mut rt, &w.id, WorkloadPhase::Failed);
         assert_eq!(rt.restarts(&w.id), Some(2));
@@ -532,14 +463,8 @@ mod tests {
     fn successful_exit_is_stopped_and_not_restarted_on_failure_policy() {
         let mut rt = runtime();
         let w = workload("once", 1, "true");
-        assert_eq!(
-            rt.apply(&node(), &w, Timestamp::from_millis(0)),
-            WorkloadPhase::Running
-        );
-        assert_eq!(
-            poll_until(&mut rt, &w.id, WorkloadPhase::Stopped),
-            [WorkloadPhase::Stopped]
-        );
+        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Running);
+        assert_eq!(poll_until(&mut rt, &w.id, WorkloadPhase::Stopped), [WorkloadPhase::Stopped]);
         assert_eq!(rt.restarts(&w.id), Some(0));
         // restart=always restarts even successful exits, up to its bound.
         let w = workload("loop", 1, "true\nrestart=always\nmax_restarts=2");
@@ -552,10 +477,7 @@ mod tests {
     fn long_running_process_runs_until_removed() {
         let mut rt = runtime();
         let w = workload("sleeper", 1, "sleep 30");
-        assert_eq!(
-            rt.apply(&node(), &w, Timestamp::from_millis(0)),
-            WorkloadPhase::Running
-        );
+        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Running);
         let pid = rt.pid(&w.id).unwrap();
         let mut changes = Vec::new();
         std::thread::sleep(Duration::from_millis(20));
@@ -568,14 +490,10 @@ mod tests {
         assert_ne!(rt.pid(&w.id), Some(pid));
         let started = Instant::now();
         rt.remove(&node(), &w.id, Timestamp::from_millis(40));
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "killed, not waited for"
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "killed, not waited for");
         assert_eq!(rt.phase(&w.id), None);
         assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists()
-                || cfg!(not(target_os = "linux")),
+            !std::path::Path::new(&format!("/proc/{pid}")).exists() || cfg!(not(target_os = "linux")),
             "the first process was killed and reaped"
         );
     }
@@ -584,18 +502,9 @@ mod tests {
     fn invalid_spec_or_missing_program_fails() {
         let mut rt = runtime();
         let w = workload("bad", 1, "sh -c 'unterminated");
-        assert_eq!(
-            rt.apply(&node(), &w, Timestamp::from_millis(0)),
-            WorkloadPhase::Failed
-        );
+        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Failed);
         let w = workload("missing", 1, "/nonexistent/kole-test-binary\nrestart=never");
-        assert_eq!(
-            rt.apply(&node(), &w, Timestamp::from_millis(0)),
-            WorkloadPhase::Failed
-        );
-        assert_eq!(
-            rt.restart(&node(), &w.id, Timestamp::from_millis(1)),
-            Some(WorkloadPhase::Failed)
-        );
+        assert_eq!(rt.apply(&node(), &w, Timestamp::from_millis(0)), WorkloadPhase::Failed);
+        assert_eq!(rt.restart(&node(), &w.id, Timestamp::from_millis(1)), Some(WorkloadPhase::Failed));
     }
 }

@@ -20,29 +20,18 @@ use crate::protocol::NodeHealth;
 pub trait WorkloadRuntime: Send {
     /// Starts `workload` on `node`, replacing whatever version of it runs there, and returns its
     /// phase right after (e.g. `Running`, `Pending`, or `Failed` when the spec is unusable).
-    fn apply(&mut self, node: &NodeName, workload: &Arc<Workload>, now: Timestamp)
-    -> WorkloadPhase;
+    fn apply(&mut self, node: &NodeName, workload: &Arc<Workload>, now: Timestamp) -> WorkloadPhase;
 
     /// Stops and forgets workload `id` on `node` (nothing happens if it does not run there).
     fn remove(&mut self, node: &NodeName, id: &WorkloadId, now: Timestamp);
 
     /// Restarts workload `id` on `node`; returns its new phase, or `None` when the phase does not
     /// change now (or the workload is unknown).
-    fn restart(
-        &mut self,
-        node: &NodeName,
-        id: &WorkloadId,
-        now: Timestamp,
-    ) -> Option<WorkloadPhase>;
+    fn restart(&mut self, node: &NodeName, id: &WorkloadId, now: Timestamp) -> Option<WorkloadPhase>;
 
     /// Appends to `changes` every workload of `node` whose phase changed since it was last
     /// reported (by `apply`, `restart` or an earlier `poll`), with its new phase.
-    fn poll(
-        &mut self,
-        node: &NodeName,
-        now: Timestamp,
-        changes: &mut Vec<(WorkloadId, WorkloadPhase)>,
-    );
+    fn poll(&mut self, node: &NodeName, now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>);
 
     /// Node-level health flags the runtime contributes to heartbeats (e.g.
     /// [`NodeHealth::DEGRADED`] when the container runtime is unreachable). Default: none.
@@ -119,10 +108,7 @@ impl fmt::Debug for RecordingRuntime {
 impl RecordingRuntime {
     /// A runtime that records every call.
     pub fn new() -> Self {
-        Self {
-            record: true,
-            ..Self::default()
-        }
+        Self { record: true, ..Self::default() }
     }
 
     /// A runtime that records nothing: workloads are `Running` at once unless a rule says
@@ -133,8 +119,7 @@ impl RecordingRuntime {
 
     /// Every applied `(id, version)` comes up in `phase` (e.g. `Failed`, `Pending`) on every node.
     pub fn set_outcome(&mut self, id: WorkloadId, version: u64, phase: WorkloadPhase) -> &mut Self {
-        self.outcomes
-            .retain(|(i, v, _)| !(*i == id && *v == version));
+        self.outcomes.retain(|(i, v, _)| !(*i == id && *v == version));
         self.outcomes.push((id, version, phase));
         self
     }
@@ -151,10 +136,7 @@ impl RecordingRuntime {
 
     /// Queues a phase change of workload `id` on `node`, reported by the node's next poll.
     pub fn push_phase(&mut self, node: &NodeName, id: WorkloadId, phase: WorkloadPhase) {
-        self.queued
-            .entry(node.clone())
-            .or_default()
-            .push((id, phase));
+        self.queued.entry(node.clone()).or_default().push((id, phase));
     }
 
     /// The calls recorded so far, in order.
@@ -164,11 +146,7 @@ impl RecordingRuntime {
 
     /// The calls recorded for one node, in order.
     pub fn calls_for(&self, node: &NodeName) -> Vec<RuntimeOp> {
-        self.calls
-            .iter()
-            .filter(|c| c.node == *node)
-            .map(|c| c.op.clone())
-            .collect()
+        self.calls.iter().filter(|c| c.node == *node).map(|c| c.op.clone()).collect()
     }
 
     /// Takes the recorded calls, leaving none.
@@ -178,25 +156,14 @@ impl RecordingRuntime {
 
     fn record(&mut self, node: &NodeName, op: impl FnOnce() -> RuntimeOp) {
         if self.record {
-            self.calls.push(RuntimeCall {
-                node: node.clone(),
-                op: op(),
-            });
+            self.calls.push(RuntimeCall { node: node.clone(), op: op() });
         }
     }
 }
 
 impl WorkloadRuntime for RecordingRuntime {
-    fn apply(
-        &mut self,
-        node: &NodeName,
-        workload: &Arc<Workload>,
-        _now: Timestamp,
-    ) -> WorkloadPhase {
-        self.record(node, || RuntimeOp::Apply {
-            id: workload.id.clone(),
-            version: workload.version,
-        });
+    fn apply(&mut self, node: &NodeName, workload: &Arc<Workload>, _now: Timestamp) -> WorkloadPhase {
+        self.record(node, || RuntimeOp::Apply { id: workload.id.clone(), version: workload.version });
         if let Some(phase) = self.outcome_fn.as_ref().and_then(|f| f(node, workload)) {
             return phase;
         }
@@ -213,22 +180,12 @@ impl WorkloadRuntime for RecordingRuntime {
         }
     }
 
-    fn restart(
-        &mut self,
-        node: &NodeName,
-        id: &WorkloadId,
-        _now: Timestamp,
-    ) -> Option<WorkloadPhase> {
+    fn restart(&mut self, node: &NodeName, id: &WorkloadId, _now: Timestamp) -> Option<WorkloadPhase> {
         self.record(node, || RuntimeOp::Restart { id: id.clone() });
         None
     }
 
-    fn poll(
-        &mut self,
-        node: &NodeName,
-        _now: Timestamp,
-        changes: &mut Vec<(WorkloadId, WorkloadPhase)>,
-    ) {
+    fn poll(&mut self, node: &NodeName, _now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>) {
         if self.queued.is_empty() {
             return;
         }

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use crate::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase,
-    WorkloadState, mix64, stable_hash, wave_point,
+    DesiredDigest, Labels, NodeInfo, NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase, WorkloadState, mix64,
+    stable_hash, wave_point,
 };
 use crate::protocol::{
-    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, Register,
-    RegisterAck, RegisterOutcome, StatusReport, UplinkKind,
+    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, RegisterAck, RegisterOutcome,
+    StatusReport, UplinkKind,
 };
 use crate::transport::{Destination, NodeDelivery, NodePublish};
 
@@ -85,9 +85,7 @@ impl Agent {
         persisted: Option<PersistedState>,
     ) -> Self {
         let boot_id = boot_id.max(1);
-        let seed = mix64(
-            u64::from(boot_id) ^ stable_hash(0x0061_6765_6e74, identity.name.as_str().as_bytes()),
-        );
+        let seed = mix64(u64::from(boot_id) ^ stable_hash(0x0061_6765_6e74, identity.name.as_str().as_bytes()));
         let mut agent = Self {
             config: config.into(),
             name: identity.name,
@@ -109,14 +107,8 @@ impl Agent {
         };
         if let Some(state) = persisted {
             let state = PersistedState::new(state.workloads);
-            agent.workloads = state
-                .workloads
-                .into_iter()
-                .map(|workload| Slot {
-                    workload,
-                    phase: WorkloadPhase::Pending,
-                })
-                .collect();
+            agent.workloads =
+                state.workloads.into_iter().map(|workload| Slot { workload, phase: WorkloadPhase::Pending }).collect();
             agent.applied = state.applied;
         }
         agent
@@ -176,20 +168,13 @@ impl Agent {
     pub fn workload_states(&self) -> Vec<WorkloadState> {
         self.workloads
             .iter()
-            .map(|s| WorkloadState {
-                workload: s.workload.id.clone(),
-                version: s.workload.version,
-                phase: s.phase,
-            })
+            .map(|s| WorkloadState { workload: s.workload.id.clone(), version: s.workload.version, phase: s.phase })
             .collect()
     }
 
     /// The state to persist now.
     pub fn persisted_state(&self) -> PersistedState {
-        PersistedState {
-            workloads: self.workloads.iter().map(|s| s.workload.clone()).collect(),
-            applied: self.applied,
-        }
+        PersistedState { workloads: self.workloads.iter().map(|s| s.workload.clone()).collect(), applied: self.applied }
     }
 
     /// Heap bytes this agent owns alone (name, desired list, group names), excluding the shared
@@ -237,19 +222,9 @@ impl Agent {
             AgentInput::Tick => self.tick(now, runtime, out),
             AgentInput::Delivery(d) => self.delivery(d, now, runtime, out),
             AgentInput::Message { message, from } => self.message(message, from, now, runtime, out),
-            AgentInput::SharedSpec {
-                workload,
-                wave_threshold,
-                from,
-            } => self.spec(
-                workload,
-                Some(workload),
-                wave_threshold,
-                from,
-                now,
-                runtime,
-                out,
-            ),
+            AgentInput::SharedSpec { workload, wave_threshold, from } => {
+                self.spec(workload, Some(workload), wave_threshold, from, now, runtime, out)
+            }
         }
         if self.flags & STATUS_DIRTY != 0 && self.link == LinkState::Registered {
             self.send_status(now, out);
@@ -287,21 +262,19 @@ impl Agent {
 
     fn send_register(&mut self, now: Timestamp, out: &mut AgentOutputs) {
         self.link = LinkState::Registering;
-        let register = Register {
-            name: self.name.clone(),
+        let workloads = self.workload_states();
+        let payload = protocol::encode_register(&protocol::RegisterRef {
+            name: &self.name,
             boot_id: self.boot_id,
-            labels: (*self.labels).clone(),
-            info: (*self.info).clone(),
+            labels: &self.labels,
+            info: &self.info,
             applied: self.applied,
-            workloads: self.workload_states(),
-        };
-        push(out, UplinkKind::Register, &Message::Register(register));
+            workloads: &workloads,
+        });
+        out.publish.push(NodePublish { kind: UplinkKind::Register, payload });
         // The registration carries every workload's state.
         self.flags &= !STATUS_DIRTY;
-        let delay = self
-            .config
-            .register_retry
-            .delay_ms(u32::from(self.attempt), &mut self.jitter);
+        let delay = self.config.register_retry.delay_ms(u32::from(self.attempt), &mut self.jitter);
         self.attempt = self.attempt.saturating_add(1);
         self.timer_at = now.as_millis().saturating_add(delay);
     }
@@ -324,12 +297,7 @@ impl Agent {
         h
     }
 
-    fn send_heartbeat(
-        &mut self,
-        now: Timestamp,
-        runtime: &dyn WorkloadRuntime,
-        out: &mut AgentOutputs,
-    ) {
+    fn send_heartbeat(&mut self, now: Timestamp, runtime: &dyn WorkloadRuntime, out: &mut AgentOutputs) {
         let hb = Heartbeat {
             seq: self.next_seq(),
             boot_id: self.boot_id,
@@ -357,9 +325,7 @@ impl Agent {
         let now_ms = now.as_millis();
         match self.link {
             LinkState::Registering if now_ms >= self.timer_at => self.send_register(now, out),
-            LinkState::Registered if now_ms >= self.timer_at => {
-                self.send_heartbeat(now, runtime, out)
-            }
+            LinkState::Registered if now_ms >= self.timer_at => self.send_heartbeat(now, runtime, out),
             _ => {}
         }
         if now_ms >= self.poll_at {
@@ -382,9 +348,7 @@ impl Agent {
     }
 
     fn find(&self, id: &WorkloadId) -> Option<usize> {
-        self.workloads
-            .binary_search_by(|s| s.workload.id.cmp(id))
-            .ok()
+        self.workloads.binary_search_by(|s| s.workload.id.cmp(id)).ok()
     }
 
     fn delivery(
@@ -422,15 +386,9 @@ impl Agent {
     ) {
         match msg {
             Message::RegisterAck(ack) => self.ack(ack, now, out),
-            Message::WorkloadSpec(spec) => self.spec(
-                &spec.workload,
-                None,
-                spec.wave_threshold,
-                from,
-                now,
-                runtime,
-                out,
-            ),
+            Message::WorkloadSpec(spec) => {
+                self.spec(&spec.workload, None, spec.wave_threshold, from, now, runtime, out)
+            }
             Message::WorkloadRemoved(r) => {
                 if self.remove(&r.id, now, runtime, out) {
                     self.changed(out);
@@ -438,9 +396,7 @@ impl Agent {
             }
             Message::DesiredState(ds) => self.replace(ds, now, runtime, out),
             Message::Command(c) => self.command(c, now, runtime, out),
-            Message::Register(_) | Message::Heartbeat(_) | Message::StatusReport(_) => {
-                ignore(out, "uplink_kind")
-            }
+            Message::Register(_) | Message::Heartbeat(_) | Message::StatusReport(_) => ignore(out, "uplink_kind"),
         }
     }
 
@@ -459,33 +415,22 @@ impl Agent {
                 let first = self.link != LinkState::Registered;
                 self.link = LinkState::Registered;
                 self.attempt = 0;
-                self.heartbeat_ms = ack
-                    .heartbeat_interval_ms
-                    .max(self.config.min_heartbeat_interval_ms)
-                    .max(1);
+                self.heartbeat_ms = ack.heartbeat_interval_ms.max(self.config.min_heartbeat_interval_ms).max(1);
                 self.set_groups(&ack.groups, out);
                 if first {
                     // Spread a fleet that registered together over the interval.
                     let offset = self.jitter.below(u64::from(self.heartbeat_ms));
                     self.timer_at = now.as_millis().saturating_add(offset);
                 }
-                out.events.push(AgentEvent::Registered {
-                    heartbeat_interval_ms: self.heartbeat_ms,
-                });
+                out.events.push(AgentEvent::Registered { heartbeat_interval_ms: self.heartbeat_ms });
             }
-            RegisterOutcome::Rejected {
-                code,
-                message,
-                retry_after_ms,
-            } => {
+            RegisterOutcome::Rejected { code, message, retry_after_ms } => {
                 self.link = LinkState::Registering;
                 let delay = if *retry_after_ms > 0 {
                     let ra = u64::from(*retry_after_ms);
                     ra + self.jitter.below(ra / 2 + 1)
                 } else {
-                    self.config
-                        .register_retry
-                        .delay_ms(u32::from(self.attempt), &mut self.jitter)
+                    self.config.register_retry.delay_ms(u32::from(self.attempt), &mut self.jitter)
                 };
                 self.attempt = self.attempt.saturating_add(1);
                 self.timer_at = now.as_millis().saturating_add(delay);
@@ -558,16 +503,9 @@ impl Agent {
         out: &mut AgentOutputs,
     ) {
         let phase = runtime.apply(&self.name, &workload, now);
-        out.events.push(AgentEvent::Applied {
-            id: workload.id.clone(),
-            version: workload.version,
-            phase,
-        });
+        out.events.push(AgentEvent::Applied { id: workload.id.clone(), version: workload.version, phase });
         let slot = Slot { workload, phase };
-        match self
-            .workloads
-            .binary_search_by(|s| s.workload.id.cmp(&slot.workload.id))
-        {
+        match self.workloads.binary_search_by(|s| s.workload.id.cmp(&slot.workload.id)) {
             Ok(i) => self.workloads[i] = slot,
             Err(i) => self.workloads.insert(i, slot),
         }
@@ -605,11 +543,7 @@ impl Agent {
         let dropped: Vec<WorkloadId> = self
             .workloads
             .iter()
-            .filter(|s| {
-                wanted
-                    .binary_search_by(|w| w.id.cmp(&s.workload.id))
-                    .is_err()
-            })
+            .filter(|s| wanted.binary_search_by(|w| w.id.cmp(&s.workload.id)).is_err())
             .map(|s| s.workload.id.clone())
             .collect();
         for id in &dropped {
@@ -629,22 +563,12 @@ impl Agent {
 
     /// After any change of the desired set: new digest, status due, persist.
     fn changed(&mut self, out: &mut AgentOutputs) {
-        self.applied = DesiredDigest::of(
-            self.workloads
-                .iter()
-                .map(|s| (s.workload.id.as_str(), s.workload.version)),
-        );
+        self.applied = DesiredDigest::of(self.workloads.iter().map(|s| (s.workload.id.as_str(), s.workload.version)));
         self.flags |= STATUS_DIRTY;
         out.persist = Some(self.persisted_state());
     }
 
-    fn command(
-        &mut self,
-        c: &Command,
-        now: Timestamp,
-        runtime: &mut dyn WorkloadRuntime,
-        out: &mut AgentOutputs,
-    ) {
+    fn command(&mut self, c: &Command, now: Timestamp, runtime: &mut dyn WorkloadRuntime, out: &mut AgentOutputs) {
         match &c.kind {
             CommandKind::Reregister => {
                 if self.link == LinkState::Disconnected {
@@ -678,10 +602,7 @@ impl Agent {
 }
 
 fn push(out: &mut AgentOutputs, kind: UplinkKind, msg: &Message) {
-    out.publish.push(NodePublish {
-        kind,
-        payload: protocol::encode(msg),
-    });
+    out.publish.push(NodePublish { kind, payload: protocol::encode(msg) });
 }
 
 fn ignore(out: &mut AgentOutputs, reason: &'static str) {

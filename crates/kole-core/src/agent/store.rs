@@ -58,9 +58,7 @@ pub enum StateDecodeError {
         found: [u8; 8],
     },
     /// Written by another format version.
-    #[error(
-        "format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION})"
-    )]
+    #[error("format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION})")]
     UnsupportedVersion {
         /// The version found.
         found: u16,
@@ -106,10 +104,7 @@ impl PersistedState {
 
     /// Encodes into the documented file format.
     pub fn encode(&self) -> Vec<u8> {
-        let body = BodyRef {
-            workloads: self.workloads.iter().map(|w| &**w).collect(),
-            applied: self.applied,
-        };
+        let body = BodyRef { workloads: self.workloads.iter().map(|w| &**w).collect(), applied: self.applied };
         // Serializing plain data into memory cannot fail; should it ever, the empty body is caught
         // by the reader's decode check rather than by a panic here.
         let body = postcard::to_allocvec(&body).unwrap_or_default();
@@ -127,10 +122,7 @@ impl PersistedState {
     /// Never panics, whatever the input.
     pub fn decode(bytes: &[u8]) -> Result<Self, StateDecodeError> {
         if bytes.len() < HEADER + TRAILER {
-            return Err(StateDecodeError::Truncated {
-                len: bytes.len(),
-                min: HEADER + TRAILER,
-            });
+            return Err(StateDecodeError::Truncated { len: bytes.len(), min: HEADER + TRAILER });
         }
         let (head, rest) = bytes.split_at(HEADER);
         let mut magic = [0u8; 8];
@@ -145,10 +137,7 @@ impl PersistedState {
         let declared = u32::from_le_bytes([head[10], head[11], head[12], head[13]]);
         let (body, trailer) = rest.split_at(rest.len() - TRAILER);
         if u64::from(declared) != body.len() as u64 {
-            return Err(StateDecodeError::LengthMismatch {
-                declared: declared.into(),
-                actual: body.len(),
-            });
+            return Err(StateDecodeError::LengthMismatch { declared: declared.into(), actual: body.len() });
         }
         let stored = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
         let computed = crc32(&bytes[..bytes.len() - TRAILER]);
@@ -156,26 +145,16 @@ impl PersistedState {
             return Err(StateDecodeError::Checksum { stored, computed });
         }
         let (decoded, left): (BodyOwned, &[u8]) =
-            postcard::take_from_bytes(body).map_err(|e| StateDecodeError::Body {
-                reason: e.to_string(),
-            })?;
+            postcard::take_from_bytes(body).map_err(|e| StateDecodeError::Body { reason: e.to_string() })?;
         if !left.is_empty() {
-            return Err(StateDecodeError::Body {
-                reason: format!("{} trailing bytes", left.len()),
-            });
+            return Err(StateDecodeError::Body { reason: format!("{} trailing bytes", left.len()) });
         }
-        let mut workloads: Vec<Arc<Workload>> =
-            decoded.workloads.into_iter().map(Arc::new).collect();
+        let mut workloads: Vec<Arc<Workload>> = decoded.workloads.into_iter().map(Arc::new).collect();
         workloads.sort_by(|a, b| a.id.cmp(&b.id));
         if workloads.windows(2).any(|w| w[0].id == w[1].id) {
-            return Err(StateDecodeError::Body {
-                reason: "a workload id appears twice".into(),
-            });
+            return Err(StateDecodeError::Body { reason: "a workload id appears twice".into() });
         }
-        Ok(Self {
-            workloads,
-            applied: decoded.applied,
-        })
+        Ok(Self { workloads, applied: decoded.applied })
     }
 }
 
@@ -194,9 +173,7 @@ pub enum StoreError {
         source: io::Error,
     },
     /// The stored state is unusable; the agent should start with an empty desired state.
-    #[error(
-        "agent state in {origin} is unusable; start empty and let the cloud's catch-up refill it"
-    )]
+    #[error("agent state in {origin} is unusable; start empty and let the cloud's catch-up refill it")]
     Corrupt {
         /// Where it was read from.
         origin: String,
@@ -307,10 +284,7 @@ impl FileAgentStore {
 
     /// A store in the file at `path` (its directory must exist).
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            max_bytes: Self::DEFAULT_MAX_BYTES,
-        }
+        Self { path: path.into(), max_bytes: Self::DEFAULT_MAX_BYTES }
     }
 
     /// Sets the largest file `load` reads (a larger one is an error, not an allocation).
@@ -345,22 +319,13 @@ impl AgentStore for FileAgentStore {
             Err(e) => return Err(self.io("open", &self.path)(e)),
         };
         let mut bytes = Vec::new();
-        file.take(self.max_bytes.saturating_add(1))
-            .read_to_end(&mut bytes)
-            .map_err(self.io("read", &self.path))?;
+        file.take(self.max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(self.io("read", &self.path))?;
         if bytes.len() as u64 > self.max_bytes {
-            return Err(StoreError::TooLarge {
-                path: self.path.clone(),
-                len: bytes.len() as u64,
-                max: self.max_bytes,
-            });
+            return Err(StoreError::TooLarge { path: self.path.clone(), len: bytes.len() as u64, max: self.max_bytes });
         }
         PersistedState::decode(&bytes)
             .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                origin: self.path.display().to_string(),
-                source,
-            })
+            .map_err(|source| StoreError::Corrupt { origin: self.path.display().to_string(), source })
     }
 
     fn save(&self, state: &PersistedState) -> Result<(), StoreError> {
@@ -382,9 +347,7 @@ impl AgentStore for FileAgentStore {
             _ => PathBuf::from("."),
         };
         // The rename is durable only once the directory entry is.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(self.io("sync directory of", &self.path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(self.io("sync directory of", &self.path))?;
         Ok(())
     }
 }
@@ -408,8 +371,7 @@ mod tests {
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("kole-agent-store-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("kole-agent-store-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -427,10 +389,7 @@ mod tests {
         let s2 = PersistedState::new(vec![wl("default/a", 3)]);
         store.save(&s2).unwrap();
         assert_eq!(store.load().unwrap(), Some(s2));
-        assert!(
-            !store.temp_path().exists(),
-            "the temporary file was renamed"
-        );
+        assert!(!store.temp_path().exists(), "the temporary file was renamed");
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -475,10 +434,7 @@ mod tests {
             assert!(state.is_none() && err.is_some(), "{what}");
         }
         fs::write(store.path(), vec![0u8; 100]).unwrap();
-        assert!(matches!(
-            store.clone().max_bytes(10).load(),
-            Err(StoreError::TooLarge { len: 11, .. })
-        ));
+        assert!(matches!(store.clone().max_bytes(10).load(), Err(StoreError::TooLarge { len: 11, .. })));
         fs::remove_dir_all(dir).unwrap();
     }
 

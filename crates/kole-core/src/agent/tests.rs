@@ -7,12 +7,11 @@ use std::sync::Arc;
 
 use super::*;
 use crate::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, Selector, Timestamp, Workload, WorkloadId,
-    WorkloadPhase, wave_point,
+    DesiredDigest, Labels, NodeInfo, NodeName, Selector, Timestamp, Workload, WorkloadId, WorkloadPhase, wave_point,
 };
 use crate::protocol::{
-    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth,
-    RegisterAck, RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, RegisterAck, RegisterOutcome,
+    RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 use crate::transport::{Destination, NodeDelivery};
 
@@ -59,10 +58,7 @@ fn accepted(boot_id: u32, interval_ms: u32, groups: &[&str]) -> Message {
 }
 
 fn spec(w: &Workload, threshold: u16) -> Message {
-    Message::WorkloadSpec(WorkloadSpec {
-        workload: w.clone(),
-        wave_threshold: threshold,
-    })
+    Message::WorkloadSpec(WorkloadSpec { workload: w.clone(), wave_threshold: threshold })
 }
 
 fn command(id: u64, kind: CommandKind) -> Message {
@@ -84,12 +80,7 @@ impl Harness {
         Self::with(AgentConfig::default(), n, labels, None)
     }
 
-    fn with(
-        config: AgentConfig,
-        n: &str,
-        labels: &[(&str, &str)],
-        persisted: Option<PersistedState>,
-    ) -> Self {
+    fn with(config: AgentConfig, n: &str, labels: &[(&str, &str)], persisted: Option<PersistedState>) -> Self {
         Self {
             agent: Agent::new(config, identity(n, labels), BOOT, persisted),
             rt: RecordingRuntime::new(),
@@ -128,11 +119,7 @@ impl Harness {
             .drain(..)
             .map(|p| {
                 let m = protocol::decode_uplink(&p.payload, &Default::default()).unwrap();
-                assert_eq!(
-                    p.kind,
-                    m.kind().uplink().unwrap(),
-                    "published on its kind's topic"
-                );
+                assert_eq!(p.kind, m.kind().uplink().unwrap(), "published on its kind's topic");
                 m
             })
             .collect()
@@ -147,10 +134,7 @@ impl Harness {
     }
 
     fn version_of(&self, id: &str) -> Option<u64> {
-        self.agent
-            .workloads()
-            .find(|(w, _)| w.id.as_str() == id)
-            .map(|(w, _)| w.version)
+        self.agent.workloads().find(|(w, _)| w.id.as_str() == id).map(|(w, _)| w.version)
     }
 
     fn wake(&self) -> u64 {
@@ -167,9 +151,7 @@ fn registration_retries_with_jittered_backoff_until_accepted() {
     };
     let mut h = Harness::with(config, "edge-1", &[], None);
     h.input(AgentInput::Connected);
-    let Message::Register(reg) = &h.sent()[0] else {
-        panic!("expected a registration")
-    };
+    let Message::Register(reg) = &h.sent()[0] else { panic!("expected a registration") };
     assert_eq!((reg.name.as_str(), reg.boot_id), ("edge-1", BOOT));
     assert_eq!(h.agent.link(), LinkState::Registering);
 
@@ -191,9 +173,7 @@ fn registration_retries_with_jittered_backoff_until_accepted() {
     // A stale ack (an earlier boot) changes nothing; ours registers.
     h.send_me(&accepted(BOOT + 1, 10_000, &[]));
     assert_eq!(h.agent.link(), LinkState::Registering);
-    assert!(h.out.events.contains(&AgentEvent::Ignored {
-        reason: "stale_ack"
-    }));
+    assert!(h.out.events.contains(&AgentEvent::Ignored { reason: "stale_ack" }));
     h.send_me(&accepted(BOOT, 10_000, &[]));
     assert_eq!(h.agent.link(), LinkState::Registered);
     // No more registrations, only heartbeats.
@@ -223,8 +203,7 @@ fn rejected_registration_retries_after_retry_after_with_jitter() {
     };
     // The controller rejects undecodable registrations with boot id 0: that is ours too.
     h.send_me(&reject(0));
-    let Some(AgentEvent::RegisterRejected { code, retry_at, .. }) = h.out.events.last().cloned()
-    else {
+    let Some(AgentEvent::RegisterRejected { code, retry_at, .. }) = h.out.events.last().cloned() else {
         panic!("{:?}", h.out.events)
     };
     assert_eq!(code, RejectCode::Overloaded);
@@ -246,13 +225,8 @@ fn heartbeats_count_up_at_the_acked_interval_and_the_first_is_jittered() {
     let mut at = first;
     for expected_seq in 1..=5 {
         h.tick_at(at);
-        let [Message::Heartbeat(hb)] = h.sent()[..] else {
-            panic!()
-        };
-        assert_eq!(
-            (hb.seq, hb.boot_id, hb.health),
-            (expected_seq, BOOT, NodeHealth::OK)
-        );
+        let [Message::Heartbeat(hb)] = h.sent()[..] else { panic!() };
+        assert_eq!((hb.seq, hb.boot_id, hb.health), (expected_seq, BOOT, NodeHealth::OK));
         assert_eq!(hb.applied, DesiredDigest::EMPTY);
         assert_eq!(h.wake(), at + 10_000, "at the acked interval");
         at += 10_000;
@@ -276,38 +250,18 @@ fn groups_follow_the_ack_and_are_resubscribed_after_reconnect() {
     h.input(AgentInput::Connected);
     h.send_me(&accepted(BOOT, 10_000, &["region.a", "site.1"]));
     let g = |n: &str| GroupName::new(n).unwrap();
-    assert_eq!(
-        h.out.groups,
-        [
-            GroupChange::Subscribe(g("region.a")),
-            GroupChange::Subscribe(g("site.1"))
-        ]
-    );
+    assert_eq!(h.out.groups, [GroupChange::Subscribe(g("region.a")), GroupChange::Subscribe(g("site.1"))]);
     h.out.clear();
     // A later ack (after Reregister) replaces the set.
     h.send_me(&command(1, CommandKind::Reregister));
     h.send_me(&accepted(BOOT, 10_000, &["region.a", "site.2"]));
-    assert_eq!(
-        h.out.groups,
-        [
-            GroupChange::Unsubscribe(g("site.1")),
-            GroupChange::Subscribe(g("site.2"))
-        ]
-    );
+    assert_eq!(h.out.groups, [GroupChange::Unsubscribe(g("site.1")), GroupChange::Subscribe(g("site.2"))]);
     h.out.clear();
     // A new connection is a clean session: subscribe again at once, then register.
     h.input(AgentInput::Disconnected);
     h.input(AgentInput::Connected);
-    assert_eq!(
-        h.out.groups,
-        [
-            GroupChange::Subscribe(g("region.a")),
-            GroupChange::Subscribe(g("site.2"))
-        ]
-    );
-    let [Message::Register(reg)] = &h.sent()[..] else {
-        panic!()
-    };
+    assert_eq!(h.out.groups, [GroupChange::Subscribe(g("region.a")), GroupChange::Subscribe(g("site.2"))]);
+    let [Message::Register(reg)] = &h.sent()[..] else { panic!() };
     assert_eq!(reg.boot_id, BOOT, "same boot id after a reconnect");
 }
 
@@ -325,23 +279,13 @@ fn specs_select_by_selector_and_wave_and_nodes_outside_the_wave_keep_their_versi
         h.msg(&spec(&v2, 3_000), &from);
         let in_wave = wave_point(&n, &v2.id) < 3_000;
         inside += usize::from(in_wave);
-        assert_eq!(
-            h.version_of("default/app"),
-            Some(if in_wave { 2 } else { 1 }),
-            "{n}"
-        );
-        assert_eq!(
-            h.agent.applied(),
-            DesiredDigest::of([("default/app", if in_wave { 2 } else { 1 })])
-        );
+        assert_eq!(h.version_of("default/app"), Some(if in_wave { 2 } else { 1 }), "{n}");
+        assert_eq!(h.agent.applied(), DesiredDigest::of([("default/app", if in_wave { 2 } else { 1 })]));
     }
     assert!((30..90).contains(&inside), "{inside} of 200 in a 30% wave");
 
     // Outside the wave with nothing running: still nothing.
-    let n = (0..)
-        .map(|i| format!("edge-{i}"))
-        .find(|n| wave_point(n, &v2.id) >= 3_000)
-        .unwrap();
+    let n = (0..).map(|i| format!("edge-{i}")).find(|n| wave_point(n, &v2.id) >= 3_000).unwrap();
     let mut h = Harness::new(&n, &[("tier", "cdn")]);
     h.msg(&spec(&v2, 3_000), &from);
     assert_eq!(h.version_of("default/app"), None);
@@ -353,33 +297,16 @@ fn specs_select_by_selector_and_wave_and_nodes_outside_the_wave_keep_their_versi
     assert_eq!(h.version_of("default/app"), None);
     let mut h = Harness::new("edge-1", &[("tier", "cdn")]);
     h.msg(&spec(&v1, WorkloadSpec::ALL_WAVES), &from);
-    h.msg(
-        &spec(
-            &workload("default/app", 3, "tier=retail"),
-            WorkloadSpec::ALL_WAVES,
-        ),
-        &from,
-    );
+    h.msg(&spec(&workload("default/app", 3, "tier=retail"), WorkloadSpec::ALL_WAVES), &from);
     assert_eq!(h.version_of("default/app"), None);
     assert_eq!(
         h.rt.calls_for(h.agent.name()),
-        [
-            RuntimeOp::Apply {
-                id: v1.id.clone(),
-                version: 1
-            },
-            RuntimeOp::Remove { id: v1.id.clone() }
-        ]
+        [RuntimeOp::Apply { id: v1.id.clone(), version: 1 }, RuntimeOp::Remove { id: v1.id.clone() }]
     );
     // A spec whose topic names another workload is refused.
-    h.msg(
-        &spec(&v1, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(wid("default/other")),
-    );
+    h.msg(&spec(&v1, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(wid("default/other")));
     assert_eq!(h.version_of("default/app"), None);
-    assert!(h.out.events.contains(&AgentEvent::Ignored {
-        reason: "spec_topic_mismatch"
-    }));
+    assert!(h.out.events.contains(&AgentEvent::Ignored { reason: "spec_topic_mismatch" }));
 }
 
 #[test]
@@ -404,14 +331,8 @@ fn desired_state_replaces_the_set_exactly() {
     let a1 = workload("default/a", 1, "tier=cdn");
     let b1 = workload("default/b", 1, "tier=cdn");
     let c1 = workload("default/c", 1, "tier=nope");
-    h.msg(
-        &spec(&a1, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(a1.id.clone()),
-    );
-    h.msg(
-        &spec(&b1, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(b1.id.clone()),
-    );
+    h.msg(&spec(&a1, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(a1.id.clone()));
+    h.msg(&spec(&b1, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(b1.id.clone()));
     let _ = from;
     h.rt.take_calls();
     // Authoritative: b goes, a moves to v2, c comes although its selector does not match.
@@ -421,38 +342,19 @@ fn desired_state_replaces_the_set_exactly() {
         workloads: vec![c1.clone(), a2.clone()],
     });
     h.send_me(&ds);
-    let versions: Vec<(String, u64)> = h
-        .agent
-        .workloads()
-        .map(|(w, _)| (w.id.to_string(), w.version))
-        .collect();
-    assert_eq!(
-        versions,
-        [("default/a".to_owned(), 2), ("default/c".to_owned(), 1)]
-    );
-    assert_eq!(
-        h.agent.applied(),
-        DesiredDigest::of([("default/a", 2), ("default/c", 1)])
-    );
+    let versions: Vec<(String, u64)> = h.agent.workloads().map(|(w, _)| (w.id.to_string(), w.version)).collect();
+    assert_eq!(versions, [("default/a".to_owned(), 2), ("default/c".to_owned(), 1)]);
+    assert_eq!(h.agent.applied(), DesiredDigest::of([("default/a", 2), ("default/c", 1)]));
     let calls = h.rt.calls_for(h.agent.name());
     assert!(calls.contains(&RuntimeOp::Remove { id: b1.id.clone() }));
-    assert!(calls.contains(&RuntimeOp::Apply {
-        id: a2.id.clone(),
-        version: 2
-    }));
-    assert!(calls.contains(&RuntimeOp::Apply {
-        id: c1.id.clone(),
-        version: 1
-    }));
+    assert!(calls.contains(&RuntimeOp::Apply { id: a2.id.clone(), version: 2 }));
+    assert!(calls.contains(&RuntimeOp::Apply { id: c1.id.clone(), version: 1 }));
     assert_eq!(calls.len(), 3);
     // The same desired state again changes nothing; an empty one removes everything.
     h.rt.take_calls();
     h.send_me(&ds);
     assert!(h.rt.calls().is_empty());
-    h.send_me(&Message::DesiredState(DesiredState {
-        digest: DesiredDigest::EMPTY,
-        workloads: vec![],
-    }));
+    h.send_me(&Message::DesiredState(DesiredState { digest: DesiredDigest::EMPTY, workloads: vec![] }));
     assert_eq!(h.agent.workloads().count(), 0);
     assert_eq!(h.agent.applied(), DesiredDigest::EMPTY);
 }
@@ -463,20 +365,11 @@ fn workload_removed_and_an_empty_retained_spec_remove_the_workload() {
     let a = workload("default/a", 1, "");
     let b = workload("b", 1, "");
     let g = GroupName::new("region.x").unwrap();
-    h.msg(
-        &spec(&a, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(a.id.clone()),
-    );
-    h.msg(
-        &spec(&b, WorkloadSpec::ALL_WAVES),
-        &Destination::GroupWorkloadSpec(g.clone(), b.id.clone()),
-    );
+    h.msg(&spec(&a, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(a.id.clone()));
+    h.msg(&spec(&b, WorkloadSpec::ALL_WAVES), &Destination::GroupWorkloadSpec(g.clone(), b.id.clone()));
     assert_eq!(h.agent.workloads().count(), 2);
 
-    h.msg(
-        &Message::WorkloadRemoved(WorkloadRemoved { id: a.id.clone() }),
-        &Destination::Fleet,
-    );
+    h.msg(&Message::WorkloadRemoved(WorkloadRemoved { id: a.id.clone() }), &Destination::Fleet);
     assert_eq!(h.version_of("default/a"), None);
     assert!(h.out.persist.take().is_some());
 
@@ -492,61 +385,37 @@ fn workload_removed_and_an_empty_retained_spec_remove_the_workload() {
 
     // An empty payload anywhere else is not a deletion; garbage is ignored, not fatal.
     for payload in [Vec::new(), vec![1, 0x82, 0xff]] {
-        let d = NodeDelivery {
-            from: Destination::Fleet,
-            payload: Arc::from(payload),
-            retained: false,
-        };
+        let d = NodeDelivery { from: Destination::Fleet, payload: Arc::from(payload), retained: false };
         h.input(AgentInput::Delivery(&d));
     }
     assert!(matches!(
         h.out.events[h.out.events.len() - 2..],
-        [
-            AgentEvent::Ignored {
-                reason: "empty_payload"
-            },
-            AgentEvent::Ignored { .. }
-        ]
+        [AgentEvent::Ignored { reason: "empty_payload" }, AgentEvent::Ignored { .. }]
     ));
 }
 
 #[test]
 fn runtime_state_changes_send_a_status_report_that_counts_as_a_heartbeat() {
-    let config = AgentConfig {
-        runtime_poll_ms: 0,
-        ..AgentConfig::default()
-    };
+    let config = AgentConfig { runtime_poll_ms: 0, ..AgentConfig::default() };
     let mut h = Harness::with(config, "edge-1", &[], None);
     h.register(10_000);
     let w = workload("default/a", 1, "");
-    h.msg(
-        &spec(&w, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(w.id.clone()),
-    );
+    h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(w.id.clone()));
     // Applying is a state change: reported at once.
-    let [Message::StatusReport(r)] = &h.sent()[..] else {
-        panic!()
-    };
+    let [Message::StatusReport(r)] = &h.sent()[..] else { panic!() };
     assert_eq!(r.seq, 1);
     assert_eq!(r.applied, DesiredDigest::of([("default/a", 1)]));
-    assert_eq!(
-        (r.workloads[0].version, r.workloads[0].phase),
-        (1, WorkloadPhase::Running)
-    );
+    assert_eq!((r.workloads[0].version, r.workloads[0].phase), (1, WorkloadPhase::Running));
     assert_eq!(h.wake(), h.now + 10_000, "the report counts as a heartbeat");
 
     // The runtime reports a crash: the next poll sends a report with the next seq.
     h.rt.push_phase(&name("edge-1"), w.id.clone(), WorkloadPhase::Failed);
     h.tick_at(h.now + 1_000);
-    let [Message::StatusReport(r)] = &h.sent()[..] else {
-        panic!()
-    };
+    let [Message::StatusReport(r)] = &h.sent()[..] else { panic!() };
     assert_eq!((r.seq, r.workloads[0].phase), (2, WorkloadPhase::Failed));
     // The failure shows in health, not in the digest.
     h.tick_at(h.wake());
-    let [Message::Heartbeat(hb)] = h.sent()[..] else {
-        panic!()
-    };
+    let [Message::Heartbeat(hb)] = h.sent()[..] else { panic!() };
     assert_eq!(hb.seq, 3);
     assert!(hb.health.contains(NodeHealth::WORKLOAD_FAILED));
     assert_eq!(hb.applied, DesiredDigest::of([("default/a", 1)]));
@@ -565,46 +434,30 @@ fn commands_reregister_resync_restart_and_ping() {
 
     // Reregister: a fresh registration of the same boot, heartbeats wait for the ack.
     h.send_me(&command(7, CommandKind::Reregister));
-    let [Message::Register(reg)] = &h.sent()[..] else {
-        panic!()
-    };
+    let [Message::Register(reg)] = &h.sent()[..] else { panic!() };
     assert_eq!(reg.boot_id, BOOT);
     assert_eq!(h.agent.link(), LinkState::Registering);
     h.tick_at(h.now + 500);
     assert!(h.sent().is_empty());
     h.send_me(&accepted(BOOT, 10_000, &[]));
     h.tick_at(h.wake());
-    let [Message::Heartbeat(hb)] = h.sent()[..] else {
-        panic!()
-    };
+    let [Message::Heartbeat(hb)] = h.sent()[..] else { panic!() };
     assert_eq!(hb.seq, 2, "the sequence continues within a boot");
 
     // Ping answers with a heartbeat now; Resync with a status report.
     h.send_me(&command(8, CommandKind::Ping));
-    assert!(matches!(
-        h.sent()[..],
-        [Message::Heartbeat(Heartbeat { seq: 3, .. })]
-    ));
+    assert!(matches!(h.sent()[..], [Message::Heartbeat(Heartbeat { seq: 3, .. })]));
     h.send_me(&command(9, CommandKind::Resync));
-    assert!(matches!(
-        h.sent()[..],
-        [Message::StatusReport(StatusReport { seq: 4, .. })]
-    ));
+    assert!(matches!(h.sent()[..], [Message::StatusReport(StatusReport { seq: 4, .. })]));
 
     // RestartWorkload goes to the runtime once per command id.
     let w = workload("default/a", 1, "");
-    h.msg(
-        &spec(&w, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(w.id.clone()),
-    );
+    h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(w.id.clone()));
     h.rt.take_calls();
     let restart = command(10, CommandKind::RestartWorkload(w.id.clone()));
     h.send_me(&restart);
     h.send_me(&restart);
-    assert_eq!(
-        h.rt.calls_for(h.agent.name()),
-        [RuntimeOp::Restart { id: w.id.clone() }]
-    );
+    assert_eq!(h.rt.calls_for(h.agent.name()), [RuntimeOp::Restart { id: w.id.clone() }]);
 }
 
 #[test]
@@ -612,10 +465,7 @@ fn disconnected_agent_keeps_its_workloads_and_reregisters_on_reconnect() {
     let mut h = Harness::new("edge-1", &[]);
     h.register(10_000);
     let w = workload("default/a", 1, "");
-    h.msg(
-        &spec(&w, WorkloadSpec::ALL_WAVES),
-        &Destination::WorkloadSpec(w.id.clone()),
-    );
+    h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(w.id.clone()));
     h.out.clear();
     h.rt.take_calls();
     h.input(AgentInput::Disconnected);
@@ -629,13 +479,8 @@ fn disconnected_agent_keeps_its_workloads_and_reregisters_on_reconnect() {
     assert_eq!(h.version_of("default/a"), Some(1));
     // Reconnect: the registration carries what runs.
     h.input(AgentInput::Connected);
-    let [Message::Register(reg)] = &h.sent()[..] else {
-        panic!()
-    };
-    assert_eq!(
-        (reg.boot_id, reg.applied),
-        (BOOT, DesiredDigest::of([("default/a", 1)]))
-    );
+    let [Message::Register(reg)] = &h.sent()[..] else { panic!() };
+    assert_eq!((reg.boot_id, reg.applied), (BOOT, DesiredDigest::of([("default/a", 1)])));
     assert_eq!(reg.workloads.len(), 1);
 }
 
@@ -646,10 +491,7 @@ fn autonomy_an_agent_restarted_while_disconnected_runs_its_last_desired_state() 
     {
         let mut h = Harness::new("edge-1", &[]);
         h.register(10_000);
-        h.msg(
-            &spec(&w, WorkloadSpec::ALL_WAVES),
-            &Destination::WorkloadSpec(w.id.clone()),
-        );
+        h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(w.id.clone()));
         store.save(&h.out.persist.take().unwrap()).unwrap();
         // The agent dies here.
     }
@@ -658,20 +500,12 @@ fn autonomy_an_agent_restarted_while_disconnected_runs_its_last_desired_state() 
     assert!(err.is_none());
     let mut h = Harness::with(AgentConfig::default(), "edge-1", &[], persisted);
     h.tick_at(h.now);
-    assert_eq!(
-        h.rt.calls_for(h.agent.name()),
-        [RuntimeOp::Apply {
-            id: w.id.clone(),
-            version: 4
-        }]
-    );
+    assert_eq!(h.rt.calls_for(h.agent.name()), [RuntimeOp::Apply { id: w.id.clone(), version: 4 }]);
     assert_eq!(h.agent.applied(), DesiredDigest::of([("default/a", 4)]));
     assert!(h.out.publish.is_empty(), "no cloud contact");
     // Once connected, the registration reports it running.
     h.input(AgentInput::Connected);
-    let [Message::Register(reg)] = &h.sent()[..] else {
-        panic!()
-    };
+    let [Message::Register(reg)] = &h.sent()[..] else { panic!() };
     assert_eq!(reg.applied, DesiredDigest::of([("default/a", 4)]));
     assert_eq!(reg.workloads[0].phase, WorkloadPhase::Running);
 
@@ -695,11 +529,7 @@ fn shared_specs_share_the_workload() {
     let w = Arc::new(workload("default/a", 1, ""));
     let from = Destination::WorkloadSpec(w.id.clone());
     let mut h = Harness::new("edge-1", &[]);
-    h.input(AgentInput::SharedSpec {
-        workload: &w,
-        wave_threshold: WorkloadSpec::ALL_WAVES,
-        from: &from,
-    });
+    h.input(AgentInput::SharedSpec { workload: &w, wave_threshold: WorkloadSpec::ALL_WAVES, from: &from });
     let (held, _) = h.agent.workloads().next().unwrap();
     assert!(Arc::ptr_eq(held, &w));
 }
@@ -719,28 +549,17 @@ fn agent_is_small() {
     let mut h = Harness::new("cn-hangzhou-s0042-7k2m9q4x", labels);
     h.input(AgentInput::Connected);
     h.send_me(&accepted(BOOT, 30_000, &["region.cn-hangzhou"]));
-    let shared: Vec<Arc<Workload>> = [
-        "default/cdn-cache",
-        "default/log-shipper",
-        "kube-system/node-exporter",
-    ]
-    .iter()
-    .map(|id| Arc::new(workload(id, 3, "")))
-    .collect();
+    let shared: Vec<Arc<Workload>> = ["default/cdn-cache", "default/log-shipper", "kube-system/node-exporter"]
+        .iter()
+        .map(|id| Arc::new(workload(id, 3, "")))
+        .collect();
     for w in &shared {
         let from = Destination::WorkloadSpec(w.id.clone());
-        h.input(AgentInput::SharedSpec {
-            workload: w,
-            wave_threshold: WorkloadSpec::ALL_WAVES,
-            from: &from,
-        });
+        h.input(AgentInput::SharedSpec { workload: w, wave_threshold: WorkloadSpec::ALL_WAVES, from: &from });
     }
     assert_eq!(h.agent.workloads().count(), 3);
     let heap = h.agent.heap_bytes();
-    println!(
-        "size_of::<Agent>() = {size} bytes, heap = {heap} bytes, total = {}",
-        size + heap
-    );
+    println!("size_of::<Agent>() = {size} bytes, heap = {heap} bytes, total = {}", size + heap);
     assert!(size <= 192, "size_of::<Agent>() = {size}");
     assert!(size + heap <= 300, "{size} + {heap}");
 }
@@ -755,19 +574,8 @@ mod random_inputs {
         Connected,
         Disconnected,
         Tick(u32),
-        Ack {
-            accept: bool,
-            own_boot: bool,
-            interval: u32,
-            groups: Vec<u8>,
-        },
-        Spec {
-            id: usize,
-            version: u64,
-            threshold: u16,
-            selector: usize,
-            group_topic: bool,
-        },
+        Ack { accept: bool, own_boot: bool, interval: u32, groups: Vec<u8> },
+        Spec { id: usize, version: u64, threshold: u16, selector: usize, group_topic: bool },
         DeletedSpec(usize),
         Removed(usize),
         Desired(Vec<(usize, u64)>),

@@ -143,11 +143,7 @@ impl NameIndex {
 
     /// Resizes to the smallest table that holds the current entries.
     pub(crate) fn shrink_to_fit(&mut self) {
-        let want = if self.len == 0 {
-            0
-        } else {
-            buckets_for(self.len)
-        };
+        let want = if self.len == 0 { 0 } else { buckets_for(self.len) };
         if want < self.table.len() {
             self.rebuild(want);
         }

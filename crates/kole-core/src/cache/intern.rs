@@ -81,11 +81,7 @@ struct Entry<T> {
 
 impl<T: Eq + Hash + Clone> Default for Interner<T> {
     fn default() -> Self {
-        Self {
-            entries: Vec::new(),
-            by_value: FxHashMap::default(),
-            free: Vec::new(),
-        }
+        Self { entries: Vec::new(), by_value: FxHashMap::default(), free: Vec::new() }
     }
 }
 
@@ -96,10 +92,7 @@ impl<T: Eq + Hash + Clone> Interner<T> {
             self.entries[id as usize].refs += 1;
             return (id, false);
         }
-        let entry = Entry {
-            value: Some(value.clone()),
-            refs: 1,
-        };
+        let entry = Entry { value: Some(value.clone()), refs: 1 };
         let id = match self.free.pop() {
             Some(id) => {
                 self.entries[id as usize] = entry;
@@ -162,10 +155,7 @@ impl<T: Eq + Hash + Clone> Interner<T> {
 
     /// Live ids with their values and reference counts.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &T, u32)> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.value.as_ref().map(|v| (i as u32, v, e.refs)))
+        self.entries.iter().enumerate().filter_map(|(i, e)| e.value.as_ref().map(|v| (i as u32, v, e.refs)))
     }
 
     /// Number of live values.

@@ -19,8 +19,7 @@ pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
 
 use crate::model::{
-    DesiredDigest, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp,
-    WorkloadState,
+    DesiredDigest, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState,
 };
 
 /// Why a cache update was refused. Nothing changed when one of these is returned.
@@ -68,11 +67,7 @@ pub struct PhaseCounts {
 
 impl PhaseCounts {
     pub(crate) fn from_array(a: [u32; 3]) -> Self {
-        Self {
-            registering: a[0],
-            online: a[1],
-            offline: a[2],
-        }
+        Self { registering: a[0], online: a[1], offline: a[2] }
     }
 
     /// All nodes counted.
@@ -151,13 +146,7 @@ pub struct NodeQuery {
 
 impl Default for NodeQuery {
     fn default() -> Self {
-        Self {
-            names: Vec::new(),
-            selector: Selector::everything(),
-            phase: None,
-            limit: 500,
-            continue_after: None,
-        }
+        Self { names: Vec::new(), selector: Selector::everything(), phase: None, limit: 500, continue_after: None }
     }
 }
 
@@ -193,21 +182,11 @@ pub trait StateCache: Send + Sync {
 
     /// Inserts or updates a node from its registration; the node becomes online at `now`.
     /// A known node registering with a new `boot_id` is a restart and resets its heartbeat sequence.
-    fn register(
-        &mut self,
-        reg: &NodeRegistration,
-        boot_id: u32,
-        now: Timestamp,
-    ) -> Result<Registered, CacheError>;
+    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError>;
 
     /// Applies a heartbeat: liveness, sequence, applied digest. Stale, reordered or foreign-boot
     /// heartbeats are refused without changing anything.
-    fn heartbeat(
-        &mut self,
-        name: &str,
-        hb: &HeartbeatUpdate,
-        now: Timestamp,
-    ) -> Result<HeartbeatOutcome, CacheError>;
+    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError>;
 
     /// Applies a batch of heartbeats, appending one result per heartbeat to `out`, in order.
     /// Equivalent to calling [`StateCache::heartbeat`] for each; implementations overlap the
@@ -218,19 +197,11 @@ pub trait StateCache: Send + Sync {
         now: Timestamp,
         out: &mut Vec<Result<HeartbeatOutcome, CacheError>>,
     ) {
-        out.extend(
-            batch
-                .iter()
-                .map(|hb| self.heartbeat(hb.node, &hb.update, now)),
-        );
+        out.extend(batch.iter().map(|hb| self.heartbeat(hb.node, &hb.update, now)));
     }
 
     /// Replaces the node's per-workload state.
-    fn report_workloads(
-        &mut self,
-        name: &str,
-        states: &[WorkloadState],
-    ) -> Result<Slot, CacheError>;
+    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError>;
 
     /// Sets a node's phase; returns the previous one.
     fn set_phase(&mut self, name: &str, phase: NodePhase) -> Result<NodePhase, CacheError>;

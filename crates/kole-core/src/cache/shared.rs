@@ -18,21 +18,14 @@ pub struct CacheStore<C: ?Sized> {
 
 impl<C: ?Sized> Clone for CacheStore<C> {
     fn clone(&self) -> Self {
-        Self {
-            inner: Arc::clone(&self.inner),
-        }
+        Self { inner: Arc::clone(&self.inner) }
     }
 }
 
 /// Shares `cache` between one writer and any number of readers.
 pub fn shared<C: StateCache>(cache: C) -> (CacheWriter<C>, CacheStore<C>) {
     let inner = Arc::new(RwLock::new(cache));
-    (
-        CacheWriter {
-            inner: Arc::clone(&inner),
-        },
-        CacheStore { inner },
-    )
+    (CacheWriter { inner: Arc::clone(&inner) }, CacheStore { inner })
 }
 
 impl<C: ?Sized> CacheWriter<C> {
@@ -45,9 +38,7 @@ impl<C: ?Sized> CacheWriter<C> {
 
     /// A reader of the same cache.
     pub fn store(&self) -> CacheStore<C> {
-        CacheStore {
-            inner: Arc::clone(&self.inner),
-        }
+        CacheStore { inner: Arc::clone(&self.inner) }
     }
 }
 
@@ -75,9 +66,7 @@ mod tests {
             applied: Default::default(),
             workloads: vec![],
         };
-        w.write()
-            .register(&reg, 1, Timestamp::from_secs(10))
-            .unwrap();
+        w.write().register(&reg, 1, Timestamp::from_secs(10)).unwrap();
         assert_eq!(r.read().len(), 1);
         assert_eq!(r2.read().counts(&Selector::parse("a=b").unwrap()).online, 1);
     }

@@ -5,14 +5,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::ops::ControlFlow;
 
 use super::index::{NameIndex, entry_hash, entry_slot};
-use super::intern::Interner;
+use super::intern::{FxHashMap, Interner};
 use super::{
-    CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage,
-    Registered, StateCache,
+    CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage, Registered,
+    StateCache,
 };
 use crate::model::{
-    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord,
-    NodeRegistration, Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
+    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector,
+    Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
 };
 
 /// Dense index of a node in a [`NodeCache`]. Stable while the node exists; reused after removal.
@@ -95,6 +95,10 @@ pub struct NodeCache {
     phase_totals: [u32; 3],
     live: usize,
     set_epoch: u32,
+    /// A lower bound of the last-seen time of every online node (see `mark_offline_before`).
+    online_floor: u32,
+    /// Label sets by a hash of their strings (a hint, verified on use).
+    label_by_content: FxHashMap<u64, LabelSetId>,
 }
 
 /// A label set resolved against the string table, for selector evaluation.
@@ -107,10 +111,7 @@ impl LabelLookup for LabelSetView<'_> {
     fn label(&self, key: &str) -> Option<&str> {
         // Sorted by key string; sets are small, so a binary search over resolved keys is plenty.
         let s = &self.cache.strings;
-        self.pairs
-            .binary_search_by(|&(k, _)| (**s.get(k)).cmp(key))
-            .ok()
-            .map(|i| &**s.get(self.pairs[i].1))
+        self.pairs.binary_search_by(|&(k, _)| (**s.get(k)).cmp(key)).ok().map(|i| &**s.get(self.pairs[i].1))
     }
 }
 
@@ -144,17 +145,12 @@ impl NodeCache {
     #[inline]
     pub fn slot_of(&self, name: &str) -> Option<Slot> {
         let h = hash_name(name.as_bytes());
-        self.index.find(h, |s| {
-            name_at(&self.names, &self.slots[s as usize]) == name.as_bytes()
-        })
+        self.index.find(h, |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
     }
 
     /// The name stored in a live slot.
     pub fn name_of(&self, slot: Slot) -> Option<&str> {
-        let n = self
-            .slots
-            .get(slot as usize)
-            .filter(|n| n.label_set != VACANT)?;
+        let n = self.slots.get(slot as usize).filter(|n| n.label_set != VACANT)?;
         std::str::from_utf8(name_at(&self.names, n)).ok()
     }
 
@@ -174,11 +170,7 @@ impl NodeCache {
             + self.free.capacity() * 4
             + self.names.capacity()
             + self.index.heap_bytes()
-            + self
-                .members
-                .iter()
-                .map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>())
-                .sum::<usize>()
+            + self.members.iter().map(|m| m.slots.capacity() * 4 + size_of::<LabelSetMembers>()).sum::<usize>()
             + self.strings.heap_bytes(|s| s.len())
             + self.label_sets.heap_bytes(|p| p.len() * 8)
             + self.platforms.heap_bytes(|_| 0)
@@ -188,9 +180,7 @@ impl NodeCache {
     /// Whether `slot` holds a node.
     #[inline]
     pub(crate) fn is_live(&self, slot: Slot) -> bool {
-        self.slots
-            .get(slot as usize)
-            .is_some_and(|n| n.label_set != VACANT)
+        self.slots.get(slot as usize).is_some_and(|n| n.label_set != VACANT)
     }
 
     pub(crate) fn name_bytes(&self, slot: Slot) -> &[u8] {
@@ -202,10 +192,7 @@ impl NodeCache {
     }
 
     pub(crate) fn label_set_view(&self, id: LabelSetId) -> LabelSetView<'_> {
-        LabelSetView {
-            cache: self,
-            pairs: self.label_sets.get(id),
-        }
+        LabelSetView { cache: self, pairs: self.label_sets.get(id) }
     }
 
     fn intern_str(&mut self, s: &str) -> StrId {
@@ -220,6 +207,15 @@ impl NodeCache {
 
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
     fn intern_labels(&mut self, labels: &Labels) -> LabelSetId {
+        // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
+        // hot strings confirms it.
+        let h = content_hash(labels.iter());
+        if let Some(&id) = self.label_by_content.get(&h)
+            && self.label_set_is(id, labels)
+        {
+            self.label_sets.retain(id);
+            return id;
+        }
         // Fast path: every string and the set itself already exist, so no refcount traffic and no
         // allocation beyond the probe key.
         let mut pairs = Vec::with_capacity(labels.len());
@@ -235,10 +231,7 @@ impl NodeCache {
             self.label_sets.retain(id);
             return id;
         }
-        let pairs: LabelPairs = labels
-            .iter()
-            .map(|(k, v)| (self.intern_str(k), self.intern_str(v)))
-            .collect();
+        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&pairs);
         if !new {
             for &(k, v) in pairs.iter() {
@@ -247,8 +240,19 @@ impl NodeCache {
             }
         } else {
             self.init_members(id);
+            self.label_by_content.entry(h).or_insert(id);
         }
         id
+    }
+
+    /// Whether interned label set `id` holds exactly `labels`.
+    fn label_set_is(&self, id: LabelSetId, labels: &Labels) -> bool {
+        let pairs = self.label_sets.get(id);
+        pairs.len() == labels.len()
+            && pairs
+                .iter()
+                .zip(labels.iter())
+                .all(|(&(k, v), (lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
     }
 
     fn init_members(&mut self, id: LabelSetId) {
@@ -262,6 +266,10 @@ impl NodeCache {
 
     fn release_labels(&mut self, id: LabelSetId) {
         if let Some(pairs) = self.label_sets.release(id) {
+            let h = content_hash(pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
+            if self.label_by_content.get(&h) == Some(&id) {
+                self.label_by_content.remove(&h);
+            }
             for &(k, v) in pairs.iter() {
                 self.strings.release(k);
                 self.strings.release(v);
@@ -280,11 +288,7 @@ impl NodeCache {
             self.platforms.retain(id);
             return id;
         }
-        let triple = [
-            self.intern_str(&info.arch),
-            self.intern_str(&info.os),
-            self.intern_str(&info.agent_version),
-        ];
+        let triple = [self.intern_str(&info.arch), self.intern_str(&info.os), self.intern_str(&info.agent_version)];
         let (id, new) = self.platforms.acquire(&triple);
         if !new {
             triple.iter().for_each(|&s| {
@@ -319,16 +323,8 @@ impl NodeCache {
             self.workload_sets.retain(id);
             return id;
         }
-        let items: WorkloadItems = sorted
-            .iter()
-            .map(|w| {
-                (
-                    self.intern_str(w.workload.as_str()),
-                    w.version,
-                    w.phase as u8,
-                )
-            })
-            .collect();
+        let items: WorkloadItems =
+            sorted.iter().map(|w| (self.intern_str(w.workload.as_str()), w.version, w.phase as u8)).collect();
         let (id, new) = self.workload_sets.acquire(&items);
         if !new {
             for &(w, _, _) in items.iter() {
@@ -375,6 +371,9 @@ impl NodeCache {
             m.phases[usize::from(new)] += 1;
             self.phase_totals[usize::from(old)] -= 1;
             self.phase_totals[usize::from(new)] += 1;
+            if phase == NodePhase::Online {
+                self.online_floor = self.online_floor.min(n.last_seen);
+            }
         }
         NodePhase::from_u8(old).unwrap_or_default()
     }
@@ -430,9 +429,7 @@ impl NodeCache {
         let mut names = Vec::with_capacity(self.names.len() - self.name_garbage);
         for n in self.slots.iter_mut().filter(|n| n.label_set != VACANT) {
             let off = names.len() as u32;
-            names.extend_from_slice(
-                &self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)],
-            );
+            names.extend_from_slice(&self.names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]);
             n.name_off = off;
         }
         self.names = names;
@@ -455,10 +452,7 @@ impl NodeCache {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                let s = u32::try_from(self.slots.len())
-                    .ok()
-                    .filter(|&s| s < VACANT)
-                    .ok_or(CacheError::Full)?;
+                let s = u32::try_from(self.slots.len()).ok().filter(|&s| s < VACANT).ok_or(CacheError::Full)?;
                 self.slots.push(NodeSlot::default());
                 s
             }
@@ -476,6 +470,9 @@ impl NodeCache {
         };
         self.join_set(slot, label_set, phase as u8);
         self.phase_totals[phase as usize] += 1;
+        if phase == NodePhase::Online {
+            self.online_floor = self.online_floor.min(last_seen);
+        }
         self.live += 1;
         self.index.insert(hash_name(name.as_bytes()), slot);
         Ok(slot)
@@ -485,13 +482,11 @@ impl NodeCache {
     pub(crate) fn restore_label_set(&mut self, pairs: &[(&str, &str)]) -> LabelSetId {
         let mut labels: Vec<(&str, &str)> = pairs.to_vec();
         labels.sort_unstable();
-        let ids: LabelPairs = labels
-            .iter()
-            .map(|(k, v)| (self.intern_str(k), self.intern_str(v)))
-            .collect();
+        let ids: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
             self.init_members(id);
+            self.label_by_content.entry(content_hash(labels.iter().copied())).or_insert(id);
         } else {
             for &(k, v) in ids.iter() {
                 self.strings.release(k);
@@ -513,10 +508,7 @@ impl NodeCache {
     pub(crate) fn restore_workload_set(&mut self, items: &[(&str, u64, u8)]) -> WorkloadSetId {
         let mut sorted = items.to_vec();
         sorted.sort_unstable();
-        let ids: WorkloadItems = sorted
-            .iter()
-            .map(|&(w, v, p)| (self.intern_str(w), v, p))
-            .collect();
+        let ids: WorkloadItems = sorted.iter().map(|&(w, v, p)| (self.intern_str(w), v, p)).collect();
         let (id, new) = self.workload_sets.acquire(&ids);
         if !new {
             for &(w, _, _) in ids.iter() {
@@ -538,12 +530,7 @@ impl NodeCache {
         wls.iter().for_each(|&w| self.release_workloads(w));
     }
 
-    pub(crate) fn retain_parts(
-        &mut self,
-        label_set: LabelSetId,
-        platform: PlatformId,
-        workloads: WorkloadSetId,
-    ) {
+    pub(crate) fn retain_parts(&mut self, label_set: LabelSetId, platform: PlatformId, workloads: WorkloadSetId) {
         self.label_sets.retain(label_set);
         self.platforms.retain(platform);
         self.workload_sets.retain(workloads);
@@ -622,19 +609,13 @@ impl NodeCache {
     pub(crate) fn matching_sets(&self, selector: &Selector) -> Vec<LabelSetId> {
         self.label_sets
             .iter()
-            .filter(|&(id, _, _)| {
-                selector.is_everything() || selector.matches(&self.label_set_view(id))
-            })
+            .filter(|&(id, _, _)| selector.is_everything() || selector.matches(&self.label_set_view(id)))
             .map(|(id, _, _)| id)
             .collect()
     }
 
     /// Calls `f` with every live slot matching `selector`, label set by label set.
-    pub fn for_each_selected(
-        &self,
-        selector: &Selector,
-        mut f: impl FnMut(Slot) -> ControlFlow<()>,
-    ) {
+    pub fn for_each_selected(&self, selector: &Selector, mut f: impl FnMut(Slot) -> ControlFlow<()>) {
         for set in self.matching_sets(selector) {
             for &slot in &self.members[set as usize].slots {
                 if f(slot).is_break() {
@@ -646,24 +627,13 @@ impl NodeCache {
 
     /// Applies a heartbeat to a known slot (see [`StateCache::heartbeat`]).
     #[inline]
-    fn heartbeat_at(
-        &mut self,
-        slot: Slot,
-        hb: &HeartbeatUpdate,
-        now_s: u32,
-    ) -> Result<HeartbeatOutcome, CacheError> {
+    fn heartbeat_at(&mut self, slot: Slot, hb: &HeartbeatUpdate, now_s: u32) -> Result<HeartbeatOutcome, CacheError> {
         let n = &mut self.slots[slot as usize];
         if n.boot_id != 0 && n.boot_id != hb.boot_id {
-            return Err(CacheError::BootMismatch {
-                registered: n.boot_id,
-                received: hb.boot_id,
-            });
+            return Err(CacheError::BootMismatch { registered: n.boot_id, received: hb.boot_id });
         }
         if n.boot_id == hb.boot_id && hb.seq <= n.seq {
-            return Err(CacheError::Stale {
-                last: n.seq,
-                received: hb.seq,
-            });
+            return Err(CacheError::Stale { last: n.seq, received: hb.seq });
         }
         n.boot_id = hb.boot_id;
         n.seq = hb.seq;
@@ -675,24 +645,33 @@ impl NodeCache {
         } else {
             self.set_phase_at(slot, NodePhase::Online)
         };
-        Ok(HeartbeatOutcome {
-            slot,
-            previous,
-            applied_changed,
-        })
+        Ok(HeartbeatOutcome { slot, previous, applied_changed })
     }
 
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
+    ///
+    /// Cheap when nothing is due: the cache keeps a lower bound of the online nodes' last-seen
+    /// times, and scans the table only when the cutoff passes it.
     pub fn mark_offline_before(&mut self, cutoff: Timestamp) -> usize {
         let cutoff = cutoff.as_secs_u32();
+        if cutoff <= self.online_floor {
+            return 0;
+        }
         let mut changed = 0;
+        let mut floor = u32::MAX;
         for slot in 0..self.slots.len() as u32 {
             let n = self.slots[slot as usize];
-            if n.label_set != VACANT && n.phase == NodePhase::Online as u8 && n.last_seen < cutoff {
+            if n.label_set == VACANT || n.phase != NodePhase::Online as u8 {
+                continue;
+            }
+            if n.last_seen < cutoff {
                 self.set_phase_at(slot, NodePhase::Offline);
                 changed += 1;
+            } else {
+                floor = floor.min(n.last_seen);
             }
         }
+        self.online_floor = floor;
         changed
     }
 
@@ -712,42 +691,26 @@ impl NodeCache {
             }
             let m = &self.members[n.label_set as usize];
             if m.slots.get(n.pos_in_set as usize) != Some(&(slot as u32)) {
-                return Err(format!(
-                    "slot {slot} not at its position in label set {}",
-                    n.label_set
-                ));
+                return Err(format!("slot {slot} not at its position in label set {}", n.label_set));
             }
         }
         if live != self.live || self.index.len() != live {
-            return Err(format!(
-                "live {live}, counted {}, indexed {}",
-                self.live,
-                self.index.len()
-            ));
+            return Err(format!("live {live}, counted {}, indexed {}", self.live, self.index.len()));
         }
         if totals != self.phase_totals {
-            return Err(format!(
-                "phase totals {totals:?} vs kept {:?}",
-                self.phase_totals
-            ));
+            return Err(format!("phase totals {totals:?} vs kept {:?}", self.phase_totals));
         }
         for (id, _, refs) in self.label_sets.iter() {
             let m = &self.members[id as usize];
             if m.slots.len() as u32 != refs {
-                return Err(format!(
-                    "label set {id}: {} members, {refs} refs",
-                    m.slots.len()
-                ));
+                return Err(format!("label set {id}: {} members, {refs} refs", m.slots.len()));
             }
             let mut phases = [0u32; 3];
             for &s in &m.slots {
                 phases[usize::from(self.slots[s as usize].phase)] += 1;
             }
             if phases != m.phases {
-                return Err(format!(
-                    "label set {id}: phases {phases:?} vs kept {:?}",
-                    m.phases
-                ));
+                return Err(format!("label set {id}: phases {phases:?} vs kept {:?}", m.phases));
             }
         }
         self.check_shared_parts()
@@ -814,6 +777,16 @@ fn unreachable_name() -> NodeName {
     NodeName::new("invalid-name").unwrap_or_else(|_| unreachable!())
 }
 
+/// A hash of a label set's strings, in key order.
+fn content_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
+    let mut h = 0x6c61_6265_6c73_6574;
+    for (k, v) in pairs {
+        h = stable_hash(h, k.as_bytes());
+        h = stable_hash(h.rotate_left(17), v.as_bytes());
+    }
+    h
+}
+
 #[inline]
 fn name_at<'a>(names: &'a [u8], n: &NodeSlot) -> &'a [u8] {
     &names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]
@@ -846,12 +819,7 @@ impl StateCache for NodeCache {
         PhaseCounts::from_array(c)
     }
 
-    fn register(
-        &mut self,
-        reg: &NodeRegistration,
-        boot_id: u32,
-        now: Timestamp,
-    ) -> Result<Registered, CacheError> {
+    fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
         if reg.name.as_str().len() > usize::from(u8::MAX) {
             return Err(CacheError::NameTooLong);
         }
@@ -877,17 +845,13 @@ impl StateCache for NodeCache {
             n.workloads = workloads;
             n.applied = reg.applied.0;
             n.last_seen = now_s;
+            self.online_floor = self.online_floor.min(now_s);
             if n.boot_id != boot_id {
                 n.seq = 0;
             }
             n.boot_id = boot_id;
             self.store_addresses(slot, &reg.info.addresses);
-            return Ok(Registered {
-                slot,
-                created: false,
-                restarted,
-                previous: Some(previous),
-            });
+            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
         }
         let label_set = self.intern_labels(&reg.labels);
         let platform = self.intern_platform(&reg.info);
@@ -911,21 +875,11 @@ impl StateCache for NodeCache {
         };
         self.slots[slot as usize].boot_id = boot_id;
         self.store_addresses(slot, &reg.info.addresses);
-        Ok(Registered {
-            slot,
-            created: true,
-            restarted: false,
-            previous: None,
-        })
+        Ok(Registered { slot, created: true, restarted: false, previous: None })
     }
 
     #[inline]
-    fn heartbeat(
-        &mut self,
-        name: &str,
-        hb: &HeartbeatUpdate,
-        now: Timestamp,
-    ) -> Result<HeartbeatOutcome, CacheError> {
+    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<HeartbeatOutcome, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
         self.heartbeat_at(slot, hb, now.as_secs_u32())
     }
@@ -966,9 +920,7 @@ impl StateCache for NodeCache {
                 let slot = if self.is_live(c) && self.name_bytes(c) == hb.node.as_bytes() {
                     Some(c)
                 } else {
-                    self.index.find(hashes[k], |s| {
-                        name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes()
-                    })
+                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes())
                 };
                 out.push(match slot {
                     Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
@@ -978,11 +930,7 @@ impl StateCache for NodeCache {
         }
     }
 
-    fn report_workloads(
-        &mut self,
-        name: &str,
-        states: &[WorkloadState],
-    ) -> Result<Slot, CacheError> {
+    fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
         let id = self.intern_workloads(states);
         let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
@@ -1012,10 +960,7 @@ impl StateCache for NodeCache {
         self.extra_addrs.remove(&slot);
         self.phase_totals[usize::from(n.phase)] -= 1;
         self.name_garbage += usize::from(n.name_len);
-        self.slots[slot as usize] = NodeSlot {
-            label_set: VACANT,
-            ..NodeSlot::default()
-        };
+        self.slots[slot as usize] = NodeSlot { label_set: VACANT, ..NodeSlot::default() };
         self.free.push(slot);
         self.live -= 1;
         true
@@ -1025,10 +970,7 @@ impl StateCache for NodeCache {
         let limit = q.limit.max(1);
         let mut items = Vec::new();
         let mut next = None;
-        let phase_ok = |slot: Slot| {
-            q.phase
-                .is_none_or(|p| self.slots[slot as usize].phase == p as u8)
-        };
+        let phase_ok = |slot: Slot| q.phase.is_none_or(|p| self.slots[slot as usize].phase == p as u8);
         if !q.names.is_empty() {
             // Name lookups: the page walks the requested names in order; the token is a position.
             let start = q.continue_after.map_or(0, |c| c as usize + 1);
@@ -1052,11 +994,7 @@ impl StateCache for NodeCache {
                     }
                 }
             }
-            return QueryPage {
-                items,
-                continue_after: next,
-                counts: PhaseCounts::from_array(matched),
-            };
+            return QueryPage { items, continue_after: next, counts: PhaseCounts::from_array(matched) };
         }
         // Selector scan in slot order, so a continue token (the last slot returned) stays valid
         // while nodes come and go; each label set is evaluated once.
@@ -1071,18 +1009,12 @@ impl StateCache for NodeCache {
                 continue;
             }
             if items.len() == limit {
-                next = items
-                    .last()
-                    .and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
+                next = items.last().and_then(|r: &NodeRecord| self.slot_of(r.name.as_str()));
                 break;
             }
             items.push(self.record_at(slot as u32));
         }
-        QueryPage {
-            items,
-            continue_after: next,
-            counts: self.counts(&q.selector),
-        }
+        QueryPage { items, continue_after: next, counts: self.counts(&q.selector) }
     }
 
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {

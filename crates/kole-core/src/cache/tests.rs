@@ -9,8 +9,8 @@ use proptest::prelude::*;
 
 use super::{CacheError, HeartbeatUpdate, NodeCache, NodeQuery, PhaseCounts, StateCache};
 use crate::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration,
-    Requirement, RequirementOp, Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState,
+    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Requirement, RequirementOp,
+    Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -48,12 +48,7 @@ fn normalized(states: &[WorkloadState]) -> Vec<WorkloadState> {
 
 impl Model {
     /// `(created, restarted, previous)`.
-    fn register(
-        &mut self,
-        reg: &NodeRegistration,
-        boot: u32,
-        now: Timestamp,
-    ) -> (bool, bool, Option<NodePhase>) {
+    fn register(&mut self, reg: &NodeRegistration, boot: u32, now: Timestamp) -> (bool, bool, Option<NodePhase>) {
         let record = NodeRecord {
             name: reg.name.clone(),
             labels: reg.labels.clone(),
@@ -75,39 +70,21 @@ impl Model {
                 (false, restarted, Some(previous))
             }
             None => {
-                self.nodes.insert(
-                    reg.name.as_str().to_owned(),
-                    ModelNode {
-                        record,
-                        boot,
-                        seq: 0,
-                    },
-                );
+                self.nodes.insert(reg.name.as_str().to_owned(), ModelNode { record, boot, seq: 0 });
                 (true, false, None)
             }
         }
     }
 
     /// `(previous, applied_changed)`.
-    fn heartbeat(
-        &mut self,
-        name: &str,
-        hb: &HeartbeatUpdate,
-        now: Timestamp,
-    ) -> Result<(NodePhase, bool), CacheError> {
+    fn heartbeat(&mut self, name: &str, hb: &HeartbeatUpdate, now: Timestamp) -> Result<(NodePhase, bool), CacheError> {
         let n = self.nodes.get_mut(name).ok_or(CacheError::UnknownNode)?;
         // Boot 0 means "unknown" (e.g. restored): the first heartbeat's boot is adopted.
         if n.boot != 0 && n.boot != hb.boot_id {
-            return Err(CacheError::BootMismatch {
-                registered: n.boot,
-                received: hb.boot_id,
-            });
+            return Err(CacheError::BootMismatch { registered: n.boot, received: hb.boot_id });
         }
         if n.boot == hb.boot_id && hb.seq <= n.seq {
-            return Err(CacheError::Stale {
-                last: n.seq,
-                received: hb.seq,
-            });
+            return Err(CacheError::Stale { last: n.seq, received: hb.seq });
         }
         n.boot = hb.boot_id;
         n.seq = hb.seq;
@@ -146,10 +123,7 @@ impl Model {
     }
 
     fn selected<'a>(&'a self, selector: &'a Selector) -> impl Iterator<Item = &'a NodeRecord> + 'a {
-        self.nodes
-            .values()
-            .map(|n| &n.record)
-            .filter(|r| selector.matches(&r.labels))
+        self.nodes.values().map(|n| &n.record).filter(|r| selector.matches(&r.labels))
     }
 
     fn counts(&self, selector: &Selector) -> PhaseCounts {
@@ -177,25 +151,15 @@ fn assert_agrees(cache: &NodeCache, model: &Model, names: &[String]) -> Result<(
     prop_assert_eq!(cache.len(), model.nodes.len());
     prop_assert_eq!(cache.is_empty(), model.nodes.is_empty());
     for name in names.iter().chain(model.nodes.keys()) {
-        prop_assert_eq!(
-            cache.get(name),
-            model.nodes.get(name).map(|n| n.record.clone()),
-            "get({})",
-            name
-        );
+        prop_assert_eq!(cache.get(name), model.nodes.get(name).map(|n| n.record.clone()), "get({})", name);
     }
-    prop_assert_eq!(
-        cache.counts(&Selector::everything()),
-        model.counts(&Selector::everything())
-    );
+    prop_assert_eq!(cache.counts(&Selector::everything()), model.counts(&Selector::everything()));
 
     // Interned values are shared and dropped with their last user.
     let records: Vec<&NodeRecord> = model.nodes.values().map(|n| &n.record).collect();
     let label_sets: BTreeSet<&Labels> = records.iter().map(|r| &r.labels).collect();
-    let platforms: BTreeSet<(&str, &str, &str)> = records
-        .iter()
-        .map(|r| (&*r.info.arch, &*r.info.os, &*r.info.agent_version))
-        .collect();
+    let platforms: BTreeSet<(&str, &str, &str)> =
+        records.iter().map(|r| (&*r.info.arch, &*r.info.os, &*r.info.agent_version)).collect();
     let workload_sets: BTreeSet<&[WorkloadState]> = records.iter().map(|r| &*r.workloads).collect();
     let mut strings: BTreeSet<&str> = BTreeSet::new();
     for r in &records {
@@ -206,11 +170,7 @@ fn assert_agrees(cache: &NodeCache, model: &Model, names: &[String]) -> Result<(
     prop_assert_eq!(cache.label_set_count(), label_sets.len(), "label sets");
     prop_assert_eq!(cache.string_count(), strings.len(), "strings {:?}", strings);
     prop_assert_eq!(cache.platforms.len(), platforms.len(), "platforms");
-    prop_assert_eq!(
-        cache.workload_sets.len(),
-        workload_sets.len(),
-        "workload sets"
-    );
+    prop_assert_eq!(cache.workload_sets.len(), workload_sets.len(), "workload sets");
     Ok(())
 }
 
@@ -224,21 +184,14 @@ fn all_pages(
     let mut q = base.clone();
     for _ in 0..=cache.len() + 1 {
         let page = cache.query(&q);
-        prop_assert!(
-            page.items.len() <= q.limit.max(1),
-            "page longer than its limit"
-        );
+        prop_assert!(page.items.len() <= q.limit.max(1), "page longer than its limit");
         prop_assert_eq!(page.counts, expected_counts, "summary counts of {:?}", q);
         items.extend(page.items.iter().cloned());
         match page.continue_after {
             None => return Ok(items),
             Some(token) => {
                 // A token is only handed out when there is more: pages before the last are full.
-                prop_assert_eq!(
-                    page.items.len(),
-                    q.limit.max(1),
-                    "short page with a continue token"
-                );
+                prop_assert_eq!(page.items.len(), q.limit.max(1), "short page with a continue token");
                 q.continue_after = Some(token);
             }
         }
@@ -259,38 +212,13 @@ fn assert_queries_agree(
     names: &[NodeName],
     limit: usize,
 ) -> Result<(), TestCaseError> {
-    prop_assert_eq!(
-        cache.counts(selector),
-        model.counts(selector),
-        "counts({})",
-        selector
-    );
-    for phase in [
-        None,
-        Some(NodePhase::Registering),
-        Some(NodePhase::Online),
-        Some(NodePhase::Offline),
-    ] {
-        let want: Vec<NodeRecord> = model
-            .selected(selector)
-            .filter(|r| phase.is_none_or(|p| r.phase == p))
-            .cloned()
-            .collect();
-        let q = NodeQuery {
-            selector: selector.clone(),
-            phase,
-            limit,
-            ..NodeQuery::default()
-        };
+    prop_assert_eq!(cache.counts(selector), model.counts(selector), "counts({})", selector);
+    for phase in [None, Some(NodePhase::Registering), Some(NodePhase::Online), Some(NodePhase::Offline)] {
+        let want: Vec<NodeRecord> =
+            model.selected(selector).filter(|r| phase.is_none_or(|p| r.phase == p)).cloned().collect();
+        let q = NodeQuery { selector: selector.clone(), phase, limit, ..NodeQuery::default() };
         let got = all_pages(cache, &q, model.counts(selector))?;
-        prop_assert_eq!(
-            by_name(got),
-            want,
-            "scan {} phase {:?} limit {}",
-            selector,
-            phase,
-            limit
-        );
+        prop_assert_eq!(by_name(got), want, "scan {} phase {:?} limit {}", selector, phase, limit);
 
         // By names: in the order asked, each node once, unknown names skipped.
         let mut seen = BTreeSet::new();
@@ -308,29 +236,11 @@ fn assert_queries_agree(
                 NodePhase::Offline => named_counts.offline += 1,
             }
         }
-        let want: Vec<NodeRecord> = named
-            .into_iter()
-            .filter(|r| phase.is_none_or(|p| r.phase == p))
-            .cloned()
-            .collect();
-        let q = NodeQuery {
-            names: names.to_vec(),
-            selector: selector.clone(),
-            phase,
-            limit,
-            continue_after: None,
-        };
+        let want: Vec<NodeRecord> = named.into_iter().filter(|r| phase.is_none_or(|p| r.phase == p)).cloned().collect();
+        let q = NodeQuery { names: names.to_vec(), selector: selector.clone(), phase, limit, continue_after: None };
         if !names.is_empty() {
             let got = all_pages(cache, &q, named_counts)?;
-            prop_assert_eq!(
-                got,
-                want,
-                "names {:?} {} phase {:?} limit {}",
-                names,
-                selector,
-                phase,
-                limit
-            );
+            prop_assert_eq!(got, want, "names {:?} {} phase {:?} limit {}", names, selector, phase, limit);
         }
     }
     let mut visited = Vec::new();
@@ -338,22 +248,13 @@ fn assert_queries_agree(
         visited.push(r);
         ControlFlow::Continue(())
     });
-    prop_assert_eq!(
-        by_name(visited),
-        model.selected(selector).cloned().collect::<Vec<_>>(),
-        "visit {}",
-        selector
-    );
+    prop_assert_eq!(by_name(visited), model.selected(selector).cloned().collect::<Vec<_>>(), "visit {}", selector);
     let mut calls = 0;
     cache.visit(selector, &mut |_| {
         calls += 1;
         ControlFlow::Break(())
     });
-    prop_assert_eq!(
-        calls,
-        usize::from(model.selected(selector).next().is_some()),
-        "visit stops on Break"
-    );
+    prop_assert_eq!(calls, usize::from(model.selected(selector).next().is_some()), "visit stops on Break");
     Ok(())
 }
 
@@ -364,10 +265,7 @@ fn assert_queries_agree(
 /// A small pool of names so registrations, removals and re-registrations collide; the last one is
 /// as long as a name may be.
 fn name_pool() -> Vec<String> {
-    let mut v: Vec<String> = ["n0", "n1", "node-2", "edge.3", "x"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let mut v: Vec<String> = ["n0", "n1", "node-2", "edge.3", "x"].iter().map(|s| (*s).to_owned()).collect();
     v.push(format!("l{}9", "o".repeat(126)));
     v
 }
@@ -377,12 +275,8 @@ const LABEL_KEYS: &[&str] = &["a", "b", "tier", "example.com/zone"];
 const LABEL_VALUES: &[&str] = &["", "1", "2", "edge", "a"];
 
 fn labels() -> impl Strategy<Value = Labels> {
-    prop::collection::btree_map(
-        prop::sample::select(LABEL_KEYS),
-        prop::sample::select(LABEL_VALUES),
-        0..3,
-    )
-    .prop_map(|m| Labels::from_pairs(m).unwrap())
+    prop::collection::btree_map(prop::sample::select(LABEL_KEYS), prop::sample::select(LABEL_VALUES), 0..3)
+        .prop_map(|m| Labels::from_pairs(m).unwrap())
 }
 
 fn info() -> impl Strategy<Value = NodeInfo> {
@@ -413,11 +307,7 @@ fn workloads() -> impl Strategy<Value = Vec<WorkloadState>> {
         0u64..3,
         prop::sample::select(&WorkloadPhase::ALL[..]),
     )
-        .prop_map(|(w, version, phase)| WorkloadState {
-            workload: WorkloadId::new(w).unwrap(),
-            version,
-            phase,
-        });
+        .prop_map(|(w, version, phase)| WorkloadState { workload: WorkloadId::new(w).unwrap(), version, phase });
     prop::collection::vec(one, 0..4)
 }
 
@@ -429,18 +319,9 @@ fn time() -> impl Strategy<Value = Timestamp> {
 
 fn selector() -> impl Strategy<Value = Selector> {
     let op = prop::sample::select(
-        &[
-            RequirementOp::In,
-            RequirementOp::NotIn,
-            RequirementOp::Exists,
-            RequirementOp::DoesNotExist,
-        ][..],
+        &[RequirementOp::In, RequirementOp::NotIn, RequirementOp::Exists, RequirementOp::DoesNotExist][..],
     );
-    let req = (
-        prop::sample::select(LABEL_KEYS),
-        op,
-        prop::collection::vec(prop::sample::select(LABEL_VALUES), 1..3),
-    )
+    let req = (prop::sample::select(LABEL_KEYS), op, prop::collection::vec(prop::sample::select(LABEL_VALUES), 1..3))
         .prop_map(|(k, op, values)| {
             let values = if matches!(op, RequirementOp::In | RequirementOp::NotIn) {
                 values.into_iter().map(str::to_owned).collect()
@@ -530,23 +411,10 @@ fn op(pool: usize) -> impl Strategy<Value = Op> {
 
 /// Applies one operation to both sides and compares the answers; a refused operation must leave
 /// the cache exactly as it was.
-fn apply(
-    cache: &mut NodeCache,
-    model: &mut Model,
-    names: &[String],
-    op: &Op,
-) -> Result<(), TestCaseError> {
+fn apply(cache: &mut NodeCache, model: &mut Model, names: &[String], op: &Op) -> Result<(), TestCaseError> {
     let before = format!("{cache:?}");
     let refused = match op {
-        Op::Register {
-            name,
-            labels,
-            info,
-            boot,
-            applied,
-            workloads,
-            now,
-        } => {
+        Op::Register { name, labels, info, boot, applied, workloads, now } => {
             let reg = NodeRegistration {
                 name: NodeName::new(names[*name].clone()).unwrap(),
                 labels: labels.clone(),
@@ -554,24 +422,13 @@ fn apply(
                 applied: DesiredDigest(*applied),
                 workloads: workloads.clone(),
             };
-            let got = cache
-                .register(&reg, *boot, *now)
-                .map_err(|e| TestCaseError::fail(format!("register: {e}")))?;
+            let got = cache.register(&reg, *boot, *now).map_err(|e| TestCaseError::fail(format!("register: {e}")))?;
             let (created, restarted, previous) = model.register(&reg, *boot, *now);
-            prop_assert_eq!(
-                (got.created, got.restarted, got.previous),
-                (created, restarted, previous)
-            );
+            prop_assert_eq!((got.created, got.restarted, got.previous), (created, restarted, previous));
             prop_assert_eq!(Some(got.slot), cache.slot_of(&names[*name]));
             None
         }
-        Op::Heartbeat {
-            name,
-            boot,
-            seq,
-            applied,
-            now,
-        } => {
+        Op::Heartbeat { name, boot, seq, applied, now } => {
             let name = &names[*name];
             let known = model.nodes.get(name.as_str());
             let boot_id = match boot {
@@ -584,11 +441,7 @@ fn apply(
                 SeqPick::Same => last,
                 SeqPick::Fixed(s) => *s,
             };
-            let hb = HeartbeatUpdate {
-                boot_id,
-                seq,
-                applied: DesiredDigest(*applied),
-            };
+            let hb = HeartbeatUpdate { boot_id, seq, applied: DesiredDigest(*applied) };
             let got = cache.heartbeat(name, &hb, *now);
             let want = model.heartbeat(name, &hb, *now);
             match (got, want) {
@@ -602,9 +455,7 @@ fn apply(
                     Some(got)
                 }
                 (got, want) => {
-                    return Err(TestCaseError::fail(format!(
-                        "heartbeat {hb:?}: {got:?}, model {want:?}"
-                    )));
+                    return Err(TestCaseError::fail(format!("heartbeat {hb:?}: {got:?}, model {want:?}")));
                 }
             }
         }
@@ -640,12 +491,7 @@ fn apply(
         }
     };
     if let Some(e) = refused {
-        prop_assert_eq!(
-            format!("{cache:?}"),
-            before,
-            "refused with {:?} but changed the cache",
-            e
-        );
+        prop_assert_eq!(format!("{cache:?}"), before, "refused with {:?} but changed the cache", e);
     }
     assert_agrees(cache, model, names)
 }
@@ -689,12 +535,7 @@ fn reg(name: &str, labels: &[(&str, &str)], arch: &str, workloads: &[&str]) -> N
     NodeRegistration {
         name: NodeName::new(name).unwrap(),
         labels: Labels::from_pairs(labels.iter().copied()).unwrap(),
-        info: NodeInfo {
-            arch: arch.into(),
-            os: "linux".into(),
-            agent_version: "1.0".into(),
-            addresses: vec![],
-        },
+        info: NodeInfo { arch: arch.into(), os: "linux".into(), agent_version: "1.0".into(), addresses: vec![] },
         applied: DesiredDigest(1),
         workloads: workloads
             .iter()
@@ -712,63 +553,20 @@ fn reg(name: &str, labels: &[(&str, &str)], arch: &str, workloads: &[&str]) -> N
 #[test]
 fn refused_heartbeats_change_nothing() {
     let mut cache = NodeCache::new();
-    cache
-        .register(
-            &reg("n1", &[("a", "1")], "arm64", &["w"]),
-            7,
-            Timestamp::from_secs(10),
-        )
-        .unwrap();
-    let hb = |boot_id, seq| HeartbeatUpdate {
-        boot_id,
-        seq,
-        applied: DesiredDigest(2),
-    };
-    cache
-        .heartbeat("n1", &hb(7, 5), Timestamp::from_secs(11))
-        .unwrap();
+    cache.register(&reg("n1", &[("a", "1")], "arm64", &["w"]), 7, Timestamp::from_secs(10)).unwrap();
+    let hb = |boot_id, seq| HeartbeatUpdate { boot_id, seq, applied: DesiredDigest(2) };
+    cache.heartbeat("n1", &hb(7, 5), Timestamp::from_secs(11)).unwrap();
     cache.set_phase("n1", NodePhase::Offline).unwrap();
     let before = format!("{cache:?}");
     let refused = [
         ("nx", hb(7, 6), CacheError::UnknownNode),
-        (
-            "n1",
-            hb(7, 5),
-            CacheError::Stale {
-                last: 5,
-                received: 5,
-            },
-        ),
-        (
-            "n1",
-            hb(7, 4),
-            CacheError::Stale {
-                last: 5,
-                received: 4,
-            },
-        ),
-        (
-            "n1",
-            hb(8, 6),
-            CacheError::BootMismatch {
-                registered: 7,
-                received: 8,
-            },
-        ),
-        (
-            "n1",
-            hb(0, 6),
-            CacheError::BootMismatch {
-                registered: 7,
-                received: 0,
-            },
-        ),
+        ("n1", hb(7, 5), CacheError::Stale { last: 5, received: 5 }),
+        ("n1", hb(7, 4), CacheError::Stale { last: 5, received: 4 }),
+        ("n1", hb(8, 6), CacheError::BootMismatch { registered: 7, received: 8 }),
+        ("n1", hb(0, 6), CacheError::BootMismatch { registered: 7, received: 0 }),
     ];
     for (name, hb, err) in refused {
-        assert_eq!(
-            cache.heartbeat(name, &hb, Timestamp::from_secs(99)),
-            Err(err)
-        );
+        assert_eq!(cache.heartbeat(name, &hb, Timestamp::from_secs(99)), Err(err));
         assert_eq!(format!("{cache:?}"), before);
     }
     assert_eq!(cache.get("n1").unwrap().phase, NodePhase::Offline);
@@ -784,12 +582,7 @@ fn name_arena_compaction_keeps_every_name() {
     let mut model = Model::default();
     let total = 9_000;
     for i in 0..total {
-        let r = reg(
-            &name(i),
-            &[("site", if i % 2 == 0 { "even" } else { "odd" })],
-            "arm64",
-            &[],
-        );
+        let r = reg(&name(i), &[("site", if i % 2 == 0 { "even" } else { "odd" })], "arm64", &[]);
         model.register(&r, 1, Timestamp::from_secs(5));
         cache.register(&r, 1, Timestamp::from_secs(5)).unwrap();
     }
@@ -805,10 +598,7 @@ fn name_arena_compaction_keeps_every_name() {
     model.register(&r, 1, Timestamp::from_secs(6));
     cache.register(&r, 1, Timestamp::from_secs(6)).unwrap();
     let after = cache.heap_bytes();
-    assert!(
-        after + 900_000 < before,
-        "the arena did not shrink: {before} -> {after} bytes"
-    );
+    assert!(after + 900_000 < before, "the arena did not shrink: {before} -> {after} bytes");
     // Re-register some removed names and drop some kept ones after the compaction.
     for i in (1..total).step_by(97) {
         let r = reg(&name(i), &[("site", "back")], "amd64", &["w"]);
@@ -831,47 +621,19 @@ fn name_arena_compaction_keeps_every_name() {
 #[test]
 fn interned_values_are_freed_with_their_last_node() {
     let mut cache = NodeCache::new();
-    cache
-        .register(
-            &reg("n1", &[("a", "1"), ("b", "x")], "arm64", &["ns/w"]),
-            1,
-            Timestamp::from_secs(1),
-        )
-        .unwrap();
-    cache
-        .register(
-            &reg("n2", &[("a", "1"), ("b", "x")], "arm64", &["ns/w"]),
-            1,
-            Timestamp::from_secs(1),
-        )
-        .unwrap();
-    cache
-        .register(
-            &reg("n3", &[("c", "1")], "amd64", &[]),
-            1,
-            Timestamp::from_secs(1),
-        )
-        .unwrap();
+    cache.register(&reg("n1", &[("a", "1"), ("b", "x")], "arm64", &["ns/w"]), 1, Timestamp::from_secs(1)).unwrap();
+    cache.register(&reg("n2", &[("a", "1"), ("b", "x")], "arm64", &["ns/w"]), 1, Timestamp::from_secs(1)).unwrap();
+    cache.register(&reg("n3", &[("c", "1")], "amd64", &[]), 1, Timestamp::from_secs(1)).unwrap();
     assert_eq!(cache.label_set_count(), 2);
     // a, 1, b, x, arm64, linux, 1.0, ns/w, c, amd64
     assert_eq!(cache.string_count(), 10);
     // n3 takes n1's labels: {c=1} and "c" go; amd64 goes once n3 is arm64 too.
-    cache
-        .register(
-            &reg("n3", &[("a", "1"), ("b", "x")], "arm64", &["ns/w"]),
-            1,
-            Timestamp::from_secs(2),
-        )
-        .unwrap();
+    cache.register(&reg("n3", &[("a", "1"), ("b", "x")], "arm64", &["ns/w"]), 1, Timestamp::from_secs(2)).unwrap();
     assert_eq!((cache.label_set_count(), cache.string_count()), (1, 8));
     cache.report_workloads("n1", &[]).unwrap();
     cache.report_workloads("n2", &[]).unwrap();
     cache.report_workloads("n3", &[]).unwrap();
-    assert_eq!(
-        cache.string_count(),
-        7,
-        "ns/w is freed with the last workload list using it"
-    );
+    assert_eq!(cache.string_count(), 7, "ns/w is freed with the last workload list using it");
     cache.check_invariants().unwrap();
     for n in ["n1", "n2", "n3"] {
         assert!(cache.remove(n));
@@ -880,13 +642,7 @@ fn interned_values_are_freed_with_their_last_node() {
     assert_eq!((cache.label_set_count(), cache.string_count()), (0, 0));
     assert_eq!((cache.platforms.len(), cache.workload_sets.len()), (0, 0));
     // Recycled ids start clean.
-    cache
-        .register(
-            &reg("n4", &[("d", "2")], "riscv64", &[]),
-            1,
-            Timestamp::from_secs(3),
-        )
-        .unwrap();
+    cache.register(&reg("n4", &[("d", "2")], "riscv64", &[]), 1, Timestamp::from_secs(3)).unwrap();
     cache.check_invariants().unwrap();
     assert_eq!(cache.counts(&Selector::parse("d=2").unwrap()).online, 1);
     assert_eq!(cache.counts(&Selector::parse("a=1").unwrap()).total(), 0);

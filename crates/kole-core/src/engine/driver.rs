@@ -298,7 +298,9 @@ mod tests {
             };
             cmd_tx.send(WorkloadCommand::Apply { workload: w.clone(), progress: None }).await.unwrap();
             let spec = node.recv(1).await.unwrap();
-            assert!(matches!(spec[0].decode(&Default::default()).unwrap(), Message::WorkloadSpec(s) if s.workload == w));
+            assert!(
+                matches!(spec[0].decode(&Default::default()).unwrap(), Message::WorkloadSpec(s) if s.workload == w)
+            );
 
             // A status arrives for the workload.
             loop {
@@ -313,10 +315,8 @@ mod tests {
             let engine = task.await.unwrap().unwrap();
             assert_eq!(engine.stats().registered_new, 1);
             // The shutdown snapshot holds the node.
-            let restored = crate::snapshot::restore_latest(store.as_ref(), &RestoreLimits::default())
-                .await
-                .unwrap()
-                .unwrap();
+            let restored =
+                crate::snapshot::restore_latest(store.as_ref(), &RestoreLimits::default()).await.unwrap().unwrap();
             assert!(restored.cache.slot_of("edge-1").is_some());
         };
         tokio::time::timeout(Duration::from_secs(20), test).await.unwrap();

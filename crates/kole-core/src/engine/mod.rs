@@ -27,7 +27,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 pub use rollout::{RolloutPhase, RolloutProgress};
@@ -228,6 +228,9 @@ pub struct EngineStats {
     pub marked_offline: u64,
     /// Nodes that came back online.
     pub back_online: u64,
+    /// Resync commands sent because a heartbeat showed an applied digest whose status report
+    /// never arrived (lost or overtaken).
+    pub resyncs: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -235,6 +238,9 @@ struct SetTargets {
     epoch: u32,
     generation: u64,
     workloads: Vec<u32>,
+    /// Groups of the label set (depend on labels only), valid for `groups_epoch`.
+    groups_epoch: u32,
+    groups: Vec<GroupName>,
 }
 
 /// The controller engine. See the module documentation.
@@ -254,6 +260,9 @@ struct Core {
     set_targets: Vec<SetTargets>,
     /// Nodes given until a deadline (seconds) to converge by themselves.
     pending: HashMap<Slot, u32>,
+    /// Nodes whose heartbeat showed an applied digest the engine never saw in a status report (the
+    /// report was lost or overtaken): asked to resync on every heartbeat until a report arrives.
+    unreported: HashSet<Slot>,
     spec_changed_ms: u64,
     started_ms: u64,
     last_status_ms: u64,
@@ -275,6 +284,7 @@ impl Engine {
             generation: 1,
             set_targets: Vec::new(),
             pending: HashMap::new(),
+            unreported: HashSet::new(),
             spec_changed_ms: 0,
             started_ms: now.as_millis(),
             last_status_ms: 0,
@@ -330,7 +340,11 @@ impl Engine {
     pub fn workload_status(&mut self, id: &WorkloadId) -> Option<WorkloadStatus> {
         let cache = self.cache.write();
         let idx = *self.core.by_id.get(id)?;
-        self.core.statuses(&cache).into_iter().find(|s| s.id == *id).filter(|_| self.core.workloads[idx as usize].is_some())
+        self.core
+            .statuses(&cache)
+            .into_iter()
+            .find(|s| s.id == *id)
+            .filter(|_| self.core.workloads[idx as usize].is_some())
     }
 
     /// Handles one input at time `now`, appending what to do to `out`.
@@ -403,10 +417,23 @@ impl Core {
         let set = cache.slots[slot as usize].label_set;
         let name = cache.name_bytes(slot);
         let targets = self.targets(cache, set).to_vec();
-        targets
-            .into_iter()
-            .filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned())
-            .collect()
+        targets.into_iter().filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned()).collect()
+    }
+
+    /// The groups of label set `set`, computed once per set.
+    fn groups_of_set(&mut self, cache: &NodeCache, set: u32, labels: &Labels) -> Vec<GroupName> {
+        let idx = set as usize;
+        if self.set_targets.len() <= idx {
+            self.set_targets.resize_with(idx + 1, SetTargets::default);
+        }
+        let epoch = cache.members[idx].epoch;
+        if self.set_targets[idx].groups_epoch != epoch || epoch == 0 {
+            let groups = self.groups_of(labels);
+            let st = &mut self.set_targets[idx];
+            st.groups = groups;
+            st.groups_epoch = epoch;
+        }
+        self.set_targets[idx].groups.clone()
     }
 
     fn groups_of(&self, labels: &Labels) -> Vec<GroupName> {
@@ -496,6 +523,16 @@ impl Core {
         cache.heartbeat_batch(&ins, now, &mut results);
         for (k, r) in results.iter().enumerate() {
             let (i, h) = &hbs[k];
+            // A status report always precedes the heartbeats of a change, so a heartbeat that changes
+            // the applied digest (or follows one that did) means the report never arrived: without
+            // it the workload status and the rollout's wave health would stay stale for good.
+            if let Ok(o) = r
+                && (o.applied_changed || (!self.unreported.is_empty() && self.unreported.contains(&o.slot)))
+            {
+                self.unreported.insert(o.slot);
+                self.stats.resyncs += 1;
+                self.send_command(out, &batch[*i].node, CommandKind::Resync);
+            }
             self.after_heartbeat(cache, &batch[*i].node, r, h.applied, now, out);
         }
         self.hb_results = results;
@@ -553,7 +590,14 @@ impl Core {
         self.send(out, Destination::Node(node.clone()), &Message::RegisterAck(ack), false);
     }
 
-    fn handle_message(&mut self, cache: &mut NodeCache, msg: &Inbound, decoded: Message, now: Timestamp, out: &mut Outputs) {
+    fn handle_message(
+        &mut self,
+        cache: &mut NodeCache,
+        msg: &Inbound,
+        decoded: Message,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
         match decoded {
             Message::Register(reg) => {
                 let boot = reg.boot_id;
@@ -568,12 +612,18 @@ impl Core {
                         if r.restarted {
                             self.stats.restarts += 1;
                         }
+                        if !self.unreported.is_empty() {
+                            self.unreported.remove(&r.slot);
+                        }
                         let desired = self.desired(cache, r.slot);
                         let ack = RegisterAck {
                             boot_id: boot,
                             outcome: RegisterOutcome::Accepted,
                             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                            groups: self.groups_of(&registration.labels),
+                            groups: {
+                                let set = cache.slots[r.slot as usize].label_set;
+                                self.groups_of_set(cache, set, &registration.labels)
+                            },
                             desired,
                         };
                         self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
@@ -603,7 +653,10 @@ impl Core {
             Message::StatusReport(s) => {
                 let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied };
                 let r = cache.heartbeat(msg.node.as_str(), &update, now);
-                if r.is_ok() {
+                if let Ok(o) = &r {
+                    if !self.unreported.is_empty() {
+                        self.unreported.remove(&o.slot);
+                    }
                     self.stats.status_reports += 1;
                     // The node is known (the heartbeat was accepted), so this cannot fail.
                     let _ = cache.report_workloads(msg.node.as_str(), &s.workloads);
@@ -814,7 +867,7 @@ impl Core {
         let wl_str = cache.strings.find(e.current.id.as_str());
         let (mut reached, mut online, mut ready, mut failed) = (0u32, 0u32, 0u32, 0u32);
         // Per workload-state set: this workload's (version, phase) on nodes carrying that set.
-        let mut state_of: HashMap<u32, Option<(u64, u8)>> = HashMap::new();
+        let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_sets.capacity_ids()];
         for set in cache.matching_sets(&e.current.selector) {
             for &slot in &cache.members[set as usize].slots {
                 let n = &cache.slots[slot as usize];
@@ -827,10 +880,18 @@ impl Core {
                 if n.phase == NodePhase::Online as u8 {
                     online += 1;
                 }
-                let st = *state_of.entry(n.workloads).or_insert_with(|| {
-                    let w = wl_str?;
-                    cache.workload_sets.get(n.workloads).iter().find(|x| x.0 == w).map(|x| (x.1, x.2))
-                });
+                let st = match state_of.get(n.workloads as usize).copied().flatten() {
+                    Some(st) => st,
+                    None => {
+                        let st = wl_str.and_then(|w| {
+                            cache.workload_sets.get(n.workloads).iter().find(|x| x.0 == w).map(|x| (x.1, x.2))
+                        });
+                        if let Some(slot) = state_of.get_mut(n.workloads as usize) {
+                            *slot = Some(st);
+                        }
+                        st
+                    }
+                };
                 if let Some((version, phase)) = st
                     && version == e.current.version
                 {
@@ -921,7 +982,8 @@ impl Core {
 fn validate_workload(w: &Workload) -> Result<(), ValidationError> {
     w.rollout.validate()?;
     if let crate::model::DeliveryMode::Group(g) = &w.delivery {
-        GroupName::new(g.clone()).map_err(|_| ValidationError::Rollout { reason: "group name is not a valid topic level" })?;
+        GroupName::new(g.clone())
+            .map_err(|_| ValidationError::Rollout { reason: "group name is not a valid topic level" })?;
     }
     Ok(())
 }

@@ -3,9 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{
-    DeliveryMode, LabelSelector, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState,
-};
+use crate::model::{DeliveryMode, LabelSelector, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState};
 use crate::protocol::{Heartbeat, NodeHealth, Register, StatusReport, UplinkKind};
 
 const T0: u64 = 1_790_000_000_000;
@@ -27,7 +25,12 @@ fn register(node: &str, l: &Labels, boot: u32, applied: DesiredDigest) -> Inboun
         name: name(node),
         boot_id: boot,
         labels: l.clone(),
-        info: NodeInfo { arch: "arm64".into(), os: "linux-6.1".into(), agent_version: "1.5.1".into(), addresses: vec![] },
+        info: NodeInfo {
+            arch: "arm64".into(),
+            os: "linux-6.1".into(),
+            agent_version: "1.5.1".into(),
+            addresses: vec![],
+        },
         applied,
         workloads: vec![],
     });
@@ -184,8 +187,10 @@ fn catchup_only_for_mismatch_and_only_after_the_grace_period() {
     assert_eq!(decode_all(&out).len(), 1, "one broadcast, not one message per node");
     let want = digest_of(&[&w]);
 
-    // Within the grace period nobody gets a per-node message.
-    let out = uplink(&mut e, &[heartbeat("ok", 1, 1, want), heartbeat("late", 1, 2, DesiredDigest::EMPTY)], t(30));
+    // Within the grace period nobody gets a per-node message. ("ok" reports its change, as an agent
+    // does before it heartbeats the new digest; a heartbeat alone would draw a resync command.)
+    let ok = status("ok", 1, 1, want, &[(&w, WorkloadPhase::Running)]);
+    let out = uplink(&mut e, &[ok, heartbeat("late", 1, 2, DesiredDigest::EMPTY)], t(30));
     assert!(out.messages.is_empty());
     // After it, only the node that is still wrong gets its desired state, once per grace period.
     let out = uplink(&mut e, &[heartbeat("ok", 2, 1, want), heartbeat("late", 2, 2, DesiredDigest::EMPTY)], t(75));
@@ -216,7 +221,11 @@ fn a_restarted_engine_does_not_resend_to_converged_nodes() {
 
     let mut e2 = Engine::new(EngineConfig::default(), saved, t(500));
     let mut out = Outputs::default();
-    e2.handle(Input::Workload(&WorkloadCommand::Apply { workload: w.clone(), progress: Some(progress) }), t(500), &mut out);
+    e2.handle(
+        Input::Workload(&WorkloadCommand::Apply { workload: w.clone(), progress: Some(progress) }),
+        t(500),
+        &mut out,
+    );
     assert!(out.messages.is_empty(), "spec was already published and retained");
     let hbs: Vec<Inbound> = (0..50).map(|i| heartbeat(&format!("n{i}"), 1, i + 1, want)).collect();
     let out = uplink(&mut e2, &hbs, t(600));
@@ -232,7 +241,8 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
     let nodes: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
-    let regs: Vec<Inbound> = nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
+    let regs: Vec<Inbound> =
+        nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
     uplink(&mut e, &regs, t(1));
     let mut w = workload("default/cdn", 1, "tier=cdn", &[10, 50, 100]);
     w.rollout.failure_threshold = crate::model::FailureThreshold::Count(2);
@@ -294,7 +304,9 @@ fn rollback_returns_everyone_to_the_previous_version() {
     assert_eq!(e.desired_digest("a"), Some(digest_of(&[&v1])));
     assert_eq!(e.desired_digest("b"), Some(digest_of(&[&v1])));
     let msgs = decode_all(&out);
-    assert!(matches!(&msgs[..], [(_, Message::WorkloadSpec(s))] if s.workload.version == 1 && s.wave_threshold == 10_000));
+    assert!(
+        matches!(&msgs[..], [(_, Message::WorkloadSpec(s))] if s.workload.version == 1 && s.wave_threshold == 10_000)
+    );
     // A second rollback has nothing to return to.
     let mut out = Outputs::default();
     e.handle(Input::Workload(&WorkloadCommand::Rollback(v1.id.clone())), t(5), &mut out);
@@ -310,7 +322,11 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
     apply(&mut e, &w, t(2));
     let mut out = Outputs::default();
     e.handle(Input::Workload(&WorkloadCommand::Delete(w.id.clone())), t(3), &mut out);
-    assert!(out.messages.iter().any(|m| m.retain && m.payload.is_empty() && m.to == Destination::WorkloadSpec(w.id.clone())));
+    assert!(
+        out.messages
+            .iter()
+            .any(|m| m.retain && m.payload.is_empty() && m.to == Destination::WorkloadSpec(w.id.clone()))
+    );
     assert_eq!(e.desired_digest("a"), Some(DesiredDigest::EMPTY));
     assert!(e.workloads().is_empty());
 }
@@ -396,4 +412,31 @@ proptest! {
 fn label_selector_objects_target_like_strings() {
     let ls = LabelSelector { match_labels: [("tier".to_owned(), "cdn".to_owned())].into(), match_expressions: vec![] };
     assert_eq!(Selector::try_from(&ls).unwrap(), Selector::parse("tier=cdn").unwrap());
+}
+
+#[test]
+fn a_lost_status_report_is_asked_for_again_until_it_arrives() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    uplink(&mut e, &[register("n1", &l, 1, DesiredDigest::EMPTY)], t(1));
+    let w = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &w, t(2));
+    let want = digest_of(&[&w]);
+    let resyncs = |out: &Outputs| {
+        let is_resync = |m: &Message| matches!(m, Message::Command(c) if c.kind == CommandKind::Resync);
+        decode_all(out).into_iter().filter(|(_, m)| is_resync(m)).count()
+    };
+    // The node applied the spec; its status report was lost and only the heartbeat arrives.
+    let out = uplink(&mut e, &[heartbeat("n1", 2, 1, want)], t(5));
+    assert_eq!(resyncs(&out), 1);
+    // The command may be lost too: every heartbeat asks again until a report arrives.
+    let out = uplink(&mut e, &[heartbeat("n1", 3, 1, want)], t(35));
+    assert_eq!(resyncs(&out), 1);
+    assert_eq!(e.workload_status(&w.id).unwrap().updated, 0);
+    let out = uplink(&mut e, &[status("n1", 4, 1, want, &[(&w, WorkloadPhase::Running)])], t(36));
+    assert_eq!(resyncs(&out), 0);
+    assert_eq!(e.workload_status(&w.id).unwrap().ready, 1);
+    let out = uplink(&mut e, &[heartbeat("n1", 5, 1, want)], t(66));
+    assert_eq!(resyncs(&out), 0);
+    assert_eq!(e.stats().resyncs, 2);
 }

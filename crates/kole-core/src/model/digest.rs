@@ -57,11 +57,7 @@ impl DesiredDigest {
 
     /// The digest of a set of (workload, version) pairs; duplicates are the caller's bug.
     pub fn of<'a>(items: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
-        Self(
-            items
-                .into_iter()
-                .fold(0u64, |acc, (w, v)| acc.wrapping_add(Self::member(w, v))),
-        )
+        Self(items.into_iter().fold(0u64, |acc, (w, v)| acc.wrapping_add(Self::member(w, v))))
     }
 
     /// This digest with one pair added.

@@ -18,10 +18,7 @@ pub const MAX_LABEL_PREFIX_LEN: usize = 253;
 /// and `/`, then a name of at most 63 characters of `[A-Za-z0-9_.-]` that starts and ends with an
 /// alphanumeric; a value is empty or follows the name rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(
-    try_from = "BTreeMap<String, String>",
-    into = "BTreeMap<String, String>"
-)]
+#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
 pub struct Labels(BTreeMap<String, String>);
 
 impl Labels {
@@ -31,11 +28,7 @@ impl Labels {
     }
 
     /// Validates and inserts one label, replacing an earlier value of the same key.
-    pub fn insert(
-        &mut self,
-        key: impl Into<String>,
-        value: impl Into<String>,
-    ) -> Result<(), ValidationError> {
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Result<(), ValidationError> {
         let (key, value) = (key.into(), value.into());
         validate_label_key(&key)?;
         validate_label_value(&value)?;
@@ -143,8 +136,7 @@ fn check_dns_subdomain(s: &str) -> Result<(), &'static str> {
     for part in s.split('.') {
         let b = part.as_bytes();
         let ok = !b.is_empty()
-            && b.iter()
-                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
             && b[0] != b'-'
             && b[b.len() - 1] != b'-';
         if !ok {
@@ -160,10 +152,7 @@ pub fn validate_label_key(key: &str) -> Result<(), ValidationError> {
         Some((prefix, name)) => check_dns_subdomain(prefix).and_then(|()| check_name_part(name)),
         None => check_name_part(key),
     };
-    result.map_err(|reason| ValidationError::LabelKey {
-        key: truncate_for_error(key),
-        reason,
-    })
+    result.map_err(|reason| ValidationError::LabelKey { key: truncate_for_error(key), reason })
 }
 
 /// Validates a label value by Kubernetes' rules (empty is allowed).
@@ -171,10 +160,7 @@ pub fn validate_label_value(value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
         return Ok(());
     }
-    check_name_part(value).map_err(|reason| ValidationError::LabelValue {
-        value: truncate_for_error(value),
-        reason,
-    })
+    check_name_part(value).map_err(|reason| ValidationError::LabelValue { value: truncate_for_error(value), reason })
 }
 
 #[cfg(test)]
@@ -183,27 +169,10 @@ mod tests {
 
     #[test]
     fn keys_follow_kubernetes_rules() {
-        for k in [
-            "app",
-            "kubernetes.io/hostname",
-            "topology.kubernetes.io/region",
-            "a.b_c-d",
-            "x/y",
-        ] {
+        for k in ["app", "kubernetes.io/hostname", "topology.kubernetes.io/region", "a.b_c-d", "x/y"] {
             assert!(validate_label_key(k).is_ok(), "{k}");
         }
-        for k in [
-            "",
-            "/a",
-            "a/",
-            "Upper.Case/x",
-            "-a",
-            "a-",
-            "a/b/c",
-            "a b",
-            &"k".repeat(64),
-            "ex_ample.com/a",
-        ] {
+        for k in ["", "/a", "a/", "Upper.Case/x", "-a", "a-", "a/b/c", "a b", &"k".repeat(64), "ex_ample.com/a"] {
             assert!(validate_label_key(k).is_err(), "{k:?}");
         }
         assert!(validate_label_key(&"k".repeat(63)).is_ok());

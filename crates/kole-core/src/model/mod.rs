@@ -13,17 +13,14 @@ use serde::{Deserialize, Serialize};
 
 pub use digest::{DesiredDigest, mix64, stable_hash};
 pub use labels::{
-    LabelLookup, Labels, MAX_LABEL_NAME_LEN, MAX_LABEL_PREFIX_LEN, validate_label_key,
-    validate_label_value,
+    LabelLookup, Labels, MAX_LABEL_NAME_LEN, MAX_LABEL_PREFIX_LEN, validate_label_key, validate_label_value,
 };
 pub use name::{MAX_NODE_NAME_LEN, NodeName, validate_node_name};
 pub use node::{NodeInfo, NodePhase, NodeRecord, NodeRegistration, WorkloadPhase, WorkloadState};
-pub use selector::{
-    LabelSelector, LabelSelectorRequirement, Requirement, RequirementOp, Selector, SelectorOperator,
-};
+pub use selector::{LabelSelector, LabelSelectorRequirement, Requirement, RequirementOp, Selector, SelectorOperator};
 pub use workload::{
-    DeliveryMode, FailureThreshold, MAX_WORKLOAD_ID_LEN, RolloutStrategy, Workload, WorkloadId,
-    wave_point, wave_point_seeded, wave_seed,
+    DeliveryMode, FailureThreshold, MAX_WORKLOAD_ID_LEN, RolloutStrategy, Workload, WorkloadId, wave_point,
+    wave_point_seeded, wave_seed,
 };
 
 #[allow(unused_imports)]
@@ -32,9 +29,7 @@ pub(crate) use name::truncate_for_error;
 /// A point in time: milliseconds since the Unix epoch, on the caller's clock.
 ///
 /// The core never reads a clock: drivers pass `now` in, simulations pass virtual time.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 

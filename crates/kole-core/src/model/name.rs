@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::ValidationError;
@@ -17,16 +19,18 @@ pub const MAX_NODE_NAME_LEN: usize = 128;
 /// A name is 1 to [`MAX_NODE_NAME_LEN`] bytes of ASCII letters, digits, `-`, `_` and `.`, and starts
 /// and ends with a letter or digit. That excludes everything MQTT gives a meaning to (`/`, `+`, `#`,
 /// `$`, NUL) so a name is always safe as one topic segment, client id or ACL `%u` substitution.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct NodeName(String);
+///
+/// The text is shared (`Arc<str>`): a name is cloned into every message, topic and delivery that
+/// concerns its node, and a clone is a reference-count increment, not an allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(Arc<str>);
 
 impl NodeName {
     /// Validates `name` and wraps it.
     pub fn new(name: impl Into<String>) -> Result<Self, ValidationError> {
         let name = name.into();
         validate_node_name(&name)?;
-        Ok(Self(name))
+        Ok(Self(Arc::from(name)))
     }
 
     /// The name as a string slice.
@@ -34,18 +38,15 @@ impl NodeName {
         &self.0
     }
 
-    /// Unwraps the inner string.
+    /// The name as an owned string.
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 
 /// Checks `name` against the rules documented on [`NodeName`].
 pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
-    let invalid = |reason: &'static str| ValidationError::NodeName {
-        name: truncate_for_error(name),
-        reason,
-    };
+    let invalid = |reason: &'static str| ValidationError::NodeName { name: truncate_for_error(name), reason };
     let bytes = name.as_bytes();
     if bytes.is_empty() {
         return Err(invalid("must not be empty"));
@@ -53,10 +54,7 @@ pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
     if bytes.len() > MAX_NODE_NAME_LEN {
         return Err(invalid("longer than 128 bytes"));
     }
-    if !bytes
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
+    if !bytes.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
         return Err(invalid(
             "may contain only ASCII letters, digits, '-', '_' and '.' (MQTT wildcards and '/' are not allowed)",
         ));
@@ -118,6 +116,12 @@ impl TryFrom<&str> for NodeName {
     }
 }
 
+impl Serialize for NodeName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for NodeName {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -138,18 +142,7 @@ mod tests {
 
     #[test]
     fn rejects_mqtt_specials_and_bad_edges() {
-        for n in [
-            "",
-            "a/b",
-            "a+b",
-            "a#",
-            "$sys",
-            "-a",
-            "a-",
-            "a b",
-            "é",
-            &"x".repeat(129),
-        ] {
+        for n in ["", "a/b", "a+b", "a#", "$sys", "-a", "a-", "a b", "é", &"x".repeat(129)] {
             assert!(NodeName::new(n).is_err(), "{n:?} should be rejected");
         }
         assert!(NodeName::new("x".repeat(128)).is_ok());

@@ -20,9 +20,7 @@ pub struct NodeInfo {
 }
 
 /// Lifecycle of a node as the controller sees it.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum NodePhase {
     /// Known (e.g. restored or pre-provisioned) but not yet registered in this controller's life.
@@ -36,11 +34,7 @@ pub enum NodePhase {
 
 impl NodePhase {
     /// Every phase, in discriminant order.
-    pub const ALL: [NodePhase; 3] = [
-        NodePhase::Registering,
-        NodePhase::Online,
-        NodePhase::Offline,
-    ];
+    pub const ALL: [NodePhase; 3] = [NodePhase::Registering, NodePhase::Online, NodePhase::Offline];
 
     /// The phase with this discriminant.
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -58,9 +52,7 @@ impl NodePhase {
 }
 
 /// State of one workload on one node, as the agent reports it.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum WorkloadPhase {
     /// Received, not yet running (pulling, starting, waiting for its wave).
@@ -76,12 +68,8 @@ pub enum WorkloadPhase {
 
 impl WorkloadPhase {
     /// Every phase, in discriminant order.
-    pub const ALL: [WorkloadPhase; 4] = [
-        WorkloadPhase::Pending,
-        WorkloadPhase::Running,
-        WorkloadPhase::Failed,
-        WorkloadPhase::Stopped,
-    ];
+    pub const ALL: [WorkloadPhase; 4] =
+        [WorkloadPhase::Pending, WorkloadPhase::Running, WorkloadPhase::Failed, WorkloadPhase::Stopped];
 
     /// The phase with this discriminant.
     pub fn from_u8(v: u8) -> Option<Self> {

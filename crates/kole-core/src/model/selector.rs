@@ -74,25 +74,16 @@ pub struct Requirement {
 
 impl Requirement {
     /// Validates and builds a requirement.
-    pub fn new(
-        key: impl Into<String>,
-        op: RequirementOp,
-        values: Vec<String>,
-    ) -> Result<Self, ValidationError> {
+    pub fn new(key: impl Into<String>, op: RequirementOp, values: Vec<String>) -> Result<Self, ValidationError> {
         let key = key.into();
         validate_label_key(&key)?;
-        let bad = |reason: &'static str| ValidationError::Selector {
-            key: key.clone(),
-            reason,
-        };
+        let bad = |reason: &'static str| ValidationError::Selector { key: key.clone(), reason };
         match op {
             RequirementOp::In | RequirementOp::NotIn if values.is_empty() => {
                 return Err(bad("values must be specified when operator is In or NotIn"));
             }
             RequirementOp::Exists | RequirementOp::DoesNotExist if !values.is_empty() => {
-                return Err(bad(
-                    "values must be empty when operator is Exists or DoesNotExist",
-                ));
+                return Err(bad("values must be empty when operator is Exists or DoesNotExist"));
             }
             _ => {}
         }
@@ -174,12 +165,7 @@ impl Selector {
     /// Parses the string form used by `kubectl -l` and the API's `labelSelector` parameter:
     /// comma-separated `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k` and `!k`.
     pub fn parse(input: &str) -> Result<Self, ValidationError> {
-        Parser {
-            s: input.as_bytes(),
-            pos: 0,
-            input,
-        }
-        .parse()
+        Parser { s: input.as_bytes(), pos: 0, input }.parse()
     }
 }
 
@@ -187,10 +173,7 @@ impl TryFrom<Vec<Requirement>> for Selector {
     type Error = ValidationError;
     fn try_from(reqs: Vec<Requirement>) -> Result<Self, Self::Error> {
         // Revalidate: deserialized requirements bypassed `Requirement::new`.
-        let reqs = reqs
-            .into_iter()
-            .map(|r| Requirement::new(r.key, r.op, r.values))
-            .collect::<Result<Vec<_>, _>>()?;
+        let reqs = reqs.into_iter().map(|r| Requirement::new(r.key, r.op, r.values)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self::from_requirements(reqs))
     }
 }
@@ -206,11 +189,7 @@ impl TryFrom<&LabelSelector> for Selector {
     fn try_from(ls: &LabelSelector) -> Result<Self, Self::Error> {
         let mut reqs = Vec::with_capacity(ls.match_labels.len() + ls.match_expressions.len());
         for (k, v) in &ls.match_labels {
-            reqs.push(Requirement::new(
-                k.clone(),
-                RequirementOp::In,
-                vec![v.clone()],
-            )?);
+            reqs.push(Requirement::new(k.clone(), RequirementOp::In, vec![v.clone()])?);
         }
         for e in &ls.match_expressions {
             let op = match e.operator {
@@ -306,9 +285,7 @@ impl Parser<'_> {
     /// True when the next word is exactly `kw` followed by whitespace or `(`.
     fn keyword(&mut self, kw: &str) -> bool {
         let rest = &self.s[self.pos..];
-        if rest.starts_with(kw.as_bytes())
-            && rest.get(kw.len()).is_some_and(|&c| is_selector_space(c) || c == b'(')
-        {
+        if rest.starts_with(kw.as_bytes()) && rest.get(kw.len()).is_some_and(|&c| is_selector_space(c) || c == b'(') {
             self.pos += kw.len();
             true
         } else {
@@ -371,9 +348,7 @@ impl Parser<'_> {
                     let values = self.value_list()?;
                     Requirement::new(key, RequirementOp::NotIn, values)?
                 } else if matches!(self.peek(), Some(b'<' | b'>')) {
-                    return Err(
-                        self.err("'<' and '>' are not supported by label selectors on workloads")
-                    );
+                    return Err(self.err("'<' and '>' are not supported by label selectors on workloads"));
                 } else if matches!(self.peek(), None | Some(b',')) {
                     Requirement::new(key, RequirementOp::Exists, vec![])?
                 } else {
@@ -434,10 +409,7 @@ mod tests {
         let s = Selector::parse("environment = production,tier != frontend").unwrap();
         assert!(s.matches(&labels(&[("environment", "production")])));
         assert!(s.matches(&labels(&[("environment", "production"), ("tier", "cache")])));
-        assert!(!s.matches(&labels(&[
-            ("environment", "production"),
-            ("tier", "frontend")
-        ])));
+        assert!(!s.matches(&labels(&[("environment", "production"), ("tier", "frontend")])));
         assert!(!s.matches(&labels(&[("tier", "cache")])));
         assert_eq!(
             Selector::parse("environment==production").unwrap(),
@@ -465,16 +437,8 @@ mod tests {
         };
         let s = Selector::try_from(&ls).unwrap();
         assert!(s.matches(&labels(&[("component", "redis"), ("tier", "cache")])));
-        assert!(s.matches(&labels(&[
-            ("component", "redis"),
-            ("tier", "cache"),
-            ("environment", "prod")
-        ])));
-        assert!(!s.matches(&labels(&[
-            ("component", "redis"),
-            ("tier", "cache"),
-            ("environment", "dev")
-        ])));
+        assert!(s.matches(&labels(&[("component", "redis"), ("tier", "cache"), ("environment", "prod")])));
+        assert!(!s.matches(&labels(&[("component", "redis"), ("tier", "cache"), ("environment", "dev")])));
         assert!(!s.matches(&labels(&[("component", "redis")])));
         assert!(!s.matches(&labels(&[("tier", "cache")])));
     }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::{
-    LabelSelector, LabelSelectorRequirement, Labels, NodeName, Requirement, RequirementOp,
-    Selector, SelectorOperator, validate_label_key, validate_label_value, validate_node_name,
+    LabelSelector, LabelSelectorRequirement, Labels, NodeName, Requirement, RequirementOp, Selector, SelectorOperator,
+    validate_label_key, validate_label_value, validate_node_name,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -151,52 +151,34 @@ fn any_op() -> impl Strategy<Value = RequirementOp> {
 
 /// A requirement that upstream accepts (values only and always for In / NotIn, duplicates allowed).
 fn valid_raw_req() -> impl Strategy<Value = RawReq> {
-    (
-        vocab_key(),
-        any_op(),
-        prop::collection::vec(vocab_value(), 1..4),
-    )
-        .prop_map(|(key, op, values)| {
-            let values = match op {
-                RequirementOp::In | RequirementOp::NotIn => values,
-                RequirementOp::Exists | RequirementOp::DoesNotExist => Vec::new(),
-            };
-            RawReq { key, op, values }
-        })
+    (vocab_key(), any_op(), prop::collection::vec(vocab_value(), 1..4)).prop_map(|(key, op, values)| {
+        let values = match op {
+            RequirementOp::In | RequirementOp::NotIn => values,
+            RequirementOp::Exists | RequirementOp::DoesNotExist => Vec::new(),
+        };
+        RawReq { key, op, values }
+    })
 }
 
 /// A requirement that may break the value-count rule or carry an invalid key or value.
 fn maybe_invalid_raw_req() -> impl Strategy<Value = RawReq> {
     let key = prop_oneof![4 => vocab_key(), 1 => prop::sample::select(&["", "-a", "A/b", "a/b/c", "é"][..]).prop_map(str::to_owned)];
-    let value = prop_oneof![6 => vocab_value(), 1 => prop::sample::select(&["-x", "a b", "x/y"][..]).prop_map(str::to_owned)];
-    (key, any_op(), prop::collection::vec(value, 0..3)).prop_map(|(key, op, values)| RawReq {
-        key,
-        op,
-        values,
-    })
+    let value =
+        prop_oneof![6 => vocab_value(), 1 => prop::sample::select(&["-x", "a b", "x/y"][..]).prop_map(str::to_owned)];
+    (key, any_op(), prop::collection::vec(value, 0..3)).prop_map(|(key, op, values)| RawReq { key, op, values })
 }
 
 fn build(reqs: &[RawReq]) -> Selector {
     Selector::from_requirements(
-        reqs.iter()
-            .map(|r| Requirement::new(r.key.clone(), r.op, r.values.clone()).unwrap())
-            .collect(),
+        reqs.iter().map(|r| Requirement::new(r.key.clone(), r.op, r.values.clone()).unwrap()).collect(),
     )
 }
 
 /// Strings biased towards the boundaries of Kubernetes' rules: lengths around 63 and 253, and
 /// characters that are legal in one part but not the other.
 fn boundary_string(lens: &'static [usize]) -> impl Strategy<Value = String> {
-    const ODD: &[char] = &[
-        'a', 'Z', '0', '-', '_', '.', '/', 'é', ' ', '\u{0}', '日', 'A',
-    ];
-    (
-        prop::sample::select(lens),
-        prop::collection::vec(
-            (any::<prop::sample::Index>(), prop::sample::select(ODD)),
-            0..3,
-        ),
-    )
+    const ODD: &[char] = &['a', 'Z', '0', '-', '_', '.', '/', 'é', ' ', '\u{0}', '日', 'A'];
+    (prop::sample::select(lens), prop::collection::vec((any::<prop::sample::Index>(), prop::sample::select(ODD)), 0..3))
         .prop_map(|(len, edits)| {
             let mut chars = vec!['a'; len];
             for (at, c) in edits {
@@ -209,11 +191,7 @@ fn boundary_string(lens: &'static [usize]) -> impl Strategy<Value = String> {
 }
 
 fn name_like() -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<String>(),
-        "[a-zA-Z0-9._/ é-]{0,10}",
-        boundary_string(&[0, 1, 2, 62, 63, 64, 65, 127, 128, 129]),
-    ]
+    prop_oneof![any::<String>(), "[a-zA-Z0-9._/ é-]{0,10}", boundary_string(&[0, 1, 2, 62, 63, 64, 65, 127, 128, 129]),]
 }
 
 fn key_like() -> impl Strategy<Value = String> {
@@ -222,18 +200,12 @@ fn key_like() -> impl Strategy<Value = String> {
         "[a-zA-Z0-9._/-]{0,6}",
         boundary_string(&[0, 1, 63, 64, 252, 253, 254]).prop_map(|s| dotted(&s)),
     ];
-    prop_oneof![
-        name_like(),
-        (prefix, name_like()).prop_map(|(p, n)| format!("{p}/{n}")),
-    ]
+    prop_oneof![name_like(), (prefix, name_like()).prop_map(|(p, n)| format!("{p}/{n}")),]
 }
 
 /// Turns every 20th character into a `.`, so long prefixes are multi-label DNS names.
 fn dotted(s: &str) -> String {
-    s.chars()
-        .enumerate()
-        .map(|(i, c)| if i % 20 == 19 { '.' } else { c })
-        .collect()
+    s.chars().enumerate().map(|(i, c)| if i % 20 == 19 { '.' } else { c }).collect()
 }
 
 /// The ways the string form can spell one requirement, with optional whitespace.
@@ -406,10 +378,7 @@ proptest! {
 #[test]
 fn only_upstream_whitespace_separates_tokens() {
     let want = Selector::parse("a=b,c in (d,e)").unwrap();
-    assert_eq!(
-        Selector::parse("\r\na\t=\nb ,\r\nc in\t(\nd,\re )\n"),
-        Ok(want)
-    );
+    assert_eq!(Selector::parse("\r\na\t=\nb ,\r\nc in\t(\nd,\re )\n"), Ok(want));
     for bad in ["a\x0c=b", "a=b\x0c", "\x0ca", "a in\x0c(b)", "a\u{a0}=b"] {
         assert!(Selector::parse(bad).is_err(), "{bad:?}");
     }
@@ -453,15 +422,7 @@ fn reference_agrees_with_upstream_examples() {
     ] {
         assert!(!ref_key_valid(bad), "{bad}");
     }
-    for ok in [
-        "",
-        "simple",
-        "now-with-dashes",
-        "1-starts-with-num",
-        "end-with-num-1",
-        "1234",
-        &"a".repeat(63),
-    ] {
+    for ok in ["", "simple", "now-with-dashes", "1-starts-with-num", "end-with-num-1", "1234", &"a".repeat(63)] {
         assert!(ref_value_valid(ok), "{ok}");
     }
     for bad in [

@@ -11,19 +11,22 @@ use super::{Selector, ValidationError};
 pub const MAX_WORKLOAD_ID_LEN: usize = 317;
 
 /// A workload's identity: `namespace/name` when it comes from Kubernetes, or any name of
-/// `[A-Za-z0-9._-]` segments with at most one `/`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct WorkloadId(String);
+/// `[A-Za-z0-9._-]` segments with at most one `/`. The text is shared (`Arc<str>`), so ids cloned
+/// into every topic, delivery and status cost a reference count, not an allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadId(std::sync::Arc<str>);
+
+impl Serialize for WorkloadId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl WorkloadId {
     /// Validates and wraps an id.
     pub fn new(id: impl Into<String>) -> Result<Self, ValidationError> {
         let id = id.into();
-        let bad = |reason| ValidationError::WorkloadId {
-            id: truncate_for_error(&id),
-            reason,
-        };
+        let bad = |reason| ValidationError::WorkloadId { id: truncate_for_error(&id), reason };
         if id.is_empty() || id.len() > MAX_WORKLOAD_ID_LEN {
             return Err(bad("must be 1 to 317 bytes"));
         }
@@ -32,21 +35,17 @@ impl WorkloadId {
             parts += 1;
             let b = part.as_bytes();
             if b.is_empty()
-                || !b
-                    .iter()
-                    .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                || !b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
                 || !b[0].is_ascii_alphanumeric()
                 || !b[b.len() - 1].is_ascii_alphanumeric()
             {
-                return Err(bad(
-                    "segments must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric",
-                ));
+                return Err(bad("segments must be alphanumerics, '-', '_' or '.', starting and ending alphanumeric"));
             }
         }
         if parts > 2 {
             return Err(bad("may contain at most one '/'"));
         }
-        Ok(Self(id))
+        Ok(Self(std::sync::Arc::from(id)))
     }
 
     /// The id as a string slice.
@@ -115,11 +114,7 @@ pub struct RolloutStrategy {
 impl Default for RolloutStrategy {
     /// All at once: one wave of 100%.
     fn default() -> Self {
-        Self {
-            waves: vec![100],
-            paused: false,
-            failure_threshold: FailureThreshold::default(),
-        }
+        Self { waves: vec![100], paused: false, failure_threshold: FailureThreshold::default() }
     }
 }
 
@@ -199,10 +194,7 @@ mod tests {
     #[test]
     fn rollout_validation() {
         assert!(RolloutStrategy::default().validate().is_ok());
-        let s = |w: &[u8]| RolloutStrategy {
-            waves: w.to_vec(),
-            ..Default::default()
-        };
+        let s = |w: &[u8]| RolloutStrategy { waves: w.to_vec(), ..Default::default() };
         assert!(s(&[1, 10, 50, 100]).validate().is_ok());
         assert!(s(&[10, 10, 100]).validate().is_err());
         assert!(s(&[0, 100]).validate().is_err());
@@ -217,9 +209,6 @@ mod tests {
         for i in 0..100_000 {
             buckets[usize::from(wave_point(&format!("node-{i}"), &w) / 1000)] += 1;
         }
-        assert!(
-            buckets.iter().all(|&b| (9_000..11_000).contains(&b)),
-            "{buckets:?}"
-        );
+        assert!(buckets.iter().all(|&b| (9_000..11_000).contains(&b)), "{buckets:?}");
     }
 }

@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use crate::model::{NodeName, ValidationError};
+use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, ValidationError, WorkloadState};
 
 use super::messages::{Direction, Message, MessageKind};
 use super::topics::{TopicError, UplinkKind};
@@ -253,16 +253,43 @@ pub fn encode_into(msg: &Message, buf: &mut Vec<u8>) {
     }
 }
 
+/// A registration by reference: what [`encode_register`] writes, byte for byte the same as
+/// [`encode`] of the equivalent [`Message::Register`], without cloning labels and facts into one.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterRef<'a> {
+    /// The node's name.
+    pub name: &'a NodeName,
+    /// Boot id.
+    pub boot_id: u32,
+    /// Labels.
+    pub labels: &'a Labels,
+    /// Static facts.
+    pub info: &'a NodeInfo,
+    /// Applied digest.
+    pub applied: DesiredDigest,
+    /// Per-workload state.
+    pub workloads: &'a [WorkloadState],
+}
+
+/// Encodes a registration from borrowed parts (see [`RegisterRef`]).
+pub fn encode_register(r: &RegisterRef<'_>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    buf.push(PROTOCOL_VERSION);
+    buf.push(MessageKind::Register.as_u8());
+    if wire::encode_register_body(r, &mut buf).is_err() {
+        debug_assert!(false, "encoding a registration failed");
+        buf.truncate(HEADER_LEN);
+    }
+    buf
+}
+
 /// Reads and checks the envelope header: length, version and kind.
 ///
 /// Cheap (two bytes), so a receiver can count or route by kind before paying for the body.
 pub fn peek_kind(bytes: &[u8], limits: &DecodeLimits) -> Result<MessageKind, DecodeError> {
     let (&version, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
     if bytes.len() > limits.max_message_bytes {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            max: limits.max_message_bytes,
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.max_message_bytes });
     }
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::UnsupportedVersion { version });
@@ -277,18 +304,10 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Message, DecodeErro
     wire::decode_body(kind, &bytes[HEADER_LEN..], limits)
 }
 
-fn decode_directed(
-    bytes: &[u8],
-    expected: Direction,
-    limits: &DecodeLimits,
-) -> Result<Message, DecodeError> {
+fn decode_directed(bytes: &[u8], expected: Direction, limits: &DecodeLimits) -> Result<Message, DecodeError> {
     let kind = peek_kind(bytes, limits)?;
     if kind.direction() != expected {
-        return Err(DecodeError::WrongDirection {
-            kind,
-            actual: kind.direction(),
-            expected,
-        });
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected });
     }
     wire::decode_body(kind, &bytes[HEADER_LEN..], limits)
 }
@@ -316,26 +335,16 @@ pub fn decode_from_node(
 ) -> Result<Message, DecodeError> {
     let kind = peek_kind(bytes, limits)?;
     if kind.direction() != Direction::Uplink {
-        return Err(DecodeError::WrongDirection {
-            kind,
-            actual: kind.direction(),
-            expected: Direction::Uplink,
-        });
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
     }
     if kind.uplink() != Some(topic_kind) {
-        return Err(DecodeError::TopicKindMismatch {
-            topic: topic_kind,
-            payload: kind,
-        });
+        return Err(DecodeError::TopicKindMismatch { topic: topic_kind, payload: kind });
     }
     let msg = wire::decode_body(kind, &bytes[HEADER_LEN..], limits)?;
     if let Message::Register(reg) = &msg
         && reg.name != *node
     {
-        return Err(DecodeError::IdentityMismatch {
-            topic: node.clone(),
-            claimed: reg.name.clone(),
-        });
+        return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed: reg.name.clone() });
     }
     Ok(msg)
 }

@@ -7,10 +7,7 @@
 use std::fmt;
 
 use crate::cache::HeartbeatUpdate;
-use crate::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId,
-    WorkloadState,
-};
+use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
 
 use super::topics::{GroupName, UplinkKind};
 
@@ -80,11 +77,7 @@ impl MessageKind {
 
     /// Which way messages of this kind travel.
     pub const fn direction(self) -> Direction {
-        if (self as u8) & 0x80 == 0 {
-            Direction::Uplink
-        } else {
-            Direction::Downlink
-        }
+        if (self as u8) & 0x80 == 0 { Direction::Uplink } else { Direction::Downlink }
     }
 
     /// The uplink topic kind carrying this message kind, for uplink kinds.
@@ -230,11 +223,7 @@ pub struct Heartbeat {
 
 impl From<&Heartbeat> for HeartbeatUpdate {
     fn from(hb: &Heartbeat) -> Self {
-        HeartbeatUpdate {
-            boot_id: hb.boot_id,
-            seq: hb.seq,
-            applied: hb.applied,
-        }
+        HeartbeatUpdate { boot_id: hb.boot_id, seq: hb.seq, applied: hb.applied }
     }
 }
 
@@ -418,16 +407,7 @@ macro_rules! from_body {
     )*};
 }
 
-from_body!(
-    Register,
-    Heartbeat,
-    StatusReport,
-    RegisterAck,
-    WorkloadSpec,
-    WorkloadRemoved,
-    DesiredState,
-    Command
-);
+from_body!(Register, Heartbeat, StatusReport, RegisterAck, WorkloadSpec, WorkloadRemoved, DesiredState, Command);
 
 #[cfg(test)]
 mod tests {
@@ -437,11 +417,7 @@ mod tests {
     fn kind_bytes_and_directions() {
         for k in MessageKind::ALL {
             assert_eq!(MessageKind::from_u8(k.as_u8()), Some(k));
-            assert_eq!(
-                k.direction() == Direction::Uplink,
-                k.uplink().is_some(),
-                "{k}"
-            );
+            assert_eq!(k.direction() == Direction::Uplink, k.uplink().is_some(), "{k}");
         }
         for k in UplinkKind::ALL {
             assert_eq!(MessageKind::from(k).uplink(), Some(k));
@@ -453,32 +429,17 @@ mod tests {
 
     #[test]
     fn heartbeat_update_is_derived_field_by_field() {
-        let hb = Heartbeat {
-            seq: 7,
-            boot_id: 0xdead_beef,
-            applied: DesiredDigest(42),
-            health: NodeHealth::DEGRADED,
-        };
+        let hb = Heartbeat { seq: 7, boot_id: 0xdead_beef, applied: DesiredDigest(42), health: NodeHealth::DEGRADED };
         assert_eq!(
             HeartbeatUpdate::from(&hb),
-            HeartbeatUpdate {
-                boot_id: 0xdead_beef,
-                seq: 7,
-                applied: DesiredDigest(42)
-            }
+            HeartbeatUpdate { boot_id: 0xdead_beef, seq: 7, applied: DesiredDigest(42) }
         );
     }
 
     #[test]
     fn health_flags() {
-        let h = NodeHealth::OK
-            .with(NodeHealth::WORKLOAD_FAILED)
-            .with(NodeHealth::CLOCK_UNSYNCED);
-        assert!(
-            h.contains(NodeHealth::WORKLOAD_FAILED)
-                && !h.contains(NodeHealth::DEGRADED)
-                && !h.is_ok()
-        );
+        let h = NodeHealth::OK.with(NodeHealth::WORKLOAD_FAILED).with(NodeHealth::CLOCK_UNSYNCED);
+        assert!(h.contains(NodeHealth::WORKLOAD_FAILED) && !h.contains(NodeHealth::DEGRADED) && !h.is_ok());
         assert!(NodeHealth::OK.is_ok());
     }
 }

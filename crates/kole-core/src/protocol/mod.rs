@@ -28,12 +28,11 @@ pub(crate) mod strategies;
 mod tests;
 
 pub use envelope::{
-    DecodeError, DecodeLimits, HEADER_LEN, Limit, PROTOCOL_VERSION, decode, decode_downlink,
-    decode_from_node, decode_uplink, encode, encode_into, peek_kind,
+    DecodeError, DecodeLimits, HEADER_LEN, Limit, PROTOCOL_VERSION, RegisterRef, decode, decode_downlink,
+    decode_from_node, decode_uplink, encode, encode_into, encode_register, peek_kind,
 };
 pub use messages::{
-    Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth,
-    Register, RegisterAck, RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved,
-    WorkloadSpec,
+    Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
+    RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 pub use topics::{Destination, GroupName, TopicError, Topics, UplinkKind};

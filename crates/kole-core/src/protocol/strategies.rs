@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use crate::model::{
-    DeliveryMode, DesiredDigest, FailureThreshold, Labels, NodeInfo, NodeName, Requirement,
-    RequirementOp, RolloutStrategy, Selector, Workload, WorkloadId, WorkloadPhase, WorkloadState,
+    DeliveryMode, DesiredDigest, FailureThreshold, Labels, NodeInfo, NodeName, Requirement, RequirementOp,
+    RolloutStrategy, Selector, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 use super::messages::{
-    Command, CommandKind, DesiredState, Heartbeat, Message, NodeHealth, Register, RegisterAck,
-    RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    Command, CommandKind, DesiredState, Heartbeat, Message, NodeHealth, Register, RegisterAck, RegisterOutcome,
+    RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 use super::topics::GroupName;
 
@@ -38,12 +38,7 @@ pub(crate) fn workload_id() -> impl Strategy<Value = WorkloadId> {
 
 fn label_key() -> impl Strategy<Value = String> {
     let name = "[A-Za-z0-9]([A-Za-z0-9._-]{0,20}[A-Za-z0-9])?";
-    (
-        proptest::option::of(
-            "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,2}",
-        ),
-        name,
-    )
+    (proptest::option::of("[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,2}"), name)
         .prop_map(|(prefix, name)| match prefix {
             Some(p) => format!("{p}/{name}"),
             None => name,
@@ -76,27 +71,13 @@ fn workload_state() -> impl Strategy<Value = WorkloadState> {
 }
 
 fn node_info() -> impl Strategy<Value = NodeInfo> {
-    (
-        ".{0,16}",
-        ".{0,16}",
-        ".{0,16}",
-        proptest::collection::vec(any::<std::net::IpAddr>(), 0..4),
-    )
-        .prop_map(|(arch, os, agent_version, addresses)| NodeInfo {
-            arch,
-            os,
-            agent_version,
-            addresses,
-        })
+    (".{0,16}", ".{0,16}", ".{0,16}", proptest::collection::vec(any::<std::net::IpAddr>(), 0..4))
+        .prop_map(|(arch, os, agent_version, addresses)| NodeInfo { arch, os, agent_version, addresses })
 }
 
 fn selector() -> impl Strategy<Value = Selector> {
-    let requirement = (
-        label_key(),
-        0..4u8,
-        proptest::collection::vec(label_value(), 1..4),
-    )
-        .prop_map(|(key, op, values)| {
+    let requirement =
+        (label_key(), 0..4u8, proptest::collection::vec(label_value(), 1..4)).prop_map(|(key, op, values)| {
             let (op, values) = match op {
                 0 => (RequirementOp::In, values),
                 1 => (RequirementOp::NotIn, values),
@@ -112,19 +93,12 @@ fn rollout() -> impl Strategy<Value = RolloutStrategy> {
     (
         proptest::collection::btree_set(1u8..100, 0..5),
         any::<bool>(),
-        prop_oneof![
-            any::<u32>().prop_map(FailureThreshold::Count),
-            (0u8..=100).prop_map(FailureThreshold::Percent)
-        ],
+        prop_oneof![any::<u32>().prop_map(FailureThreshold::Count), (0u8..=100).prop_map(FailureThreshold::Percent)],
     )
         .prop_map(|(waves, paused, failure_threshold)| {
             let mut waves: Vec<u8> = waves.into_iter().collect();
             waves.push(100);
-            RolloutStrategy {
-                waves,
-                paused,
-                failure_threshold,
-            }
+            RolloutStrategy { waves, paused, failure_threshold }
         })
 }
 
@@ -134,24 +108,15 @@ pub(crate) fn workload() -> impl Strategy<Value = Workload> {
         group_name().prop_map(|g| DeliveryMode::Group(g.as_str().to_owned())),
         Just(DeliveryMode::PerNode),
     ];
-    (
-        workload_id(),
-        any::<u64>(),
-        proptest::collection::vec(any::<u8>(), 0..256),
-        selector(),
-        delivery,
-        rollout(),
-    )
-        .prop_map(
-            |(id, version, spec, selector, delivery, rollout)| Workload {
-                id,
-                version,
-                spec,
-                selector,
-                delivery,
-                rollout,
-            },
-        )
+    (workload_id(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..256), selector(), delivery, rollout())
+        .prop_map(|(id, version, spec, selector, delivery, rollout)| Workload {
+            id,
+            version,
+            spec,
+            selector,
+            delivery,
+            rollout,
+        })
 }
 
 fn outcome() -> impl Strategy<Value = RegisterOutcome> {
@@ -164,11 +129,7 @@ fn outcome() -> impl Strategy<Value = RegisterOutcome> {
     prop_oneof![
         Just(RegisterOutcome::Accepted),
         (code, ".{0,40}", any::<u32>()).prop_map(|(code, message, retry_after_ms)| {
-            RegisterOutcome::Rejected {
-                code,
-                message,
-                retry_after_ms,
-            }
+            RegisterOutcome::Rejected { code, message, retry_after_ms }
         }),
     ]
 }
@@ -183,78 +144,41 @@ fn command_kind() -> impl Strategy<Value = CommandKind> {
 }
 
 pub(crate) fn heartbeat() -> impl Strategy<Value = Heartbeat> {
-    (any::<u32>(), any::<u32>(), digest(), any::<u8>()).prop_map(
-        |(seq, boot_id, applied, health)| Heartbeat {
-            seq,
-            boot_id,
-            applied,
-            health: NodeHealth(health),
-        },
-    )
+    (any::<u32>(), any::<u32>(), digest(), any::<u8>()).prop_map(|(seq, boot_id, applied, health)| Heartbeat {
+        seq,
+        boot_id,
+        applied,
+        health: NodeHealth(health),
+    })
 }
 
 /// Any message, valid by construction and within the default decode limits.
 pub(crate) fn message() -> impl Strategy<Value = Message> {
     let states = || proptest::collection::vec(workload_state(), 0..6);
     prop_oneof![
-        (
-            node_name(),
-            any::<u32>(),
-            labels(),
-            node_info(),
-            digest(),
-            states()
-        )
-            .prop_map(|(name, boot_id, labels, info, applied, workloads)| {
-                Message::Register(Register {
-                    name,
-                    boot_id,
-                    labels,
-                    info,
-                    applied,
-                    workloads,
-                })
-            }),
-        heartbeat().prop_map(Message::Heartbeat),
-        (any::<u32>(), any::<u32>(), digest(), states()).prop_map(
-            |(seq, boot_id, applied, workloads)| {
-                Message::StatusReport(StatusReport {
-                    seq,
-                    boot_id,
-                    applied,
-                    workloads,
-                })
+        (node_name(), any::<u32>(), labels(), node_info(), digest(), states()).prop_map(
+            |(name, boot_id, labels, info, applied, workloads)| {
+                Message::Register(Register { name, boot_id, labels, info, applied, workloads })
             }
         ),
-        (
-            any::<u32>(),
-            outcome(),
-            any::<u32>(),
-            proptest::collection::vec(group_name(), 0..5),
-            digest()
-        )
-            .prop_map(
-                |(boot_id, outcome, heartbeat_interval_ms, groups, desired)| Message::RegisterAck(
-                    RegisterAck {
-                        boot_id,
-                        outcome,
-                        heartbeat_interval_ms,
-                        groups,
-                        desired
-                    }
-                )
-            ),
-        (workload(), 0u16..=10_000).prop_map(|(workload, wave_threshold)| Message::WorkloadSpec(
-            WorkloadSpec {
-                workload,
-                wave_threshold
-            }
-        )),
-        workload_id().prop_map(|id| Message::WorkloadRemoved(WorkloadRemoved { id })),
-        (digest(), proptest::collection::vec(workload(), 0..4)).prop_map(|(digest, workloads)| {
-            Message::DesiredState(DesiredState { digest, workloads })
+        heartbeat().prop_map(Message::Heartbeat),
+        (any::<u32>(), any::<u32>(), digest(), states()).prop_map(|(seq, boot_id, applied, workloads)| {
+            Message::StatusReport(StatusReport { seq, boot_id, applied, workloads })
         }),
-        (any::<u64>(), command_kind())
-            .prop_map(|(id, kind)| Message::Command(Command { id, kind })),
+        (any::<u32>(), outcome(), any::<u32>(), proptest::collection::vec(group_name(), 0..5), digest()).prop_map(
+            |(boot_id, outcome, heartbeat_interval_ms, groups, desired)| Message::RegisterAck(RegisterAck {
+                boot_id,
+                outcome,
+                heartbeat_interval_ms,
+                groups,
+                desired
+            })
+        ),
+        (workload(), 0u16..=10_000)
+            .prop_map(|(workload, wave_threshold)| Message::WorkloadSpec(WorkloadSpec { workload, wave_threshold })),
+        workload_id().prop_map(|id| Message::WorkloadRemoved(WorkloadRemoved { id })),
+        (digest(), proptest::collection::vec(workload(), 0..4))
+            .prop_map(|(digest, workloads)| { Message::DesiredState(DesiredState { digest, workloads }) }),
+        (any::<u64>(), command_kind()).prop_map(|(id, kind)| Message::Command(Command { id, kind })),
     ]
 }

@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use super::strategies::{heartbeat, message};
 use super::*;
 use crate::model::{
-    DeliveryMode, DesiredDigest, Labels, NodeInfo, NodeName, RolloutStrategy, Selector,
-    ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
+    DeliveryMode, DesiredDigest, Labels, NodeInfo, NodeName, RolloutStrategy, Selector, ValidationError, Workload,
+    WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 fn limits() -> DecodeLimits {
@@ -64,20 +64,14 @@ fn sample_workload() -> Workload {
         spec: b"image: registry.example/cdn-cache:1.9".to_vec(),
         selector: Selector::parse("tier in (cdn, retail)").unwrap(),
         delivery: DeliveryMode::Broadcast,
-        rollout: RolloutStrategy {
-            waves: vec![1, 10, 50, 100],
-            ..Default::default()
-        },
+        rollout: RolloutStrategy { waves: vec![1, 10, 50, 100], ..Default::default() },
     }
 }
 
 /// Replaces the first occurrence of `from` by `to` (same length) in an encoding.
 fn patch(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     assert_eq!(from.len(), to.len());
-    let at = bytes
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("pattern present");
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("pattern present");
     let mut out = bytes.to_vec();
     out[at..at + to.len()].copy_from_slice(to);
     out
@@ -101,12 +95,7 @@ fn heartbeat_bytes_are_pinned() {
 fn heartbeat_size_contract() {
     // Realistic: a year of 10 s heartbeats is 3.2M, a 3-byte varint; worst case u32::MAX is 5 bytes.
     for seq in [0, 1_234, 3_200_000, u32::MAX] {
-        let hb = Heartbeat {
-            seq,
-            boot_id: u32::MAX,
-            applied: DesiredDigest(u64::MAX),
-            health: NodeHealth(0xff),
-        };
+        let hb = Heartbeat { seq, boot_id: u32::MAX, applied: DesiredDigest(u64::MAX), health: NodeHealth(0xff) };
         let len = encode(&Message::Heartbeat(hb)).len();
         assert!(len <= 32, "heartbeat with seq {seq} encodes to {len} bytes");
         assert!(len <= 20, "heartbeat with seq {seq} encodes to {len} bytes");
@@ -117,11 +106,7 @@ fn heartbeat_size_contract() {
 fn register_size_is_small() {
     let bytes = encode(&Message::Register(realistic_register()));
     eprintln!("typical register: {} bytes", bytes.len());
-    assert!(
-        bytes.len() <= 256,
-        "typical register encodes to {} bytes",
-        bytes.len()
-    );
+    assert!(bytes.len() <= 256, "typical register encodes to {} bytes", bytes.len());
     let ack = RegisterAck {
         boot_id: 0x9b1c_44d2,
         outcome: RegisterOutcome::Accepted,
@@ -131,11 +116,8 @@ fn register_size_is_small() {
     };
     let ack_len = encode(&Message::RegisterAck(ack)).len();
     eprintln!("typical register ack: {ack_len} bytes");
-    let spec_len = encode(&Message::WorkloadSpec(WorkloadSpec {
-        workload: sample_workload(),
-        wave_threshold: 100,
-    }))
-    .len();
+    let spec_len =
+        encode(&Message::WorkloadSpec(WorkloadSpec { workload: sample_workload(), wave_threshold: 100 })).len();
     eprintln!("typical workload spec: {spec_len} bytes");
 }
 
@@ -144,20 +126,8 @@ fn encode_into_reuses_the_buffer() {
     let mut buf = Vec::with_capacity(64);
     let ptr = buf.as_ptr();
     for seq in 0..100 {
-        encode_into(
-            &Message::Heartbeat(Heartbeat {
-                seq,
-                ..realistic_heartbeat()
-            }),
-            &mut buf,
-        );
-        assert_eq!(
-            decode(&buf, &limits()).unwrap(),
-            Message::Heartbeat(Heartbeat {
-                seq,
-                ..realistic_heartbeat()
-            })
-        );
+        encode_into(&Message::Heartbeat(Heartbeat { seq, ..realistic_heartbeat() }), &mut buf);
+        assert_eq!(decode(&buf, &limits()).unwrap(), Message::Heartbeat(Heartbeat { seq, ..realistic_heartbeat() }));
     }
     assert_eq!(buf.as_ptr(), ptr, "no reallocation");
     assert_eq!(buf.capacity(), 64);
@@ -175,62 +145,32 @@ fn header_errors() {
         );
     }
     for k in [0u8, 0x04, 0x7f, 0x80, 0x86, 0xff] {
-        assert_eq!(
-            decode(&[1, k, 0, 0], &l),
-            Err(DecodeError::UnknownKind { kind: k })
-        );
+        assert_eq!(decode(&[1, k, 0, 0], &l), Err(DecodeError::UnknownKind { kind: k }));
     }
     // Oversize is refused before the version is even looked at.
     let big = vec![0u8; l.max_message_bytes + 1];
-    assert_eq!(
-        decode(&big, &l),
-        Err(DecodeError::TooLarge {
-            len: l.max_message_bytes + 1,
-            max: l.max_message_bytes
-        })
-    );
+    assert_eq!(decode(&big, &l), Err(DecodeError::TooLarge { len: l.max_message_bytes + 1, max: l.max_message_bytes }));
     let mut at_limit = encode(&Message::Heartbeat(realistic_heartbeat()));
-    let small = DecodeLimits {
-        max_message_bytes: at_limit.len(),
-        ..limits()
-    };
+    let small = DecodeLimits { max_message_bytes: at_limit.len(), ..limits() };
     assert!(decode(&at_limit, &small).is_ok());
     at_limit.push(0);
-    assert!(matches!(
-        decode(&at_limit, &small),
-        Err(DecodeError::TooLarge { .. })
-    ));
+    assert!(matches!(decode(&at_limit, &small), Err(DecodeError::TooLarge { .. })));
     // Bare header: a body is missing.
-    assert!(matches!(
-        decode(&[1, 0x02], &l),
-        Err(DecodeError::Malformed {
-            kind: MessageKind::Heartbeat,
-            ..
-        })
-    ));
+    assert!(matches!(decode(&[1, 0x02], &l), Err(DecodeError::Malformed { kind: MessageKind::Heartbeat, .. })));
 }
 
 #[test]
 fn trailing_bytes_are_rejected() {
     let mut bytes = encode(&Message::Heartbeat(realistic_heartbeat()));
     bytes.extend_from_slice(&[0, 0, 0]);
-    assert_eq!(
-        decode(&bytes, &limits()),
-        Err(DecodeError::TrailingBytes {
-            kind: MessageKind::Heartbeat,
-            count: 3
-        })
-    );
+    assert_eq!(decode(&bytes, &limits()), Err(DecodeError::TrailingBytes { kind: MessageKind::Heartbeat, count: 3 }));
 }
 
 #[test]
 fn directions_are_enforced() {
     let l = limits();
     let hb = encode(&Message::Heartbeat(realistic_heartbeat()));
-    let cmd = encode(&Message::Command(Command {
-        id: 1,
-        kind: CommandKind::Ping,
-    }));
+    let cmd = encode(&Message::Command(Command { id: 1, kind: CommandKind::Ping }));
     assert!(decode_uplink(&hb, &l).is_ok());
     assert!(decode_downlink(&cmd, &l).is_ok());
     assert_eq!(
@@ -241,10 +181,7 @@ fn directions_are_enforced() {
             expected: Direction::Uplink
         })
     );
-    assert!(matches!(
-        decode_downlink(&hb, &l),
-        Err(DecodeError::WrongDirection { .. })
-    ));
+    assert!(matches!(decode_downlink(&hb, &l), Err(DecodeError::WrongDirection { .. })));
 }
 
 #[test]
@@ -254,32 +191,17 @@ fn identity_and_topic_kind_rules() {
     let me = reg.name.clone();
     let other = NodeName::new("cn-hangzhou-s0042-00000000").unwrap();
     let bytes = encode(&Message::Register(reg.clone()));
-    assert_eq!(
-        decode_from_node(&bytes, &me, UplinkKind::Register, &l),
-        Ok(Message::Register(reg))
-    );
+    assert_eq!(decode_from_node(&bytes, &me, UplinkKind::Register, &l), Ok(Message::Register(reg)));
     assert_eq!(
         decode_from_node(&bytes, &other, UplinkKind::Register, &l),
-        Err(DecodeError::IdentityMismatch {
-            topic: other.clone(),
-            claimed: me.clone()
-        })
+        Err(DecodeError::IdentityMismatch { topic: other.clone(), claimed: me.clone() })
     );
     assert_eq!(
         decode_from_node(&bytes, &me, UplinkKind::Heartbeat, &l),
-        Err(DecodeError::TopicKindMismatch {
-            topic: UplinkKind::Heartbeat,
-            payload: MessageKind::Register
-        })
+        Err(DecodeError::TopicKindMismatch { topic: UplinkKind::Heartbeat, payload: MessageKind::Register })
     );
-    let cmd = encode(&Message::Command(Command {
-        id: 1,
-        kind: CommandKind::Ping,
-    }));
-    assert!(matches!(
-        decode_from_node(&cmd, &me, UplinkKind::Status, &l),
-        Err(DecodeError::WrongDirection { .. })
-    ));
+    let cmd = encode(&Message::Command(Command { id: 1, kind: CommandKind::Ping }));
+    assert!(matches!(decode_from_node(&cmd, &me, UplinkKind::Status, &l), Err(DecodeError::WrongDirection { .. })));
 }
 
 #[test]
@@ -287,11 +209,7 @@ fn invalid_fields_are_reported_with_their_rule() {
     let l = limits();
     let bytes = encode(&Message::Register(realistic_register()));
     // A name with a topic separator.
-    let bad = patch(
-        &bytes,
-        b"cn-hangzhou-s0042-7k2m9q4x",
-        b"cn-hangzhou/s0042-7k2m9q4x",
-    );
+    let bad = patch(&bytes, b"cn-hangzhou-s0042-7k2m9q4x", b"cn-hangzhou/s0042-7k2m9q4x");
     let err = decode(&bad, &l).unwrap_err();
     assert!(
         matches!(
@@ -306,52 +224,26 @@ fn invalid_fields_are_reported_with_their_rule() {
     );
     assert!(std::error::Error::source(&err).is_some());
     // Labels out of order, and duplicated: one encoding per label set.
-    let two = Register {
-        labels: Labels::from_pairs([("aa", "x"), ("bb", "y")]).unwrap(),
-        ..realistic_register()
-    };
+    let two = Register { labels: Labels::from_pairs([("aa", "x"), ("bb", "y")]).unwrap(), ..realistic_register() };
     let bytes = encode(&Message::Register(two));
     for (from, to) in [(b"aa", b"cc"), (b"bb", b"aa")] {
         let err = decode(&patch(&bytes, from, to), &l).unwrap_err();
         assert!(
-            matches!(
-                &err,
-                DecodeError::InvalidField {
-                    field: "labels",
-                    source: ValidationError::LabelKey { .. },
-                    ..
-                }
-            ),
+            matches!(&err, DecodeError::InvalidField { field: "labels", source: ValidationError::LabelKey { .. }, .. }),
             "{err:?}"
         );
     }
     // A label value breaking Kubernetes' rules.
     let err = decode(&patch(&bytes, b"\x01x", b"\x01-"), &l).unwrap_err();
     assert!(
-        matches!(
-            &err,
-            DecodeError::InvalidField {
-                field: "labels",
-                source: ValidationError::LabelValue { .. },
-                ..
-            }
-        ),
+        matches!(&err, DecodeError::InvalidField { field: "labels", source: ValidationError::LabelValue { .. }, .. }),
         "{err:?}"
     );
     // A workload id with a wildcard.
-    let bytes = encode(&Message::WorkloadRemoved(WorkloadRemoved {
-        id: WorkloadId::new("default/app").unwrap(),
-    }));
+    let bytes = encode(&Message::WorkloadRemoved(WorkloadRemoved { id: WorkloadId::new("default/app").unwrap() }));
     let err = decode(&patch(&bytes, b"app", b"a#p"), &l).unwrap_err();
     assert!(
-        matches!(
-            &err,
-            DecodeError::InvalidField {
-                field: "id",
-                source: ValidationError::WorkloadId { .. },
-                ..
-            }
-        ),
+        matches!(&err, DecodeError::InvalidField { field: "id", source: ValidationError::WorkloadId { .. }, .. }),
         "{err:?}"
     );
     // A group name with a wildcard.
@@ -364,64 +256,21 @@ fn invalid_fields_are_reported_with_their_rule() {
     };
     let bytes = encode(&Message::RegisterAck(ack));
     let err = decode(&patch(&bytes, b"site-1", b"site-+"), &l).unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            DecodeError::InvalidGroup {
-                field: "groups",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(&err, DecodeError::InvalidGroup { field: "groups", .. }), "{err:?}");
     // A rollout whose waves do not end at 100, and a wave threshold above 100%.
-    let spec = WorkloadSpec {
-        workload: sample_workload(),
-        wave_threshold: 10_000,
-    };
+    let spec = WorkloadSpec { workload: sample_workload(), wave_threshold: 10_000 };
     let bytes = encode(&Message::WorkloadSpec(spec));
-    let err = decode(
-        &patch(&bytes, &[4, 1, 10, 50, 100], &[4, 1, 10, 50, 99]),
-        &l,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            DecodeError::InvalidField {
-                field: "workload.rollout",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let err = decode(&patch(&bytes, &[4, 1, 10, 50, 100], &[4, 1, 10, 50, 99]), &l).unwrap_err();
+    assert!(matches!(&err, DecodeError::InvalidField { field: "workload.rollout", .. }), "{err:?}");
     let n = bytes.len();
     let mut over = bytes[..n - 2].to_vec(); // 10_000 is the 2-byte varint 0x90 0x4e
     assert_eq!(&bytes[n - 2..], &[0x90, 0x4e]);
     over.extend_from_slice(&[0x91, 0x4e]);
     let err = decode(&over, &l).unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            DecodeError::InvalidField {
-                field: "wave_threshold",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(&err, DecodeError::InvalidField { field: "wave_threshold", .. }), "{err:?}");
     // A selector requirement that breaks the rules: `in` with a value that is not a label value.
     let err = decode(&patch(&bytes, b"retail", b"ret/il"), &l).unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            DecodeError::InvalidField {
-                field: "workload.selector",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(&err, DecodeError::InvalidField { field: "workload.selector", .. }), "{err:?}");
 }
 
 #[test]
@@ -430,57 +279,19 @@ fn every_limit_is_enforced() {
     let bytes = encode(&Message::Register(reg.clone()));
     let check = |limits: DecodeLimits, bytes: &[u8], want: Limit| {
         let err = decode(bytes, &limits).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::LimitExceeded { limit, .. } if limit == want),
-            "{want}: {err:?}"
-        );
+        assert!(matches!(err, DecodeError::LimitExceeded { limit, .. } if limit == want), "{want}: {err:?}");
     };
-    check(
-        DecodeLimits {
-            max_labels: 3,
-            ..limits()
-        },
-        &bytes,
-        Limit::Labels,
-    );
-    check(
-        DecodeLimits {
-            max_workloads: 1,
-            ..limits()
-        },
-        &bytes,
-        Limit::Workloads,
-    );
-    check(
-        DecodeLimits {
-            max_string_len: 20,
-            ..limits()
-        },
-        &bytes,
-        Limit::StringLen,
-    );
-    check(
-        DecodeLimits {
-            max_addresses: 0,
-            ..limits()
-        },
-        &bytes,
-        Limit::Addresses,
-    );
+    check(DecodeLimits { max_labels: 3, ..limits() }, &bytes, Limit::Labels);
+    check(DecodeLimits { max_workloads: 1, ..limits() }, &bytes, Limit::Workloads);
+    check(DecodeLimits { max_string_len: 20, ..limits() }, &bytes, Limit::StringLen);
+    check(DecodeLimits { max_addresses: 0, ..limits() }, &bytes, Limit::Addresses);
     let status = encode(&Message::StatusReport(StatusReport {
         seq: 1,
         boot_id: 1,
         applied: reg.applied,
         workloads: reg.workloads,
     }));
-    check(
-        DecodeLimits {
-            max_workloads: 1,
-            ..limits()
-        },
-        &status,
-        Limit::Workloads,
-    );
+    check(DecodeLimits { max_workloads: 1, ..limits() }, &status, Limit::Workloads);
     let ack = RegisterAck {
         boot_id: 1,
         outcome: RegisterOutcome::Accepted,
@@ -488,57 +299,17 @@ fn every_limit_is_enforced() {
         groups: vec![GroupName::new("a").unwrap(), GroupName::new("b").unwrap()],
         desired: DesiredDigest(1),
     };
-    check(
-        DecodeLimits {
-            max_groups: 1,
-            ..limits()
-        },
-        &encode(&Message::RegisterAck(ack)),
-        Limit::Groups,
-    );
-    let spec = encode(&Message::WorkloadSpec(WorkloadSpec {
-        workload: sample_workload(),
-        wave_threshold: 0,
-    }));
-    check(
-        DecodeLimits {
-            max_spec_bytes: 8,
-            ..limits()
-        },
-        &spec,
-        Limit::SpecBytes,
-    );
+    check(DecodeLimits { max_groups: 1, ..limits() }, &encode(&Message::RegisterAck(ack)), Limit::Groups);
+    let spec = encode(&Message::WorkloadSpec(WorkloadSpec { workload: sample_workload(), wave_threshold: 0 }));
+    check(DecodeLimits { max_spec_bytes: 8, ..limits() }, &spec, Limit::SpecBytes);
     // `tier in (cdn, retail)`: one requirement and two values.
-    check(
-        DecodeLimits {
-            max_selector_terms: 2,
-            ..limits()
-        },
-        &spec,
-        Limit::SelectorTerms,
-    );
-    assert!(
-        decode(
-            &spec,
-            &DecodeLimits {
-                max_selector_terms: 3,
-                ..limits()
-            }
-        )
-        .is_ok()
-    );
+    check(DecodeLimits { max_selector_terms: 2, ..limits() }, &spec, Limit::SelectorTerms);
+    assert!(decode(&spec, &DecodeLimits { max_selector_terms: 3, ..limits() }).is_ok());
     let desired = encode(&Message::DesiredState(DesiredState {
         digest: DesiredDigest(1),
         workloads: vec![sample_workload(), sample_workload()],
     }));
-    check(
-        DecodeLimits {
-            max_workloads: 1,
-            ..limits()
-        },
-        &desired,
-        Limit::Workloads,
-    );
+    check(DecodeLimits { max_workloads: 1, ..limits() }, &desired, Limit::Workloads);
 }
 
 #[test]
@@ -547,17 +318,11 @@ fn huge_declared_lengths_fail_fast() {
     // Register: name length varint claims 2^63 bytes.
     let mut bytes = vec![1, MessageKind::Register.as_u8()];
     bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
-    assert!(matches!(
-        decode(&bytes, &l),
-        Err(DecodeError::Malformed { .. })
-    ));
+    assert!(matches!(decode(&bytes, &l), Err(DecodeError::Malformed { .. })));
     // DesiredState: the workload count claims 2^35 workloads in a 12-byte body.
     let mut bytes = vec![1, MessageKind::DesiredState.as_u8(), 0, 0, 0, 0, 0, 0, 0, 0];
     bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
-    assert!(matches!(
-        decode(&bytes, &l),
-        Err(DecodeError::Malformed { .. })
-    ));
+    assert!(matches!(decode(&bytes, &l), Err(DecodeError::Malformed { .. })));
 }
 
 #[test]
@@ -568,10 +333,7 @@ fn error_reasons_are_distinct_labels() {
         DecodeError::UnsupportedVersion { version: 2 },
         DecodeError::UnknownKind { kind: 9 },
         DecodeError::TooLarge { len: 2, max: 1 },
-        DecodeError::TrailingBytes {
-            kind: MessageKind::Heartbeat,
-            count: 1,
-        },
+        DecodeError::TrailingBytes { kind: MessageKind::Heartbeat, count: 1 },
     ];
     let mut reasons: Vec<_> = errs.iter().map(DecodeError::reason).collect();
     reasons.dedup();
@@ -651,4 +413,40 @@ proptest! {
     fn heartbeats_fit_the_size_contract(hb in heartbeat()) {
         prop_assert!(encode(&Message::Heartbeat(hb)).len() <= 20);
     }
+}
+
+#[test]
+fn register_by_reference_encodes_like_the_owned_message() {
+    use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, WorkloadId, WorkloadPhase, WorkloadState};
+    let name = NodeName::new("cn-hangzhou-s00042-7k2m9q4x").unwrap();
+    let labels = Labels::from_pairs([("tier", "cdn"), ("topology.kubernetes.io/region", "cn-hangzhou")]).unwrap();
+    let info = NodeInfo {
+        arch: "arm64".into(),
+        os: "linux-6.1".into(),
+        agent_version: "1.5.1".into(),
+        addresses: vec!["10.1.2.3".parse().unwrap()],
+    };
+    let workloads = vec![WorkloadState {
+        workload: WorkloadId::new("edge-system/cdn-cache").unwrap(),
+        version: 42,
+        phase: WorkloadPhase::Running,
+    }];
+    let applied = DesiredDigest(0xfeed_beef);
+    let owned = crate::protocol::encode(&Message::Register(crate::protocol::Register {
+        name: name.clone(),
+        boot_id: 7,
+        labels: labels.clone(),
+        info: info.clone(),
+        applied,
+        workloads: workloads.clone(),
+    }));
+    let by_ref = crate::protocol::encode_register(&crate::protocol::RegisterRef {
+        name: &name,
+        boot_id: 7,
+        labels: &labels,
+        info: &info,
+        applied,
+        workloads: &workloads,
+    });
+    assert_eq!(owned, by_ref);
 }

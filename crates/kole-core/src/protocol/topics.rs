@@ -44,11 +44,7 @@ pub enum UplinkKind {
 
 impl UplinkKind {
     /// Every uplink kind.
-    pub const ALL: [UplinkKind; 3] = [
-        UplinkKind::Register,
-        UplinkKind::Heartbeat,
-        UplinkKind::Status,
-    ];
+    pub const ALL: [UplinkKind; 3] = [UplinkKind::Register, UplinkKind::Heartbeat, UplinkKind::Status];
 
     /// The topic level naming this kind.
     pub const fn topic_segment(self) -> &'static str {
@@ -191,11 +187,7 @@ fn check_name(what: &'static str, name: &str) -> Result<(), TopicError> {
             ValidationError::NodeName { reason, .. } => reason,
             _ => "invalid",
         };
-        TopicError::InvalidName {
-            what,
-            name: truncate_for_error(name),
-            reason,
-        }
+        TopicError::InvalidName { what, name: truncate_for_error(name), reason }
     })
 }
 
@@ -232,10 +224,7 @@ impl Topics {
             check_name("prefix level", level)?;
         }
         check_name("fleet name", fleet)?;
-        Ok(Self {
-            base: format!("{prefix}/{fleet}"),
-            prefix_len: prefix.len(),
-        })
+        Ok(Self { base: format!("{prefix}/{fleet}"), prefix_len: prefix.len() })
     }
 
     /// The prefix, e.g. `kole/v1`.
@@ -284,23 +273,15 @@ impl Topics {
     /// `{base}/up/{node}/{register|hb|status}` is an error.
     pub fn parse_uplink(&self, topic: &str) -> Result<(NodeName, UplinkKind), TopicError> {
         let rest = self.strip_base(topic)?;
-        let malformed = |reason| TopicError::Malformed {
-            topic: truncate_for_error(topic),
-            reason,
-        };
-        let rest = rest
-            .strip_prefix("up/")
-            .ok_or_else(|| malformed("not an uplink topic (expected `up/` after the base)"))?;
+        let malformed = |reason| TopicError::Malformed { topic: truncate_for_error(topic), reason };
+        let rest =
+            rest.strip_prefix("up/").ok_or_else(|| malformed("not an uplink topic (expected `up/` after the base)"))?;
         let mut levels = rest.split('/');
         let (Some(node), Some(kind), None) = (levels.next(), levels.next(), levels.next()) else {
-            return Err(malformed(
-                "an uplink topic has exactly two levels after `up`: node and kind",
-            ));
+            return Err(malformed("an uplink topic has exactly two levels after `up`: node and kind"));
         };
-        let node = NodeName::new(node).map_err(|source| TopicError::InvalidNode {
-            topic: truncate_for_error(topic),
-            source,
-        })?;
+        let node = NodeName::new(node)
+            .map_err(|source| TopicError::InvalidNode { topic: truncate_for_error(topic), source })?;
         let kind = UplinkKind::from_topic_segment(kind)
             .ok_or_else(|| malformed("unknown uplink kind (expected register, hb or status)"))?;
         Ok((node, kind))
@@ -309,43 +290,28 @@ impl Topics {
     /// Parses a downlink topic (as a node receives it) into its destination.
     pub fn parse_downlink(&self, topic: &str) -> Result<Destination, TopicError> {
         let rest = self.strip_base(topic)?;
-        let malformed = |reason| TopicError::Malformed {
-            topic: truncate_for_error(topic),
-            reason,
-        };
+        let malformed = |reason| TopicError::Malformed { topic: truncate_for_error(topic), reason };
         let rest = rest
             .strip_prefix("down/")
             .ok_or_else(|| malformed("not a downlink topic (expected `down/` after the base)"))?;
         let levels: Vec<&str> = rest.splitn(7, '/').collect();
         let node = |n: &str| {
-            NodeName::new(n).map_err(|source| TopicError::InvalidNode {
-                topic: truncate_for_error(topic),
-                source,
-            })
+            NodeName::new(n).map_err(|source| TopicError::InvalidNode { topic: truncate_for_error(topic), source })
         };
         let group = |g: &str| {
             check_name("group name", g)?;
             Ok::<_, TopicError>(GroupName(g.to_owned()))
         };
         let spec = |ns: &str, name: &str| {
-            let id = if ns == "_" {
-                WorkloadId::new(name)
-            } else {
-                WorkloadId::new(format!("{ns}/{name}"))
-            };
-            id.map_err(|source| TopicError::InvalidWorkload {
-                topic: truncate_for_error(topic),
-                source,
-            })
+            let id = if ns == "_" { WorkloadId::new(name) } else { WorkloadId::new(format!("{ns}/{name}")) };
+            id.map_err(|source| TopicError::InvalidWorkload { topic: truncate_for_error(topic), source })
         };
         match levels.as_slice() {
             ["all"] => Ok(Destination::Fleet),
             ["node", n] => Ok(Destination::Node(node(n)?)),
             ["group", g] => Ok(Destination::Group(group(g)?)),
             ["spec", ns, name] => Ok(Destination::WorkloadSpec(spec(ns, name)?)),
-            ["group", g, "spec", ns, name] => {
-                Ok(Destination::GroupWorkloadSpec(group(g)?, spec(ns, name)?))
-            }
+            ["group", g, "spec", ns, name] => Ok(Destination::GroupWorkloadSpec(group(g)?, spec(ns, name)?)),
             _ => Err(malformed(
                 "not a downlink topic of the layout (all, node/N, group/G, spec/NS/NAME, group/G/spec/NS/NAME)",
             )),
@@ -431,10 +397,7 @@ impl Topics {
         topic
             .strip_prefix(self.base.as_str())
             .and_then(|rest| rest.strip_prefix('/'))
-            .ok_or_else(|| TopicError::ForeignTopic {
-                topic: truncate_for_error(topic),
-                base: self.base.clone(),
-            })
+            .ok_or_else(|| TopicError::ForeignTopic { topic: truncate_for_error(topic), base: self.base.clone() })
     }
 }
 
@@ -444,11 +407,7 @@ struct SpecLevels<'a>(&'a WorkloadId);
 impl fmt::Display for SpecLevels<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let id = self.0.as_str();
-        if id.contains('/') {
-            f.write_str(id)
-        } else {
-            write!(f, "_/{id}")
-        }
+        if id.contains('/') { f.write_str(id) } else { write!(f, "_/{id}") }
     }
 }
 
@@ -474,54 +433,26 @@ mod tests {
         assert_eq!(t.base(), "kole/v1/prod-eu");
         assert_eq!(t.prefix(), "kole/v1");
         assert_eq!(t.fleet(), "prod-eu");
-        assert_eq!(
-            t.uplink(&a, UplinkKind::Heartbeat),
-            "kole/v1/prod-eu/up/edge-a/hb"
-        );
-        assert_eq!(
-            t.uplink(&a, UplinkKind::Register),
-            "kole/v1/prod-eu/up/edge-a/register"
-        );
-        assert_eq!(
-            t.uplink(&a, UplinkKind::Status),
-            "kole/v1/prod-eu/up/edge-a/status"
-        );
-        assert_eq!(
-            t.downlink(&Destination::Node(a.clone())),
-            "kole/v1/prod-eu/down/node/edge-a"
-        );
+        assert_eq!(t.uplink(&a, UplinkKind::Heartbeat), "kole/v1/prod-eu/up/edge-a/hb");
+        assert_eq!(t.uplink(&a, UplinkKind::Register), "kole/v1/prod-eu/up/edge-a/register");
+        assert_eq!(t.uplink(&a, UplinkKind::Status), "kole/v1/prod-eu/up/edge-a/status");
+        assert_eq!(t.downlink(&Destination::Node(a.clone())), "kole/v1/prod-eu/down/node/edge-a");
         assert_eq!(t.downlink(&Destination::Fleet), "kole/v1/prod-eu/down/all");
         let g = GroupName::new("site-17").unwrap();
-        assert_eq!(
-            t.downlink(&Destination::Group(g.clone())),
-            "kole/v1/prod-eu/down/group/site-17"
-        );
+        assert_eq!(t.downlink(&Destination::Group(g.clone())), "kole/v1/prod-eu/down/group/site-17");
         let ns = WorkloadId::new("default/cdn").unwrap();
         let bare = WorkloadId::new("logs").unwrap();
-        assert_eq!(
-            t.downlink(&Destination::WorkloadSpec(ns.clone())),
-            "kole/v1/prod-eu/down/spec/default/cdn"
-        );
-        assert_eq!(
-            t.downlink(&Destination::WorkloadSpec(bare)),
-            "kole/v1/prod-eu/down/spec/_/logs"
-        );
+        assert_eq!(t.downlink(&Destination::WorkloadSpec(ns.clone())), "kole/v1/prod-eu/down/spec/default/cdn");
+        assert_eq!(t.downlink(&Destination::WorkloadSpec(bare)), "kole/v1/prod-eu/down/spec/_/logs");
         assert_eq!(
             t.downlink(&Destination::GroupWorkloadSpec(g.clone(), ns)),
             "kole/v1/prod-eu/down/group/site-17/spec/default/cdn"
         );
-        assert_eq!(
-            t.uplink_filter(UplinkKind::Heartbeat),
-            "kole/v1/prod-eu/up/+/hb"
-        );
+        assert_eq!(t.uplink_filter(UplinkKind::Heartbeat), "kole/v1/prod-eu/up/+/hb");
         assert_eq!(t.uplink_filter_all(), "kole/v1/prod-eu/up/+/+");
         assert_eq!(
             t.node_filters(&a),
-            [
-                "kole/v1/prod-eu/down/node/edge-a",
-                "kole/v1/prod-eu/down/all",
-                "kole/v1/prod-eu/down/spec/+/+"
-            ]
+            ["kole/v1/prod-eu/down/node/edge-a", "kole/v1/prod-eu/down/all", "kole/v1/prod-eu/down/spec/+/+"]
         );
         assert_eq!(t.group_filter(&g), "kole/v1/prod-eu/down/group/site-17/#");
     }
@@ -540,10 +471,7 @@ mod tests {
             ("$SYS", "f"),
             ("kole/v1", ""),
         ] {
-            assert!(
-                Topics::with_prefix(prefix, fleet).is_err(),
-                "{prefix:?} {fleet:?}"
-            );
+            assert!(Topics::with_prefix(prefix, fleet).is_err(), "{prefix:?} {fleet:?}");
         }
         for g in ["", "a/b", "+", "#", "-x", "a b"] {
             assert!(GroupName::new(g).is_err(), "{g:?}");
@@ -553,10 +481,7 @@ mod tests {
     #[test]
     fn uplink_parse_rejects_everything_off_layout() {
         let t = topics();
-        assert_eq!(
-            t.parse_uplink("kole/v1/prod-eu/up/edge-a/hb").unwrap(),
-            (node("edge-a"), UplinkKind::Heartbeat)
-        );
+        assert_eq!(t.parse_uplink("kole/v1/prod-eu/up/edge-a/hb").unwrap(), (node("edge-a"), UplinkKind::Heartbeat));
         let cases = [
             ("kole/v1/prod-us/up/edge-a/hb", "foreign"),
             ("kole/v1/prod-eu", "foreign"),
@@ -631,11 +556,7 @@ mod tests {
     /// Interprets a Mosquitto acl_file the way mosquitto does for `pattern`, `user` and `topic` lines.
     fn mosquitto_allows(acl: &str, user: &str, access: Access, topic: &str) -> bool {
         let mut current_user: Option<&str> = None;
-        for line in acl
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
+        for line in acl.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             let words: Vec<&str> = line.split_whitespace().collect();
             let (perm, filter) = match words.as_slice() {
                 ["user", u] => {
@@ -643,9 +564,7 @@ mod tests {
                     continue;
                 }
                 ["pattern", perm, filter] => (*perm, filter.replace("%u", user)),
-                ["topic", perm, filter] if current_user == Some(user) => {
-                    (*perm, (*filter).to_owned())
-                }
+                ["topic", perm, filter] if current_user == Some(user) => (*perm, (*filter).to_owned()),
                 ["topic", ..] => continue,
                 other => panic!("unexpected acl line {other:?}"),
             };
@@ -668,39 +587,13 @@ mod tests {
         let acl = t.mosquitto_acl("kole-controller").unwrap();
         let (a, b) = (node("edge-a"), node("edge-b"));
         for kind in UplinkKind::ALL {
-            assert!(mosquitto_allows(
-                &acl,
-                "edge-a",
-                Access::Write,
-                &t.uplink(&a, kind)
-            ));
-            assert!(
-                !mosquitto_allows(&acl, "edge-a", Access::Write, &t.uplink(&b, kind)),
-                "A must not publish as B"
-            );
-            assert!(
-                !mosquitto_allows(&acl, "edge-a", Access::Read, &t.uplink(&b, kind)),
-                "A must not read B's uplink"
-            );
+            assert!(mosquitto_allows(&acl, "edge-a", Access::Write, &t.uplink(&a, kind)));
+            assert!(!mosquitto_allows(&acl, "edge-a", Access::Write, &t.uplink(&b, kind)), "A must not publish as B");
+            assert!(!mosquitto_allows(&acl, "edge-a", Access::Read, &t.uplink(&b, kind)), "A must not read B's uplink");
         }
-        assert!(mosquitto_allows(
-            &acl,
-            "edge-a",
-            Access::Read,
-            &t.downlink(&Destination::Node(a.clone()))
-        ));
-        assert!(!mosquitto_allows(
-            &acl,
-            "edge-a",
-            Access::Read,
-            &t.downlink(&Destination::Node(b.clone()))
-        ));
-        assert!(!mosquitto_allows(
-            &acl,
-            "edge-a",
-            Access::Write,
-            &t.downlink(&Destination::Node(a.clone()))
-        ));
+        assert!(mosquitto_allows(&acl, "edge-a", Access::Read, &t.downlink(&Destination::Node(a.clone()))));
+        assert!(!mosquitto_allows(&acl, "edge-a", Access::Read, &t.downlink(&Destination::Node(b.clone()))));
+        assert!(!mosquitto_allows(&acl, "edge-a", Access::Write, &t.downlink(&Destination::Node(a.clone()))));
         let g = GroupName::new("site-1").unwrap();
         let id = WorkloadId::new("default/app").unwrap();
         for d in [
@@ -710,56 +603,23 @@ mod tests {
             Destination::GroupWorkloadSpec(g, id),
         ] {
             let topic = t.downlink(&d);
-            assert!(
-                mosquitto_allows(&acl, "edge-a", Access::Read, &topic),
-                "{topic}"
-            );
-            assert!(
-                !mosquitto_allows(&acl, "edge-a", Access::Write, &topic),
-                "{topic}"
-            );
-            assert!(
-                mosquitto_allows(&acl, "kole-controller", Access::Write, &topic),
-                "{topic}"
-            );
+            assert!(mosquitto_allows(&acl, "edge-a", Access::Read, &topic), "{topic}");
+            assert!(!mosquitto_allows(&acl, "edge-a", Access::Write, &topic), "{topic}");
+            assert!(mosquitto_allows(&acl, "kole-controller", Access::Write, &topic), "{topic}");
         }
         // Nothing outside the fleet, for anyone.
-        assert!(!mosquitto_allows(
-            &acl,
-            "edge-a",
-            Access::Write,
-            "kole/v1/other/up/edge-a/hb"
-        ));
-        assert!(!mosquitto_allows(
-            &acl,
-            "kole-controller",
-            Access::Read,
-            "kole/v1/other/up/edge-a/hb"
-        ));
-        assert!(mosquitto_allows(
-            &acl,
-            "kole-controller",
-            Access::Read,
-            &t.uplink(&b, UplinkKind::Heartbeat)
-        ));
+        assert!(!mosquitto_allows(&acl, "edge-a", Access::Write, "kole/v1/other/up/edge-a/hb"));
+        assert!(!mosquitto_allows(&acl, "kole-controller", Access::Read, "kole/v1/other/up/edge-a/hb"));
+        assert!(mosquitto_allows(&acl, "kole-controller", Access::Read, &t.uplink(&b, UplinkKind::Heartbeat)));
         assert!(t.mosquitto_acl("bad user").is_err());
     }
 
     #[test]
     fn emqx_acl_has_the_same_rules() {
         let acl = topics().emqx_acl("kole-controller").unwrap();
-        assert!(
-            acl.contains(r#"{allow, {username, "kole-controller"}, all, ["kole/v1/prod-eu/#"]}."#),
-            "{acl}"
-        );
-        assert!(
-            acl.contains(r#"{allow, all, publish, ["kole/v1/prod-eu/up/${username}/+"]}."#),
-            "{acl}"
-        );
-        assert!(
-            acl.contains(r#""kole/v1/prod-eu/down/node/${username}""#),
-            "{acl}"
-        );
+        assert!(acl.contains(r#"{allow, {username, "kole-controller"}, all, ["kole/v1/prod-eu/#"]}."#), "{acl}");
+        assert!(acl.contains(r#"{allow, all, publish, ["kole/v1/prod-eu/up/${username}/+"]}."#), "{acl}");
+        assert!(acl.contains(r#""kole/v1/prod-eu/down/node/${username}""#), "{acl}");
         assert!(acl.trim_end().ends_with("{deny, all}."), "{acl}");
         assert!(topics().emqx_acl("\"}").is_err());
     }

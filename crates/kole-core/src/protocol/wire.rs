@@ -14,15 +14,14 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DeliveryMode, DesiredDigest, FailureThreshold, Labels, NodeInfo, NodeName, Requirement,
-    RequirementOp, RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase,
-    WorkloadState,
+    DeliveryMode, DesiredDigest, FailureThreshold, Labels, NodeInfo, NodeName, Requirement, RequirementOp,
+    RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 use super::envelope::{DecodeError, DecodeLimits, Limit};
 use super::messages::{
-    Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register,
-    RegisterAck, RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
+    RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 use super::topics::GroupName;
 
@@ -70,11 +69,7 @@ enum RejectWire {
 #[derive(Serialize, Deserialize)]
 enum OutcomeWire<'a> {
     Accepted,
-    Rejected {
-        code: RejectWire,
-        message: &'a str,
-        retry_after_ms: u32,
-    },
+    Rejected { code: RejectWire, message: &'a str, retry_after_ms: u32 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -123,11 +118,7 @@ struct RemovedWire<'a> {
 // Encoding views
 
 fn state_out(s: &WorkloadState) -> StateWire<'_> {
-    StateWire {
-        workload: s.workload.as_str(),
-        version: s.version,
-        phase: s.phase,
-    }
+    StateWire { workload: s.workload.as_str(), version: s.version, phase: s.phase }
 }
 
 /// A slice serialized through a per-item view.
@@ -182,11 +173,7 @@ struct RequirementOut<'a> {
 }
 
 fn requirement_out(r: &Requirement) -> RequirementOut<'_> {
-    RequirementOut {
-        key: r.key(),
-        op: r.op(),
-        values: r.values(),
-    }
+    RequirementOut { key: r.key(), op: r.op(), values: r.values() }
 }
 
 #[derive(Serialize)]
@@ -239,6 +226,24 @@ struct DesiredOut<'a> {
     workloads: SliceSeq<'a, Workload, WorkloadOut<'a>>,
 }
 
+/// Appends the postcard body of a registration built from borrowed parts (no owned [`Register`]).
+pub(super) fn encode_register_body(r: &super::RegisterRef<'_>, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    let out = RegisterOut {
+        name: r.name.as_str(),
+        boot_id: r.boot_id.to_le_bytes(),
+        labels: LabelsOut(r.labels),
+        info: InfoOut {
+            arch: &r.info.arch,
+            os: &r.info.os,
+            agent_version: &r.info.agent_version,
+            addresses: &r.info.addresses,
+        },
+        applied: fixed8(r.applied),
+        workloads: slice_seq(r.workloads, state_out),
+    };
+    postcard::to_io(&out, buf).map(|_| ())
+}
+
 /// Appends the postcard body of `msg` to `buf`.
 pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     fn put<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
@@ -284,11 +289,7 @@ pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postca
                 boot_id: m.boot_id.to_le_bytes(),
                 outcome: match &m.outcome {
                     RegisterOutcome::Accepted => OutcomeWire::Accepted,
-                    RegisterOutcome::Rejected {
-                        code,
-                        message,
-                        retry_after_ms,
-                    } => OutcomeWire::Rejected {
+                    RegisterOutcome::Rejected { code, message, retry_after_ms } => OutcomeWire::Rejected {
                         code: match code {
                             RejectCode::IdentityMismatch => RejectWire::IdentityMismatch,
                             RejectCode::Invalid => RejectWire::Invalid,
@@ -305,30 +306,20 @@ pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postca
             },
             buf,
         ),
-        Message::WorkloadSpec(m) => put(
-            &SpecOut {
-                workload: workload_out(&m.workload),
-                wave_threshold: m.wave_threshold,
-            },
-            buf,
-        ),
+        Message::WorkloadSpec(m) => {
+            put(&SpecOut { workload: workload_out(&m.workload), wave_threshold: m.wave_threshold }, buf)
+        }
         Message::WorkloadRemoved(m) => put(&RemovedWire { id: m.id.as_str() }, buf),
-        Message::DesiredState(m) => put(
-            &DesiredOut {
-                digest: fixed8(m.digest),
-                workloads: slice_seq(&m.workloads, workload_out),
-            },
-            buf,
-        ),
+        Message::DesiredState(m) => {
+            put(&DesiredOut { digest: fixed8(m.digest), workloads: slice_seq(&m.workloads, workload_out) }, buf)
+        }
         Message::Command(m) => put(
             &CommandWire {
                 id: m.id,
                 kind: match &m.kind {
                     CommandKind::Reregister => CommandKindWire::Reregister,
                     CommandKind::Resync => CommandKindWire::Resync,
-                    CommandKind::RestartWorkload(id) => {
-                        CommandKindWire::RestartWorkload(id.as_str())
-                    }
+                    CommandKind::RestartWorkload(id) => CommandKindWire::RestartWorkload(id.as_str()),
                     CommandKind::Ping => CommandKindWire::Ping,
                 },
             },
@@ -471,11 +462,7 @@ struct DesiredIn<'a> {
 }
 
 /// Decodes one body of `kind`, then checks limits and field rules, then builds the owned message.
-pub(super) fn decode_body(
-    kind: MessageKind,
-    body: &[u8],
-    limits: &DecodeLimits,
-) -> Result<Message, DecodeError> {
+pub(super) fn decode_body(kind: MessageKind, body: &[u8], limits: &DecodeLimits) -> Result<Message, DecodeError> {
     let cx = Check { kind, limits };
     match kind {
         MessageKind::Register => cx.register(cx.parse(body)?).map(Message::Register),
@@ -506,29 +493,17 @@ pub(super) fn decode_body(
                 }));
             }
             let workload = cx.workload(&m.workload)?;
-            Ok(Message::WorkloadSpec(WorkloadSpec {
-                workload,
-                wave_threshold: m.wave_threshold,
-            }))
+            Ok(Message::WorkloadSpec(WorkloadSpec { workload, wave_threshold: m.wave_threshold }))
         }
         MessageKind::WorkloadRemoved => {
             let m: RemovedWire<'_> = cx.parse(body)?;
-            Ok(Message::WorkloadRemoved(WorkloadRemoved {
-                id: cx.workload_id("id", m.id)?,
-            }))
+            Ok(Message::WorkloadRemoved(WorkloadRemoved { id: cx.workload_id("id", m.id)? }))
         }
         MessageKind::DesiredState => {
             let m: DesiredIn<'_> = cx.parse(body)?;
             cx.count(Limit::Workloads, m.workloads.len(), limits.max_workloads)?;
-            let workloads = m
-                .workloads
-                .iter()
-                .map(|w| cx.workload(w))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Message::DesiredState(DesiredState {
-                digest: digest(m.digest),
-                workloads,
-            }))
+            let workloads = m.workloads.iter().map(|w| cx.workload(w)).collect::<Result<Vec<_>, _>>()?;
+            Ok(Message::DesiredState(DesiredState { digest: digest(m.digest), workloads }))
         }
         MessageKind::Command => {
             let m: CommandWire<'_> = cx.parse(body)?;
@@ -553,38 +528,23 @@ struct Check<'l> {
 
 impl Check<'_> {
     fn parse<'a, T: Deserialize<'a>>(&self, body: &'a [u8]) -> Result<T, DecodeError> {
-        let (value, rest) =
-            postcard::take_from_bytes::<T>(body).map_err(|e| DecodeError::Malformed {
-                kind: self.kind,
-                reason: e.to_string(),
-            })?;
+        let (value, rest) = postcard::take_from_bytes::<T>(body)
+            .map_err(|e| DecodeError::Malformed { kind: self.kind, reason: e.to_string() })?;
         if !rest.is_empty() {
-            return Err(DecodeError::TrailingBytes {
-                kind: self.kind,
-                count: rest.len(),
-            });
+            return Err(DecodeError::TrailingBytes { kind: self.kind, count: rest.len() });
         }
         Ok(value)
     }
 
     fn count(&self, limit: Limit, actual: usize, max: usize) -> Result<(), DecodeError> {
         if actual > max {
-            return Err(DecodeError::LimitExceeded {
-                kind: self.kind,
-                limit,
-                actual,
-                max,
-            });
+            return Err(DecodeError::LimitExceeded { kind: self.kind, limit, actual, max });
         }
         Ok(())
     }
 
     fn invalid(&self, field: &'static str) -> impl Fn(ValidationError) -> DecodeError + '_ {
-        move |source| DecodeError::InvalidField {
-            kind: self.kind,
-            field,
-            source,
-        }
+        move |source| DecodeError::InvalidField { kind: self.kind, field, source }
     }
 
     fn string(&self, s: &str) -> Result<String, DecodeError> {
@@ -604,11 +564,7 @@ impl Check<'_> {
 
     fn group(&self, field: &'static str, s: &str) -> Result<GroupName, DecodeError> {
         self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
-        GroupName::new(s).map_err(|source| DecodeError::InvalidGroup {
-            kind: self.kind,
-            field,
-            source,
-        })
+        GroupName::new(s).map_err(|source| DecodeError::InvalidGroup { kind: self.kind, field, source })
     }
 
     fn states(&self, states: &[StateWire<'_>]) -> Result<Vec<WorkloadState>, DecodeError> {
@@ -628,11 +584,7 @@ impl Check<'_> {
     fn labels(&self, pairs: &[(&str, &str)]) -> Result<Labels, DecodeError> {
         self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
         for (k, v) in pairs {
-            self.count(
-                Limit::StringLen,
-                k.len().max(v.len()),
-                self.limits.max_string_len,
-            )?;
+            self.count(Limit::StringLen, k.len().max(v.len()), self.limits.max_string_len)?;
         }
         // One encoding per label set: keys strictly increasing, as the encoder writes them.
         if let Some(w) = pairs.windows(2).find(|w| w[0].0 >= w[1].0) {
@@ -645,11 +597,7 @@ impl Check<'_> {
     }
 
     fn register(&self, m: RegisterIn<'_>) -> Result<Register, DecodeError> {
-        self.count(
-            Limit::Addresses,
-            m.info.addresses.len(),
-            self.limits.max_addresses,
-        )?;
+        self.count(Limit::Addresses, m.info.addresses.len(), self.limits.max_addresses)?;
         Ok(Register {
             name: self.node_name("name", m.name)?,
             boot_id: u32::from_le_bytes(m.boot_id),
@@ -669,11 +617,7 @@ impl Check<'_> {
         self.count(Limit::Groups, m.groups.len(), self.limits.max_groups)?;
         let outcome = match m.outcome {
             OutcomeWire::Accepted => RegisterOutcome::Accepted,
-            OutcomeWire::Rejected {
-                code,
-                message,
-                retry_after_ms,
-            } => RegisterOutcome::Rejected {
+            OutcomeWire::Rejected { code, message, retry_after_ms } => RegisterOutcome::Rejected {
                 code: match code {
                     RejectWire::IdentityMismatch => RejectCode::IdentityMismatch,
                     RejectWire::Invalid => RejectCode::Invalid,
@@ -688,29 +632,19 @@ impl Check<'_> {
             boot_id: u32::from_le_bytes(m.boot_id),
             outcome,
             heartbeat_interval_ms: m.heartbeat_interval_ms,
-            groups: m
-                .groups
-                .iter()
-                .map(|g| self.group("groups", g))
-                .collect::<Result<_, _>>()?,
+            groups: m.groups.iter().map(|g| self.group("groups", g)).collect::<Result<_, _>>()?,
             desired: digest(m.desired),
         })
     }
 
     fn selector(&self, reqs: &[RequirementIn<'_>]) -> Result<Selector, DecodeError> {
-        let terms = reqs
-            .iter()
-            .fold(reqs.len(), |n, r| n.saturating_add(r.values.len()));
+        let terms = reqs.iter().fold(reqs.len(), |n, r| n.saturating_add(r.values.len()));
         self.count(Limit::SelectorTerms, terms, self.limits.max_selector_terms)?;
         let reqs = reqs
             .iter()
             .map(|r| {
                 let key = self.string(r.key)?;
-                let values = r
-                    .values
-                    .iter()
-                    .map(|v| self.string(v))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let values = r.values.iter().map(|v| self.string(v)).collect::<Result<Vec<_>, _>>()?;
                 Requirement::new(key, r.op, values).map_err(self.invalid("workload.selector"))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -724,9 +658,7 @@ impl Check<'_> {
             paused: w.rollout.paused,
             failure_threshold: w.rollout.failure_threshold,
         };
-        rollout
-            .validate()
-            .map_err(self.invalid("workload.rollout"))?;
+        rollout.validate().map_err(self.invalid("workload.rollout"))?;
         Ok(Workload {
             id: self.workload_id("workload.id", w.id)?,
             version: w.version,
@@ -734,9 +666,7 @@ impl Check<'_> {
             selector: self.selector(&w.selector)?,
             delivery: match w.delivery {
                 DeliveryWire::Broadcast => DeliveryMode::Broadcast,
-                DeliveryWire::Group(g) => {
-                    DeliveryMode::Group(self.group("workload.delivery", g)?.as_str().to_owned())
-                }
+                DeliveryWire::Group(g) => DeliveryMode::Group(self.group("workload.delivery", g)?.as_str().to_owned()),
                 DeliveryWire::PerNode => DeliveryMode::PerNode,
             },
             rollout,

@@ -131,12 +131,7 @@ pub struct Fate {
 
 impl Fate {
     /// Delivered once, at once.
-    pub const CLEAN: Fate = Fate {
-        dropped: false,
-        duplicated: false,
-        delay_ms: 0,
-        duplicate_delay_ms: 0,
-    };
+    pub const CLEAN: Fate = Fate { dropped: false, duplicated: false, delay_ms: 0, duplicate_delay_ms: 0 };
 
     /// Whether nothing happens to the message.
     pub fn is_clean(&self) -> bool {
@@ -157,14 +152,8 @@ fn clamp_probability(p: f64) -> f64 {
 
 impl FaultPlan {
     /// No faults (the default).
-    pub const NONE: FaultPlan = FaultPlan {
-        drop_uplink: 0.0,
-        drop_downlink: 0.0,
-        duplicate: 0.0,
-        min_delay_ms: 0,
-        max_delay_ms: 0,
-        seed: 0,
-    };
+    pub const NONE: FaultPlan =
+        FaultPlan { drop_uplink: 0.0, drop_downlink: 0.0, duplicate: 0.0, min_delay_ms: 0, max_delay_ms: 0, seed: 0 };
 
     /// Whether every fault is off, so every message is delivered once, at once, in order.
     pub fn is_off(&self) -> bool {
@@ -181,9 +170,7 @@ impl FaultPlan {
             Direction::Uplink => self.drop_uplink,
             Direction::Downlink => self.drop_downlink,
         };
-        clamp_probability(drop) == 0.0
-            && clamp_probability(self.duplicate) == 0.0
-            && !self.has_delay()
+        clamp_probability(drop) == 0.0 && clamp_probability(self.duplicate) == 0.0 && !self.has_delay()
     }
 
     /// Whether messages may be delayed (and therefore reordered).
@@ -209,21 +196,13 @@ impl FaultPlan {
         };
         let mut rng = SplitMix64::new(mix64(self.seed ^ salt) ^ mix64(key));
         if drop > 0.0 && rng.chance(drop) {
-            return Fate {
-                dropped: true,
-                ..Fate::CLEAN
-            };
+            return Fate { dropped: true, ..Fate::CLEAN };
         }
         let duplicated = duplicate > 0.0 && rng.chance(duplicate);
         let (lo, hi) = (self.min_delay_ms, self.max_delay_ms.max(self.min_delay_ms));
         let delay_ms = rng.between(lo, hi);
         let duplicate_delay_ms = if duplicated { rng.between(lo, hi) } else { 0 };
-        Fate {
-            dropped: false,
-            duplicated,
-            delay_ms,
-            duplicate_delay_ms,
-        }
+        Fate { dropped: false, duplicated, delay_ms, duplicate_delay_ms }
     }
 }
 
@@ -273,25 +252,14 @@ mod tests {
 
     #[test]
     fn drop_probabilities_hold_per_direction() {
-        let all = FaultPlan {
-            drop_uplink: 1.0,
-            ..FaultPlan::default()
-        };
+        let all = FaultPlan { drop_uplink: 1.0, ..FaultPlan::default() };
         assert_eq!(count_dropped(&all, Direction::Uplink, 5000), 5000);
         assert_eq!(count_dropped(&all, Direction::Downlink, 5000), 0);
-        let half = FaultPlan {
-            drop_downlink: 0.5,
-            seed: 42,
-            ..FaultPlan::default()
-        };
+        let half = FaultPlan { drop_downlink: 0.5, seed: 42, ..FaultPlan::default() };
         // Binomial(5000, 0.5): sd ≈ 35, so ±250 is over 7 sd.
         let n = count_dropped(&half, Direction::Downlink, 5000);
         assert!((2250..=2750).contains(&n), "{n}");
-        let silly = FaultPlan {
-            drop_uplink: f64::NAN,
-            drop_downlink: 7.0,
-            ..FaultPlan::default()
-        };
+        let silly = FaultPlan { drop_uplink: f64::NAN, drop_downlink: 7.0, ..FaultPlan::default() };
         assert_eq!(count_dropped(&silly, Direction::Uplink, 100), 0);
         assert_eq!(count_dropped(&silly, Direction::Downlink, 100), 100);
     }
@@ -307,11 +275,7 @@ mod tests {
             ..FaultPlan::default()
         };
         let a: Vec<_> = (0..500).map(|k| plan.fate(Direction::Uplink, k)).collect();
-        let b: Vec<_> = (0..500)
-            .rev()
-            .map(|k| plan.fate(Direction::Uplink, k))
-            .rev()
-            .collect();
+        let b: Vec<_> = (0..500).rev().map(|k| plan.fate(Direction::Uplink, k)).rev().collect();
         assert_eq!(a, b, "asking order does not matter");
         let other = FaultPlan { seed: 2, ..plan };
         let c: Vec<_> = (0..500).map(|k| other.fate(Direction::Uplink, k)).collect();

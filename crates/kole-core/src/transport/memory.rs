@@ -39,8 +39,8 @@ use crate::model::{NodeName, Timestamp, stable_hash};
 
 use super::fault::{Direction, Fate, FaultPlan, Timed};
 use super::{
-    CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish,
-    NodeTransport, Outbound, TransportError,
+    CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish, NodeTransport,
+    Outbound, TransportError,
 };
 
 /// Capacities of a [`MemoryHub`].
@@ -123,11 +123,7 @@ struct Inbox<T> {
 
 impl<T> Inbox<T> {
     fn new() -> Self {
-        Self {
-            queue: VecDeque::new(),
-            delayed: BinaryHeap::new(),
-            wakers: Vec::new(),
-        }
+        Self { queue: VecDeque::new(), delayed: BinaryHeap::new(), wakers: Vec::new() }
     }
 
     fn len(&self) -> usize {
@@ -206,18 +202,13 @@ impl HubClock {
 
 impl Default for HubClock {
     fn default() -> Self {
-        Self {
-            origin: Instant::now(),
-            custom: None,
-        }
+        Self { origin: Instant::now(), custom: None }
     }
 }
 
 impl fmt::Debug for HubClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HubClock")
-            .field("custom", &self.custom.is_some())
-            .finish()
+        f.debug_struct("HubClock").field("custom", &self.custom.is_some()).finish()
     }
 }
 
@@ -255,8 +246,7 @@ impl HubFaults {
             return Fate::CLEAN;
         }
         let node = stable_hash(0x6875_622d_6661_756c, node.as_str().as_bytes());
-        self.plan
-            .fate(direction, msg.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ node)
+        self.plan.fate(direction, msg.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ node)
     }
 
     /// Queues the copies `fate` lets through into `inbox` (or its delay heap); returns how many.
@@ -271,11 +261,7 @@ impl HubFaults {
         }
         for delay in fate.copies() {
             self.delay_seq += 1;
-            inbox.delayed.push(Timed {
-                due: self.now.saturating_add(delay),
-                seq: self.delay_seq,
-                item: item.clone(),
-            });
+            inbox.delayed.push(Timed { due: self.now.saturating_add(delay), seq: self.delay_seq, item: item.clone() });
             n += 1;
         }
         n
@@ -333,10 +319,7 @@ impl HubState {
             return Ok(());
         };
         if cloud.inbox.len() + batch.len() > capacity {
-            return Err(TransportError::Full {
-                queue: "cloud inbox",
-                capacity,
-            });
+            return Err(TransportError::Full { queue: "cloud inbox", capacity });
         }
         if self.faults.partitioned.contains(node) {
             self.stats.dropped_partition += batch.len() as u64;
@@ -359,11 +342,7 @@ impl HubState {
                     continue;
                 }
                 self.stats.duplicated += u64::from(fate.duplicated);
-                let inbound = Inbound {
-                    node: node.clone(),
-                    kind: p.kind,
-                    payload: p.payload,
-                };
+                let inbound = Inbound { node: node.clone(), kind: p.kind, payload: p.payload };
                 self.stats.uplink_delivered += self.faults.enqueue(&mut cloud.inbox, inbound, fate);
             }
         }
@@ -372,14 +351,7 @@ impl HubState {
     }
 
     /// Every downlink message passes here (the fault-injection hook point for the downlink).
-    fn route_down(
-        &mut self,
-        capacity: usize,
-        to: Destination,
-        payload: Arc<[u8]>,
-        retain: bool,
-        wake: &mut Wake,
-    ) {
+    fn route_down(&mut self, capacity: usize, to: Destination, payload: Arc<[u8]>, retain: bool, wake: &mut Wake) {
         if retain {
             if payload.is_empty() {
                 self.retained.remove(&to);
@@ -387,13 +359,7 @@ impl HubState {
                 self.retained.insert(to.clone(), payload.clone());
             }
         }
-        let HubState {
-            nodes,
-            groups,
-            stats,
-            faults,
-            ..
-        } = self;
+        let HubState { nodes, groups, stats, faults, .. } = self;
         faults.tick();
         let key = faults.next_msg();
         let mut reached = 0u64;
@@ -403,11 +369,7 @@ impl HubState {
                 session,
                 name,
                 capacity,
-                NodeDelivery {
-                    from: to.clone(),
-                    payload: payload.clone(),
-                    retained: false,
-                },
+                NodeDelivery { from: to.clone(), payload: payload.clone(), retained: false },
                 key,
                 faults,
                 stats,
@@ -427,9 +389,7 @@ impl HubState {
                     }
                 }
             }
-            Destination::Fleet | Destination::WorkloadSpec(_) => {
-                nodes.iter_mut().for_each(|(n, s)| deliver(n, s))
-            }
+            Destination::Fleet | Destination::WorkloadSpec(_) => nodes.iter_mut().for_each(|(n, s)| deliver(n, s)),
         }
         if reached == 0 && !retain {
             stats.dropped_no_subscriber += 1;
@@ -437,20 +397,8 @@ impl HubState {
     }
 
     /// Replays the retained messages `filter` selects into one node's inbox.
-    fn replay(
-        &mut self,
-        name: &NodeName,
-        capacity: usize,
-        filter: impl Fn(&Destination) -> bool,
-        wake: &mut Wake,
-    ) {
-        let HubState {
-            nodes,
-            retained,
-            stats,
-            faults,
-            ..
-        } = self;
+    fn replay(&mut self, name: &NodeName, capacity: usize, filter: impl Fn(&Destination) -> bool, wake: &mut Wake) {
+        let HubState { nodes, retained, stats, faults, .. } = self;
         let Some(session) = nodes.get_mut(name) else {
             return;
         };
@@ -461,11 +409,7 @@ impl HubState {
                 session,
                 name,
                 capacity,
-                NodeDelivery {
-                    from: to.clone(),
-                    payload: payload.clone(),
-                    retained: true,
-                },
+                NodeDelivery { from: to.clone(), payload: payload.clone(), retained: true },
                 key,
                 faults,
                 stats,
@@ -508,12 +452,7 @@ fn push_delivery(
 impl MemoryHub {
     /// A hub with the given capacities and nobody connected.
     pub fn new(config: MemoryConfig) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                config,
-                state: Mutex::new(HubState::default()),
-            }),
-        }
+        Self { shared: Arc::new(Shared { config, state: Mutex::new(HubState::default()) }) }
     }
 
     /// The hub's capacities.
@@ -530,18 +469,12 @@ impl MemoryHub {
             return Err(TransportError::Closed);
         }
         let id = st.session_id();
-        if let Some(old) = st.cloud.replace(CloudSession {
-            id,
-            inbox: Inbox::new(),
-        }) {
+        if let Some(old) = st.cloud.replace(CloudSession { id, inbox: Inbox::new() }) {
             wake.extend(old.inbox.wakers);
         }
         drop(st);
         wake_all(wake);
-        Ok(MemoryCloud {
-            shared: self.shared.clone(),
-            session: id,
-        })
+        Ok(MemoryCloud { shared: self.shared.clone(), session: id })
     }
 
     /// Connects a node endpoint with a clean session: subscribed to the node's own topic, the fleet
@@ -556,14 +489,7 @@ impl MemoryHub {
         }
         st.end_node(&node, &mut wake);
         let id = st.session_id();
-        st.nodes.insert(
-            node.clone(),
-            NodeSession {
-                id,
-                inbox: Inbox::new(),
-                groups: BTreeSet::new(),
-            },
-        );
+        st.nodes.insert(node.clone(), NodeSession { id, inbox: Inbox::new(), groups: BTreeSet::new() });
         st.replay(
             &node,
             capacity,
@@ -576,11 +502,7 @@ impl MemoryHub {
         );
         drop(st);
         wake_all(wake);
-        Ok(MemoryNode {
-            shared: self.shared.clone(),
-            node,
-            session: id,
-        })
+        Ok(MemoryNode { shared: self.shared.clone(), node, session: id })
     }
 
     /// Closes every endpoint and refuses new ones.
@@ -603,16 +525,8 @@ impl MemoryHub {
     pub fn stats(&self) -> HubStats {
         let st = self.shared.lock();
         let delayed = st.cloud.as_ref().map_or(0, |c| c.inbox.delayed.len())
-            + st.nodes
-                .values()
-                .map(|s| s.inbox.delayed.len())
-                .sum::<usize>();
-        HubStats {
-            retained: st.retained.len(),
-            nodes_connected: st.nodes.len(),
-            delayed,
-            ..st.stats
-        }
+            + st.nodes.values().map(|s| s.inbox.delayed.len()).sum::<usize>();
+        HubStats { retained: st.retained.len(), nodes_connected: st.nodes.len(), delayed, ..st.stats }
     }
 
     /// The retained message of a destination, if any.
@@ -695,14 +609,8 @@ impl MessageTransport for MemoryCloud {
 impl CloudTransport for MemoryCloud {
     async fn send(&self, batch: Vec<Outbound>) -> Result<(), TransportError> {
         let config = &self.shared.config;
-        if let Some(big) = batch
-            .iter()
-            .find(|o| o.payload.len() > config.max_payload_bytes)
-        {
-            return Err(TransportError::PayloadTooLarge {
-                len: big.payload.len(),
-                max: config.max_payload_bytes,
-            });
+        if let Some(big) = batch.iter().find(|o| o.payload.len() > config.max_payload_bytes) {
+            return Err(TransportError::PayloadTooLarge { len: big.payload.len(), max: config.max_payload_bytes });
         }
         let mut wake = Wake::new();
         let mut st = self.shared.lock();
@@ -710,24 +618,13 @@ impl CloudTransport for MemoryCloud {
             return Err(TransportError::Closed);
         }
         // Conservative (a key retained twice in one batch counts twice), so a batch is all or nothing.
-        let new_retained = batch
-            .iter()
-            .filter(|o| o.retain && !o.payload.is_empty() && !st.retained.contains_key(&o.to))
-            .count();
+        let new_retained =
+            batch.iter().filter(|o| o.retain && !o.payload.is_empty() && !st.retained.contains_key(&o.to)).count();
         if st.retained.len() + new_retained > config.max_retained {
-            return Err(TransportError::Full {
-                queue: "retained store",
-                capacity: config.max_retained,
-            });
+            return Err(TransportError::Full { queue: "retained store", capacity: config.max_retained });
         }
         for o in batch {
-            st.route_down(
-                config.node_inbox_capacity,
-                o.to,
-                Arc::from(o.payload),
-                o.retain,
-                &mut wake,
-            );
+            st.route_down(config.node_inbox_capacity, o.to, Arc::from(o.payload), o.retain, &mut wake);
         }
         drop(st);
         wake_all(wake);
@@ -790,14 +687,8 @@ impl NodeTransport for MemoryNode {
 
     async fn publish(&self, batch: Vec<NodePublish>) -> Result<(), TransportError> {
         let config = &self.shared.config;
-        if let Some(big) = batch
-            .iter()
-            .find(|p| p.payload.len() > config.max_payload_bytes)
-        {
-            return Err(TransportError::PayloadTooLarge {
-                len: big.payload.len(),
-                max: config.max_payload_bytes,
-            });
+        if let Some(big) = batch.iter().find(|p| p.payload.len() > config.max_payload_bytes) {
+            return Err(TransportError::PayloadTooLarge { len: big.payload.len(), max: config.max_payload_bytes });
         }
         let mut wake = Wake::new();
         let mut st = self.shared.lock();
@@ -814,11 +705,7 @@ impl NodeTransport for MemoryNode {
         poll_fn(|cx| {
             let mut st = self.shared.lock();
             let st = &mut *st;
-            match st
-                .nodes
-                .get_mut(&self.node)
-                .filter(|s| s.id == self.session)
-            {
+            match st.nodes.get_mut(&self.node).filter(|s| s.id == self.session) {
                 Some(s) => {
                     if !s.inbox.delayed.is_empty() {
                         s.inbox.release(st.faults.clock.now());
@@ -839,10 +726,7 @@ impl NodeTransport for MemoryNode {
             return Err(TransportError::Closed);
         };
         session.groups.insert(group.clone());
-        st.groups
-            .entry(group.clone())
-            .or_default()
-            .insert(self.node.clone());
+        st.groups.entry(group.clone()).or_default().insert(self.node.clone());
         // As MQTT 3.1.1: every SUBSCRIBE replays the retained messages it matches.
         st.replay(
             &self.node,
@@ -884,16 +768,12 @@ mod tests {
 
     use super::*;
     use crate::model::{DesiredDigest, WorkloadId};
-    use crate::protocol::{
-        self, Command, CommandKind, DecodeLimits, Heartbeat, Message, NodeHealth, UplinkKind,
-    };
+    use crate::protocol::{self, Command, CommandKind, DecodeLimits, Heartbeat, Message, NodeHealth, UplinkKind};
     use crate::transport::fault::FaultPlan;
 
     /// Every async step of these tests is bounded.
     async fn bounded<T>(f: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(5), f)
-            .await
-            .expect("timed out")
+        tokio::time::timeout(Duration::from_secs(5), f).await.expect("timed out")
     }
 
     fn name(n: &str) -> NodeName {
@@ -905,18 +785,11 @@ mod tests {
     }
 
     fn command(id: u64) -> Vec<u8> {
-        protocol::encode(&Message::Command(Command {
-            id,
-            kind: CommandKind::Ping,
-        }))
+        protocol::encode(&Message::Command(Command { id, kind: CommandKind::Ping }))
     }
 
     fn out(to: Destination, payload: Vec<u8>, retain: bool) -> Outbound {
-        Outbound {
-            to,
-            payload,
-            retain,
-        }
+        Outbound { to, payload, retain }
     }
 
     async fn ids(node: &dyn NodeTransport, max: usize) -> Vec<u64> {
@@ -933,9 +806,7 @@ mod tests {
 
     /// Whether `recv` would wait (nothing queued).
     async fn is_idle(node: &dyn NodeTransport) -> bool {
-        tokio::time::timeout(Duration::from_millis(20), node.recv(1))
-            .await
-            .is_err()
+        tokio::time::timeout(Duration::from_millis(20), node.recv(1)).await.is_err()
     }
 
     #[tokio::test]
@@ -944,19 +815,11 @@ mod tests {
         let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().unwrap());
         let node: Arc<dyn NodeTransport> = Arc::new(hub.connect(name("edge-a")).unwrap());
         let hbs: Vec<_> = (1..=3)
-            .map(|seq| Heartbeat {
-                seq,
-                boot_id: 9,
-                applied: DesiredDigest(seq.into()),
-                health: NodeHealth::OK,
-            })
+            .map(|seq| Heartbeat { seq, boot_id: 9, applied: DesiredDigest(seq.into()), health: NodeHealth::OK })
             .collect();
         let batch = hbs
             .iter()
-            .map(|hb| NodePublish {
-                kind: UplinkKind::Heartbeat,
-                payload: protocol::encode(&Message::Heartbeat(*hb)),
-            })
+            .map(|hb| NodePublish { kind: UplinkKind::Heartbeat, payload: protocol::encode(&Message::Heartbeat(*hb)) })
             .collect();
         bounded(node.publish(batch)).await.unwrap();
         let got = bounded(cloud.recv(2)).await.unwrap();
@@ -970,10 +833,7 @@ mod tests {
                 i.decode(&DecodeLimits::default()).unwrap()
             })
             .collect();
-        assert_eq!(
-            decoded,
-            hbs.into_iter().map(Message::Heartbeat).collect::<Vec<_>>()
-        );
+        assert_eq!(decoded, hbs.into_iter().map(Message::Heartbeat).collect::<Vec<_>>());
         assert_eq!(hub.stats().uplink_delivered, 3);
     }
 
@@ -988,21 +848,9 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!waiter.is_finished());
-        bounded(node.publish(vec![NodePublish {
-            kind: UplinkKind::Status,
-            payload: vec![1, 2, 3],
-        }]))
-        .await
-        .unwrap();
+        bounded(node.publish(vec![NodePublish { kind: UplinkKind::Status, payload: vec![1, 2, 3] }])).await.unwrap();
         let got = bounded(waiter).await.unwrap().unwrap();
-        assert_eq!(
-            got,
-            vec![Inbound {
-                node: name("edge-a"),
-                kind: UplinkKind::Status,
-                payload: vec![1, 2, 3]
-            }]
-        );
+        assert_eq!(got, vec![Inbound { node: name("edge-a"), kind: UplinkKind::Status, payload: vec![1, 2, 3] }]);
         assert!(bounded(cloud.recv(0)).await.unwrap().is_empty());
     }
 
@@ -1023,19 +871,9 @@ mod tests {
         .unwrap();
         assert_eq!(ids(&a, 10).await, [1, 2, 3]);
         assert_eq!(ids(&b, 10).await, [3]);
-        assert_eq!(
-            hub.stats().dropped_no_subscriber,
-            1,
-            "edge-c is not connected"
-        );
+        assert_eq!(hub.stats().dropped_no_subscriber, 1, "edge-c is not connected");
         bounded(a.unsubscribe(&group("site-1"))).await.unwrap();
-        bounded(cloud.send(vec![out(
-            Destination::Group(group("site-1")),
-            command(5),
-            false,
-        )]))
-        .await
-        .unwrap();
+        bounded(cloud.send(vec![out(Destination::Group(group("site-1")), command(5), false)])).await.unwrap();
         assert!(is_idle(&a).await);
     }
 
@@ -1044,10 +882,7 @@ mod tests {
         let hub = MemoryHub::new(MemoryConfig::default());
         let cloud = hub.cloud().unwrap();
         let spec = Destination::WorkloadSpec(WorkloadId::new("default/app").unwrap());
-        let gspec = Destination::GroupWorkloadSpec(
-            group("site-1"),
-            WorkloadId::new("default/app").unwrap(),
-        );
+        let gspec = Destination::GroupWorkloadSpec(group("site-1"), WorkloadId::new("default/app").unwrap());
         bounded(cloud.send(vec![
             out(spec.clone(), command(10), true),
             out(gspec.clone(), command(11), true),
@@ -1066,20 +901,12 @@ mod tests {
         assert_eq!(froms, [Destination::Node(name("edge-a")), spec.clone()]);
         bounded(a.subscribe(&group("site-1"))).await.unwrap();
         let got = bounded(a.recv(10)).await.unwrap();
-        assert_eq!(
-            (got.len(), &got[0].from, got[0].retained),
-            (1, &gspec, true)
-        );
+        assert_eq!((got.len(), &got[0].from, got[0].retained), (1, &gspec, true));
 
         // Deleting: delivered (empty) to current subscribers, gone for later ones.
-        bounded(cloud.send(vec![out(spec.clone(), Vec::new(), true)]))
-            .await
-            .unwrap();
+        bounded(cloud.send(vec![out(spec.clone(), Vec::new(), true)])).await.unwrap();
         let got = bounded(a.recv(10)).await.unwrap();
-        assert_eq!(
-            (got[0].from.clone(), got[0].payload.len(), got[0].retained),
-            (spec.clone(), 0, false)
-        );
+        assert_eq!((got[0].from.clone(), got[0].payload.len(), got[0].retained), (spec.clone(), 0, false));
         assert_eq!(hub.retained(&spec), None);
         let b = hub.connect(name("edge-b")).unwrap();
         assert!(is_idle(&b).await, "nothing retained for edge-b any more");
@@ -1087,43 +914,24 @@ mod tests {
 
     #[tokio::test]
     async fn full_cloud_inbox_refuses_whole_batches() {
-        let hub = MemoryHub::new(MemoryConfig {
-            cloud_inbox_capacity: 2,
-            ..MemoryConfig::default()
-        });
+        let hub = MemoryHub::new(MemoryConfig { cloud_inbox_capacity: 2, ..MemoryConfig::default() });
         let cloud = hub.cloud().unwrap();
         let node = hub.connect(name("edge-a")).unwrap();
-        let hb = |n: u8| NodePublish {
-            kind: UplinkKind::Heartbeat,
-            payload: vec![n],
-        };
-        let err = bounded(node.publish(vec![hb(1), hb(2), hb(3)]))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, TransportError::Full { capacity: 2, .. }),
-            "{err}"
-        );
+        let hb = |n: u8| NodePublish { kind: UplinkKind::Heartbeat, payload: vec![n] };
+        let err = bounded(node.publish(vec![hb(1), hb(2), hb(3)])).await.unwrap_err();
+        assert!(matches!(err, TransportError::Full { capacity: 2, .. }), "{err}");
         bounded(node.publish(vec![hb(1), hb(2)])).await.unwrap();
-        assert!(matches!(
-            bounded(node.publish(vec![hb(3)])).await,
-            Err(TransportError::Full { .. })
-        ));
+        assert!(matches!(bounded(node.publish(vec![hb(3)])).await, Err(TransportError::Full { .. })));
         assert_eq!(bounded(cloud.recv(10)).await.unwrap().len(), 2);
         bounded(node.publish(vec![hb(3)])).await.unwrap();
     }
 
     #[tokio::test]
     async fn full_node_inbox_drops_and_counts() {
-        let hub = MemoryHub::new(MemoryConfig {
-            node_inbox_capacity: 2,
-            ..MemoryConfig::default()
-        });
+        let hub = MemoryHub::new(MemoryConfig { node_inbox_capacity: 2, ..MemoryConfig::default() });
         let cloud = hub.cloud().unwrap();
         let node = hub.connect(name("edge-a")).unwrap();
-        let batch = (1..=4)
-            .map(|i| out(Destination::Fleet, command(i), false))
-            .collect();
+        let batch = (1..=4).map(|i| out(Destination::Fleet, command(i), false)).collect();
         bounded(cloud.send(batch)).await.unwrap();
         assert_eq!(ids(&node, 10).await, [1, 2]);
         assert_eq!(hub.stats().dropped_full, 2);
@@ -1131,17 +939,10 @@ mod tests {
 
     #[tokio::test]
     async fn limits_on_payloads_and_retained_store() {
-        let hub = MemoryHub::new(MemoryConfig {
-            max_payload_bytes: 4,
-            max_retained: 1,
-            ..MemoryConfig::default()
-        });
+        let hub = MemoryHub::new(MemoryConfig { max_payload_bytes: 4, max_retained: 1, ..MemoryConfig::default() });
         let cloud = hub.cloud().unwrap();
         let node = hub.connect(name("edge-a")).unwrap();
-        let big = NodePublish {
-            kind: UplinkKind::Register,
-            payload: vec![0; 5],
-        };
+        let big = NodePublish { kind: UplinkKind::Register, payload: vec![0; 5] };
         assert!(matches!(
             bounded(node.publish(vec![big])).await,
             Err(TransportError::PayloadTooLarge { len: 5, max: 4 })
@@ -1150,26 +951,11 @@ mod tests {
             bounded(cloud.send(vec![out(Destination::Fleet, vec![0; 5], false)])).await,
             Err(TransportError::PayloadTooLarge { .. })
         ));
-        bounded(cloud.send(vec![out(Destination::Fleet, vec![1], true)]))
-            .await
-            .unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, vec![1], true)])).await.unwrap();
         // Replacing a retained message is fine; a second one is not.
-        bounded(cloud.send(vec![out(Destination::Fleet, vec![2], true)]))
-            .await
-            .unwrap();
-        let err = bounded(cloud.send(vec![out(Destination::Node(name("edge-a")), vec![3], true)]))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                TransportError::Full {
-                    queue: "retained store",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        bounded(cloud.send(vec![out(Destination::Fleet, vec![2], true)])).await.unwrap();
+        let err = bounded(cloud.send(vec![out(Destination::Node(name("edge-a")), vec![3], true)])).await.unwrap_err();
+        assert!(matches!(err, TransportError::Full { queue: "retained store", .. }), "{err}");
     }
 
     #[tokio::test]
@@ -1185,28 +971,17 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         // A second connection under the same name takes the session over.
         let second = hub.connect(name("edge-a")).unwrap();
-        assert!(matches!(
-            bounded(waiter).await.unwrap(),
-            Err(TransportError::Closed)
-        ));
+        assert!(matches!(bounded(waiter).await.unwrap(), Err(TransportError::Closed)));
         assert!(first.is_closed() && !second.is_closed());
-        assert!(matches!(
-            bounded(first.publish(vec![])).await,
-            Err(TransportError::Closed)
-        ));
+        assert!(matches!(bounded(first.publish(vec![])).await, Err(TransportError::Closed)));
         // The new session starts clean: no group subscription.
-        bounded(cloud.send(vec![out(Destination::Group(group("g")), command(1), false)]))
-            .await
-            .unwrap();
+        bounded(cloud.send(vec![out(Destination::Group(group("g")), command(1), false)])).await.unwrap();
         assert!(is_idle(&second).await);
         // Closing the old endpoint (or dropping it) leaves the new session alone.
         drop(first);
         assert!(!second.is_closed());
         second.close();
-        assert!(matches!(
-            bounded(second.recv(1)).await,
-            Err(TransportError::Closed)
-        ));
+        assert!(matches!(bounded(second.recv(1)).await, Err(TransportError::Closed)));
         assert_eq!(hub.stats().nodes_connected, 0);
 
         let cloud = Arc::new(cloud);
@@ -1216,15 +991,9 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         hub.shutdown();
-        assert!(matches!(
-            bounded(waiter).await.unwrap(),
-            Err(TransportError::Closed)
-        ));
+        assert!(matches!(bounded(waiter).await.unwrap(), Err(TransportError::Closed)));
         assert!(cloud.is_closed());
-        assert!(matches!(
-            hub.connect(name("edge-b")),
-            Err(TransportError::Closed)
-        ));
+        assert!(matches!(hub.connect(name("edge-b")), Err(TransportError::Closed)));
         assert!(matches!(hub.cloud(), Err(TransportError::Closed)));
     }
 
@@ -1232,28 +1001,14 @@ mod tests {
     async fn uplink_without_a_cloud_is_dropped_and_counted() {
         let hub = MemoryHub::new(MemoryConfig::default());
         let node = hub.connect(name("edge-a")).unwrap();
-        bounded(node.publish(vec![NodePublish {
-            kind: UplinkKind::Heartbeat,
-            payload: vec![1],
-        }]))
-        .await
-        .unwrap();
+        bounded(node.publish(vec![NodePublish { kind: UplinkKind::Heartbeat, payload: vec![1] }])).await.unwrap();
         assert_eq!(hub.stats().dropped_no_subscriber, 1);
         // A cloud taking over starts with an empty inbox; the old one is closed.
         let c1 = hub.cloud().unwrap();
-        bounded(node.publish(vec![NodePublish {
-            kind: UplinkKind::Heartbeat,
-            payload: vec![2],
-        }]))
-        .await
-        .unwrap();
+        bounded(node.publish(vec![NodePublish { kind: UplinkKind::Heartbeat, payload: vec![2] }])).await.unwrap();
         let c2 = hub.cloud().unwrap();
         assert!(c1.is_closed());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(20), c2.recv(1))
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(20), c2.recv(1)).await.is_err());
     }
 
     fn command_ids(got: &[NodeDelivery]) -> Vec<u64> {
@@ -1266,18 +1021,13 @@ mod tests {
     }
 
     fn hb_publish(n: u16) -> NodePublish {
-        NodePublish {
-            kind: UplinkKind::Heartbeat,
-            payload: n.to_be_bytes().to_vec(),
-        }
+        NodePublish { kind: UplinkKind::Heartbeat, payload: n.to_be_bytes().to_vec() }
     }
 
     /// Receives everything queued (and due) at the cloud now.
     async fn drain_cloud(cloud: &MemoryCloud) -> Vec<Inbound> {
         let mut all = Vec::new();
-        while let Ok(batch) =
-            tokio::time::timeout(Duration::from_millis(20), cloud.recv(usize::MAX)).await
-        {
+        while let Ok(batch) = tokio::time::timeout(Duration::from_millis(20), cloud.recv(usize::MAX)).await {
             all.extend(batch.unwrap());
         }
         all
@@ -1286,9 +1036,7 @@ mod tests {
     /// Receives everything queued (and due) for a node now.
     async fn drain_node(node: &MemoryNode) -> Vec<NodeDelivery> {
         let mut all = Vec::new();
-        while let Ok(batch) =
-            tokio::time::timeout(Duration::from_millis(20), node.recv(usize::MAX)).await
-        {
+        while let Ok(batch) = tokio::time::timeout(Duration::from_millis(20), node.recv(usize::MAX)).await {
             all.extend(batch.unwrap());
         }
         all
@@ -1297,71 +1045,37 @@ mod tests {
     #[tokio::test]
     async fn faults_drop_all_none_or_about_half() {
         for (p, lo, hi) in [(1.0, 4000, 4000), (0.0, 0, 0), (0.5, 1750, 2250)] {
-            let hub = MemoryHub::new(MemoryConfig {
-                node_inbox_capacity: 8192,
-                ..MemoryConfig::default()
-            });
-            hub.set_faults(FaultPlan {
-                drop_uplink: p,
-                drop_downlink: p,
-                seed: 9,
-                ..FaultPlan::default()
-            });
+            let hub = MemoryHub::new(MemoryConfig { node_inbox_capacity: 8192, ..MemoryConfig::default() });
+            hub.set_faults(FaultPlan { drop_uplink: p, drop_downlink: p, seed: 9, ..FaultPlan::default() });
             let cloud = hub.cloud().unwrap();
             let node = hub.connect(name("edge-a")).unwrap();
-            bounded(node.publish((0..4000).map(hb_publish).collect()))
-                .await
-                .unwrap();
+            bounded(node.publish((0..4000).map(hb_publish).collect())).await.unwrap();
             let up = drain_cloud(&cloud).await.len() as u64;
-            bounded(
-                cloud.send(
-                    (0..4000)
-                        .map(|i| out(Destination::Fleet, command(i), false))
-                        .collect(),
-                ),
-            )
-            .await
-            .unwrap();
+            bounded(cloud.send((0..4000).map(|i| out(Destination::Fleet, command(i), false)).collect())).await.unwrap();
             let down = drain_node(&node).await.len() as u64;
             let s = hub.stats();
             // Binomial(8000 draws, 0.5) over both directions: ±250 per direction is over 7 sd.
             assert_eq!(up + down + s.dropped_fault, 8000, "p={p}: {s:?}");
-            assert!(
-                (lo..=hi).contains(&(4000 - up)),
-                "p={p}: uplink dropped {}",
-                4000 - up
-            );
-            assert!(
-                (lo..=hi).contains(&(4000 - down)),
-                "p={p}: downlink dropped {}",
-                4000 - down
-            );
+            assert!((lo..=hi).contains(&(4000 - up)), "p={p}: uplink dropped {}", 4000 - up);
+            assert!((lo..=hi).contains(&(4000 - down)), "p={p}: downlink dropped {}", 4000 - down);
         }
     }
 
     #[tokio::test]
     async fn faults_duplicate_in_both_directions() {
         let hub = MemoryHub::new(MemoryConfig::default());
-        hub.set_faults(FaultPlan {
-            duplicate: 1.0,
-            ..FaultPlan::default()
-        });
+        hub.set_faults(FaultPlan { duplicate: 1.0, ..FaultPlan::default() });
         assert_eq!(hub.faults().duplicate, 1.0);
         let cloud = hub.cloud().unwrap();
         let a = hub.connect(name("edge-a")).unwrap();
         let b = hub.connect(name("edge-b")).unwrap();
-        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)]))
-            .await
-            .unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)])).await.unwrap();
         assert_eq!(ids(&a, 10).await, [1, 1]);
         assert_eq!(ids(&b, 10).await, [1, 1]);
         bounded(a.publish(vec![hb_publish(5)])).await.unwrap();
         let got = drain_cloud(&cloud).await;
         assert_eq!(got.len(), 2);
-        assert!(
-            got.iter()
-                .all(|i| i.node == name("edge-a") && i.payload == [0, 5])
-        );
+        assert!(got.iter().all(|i| i.node == name("edge-a") && i.payload == [0, 5]));
         assert_eq!(hub.stats().duplicated, 3);
     }
 
@@ -1376,24 +1090,14 @@ mod tests {
             ..FaultPlan::default()
         });
         let cloud = hub.cloud().unwrap();
-        let nodes: Vec<_> = (0..20)
-            .map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap())
-            .collect();
+        let nodes: Vec<_> = (0..20).map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap()).collect();
         for (i, n) in nodes.iter().enumerate().step_by(2) {
             bounded(n.subscribe(&group("even"))).await.unwrap();
-            bounded(n.publish(vec![hb_publish(i as u16)]))
-                .await
-                .unwrap();
+            bounded(n.publish(vec![hb_publish(i as u16)])).await.unwrap();
         }
         for i in 0..40 {
-            let to = if i % 2 == 0 {
-                Destination::Fleet
-            } else {
-                Destination::Group(group("even"))
-            };
-            bounded(cloud.send(vec![out(to, command(i), false)]))
-                .await
-                .unwrap();
+            let to = if i % 2 == 0 { Destination::Fleet } else { Destination::Group(group("even")) };
+            bounded(cloud.send(vec![out(to, command(i), false)])).await.unwrap();
         }
         let mut seen = Vec::new();
         for n in &nodes {
@@ -1401,10 +1105,7 @@ mod tests {
             seen.push((n.node().to_string(), command_ids(&got)));
         }
         let up = drain_cloud(&cloud).await;
-        seen.push((
-            "cloud".into(),
-            up.iter().map(|i| u64::from(i.payload[1])).collect(),
-        ));
+        seen.push(("cloud".into(), up.iter().map(|i| u64::from(i.payload[1])).collect()));
         seen
     }
 
@@ -1424,65 +1125,36 @@ mod tests {
             let clock = clock.clone();
             move || Timestamp::from_millis(clock.load(Ordering::SeqCst))
         });
-        let plan = FaultPlan {
-            min_delay_ms: 1,
-            max_delay_ms: 100,
-            seed: 4,
-            ..FaultPlan::default()
-        };
+        let plan = FaultPlan { min_delay_ms: 1, max_delay_ms: 100, seed: 4, ..FaultPlan::default() };
         hub.set_faults(plan);
         let cloud = hub.cloud().unwrap();
         let node = hub.connect(name("edge-a")).unwrap();
-        bounded(node.publish((0..30).map(hb_publish).collect()))
-            .await
-            .unwrap();
+        bounded(node.publish((0..30).map(hb_publish).collect())).await.unwrap();
         assert_eq!(hub.stats().delayed, 30);
         assert!(drain_cloud(&cloud).await.is_empty(), "nothing due yet");
 
         // The exact order: by (delay, send order), from the same fates the hub drew.
-        let faults = HubFaults {
-            plan,
-            ..HubFaults::default()
-        };
+        let faults = HubFaults { plan, ..HubFaults::default() };
         let mut expected: Vec<(u64, u16)> = (0..30u16)
-            .map(|i| {
-                (
-                    faults
-                        .fate(Direction::Uplink, u64::from(i) + 1, &name("edge-a"))
-                        .delay_ms,
-                    i,
-                )
-            })
+            .map(|i| (faults.fate(Direction::Uplink, u64::from(i) + 1, &name("edge-a")).delay_ms, i))
             .collect();
         expected.sort();
-        let half: Vec<u16> = expected
-            .iter()
-            .filter(|(d, _)| *d <= 50)
-            .map(|(_, i)| *i)
-            .collect();
+        let half: Vec<u16> = expected.iter().filter(|(d, _)| *d <= 50).map(|(_, i)| *i).collect();
         let all: Vec<u16> = expected.iter().map(|(_, i)| *i).collect();
         assert!(!half.is_empty() && half.len() < 30);
         assert_ne!(all, (0..30).collect::<Vec<_>>(), "delays reorder");
 
         clock.store(1_050, Ordering::SeqCst);
-        let got: Vec<u16> = drain_cloud(&cloud)
-            .await
-            .iter()
-            .map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]]))
-            .collect();
+        let got: Vec<u16> =
+            drain_cloud(&cloud).await.iter().map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]])).collect();
         assert_eq!(got, half);
         clock.store(1_100, Ordering::SeqCst);
-        let rest: Vec<u16> = drain_cloud(&cloud)
-            .await
-            .iter()
-            .map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]]))
-            .collect();
+        let rest: Vec<u16> =
+            drain_cloud(&cloud).await.iter().map(|i| u16::from_be_bytes([i.payload[0], i.payload[1]])).collect();
         assert_eq!([got, rest].concat(), all);
 
         // Downlink too; a waiting receiver picks the message up once the clock passes its due time.
-        bounded(cloud.send(vec![out(Destination::Fleet, command(7), false)]))
-            .await
-            .unwrap();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(7), false)])).await.unwrap();
         assert!(is_idle(&node).await);
         let node = Arc::new(node);
         let waiter = tokio::spawn({
@@ -1505,44 +1177,24 @@ mod tests {
         hub.partition(&[name("edge-a")]);
         bounded(a.publish(vec![hb_publish(1)])).await.unwrap();
         bounded(b.publish(vec![hb_publish(2)])).await.unwrap();
-        bounded(cloud.send(vec![out(Destination::Fleet, command(3), false)]))
-            .await
-            .unwrap();
-        assert!(
-            !a.is_closed(),
-            "a partitioned node still believes it is connected"
-        );
+        bounded(cloud.send(vec![out(Destination::Fleet, command(3), false)])).await.unwrap();
+        assert!(!a.is_closed(), "a partitioned node still believes it is connected");
         assert!(is_idle(&a).await);
         assert_eq!(ids(&b, 10).await, [3]);
         let up = drain_cloud(&cloud).await;
-        assert_eq!(
-            up.iter().map(|i| i.node.clone()).collect::<Vec<_>>(),
-            [name("edge-b")]
-        );
+        assert_eq!(up.iter().map(|i| i.node.clone()).collect::<Vec<_>>(), [name("edge-b")]);
         assert_eq!(hub.stats().dropped_partition, 2);
 
         hub.heal(&[name("edge-a")]);
         bounded(a.publish(vec![hb_publish(4)])).await.unwrap();
-        bounded(cloud.send(vec![out(
-            Destination::Node(name("edge-a")),
-            command(5),
-            false,
-        )]))
-        .await
-        .unwrap();
+        bounded(cloud.send(vec![out(Destination::Node(name("edge-a")), command(5), false)])).await.unwrap();
         assert_eq!(ids(&a, 10).await, [5]);
         assert_eq!(drain_cloud(&cloud).await.len(), 1);
 
         // Deliveries still delayed when the cut comes are lost with it.
         hub.set_clock(|| Timestamp::from_millis(0));
-        hub.set_faults(FaultPlan {
-            min_delay_ms: 10,
-            max_delay_ms: 10,
-            ..FaultPlan::default()
-        });
-        bounded(cloud.send(vec![out(Destination::Fleet, command(6), false)]))
-            .await
-            .unwrap();
+        hub.set_faults(FaultPlan { min_delay_ms: 10, max_delay_ms: 10, ..FaultPlan::default() });
+        bounded(cloud.send(vec![out(Destination::Fleet, command(6), false)])).await.unwrap();
         hub.partition(&[name("edge-a"), name("edge-b")]);
         hub.heal_all();
         hub.set_clock(|| Timestamp::from_millis(100));
@@ -1555,26 +1207,15 @@ mod tests {
         let n = 100_000;
         let hub = MemoryHub::new(MemoryConfig::default());
         // Uplink faults only: the downlink goes through the fault hook with clean fates.
-        hub.set_faults(FaultPlan {
-            drop_uplink: 1.0,
-            seed: 3,
-            ..FaultPlan::default()
-        });
+        hub.set_faults(FaultPlan { drop_uplink: 1.0, seed: 3, ..FaultPlan::default() });
         let cloud = hub.cloud().unwrap();
-        let nodes: Vec<_> = (0..n)
-            .map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap())
-            .collect();
-        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)]))
-            .await
-            .unwrap();
+        let nodes: Vec<_> = (0..n).map(|i| hub.connect(name(&format!("edge-{i}"))).unwrap()).collect();
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)])).await.unwrap();
         for node in &nodes {
             let got = bounded(node.recv(10)).await.unwrap();
             assert_eq!(command_ids(&got), [1], "{}", node.node());
         }
         let s = hub.stats();
-        assert_eq!(
-            (s.downlink_delivered, s.dropped_fault, s.duplicated),
-            (n as u64, 0, 0)
-        );
+        assert_eq!((s.downlink_delivered, s.dropped_fault, s.duplicated), (n as u64, 0, 0));
     }
 }

@@ -166,10 +166,7 @@ struct DownMsg {
 /// Group subscriptions of one node: up to three inline, more on the heap.
 #[derive(Debug)]
 enum GroupSet {
-    Inline {
-        len: u8,
-        ids: [u32; GroupSet::INLINE],
-    },
+    Inline { len: u8, ids: [u32; GroupSet::INLINE] },
     Spilled(Box<SpilledGroups>),
 }
 
@@ -179,10 +176,7 @@ struct SpilledGroups(Vec<u32>);
 
 impl Default for GroupSet {
     fn default() -> Self {
-        GroupSet::Inline {
-            len: 0,
-            ids: [0; GroupSet::INLINE],
-        }
+        GroupSet::Inline { len: 0, ids: [0; GroupSet::INLINE] }
     }
 }
 
@@ -337,10 +331,7 @@ impl Registry {
         if node.index() < self.nodes.len() {
             Ok(node.index())
         } else {
-            Err(SimError::UnknownNode {
-                id: node.0,
-                len: self.nodes.len(),
-            })
+            Err(SimError::UnknownNode { id: node.0, len: self.nodes.len() })
         }
     }
 
@@ -349,10 +340,7 @@ impl Registry {
         match (self.nodes.get(i), self.names.get(i)) {
             (Some(s), _) if s.connected => Ok(i),
             (_, Some(name)) => Err(SimError::NotConnected { node: name.clone() }),
-            (_, None) => Err(SimError::UnknownNode {
-                id: node.0,
-                len: self.nodes.len(),
-            }),
+            (_, None) => Err(SimError::UnknownNode { id: node.0, len: self.nodes.len() }),
         }
     }
 
@@ -362,10 +350,7 @@ impl Registry {
         }
         // Fewer distinct groups than u32::MAX is a given: each costs a String.
         let g = self.groups.len() as u32;
-        self.groups.push(Group {
-            name: group.clone(),
-            members: BTreeSet::new(),
-        });
+        self.groups.push(Group { name: group.clone(), members: BTreeSet::new() });
         self.group_ids.insert(group.clone(), g);
         g
     }
@@ -391,9 +376,7 @@ impl RetainedStore {
         let changed = match to {
             Destination::Node(n) if delete => self.nodes.remove(&n).map(|_| -1),
             Destination::Node(n) => Some(i8::from(self.nodes.insert(n, msg.clone()).is_none())),
-            Destination::Fleet | Destination::WorkloadSpec(_) if delete => {
-                self.fleet.remove(&to).map(|_| -1)
-            }
+            Destination::Fleet | Destination::WorkloadSpec(_) if delete => self.fleet.remove(&to).map(|_| -1),
             Destination::Fleet | Destination::WorkloadSpec(_) => {
                 Some(i8::from(self.fleet.insert(to, msg.clone()).is_none()))
             }
@@ -407,12 +390,7 @@ impl RetainedStore {
                     removed
                 } else {
                     let g = g.clone();
-                    let added = self
-                        .groups
-                        .entry(g)
-                        .or_default()
-                        .insert(to, msg.clone())
-                        .is_none();
+                    let added = self.groups.entry(g).or_default().insert(to, msg.clone()).is_none();
                     Some(i8::from(added))
                 }
             }
@@ -428,9 +406,7 @@ impl RetainedStore {
         match to {
             Destination::Node(n) => self.nodes.get(n),
             Destination::Fleet | Destination::WorkloadSpec(_) => self.fleet.get(to),
-            Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) => {
-                self.groups.get(g).and_then(|m| m.get(to))
-            }
+            Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) => self.groups.get(g).and_then(|m| m.get(to)),
         }
     }
 }
@@ -537,13 +513,7 @@ impl TargetList {
             return Some((Targets::One(first), 1));
         }
         let n = self.rest.len();
-        (n > 0).then_some((
-            Targets::Many {
-                list: self.rest,
-                next: 0,
-            },
-            n,
-        ))
+        (n > 0).then_some((Targets::Many { list: self.rest, next: 0 }, n))
     }
 }
 
@@ -570,10 +540,7 @@ fn delivery_key(msg: u64, node: u32) -> u64 {
 impl SimNetwork {
     /// An empty network (no nodes, no retained messages) with the given faults.
     pub fn new(plan: FaultPlan) -> Self {
-        Self {
-            plan,
-            ..Self::default()
-        }
+        Self { plan, ..Self::default() }
     }
 
     /// An empty network with room for `nodes` nodes, so adding them does not reallocate.
@@ -649,18 +616,12 @@ impl SimNetwork {
 
     /// Whether the node has a session (partitioned nodes still believe they have one).
     pub fn is_connected(&self, node: NodeId) -> bool {
-        self.reg
-            .nodes
-            .get(node.index())
-            .is_some_and(|s| s.connected)
+        self.reg.nodes.get(node.index()).is_some_and(|s| s.connected)
     }
 
     /// Whether the node is partitioned.
     pub fn is_partitioned(&self, node: NodeId) -> bool {
-        self.reg
-            .nodes
-            .get(node.index())
-            .is_some_and(|s| s.partitioned)
+        self.reg.nodes.get(node.index()).is_some_and(|s| s.partitioned)
     }
 
     /// The groups the node's session is subscribed to, in subscription order.
@@ -668,12 +629,7 @@ impl SimNetwork {
         let Some(state) = self.reg.nodes.get(node.index()) else {
             return Vec::new();
         };
-        state
-            .groups
-            .as_slice()
-            .iter()
-            .filter_map(|&g| self.reg.groups.get(g as usize).map(|g| &g.name))
-            .collect()
+        state.groups.as_slice().iter().filter_map(|&g| self.reg.groups.get(g as usize).map(|g| &g.name)).collect()
     }
 
     /// Opens a clean session for the node at `now`: subscribed to its own topic, the fleet topic and
@@ -689,16 +645,8 @@ impl SimNetwork {
         state.epoch = state.epoch.wrapping_add(1);
         state.connected = true;
         self.reg.connected += 1;
-        let own = self
-            .reg
-            .names
-            .get(i)
-            .and_then(|name| self.retained.nodes.get(name))
-            .cloned();
-        let replay: Vec<Arc<DownMsg>> = own
-            .into_iter()
-            .chain(self.retained.fleet.values().cloned())
-            .collect();
+        let own = self.reg.names.get(i).and_then(|name| self.retained.nodes.get(name)).cloned();
+        let replay: Vec<Arc<DownMsg>> = own.into_iter().chain(self.retained.fleet.values().cloned()).collect();
         for msg in replay {
             self.replay(node.0, &msg, now);
         }
@@ -733,12 +681,7 @@ impl SimNetwork {
 
     /// Subscribes the node's session to a group (its topic and spec topics) at `now`, and queues the
     /// group's retained messages for it (every subscribe replays them, as MQTT 3.1.1 does).
-    pub fn subscribe(
-        &mut self,
-        node: NodeId,
-        group: &GroupName,
-        now: Timestamp,
-    ) -> Result<(), SimError> {
+    pub fn subscribe(&mut self, node: NodeId, group: &GroupName, now: Timestamp) -> Result<(), SimError> {
         let i = self.reg.check_connected(node)?;
         let now = self.advance(now);
         let g = self.reg.group_id(group);
@@ -748,12 +691,8 @@ impl SimNetwork {
         if let Some(group) = self.reg.groups.get_mut(g as usize) {
             group.members.insert(node.0);
         }
-        let replay: Vec<Arc<DownMsg>> = self
-            .retained
-            .groups
-            .get(group)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let replay: Vec<Arc<DownMsg>> =
+            self.retained.groups.get(group).map(|m| m.values().cloned().collect()).unwrap_or_default();
         for msg in replay {
             self.replay(node.0, &msg, now);
         }
@@ -844,12 +783,7 @@ impl SimNetwork {
     /// A node publishes an uplink message at `now`. It reaches the cloud as an [`Inbound`] stamped
     /// with the node's name, after the plan's delay, unless a fault takes it. Fails only for an
     /// unknown or unconnected node (a partitioned node publishes "successfully" into the void).
-    pub fn node_publish(
-        &mut self,
-        node: NodeId,
-        publish: NodePublish,
-        now: Timestamp,
-    ) -> Result<(), SimError> {
+    pub fn node_publish(&mut self, node: NodeId, publish: NodePublish, now: Timestamp) -> Result<(), SimError> {
         let i = self.reg.check_connected(node)?;
         let now = self.advance(now);
         self.stats.uplink_sent += 1;
@@ -868,27 +802,14 @@ impl SimNetwork {
             return Ok(());
         }
         let fifo = self.queues.up_heap.is_empty() && !self.plan.has_delay();
-        let item = |payload| UpItem {
-            node: node.0,
-            kind: publish.kind,
-            payload,
-        };
+        let item = |payload| UpItem { node: node.0, kind: publish.kind, payload };
         if fate.duplicated {
             self.stats.duplicated += 1;
             let copy = item(publish.payload.clone());
-            self.queues.push_up(
-                item(publish.payload),
-                now.saturating_add(fate.delay_ms),
-                fifo,
-            );
-            self.queues
-                .push_up(copy, now.saturating_add(fate.duplicate_delay_ms), fifo);
+            self.queues.push_up(item(publish.payload), now.saturating_add(fate.delay_ms), fifo);
+            self.queues.push_up(copy, now.saturating_add(fate.duplicate_delay_ms), fifo);
         } else {
-            self.queues.push_up(
-                item(publish.payload),
-                now.saturating_add(fate.delay_ms),
-                fifo,
-            );
+            self.queues.push_up(item(publish.payload), now.saturating_add(fate.delay_ms), fifo);
         }
         Ok(())
     }
@@ -909,11 +830,7 @@ impl SimNetwork {
             let Some(item) = item else { break };
             q.up_len -= 1;
             if let Some(name) = self.reg.names.get(item.node as usize) {
-                out.push(Inbound {
-                    node: name.clone(),
-                    kind: item.kind,
-                    payload: item.payload,
-                });
+                out.push(Inbound { node: name.clone(), kind: item.kind, payload: item.payload });
             }
         }
         self.stats.uplink_delivered += out.len() as u64;
@@ -931,10 +848,7 @@ impl SimNetwork {
                 self.stats.dropped_cloud_isolated += 1;
                 continue;
             }
-            let msg = Arc::new(DownMsg {
-                from: o.to,
-                payload: Arc::from(o.payload),
-            });
+            let msg = Arc::new(DownMsg { from: o.to, payload: Arc::from(o.payload) });
             if o.retain {
                 self.retained.update(&msg);
             }
@@ -966,18 +880,12 @@ impl SimNetwork {
                 ctx.push(id.into_iter(), 1)
             }
             Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) => {
-                match reg
-                    .group_ids
-                    .get(g)
-                    .and_then(|&g| reg.groups.get(g as usize))
-                {
+                match reg.group_ids.get(g).and_then(|&g| reg.groups.get(g as usize)) {
                     Some(group) => ctx.push(group.members.iter().copied(), group.members.len()),
                     None => 0,
                 }
             }
-            Destination::Fleet | Destination::WorkloadSpec(_) => {
-                ctx.push(0..reg.nodes.len() as u32, reg.connected)
-            }
+            Destination::Fleet | Destination::WorkloadSpec(_) => ctx.push(0..reg.nodes.len() as u32, reg.connected),
         }
     }
 
@@ -1037,22 +945,14 @@ impl SimNetwork {
     /// messages are not included; neither is the allocator's own overhead per name.
     pub fn node_memory_bytes(&self) -> usize {
         let reg = &self.reg;
-        let names = reg.names.capacity() * size_of::<NodeName>()
-            + reg.names.iter().map(|n| n.as_str().len()).sum::<usize>();
+        let names =
+            reg.names.capacity() * size_of::<NodeName>() + reg.names.iter().map(|n| n.as_str().len()).sum::<usize>();
         let index = reg.index.slots.capacity() * size_of::<u32>();
         let state = reg.nodes.capacity() * size_of::<NodeState>()
-            + reg
-                .nodes
-                .iter()
-                .map(|s| s.groups.heap_bytes())
-                .sum::<usize>();
+            + reg.nodes.iter().map(|s| s.groups.heap_bytes()).sum::<usize>();
         // A B-tree node of `u32` keys holds up to 11 keys in about 56 bytes (more for internal
         // nodes); count 8 bytes per member as a rough figure.
-        let members = reg
-            .groups
-            .iter()
-            .map(|g| g.members.len() * 8)
-            .sum::<usize>();
+        let members = reg.groups.iter().map(|g| g.members.len() * 8).sum::<usize>();
         names + index + state + members
     }
 
@@ -1067,9 +967,7 @@ impl SimNetwork {
         mut deliver: impl FnMut(NodeId, NodeDelivery),
     ) -> usize {
         let now = self.advance(now);
-        let Self {
-            reg, queues, stats, ..
-        } = self;
+        let Self { reg, queues, stats, .. } = self;
         let nodes = &reg.nodes;
         let mut delivered = 0;
         while delivered < max {
@@ -1089,8 +987,7 @@ impl SimNetwork {
                             let Some(&t) = list.get(*next) else { break };
                             *next += 1;
                             queues.down_len -= 1;
-                            let ok =
-                                hand(nodes, stats, t, &batch.msg, batch.retained, &mut deliver);
+                            let ok = hand(nodes, stats, t, &batch.msg, batch.retained, &mut deliver);
                             delivered += usize::from(ok);
                         }
                         *next >= list.len()
@@ -1106,14 +1003,7 @@ impl SimNetwork {
             }
             if let Some(t) = queues.down_heap.pop() {
                 queues.down_len -= 1;
-                let ok = hand(
-                    nodes,
-                    stats,
-                    t.item.target,
-                    &t.item.msg,
-                    t.item.retained,
-                    &mut deliver,
-                );
+                let ok = hand(nodes, stats, t.item.target, &t.item.msg, t.item.retained, &mut deliver);
                 delivered += usize::from(ok);
             }
         }
@@ -1138,14 +1028,7 @@ fn hand(
                 return false;
             }
             stats.downlink_delivered += 1;
-            deliver(
-                NodeId(node),
-                NodeDelivery {
-                    from: msg.from.clone(),
-                    payload: msg.payload.clone(),
-                    retained,
-                },
-            );
+            deliver(NodeId(node), NodeDelivery { from: msg.from.clone(), payload: msg.payload.clone(), retained });
             true
         }
         _ => {
@@ -1189,12 +1072,8 @@ impl Enqueue<'_> {
                 self.stats.dropped_partition += 1;
                 continue;
             }
-            let fate = if clean {
-                Fate::CLEAN
-            } else {
-                self.plan
-                    .fate(Direction::Downlink, delivery_key(self.key, id))
-            };
+            let fate =
+                if clean { Fate::CLEAN } else { self.plan.fate(Direction::Downlink, delivery_key(self.key, id)) };
             if fate.dropped {
                 self.stats.dropped_downlink_fault += 1;
                 continue;
@@ -1211,11 +1090,7 @@ impl Enqueue<'_> {
                     self.queues.down_heap.push(Timed {
                         due: self.now.saturating_add(delay),
                         seq,
-                        item: DownItem {
-                            target,
-                            retained: self.retained,
-                            msg: self.msg.clone(),
-                        },
+                        item: DownItem { target, retained: self.retained, msg: self.msg.clone() },
                     });
                     self.queues.down_len += 1;
                 }
@@ -1259,26 +1134,17 @@ mod tests {
     }
 
     fn out(to: Destination, payload: &[u8], retain: bool) -> Outbound {
-        Outbound {
-            to,
-            payload: payload.to_vec(),
-            retain,
-        }
+        Outbound { to, payload: payload.to_vec(), retain }
     }
 
     fn hb(payload: &[u8]) -> NodePublish {
-        NodePublish {
-            kind: UplinkKind::Heartbeat,
-            payload: payload.to_vec(),
-        }
+        NodePublish { kind: UplinkKind::Heartbeat, payload: payload.to_vec() }
     }
 
     /// A network of `n` connected nodes.
     fn network(plan: FaultPlan, n: usize) -> (SimNetwork, Vec<NodeId>) {
         let mut net = SimNetwork::with_capacity(plan, n);
-        let ids: Vec<_> = (0..n)
-            .map(|i| net.add_node(node_name(i)).unwrap())
-            .collect();
+        let ids: Vec<_> = (0..n).map(|i| net.add_node(node_name(i)).unwrap()).collect();
         for &id in &ids {
             net.connect(id, T0).unwrap();
         }
@@ -1286,34 +1152,20 @@ mod tests {
     }
 
     /// Every downlink delivery due by `now`, as (node, from, payload, retained).
-    fn drain_down(
-        net: &mut SimNetwork,
-        now: Timestamp,
-    ) -> Vec<(NodeId, Destination, Vec<u8>, bool)> {
+    fn drain_down(net: &mut SimNetwork, now: Timestamp) -> Vec<(NodeId, Destination, Vec<u8>, bool)> {
         let mut got = Vec::new();
-        net.take_downlink(now, usize::MAX, |n, d| {
-            got.push((n, d.from, d.payload.to_vec(), d.retained))
-        });
+        net.take_downlink(now, usize::MAX, |n, d| got.push((n, d.from, d.payload.to_vec(), d.retained)));
         got
     }
 
     fn payloads_up(net: &mut SimNetwork, now: Timestamp) -> Vec<Vec<u8>> {
-        net.take_uplink(now, usize::MAX)
-            .into_iter()
-            .map(|i| i.payload)
-            .collect()
+        net.take_uplink(now, usize::MAX).into_iter().map(|i| i.payload).collect()
     }
 
     /// A mixed scenario under faults; returns every delivery with its virtual time.
     fn scenario(seed: u64) -> Vec<String> {
-        let plan = FaultPlan {
-            drop_uplink: 0.2,
-            drop_downlink: 0.2,
-            duplicate: 0.2,
-            min_delay_ms: 0,
-            max_delay_ms: 40,
-            seed,
-        };
+        let plan =
+            FaultPlan { drop_uplink: 0.2, drop_downlink: 0.2, duplicate: 0.2, min_delay_ms: 0, max_delay_ms: 40, seed };
         let (mut net, ids) = network(plan, 200);
         for &id in ids.iter().step_by(3) {
             net.subscribe(id, &group("site-1"), T0).unwrap();
@@ -1325,29 +1177,20 @@ mod tests {
                 vec![
                     out(Destination::Fleet, &[1, step as u8], false),
                     out(Destination::Group(group("site-1")), &[2, step as u8], false),
-                    out(
-                        Destination::Node(node_name(step as usize)),
-                        &[3, step as u8],
-                        false,
-                    ),
+                    out(Destination::Node(node_name(step as usize)), &[3, step as u8], false),
                 ],
                 now,
             );
             for &id in ids.iter().skip(step as usize).step_by(7) {
-                net.node_publish(id, hb(&[step as u8, id.0 as u8]), now)
-                    .unwrap();
+                net.node_publish(id, hb(&[step as u8, id.0 as u8]), now).unwrap();
             }
-            net.take_downlink(now, usize::MAX, |n, d| {
-                trace.push(format!("{} down {} {:?}", now.0, n.0, d.payload))
-            });
+            net.take_downlink(now, usize::MAX, |n, d| trace.push(format!("{} down {} {:?}", now.0, n.0, d.payload)));
             for i in net.take_uplink(now, usize::MAX) {
                 trace.push(format!("{} up {} {:?}", now.0, i.node, i.payload));
             }
         }
         while let Some(due) = net.next_due() {
-            net.take_downlink(due, usize::MAX, |n, d| {
-                trace.push(format!("{} down {} {:?}", due.0, n.0, d.payload))
-            });
+            net.take_downlink(due, usize::MAX, |n, d| trace.push(format!("{} down {} {:?}", due.0, n.0, d.payload)));
             for i in net.take_uplink(due, usize::MAX) {
                 trace.push(format!("{} up {} {:?}", due.0, i.node, i.payload));
             }
@@ -1366,12 +1209,7 @@ mod tests {
     #[test]
     fn drop_probability_one_zero_and_half() {
         for (p, lo, hi) in [(1.0, 4000, 4000), (0.0, 0, 0), (0.5, 1750, 2250)] {
-            let plan = FaultPlan {
-                drop_uplink: p,
-                drop_downlink: p,
-                seed: 5,
-                ..FaultPlan::default()
-            };
+            let plan = FaultPlan { drop_uplink: p, drop_downlink: p, seed: 5, ..FaultPlan::default() };
             let (mut net, ids) = network(plan, 4000);
             net.cloud_send(vec![out(Destination::Fleet, b"x", false)], T0);
             let down = drain_down(&mut net, T0).len() as u64;
@@ -1381,10 +1219,7 @@ mod tests {
             let up = net.take_uplink(T0, usize::MAX).len() as u64;
             let s = net.stats();
             // Binomial(4000, 0.5): sd ≈ 32, so ±250 is about 8 sd.
-            assert!(
-                (lo..=hi).contains(&s.dropped_downlink_fault),
-                "p={p}: {s:?}"
-            );
+            assert!((lo..=hi).contains(&s.dropped_downlink_fault), "p={p}: {s:?}");
             assert!((lo..=hi).contains(&s.dropped_uplink_fault), "p={p}: {s:?}");
             assert_eq!(down + s.dropped_downlink_fault, 4000);
             assert_eq!(up + s.dropped_uplink_fault, 4000);
@@ -1394,10 +1229,7 @@ mod tests {
 
     #[test]
     fn duplicates_arrive_twice() {
-        let plan = FaultPlan {
-            duplicate: 1.0,
-            ..FaultPlan::default()
-        };
+        let plan = FaultPlan { duplicate: 1.0, ..FaultPlan::default() };
         let (mut net, ids) = network(plan, 10);
         net.cloud_send(vec![out(Destination::Fleet, b"x", false)], T0);
         let down = drain_down(&mut net, T0);
@@ -1412,21 +1244,13 @@ mod tests {
 
     #[test]
     fn delays_reorder_and_next_due_is_exact() {
-        let plan = FaultPlan {
-            min_delay_ms: 5,
-            max_delay_ms: 100,
-            seed: 3,
-            ..FaultPlan::default()
-        };
+        let plan = FaultPlan { min_delay_ms: 5, max_delay_ms: 100, seed: 3, ..FaultPlan::default() };
         let (mut net, ids) = network(plan, 1);
         assert_eq!(net.next_due(), None);
         for i in 0..50u8 {
             net.node_publish(ids[0], hb(&[i]), T0).unwrap();
         }
-        assert!(
-            net.take_uplink(at(4), usize::MAX).is_empty(),
-            "nothing due before 5 ms"
-        );
+        assert!(net.take_uplink(at(4), usize::MAX).is_empty(), "nothing due before 5 ms");
         let mut order = Vec::new();
         let mut last = at(0);
         while let Some(due) = net.next_due() {
@@ -1450,25 +1274,13 @@ mod tests {
 
     #[test]
     fn equal_due_times_keep_send_order_and_time_never_goes_back() {
-        let plan = FaultPlan {
-            min_delay_ms: 10,
-            max_delay_ms: 10,
-            ..FaultPlan::default()
-        };
+        let plan = FaultPlan { min_delay_ms: 10, max_delay_ms: 10, ..FaultPlan::default() };
         let (mut net, ids) = network(plan, 1);
-        net.cloud_send(
-            (0..20u8)
-                .map(|i| out(Destination::Fleet, &[i], false))
-                .collect(),
-            at(100),
-        );
+        net.cloud_send((0..20u8).map(|i| out(Destination::Fleet, &[i], false)).collect(), at(100));
         // An earlier `now` reads as the latest one.
         net.cloud_send(vec![out(Destination::Fleet, &[20], false)], at(50));
         assert_eq!(net.next_due(), Some(at(110)));
-        let got: Vec<u8> = drain_down(&mut net, at(110))
-            .iter()
-            .map(|d| d.2[0])
-            .collect();
+        let got: Vec<u8> = drain_down(&mut net, at(110)).iter().map(|d| d.2[0]).collect();
         assert_eq!(got, (0..=20).collect::<Vec<_>>());
         assert_eq!(net.now(), at(110));
         let _ = ids;
@@ -1494,10 +1306,7 @@ mod tests {
 
         net.heal(&[b]);
         net.node_publish(b, hb(b"back"), at(1)).unwrap();
-        net.cloud_send(
-            vec![out(Destination::Node(node_name(1)), b"3", false)],
-            at(1),
-        );
+        net.cloud_send(vec![out(Destination::Node(node_name(1)), b"3", false)], at(1));
         assert_eq!(payloads_up(&mut net, at(1)), [b"back".to_vec()]);
         assert_eq!(drain_down(&mut net, at(1))[0].2, b"3");
 
@@ -1513,10 +1322,7 @@ mod tests {
         let a = net.add_node(node_name(0)).unwrap();
         let b = net.add_node(node_name(1)).unwrap();
         let app = spec("default/app");
-        let gspec = Destination::GroupWorkloadSpec(
-            group("site-1"),
-            WorkloadId::new("default/app").unwrap(),
-        );
+        let gspec = Destination::GroupWorkloadSpec(group("site-1"), WorkloadId::new("default/app").unwrap());
         net.cloud_send(
             vec![
                 out(app.clone(), b"spec", true),
@@ -1534,34 +1340,16 @@ mod tests {
         let got = drain_down(&mut net, T0);
         assert_eq!(
             got,
-            [
-                (a, Destination::Node(node_name(0)), b"mine".to_vec(), true),
-                (a, app.clone(), b"spec".to_vec(), true),
-            ]
+            [(a, Destination::Node(node_name(0)), b"mine".to_vec(), true), (a, app.clone(), b"spec".to_vec(), true),]
         );
         net.subscribe(a, &group("site-1"), T0).unwrap();
-        assert_eq!(
-            drain_down(&mut net, T0),
-            [(a, gspec.clone(), b"gspec".to_vec(), true)]
-        );
+        assert_eq!(drain_down(&mut net, T0), [(a, gspec.clone(), b"gspec".to_vec(), true)]);
 
         // A live publish is not flagged retained; deletion reaches current subscribers, empty.
         net.cloud_send(vec![out(app.clone(), b"spec2", true)], T0);
-        assert_eq!(
-            drain_down(&mut net, T0),
-            [(a, app.clone(), b"spec2".to_vec(), false)]
-        );
-        net.cloud_send(
-            vec![out(app.clone(), b"", true), out(gspec.clone(), b"", true)],
-            T0,
-        );
-        assert_eq!(
-            drain_down(&mut net, T0),
-            [
-                (a, app.clone(), vec![], false),
-                (a, gspec.clone(), vec![], false)
-            ]
-        );
+        assert_eq!(drain_down(&mut net, T0), [(a, app.clone(), b"spec2".to_vec(), false)]);
+        net.cloud_send(vec![out(app.clone(), b"", true), out(gspec.clone(), b"", true)], T0);
+        assert_eq!(drain_down(&mut net, T0), [(a, app.clone(), vec![], false), (a, gspec.clone(), vec![], false)]);
         assert_eq!(net.retained(&app), None);
         assert_eq!(net.stats().retained, 1);
 
@@ -1596,33 +1384,20 @@ mod tests {
         // A reconnect is a new session: nothing of the old one arrives.
         net.connect(a, T0).unwrap();
         let got = drain_down(&mut net, T0);
-        assert_eq!(
-            got.iter().map(|d| (d.0, d.2.clone())).collect::<Vec<_>>(),
-            [(b, b"3".to_vec())]
-        );
+        assert_eq!(got.iter().map(|d| (d.0, d.2.clone())).collect::<Vec<_>>(), [(b, b"3".to_vec())]);
         let s = net.stats();
         assert_eq!((s.dropped_disconnected, s.dropped_no_subscriber), (2, 1));
         net.cloud_send(vec![out(Destination::Group(group("g1")), b"4", false)], T0);
         assert!(drain_down(&mut net, T0).is_empty());
         assert!(matches!(net.node_publish(a, hb(b""), T0), Ok(())));
         net.disconnect(a).unwrap();
-        assert!(matches!(
-            net.node_publish(a, hb(b""), T0),
-            Err(SimError::NotConnected { .. })
-        ));
-        assert!(matches!(
-            net.subscribe(a, &group("g1"), T0),
-            Err(SimError::NotConnected { .. })
-        ));
+        assert!(matches!(net.node_publish(a, hb(b""), T0), Err(SimError::NotConnected { .. })));
+        assert!(matches!(net.subscribe(a, &group("g1"), T0), Err(SimError::NotConnected { .. })));
     }
 
     #[test]
     fn restart_cloud_loses_in_flight_uplink_and_isolation_cuts_both_ways() {
-        let plan = FaultPlan {
-            min_delay_ms: 10,
-            max_delay_ms: 10,
-            ..FaultPlan::default()
-        };
+        let plan = FaultPlan { min_delay_ms: 10, max_delay_ms: 10, ..FaultPlan::default() };
         let (mut net, ids) = network(plan, 2);
         net.node_publish(ids[0], hb(b"1"), T0).unwrap();
         net.node_publish(ids[1], hb(b"2"), T0).unwrap();
@@ -1639,11 +1414,7 @@ mod tests {
         net.node_publish(ids[0], hb(b"4"), at(100)).unwrap();
         net.cloud_send(vec![out(spec("default/app"), b"s", true)], at(100));
         assert!(payloads_up(&mut net, at(100)).is_empty());
-        assert_eq!(
-            net.retained(&spec("default/app")),
-            None,
-            "never reached the broker"
-        );
+        assert_eq!(net.retained(&spec("default/app")), None, "never reached the broker");
         // What the broker already had still reaches the nodes.
         assert_eq!(drain_down(&mut net, at(100)).len(), 2);
         assert_eq!(net.stats().dropped_cloud_isolated, 3);
@@ -1662,22 +1433,13 @@ mod tests {
         assert_eq!((s.dropped_broker_restart, s.nodes_connected), (4, 0));
         assert_eq!((s.uplink_in_flight, s.downlink_in_flight), (0, 0));
         net.connect(ids[2], T0).unwrap();
-        assert_eq!(
-            drain_down(&mut net, T0),
-            [(ids[2], spec("default/app"), b"s".to_vec(), true)]
-        );
+        assert_eq!(drain_down(&mut net, T0), [(ids[2], spec("default/app"), b"s".to_vec(), true)]);
     }
 
     #[test]
     fn take_downlink_respects_max_inside_a_fan_out() {
         let (mut net, ids) = network(FaultPlan::default(), 10);
-        net.cloud_send(
-            vec![
-                out(Destination::Fleet, b"a", false),
-                out(Destination::Fleet, b"b", false),
-            ],
-            T0,
-        );
+        net.cloud_send(vec![out(Destination::Fleet, b"a", false), out(Destination::Fleet, b"b", false)], T0);
         let mut got = Vec::new();
         for _ in 0..7 {
             let remaining = 20 - got.len();
@@ -1685,10 +1447,7 @@ mod tests {
             assert_eq!(n, remaining.min(3));
         }
         assert_eq!(got.len(), 20);
-        let expected: Vec<_> = [b'a', b'b']
-            .iter()
-            .flat_map(|&p| ids.iter().map(move |&n| (n, p)))
-            .collect();
+        let expected: Vec<_> = [b'a', b'b'].iter().flat_map(|&p| ids.iter().map(move |&n| (n, p))).collect();
         assert_eq!(got, expected);
         assert_eq!(net.stats().downlink_in_flight, 0);
     }
@@ -1706,11 +1465,7 @@ mod tests {
         let a = net.add_node(node_name(0)).unwrap();
         let b = net.add_node(node_name(1)).unwrap();
         assert_eq!((a, b), (NodeId(0), NodeId(1)));
-        assert_eq!(
-            net.add_node(node_name(0)).unwrap(),
-            a,
-            "adding twice returns the id"
-        );
+        assert_eq!(net.add_node(node_name(0)).unwrap(), a, "adding twice returns the id");
         assert_eq!(net.len(), 2);
         assert_eq!(net.node_id(node_name(1).as_str()), Some(b));
         assert_eq!(net.node_id("edge-unknown"), None);
@@ -1718,10 +1473,7 @@ mod tests {
         assert_eq!(net.name(NodeId(2)), None);
         assert!(!net.is_connected(a), "nodes start disconnected");
         let unknown = NodeId(7);
-        assert_eq!(
-            net.connect(unknown, T0),
-            Err(SimError::UnknownNode { id: 7, len: 2 })
-        );
+        assert_eq!(net.connect(unknown, T0), Err(SimError::UnknownNode { id: 7, len: 2 }));
         assert!(net.disconnect(unknown).is_err());
         assert!(net.node_publish(unknown, hb(b""), T0).is_err());
         assert!(net.subscribe(unknown, &group("g"), T0).is_err());
@@ -1743,10 +1495,7 @@ mod tests {
             net.subscribe(id, &group("even"), T0).unwrap();
         }
         net.cloud_send(
-            vec![
-                out(spec("default/app"), &[7; 64], true),
-                out(Destination::Group(group("even")), b"g", false),
-            ],
+            vec![out(spec("default/app"), &[7; 64], true), out(Destination::Group(group("even")), b"g", false)],
             T0,
         );
         assert_eq!(net.stats().downlink_in_flight, n + n / 2);
@@ -1758,25 +1507,14 @@ mod tests {
             _ => {
                 seen[node.index()] += 1;
                 let shared = first.get_or_insert_with(|| d.payload.clone());
-                assert!(
-                    Arc::ptr_eq(shared, &d.payload),
-                    "one payload for the whole fan-out"
-                );
+                assert!(Arc::ptr_eq(shared, &d.payload), "one payload for the whole fan-out");
             }
         });
         assert_eq!(delivered, n + n / 2);
         assert!(seen.iter().all(|&c| c == 1));
-        assert!(
-            group_seen
-                .iter()
-                .enumerate()
-                .all(|(i, &c)| c == u8::from(i % 2 == 0))
-        );
+        assert!(group_seen.iter().enumerate().all(|(i, &c)| c == u8::from(i % 2 == 0)));
         let s = net.stats();
-        assert_eq!(
-            (s.downlink_delivered, s.downlink_in_flight),
-            ((n + n / 2) as u64, 0)
-        );
+        assert_eq!((s.downlink_delivered, s.downlink_in_flight), ((n + n / 2) as u64, 0));
     }
 
     #[test]
@@ -1787,11 +1525,7 @@ mod tests {
             net.subscribe(id, &group("site-1"), T0).unwrap();
         }
         let per_node = net.node_memory_bytes() as f64 / n as f64;
-        let name_len = ids
-            .iter()
-            .map(|&i| net.name(i).unwrap().as_str().len())
-            .sum::<usize>() as f64
-            / n as f64;
+        let name_len = ids.iter().map(|&i| net.name(i).unwrap().as_str().len()).sum::<usize>() as f64 / n as f64;
         println!(
             "SimNetwork: {per_node:.1} bytes per node (names average {name_len:.1} bytes; NodeState {} bytes, NodeName {} bytes)",
             size_of::<NodeState>(),

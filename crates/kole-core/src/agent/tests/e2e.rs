@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use crate::agent::{
-    Agent, AgentConfig, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState,
-    RecordingRuntime,
+    Agent, AgentConfig, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, RecordingRuntime,
 };
 use crate::cache::NodeCache;
 use crate::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
 use crate::model::{
-    DeliveryMode, Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Timestamp, Workload,
-    WorkloadId, WorkloadPhase, stable_hash,
+    DeliveryMode, Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId,
+    WorkloadPhase, stable_hash,
 };
 use crate::protocol::{self, Message, MessageKind};
 use crate::transport::memory::{MemoryCloud, MemoryConfig, MemoryHub, MemoryNode};
@@ -67,10 +66,7 @@ impl Fleet {
         );
         let hub = MemoryHub::new(MemoryConfig::default());
         let cloud = hub.cloud().unwrap();
-        let config = Arc::new(AgentConfig {
-            runtime_poll_ms: 0,
-            ..AgentConfig::default()
-        });
+        let config = Arc::new(AgentConfig { runtime_poll_ms: 0, ..AgentConfig::default() });
         let info = Arc::new(NodeInfo {
             arch: "arm64".into(),
             os: "linux-6.1".into(),
@@ -81,21 +77,14 @@ impl Fleet {
             .map(|k| {
                 let region = if k % 2 == 0 { "east" } else { "west" };
                 let tier = if k < 5 { "cdn" } else { "retail" };
-                Arc::new(
-                    Labels::from_pairs([("topology.kubernetes.io/region", region), ("tier", tier)])
-                        .unwrap(),
-                )
+                Arc::new(Labels::from_pairs([("topology.kubernetes.io/region", region), ("tier", tier)]).unwrap())
             })
             .collect();
         let mut agents = Vec::new();
         let mut nodes = Vec::new();
         for i in 0..n {
             let name = NodeName::new(format!("cn-{}-s{:03}-{i:05}", i % 7, i / 13)).unwrap();
-            let identity = AgentIdentity {
-                name: name.clone(),
-                labels: label_sets[i % 6].clone(),
-                info: info.clone(),
-            };
+            let identity = AgentIdentity { name: name.clone(), labels: label_sets[i % 6].clone(), info: info.clone() };
             let boot = (stable_hash(9, name.as_str().as_bytes()) as u32).max(1);
             agents.push(Agent::new(config.clone(), identity, boot, None));
             nodes.push(hub.connect(name).unwrap());
@@ -122,12 +111,7 @@ impl Fleet {
     /// Hands one input to agent `i` and carries its outputs to the hub.
     fn input(&mut self, i: usize, input: AgentInput<'_>) {
         self.out.clear();
-        self.agents[i].handle(
-            input,
-            Timestamp::from_millis(self.now),
-            &mut self.runtime,
-            &mut self.out,
-        );
+        self.agents[i].handle(input, Timestamp::from_millis(self.now), &mut self.runtime, &mut self.out);
         let node = &self.nodes[i];
         for change in self.out.groups.drain(..) {
             match change {
@@ -143,8 +127,7 @@ impl Fleet {
 
     fn engine(&mut self, input: Input<'_>) {
         self.eout.clear();
-        self.engine
-            .handle(input, Timestamp::from_millis(self.now), &mut self.eout);
+        self.engine.handle(input, Timestamp::from_millis(self.now), &mut self.eout);
         self.events.append(&mut self.eout.events);
         if !self.eout.messages.is_empty() {
             let batch = std::mem::take(&mut self.eout.messages);
@@ -163,27 +146,18 @@ impl Fleet {
                 };
                 moved = true;
                 for d in batch {
-                    let is_spec = protocol::peek_kind(&d.payload, &Default::default()).ok()
-                        == Some(MessageKind::WorkloadSpec);
+                    let is_spec =
+                        protocol::peek_kind(&d.payload, &Default::default()).ok() == Some(MessageKind::WorkloadSpec);
                     if is_spec {
                         let key = d.payload.as_ptr() as usize;
                         let (_, w, t) = self.specs.entry(key).or_insert_with(|| {
-                            let Ok(Message::WorkloadSpec(s)) =
-                                protocol::decode(&d.payload, &Default::default())
-                            else {
+                            let Ok(Message::WorkloadSpec(s)) = protocol::decode(&d.payload, &Default::default()) else {
                                 panic!("undecodable spec")
                             };
                             (d.payload.clone(), Arc::new(s.workload), s.wave_threshold)
                         });
                         let (w, t) = (w.clone(), *t);
-                        self.input(
-                            i,
-                            AgentInput::SharedSpec {
-                                workload: &w,
-                                wave_threshold: t,
-                                from: &d.from,
-                            },
-                        );
+                        self.input(i, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
                     } else {
                         self.input(i, AgentInput::Delivery(&d));
                     }
@@ -204,10 +178,7 @@ impl Fleet {
     fn step(&mut self) {
         self.now += STEP_MS;
         for i in 0..self.agents.len() {
-            if self.agents[i]
-                .next_wake()
-                .is_some_and(|t| t.as_millis() <= self.now)
-            {
+            if self.agents[i].next_wake().is_some_and(|t| t.as_millis() <= self.now) {
                 self.input(i, AgentInput::Tick);
             }
         }
@@ -223,10 +194,7 @@ impl Fleet {
             }
             self.step();
         }
-        panic!(
-            "not {what} after {max_steps} steps; events: {:?}",
-            self.events
-        );
+        panic!("not {what} after {max_steps} steps; events: {:?}", self.events);
     }
 
     fn converged(&mut self) -> bool {
@@ -237,17 +205,11 @@ impl Fleet {
     }
 
     fn version_of(&self, i: usize, id: &WorkloadId) -> Option<u64> {
-        self.agents[i]
-            .workloads()
-            .find(|(w, _)| w.id == *id)
-            .map(|(w, _)| w.version)
+        self.agents[i].workloads().find(|(w, _)| w.id == *id).map(|(w, _)| w.version)
     }
 
     fn apply(&mut self, workload: Workload) {
-        self.engine(Input::Workload(&WorkloadCommand::Apply {
-            workload,
-            progress: None,
-        }));
+        self.engine(Input::Workload(&WorkloadCommand::Apply { workload, progress: None }));
         self.settle();
     }
 }
@@ -259,10 +221,7 @@ fn app(version: u64) -> Workload {
         spec: format!("app v{version}").into_bytes(),
         selector: Selector::parse("tier=cdn").unwrap(),
         delivery: DeliveryMode::Broadcast,
-        rollout: RolloutStrategy {
-            waves: vec![10, 50, 100],
-            ..RolloutStrategy::default()
-        },
+        rollout: RolloutStrategy { waves: vec![10, 50, 100], ..RolloutStrategy::default() },
     }
 }
 
@@ -272,13 +231,10 @@ fn fleet_registers_rolls_out_in_waves_halts_on_failures_and_rolls_back() {
     let mut runtime = RecordingRuntime::instant();
     // Version 3 fails on about a third of the nodes.
     runtime.outcome_with(|node, w| {
-        (w.version == 3 && stable_hash(3, node.as_str().as_bytes()).is_multiple_of(3))
-            .then_some(WorkloadPhase::Failed)
+        (w.version == 3 && stable_hash(3, node.as_str().as_bytes()).is_multiple_of(3)).then_some(WorkloadPhase::Failed)
     });
     let mut fleet = Fleet::new(N, runtime);
-    fleet.run_until(20, "registered", |f| {
-        f.agents.iter().all(|a| a.link() == LinkState::Registered)
-    });
+    fleet.run_until(20, "registered", |f| f.agents.iter().all(|a| a.link() == LinkState::Registered));
     assert_eq!(fleet.engine.stats().registered_new, N as u64);
     // Groups came from the ack.
     assert!(fleet.agents.iter().all(|a| a.groups().len() == 1));
@@ -286,38 +242,20 @@ fn fleet_registers_rolls_out_in_waves_halts_on_failures_and_rolls_back() {
     // A broadcast workload in waves [10, 50, 100]: every wave is reached and everyone converges.
     let id = app(1).id.clone();
     fleet.apply(app(1));
-    let reached_first: usize = (0..N)
-        .filter(|&i| fleet.version_of(i, &id) == Some(1))
-        .count();
-    assert!(
-        (10..70).contains(&reached_first),
-        "first wave reached {reached_first} of {N}"
-    );
+    let reached_first: usize = (0..N).filter(|&i| fleet.version_of(i, &id) == Some(1)).count();
+    assert!((10..70).contains(&reached_first), "first wave reached {reached_first} of {N}");
     fleet.run_until(200, "rolled out", |f| {
-        f.events
-            .iter()
-            .any(|e| matches!(e, EngineEvent::RolloutComplete { .. }))
-            && f.converged()
+        f.events.iter().any(|e| matches!(e, EngineEvent::RolloutComplete { .. })) && f.converged()
     });
     let waves: Vec<usize> = fleet
         .events
         .iter()
-        .filter_map(|e| {
-            if let EngineEvent::WaveAdvanced { wave, .. } = e {
-                Some(*wave)
-            } else {
-                None
-            }
-        })
+        .filter_map(|e| if let EngineEvent::WaveAdvanced { wave, .. } = e { Some(*wave) } else { None })
         .collect();
     assert_eq!(waves, [1, 2]);
     let cdn = |f: &Fleet, i: usize| f.agents[i].labels().get("tier") == Some("cdn");
     for i in 0..N {
-        assert_eq!(
-            fleet.version_of(i, &id),
-            cdn(&fleet, i).then_some(1),
-            "node {i}"
-        );
+        assert_eq!(fleet.version_of(i, &id), cdn(&fleet, i).then_some(1), "node {i}");
     }
 
     // Version 2 rolls out fine; nodes outside the reached waves keep version 1 meanwhile.
@@ -330,43 +268,20 @@ fn fleet_registers_rolls_out_in_waves_halts_on_failures_and_rolls_back() {
     });
     assert!(v1 > 0 && v2 > 0 && v1 > v2, "v1 {v1}, v2 {v2}");
     fleet.run_until(200, "v2 rolled out", |f| {
-        f.events
-            .iter()
-            .any(|e| matches!(e, EngineEvent::RolloutComplete { .. }))
-            && f.converged()
+        f.events.iter().any(|e| matches!(e, EngineEvent::RolloutComplete { .. })) && f.converged()
     });
 
     // Version 3 fails on some nodes: the rollout halts in its first wave.
     fleet.events.clear();
     fleet.apply(app(3));
-    fleet.run_until(100, "halted", |f| {
-        f.events
-            .iter()
-            .any(|e| matches!(e, EngineEvent::RolloutHalted { .. }))
-    });
-    assert!(
-        !fleet
-            .events
-            .iter()
-            .any(|e| matches!(e, EngineEvent::WaveAdvanced { .. })),
-        "{:?}",
-        fleet.events
-    );
+    fleet.run_until(100, "halted", |f| f.events.iter().any(|e| matches!(e, EngineEvent::RolloutHalted { .. })));
+    assert!(!fleet.events.iter().any(|e| matches!(e, EngineEvent::WaveAdvanced { .. })), "{:?}", fleet.events);
     let failed = (0..N)
-        .filter(|&i| {
-            fleet.agents[i]
-                .workloads()
-                .any(|(w, p)| w.version == 3 && p == WorkloadPhase::Failed)
-        })
+        .filter(|&i| fleet.agents[i].workloads().any(|(w, p)| w.version == 3 && p == WorkloadPhase::Failed))
         .count();
     assert!(failed > 0);
-    let on_v3 = (0..N)
-        .filter(|&i| fleet.version_of(i, &id) == Some(3))
-        .count();
-    assert!(
-        on_v3 < N / 5,
-        "the halt kept v3 to the first wave ({on_v3})"
-    );
+    let on_v3 = (0..N).filter(|&i| fleet.version_of(i, &id) == Some(3)).count();
+    assert!(on_v3 < N / 5, "the halt kept v3 to the first wave ({on_v3})");
     // Even halted, the fleet is consistent with the engine's desired state.
     fleet.run_until(100, "converged while halted", Fleet::converged);
 
@@ -376,27 +291,16 @@ fn fleet_registers_rolls_out_in_waves_halts_on_failures_and_rolls_back() {
     fleet.settle();
     fleet.run_until(100, "rolled back", Fleet::converged);
     for i in 0..N {
-        assert_eq!(
-            fleet.version_of(i, &id),
-            cdn(&fleet, i).then_some(2),
-            "node {i}"
-        );
+        assert_eq!(fleet.version_of(i, &id), cdn(&fleet, i).then_some(2), "node {i}");
     }
-    assert!(
-        fleet
-            .agents
-            .iter()
-            .all(|a| a.workloads().all(|(_, p)| p == WorkloadPhase::Running))
-    );
+    assert!(fleet.agents.iter().all(|a| a.workloads().all(|(_, p)| p == WorkloadPhase::Running)));
 }
 
 #[test]
 fn group_delivery_and_catch_up_after_a_partition() {
     const N: usize = 120;
     let mut fleet = Fleet::new(N, RecordingRuntime::instant());
-    fleet.run_until(20, "registered", |f| {
-        f.agents.iter().all(|a| a.link() == LinkState::Registered)
-    });
+    fleet.run_until(20, "registered", |f| f.agents.iter().all(|a| a.link() == LinkState::Registered));
     // A workload for the east region, delivered on the region's group topic.
     let east = Workload {
         id: WorkloadId::new("default/east-only").unwrap(),
@@ -407,42 +311,20 @@ fn group_delivery_and_catch_up_after_a_partition() {
         rollout: RolloutStrategy::default(),
     };
     // Cut one east node off (its deliveries are lost), apply, then let it back.
-    let cut = (0..N)
-        .find(|&i| {
-            fleet.agents[i]
-                .labels()
-                .get("topology.kubernetes.io/region")
-                == Some("east")
-        })
-        .unwrap();
+    let cut = (0..N).find(|&i| fleet.agents[i].labels().get("topology.kubernetes.io/region") == Some("east")).unwrap();
     fleet.input(cut, AgentInput::Disconnected);
     fleet.nodes[cut].close();
     fleet.apply(east.clone());
     // The cut node holds the rollout until the engine sees it offline (3 heartbeat intervals).
-    fleet.run_until(100, "complete", |f| {
-        f.events
-            .iter()
-            .any(|e| matches!(e, EngineEvent::RolloutComplete { .. }))
-    });
-    assert_eq!(
-        fleet.version_of(cut, &east.id),
-        None,
-        "the partitioned node missed the spec"
-    );
+    fleet.run_until(100, "complete", |f| f.events.iter().any(|e| matches!(e, EngineEvent::RolloutComplete { .. })));
+    assert_eq!(fleet.version_of(cut, &east.id), None, "the partitioned node missed the spec");
     // Back: a new session, re-registration, the group's retained spec (or a catch-up) arrives.
     let name = fleet.agents[cut].name().clone();
     fleet.nodes[cut] = fleet._hub.connect(name).unwrap();
     fleet.input(cut, AgentInput::Connected);
     fleet.run_until(60, "converged", Fleet::converged);
     for i in 0..N {
-        let is_east = fleet.agents[i]
-            .labels()
-            .get("topology.kubernetes.io/region")
-            == Some("east");
-        assert_eq!(
-            fleet.version_of(i, &east.id),
-            is_east.then_some(1),
-            "node {i}"
-        );
+        let is_east = fleet.agents[i].labels().get("topology.kubernetes.io/region") == Some("east");
+        assert_eq!(fleet.version_of(i, &east.id), is_east.then_some(1), "node {i}");
     }
 }
