@@ -402,3 +402,101 @@ pub async fn run_query_controller(
         .for_each(|_| async {})
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response};
+    use kole_core::engine::RolloutPhase;
+    use kube::client::Body;
+
+    fn status(id: &WorkloadId, ready: u32) -> WorkloadStatus {
+        WorkloadStatus {
+            id: id.clone(),
+            version: 1,
+            targeted: 100,
+            updated: ready,
+            ready,
+            failed: 0,
+            by_version: vec![(1, ready)],
+            wave: 0,
+            waves: 1,
+            phase: RolloutPhase::Progressing,
+        }
+    }
+
+    /// A rollout's stream of status changes costs one status write per interval, carrying the latest.
+    #[tokio::test(start_paused = true)]
+    async fn status_writes_are_coalesced_per_interval() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let cfg = ControllerConfig { status_interval: Duration::from_secs(2), ..Default::default() };
+        let (tx, rx) = mpsc::channel(1024);
+        let writer = tokio::spawn(run_status_writer(client, cfg, AppliedMap::default(), rx, None));
+        let id = WorkloadId::new("edge/cdn").unwrap();
+        for ready in 1..=100 {
+            tx.send(DriverEvent::Status(status(&id, ready))).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(req.uri().path(), "/apis/kole.dev/v1alpha1/namespaces/edge/edgeworkloads/cdn/status");
+        assert_eq!(req.headers().get("content-type").unwrap(), "application/merge-patch+json");
+        let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(body["status"]["ready"], 100, "the latest status wins");
+        assert_eq!(body["status"]["observedGeneration"], 1);
+        let obj = serde_json::json!({"apiVersion": "kole.dev/v1alpha1", "kind": "EdgeWorkload",
+            "metadata": {"name": "cdn", "namespace": "edge"}, "spec": {"runtime": {"image": "x"}}});
+        send.send_response(
+            Response::builder().status(200).body(Body::from(serde_json::to_vec(&obj).unwrap())).unwrap(),
+        );
+        // Nothing changed since: no further write, however long we wait.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!matches!(tokio::time::timeout(Duration::from_millis(10), handle.next_request()).await, Ok(Some(_))));
+        drop(tx);
+        writer.await.unwrap();
+    }
+
+    #[test]
+    fn queries_answer_from_the_cache_with_pages_and_summary() {
+        use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeRegistration};
+        let mut cache = NodeCache::new();
+        for i in 0..10u32 {
+            let reg = NodeRegistration {
+                name: NodeName::new(format!("n{i}")).unwrap(),
+                labels: Labels::from_pairs([("tier", if i % 2 == 0 { "cdn" } else { "pos" })]).unwrap(),
+                info: NodeInfo::default(),
+                applied: DesiredDigest::EMPTY,
+                workloads: vec![],
+            };
+            cache.register(&reg, 1, Timestamp::from_secs(100)).unwrap();
+        }
+        cache.set_phase("n0", NodePhase::Offline).unwrap();
+        let spec = crate::crd::NodeQuerySpec {
+            names: vec![],
+            selector: Some(crate::crd::SelectorSpec {
+                match_labels: [("tier".to_owned(), "cdn".to_owned())].into(),
+                ..Default::default()
+            }),
+            phase: None,
+            limit: 2,
+            continue_: None,
+            ttl_seconds: 60,
+            refresh: None,
+        };
+        let a = answer_query(&cache, &spec, Timestamp::from_secs(200));
+        assert_eq!(a.summary, QuerySummary { matched: 5, online: 4, offline: 1, registering: 0 });
+        assert_eq!(a.returned, 2);
+        assert_eq!(a.answered_at.as_deref(), Some("1970-01-01T00:03:20Z"));
+        let mut next = spec.clone();
+        next.continue_ = a.continue_.clone();
+        let b = answer_query(&cache, &next, Timestamp::from_secs(200));
+        assert!(b.items.iter().all(|i| !a.items.contains(i)));
+        let mut bad = spec;
+        bad.selector = Some(crate::crd::SelectorSpec {
+            match_labels: [("bad key!".to_owned(), "x".to_owned())].into(),
+            ..Default::default()
+        });
+        assert!(answer_query(&cache, &bad, Timestamp::from_secs(200)).error.unwrap().contains("spec.selector"));
+    }
+}
