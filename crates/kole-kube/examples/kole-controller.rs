@@ -263,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
         ));
         let ecfg = EngineConfig {
             heartbeat_interval_ms: opts.heartbeat_ms,
+            convergence_grace_ms: 2 * u64::from(opts.heartbeat_ms),
             snapshot_interval_ms: opts.snapshot_interval_ms,
             ..Default::default()
         };

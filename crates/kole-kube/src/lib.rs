@@ -2,7 +2,7 @@
 //!
 //! The Kubernetes side of kole, on kube-rs: custom resources for workloads, node queries and
 //! snapshots (group `kole.dev`, version `v1alpha1`), a [`kole_core::snapshot::SnapshotStore`] on
-//! custom resources, and the conversions between the resources and kole-core's model.
+//! custom resources, the workload, status and query controllers, and Lease leader election.
 //!
 //! Entry points:
 //! - [`crd`]: [`crd::EdgeWorkload`], [`crd::NodeQuery`], [`crd::SnapshotManifest`],
@@ -11,7 +11,14 @@
 //! - [`convert`]: an `EdgeWorkload` as a validated [`kole_core::model::Workload`], status from
 //!   [`kole_core::engine::WorkloadStatus`];
 //! - [`snapshot::KubeSnapshotStore`]: snapshot generations as `SnapshotChunk` objects plus one
-//!   `SnapshotManifest` moved with a `resourceVersion` precondition.
+//!   `SnapshotManifest` moved with a `resourceVersion` precondition;
+//! - [`controller`]: [`controller::run_workload_controller`] (EdgeWorkload changes → engine
+//!   commands, with a finalizer), [`controller::run_status_writer`] (coalesced, rate-bounded status
+//!   writes) and [`controller::run_query_controller`] (NodeQuery answers from the cache);
+//! - [`lease::LeaderElector`]: one active controller per fleet on a `coordination.k8s.io/v1` Lease.
+//!
+//! The assembled controller is the `kole-controller` example (`/healthz`, `/readyz`, `/metrics`);
+//! `deploy/` holds the namespace, RBAC, CRDs and Deployment.
 //!
 //! This crate picks no `k8s-openapi` version feature: the binary or test that links it does
 //! (kole's own tests use `v1_33`, the earliest of k8s-openapi 0.29; the resources themselves use only
