@@ -242,7 +242,8 @@ pub async fn run_status_writer(
 ) {
     let mut dirty: BTreeMap<WorkloadId, WorkloadStatus> = BTreeMap::new();
     let mut written: HashMap<WorkloadId, crate::crd::EdgeWorkloadStatus> = HashMap::new();
-    let mut ticker = tokio::time::interval(cfg.status_interval);
+    // The first write waits one interval too, so a burst at start-up is coalesced like any other.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.status_interval, cfg.status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
