@@ -150,11 +150,52 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
             commands.push(WorkloadCommand::Apply { workload, progress: None });
         }
         None => {
-            // First sight in this controller's life: resume from the status a previous life wrote.
-            let progress = convert::progress_from_status(&obj).unwrap_or(None);
-            state.previous = obj.status.as_ref().and_then(|s| s.previous.clone());
-            state.current = Some(AppliedVersion { version: workload.version, spec: obj.spec.clone() });
-            commands.push(WorkloadCommand::Apply { workload, progress });
+            // First sight in this controller's life: resume what a previous life persisted in status,
+            // then move on to the object's spec if it changed meanwhile.
+            let status = obj.status.as_ref();
+            let resumed = convert::resume_from_status(&obj).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "persisted rollout state unusable; starting the rollout over");
+                None
+            });
+            match resumed {
+                Some((old, progress)) if old.version == workload.version => {
+                    state.previous = status.and_then(|s| s.previous.clone());
+                    state.current = status.and_then(|s| s.current.clone());
+                    commands.push(WorkloadCommand::Apply { workload, progress: Some(progress) });
+                }
+                Some((old, progress)) => {
+                    let old_applied = status.and_then(|s| s.current.clone());
+                    commands.push(WorkloadCommand::Apply { workload: old, progress: Some(progress) });
+                    match old_applied {
+                        Some(cur) if same_but_controls(&cur.spec, &obj.spec) => {
+                            if controls.0 != cur.spec.rollout.paused {
+                                commands.push(if controls.0 {
+                                    WorkloadCommand::Pause(id.clone())
+                                } else {
+                                    WorkloadCommand::Resume(id.clone())
+                                });
+                            }
+                            if controls.1 && !cur.spec.rollout.rollback {
+                                commands.push(WorkloadCommand::Rollback(id.clone()));
+                            }
+                            state.previous = status.and_then(|s| s.previous.clone());
+                            state.current = Some(cur);
+                        }
+                        cur => {
+                            state.previous = cur;
+                            state.current = Some(AppliedVersion { version: workload.version, spec: obj.spec.clone() });
+                            commands.push(WorkloadCommand::Apply { workload, progress: None });
+                        }
+                    }
+                }
+                None => {
+                    // A status without `current` still resumes when it describes this generation.
+                    let progress = convert::progress_from_status(&obj).unwrap_or(None);
+                    state.previous = status.and_then(|s| s.previous.clone());
+                    state.current = Some(AppliedVersion { version: workload.version, spec: obj.spec.clone() });
+                    commands.push(WorkloadCommand::Apply { workload, progress });
+                }
+            }
         }
     }
     state.paused = controls.0;
@@ -275,9 +316,13 @@ async fn flush_statuses(
     let writes: Vec<_> = batch
         .into_values()
         .filter_map(|s| {
-            let previous =
-                applied.lock().unwrap_or_else(|p| p.into_inner()).get(&s.id).and_then(|a| a.previous.clone());
-            let status = convert::status_from_engine(&s, previous, written.get(&s.id), t);
+            let (previous, current) = applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&s.id)
+                .map(|a| (a.previous.clone(), a.current.clone()))
+                .unwrap_or_default();
+            let status = convert::status_from_engine(&s, previous, current, written.get(&s.id), t);
             (written.get(&s.id) != Some(&status)).then_some((s.id, status))
         })
         .collect();

@@ -109,6 +109,28 @@ pub fn progress_from_status(obj: &EdgeWorkload) -> Result<Option<RolloutProgress
     Ok(Some(RolloutProgress { wave: status.current_wave as usize, phase, previous, published: status.published }))
 }
 
+/// The version the engine ran and its rollout position, as a previous controller persisted them in
+/// status (whatever the object's generation is now): a restarted controller hands them to the engine
+/// first, then the object's current spec when it differs.
+pub fn resume_from_status(obj: &EdgeWorkload) -> Result<Option<(Workload, RolloutProgress)>> {
+    let Some(status) = &obj.status else { return Ok(None) };
+    let Some(current) = &status.current else { return Ok(None) };
+    let id = workload_id(obj)?;
+    let workload = workload_from_spec(&id, current.version, &current.spec)?;
+    let previous = match &status.previous {
+        Some(p) => Some(workload_from_spec(&id, p.version, &p.spec)?),
+        None => None,
+    };
+    let phase = match status.rollout_phase.unwrap_or_default() {
+        RolloutPhaseSpec::Progressing => RolloutPhase::Progressing,
+        RolloutPhaseSpec::Paused => RolloutPhase::Paused,
+        RolloutPhaseSpec::Halted => RolloutPhase::Halted,
+        RolloutPhaseSpec::Complete => RolloutPhase::Complete,
+    };
+    let progress = RolloutProgress { wave: status.current_wave as usize, phase, previous, published: status.published };
+    Ok(Some((workload, progress)))
+}
+
 /// The status phase of an engine rollout phase.
 pub fn phase_spec(phase: RolloutPhase) -> RolloutPhaseSpec {
     match phase {
@@ -124,6 +146,7 @@ pub fn phase_spec(phase: RolloutPhase) -> RolloutPhaseSpec {
 pub fn status_from_engine(
     s: &WorkloadStatus,
     previous: Option<AppliedVersion>,
+    current: Option<AppliedVersion>,
     old: Option<&EdgeWorkloadStatus>,
     now: Timestamp,
 ) -> EdgeWorkloadStatus {
@@ -179,6 +202,7 @@ pub fn status_from_engine(
         conditions,
         published: true,
         previous,
+        current,
     }
 }
 
@@ -336,7 +360,8 @@ mod tests {
             phase: RolloutPhase::Paused,
         };
         let prev = AppliedVersion { version: 2, spec: spec() };
-        let st = status_from_engine(&s, Some(prev), None, Timestamp::from_secs(10));
+        let cur = AppliedVersion { version: 3, spec: spec() };
+        let st = status_from_engine(&s, Some(prev), Some(cur), None, Timestamp::from_secs(10));
         let mut o = object(spec());
         o.status = Some(st);
         let p = progress_from_status(&o).unwrap().unwrap();
@@ -345,5 +370,8 @@ mod tests {
         assert_eq!(p.previous.unwrap().version, 2);
         o.metadata.generation = Some(4);
         assert!(progress_from_status(&o).unwrap().is_none());
+        // The spec changed while no controller ran: the old version and its position come back.
+        let (old, p) = resume_from_status(&o).unwrap().unwrap();
+        assert_eq!((old.version, p.wave, p.previous.map(|w| w.version)), (3, 1, Some(2)));
     }
 }

@@ -281,6 +281,10 @@ pub struct EdgeWorkloadStatus {
     /// The version nodes outside the reached waves keep (and a rollback returns to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<AppliedVersion>,
+    /// The version the engine runs (the spec at `observedGeneration`), so a controller that
+    /// restarts after the object changed resumes the old rollout before starting the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<AppliedVersion>,
 }
 
 /// Node phase filter of a [`NodeQuery`].
