@@ -1,12 +1,74 @@
 //! # kole-mqtt
 //!
-//! The MQTT side of kole: the [`kole_core::transport::MessageTransport`] trait over an MQTT broker,
-//! cloud side and node side, the topic layout of `docs/protocol.md`, broker ACL templates, and an
-//! embedded broker for the zero-setup default.
+//! kole's transport over MQTT ([rumqttc](https://docs.rs/rumqttc), MQTT 3.1.1): both sides of
+//! [`kole_core::transport`], the topic layout of `docs/protocol.md` ([`topics`]) and, with the
+//! default feature `embedded-broker`, an in-process broker for zero-setup use.
 //!
-//! **Status: skeleton.** The implementation is tracked by the issue "kole-mqtt: the MQTT transport,
-//! an embedded broker, and a million nodes over a real broker". Until then the in-memory transport
-//! of `kole-core` is the only one. This crate currently exports the topic layout, which the
-//! protocol document fixes and both sides will share.
+//! Entry points:
+//!
+//! - [`MqttCloud`] — the controller's side ([`CloudTransport`](kole_core::transport::CloudTransport)):
+//!   a pool of connections to every broker of the fleet, per-node routing by [`broker_for`],
+//!   fan-out to every broker, reconnect with jittered backoff and re-subscription.
+//! - [`MqttNode`] / [`MqttConnector`] — a node's side
+//!   ([`NodeTransport`](kole_core::transport::NodeTransport)) and the agent driver's
+//!   [`Connector`](kole_core::agent::driver::Connector).
+//! - [`CloudConfig`], [`NodeConfig`], [`BrokerAddr`], [`Credentials`] — settings with documented
+//!   defaults.
+//! - [`EmbeddedBroker`] (feature `embedded-broker`) — a broker on `127.0.0.1:0` for tests and demos.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use kole_core::model::NodeName;
+//! use kole_core::protocol::Topics;
+//! use kole_core::transport::CloudTransport;
+//! use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, MqttCloud, MqttConnector, NodeConfig};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let topics = Topics::new("prod-eu")?;
+//! let brokers: Vec<BrokerAddr> = vec!["mqtt://10.0.0.1:1883".parse()?, "mqtt://10.0.0.2:1883".parse()?];
+//! let cloud = MqttCloud::connect(topics.clone(), CloudConfig {
+//!     brokers: brokers.clone(),
+//!     credentials: Some(Credentials { username: "kole-controller".into(), password: "secret".into() }),
+//!     ..CloudConfig::default()
+//! }).await?;
+//! let cloud: Arc<dyn CloudTransport> = Arc::new(cloud); // hand it to kole_core's EngineDriver
+//!
+//! // On an edge node: its connector for `run_agent`.
+//! let node = NodeName::new("edge-1")?;
+//! let connector = MqttConnector::new(topics, node, NodeConfig {
+//!     brokers,
+//!     password: Some("edge-1-token".into()),
+//!     ..NodeConfig::default()
+//! })?;
+//! # let _ = (cloud, connector); Ok(())
+//! # }
+//! ```
+//!
+//! ## Why MQTT 3.1.1
+//!
+//! kole uses no MQTT 5 feature: sessions are clean (subscriptions are made again after every
+//! connect, so no session expiry has to be managed), messages carry no expiry (specs are retained
+//! until replaced or deleted, everything else is repaired by the heartbeat digest), and identity is
+//! the user name plus the topic. rumqttc's 3.1.1 client is its most used and tested path, and every
+//! broker kole targets (Mosquitto, EMQX, VerneMQ, HiveMQ and the embedded one) speaks it.
 
+#[cfg(feature = "embedded-broker")]
+mod broker;
+mod cloud;
+mod config;
+mod conn;
+mod error;
+mod inbox;
+mod node;
+
+#[cfg(feature = "embedded-broker")]
+pub use broker::{EmbeddedBroker, EmbeddedBrokerConfig};
+pub use cloud::{CloudStats, DOWNLINK_QOS, MqttCloud};
+#[cfg(feature = "tls")]
+pub use config::TlsSettings;
+pub use config::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, NodeConfig, broker_for};
+pub use conn::check_client_id;
+pub use error::{Error, Result};
 pub use kole_core::protocol::topics;
+pub use node::{MqttConnector, MqttNode, NodeStats, uplink_qos};
+pub use rumqttc::QoS;

@@ -101,12 +101,23 @@ fn json_string(out: &mut String, s: &str) {
 pub struct Table {
     title: String,
     rows: Vec<[String; 4]>,
+    header: [&'static str; 4],
 }
 
 impl Table {
     /// A table with a title line.
     pub fn new(title: impl Into<String>) -> Self {
-        Self { title: title.into(), rows: Vec::new() }
+        Self {
+            title: title.into(),
+            rows: Vec::new(),
+            header: ["figure", "kole (measured)", "KOLE (paper)", "kole target"],
+        }
+    }
+
+    /// Renames the column headers (an empty last header drops the target column).
+    pub fn with_header(mut self, header: [&'static str; 4]) -> Self {
+        self.header = header;
+        self
     }
 
     /// Adds a row.
@@ -116,7 +127,8 @@ impl Table {
 
     /// Renders with aligned columns.
     pub fn render(&self) -> String {
-        let header = ["figure", "kole (measured)", "KOLE (paper)", "kole target"];
+        let header = self.header;
+        let cols = if header[3].is_empty() { 3 } else { 4 };
         let mut w = header.map(str::len);
         for r in &self.rows {
             for (i, c) in r.iter().enumerate() {
@@ -125,18 +137,12 @@ impl Table {
         }
         let mut s = format!("{}\n", self.title);
         let line = |s: &mut String, cells: [&str; 4]| {
-            let _ = writeln!(
-                s,
-                "  {:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}",
-                cells[0],
-                cells[1],
-                cells[2],
-                cells[3],
-                w0 = w[0],
-                w1 = w[1],
-                w2 = w[2],
-                w3 = w[3]
-            );
+            let _ =
+                write!(s, "  {:<w0$}  {:>w1$}  {:>w2$}", cells[0], cells[1], cells[2], w0 = w[0], w1 = w[1], w2 = w[2]);
+            if cols == 4 {
+                let _ = write!(s, "  {:>w3$}", cells[3], w3 = w[3]);
+            }
+            s.push('\n');
         };
         line(&mut s, header);
         let rule: Vec<String> = w.iter().map(|&n| "-".repeat(n)).collect();

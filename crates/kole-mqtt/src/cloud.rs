@@ -1,0 +1,415 @@
+//! The controller's side: [`MqttCloud`], a pool of MQTT connections to every broker of the fleet.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kole_core::agent::Jitter;
+use kole_core::model::{mix64, stable_hash};
+use kole_core::protocol::{Topics, UplinkKind};
+use kole_core::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound, TransportError};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CloudConfig, broker_for};
+use crate::inbox::{Inbox, InboxSender};
+use crate::{Error, Result, conn};
+
+/// The QoS of every downlink message (`docs/protocol.md` §4): QoS 1, so a connected node gets it
+/// unless its session ends; the heartbeat digest repairs the rest.
+pub const DOWNLINK_QOS: QoS = QoS::AtLeastOnce;
+
+/// Counters of an [`MqttCloud`], since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloudStats {
+    /// Successful (re)connections over all connections.
+    pub connects: u64,
+    /// Lost connections and failed connection attempts.
+    pub connection_errors: u64,
+    /// Connections up now.
+    pub connected: usize,
+    /// Uplink messages handed to `recv`'s inbox.
+    pub received: u64,
+    /// Uplink messages dropped because the inbox was full.
+    pub dropped_full: u64,
+    /// Messages received on a topic outside the uplink layout (ignored, never reach the engine).
+    pub bad_topic: u64,
+    /// Downlink publishes handed to the MQTT clients (a fan-out counts once per broker).
+    pub published: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connects: AtomicU64,
+    connection_errors: AtomicU64,
+    received: AtomicU64,
+    bad_topic: AtomicU64,
+    published: AtomicU64,
+}
+
+struct Publish {
+    topic: String,
+    retain: bool,
+    payload: Vec<u8>,
+}
+
+struct Chunk {
+    msgs: Vec<Publish>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+struct Connection {
+    outbox: mpsc::UnboundedSender<Chunk>,
+    permits: Arc<Semaphore>,
+    up: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk").field("msgs", &self.msgs.len()).finish()
+    }
+}
+
+/// The controller's MQTT transport: `connections_per_broker` clean-session connections to each
+/// broker of [`CloudConfig::brokers`], all reconnecting on their own with jittered exponential
+/// backoff and subscribing again after every reconnect.
+///
+/// - **Receive**: each broker's connections subscribe to the uplink filters (heartbeats on a
+///   connection of their own when [`CloudConfig::split_heartbeats`]); every message is stamped
+///   with the node of its topic ([`Topics::parse_uplink`]) and queued in one bounded inbox.
+/// - **Send**: a message for one node goes to the node's broker ([`broker_for`]), on the connection
+///   its name hashes to (so one node's messages stay in order); a fan-out (fleet, group, spec) goes
+///   to connection 0 of every broker. Bounded outboxes give back-pressure: `send` waits for room up
+///   to [`CloudConfig::send_timeout`], then returns [`TransportError::Full`].
+#[derive(Debug)]
+pub struct MqttCloud {
+    topics: Topics,
+    brokers: Vec<Vec<Connection>>,
+    inbox: Inbox<Inbound>,
+    closed: CancellationToken,
+    counters: Arc<Counters>,
+    max_payload: usize,
+    send_timeout: Duration,
+    outbox_capacity: usize,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl MqttCloud {
+    /// Opens every connection and waits until each one is connected and subscribed (up to the
+    /// connect timeout; then fails and closes everything).
+    pub async fn connect(topics: Topics, cfg: CloudConfig) -> Result<Self> {
+        conn::check_client_id("controller client id", &cfg.client_id)?;
+        if cfg.brokers.is_empty() {
+            return Err(Error::Config("CloudConfig::brokers is empty".into()));
+        }
+        if cfg.connections_per_broker == 0 || cfg.connections_per_broker > 1024 {
+            return Err(Error::Config("CloudConfig::connections_per_broker must be 1..=1024".into()));
+        }
+        let per = cfg.connections_per_broker;
+        let (tx, inbox) = Inbox::new(cfg.inbox_capacity);
+        let closed = CancellationToken::new();
+        let counters = Arc::new(Counters::default());
+        let (ready_tx, mut ready_rx) = mpsc::channel::<()>(cfg.brokers.len() * per);
+        let mut tasks = Vec::new();
+        let mut brokers = Vec::with_capacity(cfg.brokers.len());
+        for (b, broker) in cfg.brokers.iter().enumerate() {
+            let mut conns = Vec::with_capacity(per);
+            for c in 0..per {
+                let id = format!("{}-{b}-{c}", cfg.client_id);
+                let creds = cfg.credentials.as_ref().map(|c| (c.username.as_str(), c.password.as_str()));
+                let opts = conn::options(broker, &id, creds, &cfg.connection)?;
+                let (client, eventloop) = conn::client(opts, &cfg.connection);
+                let filters = uplink_filters(&topics, c, per, cfg.split_heartbeats);
+                let up = Arc::new(AtomicBool::new(false));
+                let link = Link {
+                    topics: topics.clone(),
+                    client: client.clone(),
+                    filters,
+                    inbox: tx.clone(),
+                    counters: counters.clone(),
+                    closed: closed.clone(),
+                    reconnect: cfg.reconnect.clone(),
+                    jitter: Jitter::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
+                    ready: Some(ready_tx.clone()),
+                    up: up.clone(),
+                };
+                tasks.push(tokio::spawn(link.run(eventloop)));
+                let (outbox, rx) = mpsc::unbounded_channel();
+                tasks.push(tokio::spawn(publisher(client, rx, closed.clone(), counters.clone())));
+                let permits = Arc::new(Semaphore::new(cfg.outbox_capacity.clamp(1, Semaphore::MAX_PERMITS)));
+                conns.push(Connection { outbox, permits, up });
+            }
+            brokers.push(conns);
+        }
+        drop(ready_tx);
+        drop(tx);
+        let cloud = Self {
+            topics,
+            brokers,
+            inbox,
+            closed,
+            counters,
+            max_payload: cfg.connection.max_packet_bytes.saturating_sub(512),
+            send_timeout: cfg.send_timeout,
+            outbox_capacity: cfg.outbox_capacity.clamp(1, Semaphore::MAX_PERMITS),
+            tasks: std::sync::Mutex::new(tasks),
+        };
+        let total = cfg.brokers.len() * per;
+        let wait = async {
+            for _ in 0..total {
+                ready_rx.recv().await;
+            }
+        };
+        if tokio::time::timeout(cfg.connection.connect_timeout, wait).await.is_err() {
+            cloud.close();
+            let down: Vec<String> = cfg
+                .brokers
+                .iter()
+                .zip(&cloud.brokers)
+                .filter(|(_, conns)| conns.iter().any(|c| !c.up.load(Ordering::Relaxed)))
+                .map(|(b, _)| b.to_string())
+                .collect();
+            return Err(Error::Connect {
+                broker: down.join(", "),
+                reason: format!("not connected and subscribed within {:?}", cfg.connection.connect_timeout),
+            });
+        }
+        Ok(cloud)
+    }
+
+    /// The fleet's topics.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// This transport's counters.
+    pub fn stats(&self) -> CloudStats {
+        let c = &self.counters;
+        CloudStats {
+            connects: c.connects.load(Ordering::Relaxed),
+            connection_errors: c.connection_errors.load(Ordering::Relaxed),
+            connected: self.brokers.iter().flatten().filter(|c| c.up.load(Ordering::Relaxed)).count(),
+            received: c.received.load(Ordering::Relaxed),
+            dropped_full: self.inbox.dropped(),
+            bad_topic: c.bad_topic.load(Ordering::Relaxed),
+            published: c.published.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The inbox capacity.
+    pub fn inbox_capacity(&self) -> usize {
+        self.inbox.capacity()
+    }
+
+    /// Queues `msgs` on connection `(b, c)`, waiting for outbox room until `deadline`.
+    async fn enqueue(
+        &self,
+        b: usize,
+        c: usize,
+        mut msgs: Vec<Publish>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), TransportError> {
+        let conn = &self.brokers[b][c];
+        while !msgs.is_empty() {
+            let rest = msgs.split_off(msgs.len().min(self.outbox_capacity));
+            let n = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
+            let permit = match conn.permits.clone().try_acquire_many_owned(n) {
+                Ok(p) => p,
+                Err(_) => tokio::select! {
+                    () = self.closed.cancelled() => return Err(TransportError::Closed),
+                    p = tokio::time::timeout_at(deadline, conn.permits.clone().acquire_many_owned(n)) => match p {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(_)) => return Err(TransportError::Closed),
+                        Err(_) => return Err(TransportError::Full { queue: "MQTT cloud outbox", capacity: self.outbox_capacity }),
+                    },
+                },
+            };
+            conn.outbox.send(Chunk { msgs, _permit: permit }).map_err(|_| TransportError::Closed)?;
+            msgs = rest;
+        }
+        Ok(())
+    }
+}
+
+/// The uplink filters of connection `c` of `per`.
+fn uplink_filters(topics: &Topics, c: usize, per: usize, split: bool) -> Vec<SubscribeFilter> {
+    let f = |kind| SubscribeFilter::new(topics.uplink_filter(kind), QoS::AtLeastOnce);
+    if per == 1 {
+        vec![SubscribeFilter::new(topics.uplink_filter_all(), QoS::AtLeastOnce)]
+    } else if !split {
+        // Only connection 0 subscribes: two subscriptions would deliver every message twice.
+        if c == 0 { vec![SubscribeFilter::new(topics.uplink_filter_all(), QoS::AtLeastOnce)] } else { vec![] }
+    } else if c == per - 1 {
+        vec![f(UplinkKind::Heartbeat)]
+    } else if c == 0 {
+        vec![f(UplinkKind::Register), f(UplinkKind::Status)]
+    } else {
+        vec![]
+    }
+}
+
+/// One connection's event loop: reconnects with backoff, subscribes after every CONNACK.
+struct Link {
+    topics: Topics,
+    client: AsyncClient,
+    filters: Vec<SubscribeFilter>,
+    inbox: InboxSender<Inbound>,
+    counters: Arc<Counters>,
+    closed: CancellationToken,
+    reconnect: kole_core::agent::RetryPolicy,
+    jitter: Jitter,
+    ready: Option<mpsc::Sender<()>>,
+    up: Arc<AtomicBool>,
+}
+
+impl Link {
+    async fn run(mut self, mut eventloop: EventLoop) {
+        let mut failures: u32 = 0;
+        let mut resubscribe = false;
+        loop {
+            let event = tokio::select! {
+                () = self.closed.cancelled() => break,
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => match self.topics.parse_uplink(&p.topic) {
+                    Ok((node, kind)) => {
+                        self.counters.received.fetch_add(1, Ordering::Relaxed);
+                        self.inbox.push(Inbound { node, kind, payload: p.payload.to_vec() });
+                    }
+                    Err(_) => {
+                        self.counters.bad_topic.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                    self.up.store(true, Ordering::Relaxed);
+                    failures = 0;
+                    // Clean session: the broker forgot our subscriptions, make them again.
+                    if self.filters.is_empty() {
+                        self.signal_ready();
+                    } else {
+                        resubscribe = true;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => self.signal_ready(),
+                Ok(_) => {}
+                Err(_) => {
+                    resubscribe = false;
+                    self.up.store(false, Ordering::Relaxed);
+                    self.counters.connection_errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = self.reconnect.delay_ms(failures, &mut self.jitter);
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        () = self.closed.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    }
+                }
+            }
+            // Never await the request channel here: only this loop drains it. When it is full of
+            // publishes, try again after the next event.
+            if resubscribe && self.client.try_subscribe_many(self.filters.clone()).is_ok() {
+                resubscribe = false;
+            }
+        }
+        self.up.store(false, Ordering::Relaxed);
+    }
+
+    fn signal_ready(&mut self) {
+        if let Some(r) = self.ready.take() {
+            let _ = r.try_send(());
+        }
+    }
+}
+
+/// Hands queued downlink messages to one connection's MQTT client, in order.
+async fn publisher(
+    client: AsyncClient,
+    mut rx: mpsc::UnboundedReceiver<Chunk>,
+    closed: CancellationToken,
+    counters: Arc<Counters>,
+) {
+    loop {
+        let chunk = tokio::select! {
+            () = closed.cancelled() => return,
+            c = rx.recv() => match c { Some(c) => c, None => return },
+        };
+        for m in chunk.msgs {
+            let sent = tokio::select! {
+                () = closed.cancelled() => return,
+                r = client.publish(m.topic, DOWNLINK_QOS, m.retain, m.payload) => r,
+            };
+            if sent.is_err() {
+                return;
+            }
+            counters.published.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl MessageTransport for MqttCloud {
+    fn close(&self) {
+        self.closed.cancel();
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+}
+
+impl Drop for MqttCloud {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[async_trait]
+impl CloudTransport for MqttCloud {
+    async fn send(&self, batch: Vec<Outbound>) -> Result<(), TransportError> {
+        if self.closed.is_cancelled() {
+            return Err(TransportError::Closed);
+        }
+        if let Some(m) = batch.iter().find(|m| m.payload.len() > self.max_payload) {
+            return Err(TransportError::PayloadTooLarge { len: m.payload.len(), max: self.max_payload });
+        }
+        let nb = self.brokers.len();
+        let per = self.brokers.first().map_or(1, Vec::len);
+        let mut queues: Vec<Vec<Publish>> = (0..nb * per).map(|_| Vec::new()).collect();
+        for m in batch {
+            let topic = self.topics.downlink(&m.to);
+            if let Destination::Node(n) = &m.to {
+                let b = broker_for(n.as_str(), nb);
+                let c = (stable_hash(0x636f_6e6e, n.as_str().as_bytes()) % per as u64) as usize;
+                queues[b * per + c].push(Publish { topic, retain: m.retain, payload: m.payload });
+            } else {
+                // Fan-out reaches every broker (each holds its share of the fleet).
+                for b in 0..nb {
+                    queues[b * per].push(Publish {
+                        topic: topic.clone(),
+                        retain: m.retain,
+                        payload: m.payload.clone(),
+                    });
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.send_timeout;
+        for (i, msgs) in queues.into_iter().enumerate() {
+            if !msgs.is_empty() {
+                self.enqueue(i / per, i % per, msgs, deadline).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
+        self.inbox.recv(max, &self.closed).await
+    }
+}

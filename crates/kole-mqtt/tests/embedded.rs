@@ -1,0 +1,213 @@
+//! Round trips of a real engine and real agents through the embedded broker.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{AgentHandle, Controller, bounded, workload};
+use kole_core::agent::{Jitter, RetryPolicy};
+use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, mix64, stable_hash};
+use kole_core::protocol::{self, Message, Register, RegisterOutcome, Topics, UplinkKind};
+use kole_core::snapshot::MemorySnapshotStore;
+use kole_core::transport::{NodePublish, NodeTransport};
+use kole_mqtt::{CloudConfig, EmbeddedBroker, EmbeddedBrokerConfig, MqttNode, NodeConfig};
+
+fn cloud_cfg(broker: &EmbeddedBroker) -> CloudConfig {
+    CloudConfig { brokers: vec![broker.broker_addr()], ..CloudConfig::default() }
+}
+
+fn node_cfg(broker: &EmbeddedBroker) -> NodeConfig {
+    NodeConfig { brokers: vec![broker.broker_addr()], ..NodeConfig::default() }
+}
+
+fn agents(topics: &Topics, broker: &EmbeddedBroker, n: usize) -> Vec<AgentHandle> {
+    (0..n).map(|i| AgentHandle::start(topics, &format!("edge-{i:03}"), node_cfg(broker))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_heartbeat_deliver_and_rollout() {
+    bounded(60, async {
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+        let topics = Topics::new("test").unwrap();
+        let ctl = Controller::start(&topics, cloud_cfg(&broker), Arc::new(MemorySnapshotStore::new())).await;
+        let fleet = agents(&topics, &broker, 5);
+        ctl.wait_nodes(5).await;
+        let w1 = workload("default/app", 1);
+        ctl.apply(w1.clone()).await;
+        ctl.wait_converged(&w1, 5).await;
+        // A new version rolls out to everyone.
+        let w2 = workload("default/app", 2);
+        ctl.apply(w2.clone()).await;
+        ctl.wait_converged(&w2, 5).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let stats = ctl.stop().await;
+        assert_eq!(stats.registered_new, 5);
+        assert!(stats.heartbeats >= 5, "{stats:?}");
+        for a in fleet {
+            let (agent, _) = a.stop().await;
+            assert!(agent.workloads().any(|(w, _)| w.id == w2.id && w.version == 2));
+        }
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_claiming_another_identity_is_ignored() {
+    bounded(30, async {
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+        let topics = Topics::new("test").unwrap();
+        let ctl = Controller::start(&topics, cloud_cfg(&broker), Arc::new(MemorySnapshotStore::new())).await;
+        let a = MqttNode::connect(topics.clone(), NodeName::new("node-a").unwrap(), &node_cfg(&broker)).await.unwrap();
+        let claim = Message::Register(Register {
+            name: NodeName::new("node-b").unwrap(),
+            boot_id: 9,
+            labels: Labels::new(),
+            info: NodeInfo::default(),
+            applied: DesiredDigest::EMPTY,
+            workloads: vec![],
+        });
+        a.publish(vec![NodePublish { kind: UplinkKind::Register, payload: protocol::encode(&claim) }]).await.unwrap();
+        // The controller answers on A's own topic with a rejection, and learns neither name.
+        let ack = a.recv(1).await.unwrap();
+        match ack[0].decode(&Default::default()).unwrap() {
+            Message::RegisterAck(ack) => assert!(matches!(ack.outcome, RegisterOutcome::Rejected { .. })),
+            other => panic!("expected a RegisterAck, got {other:?}"),
+        }
+        assert!(!ctl.has_node("node-b") && !ctl.has_node("node-a"));
+        let stats = ctl.stop().await;
+        assert_eq!(stats.identity_mismatch, 1);
+        assert_eq!(stats.registered_new, 0);
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversize_payloads_are_counted_and_change_nothing() {
+    bounded(30, async {
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+        let topics = Topics::new("test").unwrap();
+        let ctl = Controller::start(&topics, cloud_cfg(&broker), Arc::new(MemorySnapshotStore::new())).await;
+        let fleet = agents(&topics, &broker, 2);
+        ctl.wait_nodes(2).await;
+        let mut opts = rumqttc::MqttOptions::new("vandal", "127.0.0.1", broker.port());
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
+        let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let base = topics.base().to_owned();
+        let qos = rumqttc::QoS::AtLeastOnce;
+        client.publish(format!("{base}/up/edge-000/hb"), qos, false, vec![0xff; 7]).await.unwrap();
+        client.publish(format!("{base}/up/edge-001/register"), qos, false, vec![1u8; 100_000]).await.unwrap();
+        client.publish(format!("{base}/up/edge-001/status"), qos, false, Vec::new()).await.unwrap();
+        // Not subscribed by the controller (unknown kind), and a node level that is no node name.
+        client.publish(format!("{base}/up/edge-000/bogus"), qos, false, vec![1, 2]).await.unwrap();
+        client.publish(format!("{base}/up/$evil/hb"), qos, false, vec![1, 2]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while ctl.cloud.stats().bad_topic < 1 || *ctl.rejects.lock().unwrap() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", ctl.cloud.stats());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(ctl.nodes(), 2);
+        let stats = ctl.stop().await;
+        assert!(stats.decode_errors >= 3, "{stats:?}");
+        assert_eq!(stats.registered_new, 2);
+        pump.abort();
+        for a in fleet {
+            a.stop().await;
+        }
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_rollout_reconverges() {
+    bounded(90, async {
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+        let bind = broker.addr();
+        let topics = Topics::new("test").unwrap();
+        let ctl = Controller::start(&topics, cloud_cfg(&broker), Arc::new(MemorySnapshotStore::new())).await;
+        let fleet = agents(&topics, &broker, 5);
+        ctl.wait_nodes(5).await;
+        let w1 = workload("default/app", 1);
+        ctl.apply(w1.clone()).await;
+        ctl.wait_converged(&w1, 5).await;
+        let connects_before = ctl.cloud.stats().connects;
+        // Start a rollout and kill the broker under it; a new one (empty: no retained specs, no
+        // sessions) comes up on the same port.
+        let w2 = workload("default/app", 2);
+        ctl.apply(w2.clone()).await;
+        broker.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig { bind, ..Default::default() }).await.unwrap();
+        ctl.wait_converged(&w2, 5).await;
+        assert!(ctl.cloud.stats().connects > connects_before);
+        ctl.stop().await;
+        for a in fleet {
+            let (agent, stats) = a.stop().await;
+            assert!(agent.workloads().any(|(w, _)| w.version == 2));
+            assert!(stats.connects >= 2, "{stats:?}");
+        }
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restart_restores_without_resending() {
+    bounded(60, async {
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+        let topics = Topics::new("test").unwrap();
+        let snapshots = Arc::new(MemorySnapshotStore::new());
+        let ctl = Controller::start(&topics, cloud_cfg(&broker), snapshots.clone()).await;
+        let fleet = agents(&topics, &broker, 4);
+        ctl.wait_nodes(4).await;
+        let w = workload("default/app", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 4).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        ctl.stop().await; // writes the shutdown snapshot
+        let ctl = Controller::start(&topics, cloud_cfg(&broker), snapshots).await;
+        assert_eq!(ctl.nodes(), 4, "restored from the snapshot");
+        ctl.apply(w.clone()).await; // the workload watcher re-applies on start
+        ctl.wait_converged(&w, 4).await;
+        tokio::time::sleep(Duration::from_millis(2_500)).await; // a few heartbeats
+        let stats = ctl.stop().await;
+        assert_eq!(stats.registered_new, 0, "{stats:?}");
+        assert_eq!(stats.catchups, 0, "{stats:?}");
+        assert_eq!(stats.per_node_deliveries, 0, "{stats:?}");
+        assert!(stats.heartbeats >= 4, "{stats:?}");
+        for a in fleet {
+            a.stop().await;
+        }
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+/// 10,000 agents that lost the broker at the same instant retry spread over the whole backoff
+/// window, not in one burst: the agent driver seeds its jitter from the boot id and the wait is
+/// jittered into `[d/2, d]`. The cloud's connections use the same policy. (The measured connect
+/// rate of a real reconnect storm is in docs/benchmarks.md.)
+#[test]
+fn reconnect_storm_is_spread_by_the_backoff() {
+    let policy = RetryPolicy::new(1_000, 60_000, 2.0); // the agent driver's default
+    for attempt in 0..3 {
+        let nominal = policy.nominal_ms(attempt);
+        let bins = 10u64;
+        let mut hist = vec![0u32; bins as usize];
+        for i in 0..10_000u32 {
+            let boot = stable_hash(3, format!("edge-{i:05}").as_bytes()) as u32;
+            let mut jitter = Jitter::new(mix64(u64::from(boot) ^ 0x6472_6976_6572));
+            let d = policy.delay_ms(attempt, &mut jitter);
+            assert!(d >= nominal / 2 && d <= nominal);
+            let bin = ((d - nominal / 2) * bins / (nominal - nominal / 2 + 1)).min(bins - 1);
+            hist[bin as usize] += 1;
+        }
+        // Uniform over the window: every tenth of it holds 1,000 ± 20 %; the peak connect rate is
+        // therefore about 10,000 / (d/2) instead of 10,000 at once.
+        assert!(hist.iter().all(|&c| (800..=1_200).contains(&c)), "attempt {attempt}: {hist:?}");
+    }
+}
