@@ -18,9 +18,13 @@
 //! | `--snapshot-interval-ms N` | `KOLE_SNAPSHOT_INTERVAL_MS` | `60000` | snapshot period |
 //! | `--status-interval-ms N` | `KOLE_STATUS_INTERVAL_MS` | `2000` | least time between status writes of one workload |
 //! | `--simulate-nodes N` | `KOLE_SIMULATE_NODES` | `0` | in-process agents on the in-memory hub |
+//! | `--broker URL[,URL…]` | `KOLE_MQTT_BROKERS` | none | MQTT broker(s) (`mqtt://host:port`); nodes are spread over a set by a stable hash of their name |
+//! | `--fleet NAME` | `KOLE_FLEET` | `default` | fleet name in the topic layout |
+//! | `--mqtt-user U` / `--mqtt-password P` | `KOLE_MQTT_USER` / `KOLE_MQTT_PASSWORD` | none | the controller's broker credentials |
 //!
-//! The transport is kole-core's in-memory hub (with `--simulate-nodes` agents on it); the MQTT
-//! transport (`kole-mqtt`) plugs in as another `CloudTransport` where `hub.cloud()` is called.
+//! With `--broker`, the transport is `kole-mqtt`'s `MqttCloud` (edge agents connect to the same
+//! brokers, e.g. `cargo run -p kole-examples --example mqtt_agent`); without it, kole-core's
+//! in-memory hub (with `--simulate-nodes` agents on it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +58,10 @@ struct Options {
     snapshot_interval_ms: u64,
     status_interval_ms: u64,
     simulate_nodes: usize,
+    brokers: Vec<kole_mqtt::BrokerAddr>,
+    fleet: String,
+    mqtt_user: Option<String>,
+    mqtt_password: Option<String>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -84,6 +92,18 @@ fn options() -> anyhow::Result<Options> {
         snapshot_interval_ms: num("snapshot-interval-ms", "KOLE_SNAPSHOT_INTERVAL_MS", 60_000)?,
         status_interval_ms: num("status-interval-ms", "KOLE_STATUS_INTERVAL_MS", 2_000)?,
         simulate_nodes: usize::try_from(num("simulate-nodes", "KOLE_SIMULATE_NODES", 0)?)?,
+        brokers: get("broker", "KOLE_MQTT_BROKERS")
+            .map(|list| {
+                list.split(',')
+                    .filter(|b| !b.trim().is_empty())
+                    .map(|b| b.trim().parse::<kole_mqtt::BrokerAddr>().with_context(|| format!("--broker {b:?}")))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default(),
+        fleet: get("fleet", "KOLE_FLEET").unwrap_or_else(|| "default".into()),
+        mqtt_user: get("mqtt-user", "KOLE_MQTT_USER"),
+        mqtt_password: get("mqtt-password", "KOLE_MQTT_PASSWORD"),
     })
 }
 
@@ -275,7 +295,24 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("restored {} nodes from {:?}", engine.store().read().len(), manifest.map(|m| m.generation));
         *metrics.cache.lock().map_err(|_| anyhow::anyhow!("metrics lock poisoned"))? = Some(engine.store());
         let cache = engine.store();
-        let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud()?);
+        // MQTT when brokers are given (a set: nodes are spread over them by a stable hash of their
+        // name), the in-memory hub (with optional simulated nodes) otherwise.
+        let cloud: Arc<dyn CloudTransport> = if opts.brokers.is_empty() {
+            Arc::new(hub.cloud()?)
+        } else {
+            let topics = kole_core::protocol::Topics::new(&opts.fleet)?;
+            let credentials = match (&opts.mqtt_user, &opts.mqtt_password) {
+                (Some(u), Some(p)) => Some(kole_mqtt::Credentials { username: u.clone(), password: p.clone() }),
+                _ => None,
+            };
+            let cfg = kole_mqtt::CloudConfig {
+                brokers: opts.brokers.clone(),
+                credentials,
+                ..kole_mqtt::CloudConfig::default()
+            };
+            eprintln!("connecting to {} MQTT broker(s) for fleet {}", opts.brokers.len(), opts.fleet);
+            Arc::new(kole_mqtt::MqttCloud::connect(topics, cfg).await?)
+        };
         let (ev_tx, mut ev_rx) = mpsc::channel(8192);
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (term_tx, term_rx) = watch::channel(false);
