@@ -1,0 +1,377 @@
+//! Conversions between the custom resources and kole-core's model, validated: a spec the schema
+//! let through but the model refuses (waves not increasing, a bad label key) is a clear error that
+//! names the object and the rule.
+
+use std::collections::BTreeMap;
+
+use kole_core::engine::{RolloutPhase, RolloutProgress, WorkloadStatus};
+use kole_core::model::{
+    DeliveryMode, FailureThreshold, LabelSelector, LabelSelectorRequirement, NodePhase, NodeRecord, RolloutStrategy,
+    Selector, SelectorOperator, Timestamp, Workload, WorkloadId, WorkloadPhase,
+};
+use kube::ResourceExt;
+
+use crate::crd::{
+    AppliedVersion, DeliveryModeSpec, EdgeWorkload, EdgeWorkloadSpec, EdgeWorkloadStatus, NodeItem, NodePhaseSpec,
+    NodeWorkloadItem, RolloutPhaseSpec, SelectorOperatorSpec, SelectorSpec, VersionCount,
+};
+use crate::{Error, Result};
+
+/// The workload id of an object: `namespace/name`.
+pub fn workload_id(obj: &EdgeWorkload) -> Result<WorkloadId> {
+    let ns = obj.namespace().unwrap_or_else(|| "default".to_owned());
+    WorkloadId::new(format!("{ns}/{}", obj.name_any()))
+        .map_err(|e| Error::InvalidWorkload { object: format!("{ns}/{}", obj.name_any()), reason: e.to_string() })
+}
+
+/// A [`SelectorSpec`] as a validated [`Selector`].
+pub fn selector(spec: &SelectorSpec) -> Result<Selector, kole_core::model::ValidationError> {
+    let ls = LabelSelector {
+        match_labels: spec.match_labels.clone(),
+        match_expressions: spec
+            .match_expressions
+            .iter()
+            .map(|r| LabelSelectorRequirement {
+                key: r.key.clone(),
+                operator: match r.operator {
+                    SelectorOperatorSpec::In => SelectorOperator::In,
+                    SelectorOperatorSpec::NotIn => SelectorOperator::NotIn,
+                    SelectorOperatorSpec::Exists => SelectorOperator::Exists,
+                    SelectorOperatorSpec::DoesNotExist => SelectorOperator::DoesNotExist,
+                },
+                values: r.values.clone(),
+            })
+            .collect(),
+    };
+    Selector::try_from(&ls)
+}
+
+/// The canonical bytes of a runtime spec as nodes receive it (JSON, keys in a fixed order).
+pub fn runtime_bytes(spec: &EdgeWorkloadSpec) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&spec.runtime)
+}
+
+/// Builds the model's workload from a spec at `version`, for the object named `id`.
+pub fn workload_from_spec(id: &WorkloadId, version: u64, spec: &EdgeWorkloadSpec) -> Result<Workload> {
+    let bad = |reason: String| Error::InvalidWorkload { object: id.to_string(), reason };
+    let selector = selector(&spec.selector).map_err(|e| bad(format!("spec.selector: {e}")))?;
+    let delivery = match (spec.delivery.mode, &spec.delivery.group) {
+        (DeliveryModeSpec::Broadcast, None) => DeliveryMode::Broadcast,
+        (DeliveryModeSpec::PerNode, None) => DeliveryMode::PerNode,
+        (DeliveryModeSpec::Group, Some(g)) if !g.is_empty() => DeliveryMode::Group(g.clone()),
+        (DeliveryModeSpec::Group, _) => return Err(bad("spec.delivery.group is required when mode is Group".into())),
+        (_, Some(_)) => return Err(bad("spec.delivery.group is only allowed when mode is Group".into())),
+    };
+    let failure_threshold = match spec.rollout.failure_threshold {
+        None => FailureThreshold::default(),
+        Some(t) => match (t.count, t.percent) {
+            (Some(c), None) => FailureThreshold::Count(c),
+            (None, Some(p)) => FailureThreshold::Percent(p),
+            (None, None) => FailureThreshold::default(),
+            (Some(_), Some(_)) => {
+                return Err(bad("spec.rollout.failureThreshold: set count or percent, not both".into()));
+            }
+        },
+    };
+    let rollout = RolloutStrategy { waves: spec.rollout.waves.clone(), paused: spec.rollout.paused, failure_threshold };
+    rollout.validate().map_err(|e| bad(format!("spec.rollout: {e}")))?;
+    let bytes = runtime_bytes(spec).map_err(|e| bad(format!("spec.runtime does not serialize: {e}")))?;
+    Ok(Workload { id: id.clone(), version, spec: bytes, selector, delivery, rollout })
+}
+
+/// Builds the model's workload from an object: id `namespace/name`, version `metadata.generation`.
+pub fn workload_from_object(obj: &EdgeWorkload) -> Result<Workload> {
+    let id = workload_id(obj)?;
+    let version = obj.metadata.generation.and_then(|g| u64::try_from(g).ok()).ok_or_else(|| {
+        Error::InvalidWorkload { object: id.to_string(), reason: "metadata.generation is missing".into() }
+    })?;
+    workload_from_spec(&id, version, &obj.spec)
+}
+
+/// The rollout position persisted in an object's status, when it describes the object's current
+/// generation (a restarted controller resumes from it instead of starting the rollout over).
+pub fn progress_from_status(obj: &EdgeWorkload) -> Result<Option<RolloutProgress>> {
+    let Some(status) = &obj.status else { return Ok(None) };
+    if status.observed_generation.is_none() || status.observed_generation != obj.metadata.generation {
+        return Ok(None);
+    }
+    let id = workload_id(obj)?;
+    let previous = match &status.previous {
+        Some(p) => Some(workload_from_spec(&id, p.version, &p.spec)?),
+        None => None,
+    };
+    let phase = match status.rollout_phase.unwrap_or_default() {
+        RolloutPhaseSpec::Progressing => RolloutPhase::Progressing,
+        RolloutPhaseSpec::Paused => RolloutPhase::Paused,
+        RolloutPhaseSpec::Halted => RolloutPhase::Halted,
+        RolloutPhaseSpec::Complete => RolloutPhase::Complete,
+    };
+    Ok(Some(RolloutProgress { wave: status.current_wave as usize, phase, previous, published: status.published }))
+}
+
+/// The version the engine ran and its rollout position, as a previous controller persisted them in
+/// status (whatever the object's generation is now): a restarted controller hands them to the engine
+/// first, then the object's current spec when it differs.
+pub fn resume_from_status(obj: &EdgeWorkload) -> Result<Option<(Workload, RolloutProgress)>> {
+    let Some(status) = &obj.status else { return Ok(None) };
+    let Some(current) = &status.current else { return Ok(None) };
+    let id = workload_id(obj)?;
+    let workload = workload_from_spec(&id, current.version, &current.spec)?;
+    let previous = match &status.previous {
+        Some(p) => Some(workload_from_spec(&id, p.version, &p.spec)?),
+        None => None,
+    };
+    let phase = match status.rollout_phase.unwrap_or_default() {
+        RolloutPhaseSpec::Progressing => RolloutPhase::Progressing,
+        RolloutPhaseSpec::Paused => RolloutPhase::Paused,
+        RolloutPhaseSpec::Halted => RolloutPhase::Halted,
+        RolloutPhaseSpec::Complete => RolloutPhase::Complete,
+    };
+    let progress = RolloutProgress { wave: status.current_wave as usize, phase, previous, published: status.published };
+    Ok(Some((workload, progress)))
+}
+
+/// The status phase of an engine rollout phase.
+pub fn phase_spec(phase: RolloutPhase) -> RolloutPhaseSpec {
+    match phase {
+        RolloutPhase::Progressing => RolloutPhaseSpec::Progressing,
+        RolloutPhase::Paused => RolloutPhaseSpec::Paused,
+        RolloutPhase::Halted => RolloutPhaseSpec::Halted,
+        RolloutPhase::Complete => RolloutPhaseSpec::Complete,
+    }
+}
+
+/// An object status from the engine's aggregated status. `previous` is the version nodes outside
+/// the reached waves keep; `now` stamps changed conditions.
+pub fn status_from_engine(
+    s: &WorkloadStatus,
+    previous: Option<AppliedVersion>,
+    current: Option<AppliedVersion>,
+    old: Option<&EdgeWorkloadStatus>,
+    now: Timestamp,
+) -> EdgeWorkloadStatus {
+    let generation = i64::try_from(s.version).unwrap_or(i64::MAX);
+    let phase = phase_spec(s.phase);
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" }.to_owned();
+        let since = old
+            .and_then(|o| o.conditions.iter().find(|c| c.type_ == type_))
+            .filter(|c| c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| rfc3339(now));
+        crate::crd::Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            last_transition_time: since,
+            observed_generation: generation,
+        }
+    };
+    let conditions = vec![
+        cond("Accepted", true, "Valid", "the spec is valid and handed to the engine".into()),
+        cond(
+            "Progressing",
+            matches!(phase, RolloutPhaseSpec::Progressing),
+            phase_reason(phase),
+            format!("wave {} of {}", s.wave + 1, s.waves),
+        ),
+        cond(
+            "Available",
+            phase == RolloutPhaseSpec::Complete && s.ready == s.targeted,
+            if s.ready == s.targeted { "AllReady" } else { "NotAllReady" },
+            format!("{} of {} targeted nodes ready", s.ready, s.targeted),
+        ),
+        cond(
+            "Degraded",
+            phase == RolloutPhaseSpec::Halted || s.failed > 0,
+            if phase == RolloutPhaseSpec::Halted { "FailureThresholdExceeded" } else { "Failures" },
+            format!("{} nodes failed", s.failed),
+        ),
+    ];
+    EdgeWorkloadStatus {
+        observed_generation: Some(generation),
+        targeted: s.targeted,
+        updated: s.updated,
+        ready: s.ready,
+        failed: s.failed,
+        by_version: s.by_version.iter().map(|&(version, nodes)| VersionCount { version, nodes }).collect(),
+        current_wave: s.wave,
+        waves: s.waves,
+        rollout_phase: Some(phase),
+        conditions,
+        published: true,
+        previous,
+        current,
+    }
+}
+
+fn phase_reason(phase: RolloutPhaseSpec) -> &'static str {
+    match phase {
+        RolloutPhaseSpec::Progressing => "RollingOut",
+        RolloutPhaseSpec::Paused => "Paused",
+        RolloutPhaseSpec::Halted => "Halted",
+        RolloutPhaseSpec::Complete => "Complete",
+    }
+}
+
+/// The model's phase of a query's phase filter.
+pub fn node_phase(p: NodePhaseSpec) -> NodePhase {
+    match p {
+        NodePhaseSpec::Registering => NodePhase::Registering,
+        NodePhaseSpec::Online => NodePhase::Online,
+        NodePhaseSpec::Offline => NodePhase::Offline,
+    }
+}
+
+/// A cache record as a query answer item.
+pub fn node_item(r: &NodeRecord) -> NodeItem {
+    let phase = match r.phase {
+        NodePhase::Registering => "Registering",
+        NodePhase::Online => "Online",
+        NodePhase::Offline => "Offline",
+    };
+    NodeItem {
+        name: r.name.as_str().to_owned(),
+        phase: phase.to_owned(),
+        labels: r.labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect::<BTreeMap<_, _>>(),
+        last_seen: rfc3339(r.last_seen),
+        arch: r.info.arch.clone(),
+        os: r.info.os.clone(),
+        agent_version: r.info.agent_version.clone(),
+        addresses: r.info.addresses.iter().map(ToString::to_string).collect(),
+        workloads: r
+            .workloads
+            .iter()
+            .map(|w| NodeWorkloadItem {
+                workload: w.workload.to_string(),
+                version: w.version,
+                phase: match w.phase {
+                    WorkloadPhase::Pending => "Pending",
+                    WorkloadPhase::Running => "Running",
+                    WorkloadPhase::Failed => "Failed",
+                    WorkloadPhase::Stopped => "Stopped",
+                }
+                .to_owned(),
+            })
+            .collect(),
+    }
+}
+
+/// RFC 3339 (UTC, second precision) of a timestamp, as Kubernetes writes times.
+pub fn rfc3339(t: Timestamp) -> String {
+    let secs = t.as_millis() / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for the whole u64 day range we produce.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DeliverySpec, FailureThresholdSpec, RolloutSpec, RuntimeSpec};
+
+    fn object(spec: EdgeWorkloadSpec) -> EdgeWorkload {
+        let mut o = EdgeWorkload::new("cdn", spec);
+        o.metadata.namespace = Some("edge".into());
+        o.metadata.generation = Some(3);
+        o
+    }
+
+    fn spec() -> EdgeWorkloadSpec {
+        EdgeWorkloadSpec {
+            runtime: RuntimeSpec { image: "cdn:1".into(), ..Default::default() },
+            selector: SelectorSpec { match_labels: [("tier".into(), "cdn".into())].into(), ..Default::default() },
+            delivery: DeliverySpec::default(),
+            rollout: RolloutSpec { waves: vec![10, 100], ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn converts_a_valid_workload() {
+        let w = workload_from_object(&object(spec())).unwrap();
+        assert_eq!(w.id.as_str(), "edge/cdn");
+        assert_eq!(w.version, 3);
+        assert_eq!(w.rollout.waves, vec![10, 100]);
+        assert_eq!(w.spec, br#"{"image":"cdn:1"}"#);
+        assert_eq!(w.selector, Selector::parse("tier=cdn").unwrap());
+    }
+
+    #[test]
+    fn invalid_specs_are_clear_errors() {
+        type Damage = Box<dyn Fn(&mut EdgeWorkloadSpec)>;
+        let cases: Vec<(Damage, &str)> = vec![
+            (Box::new(|s| s.rollout.waves = vec![50, 20, 100]), "strictly increasing"),
+            (Box::new(|s| s.rollout.waves = vec![50]), "last wave must be 100"),
+            (Box::new(|s| s.delivery.mode = DeliveryModeSpec::Group), "group is required"),
+            (
+                Box::new(|s| {
+                    s.rollout.failure_threshold = Some(FailureThresholdSpec { count: Some(1), percent: Some(1) })
+                }),
+                "not both",
+            ),
+            (
+                Box::new(|s| {
+                    s.selector.match_labels.insert("bad key!".into(), "x".into());
+                }),
+                "spec.selector",
+            ),
+        ];
+        for (damage, expect) in cases {
+            let mut s = spec();
+            damage(&mut s);
+            let err = workload_from_object(&object(s)).unwrap_err().to_string();
+            assert!(err.contains("edge/cdn") && err.contains(expect), "{err}");
+        }
+        let mut o = object(spec());
+        o.metadata.generation = None;
+        assert!(workload_from_object(&o).unwrap_err().to_string().contains("generation"));
+    }
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(Timestamp::from_secs(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(Timestamp::from_secs(1_700_000_000)), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(Timestamp::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn status_round_trips_progress() {
+        let s = WorkloadStatus {
+            id: WorkloadId::new("edge/cdn").unwrap(),
+            version: 3,
+            targeted: 10,
+            updated: 4,
+            ready: 3,
+            failed: 1,
+            by_version: vec![(2, 6), (3, 4)],
+            wave: 1,
+            waves: 2,
+            phase: RolloutPhase::Paused,
+        };
+        let prev = AppliedVersion { version: 2, spec: spec() };
+        let cur = AppliedVersion { version: 3, spec: spec() };
+        let st = status_from_engine(&s, Some(prev), Some(cur), None, Timestamp::from_secs(10));
+        let mut o = object(spec());
+        o.status = Some(st);
+        let p = progress_from_status(&o).unwrap().unwrap();
+        assert_eq!(p.wave, 1);
+        assert_eq!(p.phase, RolloutPhase::Paused);
+        assert_eq!(p.previous.unwrap().version, 2);
+        o.metadata.generation = Some(4);
+        assert!(progress_from_status(&o).unwrap().is_none());
+        // The spec changed while no controller ran: the old version and its position come back.
+        let (old, p) = resume_from_status(&o).unwrap().unwrap();
+        assert_eq!((old.version, p.wave, p.previous.map(|w| w.version)), (3, 1, Some(2)));
+    }
+}

@@ -1,0 +1,570 @@
+//! kole's custom resources (`kole.dev/v1alpha1`): [`EdgeWorkload`], [`NodeQuery`],
+//! [`SnapshotManifest`] and [`SnapshotChunk`].
+//!
+//! Validation is expressed as OpenAPI schema constraints (enums, patterns, minimums and maximums),
+//! never as CEL rules, so the CRDs install and validate on every apiserver since 1.16 (CEL needs 1.25+).
+//! What a schema cannot say (waves strictly increasing, a group name for group delivery) is checked by
+//! the conversions in [`crate::convert`] and reported in the object's status.
+
+// kube-derive takes one `printcolumn(...)` per column; clippy mistakes the repeated `type_` for a duplicate.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A label selector as written in a kole object: `matchLabels` and `matchExpressions`, with
+/// Kubernetes' semantics (an empty selector selects every node).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectorSpec {
+    /// `key: value` pairs, each equivalent to an `In` requirement with one value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Set-based requirements, ANDed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<SelectorRequirementSpec>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SelectorRequirementSpec {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    /// How the key's value is tested.
+    pub operator: SelectorOperatorSpec,
+    /// Values for `In` / `NotIn`; empty for `Exists` / `DoesNotExist`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// Operator of a selector requirement.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SelectorOperatorSpec {
+    /// The key is present with one of the values.
+    In,
+    /// The key is absent or its value is none of the values.
+    NotIn,
+    /// The key is present.
+    Exists,
+    /// The key is absent.
+    DoesNotExist,
+}
+
+/// What a node runs for a workload. Opaque to kole: the agent's runtime interprets it. Stored on
+/// nodes as its canonical JSON.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    /// Image or artifact reference, e.g. `registry.example/cdn-cache:1.4`.
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    pub image: String,
+    /// Entry point override.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub command: Vec<String>,
+    /// Arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Free-form configuration handed to the workload (at most 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub config: Option<String>,
+}
+
+/// How a workload's spec reaches its nodes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeliveryModeSpec {
+    /// One retained message on the fleet-wide topic; agents select themselves.
+    #[default]
+    Broadcast,
+    /// One retained message on a group topic (`delivery.group`).
+    Group,
+    /// One message per targeted node (for specs that must not be broadcast).
+    PerNode,
+}
+
+/// Delivery settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// The mode. Default `Broadcast`.
+    #[serde(default)]
+    pub mode: DeliveryModeSpec,
+    /// The group, for `mode: Group` (e.g. `region.eu-west`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"))]
+    pub group: Option<String>,
+}
+
+/// When a rollout halts on failures: `count` or `percent` (at most one; neither means 5%).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureThresholdSpec {
+    /// Halt when more than this many nodes failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000_000))]
+    pub count: Option<u32>,
+    /// Halt when more than this share of the reached nodes failed (percent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<u8>,
+}
+
+/// Staged rollout of new versions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Cumulative percentages of the targeted nodes per wave, strictly increasing, ending at 100.
+    /// Default `[100]` (all at once).
+    #[serde(default = "default_waves")]
+    #[schemars(length(min = 1, max = 100), inner(range(min = 1, max = 100)))]
+    pub waves: Vec<u8>,
+    /// Hold the rollout at its current wave.
+    #[serde(default)]
+    pub paused: bool,
+    /// When failures halt the rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<FailureThresholdSpec>,
+    /// Return every node to the previous version (applied once per spec generation).
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+fn default_waves() -> Vec<u8> {
+    vec![100]
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self { waves: default_waves(), paused: false, failure_threshold: None, rollback: false }
+    }
+}
+
+/// A workload for a fleet of edge nodes (KOLE's `KoleDaemonSet`): what runs, on which nodes (by
+/// label selector), how it is delivered and how new versions roll out. No object per node: its
+/// status aggregates the fleet.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kole.dev",
+    version = "v1alpha1",
+    kind = "EdgeWorkload",
+    namespaced,
+    status = "EdgeWorkloadStatus",
+    shortname = "ew",
+    category = "kole",
+    derive = "PartialEq",
+    printcolumn(name = "Image", type_ = "string", json_path = ".spec.runtime.image"),
+    printcolumn(name = "Targeted", type_ = "integer", json_path = ".status.targeted"),
+    printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updated"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
+    printcolumn(name = "Wave", type_ = "integer", json_path = ".status.currentWave"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.rolloutPhase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeWorkloadSpec {
+    /// What runs.
+    pub runtime: RuntimeSpec,
+    /// Which nodes run it; empty selects every node.
+    #[serde(default)]
+    pub selector: SelectorSpec,
+    /// How the spec is delivered.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+    /// How a new version rolls out.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+/// Rollout phase as shown in status.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhaseSpec {
+    /// Waves are being rolled out.
+    #[default]
+    Progressing,
+    /// Held on request.
+    Paused,
+    /// Stopped on failures; resume or roll back.
+    Halted,
+    /// Every wave reached and healthy.
+    Complete,
+}
+
+/// Nodes reporting one version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct VersionCount {
+    /// The version (the object's `metadata.generation` when it was applied).
+    pub version: u64,
+    /// Nodes reporting it.
+    pub nodes: u32,
+}
+
+/// A Kubernetes-style condition.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Accepted`, `Progressing`, `Available` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// A human-readable message.
+    pub message: String,
+    /// RFC 3339 time of the last change of `status`.
+    pub last_transition_time: String,
+    /// The generation the condition was computed for.
+    #[serde(default)]
+    pub observed_generation: i64,
+}
+
+/// A spec as it was applied at one generation, kept so a restarted controller can resume a
+/// rollout (nodes outside the reached waves keep the previous version).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct AppliedVersion {
+    /// The generation.
+    pub version: u64,
+    /// The spec at that generation.
+    pub spec: EdgeWorkloadSpec,
+}
+
+/// Aggregated fleet status of an [`EdgeWorkload`], written at a bounded rate.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeWorkloadStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Nodes whose labels match the selector.
+    #[serde(default)]
+    pub targeted: u32,
+    /// Nodes reporting the current version.
+    #[serde(default)]
+    pub updated: u32,
+    /// Nodes running the current version, healthy.
+    #[serde(default)]
+    pub ready: u32,
+    /// Nodes reporting the current version failed.
+    #[serde(default)]
+    pub failed: u32,
+    /// Nodes per reported version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_version: Vec<VersionCount>,
+    /// Index of the wave reached.
+    #[serde(default)]
+    pub current_wave: u32,
+    /// Number of waves.
+    #[serde(default)]
+    pub waves: u32,
+    /// Rollout phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_phase: Option<RolloutPhaseSpec>,
+    /// Conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Whether the current version's spec was already published (a restarted controller does not
+    /// publish it again).
+    #[serde(default)]
+    pub published: bool,
+    /// The version nodes outside the reached waves keep (and a rollback returns to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<AppliedVersion>,
+    /// The version the engine runs (the spec at `observedGeneration`), so a controller that
+    /// restarts after the object changed resumes the old rollout before starting the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<AppliedVersion>,
+}
+
+/// Node phase filter of a [`NodeQuery`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodePhaseSpec {
+    /// Known, not yet registered in this controller's life.
+    Registering,
+    /// Heartbeating.
+    Online,
+    /// Missed too many heartbeats.
+    Offline,
+}
+
+/// A question about the fleet, answered from the controller's cache (KOLE's `KoleQuery`, done
+/// right): by names, selector and phase, one bounded page at a time, with summary counts.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kole.dev",
+    version = "v1alpha1",
+    kind = "NodeQuery",
+    namespaced,
+    status = "NodeQueryStatus",
+    shortname = "nq",
+    category = "kole",
+    derive = "PartialEq",
+    printcolumn(name = "Matched", type_ = "integer", json_path = ".status.summary.matched"),
+    printcolumn(name = "Online", type_ = "integer", json_path = ".status.summary.online"),
+    printcolumn(name = "Offline", type_ = "integer", json_path = ".status.summary.offline"),
+    printcolumn(name = "Returned", type_ = "integer", json_path = ".status.returned"),
+    printcolumn(name = "Answered", type_ = "date", json_path = ".status.answeredAt")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeQuerySpec {
+    /// Only these nodes (still filtered by selector and phase); empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub names: Vec<String>,
+    /// Label selector; absent selects every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<SelectorSpec>,
+    /// Only nodes in this phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<NodePhaseSpec>,
+    /// Page size. Default 100.
+    #[serde(default = "default_limit")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub limit: u32,
+    /// The `continue` token of a previous answer's status, for the next page.
+    #[serde(default, rename = "continue", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+$"))]
+    pub continue_: Option<String>,
+    /// Seconds after its creation the query is deleted. Default 3600.
+    #[serde(default = "default_ttl")]
+    #[schemars(range(min = 1, max = 604_800))]
+    pub ttl_seconds: u32,
+    /// Change this value to have the query answered again with fresh data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub refresh: Option<String>,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+fn default_ttl() -> u32 {
+    3600
+}
+
+/// Per-workload state of a node in a query answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct NodeWorkloadItem {
+    /// The workload (`namespace/name`).
+    pub workload: String,
+    /// The version the node runs.
+    pub version: u64,
+    /// `Pending`, `Running`, `Failed` or `Stopped`.
+    pub phase: String,
+}
+
+/// One node in a query answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeItem {
+    /// The node's name.
+    pub name: String,
+    /// `Registering`, `Online` or `Offline`.
+    pub phase: String,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// When the controller last heard from it (RFC 3339).
+    pub last_seen: String,
+    /// CPU architecture.
+    pub arch: String,
+    /// Operating system.
+    pub os: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Addresses, primary first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Workloads it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<NodeWorkloadItem>,
+}
+
+/// Counts of every node matching the names and selector (all pages, any phase).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct QuerySummary {
+    /// Matching nodes.
+    pub matched: u64,
+    /// Of those, online.
+    pub online: u64,
+    /// Of those, offline.
+    pub offline: u64,
+    /// Of those, registering.
+    pub registering: u64,
+}
+
+/// The answer to a [`NodeQuery`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeQueryStatus {
+    /// The generation answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The `refresh` value answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_refresh: Option<String>,
+    /// When it was answered (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_at: Option<String>,
+    /// The page of matching nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<NodeItem>,
+    /// Number of items on this page.
+    #[serde(default)]
+    pub returned: u32,
+    /// Summary counts.
+    #[serde(default)]
+    pub summary: QuerySummary,
+    /// Put this in `spec.continue` for the next page; absent on the last page.
+    #[serde(default, rename = "continue", skip_serializing_if = "Option::is_none")]
+    pub continue_: Option<String>,
+    /// Why the query could not be answered (an invalid selector or name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Bytes stored base64-encoded in JSON (OpenAPI `type: string, format: byte`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Base64Bytes(pub Vec<u8>);
+
+impl Serialize for Base64Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Base64Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Base64Bytes)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Base64Bytes {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Base64Bytes".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "format": "byte" })
+    }
+}
+
+/// One complete generation, as recorded in a [`SnapshotManifest`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotGeneration {
+    /// Generation number.
+    pub generation: u64,
+    /// Nodes in it.
+    pub node_count: u64,
+    /// Chunk objects in it.
+    pub chunk_count: u32,
+    /// Stored bytes, all chunks.
+    pub total_bytes: u64,
+    /// When it was taken (milliseconds since the epoch).
+    pub created_at_ms: u64,
+    /// kole's encoded manifest (magic, version, body, CRC-32), verified on read.
+    pub manifest: Base64Bytes,
+}
+
+/// The list of complete snapshot generations of one store, newest first. Replacing it (with a
+/// `resourceVersion` precondition) is what makes a generation exist.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "kole.dev",
+    version = "v1alpha1",
+    kind = "SnapshotManifest",
+    namespaced,
+    shortname = "ksm",
+    category = "kole",
+    derive = "PartialEq",
+    printcolumn(name = "Latest", type_ = "integer", json_path = ".spec.latestGeneration"),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".spec.latestNodeCount"),
+    printcolumn(name = "Chunks", type_ = "integer", json_path = ".spec.latestChunkCount"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotManifestSpec {
+    /// The newest complete generation (0 when none).
+    #[serde(default)]
+    pub latest_generation: u64,
+    /// Nodes in the newest generation.
+    #[serde(default)]
+    pub latest_node_count: u64,
+    /// Chunks in the newest generation.
+    #[serde(default)]
+    pub latest_chunk_count: u32,
+    /// Complete generations, newest first.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub generations: Vec<SnapshotGeneration>,
+}
+
+/// One chunk of one snapshot generation: a header-framed, compressed slice of the cache, at most
+/// 768 KiB before base64.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kole.dev",
+    version = "v1alpha1",
+    kind = "SnapshotChunk",
+    namespaced,
+    shortname = "ksc",
+    category = "kole",
+    derive = "PartialEq",
+    printcolumn(name = "Generation", type_ = "integer", json_path = ".spec.generation"),
+    printcolumn(name = "Index", type_ = "integer", json_path = ".spec.index"),
+    printcolumn(name = "Bytes", type_ = "integer", json_path = ".spec.bytes"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotChunkSpec {
+    /// The generation it belongs to.
+    pub generation: u64,
+    /// Its index in the generation.
+    pub index: u32,
+    /// Stored bytes (before base64).
+    pub bytes: u32,
+    /// The chunk: kole's chunk header and compressed payload.
+    pub data: Base64Bytes,
+}
+
+/// Every kole CRD, in a stable order.
+pub fn all_crds() -> Vec<CustomResourceDefinition> {
+    vec![EdgeWorkload::crd(), NodeQuery::crd(), SnapshotManifest::crd(), SnapshotChunk::crd()]
+}
+
+/// Every kole CRD as `(file name, YAML)`, as checked in under `deploy/crds/`.
+pub fn rendered_crds() -> Vec<(String, String)> {
+    all_crds()
+        .into_iter()
+        .map(|crd| {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let value = serde_json::to_value(&crd).unwrap_or_default();
+            let header = "# Generated from kole-kube's Rust types; do not edit.\n\
+                          # Regenerate: cargo run -p kole-kube --example gen-crds\n";
+            (format!("{name}.yaml"), format!("{header}{}", crate::yaml::to_yaml(&value)))
+        })
+        .collect()
+}

@@ -1,0 +1,364 @@
+//! Real-apiserver tier. Start one with `scripts/kube-apiserver.sh start`, export the kubeconfig
+//! path it prints as `KOLE_TEST_KUBECONFIG`, and run
+//! `cargo test -p kole-kube --test apiserver -- --include-ignored --test-threads 1`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kole_core::cache::{NodeCache, StateCache};
+use kole_core::snapshot::{
+    RestoreLimits, SnapshotOptions, SnapshotStore, encode_snapshot, restore_latest, write_snapshot,
+};
+use kole_kube::crd::*;
+use kole_kube::snapshot::{KubeSnapshotConfig, KubeSnapshotStore};
+use kole_sim::dataset::ReferenceFleet;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::core::{DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
+use kube::{Api, ResourceExt};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+async fn timed<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f).await.expect("test timed out")
+}
+
+fn workload(image: &str, tier: &str) -> EdgeWorkloadSpec {
+    EdgeWorkloadSpec {
+        runtime: RuntimeSpec { image: image.into(), ..Default::default() },
+        selector: SelectorSpec { match_labels: [("tier".to_owned(), tier.to_owned())].into(), ..Default::default() },
+        delivery: DeliverySpec::default(),
+        rollout: RolloutSpec::default(),
+    }
+}
+
+fn store(client: &kube::Client, ns: &str, name: &str) -> KubeSnapshotStore {
+    KubeSnapshotStore::new(
+        client.clone(),
+        KubeSnapshotConfig { namespace: ns.into(), name: name.into(), ..Default::default() },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+async fn crds_install_and_the_schema_rejects_invalid_workloads() {
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-crd").await;
+        let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
+        let ok = api.create(&PostParams::default(), &EdgeWorkload::new("good", workload("cdn:1", "cdn"))).await;
+        assert!(ok.is_ok(), "{ok:?}");
+
+        // Typed objects the schema refuses: waves out of range, an empty image.
+        let mut bad = workload("cdn:1", "cdn");
+        bad.rollout.waves = vec![0, 101];
+        let err = api.create(&PostParams::default(), &EdgeWorkload::new("bad-waves", bad)).await.unwrap_err();
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err:?}");
+        let err =
+            api.create(&PostParams::default(), &EdgeWorkload::new("bad-image", workload("", "cdn"))).await.unwrap_err();
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err:?}");
+
+        // Raw objects as kubectl would send them: an unknown enum value, a string for an integer.
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("kole.dev", "v1alpha1", "EdgeWorkload"));
+        let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        for (name, spec) in [
+            ("bad-mode", serde_json::json!({"runtime": {"image": "x"}, "delivery": {"mode": "Multicast"}})),
+            ("bad-limit", serde_json::json!({"runtime": {"image": "x"}, "rollout": {"waves": "all"}})),
+            ("no-runtime", serde_json::json!({"selector": {}})),
+        ] {
+            let mut o = DynamicObject::new(name, &ar);
+            o.data = serde_json::json!({ "spec": spec });
+            let err = raw.create(&PostParams::default(), &o).await.unwrap_err();
+            assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{name}: {err:?}");
+        }
+        let nq: Api<NodeQuery> = Api::namespaced(client.clone(), &ns);
+        let mut q = NodeQuery::new(
+            "q",
+            NodeQuerySpec {
+                names: vec![],
+                selector: None,
+                phase: None,
+                limit: 5000,
+                continue_: None,
+                ttl_seconds: 60,
+                refresh: None,
+            },
+        );
+        let err = nq.create(&PostParams::default(), &q).await.unwrap_err();
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "limit over 1000: {err:?}");
+        q.spec.limit = 10;
+        nq.create(&PostParams::default(), &q).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+async fn snapshot_of_100k_reference_nodes_round_trips_through_custom_resources() {
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-snap").await;
+        let store = store(&client, &ns, "fleet");
+        let fleet = ReferenceFleet::new(100_000, 42);
+        let mut cache = NodeCache::new();
+        fleet.load_into(&mut cache).unwrap();
+
+        let t = Instant::now();
+        let manifest = write_snapshot(&store, &cache, &SnapshotOptions::default(), fleet.now()).await.unwrap();
+        let wrote = t.elapsed();
+        let t = Instant::now();
+        let restored = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
+        let read = t.elapsed();
+        eprintln!(
+            "100k nodes: {} chunk objects, {} bytes; write {wrote:?}, restore {read:?}",
+            manifest.chunk_count, manifest.total_bytes
+        );
+        assert_eq!(restored.manifest, manifest);
+        assert!(restored.faults.is_empty());
+        assert_eq!(restored.cache.len(), 100_000);
+        for i in (0..100_000).step_by(997) {
+            let name = fleet.name(i);
+            assert_eq!(restored.cache.get(&name), cache.get(&name), "node {name}");
+        }
+        let chunks: Api<SnapshotChunk> = Api::namespaced(client.clone(), &ns);
+        let listed =
+            chunks.list_metadata(&ListParams::default().labels("kole.dev/snapshot-store=fleet")).await.unwrap();
+        assert_eq!(listed.items.len(), manifest.chunk_count as usize);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+async fn a_crash_between_chunks_and_manifest_restores_the_previous_generation() {
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-crash").await;
+        let store = store(&client, &ns, "fleet");
+        let fleet = ReferenceFleet::new(20_000, 7);
+        let mut cache = NodeCache::new();
+        fleet.load_into(&mut cache).unwrap();
+        let g1 = write_snapshot(&store, &cache, &SnapshotOptions::default(), fleet.now()).await.unwrap();
+        assert_eq!(g1.generation, 1);
+
+        // Generation 2 of a changed cache: every chunk written, then the controller "dies".
+        cache.remove(&fleet.name(0));
+        let g2 = store.next_generation().await.unwrap();
+        assert_eq!(g2, 2);
+        let enc = encode_snapshot(&cache, g2, fleet.now(), &SnapshotOptions::default()).unwrap();
+        for (i, c) in enc.chunks.iter().enumerate() {
+            store.put_chunk(g2, i as u32, c).await.unwrap();
+        }
+
+        // A new controller (a fresh store object) restores generation 1, whole.
+        let store = self::store(&client, &ns, "fleet");
+        let restored = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
+        assert_eq!(restored.manifest.generation, 1);
+        assert_eq!(restored.cache.len(), 20_000);
+        assert!(restored.cache.get(&fleet.name(0)).is_some());
+
+        // Its next write skips the leftover number and pruning removes the leftovers,
+        // never generation 1 while it is the last complete one.
+        assert_eq!(store.next_generation().await.unwrap(), 3);
+        let g3 =
+            write_snapshot(&store, &cache, &SnapshotOptions { keep_generations: 2, ..Default::default() }, fleet.now())
+                .await
+                .unwrap();
+        assert_eq!(g3.generation, 3);
+        assert_eq!(store.chunk_generations().await.unwrap(), BTreeSet::from([1, 3]));
+        let restored = restore_latest(&store, &RestoreLimits::default()).await.unwrap().unwrap();
+        assert_eq!(restored.manifest.generation, 3);
+        assert_eq!(restored.cache.len(), 19_999);
+        store.prune(1).await.unwrap();
+        assert_eq!(store.chunk_generations().await.unwrap(), BTreeSet::from([3]));
+        assert_eq!(store.list_manifests().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() {
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-e2e").await;
+        let hub = hub();
+        let ctl = ControllerUnderTest::start(&client, &ns, &hub, None).await;
+        let (agents_stop, agents) = spawn_agents(&hub, 40);
+        let cache = ctl.cache.clone();
+        eventually(Duration::from_secs(60), "40 nodes registered", || {
+            let n = cache.read().len();
+            async move { (n == 40).then_some(()) }
+        })
+        .await;
+
+        let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
+        api.create(&PostParams::default(), &EdgeWorkload::new("cdn", workload("cdn:1", "cdn"))).await.unwrap();
+        let status = eventually(Duration::from_secs(90), "status converged", || {
+            let api = api.clone();
+            async move {
+                let o = api.get("cdn").await.ok()?;
+                let s = o.status?;
+                (s.observed_generation == Some(1) && s.ready == 20 && s.updated == 20)
+                    .then_some((s, o.metadata.finalizers.unwrap_or_default()))
+            }
+        })
+        .await;
+        assert_eq!(status.0.targeted, 20);
+        assert_eq!(status.0.rollout_phase, Some(RolloutPhaseSpec::Complete));
+        assert!(status.1.contains(&kole_kube::controller::FINALIZER.to_owned()));
+
+        // A query: cdn nodes in the east, a page of 3, with summary counts of every match.
+        let nq: Api<NodeQuery> = Api::namespaced(client.clone(), &ns);
+        let spec = NodeQuerySpec {
+            names: vec![],
+            selector: Some(SelectorSpec {
+                match_labels: [
+                    ("tier".to_owned(), "cdn".to_owned()),
+                    ("topology.kubernetes.io/region".to_owned(), "east".to_owned()),
+                ]
+                .into(),
+                ..Default::default()
+            }),
+            phase: None,
+            limit: 3,
+            continue_: None,
+            ttl_seconds: 600,
+            refresh: None,
+        };
+        let created = Instant::now();
+        nq.create(&PostParams::default(), &NodeQuery::new("east-cdn", spec)).await.unwrap();
+        let answer = eventually(Duration::from_secs(10), "query answered", || {
+            let nq = nq.clone();
+            async move { nq.get("east-cdn").await.ok()?.status.filter(|s| s.answered_at.is_some()) }
+        })
+        .await;
+        eprintln!("query answered in {:?}", created.elapsed());
+        // Nodes 0, 6, 12, … (even and divisible by 3): 7 of 40.
+        assert_eq!(answer.summary.matched, 7);
+        assert_eq!(answer.summary.online, 7);
+        assert_eq!(answer.returned, 3);
+        let expected: BTreeSet<String> = (0..40).filter(|i| i % 6 == 0).map(|i| format!("edge-{i:04}")).collect();
+        let page1: BTreeSet<String> = answer.items.iter().map(|i| i.name.clone()).collect();
+        assert!(page1.is_subset(&expected), "{page1:?}");
+        assert!(answer.items[0].workloads.iter().any(|w| w.workload == format!("{ns}/cdn") && w.phase == "Running"));
+        let next = answer.continue_.clone().expect("a continue token");
+        let mut q = nq.get("east-cdn").await.unwrap();
+        q.spec.continue_ = Some(next);
+        q.metadata.managed_fields = None;
+        nq.replace("east-cdn", &PostParams::default(), &q).await.unwrap();
+        let page2 = eventually(Duration::from_secs(10), "second page", || {
+            let nq = nq.clone();
+            async move { nq.get("east-cdn").await.ok()?.status.filter(|s| s.observed_generation == Some(2)) }
+        })
+        .await;
+        let page2: BTreeSet<String> = page2.items.iter().map(|i| i.name.clone()).collect();
+        assert_eq!(page2.len(), 3);
+        assert!(page2.is_subset(&expected) && page2.is_disjoint(&page1), "{page1:?} then {page2:?}");
+
+        // Deleting the workload removes it from the nodes before the object goes.
+        api.delete("cdn", &DeleteParams::default()).await.unwrap();
+        eventually(Duration::from_secs(30), "object gone", || {
+            let api = api.clone();
+            async move { api.get_opt("cdn").await.ok()?.is_none().then_some(()) }
+        })
+        .await;
+        eventually(Duration::from_secs(30), "nodes stopped the workload", || {
+            let running = cache.read().get("edge-0000").is_some_and(|r| {
+                r.workloads.iter().any(|w| {
+                    w.workload.as_str() == format!("{ns}/cdn") && w.phase == kole_core::model::WorkloadPhase::Running
+                })
+            });
+            async move { (!running).then_some(()) }
+        })
+        .await;
+
+        let _ = agents_stop.send(true);
+        for a in agents {
+            let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
+        }
+        ctl.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
+    use kole_kube::lease::{LeaderElector, LeaseConfig};
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-lease").await;
+        let hub = hub();
+        let snapshots: Arc<dyn SnapshotStore> = Arc::new(store(&client, &ns, "fleet"));
+        let lease = |id: &str| LeaseConfig {
+            lease_duration: Duration::from_secs(3),
+            renew_interval: Duration::from_millis(500),
+            ..LeaseConfig::new(&ns, "kole-fleet", id)
+        };
+        let a = LeaderElector::new(client.clone(), lease("a"));
+        let mut b = LeaderElector::new(client.clone(), lease("b"));
+        let (a_leads, mut a_leading) = tokio::sync::watch::channel(false);
+        let (_a_stop, a_stop_rx) = tokio::sync::watch::channel(false);
+        let a_task = tokio::spawn(a.run(a_leads, a_stop_rx));
+        tokio::time::timeout(Duration::from_secs(10), a_leading.wait_for(|l| *l)).await.unwrap().unwrap();
+        assert!(!b.step().await.unwrap(), "b stands by");
+
+        // a leads: controller + fleet, a workload converges, a snapshot is written.
+        let ctl_a = ControllerUnderTest::start(&client, &ns, &hub, Some(snapshots.clone())).await;
+        let (agents_stop, agents) = spawn_agents(&hub, 30);
+        let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
+        api.create(&PostParams::default(), &EdgeWorkload::new("retail", workload("pos:7", "retail"))).await.unwrap();
+        let ready = |n: u32, generation: i64| {
+            let api = api.clone();
+            move || {
+                let api = api.clone();
+                async move {
+                    let s = api.get("retail").await.ok()?.status?;
+                    (s.observed_generation == Some(generation) && s.ready == n).then_some(())
+                }
+            }
+        };
+        eventually(Duration::from_secs(90), "a's rollout converged", ready(15, 1)).await;
+        // a dies without releasing (the shutdown snapshot is its last act): b waits for expiry.
+        ctl_a.stop().await;
+        a_task.abort();
+        let t = Instant::now();
+        loop {
+            if b.step().await.unwrap() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "b never took over");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(t.elapsed() >= Duration::from_secs(2), "b took over before the lease expired");
+
+        // b restores from the snapshot (all 30 nodes known before any of them speaks) and converges.
+        let ctl_b = ControllerUnderTest::start(&client, &ns, &hub, Some(snapshots.clone())).await;
+        assert_eq!(ctl_b.cache.read().len(), 30, "b restored the fleet from the snapshot");
+        let mut o = api.get("retail").await.unwrap();
+        o.spec.runtime.image = "pos:8".into();
+        o.metadata.managed_fields = None;
+        api.replace("retail", &PostParams::default(), &o).await.unwrap();
+        eventually(Duration::from_secs(90), "b's rollout converged", ready(15, 2)).await;
+
+        let _ = agents_stop.send(true);
+        for t in agents {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        ctl_b.stop().await;
+        b.release().await.unwrap();
+        let name = api.get("retail").await.unwrap().name_any();
+        assert_eq!(name, "retail");
+    })
+    .await;
+}
