@@ -25,12 +25,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kole_core::agent::{
-    Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, RecordingRuntime,
-};
+use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentInput, AgentOutputs, GroupChange, RecordingRuntime};
 use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, Input, Outputs, RolloutPhase, WorkloadCommand};
-use kole_core::model::{Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId};
+use kole_core::model::{NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId};
 use kole_core::protocol::{self, GroupName, Message, Topics};
 use kole_core::transport::{CloudTransport, Destination, MessageTransport, NodeDelivery, TransportError};
 use kole_mqtt::{BrokerAddr, CloudConfig, MqttCloud, uplink_qos};
@@ -415,25 +413,9 @@ const NEVER: u64 = u64::MAX;
 impl SimFleet {
     fn new(cfg: &MqttBenchConfig, c: usize, topics: Topics) -> Self {
         let fleet = ReferenceFleet::new(cfg.nodes, cfg.seed);
-        let agent_cfg = Arc::new(AgentConfig::default());
-        let mut agents = Vec::with_capacity(cfg.nodes);
-        let mut index = HashMap::with_capacity(cfg.nodes);
-        let mut label_pool: HashMap<Labels, Arc<Labels>> = HashMap::new();
-        let mut info_pool: HashMap<(String, String, String), Arc<NodeInfo>> = HashMap::new();
-        for i in 0..cfg.nodes {
-            let node = fleet.node(i);
-            let reg = node.registration;
-            let labels = Arc::clone(label_pool.entry(reg.labels.clone()).or_insert_with(|| Arc::new(reg.labels)));
-            let key = (reg.info.arch.clone(), reg.info.os.clone(), reg.info.agent_version.clone());
-            let info = Arc::clone(
-                info_pool
-                    .entry(key)
-                    .or_insert_with(|| Arc::new(NodeInfo { addresses: Vec::new(), ..reg.info.clone() })),
-            );
-            index.insert(reg.name.clone(), i as u32);
-            let identity = AgentIdentity { name: reg.name, labels, info };
-            agents.push(Agent::new(Arc::clone(&agent_cfg), identity, node.boot_id, None));
-        }
+        let agents = crate::sim::reference_agents(&fleet, Arc::new(AgentConfig::default()));
+        let index: HashMap<NodeName, u32> =
+            agents.iter().enumerate().map(|(i, a)| (a.name().clone(), i as u32)).collect();
         let wall_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

@@ -117,32 +117,37 @@ pub struct Simulation {
 
 const NEVER: u64 = u64::MAX;
 
+/// One agent per node of `fleet`, in node order, sharing label sets and platforms (a million nodes
+/// carry a few thousand label sets and a few hundred platforms). Addresses are per node; the
+/// simulated agents report none, so their facts stay shared.
+pub fn reference_agents(fleet: &ReferenceFleet, config: Arc<AgentConfig>) -> Vec<Agent> {
+    let mut agents = Vec::with_capacity(fleet.len());
+    let mut label_pool: std::collections::HashMap<Labels, Arc<Labels>> = std::collections::HashMap::new();
+    let mut info_pool: std::collections::HashMap<(String, String, String), Arc<NodeInfo>> =
+        std::collections::HashMap::new();
+    for i in 0..fleet.len() {
+        let node = fleet.node(i);
+        let reg = node.registration;
+        let labels = Arc::clone(label_pool.entry(reg.labels.clone()).or_insert_with(|| Arc::new(reg.labels)));
+        let key = (reg.info.arch.clone(), reg.info.os.clone(), reg.info.agent_version.clone());
+        let info = Arc::clone(
+            info_pool.entry(key).or_insert_with(|| Arc::new(NodeInfo { addresses: Vec::new(), ..reg.info.clone() })),
+        );
+        let identity = AgentIdentity { name: reg.name, labels, info };
+        agents.push(Agent::new(Arc::clone(&config), identity, node.boot_id, None));
+    }
+    agents
+}
+
 impl Simulation {
     /// A simulation of `cfg.nodes` reference nodes, all disconnected, and an empty engine.
     pub fn new(cfg: SimConfig) -> Self {
         let fleet = ReferenceFleet::new(cfg.nodes, cfg.seed);
         let mut net = SimNetwork::with_capacity(cfg.plan, cfg.nodes);
-        let agent_cfg = Arc::new(cfg.agent.clone());
-        let mut agents = Vec::with_capacity(cfg.nodes);
-        // A million nodes share a few thousand label sets and a few hundred platforms: share them.
-        let mut label_pool: std::collections::HashMap<Labels, Arc<Labels>> = std::collections::HashMap::new();
-        let mut info_pool: std::collections::HashMap<(String, String, String), Arc<NodeInfo>> =
-            std::collections::HashMap::new();
-        for i in 0..cfg.nodes {
-            let node = fleet.node(i);
-            let reg = node.registration;
-            let labels = Arc::clone(label_pool.entry(reg.labels.clone()).or_insert_with(|| Arc::new(reg.labels)));
-            // Addresses are per node; the simulated agent reports none to keep its info shared.
-            let key = (reg.info.arch.clone(), reg.info.os.clone(), reg.info.agent_version.clone());
-            let info = Arc::clone(
-                info_pool
-                    .entry(key)
-                    .or_insert_with(|| Arc::new(NodeInfo { addresses: Vec::new(), ..reg.info.clone() })),
-            );
+        let agents = reference_agents(&fleet, Arc::new(cfg.agent.clone()));
+        for a in &agents {
             // Names are unique by construction, so adding cannot fail.
-            let _ = net.add_node(reg.name.clone());
-            let identity = AgentIdentity { name: reg.name, labels, info };
-            agents.push(Agent::new(Arc::clone(&agent_cfg), identity, node.boot_id, None));
+            let _ = net.add_node(a.name().clone());
         }
         let now_ms = cfg.start_ms;
         let engine =

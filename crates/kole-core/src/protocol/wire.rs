@@ -250,19 +250,14 @@ pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postca
         postcard::to_io(value, buf).map(|_| ())
     }
     match msg {
-        Message::Register(m) => put(
-            &RegisterOut {
-                name: m.name.as_str(),
-                boot_id: m.boot_id.to_le_bytes(),
-                labels: LabelsOut(&m.labels),
-                info: InfoOut {
-                    arch: &m.info.arch,
-                    os: &m.info.os,
-                    agent_version: &m.info.agent_version,
-                    addresses: &m.info.addresses,
-                },
-                applied: fixed8(m.applied),
-                workloads: slice_seq(&m.workloads, state_out),
+        Message::Register(m) => encode_register_body(
+            &super::RegisterRef {
+                name: &m.name,
+                boot_id: m.boot_id,
+                labels: &m.labels,
+                info: &m.info,
+                applied: m.applied,
+                workloads: &m.workloads,
             },
             buf,
         ),
