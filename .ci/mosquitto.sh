@@ -8,7 +8,8 @@
 # Installs Debian's mosquitto when missing, writes a password file (the controller and the test
 # nodes), the ACL shipped in deploy/mqtt/mosquitto.acl (fleet "default") and a config of its own
 # (not the system service), and runs mosquitto on 127.0.0.1 on a free port. Works as root on a
-# fresh Debian machine. State lives in $KOLE_MOSQUITTO_DIR (default /tmp/kole-mosquitto).
+# fresh Debian machine. State lives in $KOLE_MOSQUITTO_DIR (default /tmp/kole-mosquitto), exported
+# as KOLE_TEST_MOSQUITTO_DIR: tests that start a private broker reuse its `passwd` and `acl` files.
 set -euo pipefail
 
 DIR="${KOLE_MOSQUITTO_DIR:-/tmp/kole-mosquitto}"
@@ -70,6 +71,7 @@ CONF
                 echo "export KOLE_TEST_MOSQUITTO=127.0.0.1:$port"
                 echo "export KOLE_TEST_MOSQUITTO_CREDENTIALS=$DIR/credentials"
                 echo "export KOLE_TEST_MOSQUITTO_PID=$pid"
+                echo "export KOLE_TEST_MOSQUITTO_DIR=$DIR"
                 return 0
             fi
             sleep 0.1

@@ -84,6 +84,22 @@ impl Controller {
         self.cmd.send(WorkloadCommand::Apply { workload: w, progress: None }).await.unwrap();
     }
 
+    pub async fn command(&self, c: WorkloadCommand) {
+        self.cmd.send(c).await.unwrap();
+    }
+
+    /// The last status the driver reported for the workload.
+    pub fn status(&self, id: &WorkloadId) -> Option<WorkloadStatus> {
+        self.statuses.lock().unwrap().get(id).cloned()
+    }
+
+    /// Waits until the workload's last reported status satisfies `f`.
+    pub async fn wait_status(&self, id: &WorkloadId, f: impl Fn(&WorkloadStatus) -> bool) {
+        while !self.status(id).is_some_and(|s| f(&s)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn nodes(&self) -> usize {
         self.store.read().len()
     }
