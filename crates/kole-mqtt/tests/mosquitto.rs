@@ -1,20 +1,39 @@
 //! Interop with Debian's Mosquitto, with per-node credentials and the shipped ACL
 //! (`deploy/mqtt/mosquitto.acl`, fleet `default`). Start it with `.ci/mosquitto.sh start`, which
-//! prints `KOLE_TEST_MOSQUITTO=127.0.0.1:PORT` and `KOLE_TEST_MOSQUITTO_CREDENTIALS=FILE`
-//! (`user:password` lines); then `cargo test -p kole-mqtt -- --include-ignored`.
+//! prints `KOLE_TEST_MOSQUITTO=127.0.0.1:PORT`, `KOLE_TEST_MOSQUITTO_CREDENTIALS=FILE`
+//! (`user:password` lines) and `KOLE_TEST_MOSQUITTO_DIR` (its state directory, holding the
+//! `passwd` and `acl` files); then
+//! `cargo test -p kole-mqtt --test mosquitto -- --include-ignored --test-threads=1`.
+//!
+//! What runs here, all against Mosquitto:
+//! - round trips (register, heartbeat, deliver, roll out v1 then v2) of five agents;
+//! - wrong credentials are refused; the ACL confines a node to its own topics;
+//! - impersonation: node A publishing on B's uplink is dropped by the broker and leaves B's state
+//!   as it was; A claiming B's identity on its own topic is rejected by the controller;
+//! - garbage and oversize payloads on a node's own uplink are counted, change nothing else, and a
+//!   packet over the broker's `message_size_limit` never reaches (or disconnects) the controller;
+//! - a broker killed mid-rollout (SIGTERM with persistence, SIGKILL without) and restarted on the
+//!   same port: controller and agents reconnect and converge. These two start a *private* Mosquitto
+//!   of their own (same `passwd` and `acl`, a free port), killed by a drop guard;
+//! - a controller restart from its shutdown snapshot converges without resending anything.
 //!
 //! The tests share one broker, one fleet and its fixed node credentials: run them one at a time
-//! (`-- --include-ignored --test-threads=1`), as `.ci/run` does.
+//! (`-- --include-ignored --test-threads=1`), as `.ci/run` does. Each test uses a workload id of
+//! its own, so retained specs left by another test do not matter.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{AgentHandle, Controller, bounded, workload};
-use kole_core::model::{DesiredDigest, NodeName};
-use kole_core::protocol::{self, Heartbeat, Message, NodeHealth, Topics, UplinkKind};
+use kole_core::cache::StateCache as _;
+use kole_core::engine::{RolloutPhase, WorkloadCommand};
+use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRecord, wave_point};
+use kole_core::protocol::{self, Heartbeat, Message, NodeHealth, Register, RegisterOutcome, Topics, UplinkKind};
 use kole_core::snapshot::MemorySnapshotStore;
 use kole_core::transport::{NodePublish, NodeTransport};
 use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, MqttNode, NodeConfig};
@@ -22,6 +41,12 @@ use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, MqttNode, NodeConfig};
 struct Mosquitto {
     addr: BrokerAddr,
     passwords: HashMap<String, String>,
+}
+
+/// The shared broker's credentials, pointed at another broker (a private one) with the same
+/// password file.
+fn at(mq: &Mosquitto, addr: BrokerAddr) -> Mosquitto {
+    Mosquitto { addr, passwords: mq.passwords.clone() }
 }
 
 fn mosquitto() -> Mosquitto {
@@ -146,6 +171,417 @@ async fn mosquitto_acl_confines_a_node_to_its_topics() {
         assert_eq!(received, 1, "the broker let node-a publish as node-b: {:?}", ctl.cloud.stats());
         pump.abort();
         ctl.stop().await;
+    })
+    .await;
+}
+
+/// What of a node's record a forged or garbage message could change (not `last_seen`, which the
+/// node's own heartbeats move).
+fn record(ctl: &Controller, name: &str) -> Option<NodeRecord> {
+    ctl.store.read().get(name).map(|mut r| {
+        r.last_seen = Default::default();
+        r
+    })
+}
+
+/// A raw MQTT client (not kole's) with a node's credentials. Its event loop stops when dropped.
+struct RawClient {
+    client: rumqttc::AsyncClient,
+    /// Incoming publishes as `(topic, payload)`.
+    incoming: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawClient {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// Connects a [`RawClient`] with `user`'s credentials (client id = user name, as kole's nodes use).
+fn raw_client(mq: &Mosquitto, user: &str) -> RawClient {
+    let mut opts = rumqttc::MqttOptions::new(user, mq.addr.host.clone(), mq.addr.port);
+    opts.set_credentials(user, mq.passwords[user].clone());
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic, p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("raw client: {e}");
+                    break;
+                }
+            }
+        }
+    });
+    RawClient { client, incoming: rx, pump }
+}
+
+/// Node A (valid credentials of its own) against a registered, converged node B: A's publishes on
+/// B's uplink (a registration with other labels and boot, a heartbeat with another digest) are
+/// dropped by the broker, and A's registration on its own topic claiming to be B is rejected by
+/// the controller. B's record is unchanged and A is never registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_a_node_cannot_impersonate_another() {
+    bounded(60, async {
+        let mq = mosquitto();
+        let topics = topics();
+        let base = topics.base().to_owned();
+        let ctl = Controller::start(&topics, mq.cloud(), Arc::new(MemorySnapshotStore::new())).await;
+        let b = AgentHandle::start(&topics, "node-b", mq.node("node-b"));
+        ctl.wait_nodes(1).await;
+        let w = workload("default/impersonation", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 1).await;
+        let before = record(&ctl, "node-b").expect("node-b registered");
+        assert_ne!(before.applied, DesiredDigest::EMPTY);
+
+        let mut a = raw_client(&mq, "node-a");
+        let qos = rumqttc::QoS::AtLeastOnce;
+        a.client.subscribe(format!("{base}/down/node/node-a"), qos).await.unwrap();
+        let claim = |name: &str| {
+            protocol::encode(&Message::Register(Register {
+                name: NodeName::new(name).unwrap(),
+                boot_id: 9,
+                labels: Labels::from_pairs([("tier", "evil")]).unwrap(),
+                info: NodeInfo::default(),
+                applied: DesiredDigest::EMPTY,
+                workloads: vec![],
+            }))
+        };
+        let hb = protocol::encode(&Message::Heartbeat(Heartbeat {
+            seq: 1_000,
+            boot_id: 9,
+            applied: DesiredDigest::EMPTY,
+            health: NodeHealth::OK,
+        }));
+        // On B's topics: the ACL drops these.
+        a.client.publish(format!("{base}/up/node-b/register"), qos, false, claim("node-b")).await.unwrap();
+        a.client.publish(format!("{base}/up/node-b/hb"), qos, false, hb).await.unwrap();
+        // On A's own topic, claiming to be B: delivered, and answered on A's downlink with a
+        // rejection. (It reaches the controller after the forged registration above, which would
+        // take the same path; the forged heartbeat may take another controller connection, hence
+        // the wait below.)
+        a.client.publish(format!("{base}/up/node-a/register"), qos, false, claim("node-b")).await.unwrap();
+        let outcome = loop {
+            let (topic, payload) = a.incoming.recv().await.expect("node-a's connection ended");
+            assert_eq!(topic, format!("{base}/down/node/node-a"));
+            if let Message::RegisterAck(ack) = protocol::decode(&payload, &Default::default()).unwrap() {
+                break ack.outcome;
+            }
+        };
+        assert!(matches!(outcome, RegisterOutcome::Rejected { .. }), "{outcome:?}");
+        // A few of B's own heartbeats later, B is as it was.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(record(&ctl, "node-b"), Some(before));
+        assert!(!ctl.has_node("node-a"));
+        assert_eq!(ctl.nodes(), 1);
+        assert!(ctl.status(&w.id).is_some_and(|s| s.updated == 1 && s.targeted == 1));
+        drop(a);
+        let stats = ctl.stop().await;
+        assert_eq!(stats.identity_mismatch, 1, "{stats:?}");
+        assert_eq!(stats.registered_new, 1, "{stats:?}");
+        assert_eq!(stats.restarts, 0, "{stats:?}");
+        assert_eq!(stats.boot_mismatch, 0, "{stats:?}");
+        let (agent, _) = b.stop().await;
+        assert!(agent.workloads().any(|(x, _)| x.id == w.id && x.version == 1));
+    })
+    .await;
+}
+
+/// A node publishing garbage on its own uplink topics (which the ACL allows): undecodable,
+/// oversize (100 kB, over the protocol's 64 KiB) and empty payloads are decode errors the
+/// controller counts and rejects; an unknown kind is not delivered at all; a payload over the broker's
+/// `message_size_limit` (256 KiB) is dropped by Mosquitto and never reaches the controller, whose
+/// connections stay up. The other nodes and their workload are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_garbage_and_oversize_payloads_are_counted_and_change_nothing() {
+    bounded(60, async {
+        let mq = mosquitto();
+        let topics = topics();
+        let base = topics.base().to_owned();
+        let ctl = Controller::start(&topics, mq.cloud(), Arc::new(MemorySnapshotStore::new())).await;
+        let fleet: Vec<_> =
+            ["edge-000", "edge-001"].iter().map(|n| AgentHandle::start(&topics, n, mq.node(n))).collect();
+        ctl.wait_nodes(2).await;
+        let w = workload("default/garbage", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 2).await;
+        let before: Vec<_> = ["edge-000", "edge-001"].iter().map(|n| record(&ctl, n).unwrap()).collect();
+        let cloud_before = ctl.cloud.stats();
+
+        let vandal = raw_client(&mq, "node-a");
+        let qos = rumqttc::QoS::AtLeastOnce;
+        let up = |kind: &str| format!("{base}/up/node-a/{kind}");
+        vandal.client.publish(up("hb"), qos, false, vec![0xff; 7]).await.unwrap();
+        vandal.client.publish(up("register"), qos, false, vec![1u8; 100_000]).await.unwrap();
+        vandal.client.publish(up("status"), qos, false, Vec::new()).await.unwrap();
+        vandal.client.publish(up("bogus"), qos, false, vec![1, 2]).await.unwrap();
+        vandal.client.publish(up("status"), qos, false, vec![2u8; 300_000]).await.unwrap();
+        // A last one, behind the 300 kB one on the same topic and connection: once the controller
+        // has seen it (the fourth reject), it has seen the big one too, had the broker let it by.
+        vandal.client.publish(up("status"), qos, false, vec![0xfe; 3]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while *ctl.rejects.lock().unwrap() < 4 {
+            let rejects = *ctl.rejects.lock().unwrap();
+            assert!(tokio::time::Instant::now() < deadline, "{rejects} rejects, {:?}", ctl.cloud.stats());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cloud = ctl.cloud.stats();
+        // The unknown kind matches none of the controller's uplink filters: never delivered.
+        assert_eq!(cloud.bad_topic, cloud_before.bad_topic, "{cloud:?}");
+        assert_eq!(*ctl.rejects.lock().unwrap(), 4, "the 300 kB payload got through");
+        assert_eq!(cloud.connection_errors, cloud_before.connection_errors, "{cloud:?}");
+        assert_eq!(cloud.connected, cloud_before.connected, "{cloud:?}");
+        assert_eq!(ctl.nodes(), 2);
+        assert!(!ctl.has_node("node-a"));
+        let after: Vec<_> = ["edge-000", "edge-001"].iter().map(|n| record(&ctl, n).unwrap()).collect();
+        assert_eq!(after, before);
+        assert!(ctl.status(&w.id).is_some_and(|s| s.updated == 2 && s.ready == 2));
+        drop(vandal);
+        let stats = ctl.stop().await; // the driver ended cleanly: no panic
+        assert_eq!(stats.decode_errors, 4, "{stats:?}");
+        assert_eq!(stats.registered_new, 2, "{stats:?}");
+        assert_eq!(stats.restarts, 0, "{stats:?}");
+        for a in fleet {
+            let (agent, _) = a.stop().await;
+            assert!(agent.workloads().any(|(x, _)| x.id == w.id && x.version == 1));
+        }
+    })
+    .await;
+}
+
+/// A Mosquitto of a test's own, on a free port, with the shared broker's `passwd` and `acl`
+/// (`KOLE_TEST_MOSQUITTO_DIR`). Dropping it kills the process and removes its directory.
+struct PrivateMosquitto {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PrivateMosquitto {
+    async fn start(persistence: bool) -> Self {
+        let shared = PathBuf::from(
+            std::env::var("KOLE_TEST_MOSQUITTO_DIR").expect("KOLE_TEST_MOSQUITTO_DIR (run .ci/mosquitto.sh start)"),
+        );
+        for attempt in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let dir = std::env::temp_dir().join(format!("kole-mosquitto-{}-{port}-{attempt}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = format!(
+                "user root\n\
+                 listener {port} 127.0.0.1\n\
+                 allow_anonymous false\n\
+                 password_file {passwd}\n\
+                 acl_file {acl}\n\
+                 persistence {persistence}\n\
+                 persistence_location {dir}/\n\
+                 max_queued_messages 1000000\n\
+                 max_inflight_messages 1000\n\
+                 message_size_limit 262144\n\
+                 log_dest file {dir}/mosquitto.log\n\
+                 log_type error\n\
+                 log_type warning\n\
+                 log_type notice\n",
+                passwd = shared.join("passwd").display(),
+                acl = shared.join("acl").display(),
+                dir = dir.display(),
+            );
+            std::fs::write(dir.join("mosquitto.conf"), conf).unwrap();
+            let mut broker = Self { child: None, dir, port };
+            if broker.spawn().await {
+                return broker;
+            }
+        }
+        panic!("could not start a private mosquitto");
+    }
+
+    fn addr(&self) -> BrokerAddr {
+        BrokerAddr::tcp("127.0.0.1", self.port)
+    }
+
+    /// Starts mosquitto on the port and waits until it listens; false when it exits first (the
+    /// port was taken) or does not listen within 5 s.
+    async fn spawn(&mut self) -> bool {
+        assert!(self.child.is_none());
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto on PATH");
+        for _ in 0..50 {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                self.child = Some(child);
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`) and waits for the process to exit.
+    async fn kill(&mut self, signal: &str) {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+        for _ in 0..100 {
+            if child.try_wait().unwrap().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("mosquitto did not exit on SIG{signal}");
+    }
+
+    /// Starts it again on the same port (retrying while the old socket lingers).
+    async fn restart(&mut self) {
+        for _ in 0..20 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("could not restart mosquitto on port {}", self.port);
+    }
+}
+
+impl Drop for PrivateMosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default();
+            eprintln!("private mosquitto log ({}):\n{log}", self.dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Five agents converge on v1 through a private Mosquitto; v2 rolls out in two waves and is paused
+/// after the first (some nodes on v2, the rest on v1); the broker is killed with `signal`, the
+/// rollout resumed while it is down, and a new broker started on the same port. The controller and
+/// every agent reconnect, and all five converge on v2.
+async fn broker_restart_mid_rollout(persistence: bool, signal: &str, id: &str) {
+    bounded(120, async {
+        let shared = mosquitto();
+        let mut broker = PrivateMosquitto::start(persistence).await;
+        let mq = at(&shared, broker.addr());
+        let topics = topics();
+        let ctl = Controller::start(&topics, mq.cloud(), Arc::new(MemorySnapshotStore::new())).await;
+        let names: Vec<_> = (0..5).map(|i| format!("edge-{i:03}")).collect();
+        let fleet: Vec<_> = names.iter().map(|n| AgentHandle::start(&topics, n, mq.node(n))).collect();
+        ctl.wait_nodes(5).await;
+        let w1 = workload(id, 1);
+        ctl.apply(w1.clone()).await;
+        ctl.wait_converged(&w1, 5).await;
+
+        let mut w2 = workload(id, 2);
+        w2.rollout.waves = vec![50, 100];
+        let first_wave = names.iter().filter(|n| wave_point(n, &w2.id) < 5_000).count() as u32;
+        assert!((1..5).contains(&first_wave), "pick another workload id: {first_wave} of 5 in the first wave");
+        ctl.apply(w2.clone()).await;
+        ctl.command(WorkloadCommand::Pause(w2.id.clone())).await;
+        ctl.wait_status(&w2.id, |s| {
+            s.version == 2 && s.phase == RolloutPhase::Paused && s.updated == first_wave && s.ready == first_wave
+        })
+        .await;
+        let held = ctl.status(&w2.id).unwrap();
+        assert_eq!(held.by_version, vec![(1, 5 - first_wave), (2, first_wave)], "{held:?}");
+        let connects_before = ctl.cloud.stats().connects;
+
+        broker.kill(signal).await;
+        // SIGTERM makes a persistent broker save its database (the retained specs); SIGKILL of one
+        // without persistence leaves nothing: the new broker starts empty.
+        assert_eq!(broker.dir.join("mosquitto.db").exists(), persistence);
+        ctl.command(WorkloadCommand::Resume(w2.id.clone())).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        broker.restart().await;
+        let restarted = common::now();
+        ctl.wait_converged(&w2, 5).await;
+        assert!(ctl.cloud.stats().connects > connects_before, "{:?}", ctl.cloud.stats());
+        // Nodes of the first wave count as updated from before the restart: wait until every node
+        // has been heard from through the new broker (`last_seen` has second precision).
+        let heard_since = |n: &String| ctl.store.read().get(n).is_some_and(|r| r.last_seen > restarted);
+        while !names.iter().all(heard_since) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stats = ctl.stop().await;
+        assert_eq!(stats.registered_new, 5, "{stats:?}");
+        for a in fleet {
+            let (agent, stats) = a.stop().await;
+            let versions: Vec<_> = agent.workloads().map(|(w, _)| (w.id.clone(), w.version)).collect();
+            assert!(versions.contains(&(w2.id.clone(), 2)), "{versions:?}");
+            assert!(stats.connects >= 2, "{stats:?}");
+        }
+        drop(broker);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO_DIR"]
+async fn mosquitto_restart_with_persistence_mid_rollout_reconverges() {
+    broker_restart_mid_rollout(true, "TERM", "default/restart-persistent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO_DIR"]
+async fn mosquitto_killed_without_persistence_mid_rollout_reconverges() {
+    broker_restart_mid_rollout(false, "KILL", "default/restart-empty").await;
+}
+
+/// A controller converges four nodes, stops (writing its shutdown snapshot), and a new one restores
+/// from the snapshot: it knows the nodes, re-applies the workload and converges without a single
+/// new registration, catch-up or per-node delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_controller_restart_restores_without_resending() {
+    bounded(60, async {
+        let mq = mosquitto();
+        let topics = topics();
+        let snapshots = Arc::new(MemorySnapshotStore::new());
+        let ctl = Controller::start(&topics, mq.cloud(), snapshots.clone()).await;
+        let fleet: Vec<_> =
+            (0..4).map(|i| format!("edge-{i:03}")).map(|n| AgentHandle::start(&topics, &n, mq.node(&n))).collect();
+        ctl.wait_nodes(4).await;
+        let w = workload("default/controller-restart", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 4).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let first = ctl.stop().await; // writes the shutdown snapshot
+        assert_eq!(first.registered_new, 4, "{first:?}");
+        let ctl = Controller::start(&topics, mq.cloud(), snapshots).await;
+        assert_eq!(ctl.nodes(), 4, "restored from the snapshot");
+        ctl.apply(w.clone()).await; // the workload watcher re-applies on start
+        ctl.wait_converged(&w, 4).await;
+        tokio::time::sleep(Duration::from_millis(2_500)).await; // a few heartbeats
+        let stats = ctl.stop().await;
+        assert_eq!(stats.registered_new, 0, "{stats:?}");
+        assert_eq!(stats.catchups, 0, "{stats:?}");
+        assert_eq!(stats.per_node_deliveries, 0, "{stats:?}");
+        assert!(stats.heartbeats >= 4, "{stats:?}");
+        for a in fleet {
+            let (agent, _) = a.stop().await;
+            assert!(agent.workloads().any(|(x, _)| x.id == w.id && x.version == 1));
+        }
     })
     .await;
 }
