@@ -165,7 +165,9 @@ pub struct CloudConfig {
     /// [`TransportError::Full`](kole_core::transport::TransportError::Full). Default 5 s.
     pub send_timeout: Duration,
     /// Reconnect backoff of each connection (jittered into `[d/2, d]`). Default 100 ms doubling to
-    /// 30 s.
+    /// 2 s: the controller has only a few connections per broker, and while they are down the
+    /// broker drops the uplink of every node that reconnected before them (clean sessions), so
+    /// they come back first.
     pub reconnect: RetryPolicy,
     /// Per-connection MQTT settings.
     pub connection: ConnectionConfig,
@@ -182,7 +184,7 @@ impl Default for CloudConfig {
             inbox_capacity: 262_144,
             outbox_capacity: 65_536,
             send_timeout: Duration::from_secs(5),
-            reconnect: RetryPolicy::new(100, 30_000, 2.0),
+            reconnect: RetryPolicy::new(100, 2_000, 2.0),
             connection: ConnectionConfig::default(),
         }
     }

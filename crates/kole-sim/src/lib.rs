@@ -21,6 +21,7 @@ pub mod dataset;
 pub mod demo;
 pub mod mem;
 pub mod mqtt_bench;
+pub mod per_node;
 pub mod progress;
 pub mod report;
 pub mod sim;

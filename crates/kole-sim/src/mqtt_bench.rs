@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentInput, AgentOutputs, GroupChange, RecordingRuntime};
 use kole_core::cache::NodeCache;
-use kole_core::engine::{Engine, EngineConfig, Input, Outputs, RolloutPhase, WorkloadCommand};
+use kole_core::engine::{Engine, EngineConfig, EngineStats, Input, Outputs, RolloutPhase, WorkloadCommand};
 use kole_core::model::{NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId};
 use kole_core::protocol::{self, GroupName, Message, Topics};
 use kole_core::transport::{CloudTransport, Destination, MessageTransport, NodeDelivery, TransportError};
@@ -98,27 +98,29 @@ pub enum MqttBenchError {
     },
 }
 
-fn setup(e: impl std::fmt::Display) -> MqttBenchError {
+pub(crate) fn setup(e: impl std::fmt::Display) -> MqttBenchError {
     MqttBenchError::Setup(e.to_string())
 }
 
 /// What the controller thread publishes for the orchestrator (written after every engine call).
 #[derive(Debug, Default)]
-struct ControllerView {
-    tid: AtomicU64,
-    registered: AtomicU64,
-    heartbeats: AtomicU64,
-    targeted: AtomicU64,
-    ready: AtomicU64,
-    complete: AtomicBool,
-    send_failures: AtomicU64,
-    inbox_dropped: AtomicU64,
-    received: AtomicU64,
+pub(crate) struct ControllerView {
+    pub(crate) tid: AtomicU64,
+    pub(crate) registered: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
+    pub(crate) targeted: AtomicU64,
+    pub(crate) ready: AtomicU64,
+    pub(crate) complete: AtomicBool,
+    pub(crate) send_failures: AtomicU64,
+    pub(crate) inbox_dropped: AtomicU64,
+    pub(crate) received: AtomicU64,
     /// The thread's CPU time when it finished, in microseconds.
-    final_cpu_us: AtomicU64,
+    pub(crate) final_cpu_us: AtomicU64,
+    /// The engine's counters, as of its last call.
+    pub(crate) stats: std::sync::Mutex<EngineStats>,
 }
 
-enum ControllerCommand {
+pub(crate) enum ControllerCommand {
     Apply(Box<Workload>),
     Stop,
 }
@@ -163,7 +165,10 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
         }
     };
     progress(&format!("broker {broker}; building {} agents", thousands(n as u64)));
-    let topics = Topics::new("bench").map_err(setup)?;
+    // A fleet of its own per run: a long-lived broker keeps the retained specs of earlier runs.
+    let fleet_name = format!("bench-{:x}-{:x}", std::process::id(), wall_nanos());
+    fig.str("fleet", fleet_name.clone());
+    let topics = Topics::new(&fleet_name).map_err(setup)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(setup)?;
 
     // The controller, on its own thread.
@@ -182,7 +187,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
         let capacity = n;
         std::thread::Builder::new()
             .name("controller".into())
-            .spawn(move || controller_thread(topics, cloud_cfg, capacity, view, cmd_rx, ready_tx))
+            .spawn(move || controller_thread(topics, cloud_cfg, engine_cfg(), capacity, view, cmd_rx, ready_tx))
             .map_err(setup)?
     };
     match ready_rx.recv_timeout(Duration::from_secs(30)) {
@@ -303,6 +308,7 @@ async fn simulate(
         ));
     }
     fig.float("register_s", t.elapsed().as_secs_f64());
+    progress(&format!("  controller after registration: {}", engine_counts(view)));
 
     progress("one heartbeat from every node, all due at once");
     let tid = view.tid.load(Ordering::Relaxed);
@@ -318,6 +324,7 @@ async fn simulate(
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
     fig.float("heartbeat_cpu_s", thread_cpu_seconds(tid).unwrap_or(f64::NAN) - cpu0);
+    progress(&format!("  controller after the heartbeat: {}", engine_counts(view)));
 
     progress("one workload to every node, until the controller reports every node running");
     let workload = Workload {
@@ -344,6 +351,7 @@ async fn simulate(
         ));
     }
     fig.float("distribute_s", t.elapsed().as_secs_f64());
+    progress(&format!("  controller after distribution: {}", engine_counts(view)));
     fig.int("distribute_targeted", view.targeted.load(Ordering::Relaxed));
     fig.int("sim_connection_errors", errors.load(Ordering::Relaxed));
     for client in &fleet.clients {
@@ -353,6 +361,34 @@ async fn simulate(
         t.abort();
     }
     Ok(())
+}
+
+/// The bench controller's engine settings: defaults, with a status every 100 ms so phases are
+/// timed to a tenth of a second.
+pub(crate) fn engine_cfg() -> EngineConfig {
+    EngineConfig { status_interval_ms: 100, ..EngineConfig::default() }
+}
+
+/// Nanoseconds of the wall clock (a per-run salt).
+pub(crate) fn wall_nanos() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+}
+
+/// The engine counters that explain a phase, for the progress lines.
+pub(crate) fn engine_counts(view: &ControllerView) -> String {
+    let s = view.stats.lock().map(|s| s.clone()).unwrap_or_default();
+    format!(
+        "registered {} (+{} again), heartbeats {} (stale {}), status {}, catch-ups {}, unknown {}, boot mismatch {}, decode errors {}",
+        s.registered_new,
+        s.registered_known,
+        s.heartbeats,
+        s.stale,
+        s.status_reports,
+        s.catchups,
+        s.unknown_node,
+        s.boot_mismatch,
+        s.decode_errors
+    )
 }
 
 /// One simulator connection's event loop: hands every downlink publish to the agents' loop and
@@ -405,6 +441,8 @@ struct SimFleet {
     start: Instant,
     /// Added to the agents' clock (the heartbeat phase jumps it by one interval).
     offset_ms: u64,
+    /// Agents acknowledged at least once, and how many.
+    acked: Vec<bool>,
     registered: u64,
 }
 
@@ -435,6 +473,7 @@ impl SimFleet {
             wall_ms,
             start: Instant::now(),
             offset_ms: 0,
+            acked: vec![false; cfg.nodes],
             registered: 0,
         }
     }
@@ -572,7 +611,11 @@ impl SimFleet {
                 }
             }
         }
-        self.registered += self.out.events.iter().filter(|e| matches!(e, AgentEvent::Registered { .. })).count() as u64;
+        if !self.acked[i] && self.out.events.iter().any(|e| matches!(e, AgentEvent::Registered { .. })) {
+            // Distinct agents: a retried registration is acknowledged more than once.
+            self.acked[i] = true;
+            self.registered += 1;
+        }
         if let Some(at) = self.out.next_wake {
             let at = at.as_millis();
             if at != self.wake_at[i] {
@@ -606,9 +649,10 @@ fn try_send(client: &AsyncClient, msg: rumqttc::Publish) -> Result<(), rumqttc::
 }
 
 /// The controller: the engine over [`MqttCloud`], on this (dedicated) thread.
-fn controller_thread(
+pub(crate) fn controller_thread(
     topics: Topics,
     cloud_cfg: CloudConfig,
+    engine_cfg: EngineConfig,
     capacity: usize,
     view: Arc<ControllerView>,
     mut commands: mpsc::Receiver<ControllerCommand>,
@@ -635,7 +679,6 @@ fn controller_thread(
         let _ = ready.send(Ok(()));
         let clock = kole_core::engine::driver::system_clock();
         // Status every 100 ms, so the distribution phase is timed to a tenth of a second.
-        let engine_cfg = EngineConfig { status_interval_ms: 100, ..EngineConfig::default() };
         let mut engine = Engine::new(engine_cfg, NodeCache::with_capacity(capacity, 28), clock());
         let mut out = Outputs::default();
         let mut watched: Option<WorkloadId> = None;
@@ -677,6 +720,9 @@ fn controller_thread(
             let s = engine.stats();
             view.registered.store(s.registered_new, Ordering::Relaxed);
             view.heartbeats.store(s.heartbeats, Ordering::Relaxed);
+            if let Ok(mut st) = view.stats.try_lock() {
+                st.clone_from(s);
+            }
             for st in out.statuses.iter().filter(|st| Some(&st.id) == watched.as_ref()) {
                 view.targeted.store(u64::from(st.targeted), Ordering::Relaxed);
                 view.ready.store(u64::from(st.ready), Ordering::Relaxed);
@@ -700,7 +746,7 @@ fn current_tid() -> Option<u64> {
 }
 
 /// CPU seconds (user + system) thread `tid` of this process has used.
-fn thread_cpu_seconds(tid: u64) -> Option<f64> {
+pub(crate) fn thread_cpu_seconds(tid: u64) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -710,7 +756,7 @@ fn thread_cpu_seconds(tid: u64) -> Option<f64> {
 }
 
 /// Peak RSS (`VmHWM`) of process `pid`, in bytes.
-fn peak_rss_of(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
