@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kole_core::agent::Jitter;
 use kole_core::model::{mix64, stable_hash};
-use kole_core::protocol::{Topics, UplinkKind};
+use kole_core::protocol::{MessageKind, Topics, UplinkKind};
 use kole_core::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound, TransportError};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -17,9 +17,17 @@ use crate::config::{CloudConfig, broker_for};
 use crate::inbox::{Inbox, InboxSender};
 use crate::{Error, Result, conn};
 
-/// The QoS of every downlink message (`docs/protocol.md` §4): QoS 1, so a connected node gets it
-/// unless its session ends; the heartbeat digest repairs the rest.
-pub const DOWNLINK_QOS: QoS = QoS::AtLeastOnce;
+/// The QoS of a downlink message, by the kind in its envelope (`docs/protocol.md` §4): QoS 0 for
+/// a `RegisterAck` (the agent retries its registration until one arrives, so a broker-level ack
+/// would only repeat that, at two more packets per node through the broker), QoS 1 for everything
+/// else, so a connected node gets it unless its session ends (the heartbeat digest repairs the
+/// rest).
+pub fn downlink_qos(payload: &[u8]) -> QoS {
+    match payload.get(1).copied().and_then(MessageKind::from_u8) {
+        Some(MessageKind::RegisterAck) => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
 
 /// Counters of an [`MqttCloud`], since it was created.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -340,7 +348,7 @@ async fn publisher(
         for m in chunk.msgs {
             let sent = tokio::select! {
                 () = closed.cancelled() => return,
-                r = client.publish(m.topic, DOWNLINK_QOS, m.retain, m.payload) => r,
+                r = client.publish(m.topic, downlink_qos(&m.payload), m.retain, m.payload) => r,
             };
             if sent.is_err() {
                 return;
@@ -411,5 +419,30 @@ impl CloudTransport for MqttCloud {
 
     async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
         self.inbox.recv(max, &self.closed).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kole_core::model::DesiredDigest;
+    use kole_core::protocol::{self, DesiredState, Message, RegisterAck, RegisterOutcome};
+
+    #[test]
+    fn register_acks_go_at_qos_0_everything_else_at_qos_1() {
+        let ack = protocol::encode(&Message::RegisterAck(RegisterAck {
+            boot_id: 7,
+            outcome: RegisterOutcome::Accepted,
+            heartbeat_interval_ms: 30_000,
+            groups: Vec::new(),
+            desired: DesiredDigest::default(),
+        }));
+        assert_eq!(downlink_qos(&ack), QoS::AtMostOnce);
+        let desired =
+            protocol::encode(&Message::DesiredState(DesiredState { digest: DesiredDigest::default(), workloads: vec![] }));
+        assert_eq!(downlink_qos(&desired), QoS::AtLeastOnce);
+        for junk in [&b""[..], &b"\x01"[..], &[0xff, 0x81][..]] {
+            assert_eq!(downlink_qos(junk), QoS::AtLeastOnce, "{junk:?}");
+        }
     }
 }

@@ -169,7 +169,8 @@ pub struct CloudConfig {
     /// broker drops the uplink of every node that reconnected before them (clean sessions), so
     /// they come back first.
     pub reconnect: RetryPolicy,
-    /// Per-connection MQTT settings.
+    /// Per-connection MQTT settings. Default: [`ConnectionConfig::default`] with 4,096 QoS 1
+    /// publishes in flight.
     pub connection: ConnectionConfig,
 }
 
@@ -185,7 +186,9 @@ impl Default for CloudConfig {
             outbox_capacity: 65_536,
             send_timeout: Duration::from_secs(5),
             reconnect: RetryPolicy::new(100, 2_000, 2.0),
-            connection: ConnectionConfig::default(),
+            // Thousands of acks and catch-ups in flight: a busy broker's PUBACK latency must not
+            // cap the controller's publish rate (256 in flight held it to a fraction of it).
+            connection: ConnectionConfig { inflight: 4_096, ..ConnectionConfig::default() },
         }
     }
 }

@@ -63,7 +63,7 @@ mod node;
 
 #[cfg(feature = "embedded-broker")]
 pub use broker::{EmbeddedBroker, EmbeddedBrokerConfig};
-pub use cloud::{CloudStats, DOWNLINK_QOS, MqttCloud};
+pub use cloud::{CloudStats, MqttCloud, downlink_qos};
 #[cfg(feature = "tls")]
 pub use config::TlsSettings;
 pub use config::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, NodeConfig, broker_for};

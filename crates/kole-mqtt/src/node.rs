@@ -16,12 +16,13 @@ use crate::config::{NodeConfig, broker_for};
 use crate::inbox::{Inbox, InboxSender};
 use crate::{Error, Result, conn};
 
-/// The QoS of each uplink kind (`docs/protocol.md` §4): registrations and status reports must
-/// arrive (QoS 1), heartbeats are superseded by the next one (QoS 0).
+/// The QoS of each uplink kind (`docs/protocol.md` §4): status reports must arrive (QoS 1);
+/// heartbeats are superseded by the next one and registrations are retried by the agent until
+/// acknowledged (QoS 0: a broker-level ack would only repeat the protocol's own).
 pub fn uplink_qos(kind: UplinkKind) -> QoS {
     match kind {
-        UplinkKind::Heartbeat => QoS::AtMostOnce,
-        _ => QoS::AtLeastOnce,
+        UplinkKind::Heartbeat | UplinkKind::Register => QoS::AtMostOnce,
+        UplinkKind::Status => QoS::AtLeastOnce,
     }
 }
 

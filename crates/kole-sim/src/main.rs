@@ -13,11 +13,13 @@ const USAGE: &str = "\
 kole-sim: simulator and benchmark of kole on the reference fleet
 
 USAGE:
-  kole-sim demo [--nodes N] [--seed S] [--dir D]
-      The quickstart: a simulated fleet (default 100,000 nodes) registers with one controller, a
-      workload rolls out in waves, a new version starts, the controller crashes mid-rollout and
-      restarts from the directory snapshot store (a temporary directory unless --dir), and the
-      fleet converges. Prints a summary table.
+  kole-sim demo [--nodes N] [--mqtt-nodes M] [--seed S] [--dir D]
+      The quickstart. Part 1: M agents (default 10,000; 0 skips it) and one controller over MQTT
+      through the embedded broker: registration, a heartbeat from every node, one workload. Part 2:
+      a simulated fleet (default 100,000 nodes) registers with one controller over the in-process
+      network, a workload rolls out in waves, a new version starts, the controller crashes
+      mid-rollout and restarts from the directory snapshot store (a temporary directory unless
+      --dir), and the fleet converges. Prints a summary table.
   kole-sim bench [--nodes N] [--codec gzip|lz4] [--seed S] [--batch B] [--max-chunk-bytes B] [--cache-only] [--json]
       Measures cache memory per node, heartbeat decode+apply rate, snapshot write time, size and
       chunk count, and restore time; then runs the engine with one agent per node over the in-process
@@ -199,6 +201,7 @@ fn cmd_demo(args: &Args) -> AnyResult<ExitCode> {
         nodes: args.get("nodes", defaults.nodes)?,
         seed: args.get("seed", defaults.seed)?,
         dir: args.get_opt::<PathBuf>("dir")?,
+        mqtt_nodes: args.get("mqtt-nodes", defaults.mqtt_nodes)?,
     };
     args.reject_unknown()?;
     kole_sim::demo::run(&cfg)?;
