@@ -27,11 +27,13 @@ USAGE:
       controller restart from a snapshot (--cache-only skips this). Default 1,000,000 nodes.
       With --json the last line is one JSON object.
   kole-sim bench --transport mqtt [--broker mqtt://HOST:PORT] [--broker-pid PID] [--connections C]
-                 [--controller-connections K] [--wildcard-downlink] [--nodes N] [--seed S] [--json]
+                 [--controller-connections K] [--wildcard-downlink] [--register-window W] [--nodes N]
+                 [--seed S] [--json]
       The engine behind the MQTT transport and the simulated nodes multiplexed over C connections
       (default 8) to a real broker (the embedded one without --broker): registration, one heartbeat
       from every node, one workload to every node; the controller's CPU time; the broker's peak RSS
-      when --broker-pid names a local broker process. Default 100,000 nodes. The broker must let
+      when --broker-pid names a local broker process. Agents connect while fewer than W (default
+      50,000) registrations await their ack. Default 100,000 nodes. The broker must let
       the bench's user publish on every node's uplink (no kole ACL).
   kole-sim bench --transport mqtt --per-node [--nodes N] [--brokers K] [--workers W] [--connect-rate R]
                  [--heartbeat-interval-ms MS] [--storm] [--mosquitto-dir DIR] [--json]
@@ -136,6 +138,7 @@ fn cmd_bench_mqtt(args: &Args) -> AnyResult<ExitCode> {
         per_node_subscriptions: !args.flag("wildcard-downlink"),
         inflight: args.get("inflight", d.inflight)?,
         phase_timeout: std::time::Duration::from_secs(args.get("phase-timeout", d.phase_timeout.as_secs())?),
+        register_window: args.get("register-window", d.register_window)?,
     };
     let json = args.flag("json");
     args.reject_unknown()?;
