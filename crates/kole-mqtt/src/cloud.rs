@@ -23,8 +23,12 @@ use crate::{Error, Result, conn};
 /// else, so a connected node gets it unless its session ends (the heartbeat digest repairs the
 /// rest).
 pub fn downlink_qos(payload: &[u8]) -> QoS {
-    match payload.get(1).copied().and_then(MessageKind::from_u8) {
-        Some(MessageKind::RegisterAck) => QoS::AtMostOnce,
+    match payload {
+        [kole_core::protocol::PROTOCOL_VERSION, kind, ..]
+            if MessageKind::from_u8(*kind) == Some(MessageKind::RegisterAck) =>
+        {
+            QoS::AtMostOnce
+        }
         _ => QoS::AtLeastOnce,
     }
 }
@@ -438,8 +442,10 @@ mod tests {
             desired: DesiredDigest::default(),
         }));
         assert_eq!(downlink_qos(&ack), QoS::AtMostOnce);
-        let desired =
-            protocol::encode(&Message::DesiredState(DesiredState { digest: DesiredDigest::default(), workloads: vec![] }));
+        let desired = protocol::encode(&Message::DesiredState(DesiredState {
+            digest: DesiredDigest::default(),
+            workloads: vec![],
+        }));
         assert_eq!(downlink_qos(&desired), QoS::AtLeastOnce);
         for junk in [&b""[..], &b"\x01"[..], &[0xff, 0x81][..]] {
             assert_eq!(downlink_qos(junk), QoS::AtLeastOnce, "{junk:?}");
