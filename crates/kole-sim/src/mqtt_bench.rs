@@ -318,7 +318,7 @@ async fn simulate(
     progress("one heartbeat from every node, all due at once");
     let tid = view.tid.load(Ordering::Relaxed);
     let before = view.heartbeats.load(Ordering::Relaxed);
-    let cpu0 = thread_cpu_seconds(tid).unwrap_or(f64::NAN);
+    let (user0, sys0) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
     let t = Instant::now();
     fleet.offset_ms += u64::from(EngineConfig::default().heartbeat_interval_ms);
     let ok = fleet
@@ -328,7 +328,10 @@ async fn simulate(
         return Err(fail("heartbeat", format!("{} heartbeats", view.heartbeats.load(Ordering::Relaxed) - before)));
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
-    fig.float("heartbeat_cpu_s", thread_cpu_seconds(tid).unwrap_or(f64::NAN) - cpu0);
+    let (user1, sys1) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
+    fig.float("heartbeat_cpu_s", (user1 - user0) + (sys1 - sys0));
+    fig.float("heartbeat_cpu_user_s", user1 - user0);
+    fig.float("heartbeat_cpu_sys_s", sys1 - sys0);
     progress(&format!("  controller after the heartbeat: {}", engine_counts(view)));
 
     progress("one workload to every node, until the controller reports every node running");
@@ -714,7 +717,9 @@ pub(crate) fn controller_thread(
         loop {
             tokio::select! {
                 batch = cloud.recv(8192) => match batch {
-                    Ok(batch) => engine.handle(Input::Uplink(&batch), clock(), &mut out),
+                    Ok(batch) => {
+                        engine.handle(Input::Uplink(&batch), clock(), &mut out);
+                    }
                     Err(_) => break,
                 },
                 cmd = commands.recv() => match cmd {
@@ -774,12 +779,17 @@ fn current_tid() -> Option<u64> {
 
 /// CPU seconds (user + system) thread `tid` of this process has used.
 pub(crate) fn thread_cpu_seconds(tid: u64) -> Option<f64> {
+    thread_cpu_split(tid).map(|(u, s)| u + s)
+}
+
+/// CPU seconds (user, system) thread `tid` of this process has used.
+pub(crate) fn thread_cpu_split(tid: u64) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    Some((utime / 100.0, stime / 100.0))
 }
 
 /// Peak RSS (`VmHWM`) of process `pid`, in bytes.

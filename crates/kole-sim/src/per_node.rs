@@ -39,7 +39,7 @@ use crate::dataset::ReferenceFleet;
 use crate::mem;
 use crate::mqtt_bench::{
     ControllerCommand, ControllerView, MqttBenchError, controller_thread, engine_counts, peak_rss_of, setup,
-    thread_cpu_seconds, wall_nanos,
+    thread_cpu_split, wall_nanos,
 };
 use crate::report::{Figures, bytes, thousands};
 
@@ -417,13 +417,16 @@ fn phases(
     progress(&format!("every node's next heartbeat ({} ms interval)", cfg.heartbeat_interval_ms));
     let tid = view.tid.load(Ordering::Relaxed);
     let before = view.heartbeats.load(Ordering::Relaxed);
-    let cpu0 = thread_cpu_seconds(tid).unwrap_or(f64::NAN);
+    let (user0, sys0) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
     let t = Instant::now();
     if !wait(timeout, || view.heartbeats.load(Ordering::Relaxed) >= before + n as u64) {
         return Err(fail("heartbeat", format!("{} heartbeats", view.heartbeats.load(Ordering::Relaxed) - before)));
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
-    fig.float("heartbeat_cpu_s", thread_cpu_seconds(tid).unwrap_or(f64::NAN) - cpu0);
+    let (user1, sys1) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
+    fig.float("heartbeat_cpu_s", (user1 - user0) + (sys1 - sys0));
+    fig.float("heartbeat_cpu_user_s", user1 - user0);
+    fig.float("heartbeat_cpu_sys_s", sys1 - sys0);
 
     progress("one workload to every node, until the controller reports every node running");
     let workload = Workload {
