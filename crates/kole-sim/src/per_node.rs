@@ -412,6 +412,8 @@ fn phases(
         return Err(fail("registration", format!("{} of {n} registered", view.registered.load(Ordering::Relaxed))));
     }
     fig.float("register_s", t.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_millis(1_200)); // the workers report connects every second
+    fig.int("register_sessions", histogram.lock().map(|h| h.values().sum()).unwrap_or(0));
     progress(&format!("  controller after registration: {}", engine_counts(view)));
 
     progress(&format!("every node's next heartbeat ({} ms interval)", cfg.heartbeat_interval_ms));
