@@ -114,7 +114,9 @@ impl Broker {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| setup(format!("starting {}: {e}", bin.display())))?;
+            .map_err(|e| {
+                setup(format!("starting {} (Debian package `mosquitto`, or --mosquitto-dir): {e}", bin.display()))
+            })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -216,7 +218,9 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
         }
         f.flush().map_err(setup)?;
     }
-    let status = Command::new(bin("mosquitto_passwd")).arg("-U").arg(&passwd).status().map_err(setup)?;
+    let status = Command::new(bin("mosquitto_passwd")).arg("-U").arg(&passwd).status().map_err(|e| {
+        setup(format!("running mosquitto_passwd (Debian package `mosquitto`, or --mosquitto-dir): {e}"))
+    })?;
     if !status.success() {
         return Err(setup(format!("mosquitto_passwd -U failed: {status}")));
     }
