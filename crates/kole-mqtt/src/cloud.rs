@@ -134,7 +134,7 @@ impl MqttCloud {
                 let creds = cfg.credentials.as_ref().map(|c| (c.username.as_str(), c.password.as_str()));
                 let opts = conn::options(broker, &id, creds, &cfg.connection)?;
                 let (client, eventloop) = conn::client(opts, &cfg.connection);
-                let filters = uplink_filters(&topics, c, per, cfg.split_heartbeats);
+                let filters = uplink_filters(&topics, c, per, cfg.split_heartbeats, cfg.uplink_subscription_qos);
                 let up = Arc::new(AtomicBool::new(false));
                 let link = Link {
                     topics: topics.clone(),
@@ -247,13 +247,13 @@ impl MqttCloud {
 }
 
 /// The uplink filters of connection `c` of `per`.
-fn uplink_filters(topics: &Topics, c: usize, per: usize, split: bool) -> Vec<SubscribeFilter> {
-    let f = |kind| SubscribeFilter::new(topics.uplink_filter(kind), QoS::AtLeastOnce);
+fn uplink_filters(topics: &Topics, c: usize, per: usize, split: bool, qos: QoS) -> Vec<SubscribeFilter> {
+    let f = |kind| SubscribeFilter::new(topics.uplink_filter(kind), qos);
     if per == 1 {
-        vec![SubscribeFilter::new(topics.uplink_filter_all(), QoS::AtLeastOnce)]
+        vec![SubscribeFilter::new(topics.uplink_filter_all(), qos)]
     } else if !split {
         // Only connection 0 subscribes: two subscriptions would deliver every message twice.
-        if c == 0 { vec![SubscribeFilter::new(topics.uplink_filter_all(), QoS::AtLeastOnce)] } else { vec![] }
+        if c == 0 { vec![SubscribeFilter::new(topics.uplink_filter_all(), qos)] } else { vec![] }
     } else if c == per - 1 {
         vec![f(UplinkKind::Heartbeat)]
     } else if c == 0 {

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use kole_core::agent::RetryPolicy;
+use rumqttc::QoS;
 
 use crate::Error;
 
@@ -154,6 +155,15 @@ pub struct CloudConfig {
     /// Read heartbeats on their own connection (the last one of each broker) when there are at least
     /// two, so a registration storm cannot delay them. Default true.
     pub split_heartbeats: bool,
+    /// QoS of the controller's uplink subscriptions (a message arrives at the lower of its
+    /// publish QoS and this). Default QoS 1. With clean sessions, QoS 1 from the broker to the
+    /// controller adds flow control (the broker's in-flight window, Mosquitto's
+    /// `max_inflight_messages`) and one PUBACK per status report, but no durability: what is in
+    /// flight when the connection drops is discarded either way, and a lost status report is
+    /// repaired by the next heartbeat's digest. QoS 0 saves the broker a packet per status report
+    /// and removes its in-flight limit, at the price of the broker dropping, not queueing, when the
+    /// controller falls behind.
+    pub uplink_subscription_qos: QoS,
     /// Uplink messages waiting for [`recv`](kole_core::transport::CloudTransport::recv). When full,
     /// further uplink messages are dropped and counted (as a broker drops for a slow subscriber;
     /// agents repeat what matters). Default 262,144.
@@ -182,6 +192,7 @@ impl Default for CloudConfig {
             client_id: "kole-controller".into(),
             connections_per_broker: 2,
             split_heartbeats: true,
+            uplink_subscription_qos: QoS::AtLeastOnce,
             inbox_capacity: 262_144,
             outbox_capacity: 65_536,
             send_timeout: Duration::from_secs(5),

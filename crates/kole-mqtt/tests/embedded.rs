@@ -27,10 +27,21 @@ fn agents(topics: &Topics, broker: &EmbeddedBroker, n: usize) -> Vec<AgentHandle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_heartbeat_deliver_and_rollout() {
+    round_trips(cloud_cfg).await;
+}
+
+/// The same with the controller subscribed to the uplink at QoS 0
+/// (`CloudConfig::uplink_subscription_qos`): status reports still arrive and rollouts complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_with_uplink_subscriptions_at_qos_0() {
+    round_trips(|b| CloudConfig { uplink_subscription_qos: rumqttc::QoS::AtMostOnce, ..cloud_cfg(b) }).await;
+}
+
+async fn round_trips(cloud: fn(&EmbeddedBroker) -> CloudConfig) {
     bounded(60, async {
         let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
         let topics = Topics::new("test").unwrap();
-        let ctl = Controller::start(&topics, cloud_cfg(&broker), Arc::new(MemorySnapshotStore::new())).await;
+        let ctl = Controller::start(&topics, cloud(&broker), Arc::new(MemorySnapshotStore::new())).await;
         let fleet = agents(&topics, &broker, 5);
         ctl.wait_nodes(5).await;
         let w1 = workload("default/app", 1);

@@ -27,13 +27,14 @@ USAGE:
       controller restart from a snapshot (--cache-only skips this). Default 1,000,000 nodes.
       With --json the last line is one JSON object.
   kole-sim bench --transport mqtt [--broker mqtt://HOST:PORT] [--broker-pid PID] [--connections C]
-                 [--controller-connections K] [--wildcard-downlink] [--register-window W] [--nodes N]
-                 [--seed S] [--json]
+                 [--controller-connections K] [--wildcard-downlink] [--register-window W]
+                 [--controller-qos0] [--nodes N] [--seed S] [--json]
       The engine behind the MQTT transport and the simulated nodes multiplexed over C connections
       (default 8) to a real broker (the embedded one without --broker): registration, one heartbeat
       from every node, one workload to every node; the controller's CPU time; the broker's peak RSS
       when --broker-pid names a local broker process. Agents connect while fewer than W (default
-      50,000) registrations await their ack. Default 100,000 nodes. The broker must let
+      50,000) registrations await their ack; --controller-qos0 subscribes the controller to the
+      uplink at QoS 0. Default 100,000 nodes. The broker must let
       the bench's user publish on every node's uplink (no kole ACL).
   kole-sim bench --transport mqtt --per-node [--nodes N] [--brokers K] [--workers W] [--connect-rate R]
                  [--heartbeat-interval-ms MS] [--storm] [--mosquitto-dir DIR] [--json]
@@ -69,7 +70,10 @@ fn main() -> ExitCode {
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn run(argv: Vec<String>) -> AnyResult<ExitCode> {
-    let args = Args::parse(argv, &["json", "help", "cache-only", "wildcard-downlink", "per-node", "storm"])?;
+    let args = Args::parse(
+        argv,
+        &["json", "help", "cache-only", "wildcard-downlink", "per-node", "storm", "controller-qos0"],
+    )?;
     if args.flag("help") || args.words.is_empty() {
         print!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
@@ -139,6 +143,7 @@ fn cmd_bench_mqtt(args: &Args) -> AnyResult<ExitCode> {
         inflight: args.get("inflight", d.inflight)?,
         phase_timeout: std::time::Duration::from_secs(args.get("phase-timeout", d.phase_timeout.as_secs())?),
         register_window: args.get("register-window", d.register_window)?,
+        controller_qos0: args.flag("controller-qos0"),
     };
     let json = args.flag("json");
     args.reject_unknown()?;

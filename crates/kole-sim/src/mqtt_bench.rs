@@ -65,6 +65,9 @@ pub struct MqttBenchConfig {
     pub phase_timeout: Duration,
     /// Agents connect while fewer than this many wait for their registration ack. Default 50,000.
     pub register_window: usize,
+    /// The controller's uplink subscriptions at QoS 0 instead of 1
+    /// ([`CloudConfig::uplink_subscription_qos`]).
+    pub controller_qos0: bool,
 }
 
 impl Default for MqttBenchConfig {
@@ -80,6 +83,7 @@ impl Default for MqttBenchConfig {
             inflight: 4_096,
             phase_timeout: Duration::from_secs(600),
             register_window: 50_000,
+            controller_qos0: false,
         }
     }
 }
@@ -140,6 +144,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
     fig.int("connections", c as u64);
     fig.int("controller_connections", cfg.controller_connections as u64);
     fig.str("subscriptions", if cfg.per_node_subscriptions { "per-node" } else { "wildcard" });
+    fig.int("controller_subscription_qos", u64::from(!cfg.controller_qos0));
 
     // The embedded broker gets a runtime (two workers) of its own, kept until the end.
     let broker_rt;
@@ -186,6 +191,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
             client_id: "kole-bench-controller".into(),
             connections_per_broker: cfg.controller_connections.max(1),
             inbox_capacity: (2 * n).clamp(262_144, 4_194_304),
+            uplink_subscription_qos: if cfg.controller_qos0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
             ..CloudConfig::default()
         };
         let capacity = n;
