@@ -15,7 +15,10 @@
 //! - a broker killed mid-rollout (SIGTERM with persistence, SIGKILL without) and restarted on the
 //!   same port: controller and agents reconnect and converge. These two start a *private* Mosquitto
 //!   of their own (same `passwd` and `acl`, a free port), killed by a drop guard;
-//! - a controller restart from its shutdown snapshot converges without resending anything.
+//! - a controller restart from its shutdown snapshot converges without resending anything;
+//! - with the `tls` feature (`cargo test -p kole-mqtt --features tls --test mosquitto …`): the
+//!   same round trip over Mosquitto's TLS listener (`KOLE_TEST_MOSQUITTO_TLS`, a throw-away CA in
+//!   `KOLE_TEST_MOSQUITTO_CA`), and a client that does not trust that CA is refused.
 //!
 //! The tests share one broker, one fleet and its fixed node credentials: run them one at a time
 //! (`-- --include-ignored --test-threads=1`), as `.ci/run` does. Each test uses a workload id of
@@ -581,6 +584,72 @@ async fn mosquitto_controller_restart_restores_without_resending() {
         for a in fleet {
             let (agent, _) = a.stop().await;
             assert!(agent.workloads().any(|(x, _)| x.id == w.id && x.version == 1));
+        }
+    })
+    .await;
+}
+
+/// TLS settings that trust the PEM certificates in `ca` (nothing else), with the ring provider.
+#[cfg(feature = "tls")]
+fn tls_trusting(ca: &[u8]) -> kole_mqtt::TlsSettings {
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    kole_mqtt::TlsSettings { client_config: Arc::new(config) }
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto with its TLS listener: eval \"$(.ci/mosquitto.sh start)\"; cargo test --features tls"]
+async fn mosquitto_round_trips_over_tls() {
+    bounded(60, async {
+        let mq = mosquitto();
+        let addr = std::env::var("KOLE_TEST_MOSQUITTO_TLS").expect("KOLE_TEST_MOSQUITTO_TLS");
+        let ca = std::fs::read(std::env::var("KOLE_TEST_MOSQUITTO_CA").expect("KOLE_TEST_MOSQUITTO_CA")).unwrap();
+        let broker: BrokerAddr = format!("mqtts://{addr}").parse().unwrap();
+        assert!(broker.tls);
+        let tls = tls_trusting(&ca);
+        let connection = |tls: kole_mqtt::TlsSettings| kole_mqtt::ConnectionConfig {
+            tls: Some(tls),
+            ..kole_mqtt::ConnectionConfig::default()
+        };
+        let cloud = CloudConfig {
+            brokers: vec![broker.clone()],
+            connection: kole_mqtt::ConnectionConfig { inflight: 4_096, ..connection(tls.clone()) },
+            ..mq.cloud()
+        };
+        let node = |name: &str| NodeConfig {
+            brokers: vec![broker.clone()],
+            connection: connection(tls.clone()),
+            ..mq.node(name)
+        };
+
+        // A node that trusts another CA (here: none) cannot connect.
+        let untrusting = NodeConfig { connection: connection(tls_trusting(b"")), ..node("node-a") };
+        assert!(MqttNode::connect(topics(), NodeName::new("node-a").unwrap(), &untrusting).await.is_err());
+
+        let topics = topics();
+        let ctl = Controller::start(&topics, cloud, Arc::new(MemorySnapshotStore::new())).await;
+        let fleet: Vec<_> =
+            (0..3).map(|i| format!("edge-{i:03}")).map(|n| AgentHandle::start(&topics, &n, node(&n))).collect();
+        ctl.wait_nodes(3).await;
+        let w = workload("default/tls-app", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 3).await;
+        let stats = ctl.stop().await;
+        assert_eq!(stats.registered_new, 3);
+        for a in fleet {
+            let (agent, driver) = a.stop().await;
+            assert!(agent.workloads().any(|(x, _)| x.id == w.id && x.version == 1));
+            assert!(driver.connects >= 1, "{driver:?}");
         }
     })
     .await;
