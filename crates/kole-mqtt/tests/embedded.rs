@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AgentHandle, Controller, bounded, workload};
+use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
 use kole_core::agent::{Jitter, RetryPolicy};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, mix64, stable_hash};
 use kole_core::protocol::{self, Message, Register, RegisterOutcome, Topics, UplinkKind};
@@ -174,18 +174,8 @@ async fn controller_restart_restores_without_resending() {
         let snapshots = Arc::new(MemorySnapshotStore::new());
         let ctl = Controller::start(&topics, cloud_cfg(&broker), snapshots.clone()).await;
         let fleet = agents(&topics, &broker, 4);
-        ctl.wait_nodes(4).await;
         let w = workload("default/app", 1);
-        ctl.apply(w.clone()).await;
-        ctl.wait_converged(&w, 4).await;
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        ctl.stop().await; // writes the shutdown snapshot
-        let ctl = Controller::start(&topics, cloud_cfg(&broker), snapshots).await;
-        assert_eq!(ctl.nodes(), 4, "restored from the snapshot");
-        ctl.apply(w.clone()).await; // the workload watcher re-applies on start
-        ctl.wait_converged(&w, 4).await;
-        tokio::time::sleep(Duration::from_millis(2_500)).await; // a few heartbeats
-        let stats = ctl.stop().await;
+        let (_, stats) = restart_after_convergence(ctl, &topics, cloud_cfg(&broker), snapshots, &w, 4).await;
         assert_eq!(stats.registered_new, 0, "{stats:?}");
         assert_eq!(stats.catchups, 0, "{stats:?}");
         assert_eq!(stats.per_node_deliveries, 0, "{stats:?}");

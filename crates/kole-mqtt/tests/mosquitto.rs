@@ -32,7 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{AgentHandle, Controller, bounded, workload};
+use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
 use kole_core::cache::StateCache as _;
 use kole_core::engine::{RolloutPhase, WorkloadCommand};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRecord, wave_point};
@@ -564,19 +564,9 @@ async fn mosquitto_controller_restart_restores_without_resending() {
         let ctl = Controller::start(&topics, mq.cloud(), snapshots.clone()).await;
         let fleet: Vec<_> =
             (0..4).map(|i| format!("edge-{i:03}")).map(|n| AgentHandle::start(&topics, &n, mq.node(&n))).collect();
-        ctl.wait_nodes(4).await;
         let w = workload("default/controller-restart", 1);
-        ctl.apply(w.clone()).await;
-        ctl.wait_converged(&w, 4).await;
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        let first = ctl.stop().await; // writes the shutdown snapshot
+        let (first, stats) = restart_after_convergence(ctl, &topics, mq.cloud(), snapshots, &w, 4).await;
         assert_eq!(first.registered_new, 4, "{first:?}");
-        let ctl = Controller::start(&topics, mq.cloud(), snapshots).await;
-        assert_eq!(ctl.nodes(), 4, "restored from the snapshot");
-        ctl.apply(w.clone()).await; // the workload watcher re-applies on start
-        ctl.wait_converged(&w, 4).await;
-        tokio::time::sleep(Duration::from_millis(2_500)).await; // a few heartbeats
-        let stats = ctl.stop().await;
         assert_eq!(stats.registered_new, 0, "{stats:?}");
         assert_eq!(stats.catchups, 0, "{stats:?}");
         assert_eq!(stats.per_node_deliveries, 0, "{stats:?}");

@@ -128,6 +128,15 @@ pub(crate) struct ControllerView {
     pub(crate) stats: std::sync::Mutex<EngineStats>,
 }
 
+impl ControllerView {
+    /// Whether the watched workload's rollout is complete with every targeted node ready.
+    pub(crate) fn converged(&self) -> bool {
+        self.complete.load(Ordering::Relaxed)
+            && self.targeted.load(Ordering::Relaxed) > 0
+            && self.ready.load(Ordering::Relaxed) == self.targeted.load(Ordering::Relaxed)
+    }
+}
+
 pub(crate) enum ControllerCommand {
     Apply(Box<Workload>),
     Stop,
@@ -324,7 +333,7 @@ async fn simulate(
     progress("one heartbeat from every node, all due at once");
     let tid = view.tid.load(Ordering::Relaxed);
     let before = view.heartbeats.load(Ordering::Relaxed);
-    let (user0, sys0) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
+    let cpu0 = thread_cpu_split(tid);
     let t = Instant::now();
     fleet.offset_ms += u64::from(EngineConfig::default().heartbeat_interval_ms);
     let ok = fleet
@@ -334,30 +343,14 @@ async fn simulate(
         return Err(fail("heartbeat", format!("{} heartbeats", view.heartbeats.load(Ordering::Relaxed) - before)));
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
-    let (user1, sys1) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
-    fig.float("heartbeat_cpu_s", (user1 - user0) + (sys1 - sys0));
-    fig.float("heartbeat_cpu_user_s", user1 - user0);
-    fig.float("heartbeat_cpu_sys_s", sys1 - sys0);
+    record_heartbeat_cpu(fig, cpu0, thread_cpu_split(tid));
     progress(&format!("  controller after the heartbeat: {}", engine_counts(view)));
 
     progress("one workload to every node, until the controller reports every node running");
-    let workload = Workload {
-        id: WorkloadId::new("edge-system/node-exporter").map_err(setup)?,
-        version: 1,
-        spec: b"image: registry.local/node-exporter:1.8.2".to_vec(),
-        selector: Selector::parse("kole.dev/tier in (edge, far-edge)").map_err(setup)?,
-        delivery: Default::default(),
-        rollout: RolloutStrategy::default(),
-    };
+    let workload = bench_workload()?;
     let t = Instant::now();
     cmd_tx.send(ControllerCommand::Apply(Box::new(workload))).await.map_err(setup)?;
-    let ok = fleet
-        .run_until(&mut down_rx, t + timeout, |_| {
-            view.complete.load(Ordering::Relaxed)
-                && view.targeted.load(Ordering::Relaxed) > 0
-                && view.ready.load(Ordering::Relaxed) == view.targeted.load(Ordering::Relaxed)
-        })
-        .await;
+    let ok = fleet.run_until(&mut down_rx, t + timeout, |_| view.converged()).await;
     if !ok {
         return Err(fail(
             "distribution",
@@ -381,6 +374,34 @@ async fn simulate(
 /// timed to a tenth of a second.
 pub(crate) fn engine_cfg() -> EngineConfig {
     EngineConfig { status_interval_ms: 100, ..EngineConfig::default() }
+}
+
+/// The workload of the distribution phase: one broadcast spec for the edge tiers.
+pub(crate) fn bench_workload() -> Result<Workload, MqttBenchError> {
+    Ok(Workload {
+        id: WorkloadId::new("edge-system/node-exporter").map_err(setup)?,
+        version: 1,
+        spec: b"image: registry.local/node-exporter:1.8.2".to_vec(),
+        selector: Selector::parse("kole.dev/tier in (edge, far-edge)").map_err(setup)?,
+        delivery: Default::default(),
+        rollout: RolloutStrategy::default(),
+    })
+}
+
+/// Records the controller thread's CPU between two readings of [`thread_cpu_split`] as
+/// `heartbeat_cpu_s`, `heartbeat_cpu_user_s` and `heartbeat_cpu_sys_s` (NaN when unreadable).
+pub(crate) fn record_heartbeat_cpu(fig: &mut Figures, before: Option<(f64, f64)>, after: Option<(f64, f64)>) {
+    let ((u0, s0), (u1, s1)) = (before.unwrap_or((f64::NAN, f64::NAN)), after.unwrap_or((f64::NAN, f64::NAN)));
+    fig.float("heartbeat_cpu_s", (u1 - u0) + (s1 - s0));
+    fig.float("heartbeat_cpu_user_s", u1 - u0);
+    fig.float("heartbeat_cpu_sys_s", s1 - s0);
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Nanoseconds of the wall clock (a per-run salt).
@@ -471,9 +492,7 @@ impl SimFleet {
         let agents = crate::sim::reference_agents(&fleet, Arc::new(AgentConfig::default()));
         let index: HashMap<NodeName, u32> =
             agents.iter().enumerate().map(|(i, a)| (a.name().clone(), i as u32)).collect();
-        let wall_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let wall_ms = epoch_ms();
         Self {
             topics,
             wake_at: vec![NEVER; agents.len()],

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use kole_core::agent::driver::{Connector, DriverConfig, run_agent};
 use kole_core::agent::{AgentConfig, MemoryAgentStore, RecordingRuntime};
 use kole_core::engine::EngineConfig;
-use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId, stable_hash};
+use kole_core::model::stable_hash;
 use kole_core::protocol::Topics;
 use kole_core::transport::{NodeTransport, TransportError};
 use kole_mqtt::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, MqttConnector, NodeConfig, broker_for};
@@ -38,8 +38,8 @@ use tokio::sync::mpsc;
 use crate::dataset::ReferenceFleet;
 use crate::mem;
 use crate::mqtt_bench::{
-    ControllerCommand, ControllerView, MqttBenchError, controller_thread, engine_counts, peak_rss_of, setup,
-    thread_cpu_split, wall_nanos,
+    ControllerCommand, ControllerView, MqttBenchError, bench_workload, controller_thread, engine_counts, epoch_ms,
+    peak_rss_of, record_heartbeat_cpu, setup, thread_cpu_split, wall_nanos,
 };
 use crate::report::{Figures, bytes, thousands};
 
@@ -93,6 +93,7 @@ fn password(secret: u64, node: &str) -> String {
 
 /// A running Mosquitto process and how to start it again.
 struct Broker {
+    bin: PathBuf,
     conf: PathBuf,
     port: u16,
     child: Option<Child>,
@@ -101,12 +102,13 @@ struct Broker {
 
 impl Broker {
     fn start(bin: &Path, conf: &Path, port: u16) -> Result<Self, MqttBenchError> {
-        let mut b = Self { conf: conf.to_owned(), port, child: None, peak_rss: 0 };
-        b.spawn(bin)?;
+        let mut b = Self { bin: bin.to_owned(), conf: conf.to_owned(), port, child: None, peak_rss: 0 };
+        b.spawn()?;
         Ok(b)
     }
 
-    fn spawn(&mut self, bin: &Path) -> Result<(), MqttBenchError> {
+    fn spawn(&mut self) -> Result<(), MqttBenchError> {
+        let bin = &self.bin;
         let child = Command::new(bin)
             .arg("-c")
             .arg(&self.conf)
@@ -171,12 +173,6 @@ type ConnectHistogram = Arc<Mutex<BTreeMap<u64, u64>>>;
 fn free_port() -> Result<u16, MqttBenchError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
     Ok(l.local_addr().map_err(setup)?.port())
-}
-
-fn epoch_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Runs the benchmark; `progress` receives one line per step.
@@ -423,34 +419,19 @@ fn phases(
     progress(&format!("every node's next heartbeat ({} ms interval)", cfg.heartbeat_interval_ms));
     let tid = view.tid.load(Ordering::Relaxed);
     let before = view.heartbeats.load(Ordering::Relaxed);
-    let (user0, sys0) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
+    let cpu0 = thread_cpu_split(tid);
     let t = Instant::now();
     if !wait(timeout, || view.heartbeats.load(Ordering::Relaxed) >= before + n as u64) {
         return Err(fail("heartbeat", format!("{} heartbeats", view.heartbeats.load(Ordering::Relaxed) - before)));
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
-    let (user1, sys1) = thread_cpu_split(tid).unwrap_or((f64::NAN, f64::NAN));
-    fig.float("heartbeat_cpu_s", (user1 - user0) + (sys1 - sys0));
-    fig.float("heartbeat_cpu_user_s", user1 - user0);
-    fig.float("heartbeat_cpu_sys_s", sys1 - sys0);
+    record_heartbeat_cpu(fig, cpu0, thread_cpu_split(tid));
 
     progress("one workload to every node, until the controller reports every node running");
-    let workload = Workload {
-        id: WorkloadId::new("edge-system/node-exporter").map_err(setup)?,
-        version: 1,
-        spec: b"image: registry.local/node-exporter:1.8.2".to_vec(),
-        selector: Selector::parse("kole.dev/tier in (edge, far-edge)").map_err(setup)?,
-        delivery: Default::default(),
-        rollout: RolloutStrategy::default(),
-    };
+    let workload = bench_workload()?;
     let t = Instant::now();
     cmd_tx.blocking_send(ControllerCommand::Apply(Box::new(workload))).map_err(setup)?;
-    let converged = || {
-        view.complete.load(Ordering::Relaxed)
-            && view.targeted.load(Ordering::Relaxed) > 0
-            && view.ready.load(Ordering::Relaxed) == view.targeted.load(Ordering::Relaxed)
-    };
-    if !wait(timeout, converged) {
+    if !wait(timeout, || view.converged()) {
         return Err(fail(
             "distribution",
             format!("{} of {} ready", view.ready.load(Ordering::Relaxed), view.targeted.load(Ordering::Relaxed)),
@@ -492,10 +473,9 @@ fn storm(
     let kill_bucket = epoch_ms() / 100;
     brokers[0].kill();
     std::thread::sleep(down);
-    let bin = cfg.mosquitto_dir.as_ref().map_or_else(|| PathBuf::from("mosquitto"), |d| d.join("mosquitto"));
     let t = Instant::now();
     let up_bucket = epoch_ms() / 100;
-    brokers[0].spawn(&bin)?;
+    brokers[0].spawn()?;
     let ok =
         wait(cfg.phase_timeout, || view.stats.lock().map(|s| s.registered_known).unwrap_or(0) >= known0 + on_broker0);
     if !ok {

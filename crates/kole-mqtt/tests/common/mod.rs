@@ -34,6 +34,31 @@ pub fn workload(id: &str, version: u64) -> Workload {
     }
 }
 
+/// The controller-restart scenario: `ctl` converges `n` agents on `w` and stops (writing its
+/// shutdown snapshot to `snapshots`); a new controller restores from it, must know the `n` nodes,
+/// re-applies `w` (as the workload watcher does on start), converges, and runs a few heartbeats.
+/// The stats of the first and of the restored controller.
+pub async fn restart_after_convergence(
+    ctl: Controller,
+    topics: &Topics,
+    cloud: CloudConfig,
+    snapshots: Arc<MemorySnapshotStore>,
+    w: &Workload,
+    n: u32,
+) -> (EngineStats, EngineStats) {
+    ctl.wait_nodes(n as usize).await;
+    ctl.apply(w.clone()).await;
+    ctl.wait_converged(w, n).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let first = ctl.stop().await; // writes the shutdown snapshot
+    let ctl = Controller::start(topics, cloud, snapshots).await;
+    assert_eq!(ctl.nodes(), n as usize, "restored from the snapshot");
+    ctl.apply(w.clone()).await; // the workload watcher re-applies on start
+    ctl.wait_converged(w, n).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // a few heartbeats
+    (first, ctl.stop().await)
+}
+
 pub struct Controller {
     pub cloud: Arc<MqttCloud>,
     pub store: CacheStore<NodeCache>,
