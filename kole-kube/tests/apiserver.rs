@@ -1,4 +1,4 @@
-//! Real-apiserver tier. Start one with `scripts/kube-apiserver.sh start`, export the kubeconfig
+//! Real-apiserver tier. Start one with `.ci/kube.sh start`, export the kubeconfig
 //! path it prints as `KOLE_TEST_KUBECONFIG`, and run
 //! `cargo test -p kole-kube --test apiserver -- --include-ignored --test-threads 1`.
 
@@ -44,7 +44,7 @@ fn store(client: &kube::Client, ns: &str, name: &str) -> KubeSnapshotStore {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
 async fn crds_install_and_the_schema_rejects_invalid_workloads() {
     timed(async {
         let client = client().await;
@@ -98,7 +98,7 @@ async fn crds_install_and_the_schema_rejects_invalid_workloads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
 async fn snapshot_of_100k_reference_nodes_round_trips_through_custom_resources() {
     timed(async {
         let client = client().await;
@@ -135,7 +135,7 @@ async fn snapshot_of_100k_reference_nodes_round_trips_through_custom_resources()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
 async fn a_crash_between_chunks_and_manifest_restores_the_previous_generation() {
     timed(async {
         let client = client().await;
@@ -184,7 +184,7 @@ async fn a_crash_between_chunks_and_manifest_restores_the_previous_generation() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
 async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() {
     timed(async {
         let client = client().await;
@@ -291,7 +291,7 @@ async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)"]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
 async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
     use kole_kube::lease::{LeaderElector, LeaseConfig};
     timed(async {

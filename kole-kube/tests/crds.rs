@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 #[test]
 fn checked_in_crd_yaml_matches_the_types() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
     let regenerate = std::env::var_os("KOLE_REGENERATE_CRDS").is_some();
     let mut stale = Vec::new();
     for (file, yaml) in kole_kube::crd::rendered_crds() {

@@ -25,7 +25,7 @@ use kube::{Api, Client, Config};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub const NEEDS_APISERVER: &str = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)";
+pub const NEEDS_APISERVER: &str = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)";
 
 pub async fn client() -> Client {
     let path = std::env::var("KOLE_TEST_KUBECONFIG").expect("KOLE_TEST_KUBECONFIG is not set");

@@ -1,7 +1,7 @@
 //! The assembled kole controller: Kubernetes (CRDs, snapshots, Lease) + the engine + a transport.
 //!
 //! ```text
-//! cargo run -p kole-kube --example kole-controller -- --simulate-nodes 1000
+//! cargo run -p kole-examples --example kole-controller -- --simulate-nodes 1000
 //! ```
 //!
 //! Configuration by flags or environment (flag wins):

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 fn main() -> std::io::Result<()> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
     std::fs::create_dir_all(&dir)?;
     for (file, yaml) in kole_kube::crd::rendered_crds() {
         let path = dir.join(file);

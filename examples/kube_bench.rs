@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)
-//! cargo run --release -p kole-kube --example kube-bench -- 1000000 50000
+//! cargo run --release -p kole-examples --example kube-bench -- 1000000 50000
 //! ```
 //! The Node objects are created once (it takes minutes) and left for later runs.
 

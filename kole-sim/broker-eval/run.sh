@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures each candidate broker: RSS before/after N idle connections, connect rate, and QoS 0
-# throughput (1 publisher -> 1 subscriber). Usage: tools/broker-eval/run.sh BIN N
+# throughput (1 publisher -> 1 subscriber). Usage: kole-sim/broker-eval/run.sh BIN N
 set -u
 BIN=$1; N=${2:-5000}
 rss() { awk '/VmRSS/ {print $2}' /proc/$1/status; }

@@ -7,7 +7,7 @@ const FLEET: &str = "default";
 const CONTROLLER: &str = "kole-controller";
 
 fn check(file: &str, generated: String) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/mqtt").join(file);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mqtt").join(file);
     if std::env::var_os("KOLE_BLESS").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
