@@ -1,21 +1,21 @@
-//! The workload controller, the status writer and the node query controller, one per file.
+//! The workload controller (with its status writer) and the node query controller, one per file.
 //!
-//! - [`run_workload_controller`] ([`workload`]) watches `EdgeWorkload` objects (kube-runtime's
+//! - [`run_workload_controller`] (`workload.rs`) watches `EdgeWorkload` objects (kube-runtime's
 //!   `Controller`) and turns their changes into [`WorkloadCommand`](kole_core::engine::WorkloadCommand)s
 //!   for the engine driver. A finalizer makes deletion remove the workload from the nodes (a `Delete`
 //!   command handed to the engine) before the object goes. A change of `rollout.paused` or
 //!   `rollout.rollback` alone pauses, resumes or rolls back the current version instead of starting a
 //!   new one.
-//! - [`run_status_writer`] ([`status`]) takes the driver's
+//! - Beside it, its status writer (`status.rs`) takes the driver's
 //!   [`DriverEvent`](kole_core::engine::driver::DriverEvent)s and writes each workload's latest status
 //!   through the status subresource at most once per [`ControllerConfig::status_interval`]: changes
 //!   in between are coalesced, so a rollout to a million nodes costs a few status writes, not a
 //!   million. The rollout position goes into the status so a restarted controller resumes.
-//! - [`run_query_controller`] ([`query`]) answers `NodeQuery` objects from the cache as soon as the
+//! - [`run_query_controller`] (`query.rs`) answers `NodeQuery` objects from the cache as soon as the
 //!   watch delivers them, again when `spec.refresh` changes, and deletes them after `spec.ttlSeconds`.
 //!
 //! This module holds what they share: [`ControllerConfig`], [`FINALIZER`], the namespace-or-all
-//! `Api` and the wall clock.
+//! `Api`, the wall clock, and the workload controller's record of what it handed the engine.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,6 @@ mod status;
 mod workload;
 
 pub use query::{answer_query, run_query_controller};
-pub use status::run_status_writer;
 pub use workload::run_workload_controller;
 
 /// The finalizer kole puts on `EdgeWorkload` objects.
@@ -81,18 +80,25 @@ fn now() -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
-/// What the controller last handed the engine for one workload, shared with the status writer.
+/// What the workload controller last handed the engine for one workload, read by its status writer.
+///
+/// Private to this module: [`run_workload_controller`] creates it and shares it with the status
+/// writer it runs. It is not derivable from the engine's reports: the status persists each version
+/// as the object's `EdgeWorkloadSpec` (the engine holds the model `Workload`: runtime bytes, a
+/// normalized selector), and the controls are what was handed over, not the engine's phase (a
+/// `Pause` leaves a complete or halted rollout as it is, a `Rollback` makes the previous version
+/// current while this keeps the one rolled back from).
 #[derive(Clone, Debug, Default)]
-pub struct AppliedState {
+pub(crate) struct AppliedState {
     /// Current version and its spec.
-    pub current: Option<AppliedVersion>,
+    pub(crate) current: Option<AppliedVersion>,
     /// The version before it (nodes outside the reached waves keep it).
-    pub previous: Option<AppliedVersion>,
+    pub(crate) previous: Option<AppliedVersion>,
     /// `rollout.paused` last handed over.
-    pub paused: bool,
+    pub(crate) paused: bool,
     /// `rollout.rollback` last handed over.
-    pub rollback: bool,
+    pub(crate) rollback: bool,
 }
 
-/// Applied state per workload, shared by the workload controller and the status writer.
-pub type AppliedMap = Arc<Mutex<HashMap<WorkloadId, AppliedState>>>;
+/// Applied state per workload, shared by the workload controller and its status writer.
+pub(crate) type AppliedMap = Arc<Mutex<HashMap<WorkloadId, AppliedState>>>;

@@ -16,8 +16,9 @@ use crate::crd::EdgeWorkload;
 
 /// Writes workload statuses from the driver's events: the latest status of each workload, at
 /// most once per `cfg.status_interval`, through the status subresource. Events other than
-/// statuses are forwarded to `forward` when given. Returns when `events` closes.
-pub async fn run_status_writer(
+/// statuses are forwarded to `forward` when given. Returns when `events` closes. `applied` is the
+/// workload controller's record of the versions it handed over, persisted in each status.
+pub(crate) async fn run_status_writer(
     client: Client,
     cfg: ControllerConfig,
     applied: AppliedMap,

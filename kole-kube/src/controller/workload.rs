@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use kole_core::engine::WorkloadCommand;
+use kole_core::engine::driver::DriverEvent;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -11,6 +12,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
+use super::status::run_status_writer;
 use super::{AppliedMap, ControllerConfig, FINALIZER, api, now};
 use crate::convert::{self, rfc3339};
 use crate::crd::{AppliedVersion, Condition, EdgeWorkload, EdgeWorkloadSpec};
@@ -166,9 +168,25 @@ async fn reconcile_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Re
     .map_err(|e| Error::Controller(e.to_string()))
 }
 
-/// Runs the workload controller until `shutdown` resolves. Commands go to the engine driver
-/// through `commands`; `applied` is shared with [`run_status_writer`](super::run_status_writer).
+/// Runs the workload controller and its status writer. Commands go to the engine driver through
+/// `commands`; the driver's `events` come back to the status writer, which writes each workload's
+/// latest status at most once per `cfg.status_interval` and forwards other events to `forward` when
+/// given. Returns when `shutdown` has resolved (the controller) and `events` has closed (the writer).
 pub async fn run_workload_controller(
+    client: Client,
+    cfg: ControllerConfig,
+    commands: mpsc::Sender<WorkloadCommand>,
+    events: mpsc::Receiver<DriverEvent>,
+    forward: Option<mpsc::Sender<DriverEvent>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    // What was handed to the engine, read by the writer for the statuses it persists.
+    let applied = AppliedMap::default();
+    let writer = run_status_writer(client.clone(), cfg.clone(), applied.clone(), events, forward);
+    tokio::join!(run_controller(client, cfg, commands, applied, shutdown), writer);
+}
+
+async fn run_controller(
     client: Client,
     cfg: ControllerConfig,
     commands: mpsc::Sender<WorkloadCommand>,
