@@ -41,7 +41,7 @@ use kole_core::model::{Labels, NodeInfo, NodeName, NodePhase, Selector};
 use kole_core::snapshot::{RestoreLimits, SnapshotOptions, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
 use kole_core::transport::{CloudTransport, NodeTransport, TransportError};
-use kole_kube::controller::{AppliedMap, ControllerConfig};
+use kole_kube::controller::ControllerConfig;
 use kole_kube::lease::{LeaderElector, LeaseConfig};
 use kole_kube::snapshot::{KubeSnapshotConfig, KubeSnapshotStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -325,7 +325,6 @@ async fn main() -> anyhow::Result<()> {
             status_interval: Duration::from_millis(opts.status_interval_ms),
             ..Default::default()
         };
-        let applied = AppliedMap::default();
         let (status_tx, status_rx) = mpsc::channel(8192);
         let (other_tx, mut other_rx) = mpsc::channel(1024);
         let m = metrics.clone();
@@ -361,18 +360,12 @@ async fn main() -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         };
         let tasks = vec![
-            tokio::spawn(kole_kube::controller::run_status_writer(
-                client.clone(),
-                ccfg.clone(),
-                applied.clone(),
-                status_rx,
-                Some(other_tx),
-            )),
             tokio::spawn(kole_kube::controller::run_workload_controller(
                 client.clone(),
                 ccfg.clone(),
                 cmd_tx,
-                applied,
+                status_rx,
+                Some(other_tx),
                 until(term_rx.clone()),
             )),
             tokio::spawn(kole_kube::controller::run_query_controller(client.clone(), ccfg, cache, until(term_rx))),

@@ -13,8 +13,8 @@
 //! - [`snapshot::KubeSnapshotStore`]: snapshot generations as `SnapshotChunk` objects plus one
 //!   `SnapshotManifest` moved with a `resourceVersion` precondition;
 //! - [`controller`]: [`controller::run_workload_controller`] (EdgeWorkload changes → engine
-//!   commands, with a finalizer), [`controller::run_status_writer`] (coalesced, rate-bounded status
-//!   writes) and [`controller::run_query_controller`] (NodeQuery answers from the cache);
+//!   commands, with a finalizer; driver events → coalesced, rate-bounded status writes) and
+//!   [`controller::run_query_controller`] (NodeQuery answers from the cache);
 //! - [`lease::LeaderElector`]: one active controller per fleet on a `coordination.k8s.io/v1` Lease.
 //!
 //! The assembled controller is the `kole-controller` example (`/healthz`, `/readyz`, `/metrics`);

@@ -18,7 +18,7 @@ use kole_core::model::{Labels, NodeInfo, NodeName};
 use kole_core::snapshot::{RestoreLimits, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
 use kole_core::transport::{CloudTransport, NodeTransport, TransportError};
-use kole_kube::controller::{AppliedMap, ControllerConfig};
+use kole_kube::controller::ControllerConfig;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -88,7 +88,7 @@ where
     }
 }
 
-/// One controller: engine driver, status writer, workload and query controllers.
+/// One controller: engine driver, workload controller (with its status writer), query controller.
 pub struct ControllerUnderTest {
     pub stop: watch::Sender<bool>,
     pub tasks: Vec<JoinHandle<()>>,
@@ -126,23 +126,16 @@ impl ControllerUnderTest {
             status_interval: Duration::from_millis(500),
             ..Default::default()
         };
-        let applied = AppliedMap::default();
         let shutdown = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
         let tasks = vec![
-            tokio::spawn(kole_kube::controller::run_status_writer(
-                client.clone(),
-                cfg.clone(),
-                applied.clone(),
-                ev_rx,
-                None,
-            )),
             tokio::spawn(kole_kube::controller::run_workload_controller(
                 client.clone(),
                 cfg.clone(),
                 cmd_tx,
-                applied,
+                ev_rx,
+                None,
                 shutdown(stop_rx.clone()),
             )),
             tokio::spawn(kole_kube::controller::run_query_controller(

@@ -1,0 +1,147 @@
+//! The status writer: the driver's statuses → the status subresource, coalesced and rate-bounded.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures::StreamExt;
+use kole_core::engine::WorkloadStatus;
+use kole_core::engine::driver::DriverEvent;
+use kole_core::model::WorkloadId;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+
+use super::{AppliedMap, ControllerConfig, now};
+use crate::convert;
+use crate::crd::EdgeWorkload;
+
+/// Writes workload statuses from the driver's events: the latest status of each workload, at
+/// most once per `cfg.status_interval`, through the status subresource. Events other than
+/// statuses are forwarded to `forward` when given. Returns when `events` closes. `applied` is the
+/// workload controller's record of the versions it handed over, persisted in each status.
+pub(crate) async fn run_status_writer(
+    client: Client,
+    cfg: ControllerConfig,
+    applied: AppliedMap,
+    mut events: mpsc::Receiver<DriverEvent>,
+    forward: Option<mpsc::Sender<DriverEvent>>,
+) {
+    let mut dirty: BTreeMap<WorkloadId, WorkloadStatus> = BTreeMap::new();
+    let mut written: HashMap<WorkloadId, crate::crd::EdgeWorkloadStatus> = HashMap::new();
+    // The first write waits one interval too, so a burst at start-up is coalesced like any other.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.status_interval, cfg.status_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(DriverEvent::Status(s)) => { dirty.insert(s.id.clone(), s); }
+                Some(other) => if let Some(f) = &forward { let _ = f.try_send(other); },
+                None => break,
+            },
+            _ = ticker.tick() => {
+                if !dirty.is_empty() {
+                    flush_statuses(&client, &cfg, &applied, std::mem::take(&mut dirty), &mut written).await;
+                }
+            }
+        }
+    }
+    if !dirty.is_empty() {
+        flush_statuses(&client, &cfg, &applied, dirty, &mut written).await;
+    }
+}
+
+async fn flush_statuses(
+    client: &Client,
+    cfg: &ControllerConfig,
+    applied: &AppliedMap,
+    batch: BTreeMap<WorkloadId, WorkloadStatus>,
+    written: &mut HashMap<WorkloadId, crate::crd::EdgeWorkloadStatus>,
+) {
+    let t = now();
+    let writes: Vec<_> = batch
+        .into_values()
+        .filter_map(|s| {
+            let (previous, current) = applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&s.id)
+                .map(|a| (a.previous.clone(), a.current.clone()))
+                .unwrap_or_default();
+            let status = convert::status_from_engine(&s, previous, current, written.get(&s.id), t);
+            (written.get(&s.id) != Some(&status)).then_some((s.id, status))
+        })
+        .collect();
+    let results = futures::stream::iter(writes)
+        .map(|(id, status)| async move {
+            let (ns, name) = id.as_str().split_once('/').unwrap_or(("default", id.as_str()));
+            let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), ns);
+            let patch = serde_json::json!({ "status": status });
+            let pp = PatchParams::default();
+            let r = api.patch_status(name, &pp, &Patch::Merge(&patch)).await;
+            if let Err(e) = &r {
+                tracing::warn!(workload = %id, error = %e, "status write failed; retried with the next change");
+            }
+            r.ok().map(|_| (id, status))
+        })
+        .buffer_unordered(cfg.status_concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    for (id, status) in results.into_iter().flatten() {
+        written.insert(id, status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response};
+    use kole_core::engine::RolloutPhase;
+    use kube::client::Body;
+    use std::time::Duration;
+
+    fn status(id: &WorkloadId, ready: u32) -> WorkloadStatus {
+        WorkloadStatus {
+            id: id.clone(),
+            version: 1,
+            targeted: 100,
+            updated: ready,
+            ready,
+            failed: 0,
+            by_version: vec![(1, ready)],
+            wave: 0,
+            waves: 1,
+            phase: RolloutPhase::Progressing,
+        }
+    }
+
+    /// A rollout's stream of status changes costs one status write per interval, carrying the latest.
+    #[tokio::test(start_paused = true)]
+    async fn status_writes_are_coalesced_per_interval() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let cfg = ControllerConfig { status_interval: Duration::from_secs(2), ..Default::default() };
+        let (tx, rx) = mpsc::channel(1024);
+        let writer = tokio::spawn(run_status_writer(client, cfg, AppliedMap::default(), rx, None));
+        let id = WorkloadId::new("edge/cdn").unwrap();
+        for ready in 1..=100 {
+            tx.send(DriverEvent::Status(status(&id, ready))).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(req.uri().path(), "/apis/kole.dev/v1alpha1/namespaces/edge/edgeworkloads/cdn/status");
+        assert_eq!(req.headers().get("content-type").unwrap(), "application/merge-patch+json");
+        let body: serde_json::Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(body["status"]["ready"], 100, "the latest status wins");
+        assert_eq!(body["status"]["observedGeneration"], 1);
+        let obj = serde_json::json!({"apiVersion": "kole.dev/v1alpha1", "kind": "EdgeWorkload",
+            "metadata": {"name": "cdn", "namespace": "edge"}, "spec": {"runtime": {"image": "x"}}});
+        send.send_response(
+            Response::builder().status(200).body(Body::from(serde_json::to_vec(&obj).unwrap())).unwrap(),
+        );
+        // Nothing changed since: no further write, however long we wait.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!matches!(tokio::time::timeout(Duration::from_millis(10), handle.next_request()).await, Ok(Some(_))));
+        drop(tx);
+        writer.await.unwrap();
+    }
+}
