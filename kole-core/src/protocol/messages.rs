@@ -11,6 +11,9 @@ use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, 
 
 use super::topics::{GroupName, UplinkKind};
 
+/// The protocol version this build speaks (envelope byte 0).
+pub const PROTOCOL_VERSION: u8 = 1;
+
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -203,6 +206,24 @@ impl Register {
         };
         (reg, self.boot_id)
     }
+}
+
+/// A registration by reference: what [`super::encode_register`] writes, byte for byte the same as
+/// [`super::encode`] of the equivalent [`Message::Register`], without cloning labels and facts into one.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterRef<'a> {
+    /// The node's name.
+    pub name: &'a NodeName,
+    /// Boot id.
+    pub boot_id: u32,
+    /// Labels.
+    pub labels: &'a Labels,
+    /// Static facts.
+    pub info: &'a NodeInfo,
+    /// Applied digest.
+    pub applied: DesiredDigest,
+    /// Per-workload state.
+    pub workloads: &'a [WorkloadState],
 }
 
 /// Uplink: "I am alive", on `…/up/{node}/hb` (QoS 0), every heartbeat interval.
