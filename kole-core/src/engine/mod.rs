@@ -26,6 +26,7 @@ mod rollout;
 mod status;
 #[cfg(test)]
 mod tests;
+mod uplink;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -6,7 +6,6 @@
 
 use std::fmt;
 
-use crate::cache::HeartbeatUpdate;
 use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
 
 use super::topics::{GroupName, UplinkKind};
@@ -242,18 +241,6 @@ pub struct Heartbeat {
     pub health: NodeHealth,
 }
 
-impl From<&Heartbeat> for HeartbeatUpdate {
-    fn from(hb: &Heartbeat) -> Self {
-        HeartbeatUpdate { boot_id: hb.boot_id, seq: hb.seq, applied: hb.applied }
-    }
-}
-
-impl From<Heartbeat> for HeartbeatUpdate {
-    fn from(hb: Heartbeat) -> Self {
-        Self::from(&hb)
-    }
-}
-
 /// Uplink: full per-workload status, on `…/up/{node}/status` (QoS 1), only when it changed (and on
 /// [`CommandKind::Resync`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -446,15 +433,6 @@ mod tests {
         assert_eq!(MessageKind::from_u8(0), None);
         assert_eq!(MessageKind::from_u8(0x80), None);
         assert_eq!(MessageKind::from_u8(0xff), None);
-    }
-
-    #[test]
-    fn heartbeat_update_is_derived_field_by_field() {
-        let hb = Heartbeat { seq: 7, boot_id: 0xdead_beef, applied: DesiredDigest(42), health: NodeHealth::DEGRADED };
-        assert_eq!(
-            HeartbeatUpdate::from(&hb),
-            HeartbeatUpdate { boot_id: 0xdead_beef, seq: 7, applied: DesiredDigest(42) }
-        );
     }
 
     #[test]
