@@ -153,7 +153,7 @@ impl Core {
                 let seed = e.seed;
                 let mut slots = Vec::new();
                 for set in cache.matching_sets(&e.current.selector) {
-                    for &slot in &cache.members[set as usize].slots {
+                    for &slot in cache.members_of(set) {
                         let p = crate::model::wave_point_seeded(seed, cache.name_bytes(slot));
                         if p >= from_threshold && p < to {
                             slots.push(slot);

@@ -27,7 +27,7 @@ impl Core {
         if self.set_targets.len() <= idx {
             self.set_targets.resize_with(idx + 1, SetTargets::default);
         }
-        let epoch = cache.members[idx].epoch;
+        let epoch = cache.label_set_epoch(set);
         let st = &mut self.set_targets[idx];
         if st.epoch != epoch || st.generation != self.generation {
             st.epoch = epoch;
@@ -46,7 +46,7 @@ impl Core {
     }
 
     pub(super) fn desired(&mut self, cache: &NodeCache, slot: Slot) -> DesiredDigest {
-        let set = cache.slots[slot as usize].label_set;
+        let set = cache.label_set_of(slot);
         let name = cache.name_bytes(slot);
         let mut d = 0u64;
         let n = self.targets(cache, set).len();
@@ -60,7 +60,7 @@ impl Core {
     }
 
     pub(super) fn desired_set(&mut self, cache: &NodeCache, slot: Slot) -> Vec<Arc<Workload>> {
-        let set = cache.slots[slot as usize].label_set;
+        let set = cache.label_set_of(slot);
         let name = cache.name_bytes(slot);
         let targets = self.targets(cache, set).to_vec();
         targets.into_iter().filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned()).collect()
@@ -72,7 +72,7 @@ impl Core {
         if self.set_targets.len() <= idx {
             self.set_targets.resize_with(idx + 1, SetTargets::default);
         }
-        let epoch = cache.members[idx].epoch;
+        let epoch = cache.label_set_epoch(set);
         if self.set_targets[idx].groups_epoch != epoch || epoch == 0 {
             let groups = self.groups_of(labels);
             let st = &mut self.set_targets[idx];

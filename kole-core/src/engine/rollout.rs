@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::cache::{NodeCache, StateCache};
-use crate::model::{DesiredDigest, FailureThreshold, NodePhase, Timestamp, Workload, wave_point_seeded, wave_seed};
+use crate::model::{DesiredDigest, FailureThreshold, Timestamp, Workload, wave_point_seeded, wave_seed};
 use crate::protocol::{self, WorkloadSpec};
 
 use super::{Core, EngineEvent, Outputs};
@@ -185,29 +185,28 @@ impl Core {
     fn wave_counts(&self, cache: &NodeCache, idx: usize) -> (u32, u32, u32, u32) {
         let Some(e) = &self.workloads[idx] else { return (0, 0, 0, 0) };
         let threshold = e.threshold();
-        let wl_str = cache.strings.find(e.current.id.as_str());
+        let wl_str = cache.string_id(e.current.id.as_str());
         let (mut reached, mut online, mut ready, mut failed) = (0u32, 0u32, 0u32, 0u32);
         // Per workload-state set: this workload's (version, phase) on nodes carrying that set.
-        let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_sets.capacity_ids()];
+        let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_set_id_bound()];
         for set in cache.matching_sets(&e.current.selector) {
-            for &slot in &cache.members[set as usize].slots {
-                let n = &cache.slots[slot as usize];
+            for &slot in cache.members_of(set) {
+                let (online_now, wl_set) = (cache.is_online(slot), cache.workload_set_of(slot));
                 if threshold < protocol::WorkloadSpec::ALL_WAVES
                     && crate::model::wave_point_seeded(e.seed, cache.name_bytes(slot)) >= threshold
                 {
                     continue;
                 }
                 reached += 1;
-                if n.phase == NodePhase::Online as u8 {
+                if online_now {
                     online += 1;
                 }
-                let st = match state_of.get(n.workloads as usize).copied().flatten() {
+                let st = match state_of.get(wl_set as usize).copied().flatten() {
                     Some(st) => st,
                     None => {
-                        let st = wl_str.and_then(|w| {
-                            cache.workload_sets.get(n.workloads).iter().find(|x| x.0 == w).map(|x| (x.1, x.2))
-                        });
-                        if let Some(slot) = state_of.get_mut(n.workloads as usize) {
+                        let st = wl_str
+                            .and_then(|w| cache.workload_set(wl_set).iter().find(|x| x.0 == w).map(|x| (x.1, x.2)));
+                        if let Some(slot) = state_of.get_mut(wl_set as usize) {
                             *slot = Some(st);
                         }
                         st
@@ -217,7 +216,7 @@ impl Core {
                     && version == e.current.version
                 {
                     match crate::model::WorkloadPhase::from_u8(phase) {
-                        Some(crate::model::WorkloadPhase::Running) if n.phase == NodePhase::Online as u8 => ready += 1,
+                        Some(crate::model::WorkloadPhase::Running) if online_now => ready += 1,
                         Some(crate::model::WorkloadPhase::Failed) => failed += 1,
                         _ => {}
                     }

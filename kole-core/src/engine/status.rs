@@ -36,9 +36,9 @@ pub struct WorkloadStatus {
 impl Core {
     pub(super) fn statuses(&mut self, cache: &NodeCache) -> Vec<WorkloadStatus> {
         let mut targeted = vec![0u32; self.workloads.len()];
-        let sets: Vec<u32> = cache.label_sets.iter().map(|(id, _, _)| id).collect();
+        let sets: Vec<u32> = cache.label_set_ids().collect();
         for set in sets {
-            let members = cache.members[set as usize].slots.len() as u32;
+            let members = cache.members_of(set).len() as u32;
             for &w in self.targets(cache, set) {
                 targeted[w as usize] += members;
             }
@@ -48,8 +48,8 @@ impl Core {
             let Some(e) = e else { continue };
             let mut by_version: BTreeMap<u64, u32> = BTreeMap::new();
             let (mut updated, mut ready, mut failed) = (0, 0, 0);
-            if let Some(w) = cache.strings.find(e.current.id.as_str()) {
-                for (_, items, refs) in cache.workload_sets.iter() {
+            if let Some(w) = cache.string_id(e.current.id.as_str()) {
+                for (_, items, refs) in cache.reported_workload_sets() {
                     for &(wid, version, phase) in items.iter() {
                         if wid != w {
                             continue;

@@ -151,7 +151,7 @@ impl Core {
                             outcome: RegisterOutcome::Accepted,
                             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
                             groups: {
-                                let set = cache.slots[r.slot as usize].label_set;
+                                let set = cache.label_set_of(r.slot);
                                 self.groups_of_set(cache, set, &registration.labels)
                             },
                             desired,
