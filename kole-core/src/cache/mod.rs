@@ -1,9 +1,19 @@
 //! The cloud state cache: where node state lives instead of one Kubernetes object per node.
 //!
-//! [`StateCache`] is the seam; [`NodeCache`] is its compact in-memory implementation. Wrap a cache
-//! with [`shared`] to get one exclusive [`CacheWriter`] (the engine) and any number of cheap
-//! [`CacheStore`] readers (query handlers, status writers, metrics), as kube-runtime's reflector does.
+//! Two names, two roles:
+//! - [`NodeCache`] is **the engine's cache**. The engine runs over it directly, not over a trait:
+//!   its hot paths (targeting, reconciling, wave health, status) are batch passes over dense
+//!   slots and interned label and workload-state sets, evaluated once per distinct label set.
+//!   A cache generic behind a trait would give up that layout, and with it the per-node memory
+//!   budget and the heartbeat rate.
+//! - [`StateCache`] is **the read/query seam**: what an integrator may implement (node state kept
+//!   elsewhere, a test double) or consume (query handlers, status writers, metrics, dataset
+//!   loaders) without knowing the table's layout. [`NodeCache`] implements it.
+//!
+//! Wrap a cache with [`shared`] to get one exclusive [`CacheWriter`] (the engine) and any number of
+//! cheap [`CacheStore`] readers, as kube-runtime's reflector does.
 
+mod engine_view;
 mod index;
 mod intern;
 mod shared;
@@ -11,7 +21,6 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Cow;
 use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
@@ -161,10 +170,16 @@ pub struct QueryPage {
     pub counts: PhaseCounts,
 }
 
-/// The cloud state cache: every node's identity, labels, liveness and applied state.
+/// The read/query seam of node state: every node's identity, labels, liveness and applied state.
 ///
-/// Object-safe so a controller can hold `Box<dyn StateCache>`; writes take `&mut self` because the
-/// engine is the one writer (wrap with [`shared`] for concurrent readers).
+/// `NodeCache` is the engine's cache; `StateCache` is the read/query seam an integrator may
+/// implement or consume. The engine and the snapshot format work on [`NodeCache`] itself, because
+/// their batch paths rely on its dense slot layout (see the [module documentation](crate::cache)); this
+/// trait is for code that reads and queries node state, or loads it, without depending on that
+/// layout.
+///
+/// Object-safe so a consumer can hold `&dyn StateCache` or `Box<dyn StateCache>`; writes take
+/// `&mut self` because a cache has one writer (wrap with [`shared`] for concurrent readers).
 pub trait StateCache: Send + Sync {
     /// Number of nodes.
     fn len(&self) -> usize;
@@ -217,7 +232,4 @@ pub trait StateCache: Send + Sync {
 
     /// Calls `visitor` with every node matching `selector` until it breaks.
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>);
-
-    /// The cache as a [`NodeCache`], for snapshotting: borrowed when it is one, built otherwise.
-    fn to_node_cache(&self) -> Cow<'_, NodeCache>;
 }

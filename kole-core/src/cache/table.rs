@@ -73,7 +73,11 @@ pub(crate) struct LabelSetMembers {
     pub(crate) epoch: u32,
 }
 
-/// The compact in-memory node table: the in-memory implementation of [`StateCache`].
+/// The compact in-memory node table: the engine's cache, and an implementation of the
+/// [`StateCache`] read/query seam.
+///
+/// The engine and the snapshot format use it directly (through crate-private accessors, see
+/// `engine_view.rs`), not through [`StateCache`]: their batch paths depend on this layout.
 ///
 /// A node is a 48-byte [`NodeSlot`] plus its name in a shared byte arena. Everything that repeats
 /// across nodes — label sets, label strings, platform triples, workload state lists — is interned
@@ -615,7 +619,7 @@ impl NodeCache {
     }
 
     /// Calls `f` with every live slot matching `selector`, label set by label set.
-    pub fn for_each_selected(&self, selector: &Selector, mut f: impl FnMut(Slot) -> ControlFlow<()>) {
+    pub(crate) fn for_each_selected(&self, selector: &Selector, mut f: impl FnMut(Slot) -> ControlFlow<()>) {
         for set in self.matching_sets(selector) {
             for &slot in &self.members[set as usize].slots {
                 if f(slot).is_break() {
@@ -652,7 +656,7 @@ impl NodeCache {
     ///
     /// Cheap when nothing is due: the cache keeps a lower bound of the online nodes' last-seen
     /// times, and scans the table only when the cutoff passes it.
-    pub fn mark_offline_before(&mut self, cutoff: Timestamp) -> usize {
+    pub(crate) fn mark_offline_before(&mut self, cutoff: Timestamp) -> usize {
         let cutoff = cutoff.as_secs_u32();
         if cutoff <= self.online_floor {
             return 0;
@@ -676,6 +680,8 @@ impl NodeCache {
     }
 
     /// Checks every internal invariant; for tests. Returns a description of the first violation.
+    // Public only for the cross-crate tests in `tests/`; not part of the API.
+    #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut live = 0;
         let mut totals = [0u32; 3];
@@ -1019,9 +1025,5 @@ impl StateCache for NodeCache {
 
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {
         self.for_each_selected(selector, |slot| visitor(self.record_at(slot)));
-    }
-
-    fn to_node_cache(&self) -> std::borrow::Cow<'_, NodeCache> {
-        std::borrow::Cow::Borrowed(self)
     }
 }

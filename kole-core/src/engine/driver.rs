@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Engine, EngineConfig, EngineEvent, Input, Outputs, Reject, WorkloadCommand, WorkloadStatus};
+use super::{Engine, EngineConfig, EngineEvent, EngineStats, Input, Outputs, Reject, WorkloadCommand, WorkloadStatus};
 use crate::cache::NodeCache;
 use crate::model::Timestamp;
 use crate::snapshot::{Manifest, RestoreFault, RestoreLimits, SnapshotError, SnapshotOptions, SnapshotStore};
@@ -71,6 +71,46 @@ pub enum DriverEvent {
     SendFailed(String),
 }
 
+/// Which input the driver just handed to the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandledInput {
+    /// A batch of uplink messages from the transport, of this many messages.
+    Uplink(usize),
+    /// A tick.
+    Tick,
+    /// A workload command.
+    Workload,
+}
+
+/// What a [`DriverObserver`] sees after each input the driver handled.
+#[derive(Debug)]
+pub struct DriverStep<'a> {
+    /// The input handled.
+    pub input: HandledInput,
+    /// The time the engine was given for it.
+    pub now: Timestamp,
+    /// The engine's counters after the input.
+    pub stats: &'a EngineStats,
+    /// What the engine asked for, before the driver sends the messages and drains the rest.
+    pub outputs: &'a Outputs,
+}
+
+/// Sees every input the driver handles, with the engine's counters and outputs, so a benchmark
+/// or a metrics exporter can use [`EngineDriver`] as is instead of writing its loop again.
+///
+/// Called synchronously on the driver's task, between the engine and the transport: keep it
+/// cheap. Any `FnMut(&DriverStep<'_>) + Send` closure is an observer.
+pub trait DriverObserver: Send {
+    /// Called after the engine handled one input, before its outputs are sent.
+    fn handled(&mut self, step: &DriverStep<'_>);
+}
+
+impl<F: FnMut(&DriverStep<'_>) + Send> DriverObserver for F {
+    fn handled(&mut self, step: &DriverStep<'_>) {
+        self(step)
+    }
+}
+
 /// Why the driver stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -105,6 +145,7 @@ pub struct EngineDriver {
     clock: Clock,
     events: mpsc::Sender<DriverEvent>,
     events_dropped: u64,
+    observer: Option<Box<dyn DriverObserver>>,
 }
 
 impl EngineDriver {
@@ -118,7 +159,13 @@ impl EngineDriver {
         clock: Clock,
         events: mpsc::Sender<DriverEvent>,
     ) -> Self {
-        Self { cfg, engine, transport, snapshots, clock, events, events_dropped: 0 }
+        Self { cfg, engine, transport, snapshots, clock, events, events_dropped: 0, observer: None }
+    }
+
+    /// Calls `observer` after every input the engine handles (see [`DriverObserver`]).
+    pub fn with_observer(mut self, observer: impl DriverObserver + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
     }
 
     /// Events dropped because the owner's channel was full.
@@ -149,6 +196,7 @@ impl EngineDriver {
                     Ok(batch) => {
                         let now = (self.clock)();
                         self.engine.handle(Input::Uplink(&batch), now, &mut out);
+                        self.observe(HandledInput::Uplink(batch.len()), now, &out);
                     }
                     Err(e) => break Err(DriverError::Transport(e)),
                 },
@@ -156,12 +204,14 @@ impl EngineDriver {
                     Some(cmd) => {
                         let now = (self.clock)();
                         self.engine.handle(Input::Workload(&cmd), now, &mut out);
+                        self.observe(HandledInput::Workload, now, &out);
                     }
                     None => commands_open = false,
                 },
                 _ = ticker.tick() => {
                     let now = (self.clock)();
                     self.engine.handle(Input::Tick, now, &mut out);
+                    self.observe(HandledInput::Tick, now, &out);
                 }
             }
             self.reap_snapshot(&mut snapshot_task).await;
@@ -179,6 +229,12 @@ impl EngineDriver {
             self.report_snapshot(task.await);
         }
         result.map(|()| self.engine)
+    }
+
+    fn observe(&mut self, input: HandledInput, now: Timestamp, out: &Outputs) {
+        if let Some(observer) = self.observer.as_mut() {
+            observer.handled(&DriverStep { input, now, stats: self.engine.stats(), outputs: out });
+        }
     }
 
     fn emit(&mut self, e: DriverEvent) {
@@ -318,6 +374,61 @@ mod tests {
             let restored =
                 crate::snapshot::restore_latest(store.as_ref(), &RestoreLimits::default()).await.unwrap().unwrap();
             assert!(restored.cache.slot_of("edge-1").is_some());
+        };
+        tokio::time::timeout(Duration::from_secs(20), test).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_observer_sees_every_handled_input() {
+        let test = async {
+            let hub = MemoryHub::new(MemoryConfig::default());
+            let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().unwrap());
+            let node = hub.connect(NodeName::new("edge-1").unwrap()).unwrap();
+            let engine = Engine::new(EngineConfig::default(), NodeCache::new(), Timestamp::from_secs(1));
+            let (ev_tx, _ev_rx) = mpsc::channel(64);
+            let cfg =
+                DriverConfig { tick: Duration::from_millis(10), snapshot_on_shutdown: false, ..Default::default() };
+            // (input, registrations counted, messages produced) per step.
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let log = Arc::clone(&seen);
+            let driver = EngineDriver::new(cfg, engine, cloud, None, system_clock(), ev_tx).with_observer(
+                move |step: &DriverStep<'_>| {
+                    log.lock().unwrap().push((step.input, step.stats.registered_new, step.outputs.messages.len()));
+                },
+            );
+            let (_cmd_tx, cmd_rx) = mpsc::channel(8);
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
+
+            let reg = Message::Register(Register {
+                name: NodeName::new("edge-1").unwrap(),
+                boot_id: 1,
+                labels: Labels::from_pairs([("tier", "cdn")]).unwrap(),
+                info: NodeInfo::default(),
+                applied: DesiredDigest::EMPTY,
+                workloads: vec![],
+            });
+            node.publish(vec![NodePublish { kind: UplinkKind::Register, payload: protocol::encode(&reg) }])
+                .await
+                .unwrap();
+            node.recv(1).await.unwrap();
+            // Wait for a tick after the registration, so both kinds of input were observed.
+            while !seen
+                .lock()
+                .unwrap()
+                .iter()
+                .skip_while(|s| s.0 == HandledInput::Tick)
+                .any(|s| s.0 == HandledInput::Tick)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop_tx.send(true).unwrap();
+            task.await.unwrap().unwrap();
+
+            let seen = seen.lock().unwrap();
+            // The registration's batch: one message in, the ack out, counted by the engine.
+            assert!(seen.contains(&(HandledInput::Uplink(1), 1, 1)), "{seen:?}");
+            assert!(seen.iter().any(|s| s.0 == HandledInput::Tick));
         };
         tokio::time::timeout(Duration::from_secs(20), test).await.unwrap();
     }

@@ -1,9 +1,14 @@
-//! Workloads as the engine holds them: current and previous version, rollout position, delivery.
+//! Rollouts: workloads as the engine holds them (current and previous version, rollout position,
+//! delivery), and the tick that sweeps liveness, measures each wave's health and advances, halts or
+//! completes rollouts.
 
 use std::sync::Arc;
 
-use crate::model::{DesiredDigest, FailureThreshold, Workload, wave_point_seeded, wave_seed};
-use crate::protocol::WorkloadSpec;
+use crate::cache::{NodeCache, StateCache};
+use crate::model::{DesiredDigest, FailureThreshold, Timestamp, Workload, wave_point_seeded, wave_seed};
+use crate::protocol::{self, WorkloadSpec};
+
+use super::{Core, EngineEvent, Outputs};
 
 /// Where a workload's rollout stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -138,6 +143,111 @@ impl WorkloadEntry {
 
     pub(crate) fn spec_message(&self) -> WorkloadSpec {
         WorkloadSpec { workload: (*self.current).clone(), wave_threshold: self.threshold() }
+    }
+}
+
+impl Core {
+    pub(super) fn tick(&mut self, cache: &mut NodeCache, now: Timestamp, out: &mut Outputs) {
+        let window = u64::from(self.cfg.heartbeat_interval_ms) * u64::from(self.cfg.offline_after_missed);
+        let now_ms = now.as_millis();
+        // No node can be declared offline until a full window after this engine started: a
+        // restored cache's last-seen times predate the restart.
+        if now_ms >= self.started_ms.saturating_add(window) {
+            let n = cache.mark_offline(Timestamp::from_millis(now_ms - window));
+            self.stats.marked_offline += n as u64;
+        }
+        for i in 0..self.workloads.len() {
+            if self.workloads[i].as_ref().is_some_and(|e| e.phase == RolloutPhase::Progressing) {
+                self.evaluate_rollout(cache, i, now, out);
+            }
+        }
+        if now_ms >= self.last_status_ms.saturating_add(self.cfg.status_interval_ms) {
+            self.last_status_ms = now_ms;
+            for s in self.statuses(cache) {
+                if self.reported.get(&s.id) != Some(&s) {
+                    self.reported.insert(s.id.clone(), s.clone());
+                    out.statuses.push(s);
+                }
+            }
+        }
+        if now_ms >= self.last_snapshot_ms.saturating_add(self.cfg.snapshot_interval_ms) {
+            self.last_snapshot_ms = now_ms;
+            out.snapshot_due = true;
+        }
+        if !self.pending.is_empty() {
+            let horizon = now.as_secs_u32().saturating_sub(600);
+            self.pending.retain(|_, deadline| *deadline > horizon);
+        }
+    }
+
+    /// Wave health of workload `idx`: (reached, online in reached waves, ready, failed) at its
+    /// current version, from one pass over the targeted nodes.
+    fn wave_counts(&self, cache: &NodeCache, idx: usize) -> (u32, u32, u32, u32) {
+        let Some(e) = &self.workloads[idx] else { return (0, 0, 0, 0) };
+        let threshold = e.threshold();
+        let wl_str = cache.string_id(e.current.id.as_str());
+        let (mut reached, mut online, mut ready, mut failed) = (0u32, 0u32, 0u32, 0u32);
+        // Per workload-state set: this workload's (version, phase) on nodes carrying that set.
+        let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_set_id_bound()];
+        for set in cache.matching_sets(&e.current.selector) {
+            for &slot in cache.members_of(set) {
+                let (online_now, wl_set) = (cache.is_online(slot), cache.workload_set_of(slot));
+                if threshold < protocol::WorkloadSpec::ALL_WAVES
+                    && crate::model::wave_point_seeded(e.seed, cache.name_bytes(slot)) >= threshold
+                {
+                    continue;
+                }
+                reached += 1;
+                if online_now {
+                    online += 1;
+                }
+                let st = match state_of.get(wl_set as usize).copied().flatten() {
+                    Some(st) => st,
+                    None => {
+                        let st = wl_str
+                            .and_then(|w| cache.workload_set(wl_set).iter().find(|x| x.0 == w).map(|x| (x.1, x.2)));
+                        if let Some(slot) = state_of.get_mut(wl_set as usize) {
+                            *slot = Some(st);
+                        }
+                        st
+                    }
+                };
+                if let Some((version, phase)) = st
+                    && version == e.current.version
+                {
+                    match crate::model::WorkloadPhase::from_u8(phase) {
+                        Some(crate::model::WorkloadPhase::Running) if online_now => ready += 1,
+                        Some(crate::model::WorkloadPhase::Failed) => failed += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        (reached, online, ready, failed)
+    }
+
+    fn evaluate_rollout(&mut self, cache: &NodeCache, idx: usize, now: Timestamp, out: &mut Outputs) {
+        let (reached, online, ready, failed) = self.wave_counts(cache, idx);
+        let Some(e) = self.workloads[idx].as_mut() else { return };
+        let id = e.current.id.clone();
+        if e.failures_exceeded(failed, reached) {
+            e.phase = RolloutPhase::Halted;
+            out.events.push(EngineEvent::RolloutHalted { id, failed, reached });
+            return;
+        }
+        if ready < online {
+            return;
+        }
+        if e.is_last_wave() {
+            e.phase = RolloutPhase::Complete;
+            out.events.push(EngineEvent::RolloutComplete { id });
+            return;
+        }
+        let from = e.threshold();
+        e.wave += 1;
+        let wave = e.wave;
+        self.publish(cache, idx, from, now, out);
+        out.events.push(EngineEvent::WaveAdvanced { id, wave });
     }
 }
 

@@ -3,8 +3,13 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{DeliveryMode, LabelSelector, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState};
-use crate::protocol::{Heartbeat, NodeHealth, Register, StatusReport, UplinkKind};
+use crate::cache::StateCache;
+use crate::model::{
+    DeliveryMode, LabelSelector, Labels, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState,
+};
+use crate::protocol::{
+    CommandKind, GroupName, Heartbeat, NodeHealth, Register, RegisterOutcome, RejectCode, StatusReport, UplinkKind,
+};
 
 const T0: u64 = 1_790_000_000_000;
 

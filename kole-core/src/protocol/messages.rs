@@ -6,10 +6,12 @@
 
 use std::fmt;
 
-use crate::cache::HeartbeatUpdate;
 use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
 
 use super::topics::{GroupName, UplinkKind};
+
+/// The protocol version this build speaks (envelope byte 0).
+pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -205,6 +207,24 @@ impl Register {
     }
 }
 
+/// A registration by reference: what [`super::encode_register`] writes, byte for byte the same as
+/// [`super::encode`] of the equivalent [`Message::Register`], without cloning labels and facts into one.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisterRef<'a> {
+    /// The node's name.
+    pub name: &'a NodeName,
+    /// Boot id.
+    pub boot_id: u32,
+    /// Labels.
+    pub labels: &'a Labels,
+    /// Static facts.
+    pub info: &'a NodeInfo,
+    /// Applied digest.
+    pub applied: DesiredDigest,
+    /// Per-workload state.
+    pub workloads: &'a [WorkloadState],
+}
+
 /// Uplink: "I am alive", on `…/up/{node}/hb` (QoS 0), every heartbeat interval.
 ///
 /// Carries no name: the identity is the topic's node level. Encoded in at most 20 bytes.
@@ -219,18 +239,6 @@ pub struct Heartbeat {
     pub applied: DesiredDigest,
     /// Compact health flags.
     pub health: NodeHealth,
-}
-
-impl From<&Heartbeat> for HeartbeatUpdate {
-    fn from(hb: &Heartbeat) -> Self {
-        HeartbeatUpdate { boot_id: hb.boot_id, seq: hb.seq, applied: hb.applied }
-    }
-}
-
-impl From<Heartbeat> for HeartbeatUpdate {
-    fn from(hb: Heartbeat) -> Self {
-        Self::from(&hb)
-    }
 }
 
 /// Uplink: full per-workload status, on `…/up/{node}/status` (QoS 1), only when it changed (and on
@@ -425,15 +433,6 @@ mod tests {
         assert_eq!(MessageKind::from_u8(0), None);
         assert_eq!(MessageKind::from_u8(0x80), None);
         assert_eq!(MessageKind::from_u8(0xff), None);
-    }
-
-    #[test]
-    fn heartbeat_update_is_derived_field_by_field() {
-        let hb = Heartbeat { seq: 7, boot_id: 0xdead_beef, applied: DesiredDigest(42), health: NodeHealth::DEGRADED };
-        assert_eq!(
-            HeartbeatUpdate::from(&hb),
-            HeartbeatUpdate { boot_id: 0xdead_beef, seq: 7, applied: DesiredDigest(42) }
-        );
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! ```
 
 mod envelope;
+mod error;
+mod limits;
 mod messages;
 pub mod topics;
 mod wire;
@@ -28,11 +30,13 @@ pub(crate) mod strategies;
 mod tests;
 
 pub use envelope::{
-    DecodeError, DecodeLimits, HEADER_LEN, Limit, PROTOCOL_VERSION, RegisterRef, decode, decode_downlink,
-    decode_from_node, decode_uplink, encode, encode_into, encode_register, peek_kind,
+    HEADER_LEN, decode, decode_downlink, decode_from_node, decode_uplink, encode, encode_into, encode_register,
+    peek_kind,
 };
+pub use error::DecodeError;
+pub use limits::{DecodeLimits, Limit};
 pub use messages::{
-    Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
-    RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth, PROTOCOL_VERSION,
+    Register, RegisterAck, RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 pub use topics::{Destination, GroupName, TopicError, Topics, UplinkKind};

@@ -18,10 +18,11 @@ use crate::model::{
     RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
-use super::envelope::{DecodeError, DecodeLimits, Limit};
+use super::error::DecodeError;
+use super::limits::{DecodeLimits, Limit};
 use super::messages::{
     Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
-    RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 use super::topics::GroupName;
 
@@ -227,7 +228,7 @@ struct DesiredOut<'a> {
 }
 
 /// Appends the postcard body of a registration built from borrowed parts (no owned [`Register`]).
-pub(super) fn encode_register_body(r: &super::RegisterRef<'_>, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+pub(super) fn encode_register_body(r: &RegisterRef<'_>, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     let out = RegisterOut {
         name: r.name.as_str(),
         boot_id: r.boot_id.to_le_bytes(),
@@ -251,7 +252,7 @@ pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postca
     }
     match msg {
         Message::Register(m) => encode_register_body(
-            &super::RegisterRef {
+            &RegisterRef {
                 name: &m.name,
                 boot_id: m.boot_id,
                 labels: &m.labels,

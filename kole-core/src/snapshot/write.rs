@@ -1,7 +1,7 @@
 //! Writing a generation to a store: chunks first, then the manifest, then pruning.
 
 use super::{Manifest, SnapshotError, SnapshotOptions, SnapshotStore, encode_snapshot};
-use crate::cache::StateCache;
+use crate::cache::NodeCache;
 use crate::model::Timestamp;
 
 /// Snapshots `cache` into `store` as its next generation and returns the committed manifest.
@@ -16,16 +16,13 @@ use crate::model::Timestamp;
 /// inside this future; call it where blocking that long is acceptable.
 pub async fn write_snapshot(
     store: &dyn SnapshotStore,
-    cache: &dyn StateCache,
+    cache: &NodeCache,
     opts: &SnapshotOptions,
     now: Timestamp,
 ) -> Result<Manifest, SnapshotError> {
     opts.validate()?;
     let generation = store.next_generation().await?;
-    let encoded = {
-        let cache = cache.to_node_cache();
-        encode_snapshot(&cache, generation, now, opts)?
-    };
+    let encoded = encode_snapshot(cache, generation, now, opts)?;
     for (index, chunk) in encoded.chunks.iter().enumerate() {
         store.put_chunk(generation, index as u32, chunk).await?;
     }

@@ -1,0 +1,131 @@
+//! Desired state: which workloads (and versions) each node should run, its desired digest, the
+//! groups it joins, and the per-node catch-up when it does not converge by itself.
+
+use std::sync::Arc;
+
+use crate::cache::{NodeCache, Slot};
+use crate::model::{DesiredDigest, Labels, NodeName, Timestamp, Workload};
+use crate::protocol::{DesiredState, GroupName, Message};
+use crate::transport::Destination;
+
+use super::{Core, Outputs};
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct SetTargets {
+    epoch: u32,
+    generation: u64,
+    workloads: Vec<u32>,
+    /// Groups of the label set (depend on labels only), valid for `groups_epoch`.
+    groups_epoch: u32,
+    groups: Vec<GroupName>,
+}
+
+impl Core {
+    /// Workload indices whose selector matches label set `set` (cached per set, per epoch).
+    pub(super) fn targets(&mut self, cache: &NodeCache, set: u32) -> &[u32] {
+        let idx = set as usize;
+        if self.set_targets.len() <= idx {
+            self.set_targets.resize_with(idx + 1, SetTargets::default);
+        }
+        let epoch = cache.label_set_epoch(set);
+        let st = &mut self.set_targets[idx];
+        if st.epoch != epoch || st.generation != self.generation {
+            st.epoch = epoch;
+            st.generation = self.generation;
+            st.workloads.clear();
+            let view = cache.label_set_view(set);
+            for (i, e) in self.workloads.iter().enumerate() {
+                if let Some(e) = e
+                    && e.current.selector.matches(&view)
+                {
+                    st.workloads.push(i as u32);
+                }
+            }
+        }
+        &self.set_targets[idx].workloads
+    }
+
+    pub(super) fn desired(&mut self, cache: &NodeCache, slot: Slot) -> DesiredDigest {
+        let set = cache.label_set_of(slot);
+        let name = cache.name_bytes(slot);
+        let mut d = 0u64;
+        let n = self.targets(cache, set).len();
+        for k in 0..n {
+            let w = self.set_targets[set as usize].workloads[k] as usize;
+            if let Some(e) = &self.workloads[w] {
+                d = d.wrapping_add(e.digest_member(name));
+            }
+        }
+        DesiredDigest(d)
+    }
+
+    pub(super) fn desired_set(&mut self, cache: &NodeCache, slot: Slot) -> Vec<Arc<Workload>> {
+        let set = cache.label_set_of(slot);
+        let name = cache.name_bytes(slot);
+        let targets = self.targets(cache, set).to_vec();
+        targets.into_iter().filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned()).collect()
+    }
+
+    /// The groups of label set `set`, computed once per set.
+    pub(super) fn groups_of_set(&mut self, cache: &NodeCache, set: u32, labels: &Labels) -> Vec<GroupName> {
+        let idx = set as usize;
+        if self.set_targets.len() <= idx {
+            self.set_targets.resize_with(idx + 1, SetTargets::default);
+        }
+        let epoch = cache.label_set_epoch(set);
+        if self.set_targets[idx].groups_epoch != epoch || epoch == 0 {
+            let groups = self.groups_of(labels);
+            let st = &mut self.set_targets[idx];
+            st.groups = groups;
+            st.groups_epoch = epoch;
+        }
+        self.set_targets[idx].groups.clone()
+    }
+
+    fn groups_of(&self, labels: &Labels) -> Vec<GroupName> {
+        self.cfg
+            .group_label_keys
+            .iter()
+            .filter_map(|key| {
+                let value = labels.get(key).filter(|v| !v.is_empty())?;
+                let short = key.rsplit('/').next().unwrap_or(key);
+                GroupName::new(format!("{short}.{value}")).ok()
+            })
+            .collect()
+    }
+
+    pub(super) fn send_catchup(&mut self, cache: &NodeCache, slot: Slot, digest: DesiredDigest, out: &mut Outputs) {
+        let workloads: Vec<Workload> = self.desired_set(cache, slot).iter().map(|w| (**w).clone()).collect();
+        let Some(name) = cache.name_of(slot).and_then(|n| NodeName::new(n).ok()) else { return };
+        self.send(out, Destination::Node(name), &Message::DesiredState(DesiredState { digest, workloads }), false);
+        self.stats.catchups += 1;
+    }
+
+    /// A node shows `applied`; decide whether it needs a catch-up now.
+    pub(super) fn reconcile(
+        &mut self,
+        cache: &NodeCache,
+        slot: Slot,
+        applied: DesiredDigest,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let desired = self.desired(cache, slot);
+        if desired == applied {
+            if !self.pending.is_empty() {
+                self.pending.remove(&slot);
+            }
+            return;
+        }
+        let grace = self.cfg.convergence_grace_ms;
+        if now.as_millis() < self.spec_changed_ms.saturating_add(grace) {
+            return; // A broadcast is still on its way.
+        }
+        let now_s = now.as_secs_u32();
+        if self.pending.get(&slot).is_some_and(|&deadline| now_s < deadline) {
+            return;
+        }
+        self.pending.insert(slot, now_s.saturating_add((grace / 1000) as u32));
+        self.send_catchup(cache, slot, desired, out);
+    }
+}

@@ -1,0 +1,240 @@
+//! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
+//! engine applies it to the node cache.
+
+use crate::cache::{CacheError, HeartbeatIn, HeartbeatUpdate, NodeCache, StateCache};
+use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
+use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode};
+use crate::transport::{Destination, Inbound};
+
+use super::{Core, Outputs, Reject};
+
+// The wire format knows nothing of the cache; the engine, which feeds heartbeats to the cache,
+// owns the conversion.
+impl From<&Heartbeat> for HeartbeatUpdate {
+    fn from(hb: &Heartbeat) -> Self {
+        HeartbeatUpdate { boot_id: hb.boot_id, seq: hb.seq, applied: hb.applied }
+    }
+}
+
+impl From<Heartbeat> for HeartbeatUpdate {
+    fn from(hb: Heartbeat) -> Self {
+        Self::from(&hb)
+    }
+}
+
+impl Core {
+    pub(super) fn uplink(&mut self, cache: &mut NodeCache, batch: &[Inbound], now: Timestamp, out: &mut Outputs) {
+        let mut start = 0;
+        // Runs of heartbeats go through the cache's batch path; anything else in between is handled
+        // in order, so a node's registration always precedes its later heartbeats.
+        let mut hb: Vec<(usize, protocol::Heartbeat)> = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            match msg.decode(&self.cfg.decode_limits) {
+                Ok(Message::Heartbeat(h)) => hb.push((i, h)),
+                Ok(other) => {
+                    self.flush_heartbeats(cache, batch, &mut hb, now, out);
+                    self.handle_message(cache, msg, other, now, out);
+                }
+                Err(e) => {
+                    self.stats.decode_errors += 1;
+                    if matches!(e, protocol::DecodeError::IdentityMismatch { .. }) {
+                        self.stats.identity_mismatch += 1;
+                        self.send_register_reject(out, &msg.node, RejectCode::IdentityMismatch, e.to_string());
+                    }
+                    self.reject(out, &msg.node, e.reason(), || e.to_string());
+                }
+            }
+            start = i;
+        }
+        let _ = start;
+        self.flush_heartbeats(cache, batch, &mut hb, now, out);
+    }
+
+    fn flush_heartbeats(
+        &mut self,
+        cache: &mut NodeCache,
+        batch: &[Inbound],
+        hbs: &mut Vec<(usize, protocol::Heartbeat)>,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        if hbs.is_empty() {
+            return;
+        }
+        let ins: Vec<HeartbeatIn<'_>> = hbs
+            .iter()
+            .map(|(i, h)| HeartbeatIn { node: batch[*i].node.as_str(), update: HeartbeatUpdate::from(h) })
+            .collect();
+        let mut results = std::mem::take(&mut self.hb_results);
+        results.clear();
+        cache.heartbeat_batch(&ins, now, &mut results);
+        for (k, r) in results.iter().enumerate() {
+            let (i, h) = &hbs[k];
+            // A status report always precedes the heartbeats of a change, so a heartbeat that changes
+            // the applied digest (or follows one that did) means the report never arrived: without
+            // it the workload status and the rollout's wave health would stay stale for good.
+            if let Ok(o) = r
+                && (o.applied_changed || (!self.unreported.is_empty() && self.unreported.contains(&o.slot)))
+            {
+                self.unreported.insert(o.slot);
+                self.stats.resyncs += 1;
+                self.send_command(out, &batch[*i].node, CommandKind::Resync);
+            }
+            self.after_heartbeat(cache, &batch[*i].node, r, h.applied, now, out);
+        }
+        self.hb_results = results;
+        hbs.clear();
+    }
+
+    fn after_heartbeat(
+        &mut self,
+        cache: &NodeCache,
+        node: &NodeName,
+        r: &Result<crate::cache::HeartbeatOutcome, CacheError>,
+        applied: DesiredDigest,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        match r {
+            Ok(o) => {
+                self.stats.heartbeats += 1;
+                if o.previous == NodePhase::Offline {
+                    self.stats.back_online += 1;
+                }
+                self.reconcile(cache, o.slot, applied, now, out);
+            }
+            Err(CacheError::Stale { .. }) => {
+                self.stats.stale += 1;
+            }
+            Err(e @ (CacheError::UnknownNode | CacheError::BootMismatch { .. })) => {
+                if matches!(e, CacheError::UnknownNode) {
+                    self.stats.unknown_node += 1;
+                } else {
+                    self.stats.boot_mismatch += 1;
+                }
+                self.send_command(out, node, CommandKind::Reregister);
+                let reason = if matches!(e, CacheError::UnknownNode) { "unknown_node" } else { "boot_mismatch" };
+                self.reject(out, node, reason, || e.to_string());
+            }
+            Err(e) => self.reject(out, node, "cache", || e.to_string()),
+        }
+    }
+
+    fn handle_message(
+        &mut self,
+        cache: &mut NodeCache,
+        msg: &Inbound,
+        decoded: Message,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        match decoded {
+            Message::Register(reg) => {
+                let boot = reg.boot_id;
+                let (registration, _) = reg.into_registration();
+                match cache.register(&registration, boot, now) {
+                    Ok(r) => {
+                        if r.created {
+                            self.stats.registered_new += 1;
+                        } else {
+                            self.stats.registered_known += 1;
+                        }
+                        if r.restarted {
+                            self.stats.restarts += 1;
+                        }
+                        if !self.unreported.is_empty() {
+                            self.unreported.remove(&r.slot);
+                        }
+                        let desired = self.desired(cache, r.slot);
+                        let ack = RegisterAck {
+                            boot_id: boot,
+                            outcome: RegisterOutcome::Accepted,
+                            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                            groups: {
+                                let set = cache.label_set_of(r.slot);
+                                self.groups_of_set(cache, set, &registration.labels)
+                            },
+                            desired,
+                        };
+                        self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+                        if registration.applied != desired {
+                            // Retained specs reach the node as it subscribes; per-node workloads
+                            // can only come from us.
+                            let per_node = self
+                                .desired_set(cache, r.slot)
+                                .iter()
+                                .any(|w| w.delivery == crate::model::DeliveryMode::PerNode);
+                            if per_node {
+                                self.send_catchup(cache, r.slot, desired, out);
+                            }
+                            let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
+                            self.pending.insert(r.slot, now.as_secs_u32().saturating_add(grace_s));
+                        } else if !self.pending.is_empty() {
+                            self.pending.remove(&r.slot);
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.register_rejected += 1;
+                        self.send_register_reject(out, &msg.node, RejectCode::Invalid, e.to_string());
+                        self.reject(out, &msg.node, "register_rejected", || e.to_string());
+                    }
+                }
+            }
+            Message::StatusReport(s) => {
+                let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied };
+                let r = cache.heartbeat(msg.node.as_str(), &update, now);
+                if let Ok(o) = &r {
+                    if !self.unreported.is_empty() {
+                        self.unreported.remove(&o.slot);
+                    }
+                    self.stats.status_reports += 1;
+                    // The node is known (the heartbeat was accepted), so this cannot fail.
+                    let _ = cache.report_workloads(msg.node.as_str(), &s.workloads);
+                }
+                self.after_heartbeat(cache, &msg.node, &r, s.applied, now, out);
+            }
+            // decode_from_node only lets uplink kinds through; heartbeats are batched by the caller.
+            Message::Heartbeat(_)
+            | Message::RegisterAck(_)
+            | Message::WorkloadSpec(_)
+            | Message::WorkloadRemoved(_)
+            | Message::DesiredState(_)
+            | Message::Command(_) => {}
+        }
+    }
+
+    fn reject(&mut self, out: &mut Outputs, node: &NodeName, reason: &'static str, detail: impl FnOnce() -> String) {
+        if out.rejects.len() < self.cfg.max_rejects_reported {
+            out.rejects.push(Reject { node: node.clone(), reason, detail: detail() });
+        } else {
+            out.rejects_dropped += 1;
+        }
+    }
+
+    fn send_register_reject(&mut self, out: &mut Outputs, node: &NodeName, code: RejectCode, message: String) {
+        let ack = RegisterAck {
+            boot_id: 0,
+            outcome: RegisterOutcome::Rejected { code, message, retry_after_ms: self.cfg.heartbeat_interval_ms },
+            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+            groups: Vec::new(),
+            desired: DesiredDigest::EMPTY,
+        };
+        self.send(out, Destination::Node(node.clone()), &Message::RegisterAck(ack), false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DesiredDigest;
+    use crate::protocol::NodeHealth;
+
+    #[test]
+    fn heartbeat_update_is_derived_field_by_field() {
+        let hb = Heartbeat { seq: 7, boot_id: 0xdead_beef, applied: DesiredDigest(42), health: NodeHealth::DEGRADED };
+        assert_eq!(
+            HeartbeatUpdate::from(&hb),
+            HeartbeatUpdate { boot_id: 0xdead_beef, seq: 7, applied: DesiredDigest(42) }
+        );
+    }
+}
