@@ -300,7 +300,10 @@ fn ids(deliveries: &[NodeDelivery]) -> Vec<u64> {
         .iter()
         .map(|d| match d.decode(&DecodeLimits::default()) {
             Ok(Message::Command(c)) => c.id,
-            other => panic!("expected a command from {:?}, got {other:?}", d.from),
+            other => panic!(
+                "expected a command from {:?} (retained: {}), got {other:?} from payload {:?}",
+                d.from, d.retained, d.payload
+            ),
         })
         .collect()
 }
