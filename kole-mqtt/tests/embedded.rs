@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
 use kole_core::agent::{Jitter, RetryPolicy};
-use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, mix64, stable_hash};
+use kole_core::model::{DesiredDigest, Labels, NodeInfo, mix64, stable_hash};
 use kole_core::protocol::{self, Message, Register, RegisterOutcome, Topics, UplinkKind};
 use kole_core::snapshot::MemorySnapshotStore;
 use kole_core::transport::{NodePublish, NodeTransport};
 use kole_mqtt::{CloudConfig, EmbeddedBroker, EmbeddedBrokerConfig, MqttNode, NodeConfig};
+use kole_tests::fixtures;
 
 fn cloud_cfg(broker: &EmbeddedBroker) -> CloudConfig {
     CloudConfig { brokers: vec![broker.broker_addr()], ..CloudConfig::default() }
@@ -70,9 +71,9 @@ async fn a_node_claiming_another_identity_is_ignored() {
         let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
         let topics = Topics::new("test").unwrap();
         let ctl = Controller::start(&topics, cloud_cfg(&broker), Arc::new(MemorySnapshotStore::new())).await;
-        let a = MqttNode::connect(topics.clone(), NodeName::new("node-a").unwrap(), &node_cfg(&broker)).await.unwrap();
+        let a = MqttNode::connect(topics.clone(), fixtures::node_name("node-a"), &node_cfg(&broker)).await.unwrap();
         let claim = Message::Register(Register {
-            name: NodeName::new("node-b").unwrap(),
+            name: fixtures::node_name("node-b"),
             boot_id: 9,
             labels: Labels::new(),
             info: NodeInfo::default(),

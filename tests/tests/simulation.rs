@@ -11,9 +11,7 @@ use kole_core::agent::{LinkState, RecordingRuntime, RuntimeOp};
 use kole_core::cache::StateCache;
 use kole_core::engine::{Engine, EngineEvent, RolloutPhase, WorkloadCommand, WorkloadStatus};
 use kole_core::model::Workload;
-use kole_core::model::{
-    DesiredDigest, FailureThreshold, NodePhase, RolloutStrategy, Selector, WorkloadId, WorkloadPhase, stable_hash,
-};
+use kole_core::model::{DesiredDigest, FailureThreshold, NodePhase, Selector, WorkloadId, WorkloadPhase, stable_hash};
 use kole_core::snapshot::{MemorySnapshotStore, RestoreLimits, SnapshotOptions, restore_latest, write_snapshot};
 use kole_core::transport::fault::FaultPlan;
 use kole_core::transport::sim::NodeId;
@@ -32,18 +30,12 @@ fn sim(nodes: usize, seed: u64, plan: FaultPlan, keep_agent_state: bool) -> Simu
     Simulation::new(SimConfig { nodes, seed, plan, keep_agent_state, ..SimConfig::default() })
 }
 
-fn id() -> WorkloadId {
-    WorkloadId::new("edge-system/cdn-cache").unwrap()
-}
+const ID: &str = "edge-system/cdn-cache";
 
 fn workload(version: u64, waves: &[u8]) -> Workload {
     Workload {
-        id: id(),
-        version,
         spec: format!("image: cdn-cache:{version}").into_bytes(),
-        selector: Selector::parse("kole.dev/site-type in (cdn,retail)").unwrap(),
-        delivery: Default::default(),
-        rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
+        ..kole_tests::fixtures::workload(ID, version, "kole.dev/site-type in (cdn,retail)", waves)
     }
 }
 

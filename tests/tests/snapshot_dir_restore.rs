@@ -10,14 +10,9 @@ use kole_core::snapshot::{
     DirSnapshotStore, RestoreLimits, SnapshotError, SnapshotOptions, SnapshotStore, restore_latest, write_snapshot,
 };
 use kole_sim::dataset::ReferenceFleet;
+use kole_tests::fixtures::scratch_dir;
 
 const NODES: usize = 100_000;
-
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kole-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn restores_100k_reference_nodes_through_the_directory_store() {

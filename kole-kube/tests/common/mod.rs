@@ -14,11 +14,11 @@ use kole_core::agent::{Agent, AgentConfig, AgentIdentity, MemoryAgentStore, Reco
 use kole_core::cache::NodeCache;
 use kole_core::engine::driver::{DriverConfig, EngineDriver, system_clock};
 use kole_core::engine::{Engine, EngineConfig};
-use kole_core::model::{Labels, NodeInfo, NodeName};
 use kole_core::snapshot::{RestoreLimits, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
 use kole_core::transport::{CloudTransport, NodeTransport, TransportError};
 use kole_kube::controller::ControllerConfig;
+use kole_tests::fixtures;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -168,22 +168,15 @@ pub fn spawn_agents(hub: &MemoryHub, n: usize) -> (watch::Sender<bool>, Vec<Join
     let config = Arc::new(AgentConfig::default());
     let mut tasks = Vec::new();
     for i in 0..n {
-        let name = NodeName::new(format!("edge-{i:04}")).unwrap();
-        let labels = Labels::from_pairs([
+        let labels = [
             ("tier", if i % 2 == 0 { "cdn" } else { "retail" }),
             ("topology.kubernetes.io/region", if i % 3 == 0 { "east" } else { "west" }),
-        ])
-        .unwrap();
+        ];
         let identity = AgentIdentity {
-            name: name.clone(),
-            labels: Arc::new(labels),
-            info: Arc::new(NodeInfo {
-                arch: "arm64".into(),
-                os: "linux".into(),
-                agent_version: "0.1.0".into(),
-                addresses: vec![],
-            }),
+            info: Arc::new(fixtures::node_info("arm64")),
+            ..fixtures::identity(&format!("edge-{i:04}"), &labels)
         };
+        let name = identity.name.clone();
         let mut agent = Agent::new(config.clone(), identity, i as u32 + 1, None);
         let hub = hub.clone();
         let stop_rx = stop_rx.clone();

@@ -8,30 +8,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kole_core::agent::driver::{DriverConfig as AgentDriverConfig, DriverStats, run_agent};
-use kole_core::agent::{Agent, AgentConfig, AgentIdentity, MemoryAgentStore, RecordingRuntime, RetryPolicy};
+use kole_core::agent::{Agent, AgentConfig, MemoryAgentStore, RecordingRuntime, RetryPolicy};
 use kole_core::cache::{CacheStore, NodeCache, StateCache};
 use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
 use kole_core::engine::{Engine, EngineConfig, EngineStats, WorkloadCommand, WorkloadStatus};
-use kole_core::model::{Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId};
+use kole_core::model::{Timestamp, Workload, WorkloadId};
 use kole_core::protocol::Topics;
 use kole_core::snapshot::{MemorySnapshotStore, RestoreLimits};
 use kole_core::transport::CloudTransport;
 use kole_mqtt::{CloudConfig, MqttCloud, MqttConnector, NodeConfig};
+use kole_tests::fixtures;
 use tokio::sync::{mpsc, watch};
 
 pub async fn bounded<T>(secs: u64, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f).await.expect("test step timed out")
+    kole_tests::bounded(Duration::from_secs(secs), "test step", f).await
 }
 
+/// Workload `id` at `version` for the `tier=cdn` agents, all at once, spec `image:v{version}`.
 pub fn workload(id: &str, version: u64) -> Workload {
-    Workload {
-        id: WorkloadId::new(id).unwrap(),
-        version,
-        spec: format!("image:v{version}").into_bytes(),
-        selector: Selector::parse("tier=cdn").unwrap(),
-        delivery: Default::default(),
-        rollout: RolloutStrategy::default(),
-    }
+    fixtures::workload(id, version, "tier=cdn", &[100])
 }
 
 /// The controller-restart scenario: `ctl` converges `n` agents on `w` and stops (writing its
@@ -183,12 +178,8 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     pub fn start(topics: &Topics, name: &str, node_cfg: NodeConfig) -> Self {
-        let node = NodeName::new(name).unwrap();
-        let identity = AgentIdentity {
-            name: node.clone(),
-            labels: Arc::new(Labels::from_pairs([("tier", "cdn"), ("topology.kubernetes.io/region", "east")]).unwrap()),
-            info: Arc::new(NodeInfo::default()),
-        };
+        let identity = fixtures::identity(name, &fixtures::CDN_EAST);
+        let node = identity.name.clone();
         let boot = (kole_core::model::stable_hash(7, name.as_bytes()) as u32).max(1);
         let agent_cfg = AgentConfig {
             register_retry: RetryPolicy::new(500, 2_000, 2.0),
