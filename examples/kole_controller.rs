@@ -4,7 +4,7 @@
 //! cargo run -p kole-examples --example kole-controller -- --simulate-nodes 1000
 //! ```
 //!
-//! Configuration by flags or environment (flag wins):
+//! Configuration by flags or environment (flag wins; `--help` lists them):
 //!
 //! | flag | env | default | meaning |
 //! |---|---|---|---|
@@ -18,7 +18,7 @@
 //! | `--snapshot-interval-ms N` | `KOLE_SNAPSHOT_INTERVAL_MS` | `60000` | snapshot period |
 //! | `--status-interval-ms N` | `KOLE_STATUS_INTERVAL_MS` | `2000` | least time between status writes of one workload |
 //! | `--simulate-nodes N` | `KOLE_SIMULATE_NODES` | `0` | in-process agents on the in-memory hub |
-//! | `--broker URL[,URL…]` | `KOLE_MQTT_BROKERS` | none | MQTT broker(s) (`mqtt://host:port`); nodes are spread over a set by a stable hash of their name |
+//! | `--broker URL[,URL…]` (repeatable) | `KOLE_MQTT_BROKERS` | none | MQTT broker(s) (`mqtt://host:port`); nodes are spread over a set by a stable hash of their name |
 //! | `--fleet NAME` | `KOLE_FLEET` | `default` | fleet name in the topic layout |
 //! | `--mqtt-user U` / `--mqtt-password P` | `KOLE_MQTT_USER` / `KOLE_MQTT_PASSWORD` | none | the controller's broker credentials |
 //!
@@ -26,12 +26,12 @@
 //! brokers, e.g. `cargo run -p kole-examples --example mqtt_agent`); without it, kole-core's
 //! in-memory hub (with `--simulate-nodes` agents on it).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::Parser;
 use kole_core::agent::driver::{DriverConfig as AgentDriverConfig, run_agent};
 use kole_core::agent::{Agent, AgentConfig, AgentIdentity, MemoryAgentStore, RecordingRuntime};
 use kole_core::cache::{CacheStore, NodeCache, StateCache};
@@ -41,70 +41,62 @@ use kole_core::model::{Labels, NodeInfo, NodeName, NodePhase, Selector};
 use kole_core::snapshot::{RestoreLimits, SnapshotOptions, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
 use kole_core::transport::{CloudTransport, NodeTransport, TransportError};
+use kole_examples::{BrokerArgs, ControllerLoginArgs};
 use kole_kube::controller::ControllerConfig;
 use kole_kube::lease::{LeaderElector, LeaseConfig};
 use kole_kube::snapshot::{KubeSnapshotConfig, KubeSnapshotStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
+/// The assembled kole controller: Kubernetes (CRDs, snapshots, Lease) + the engine + a transport.
+///
+/// Every flag falls back to its environment variable (a flag wins).
+#[derive(Debug, Parser)]
+#[command(name = "kole-controller")]
 struct Options {
+    /// The kubeconfig of the cluster [default: in-cluster, then `~/.kube/config`].
+    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
     kubeconfig: Option<String>,
+    /// Namespace of the snapshots and the Lease.
+    #[arg(long = "namespace-snapshots", value_name = "NS", env = "KOLE_NAMESPACE", default_value = "kole-system")]
     namespace: String,
+    /// Where EdgeWorkloads and NodeQueries are watched [default: all namespaces].
+    #[arg(long, value_name = "NS", env = "KOLE_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// The Lease (one per fleet).
+    #[arg(long, value_name = "NAME", env = "KOLE_LEASE", default_value = "kole-fleet")]
     lease: String,
+    /// This replica's Lease identity [default: the hostname].
+    #[arg(long, value_name = "ID", env = "KOLE_IDENTITY", default_value_t = hostname(), hide_default_value = true)]
     identity: String,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, value_name = "ADDR", env = "KOLE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Node heartbeat interval, in milliseconds.
+    #[arg(long, value_name = "N", env = "KOLE_HEARTBEAT_MS", default_value_t = 30_000)]
     heartbeat_ms: u32,
+    /// Snapshot period, in milliseconds.
+    #[arg(long, value_name = "N", env = "KOLE_SNAPSHOT_INTERVAL_MS", default_value_t = 60_000)]
     snapshot_interval_ms: u64,
+    /// Least time between status writes of one workload, in milliseconds.
+    #[arg(long, value_name = "N", env = "KOLE_STATUS_INTERVAL_MS", default_value_t = 2_000)]
     status_interval_ms: u64,
+    /// In-process agents on the in-memory hub (without `--broker`).
+    #[arg(long, value_name = "N", env = "KOLE_SIMULATE_NODES", default_value_t = 0)]
     simulate_nodes: usize,
-    brokers: Vec<kole_mqtt::BrokerAddr>,
-    fleet: String,
-    mqtt_user: Option<String>,
-    mqtt_password: Option<String>,
+    // With `--broker`, the transport is MQTT; without it, the in-memory hub.
+    #[command(flatten)]
+    mqtt: BrokerArgs,
+    #[command(flatten)]
+    login: ControllerLoginArgs,
 }
 
-fn options() -> anyhow::Result<Options> {
-    let mut flags: HashMap<String, String> = HashMap::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let Some(name) = a.strip_prefix("--") else { anyhow::bail!("unexpected argument {a:?}") };
-        let (k, v) = match name.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (name.to_owned(), args.next().with_context(|| format!("--{name} needs a value"))?),
-        };
-        flags.insert(k, v);
-    }
-    let get = |flag: &str, env: &str| flags.get(flag).cloned().or_else(|| std::env::var(env).ok());
-    let num = |flag: &str, env: &str, default: u64| -> anyhow::Result<u64> {
-        get(flag, env).map_or(Ok(default), |v| v.parse().with_context(|| format!("--{flag} {v:?} is not a number")))
-    };
-    Ok(Options {
-        kubeconfig: get("kubeconfig", "KUBECONFIG"),
-        namespace: get("namespace-snapshots", "KOLE_NAMESPACE").unwrap_or_else(|| "kole-system".into()),
-        watch_namespace: get("watch-namespace", "KOLE_WATCH_NAMESPACE"),
-        lease: get("lease", "KOLE_LEASE").unwrap_or_else(|| "kole-fleet".into()),
-        identity: get("identity", "KOLE_IDENTITY")
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
-            .unwrap_or_else(|| format!("kole-{}", std::process::id())),
-        listen: get("listen", "KOLE_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into()),
-        heartbeat_ms: u32::try_from(num("heartbeat-ms", "KOLE_HEARTBEAT_MS", 30_000)?)?,
-        snapshot_interval_ms: num("snapshot-interval-ms", "KOLE_SNAPSHOT_INTERVAL_MS", 60_000)?,
-        status_interval_ms: num("status-interval-ms", "KOLE_STATUS_INTERVAL_MS", 2_000)?,
-        simulate_nodes: usize::try_from(num("simulate-nodes", "KOLE_SIMULATE_NODES", 0)?)?,
-        brokers: get("broker", "KOLE_MQTT_BROKERS")
-            .map(|list| {
-                list.split(',')
-                    .filter(|b| !b.trim().is_empty())
-                    .map(|b| b.trim().parse::<kole_mqtt::BrokerAddr>().with_context(|| format!("--broker {b:?}")))
-                    .collect::<anyhow::Result<Vec<_>>>()
-            })
-            .transpose()?
-            .unwrap_or_default(),
-        fleet: get("fleet", "KOLE_FLEET").unwrap_or_else(|| "default".into()),
-        mqtt_user: get("mqtt-user", "KOLE_MQTT_USER"),
-        mqtt_password: get("mqtt-password", "KOLE_MQTT_PASSWORD"),
-    })
+/// The default Lease identity: the hostname, else one made of the process id.
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|| format!("kole-{}", std::process::id()))
 }
 
 #[derive(Default)]
@@ -234,7 +226,7 @@ fn spawn_simulated_fleet(hub: &MemoryHub, n: usize, stop: watch::Receiver<bool>)
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let opts = options()?;
+    let opts = Options::parse();
     let client = match &opts.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)?;
@@ -297,20 +289,20 @@ async fn main() -> anyhow::Result<()> {
         let cache = engine.store();
         // MQTT when brokers are given (a set: nodes are spread over them by a stable hash of their
         // name), the in-memory hub (with optional simulated nodes) otherwise.
-        let cloud: Arc<dyn CloudTransport> = if opts.brokers.is_empty() {
+        let cloud: Arc<dyn CloudTransport> = if opts.mqtt.brokers().is_empty() {
             Arc::new(hub.cloud()?)
         } else {
-            let topics = kole_core::protocol::Topics::new(&opts.fleet)?;
-            let credentials = match (&opts.mqtt_user, &opts.mqtt_password) {
+            let topics = kole_core::protocol::Topics::new(&opts.mqtt.fleet)?;
+            let credentials = match (&opts.login.mqtt_user, &opts.mqtt.mqtt_password) {
                 (Some(u), Some(p)) => Some(kole_mqtt::Credentials { username: u.clone(), password: p.clone() }),
                 _ => None,
             };
             let cfg = kole_mqtt::CloudConfig {
-                brokers: opts.brokers.clone(),
+                brokers: opts.mqtt.brokers(),
                 credentials,
                 ..kole_mqtt::CloudConfig::default()
             };
-            eprintln!("connecting to {} MQTT broker(s) for fleet {}", opts.brokers.len(), opts.fleet);
+            eprintln!("connecting to {} MQTT broker(s) for fleet {}", opts.mqtt.brokers().len(), opts.mqtt.fleet);
             Arc::new(kole_mqtt::MqttCloud::connect(topics, cfg).await?)
         };
         let (ev_tx, mut ev_rx) = mpsc::channel(8192);
@@ -387,4 +379,63 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = election.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Options::command().debug_assert();
+    }
+
+    /// The table at the top of this file: each flag, its environment variable and its default.
+    #[test]
+    fn flags_env_and_defaults_match_the_table() {
+        let table = [
+            ("kubeconfig", "KUBECONFIG", None),
+            ("namespace-snapshots", "KOLE_NAMESPACE", Some("kole-system")),
+            ("watch-namespace", "KOLE_WATCH_NAMESPACE", None),
+            ("lease", "KOLE_LEASE", Some("kole-fleet")),
+            ("identity", "KOLE_IDENTITY", Some(hostname().as_str())),
+            ("listen", "KOLE_LISTEN", Some("127.0.0.1:8080")),
+            ("heartbeat-ms", "KOLE_HEARTBEAT_MS", Some("30000")),
+            ("snapshot-interval-ms", "KOLE_SNAPSHOT_INTERVAL_MS", Some("60000")),
+            ("status-interval-ms", "KOLE_STATUS_INTERVAL_MS", Some("2000")),
+            ("simulate-nodes", "KOLE_SIMULATE_NODES", Some("0")),
+            ("broker", "KOLE_MQTT_BROKERS", None),
+            ("fleet", "KOLE_FLEET", Some("default")),
+            ("mqtt-user", "KOLE_MQTT_USER", None),
+            ("mqtt-password", "KOLE_MQTT_PASSWORD", None),
+        ]
+        .map(|(flag, env, default)| (flag.to_owned(), env.to_owned(), default.map(str::to_owned)));
+        let cmd = Options::command();
+        let actual: Vec<_> = cmd
+            .get_arguments()
+            .filter_map(|a| {
+                let env = a.get_env()?.to_str()?.to_owned();
+                let default = a.get_default_values().first().and_then(|d| d.to_str()).map(str::to_owned);
+                Some((a.get_long()?.to_owned(), env, default))
+            })
+            .collect();
+        for row in &table {
+            assert!(actual.contains(row), "{row:?} is not in {actual:?}");
+        }
+        assert_eq!(actual.len(), table.len(), "a flag is missing from the table: {actual:?}");
+    }
+
+    #[test]
+    fn parses_a_broker_list_and_refuses_unknown_flags() {
+        let parse =
+            |line: &str| Options::try_parse_from(std::iter::once("kole-controller").chain(line.split_whitespace()));
+        let o = parse("--simulate-nodes 1000 --broker mqtt://a:1,mqtt://b:2 --mqtt-user u --mqtt-password p")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((o.simulate_nodes, o.mqtt.brokers().len()), (1000, 2));
+        assert_eq!((o.login.mqtt_user.as_deref(), o.mqtt.mqtt_password.as_deref()), (Some("u"), Some("p")));
+        assert!(parse("--simulate-nodes").is_err());
+        assert!(parse("--heartbeat-ms 5000000000").is_err(), "out of range for u32");
+        assert!(parse("--typo 1").is_err());
+    }
 }

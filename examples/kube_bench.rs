@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use anyhow::Context as _;
+use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -87,11 +88,23 @@ fn node_object(fleet: &ReferenceFleet, i: usize) -> Node {
     n
 }
 
+/// Snapshot write and restore through a kube-apiserver, and LIST of Node objects against a restore.
+///
+/// The cluster is the one `KOLE_TEST_KUBECONFIG` names.
+#[derive(Debug, Parser)]
+#[command(name = "kube-bench")]
+struct Cli {
+    /// Reference nodes to snapshot and restore through the API server.
+    #[arg(default_value_t = 1_000_000)]
+    nodes: usize,
+    /// Node objects to LIST, against restoring as many nodes from a snapshot.
+    #[arg(default_value_t = 50_000)]
+    list_nodes: usize,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let nodes: usize = args.next().map_or(Ok(1_000_000), |a| a.parse())?;
-    let list_n: usize = args.next().map_or(Ok(50_000), |a| a.parse())?;
+    let Cli { nodes, list_nodes: list_n } = Cli::parse();
     let client = client().await?;
     let ns = "kole-bench";
     let nsapi: Api<Namespace> = Api::all(client.clone());
@@ -157,4 +170,25 @@ async fn main() -> anyhow::Result<()> {
         list / r_small
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_command_line() {
+        let cli = Cli::try_parse_from(["kube-bench", "1000000", "50000"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((cli.nodes, cli.list_nodes), (1_000_000, 50_000));
+        let cli = Cli::try_parse_from(["kube-bench"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((cli.nodes, cli.list_nodes), (1_000_000, 50_000));
+        assert!(Cli::try_parse_from(["kube-bench", "many"]).is_err());
+        assert!(Cli::try_parse_from(["kube-bench", "1", "2", "3"]).is_err());
+    }
 }

@@ -7,9 +7,10 @@
 //!     --broker mqtt://127.0.0.1:1883 --dry-run
 //! ```
 //!
-//! Options: `--name NODE` (required; also the MQTT user name and client id), `--labels k=v,...`,
-//! `--broker URL` (repeatable, the same list in the same order as the controller's; default
-//! `mqtt://127.0.0.1:1883`), `--fleet NAME` (default `default`), `--password P` (or env
+//! Options (`--help` lists them): `--name NODE` (required; also the MQTT user name and client id),
+//! `--labels k=v,...`, `--broker URL` (repeatable or a comma-separated list, the same list in the
+//! same order as the controller's; env `KOLE_MQTT_BROKERS`; default `mqtt://127.0.0.1:1883`),
+//! `--fleet NAME` (env `KOLE_FLEET`; default `default`), `--mqtt-password P` or `--password P` (env
 //! `KOLE_MQTT_PASSWORD`), `--state FILE` (default `kole-agent-{name}.state` in the temp dir),
 //! `--dry-run`, `--run-for SECS` (default: until Ctrl-C).
 
@@ -17,39 +18,56 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use kole_core::agent::driver::{DriverConfig, run_agent};
 use kole_core::agent::{
     Agent, AgentConfig, AgentIdentity, FileAgentStore, ProcessRuntime, RecordingRuntime, WorkloadRuntime, load_or_empty,
 };
 use kole_core::model::{Labels, NodeInfo, NodeName};
 use kole_core::protocol::Topics;
-use kole_examples::Flags;
+use kole_examples::BrokerArgs;
 use kole_mqtt::{BrokerAddr, MqttConnector, NodeConfig};
 use tokio::sync::watch;
 
-const SWITCHES: &[&str] = &["dry-run"];
-const OPTIONS: &[&str] = &["name", "labels", "broker", "fleet", "password", "state", "run-for"];
+/// A kole edge agent over MQTT: registers, heartbeats, runs the workloads the controller sends.
+#[derive(Debug, Parser)]
+#[command(name = "mqtt_agent")]
+struct Cli {
+    /// The node's name; also its MQTT user name and client id.
+    #[arg(long, value_name = "NODE")]
+    name: String,
+    /// The node's labels, `key=value,...`.
+    #[arg(long, value_name = "K=V,...")]
+    labels: Option<String>,
+    /// File the desired state is kept in [default: `kole-agent-{name}.state` in the temp dir].
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// Only record the workloads instead of running them as processes.
+    #[arg(long)]
+    dry_run: bool,
+    /// Stop after this many seconds [default: until Ctrl-C].
+    #[arg(long, value_name = "SECS")]
+    run_for: Option<u64>,
+    #[command(flatten)]
+    mqtt: BrokerArgs,
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let flags = Flags::parse(std::env::args().skip(1), SWITCHES, OPTIONS)?;
-    let name = NodeName::new(flags.get::<String>("name")?.ok_or("--name NODE is required")?)?;
+    let cli = Cli::parse();
+    let name = NodeName::new(cli.name)?;
     let mut labels = Labels::new();
-    if let Some(list) = flags.get::<String>("labels")? {
+    if let Some(list) = &cli.labels {
         for pair in list.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| format!("--labels: {pair:?} is not key=value"))?;
             labels.insert(k.trim(), v.trim())?;
         }
     }
-    let mut brokers = flags.all("broker").iter().map(|b| b.parse::<BrokerAddr>()).collect::<Result<Vec<_>, _>>()?;
-    if brokers.is_empty() {
-        brokers.push(BrokerAddr::tcp("127.0.0.1", 1883));
-    }
-    let fleet: String = flags.get("fleet")?.unwrap_or_else(|| "default".into());
-    let password = flags.get::<String>("password")?.or_else(|| std::env::var("KOLE_MQTT_PASSWORD").ok());
-    let state: PathBuf =
-        flags.get("state")?.unwrap_or_else(|| std::env::temp_dir().join(format!("kole-agent-{name}.state")));
-    let run_for: Option<u64> = flags.get("run-for")?;
+    let brokers = cli.mqtt.brokers_or(BrokerAddr::tcp("127.0.0.1", 1883));
+    let fleet = cli.mqtt.fleet;
+    let password = cli.mqtt.mqtt_password;
+    let state: PathBuf = cli.state.unwrap_or_else(|| std::env::temp_dir().join(format!("kole-agent-{name}.state")));
+    let run_for = cli.run_for;
 
     let store = FileAgentStore::new(&state);
     let (persisted, load_error) = load_or_empty(&store);
@@ -73,11 +91,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         name.clone(),
         NodeConfig { brokers: brokers.clone(), password, ..NodeConfig::default() },
     )?;
-    let mut runtime: Box<dyn WorkloadRuntime> = if flags.switch("dry-run") {
-        Box::new(RecordingRuntime::instant())
-    } else {
-        Box::new(ProcessRuntime::default())
-    };
+    let mut runtime: Box<dyn WorkloadRuntime> =
+        if cli.dry_run { Box::new(RecordingRuntime::instant()) } else { Box::new(ProcessRuntime::default()) };
     let list: Vec<String> = brokers.iter().map(ToString::to_string).collect();
     println!("{name}: agent of fleet {fleet} on {} (state in {})", list.join(", "), state.display());
 
@@ -97,4 +112,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();
     println!("{name}: stopped after {stats:?}; workloads: [{}]", running.join(", "));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mqtt_agent").chain(line.split_whitespace()))
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// The command lines of this file's docs, the README, `docs/mqtt.md` and `examples/mqtt_try.sh`.
+    #[test]
+    fn documented_command_lines_parse() {
+        for line in [
+            "--name edge-1 --labels tier=edge,site=lab --broker mqtt://127.0.0.1:1883 --dry-run",
+            "--name edge-1 --labels tier=cdn --broker mqtt://127.0.0.1:1884 --dry-run",
+            "--name edge-1 --labels tier=edge,site=lab-1 --broker mqtt://127.0.0.1:1884 --dry-run --state /tmp/e.state",
+            "--name edge-1 --password p --fleet prod --run-for 5",
+        ] {
+            if let Err(e) = parse(line) {
+                panic!("{line}: {e}");
+            }
+        }
+        let cli = parse("--name edge-1 --dry-run --run-for 5 --state /tmp/s").unwrap();
+        assert!(cli.dry_run);
+        assert_eq!((cli.run_for, cli.state), (Some(5), Some(PathBuf::from("/tmp/s"))));
+    }
+
+    #[test]
+    fn refuses_a_missing_name_unknown_flags_and_missing_values() {
+        assert!(parse("--dry-run").is_err(), "--name is required");
+        assert!(parse("--name n --typo 1").is_err());
+        assert!(parse("--name n --run-for").is_err());
+        assert!(parse("--name n --run-for soon").is_err());
+    }
 }

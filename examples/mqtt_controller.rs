@@ -10,52 +10,75 @@
 //!     --snapshots /var/lib/kole/snapshots --workload ./exporter.spec --workload-id edge/exporter --selector 'tier=edge'
 //! ```
 //!
-//! Options: `--broker URL` (repeatable; default `mqtt://127.0.0.1:1883`), `--embedded-broker`,
-//! `--fleet NAME` (default `default`), `--user NAME` and `--password P` (or env
-//! `KOLE_MQTT_PASSWORD`), `--snapshots DIR` (default a directory under the temp dir),
-//! `--workload FILE` (a process spec, see `ProcessRuntime`; default a built-in `sleep`),
-//! `--workload-id NS/NAME` (default `demo/sleeper`), `--selector EXPR` (default every node),
-//! `--version N` (default 1), `--apply-after SECS` (default 3: the demo shows a rollout to the
-//! nodes that registered by then; later nodes get the spec too), `--run-for SECS` (default: until
-//! Ctrl-C).
+//! Options (`--help` lists them): `--broker URL` (repeatable or a comma-separated list; env
+//! `KOLE_MQTT_BROKERS`; default `mqtt://127.0.0.1:1883`), `--embedded-broker`, `--fleet NAME` (env
+//! `KOLE_FLEET`; default `default`), `--mqtt-user NAME` or `--user NAME` (env `KOLE_MQTT_USER`) and
+//! `--mqtt-password P` or `--password P` (env `KOLE_MQTT_PASSWORD`), `--snapshots DIR` (default a
+//! directory under the temp dir), `--workload FILE` (a process spec, see `ProcessRuntime`; default
+//! a built-in `sleep`), `--workload-id NS/NAME` (default `demo/sleeper`), `--selector EXPR`
+//! (default every node), `--version N` (default 1), `--apply-after SECS` (default 3: the demo
+//! shows a rollout to the nodes that registered by then; later nodes get the spec too),
+//! `--run-for SECS` (default: until Ctrl-C).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use kole_core::cache::StateCache;
 use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
 use kole_core::engine::{EngineConfig, WorkloadCommand};
 use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
 use kole_core::protocol::Topics;
 use kole_core::snapshot::{DirSnapshotStore, RestoreLimits};
-use kole_examples::Flags;
+use kole_examples::{BrokerArgs, ControllerLoginArgs};
 use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, EmbeddedBroker, MqttCloud};
 use tokio::sync::{mpsc, watch};
-
-const SWITCHES: &[&str] = &["embedded-broker"];
-const OPTIONS: &[&str] = &[
-    "broker",
-    "fleet",
-    "user",
-    "password",
-    "snapshots",
-    "workload",
-    "workload-id",
-    "selector",
-    "version",
-    "apply-after",
-    "run-for",
-];
 
 /// The built-in demo workload: a process every agent can run.
 const DEMO_SPEC: &str = "sleep 3600\nrestart=always\n";
 
+/// A kole controller over MQTT: the engine, a directory snapshot store, one workload applied.
+// No `#[command(version)]`: `--version` is the workload's version here.
+#[derive(Debug, Parser)]
+#[command(name = "mqtt_controller")]
+struct Cli {
+    /// Start an MQTT broker in this process (its address is printed) instead of using `--broker`.
+    #[arg(long)]
+    embedded_broker: bool,
+    /// Directory of the snapshot store [default: `kole-controller-{fleet}` in the temp dir].
+    #[arg(long, value_name = "DIR")]
+    snapshots: Option<PathBuf>,
+    /// The workload's process spec (see `ProcessRuntime`) [default: a built-in `sleep`].
+    #[arg(long, value_name = "FILE")]
+    workload: Option<PathBuf>,
+    /// The workload's id.
+    #[arg(long, value_name = "NS/NAME", default_value = "demo/sleeper")]
+    workload_id: String,
+    /// Which nodes run the workload, a label selector [default: every node].
+    #[arg(long, value_name = "EXPR")]
+    selector: Option<String>,
+    /// The workload's version.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    version: u64,
+    /// Apply the workload this many seconds after the start: the demo shows a rollout to the nodes
+    /// registered by then (later nodes get the spec too).
+    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    apply_after: u64,
+    /// Stop after this many seconds [default: until Ctrl-C].
+    #[arg(long, value_name = "SECS")]
+    run_for: Option<u64>,
+    #[command(flatten)]
+    mqtt: BrokerArgs,
+    #[command(flatten)]
+    login: ControllerLoginArgs,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let flags = Flags::parse(std::env::args().skip(1), SWITCHES, OPTIONS)?;
-    let mut brokers = flags.all("broker").iter().map(|b| b.parse::<BrokerAddr>()).collect::<Result<Vec<_>, _>>()?;
-    let embedded = if flags.switch("embedded-broker") {
+    let cli = Cli::parse();
+    let mut brokers = cli.mqtt.brokers_or(BrokerAddr::tcp("127.0.0.1", 1883));
+    let embedded = if cli.embedded_broker {
         let broker = EmbeddedBroker::start(Default::default()).await?;
         println!("embedded broker listening on {}", broker.broker_addr());
         brokers = vec![broker.broker_addr()];
@@ -63,35 +86,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    if brokers.is_empty() {
-        brokers.push(BrokerAddr::tcp("127.0.0.1", 1883));
-    }
-    let fleet: String = flags.get("fleet")?.unwrap_or_else(|| "default".into());
-    let password = flags.get::<String>("password")?.or_else(|| std::env::var("KOLE_MQTT_PASSWORD").ok());
-    let credentials = match (flags.get::<String>("user")?, password) {
+    let fleet = cli.mqtt.fleet;
+    let credentials = match (cli.login.mqtt_user, cli.mqtt.mqtt_password) {
         (Some(username), Some(password)) => Some(Credentials { username, password }),
         (Some(username), None) => Some(Credentials { username, password: String::new() }),
         (None, _) => None,
     };
     let snapshots: PathBuf =
-        flags.get("snapshots")?.unwrap_or_else(|| std::env::temp_dir().join(format!("kole-controller-{fleet}")));
-    let spec = match flags.get::<PathBuf>("workload")? {
+        cli.snapshots.unwrap_or_else(|| std::env::temp_dir().join(format!("kole-controller-{fleet}")));
+    let spec = match cli.workload {
         Some(path) => std::fs::read(&path).map_err(|e| format!("reading the workload spec {}: {e}", path.display()))?,
         None => DEMO_SPEC.as_bytes().to_vec(),
     };
     let workload = Workload {
-        id: WorkloadId::new(flags.get::<String>("workload-id")?.unwrap_or_else(|| "demo/sleeper".into()))?,
-        version: flags.get("version")?.unwrap_or(1),
+        id: WorkloadId::new(cli.workload_id)?,
+        version: cli.version,
         spec,
-        selector: match flags.get::<String>("selector")? {
+        selector: match cli.selector {
             Some(s) => Selector::parse(&s)?,
             None => Selector::everything(),
         },
         delivery: Default::default(),
         rollout: RolloutStrategy::default(),
     };
-    let run_for: Option<u64> = flags.get("run-for")?;
-    let apply_after: u64 = flags.get("apply-after")?.unwrap_or(3);
+    let run_for = cli.run_for;
+    let apply_after = cli.apply_after;
 
     let topics = Topics::new(&fleet)?;
     let list: Vec<String> = brokers.iter().map(ToString::to_string).collect();
@@ -166,5 +185,46 @@ fn print_event(ev: &DriverEvent) {
         }
         DriverEvent::SnapshotFailed(e) => println!("snapshot failed: {e}"),
         DriverEvent::SendFailed(e) => println!("send failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mqtt_controller").chain(line.split_whitespace()))
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// The command lines of this file's docs, the README, `docs/mqtt.md` and `examples/mqtt_try.sh`.
+    #[test]
+    fn documented_command_lines_parse() {
+        for line in [
+            "--embedded-broker",
+            "--embedded-broker --snapshots /tmp/kole-ctl",
+            "--broker mqtt://10.0.0.1:1883 --broker mqtt://10.0.0.2:1883 --fleet prod --user kole-controller \
+             --snapshots /var/lib/kole/snapshots --workload ./exporter.spec --workload-id edge/exporter --selector tier=edge",
+        ] {
+            if let Err(e) = parse(line) {
+                panic!("{line}: {e}");
+            }
+        }
+        let cli = parse("--broker a:1,b:2 --user u --version 7 --apply-after 0 --run-for 9").unwrap();
+        assert_eq!(cli.mqtt.brokers().len(), 2);
+        assert_eq!(cli.login.mqtt_user.as_deref(), Some("u"));
+        assert_eq!((cli.version, cli.apply_after, cli.run_for), (7, 0, Some(9)));
+    }
+
+    #[test]
+    fn refuses_unknown_flags_and_missing_values() {
+        assert!(parse("--typo").is_err());
+        assert!(parse("--version").is_err(), "--version is the workload's version and takes a value");
+        assert!(parse("--apply-after soon").is_err());
     }
 }

@@ -16,7 +16,6 @@
 //! ```
 
 pub mod bench;
-pub mod cli;
 pub mod dataset;
 pub mod demo;
 pub mod mem;

@@ -2,216 +2,476 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
 
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use kole_core::snapshot::{Codec, DirSnapshotStore, RestoreLimits, SnapshotOptions, SnapshotStore};
+use kole_mqtt::BrokerAddr;
 use kole_sim::bench::{self, BenchConfig};
-use kole_sim::cli::{Args, UsageError};
 use kole_sim::dataset::ReferenceFleet;
+use kole_sim::demo::DemoConfig;
+use kole_sim::mqtt_bench::MqttBenchConfig;
+use kole_sim::per_node::PerNodeConfig;
 use kole_sim::report::thousands;
 
-const USAGE: &str = "\
-kole-sim: simulator and benchmark of kole on the reference fleet
+/// kole-sim: simulator and benchmark of kole on the reference fleet.
+#[derive(Debug, Parser)]
+#[command(name = "kole-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-USAGE:
-  kole-sim demo [--nodes N] [--mqtt-nodes M] [--seed S] [--dir D]
-      The quickstart. Part 1: M agents (default 10,000; 0 skips it) and one controller over MQTT
-      through the embedded broker: registration, a heartbeat from every node, one workload. Part 2:
-      a simulated fleet (default 100,000 nodes) registers with one controller over the in-process
-      network, a workload rolls out in waves, a new version starts, the controller crashes
-      mid-rollout and restarts from the directory snapshot store (a temporary directory unless
-      --dir), and the fleet converges. Prints a summary table.
-  kole-sim bench [--nodes N] [--codec gzip|lz4] [--seed S] [--batch B] [--max-chunk-bytes B] [--cache-only] [--json]
-      Measures cache memory per node, heartbeat decode+apply rate, snapshot write time, size and
-      chunk count, and restore time; then runs the engine with one agent per node over the in-process
-      network: registration, one heartbeat round, one workload delivered to every node, and a
-      controller restart from a snapshot (--cache-only skips this). Default 1,000,000 nodes.
-      With --json the last line is one JSON object.
-  kole-sim bench --transport mqtt [--broker mqtt://HOST:PORT] [--broker-pid PID] [--connections C]
-                 [--controller-connections K] [--wildcard-downlink] [--register-window W]
-                 [--controller-qos0] [--nodes N] [--seed S] [--json]
-      The engine behind the MQTT transport and the simulated nodes multiplexed over C connections
-      (default 8) to a real broker (the embedded one without --broker): registration, one heartbeat
-      from every node, one workload to every node; the controller's CPU time; the broker's peak RSS
-      when --broker-pid names a local broker process. Agents connect while fewer than W (default
-      50,000) registrations await their ack; --controller-qos0 subscribes the controller to the
-      uplink at QoS 0. Default 100,000 nodes. The broker must let
-      the bench's user publish on every node's uplink (no kole ACL).
-  kole-sim bench --transport mqtt --per-node [--nodes N] [--brokers K] [--workers W] [--connect-rate R]
-                 [--heartbeat-interval-ms MS] [--storm] [--mosquitto-dir DIR] [--json]
-      One real MQTT session per node (user name = node name, its own password): starts K Mosquitto
-      processes on loopback (password file, kole ACL) and W simulator processes of this binary,
-      the controller over the broker set; registration, every node's next heartbeat, one workload
-      to every node; with --storm, broker 0 is killed and restarted and the reconnect storm is
-      measured. Default 50,000 nodes, one broker per 12,500 and one simulator per 16,000 nodes.
-  kole-sim snapshot write --dir D [--nodes N] [--codec gzip|lz4] [--seed S] [--keep K]
-      Writes the reference fleet as the next snapshot generation in directory D.
-  kole-sim snapshot verify --dir D
-      Checks every chunk of every complete generation; exits non-zero on any fault.
-  kole-sim snapshot restore --dir D
-      Restores the newest good generation (falling back on faults) and prints what it used.
-";
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The quickstart: MQTT agents through the embedded broker, then a simulated fleet through a
+    /// rollout and a controller crash.
+    ///
+    /// Part 1: `--mqtt-nodes` agents and one controller over MQTT through the embedded broker:
+    /// registration, a heartbeat from every node, one workload. Part 2: a simulated fleet registers
+    /// with one controller over the in-process network, a workload rolls out in waves, a new
+    /// version starts, the controller crashes mid-rollout and restarts from the directory snapshot
+    /// store (a temporary directory unless `--dir`), and the fleet converges. Prints a summary
+    /// table.
+    Demo(DemoArgs),
+    /// Measures the cache, heartbeats, snapshots and the engine on the reference fleet; with
+    /// `--transport mqtt`, the engine over a real MQTT broker.
+    ///
+    /// `--transport memory` (the default, 1,000,000 nodes): cache memory per node, heartbeat
+    /// decode+apply rate, snapshot write time, size and chunk count, and restore time; then the
+    /// engine with one agent per node over the in-process network: registration, one heartbeat
+    /// round, one workload delivered to every node, and a controller restart from a snapshot
+    /// (`--cache-only` skips this).
+    ///
+    /// `--transport mqtt` (100,000 nodes): the engine behind the MQTT transport and the simulated
+    /// nodes multiplexed over `--connections` connections to a real broker (the embedded one
+    /// without `--broker`): registration, one heartbeat from every node, one workload to every
+    /// node; the controller's CPU time; the broker's peak RSS when `--broker-pid` names a local
+    /// broker process. The broker must let the bench's user publish on every node's uplink (no
+    /// kole ACL).
+    ///
+    /// `--transport mqtt --per-node` (50,000 nodes): one real MQTT session per node (user name =
+    /// node name, its own password): starts `--brokers` Mosquitto processes on loopback (password
+    /// file, kole ACL) and `--workers` simulator processes of this binary, the controller over the
+    /// broker set; registration, every node's next heartbeat, one workload to every node; with
+    /// `--storm`, broker 0 is killed and restarted and the reconnect storm is measured.
+    ///
+    /// With `--json` the last line is one JSON object.
+    Bench(BenchArgs),
+    /// Snapshot tools on a directory snapshot store.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// The worker process of `bench --transport mqtt --per-node` (not for direct use).
+    #[command(hide = true)]
+    Agents(AgentsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Nodes of the simulated fleet (part 2).
+    #[arg(long, value_parser = number::<usize>, default_value_t = DemoConfig::default().nodes)]
+    nodes: usize,
+    /// Agents over MQTT (part 1); 0 skips part 1.
+    #[arg(long, value_parser = number::<usize>, default_value_t = DemoConfig::default().mqtt_nodes)]
+    mqtt_nodes: usize,
+    /// Seed of the reference fleet.
+    #[arg(long, value_parser = number::<u64>, default_value_t = DemoConfig::default().seed)]
+    seed: u64,
+    /// Directory of the snapshot store [default: a fresh temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// Which network the bench's engine and nodes talk over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// The in-process network.
+    Memory,
+    /// A real MQTT broker.
+    Mqtt,
+}
+
+/// A snapshot codec, by its command-line name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CodecArg {
+    /// gzip (smaller).
+    Gzip,
+    /// LZ4 (faster).
+    Lz4,
+}
+
+impl From<CodecArg> for Codec {
+    fn from(c: CodecArg) -> Self {
+        match c {
+            CodecArg::Gzip => Codec::Gzip,
+            CodecArg::Lz4 => Codec::Lz4,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// The network between the engine and the nodes.
+    #[arg(long, value_enum, default_value_t = Transport::Memory)]
+    transport: Transport,
+    /// Nodes of the reference fleet [default: 1,000,000; 100,000 with `--transport mqtt`; 50,000
+    /// with `--per-node`].
+    #[arg(long, value_parser = number::<usize>)]
+    nodes: Option<usize>,
+    /// Seed of the reference fleet [default: 42].
+    #[arg(long, value_parser = number::<u64>)]
+    seed: Option<u64>,
+    /// Print the figures as one JSON object on the last line, too.
+    #[arg(long)]
+    json: bool,
+
+    // `--transport memory` only.
+    /// Snapshot codec.
+    #[arg(long, value_enum, default_value_t = CodecArg::Gzip, help_heading = "--transport memory")]
+    codec: CodecArg,
+    /// Heartbeats handed to the cache per batch, as a transport would deliver them.
+    #[arg(long, value_parser = number::<usize>, default_value_t = BenchConfig::default().batch, help_heading = "--transport memory")]
+    batch: usize,
+    /// Largest snapshot chunk, in bytes.
+    #[arg(long, value_parser = number::<usize>, default_value_t = BenchConfig::default().max_chunk_bytes, help_heading = "--transport memory")]
+    max_chunk_bytes: usize,
+    /// Measure the cache and snapshots only: skip the engine and agents.
+    #[arg(long, help_heading = "--transport memory")]
+    cache_only: bool,
+
+    // `--transport mqtt` only.
+    /// The broker, `mqtt://HOST:PORT` [default: an embedded broker in this process].
+    #[arg(long, help_heading = "--transport mqtt")]
+    broker: Option<BrokerAddr>,
+    /// Process id of a local external broker, to report its peak RSS.
+    #[arg(long, value_parser = number::<u32>, help_heading = "--transport mqtt")]
+    broker_pid: Option<u32>,
+    /// MQTT connections the simulated nodes share.
+    #[arg(long, value_parser = number::<usize>, default_value_t = MqttBenchConfig::default().connections, help_heading = "--transport mqtt")]
+    connections: usize,
+    /// The controller's connections to the broker.
+    #[arg(long, value_parser = number::<usize>, default_value_t = MqttBenchConfig::default().controller_connections, help_heading = "--transport mqtt")]
+    controller_connections: usize,
+    /// Subscribe the simulated nodes to one `down/node/+` wildcard instead of each node's own
+    /// downlink topic.
+    #[arg(long, help_heading = "--transport mqtt")]
+    wildcard_downlink: bool,
+    /// Most in-flight QoS 1 publishes per simulator connection.
+    #[arg(long, value_parser = number::<u16>, default_value_t = MqttBenchConfig::default().inflight, help_heading = "--transport mqtt")]
+    inflight: u16,
+    /// Agents connect while fewer than this many registrations await their ack.
+    #[arg(long, value_parser = number::<usize>, default_value_t = MqttBenchConfig::default().register_window, help_heading = "--transport mqtt")]
+    register_window: usize,
+    /// Subscribe the controller to the uplink at QoS 0 instead of 1.
+    #[arg(long, help_heading = "--transport mqtt")]
+    controller_qos0: bool,
+    /// Longest a phase may take before the bench gives up, in seconds [default: 600]
+    /// (`--transport mqtt`, with or without `--per-node`).
+    #[arg(long, value_parser = number::<u64>, help_heading = "--transport mqtt")]
+    phase_timeout: Option<u64>,
+    /// One real MQTT session per node, over Mosquitto processes this bench starts.
+    #[arg(long, help_heading = "--transport mqtt")]
+    per_node: bool,
+
+    // `--transport mqtt --per-node` only.
+    /// Mosquitto processes to start [default: one per 12,500 nodes].
+    #[arg(long, value_parser = number::<usize>, help_heading = "--transport mqtt --per-node")]
+    brokers: Option<usize>,
+    /// Simulator processes [default: one per 16,000 nodes].
+    #[arg(long, value_parser = number::<usize>, help_heading = "--transport mqtt --per-node")]
+    workers: Option<usize>,
+    /// New sessions per second, over all simulator processes.
+    #[arg(long, value_parser = number::<u32>, default_value_t = PerNodeConfig::for_nodes(0).connect_rate, help_heading = "--transport mqtt --per-node")]
+    connect_rate: u32,
+    /// Heartbeat interval the controller gives the nodes, in milliseconds.
+    #[arg(long, value_parser = number::<u32>, default_value_t = PerNodeConfig::for_nodes(0).heartbeat_interval_ms, help_heading = "--transport mqtt --per-node")]
+    heartbeat_interval_ms: u32,
+    /// Kill and restart broker 0 after the fleet converged, and measure the reconnect storm.
+    #[arg(long, help_heading = "--transport mqtt --per-node")]
+    storm: bool,
+    /// Directory of the `mosquitto` and `mosquitto_passwd` binaries [default: from `PATH`].
+    #[arg(long, help_heading = "--transport mqtt --per-node")]
+    mosquitto_dir: Option<PathBuf>,
+}
+
+/// The three bench modes; each flag applies to some of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BenchMode {
+    Memory,
+    Mqtt,
+    PerNode,
+}
+
+/// The flags (argument ids) that apply to some bench modes only; the rest apply to all.
+const MODE_FLAGS: &[(&str, &[BenchMode])] = {
+    use BenchMode::{Memory, Mqtt, PerNode};
+    &[
+        ("codec", &[Memory]),
+        ("batch", &[Memory]),
+        ("max_chunk_bytes", &[Memory]),
+        ("cache_only", &[Memory]),
+        ("broker", &[Mqtt]),
+        ("broker_pid", &[Mqtt]),
+        ("connections", &[Mqtt]),
+        ("controller_connections", &[Mqtt]),
+        ("wildcard_downlink", &[Mqtt]),
+        ("inflight", &[Mqtt]),
+        ("register_window", &[Mqtt]),
+        ("controller_qos0", &[Mqtt]),
+        ("phase_timeout", &[Mqtt, PerNode]),
+        ("per_node", &[PerNode]),
+        ("brokers", &[PerNode]),
+        ("workers", &[PerNode]),
+        ("connect_rate", &[PerNode]),
+        ("heartbeat_interval_ms", &[PerNode]),
+        ("storm", &[PerNode]),
+        ("mosquitto_dir", &[PerNode]),
+    ]
+};
+
+impl BenchArgs {
+    fn mode(&self) -> BenchMode {
+        match (self.transport, self.per_node) {
+            (Transport::Memory, _) => BenchMode::Memory,
+            (Transport::Mqtt, false) => BenchMode::Mqtt,
+            (Transport::Mqtt, true) => BenchMode::PerNode,
+        }
+    }
+
+    /// The first flag given on the command line that the chosen mode would ignore: refused, so a
+    /// typo'd or misplaced flag never silently changes nothing.
+    fn misplaced_flag(&self, matches: &ArgMatches) -> Option<String> {
+        let mode = self.mode();
+        MODE_FLAGS
+            .iter()
+            .find(|(id, modes)| !modes.contains(&mode) && matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|(id, _)| {
+                let mode = match mode {
+                    BenchMode::Memory => "--transport memory",
+                    BenchMode::Mqtt => "--transport mqtt",
+                    BenchMode::PerNode => "--transport mqtt --per-node",
+                };
+                format!("--{} does not apply to `bench {mode}`", id.replace('_', "-"))
+            })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Writes the reference fleet as the next snapshot generation in a directory.
+    Write(SnapshotWriteArgs),
+    /// Checks every chunk of every complete generation; exits non-zero on any fault.
+    Verify(SnapshotDirArgs),
+    /// Restores the newest good generation (falling back on faults) and prints what it used.
+    Restore(SnapshotDirArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotDirArgs {
+    /// Directory of the snapshot store.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotWriteArgs {
+    /// Directory of the snapshot store.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Nodes of the reference fleet.
+    #[arg(long, value_parser = number::<usize>, default_value_t = 100_000)]
+    nodes: usize,
+    /// Snapshot codec.
+    #[arg(long, value_enum, default_value_t = CodecArg::Gzip)]
+    codec: CodecArg,
+    /// Seed of the reference fleet.
+    #[arg(long, value_parser = number::<u64>, default_value_t = 42)]
+    seed: u64,
+    /// Generations to keep (at least 1).
+    #[arg(long, value_parser = number::<usize>, default_value_t = 2)]
+    keep: usize,
+}
+
+/// The flags `per_node` passes to each simulator process it spawns.
+#[derive(Debug, clap::Args)]
+struct AgentsArgs {
+    /// The fleet name (topic prefix level).
+    #[arg(long, default_value = "")]
+    fleet: String,
+    /// The broker set, comma-separated, in the controller's order.
+    #[arg(long, required = true, value_delimiter = ',')]
+    brokers: Vec<BrokerAddr>,
+    /// Reference fleet size.
+    #[arg(long, value_parser = number::<usize>, default_value_t = 0)]
+    nodes: usize,
+    /// Seed of the reference fleet.
+    #[arg(long, value_parser = number::<u64>, default_value_t = 42)]
+    seed: u64,
+    /// `I/K`: this process runs the nodes `n` with `n % K == I`.
+    #[arg(long, value_parser = slice, default_value = "0/1")]
+    slice: (usize, usize),
+    /// The run's credential secret.
+    #[arg(long, value_parser = number::<u64>, default_value_t = 0)]
+    secret: u64,
+    /// New sessions per second.
+    #[arg(long, value_parser = number::<u32>, default_value_t = 1_000)]
+    rate: u32,
+}
+
+/// A number, with `_` allowed as a digit separator (`--nodes 1_000_000`).
+fn number<T: FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.replace('_', "").parse().map_err(|e| format!("{e}"))
+}
+
+/// `I/K`, two numbers.
+fn slice(s: &str) -> Result<(usize, usize), String> {
+    let (i, k) = s.split_once('/').ok_or("expected I/K")?;
+    Ok((number(i)?, number(k)?))
+}
+
+/// Parses the command line, refusing bench flags that the chosen bench mode would ignore.
+fn parse(argv: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    let mut cmd = Cli::command();
+    let matches = cmd.try_get_matches_from_mut(argv)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
+    if let (Some(Command::Bench(args)), Some(m)) = (&cli.command, matches.subcommand_matches("bench"))
+        && let Some(msg) = args.misplaced_flag(m)
+    {
+        let mut bench = cmd.find_subcommand_mut("bench").cloned().unwrap_or_default();
+        return Err(bench.error(clap::error::ErrorKind::ArgumentConflict, msg));
+    }
+    Ok(cli)
+}
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(argv) {
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            if e.downcast_ref::<UsageError>().is_some() {
-                eprintln!("error: {e}\n\n{USAGE}");
-                ExitCode::from(2)
-            } else {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn run(argv: Vec<String>) -> AnyResult<ExitCode> {
-    let args = Args::parse(
-        argv,
-        &["json", "help", "cache-only", "wildcard-downlink", "per-node", "storm", "controller-qos0"],
-    )?;
-    if args.flag("help") || args.words.is_empty() {
-        print!("{USAGE}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let words: Vec<&str> = args.words.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["bench"] => cmd_bench(&args, 1_000_000),
-        ["demo"] => cmd_demo(&args),
-        ["agents"] => cmd_agents(&args),
-        ["snapshot", "write"] => cmd_snapshot_write(&args),
-        ["snapshot", "verify"] => cmd_snapshot_verify(&args),
-        ["snapshot", "restore"] => cmd_snapshot_restore(&args),
-        _ => Err(UsageError(format!("unknown command {:?}", args.words.join(" "))).into()),
+fn run(cli: Cli) -> AnyResult<ExitCode> {
+    match cli.command {
+        None => {
+            Cli::command().print_help()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Demo(args)) => cmd_demo(&args),
+        Some(Command::Bench(args)) => match args.mode() {
+            BenchMode::Memory => cmd_bench(&args),
+            BenchMode::Mqtt => cmd_bench_mqtt(&args),
+            BenchMode::PerNode => cmd_bench_per_node(&args),
+        },
+        Some(Command::Agents(args)) => cmd_agents(args),
+        Some(Command::Snapshot(SnapshotCommand::Write(args))) => cmd_snapshot_write(&args),
+        Some(Command::Snapshot(SnapshotCommand::Verify(args))) => cmd_snapshot_verify(&args.dir),
+        Some(Command::Snapshot(SnapshotCommand::Restore(args))) => cmd_snapshot_restore(&args.dir),
     }
 }
 
-fn codec_arg(args: &Args) -> AnyResult<Codec> {
-    let name: String = args.get("codec", "gzip".to_owned())?;
-    match name.as_str() {
-        "gzip" => Ok(Codec::Gzip),
-        "lz4" => Ok(Codec::Lz4),
-        _ => Err(UsageError(format!("--codec {name}: expected gzip or lz4")).into()),
-    }
-}
-
-fn cmd_bench(args: &Args, default_nodes: usize) -> AnyResult<ExitCode> {
-    match args.get_opt::<String>("transport")?.as_deref() {
-        None | Some("memory") => {}
-        Some("mqtt") => return cmd_bench_mqtt(args),
-        Some(t) => return Err(UsageError(format!("--transport {t}: expected memory or mqtt")).into()),
-    }
+fn cmd_bench(args: &BenchArgs) -> AnyResult<ExitCode> {
     let defaults = BenchConfig::default();
     let cfg = BenchConfig {
-        nodes: args.get("nodes", default_nodes)?,
-        seed: args.get("seed", defaults.seed)?,
-        codec: codec_arg(args)?,
-        batch: args.get("batch", defaults.batch)?,
-        max_chunk_bytes: args.get("max-chunk-bytes", defaults.max_chunk_bytes)?,
-        engine: !args.flag("cache-only"),
+        nodes: args.nodes.unwrap_or(defaults.nodes),
+        seed: args.seed.unwrap_or(defaults.seed),
+        codec: args.codec.into(),
+        batch: args.batch,
+        max_chunk_bytes: args.max_chunk_bytes,
+        engine: !args.cache_only,
     };
-    let json = args.flag("json");
-    args.reject_unknown()?;
     let started = std::time::Instant::now();
     let figures = bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
     println!("{}", bench::table(&figures));
-    if json {
+    if args.json {
         println!("{}", figures.to_json());
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `bench --transport mqtt`: see [`kole_sim::mqtt_bench`].
-fn cmd_bench_mqtt(args: &Args) -> AnyResult<ExitCode> {
-    use kole_sim::mqtt_bench::{self, MqttBenchConfig};
-    if args.flag("per-node") {
-        return cmd_bench_per_node(args);
-    }
+fn cmd_bench_mqtt(args: &BenchArgs) -> AnyResult<ExitCode> {
+    use kole_sim::mqtt_bench;
     let d = MqttBenchConfig::default();
     let cfg = MqttBenchConfig {
-        nodes: args.get("nodes", d.nodes)?,
-        seed: args.get("seed", d.seed)?,
-        broker: args.get_opt::<kole_mqtt::BrokerAddr>("broker")?,
-        broker_pid: args.get_opt("broker-pid")?,
-        connections: args.get("connections", d.connections)?,
-        controller_connections: args.get("controller-connections", d.controller_connections)?,
-        per_node_subscriptions: !args.flag("wildcard-downlink"),
-        inflight: args.get("inflight", d.inflight)?,
-        phase_timeout: std::time::Duration::from_secs(args.get("phase-timeout", d.phase_timeout.as_secs())?),
-        register_window: args.get("register-window", d.register_window)?,
-        controller_qos0: args.flag("controller-qos0"),
+        nodes: args.nodes.unwrap_or(d.nodes),
+        seed: args.seed.unwrap_or(d.seed),
+        broker: args.broker.clone(),
+        broker_pid: args.broker_pid,
+        connections: args.connections,
+        controller_connections: args.controller_connections,
+        per_node_subscriptions: !args.wildcard_downlink,
+        inflight: args.inflight,
+        phase_timeout: args.phase_timeout.map_or(d.phase_timeout, Duration::from_secs),
+        register_window: args.register_window,
+        controller_qos0: args.controller_qos0,
     };
-    let json = args.flag("json");
-    args.reject_unknown()?;
     let started = std::time::Instant::now();
     let figures = mqtt_bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
     println!("{}", mqtt_bench::table(&figures));
-    if json {
+    if args.json {
         println!("{}", figures.to_json());
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_bench_per_node(args: &Args) -> AnyResult<ExitCode> {
-    use kole_sim::per_node::{self, PerNodeConfig};
-    let nodes = args.get("nodes", 50_000usize)?;
+fn cmd_bench_per_node(args: &BenchArgs) -> AnyResult<ExitCode> {
+    use kole_sim::per_node;
+    let nodes = args.nodes.unwrap_or(50_000);
     let d = PerNodeConfig::for_nodes(nodes);
     let cfg = PerNodeConfig {
         nodes,
-        seed: args.get("seed", d.seed)?,
-        brokers: args.get("brokers", d.brokers)?,
-        workers: args.get("workers", d.workers)?,
-        connect_rate: args.get("connect-rate", d.connect_rate)?,
-        heartbeat_interval_ms: args.get("heartbeat-interval-ms", d.heartbeat_interval_ms)?,
-        storm: args.flag("storm"),
-        phase_timeout: std::time::Duration::from_secs(args.get("phase-timeout", d.phase_timeout.as_secs())?),
-        mosquitto_dir: args.get_opt::<PathBuf>("mosquitto-dir")?,
+        seed: args.seed.unwrap_or(d.seed),
+        brokers: args.brokers.unwrap_or(d.brokers),
+        workers: args.workers.unwrap_or(d.workers),
+        connect_rate: args.connect_rate,
+        heartbeat_interval_ms: args.heartbeat_interval_ms,
+        storm: args.storm,
+        phase_timeout: args.phase_timeout.map_or(d.phase_timeout, Duration::from_secs),
+        mosquitto_dir: args.mosquitto_dir.clone(),
     };
-    let json = args.flag("json");
-    args.reject_unknown()?;
     let started = std::time::Instant::now();
     let figures = per_node::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
     println!("{}", per_node::table(&figures));
-    if json {
+    if args.json {
         println!("{}", figures.to_json());
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The worker process of `bench --per-node` (not for direct use).
-fn cmd_agents(args: &Args) -> AnyResult<ExitCode> {
+fn cmd_agents(args: AgentsArgs) -> AnyResult<ExitCode> {
     use kole_sim::per_node::{self, WorkerConfig};
-    let slice: String = args.get("slice", "0/1".to_owned())?;
-    let (i, k) = slice.split_once('/').ok_or_else(|| UsageError(format!("--slice {slice}: expected I/K")))?;
-    let brokers: String = args.get("brokers", String::new())?;
+    let (slice, slices) = args.slice;
     let cfg = WorkerConfig {
-        fleet: args.get("fleet", String::new())?,
-        brokers: brokers.split(',').map(str::parse).collect::<Result<_, _>>()?,
-        nodes: args.get("nodes", 0usize)?,
-        seed: args.get("seed", 42u64)?,
-        slice: i.parse()?,
-        slices: k.parse()?,
-        secret: args.get("secret", 0u64)?,
-        rate: args.get("rate", 1_000u32)?,
+        fleet: args.fleet,
+        brokers: args.brokers,
+        nodes: args.nodes,
+        seed: args.seed,
+        slice,
+        slices,
+        secret: args.secret,
+        rate: args.rate,
     };
-    args.reject_unknown()?;
     per_node::worker(&cfg)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_demo(args: &Args) -> AnyResult<ExitCode> {
-    let defaults = kole_sim::demo::DemoConfig::default();
-    let cfg = kole_sim::demo::DemoConfig {
-        nodes: args.get("nodes", defaults.nodes)?,
-        seed: args.get("seed", defaults.seed)?,
-        dir: args.get_opt::<PathBuf>("dir")?,
-        mqtt_nodes: args.get("mqtt-nodes", defaults.mqtt_nodes)?,
-    };
-    args.reject_unknown()?;
+fn cmd_demo(args: &DemoArgs) -> AnyResult<ExitCode> {
+    let cfg = DemoConfig { nodes: args.nodes, seed: args.seed, dir: args.dir.clone(), mqtt_nodes: args.mqtt_nodes };
     kole_sim::demo::run(&cfg)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -220,21 +480,14 @@ fn runtime() -> AnyResult<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-fn dir_arg(args: &Args) -> AnyResult<PathBuf> {
-    args.get_opt::<PathBuf>("dir")?.ok_or_else(|| UsageError("--dir is required".into()).into())
-}
-
-fn cmd_snapshot_write(args: &Args) -> AnyResult<ExitCode> {
-    let dir = dir_arg(args)?;
-    let nodes: usize = args.get("nodes", 100_000)?;
-    let seed: u64 = args.get("seed", 42)?;
-    let codec = codec_arg(args)?;
-    let keep: usize = args.get("keep", 2)?;
-    args.reject_unknown()?;
+fn cmd_snapshot_write(args: &SnapshotWriteArgs) -> AnyResult<ExitCode> {
+    let SnapshotWriteArgs { dir, nodes, seed, keep, .. } = args;
+    let (nodes, seed, keep) = (*nodes, *seed, *keep);
+    let codec = Codec::from(args.codec);
     let fleet = ReferenceFleet::new(nodes, seed);
     let mut cache = kole_core::cache::NodeCache::with_capacity(nodes, 28);
     fleet.load_into(&mut cache)?;
-    let store = DirSnapshotStore::open(&dir)?;
+    let store = DirSnapshotStore::open(dir)?;
     let opts = SnapshotOptions { codec, keep_generations: keep.max(1), ..SnapshotOptions::default() };
     let manifest = runtime()?.block_on(kole_core::snapshot::write_snapshot(&store, &cache, &opts, fleet.now()))?;
     println!(
@@ -249,10 +502,8 @@ fn cmd_snapshot_write(args: &Args) -> AnyResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_snapshot_verify(args: &Args) -> AnyResult<ExitCode> {
-    let dir = dir_arg(args)?;
-    args.reject_unknown()?;
-    let store = DirSnapshotStore::open(&dir)?;
+fn cmd_snapshot_verify(dir: &std::path::Path) -> AnyResult<ExitCode> {
+    let store = DirSnapshotStore::open(dir)?;
     let limits = RestoreLimits::default();
     let rt = runtime()?;
     let manifests = rt.block_on(store.list_manifests())?;
@@ -284,10 +535,8 @@ fn cmd_snapshot_verify(args: &Args) -> AnyResult<ExitCode> {
     Ok(if faulty { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
-fn cmd_snapshot_restore(args: &Args) -> AnyResult<ExitCode> {
-    let dir = dir_arg(args)?;
-    args.reject_unknown()?;
-    let store = DirSnapshotStore::open(&dir)?;
+fn cmd_snapshot_restore(dir: &std::path::Path) -> AnyResult<ExitCode> {
+    let store = DirSnapshotStore::open(dir)?;
     let t = std::time::Instant::now();
     let restored = runtime()?.block_on(kole_core::snapshot::restore_latest(&store, &RestoreLimits::default()))?;
     let Some(r) = restored else {
@@ -305,4 +554,98 @@ fn cmd_snapshot_restore(args: &Args) -> AnyResult<ExitCode> {
         t.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(line: &str) -> Result<Cli, clap::Error> {
+        parse(std::iter::once("kole-sim").chain(line.split_whitespace()).map(Into::into))
+    }
+
+    fn bench(line: &str) -> BenchArgs {
+        match cli(line).unwrap().command {
+            Some(Command::Bench(b)) => b,
+            other => panic!("{line}: parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_numbers_with_separators_switches_and_key_value() {
+        let b = bench("bench --nodes 1_000_000 --json --codec=lz4");
+        assert_eq!(b.nodes, Some(1_000_000));
+        assert_eq!(b.codec, CodecArg::Lz4);
+        assert!(b.json);
+        assert_eq!(b.mode(), BenchMode::Memory);
+    }
+
+    #[test]
+    fn refuses_bad_unknown_and_missing_values() {
+        assert!(cli("bench --nodes many").is_err());
+        assert_eq!(cli("bench --typo 3").unwrap_err().kind(), clap::error::ErrorKind::UnknownArgument);
+        assert!(cli("bench --nodes").is_err());
+        assert!(cli("snapshot verify").is_err(), "--dir is required");
+        assert!(cli("bench --codec zip").is_err());
+    }
+
+    #[test]
+    fn refuses_flags_the_bench_mode_ignores() {
+        let err = |line: &str| cli(line).unwrap_err().kind();
+        use clap::error::ErrorKind::ArgumentConflict;
+        assert_eq!(err("bench --transport mqtt --cache-only"), ArgumentConflict);
+        assert_eq!(err("bench --broker mqtt://h:1"), ArgumentConflict);
+        assert_eq!(err("bench --transport mqtt --per-node --broker mqtt://h:1"), ArgumentConflict);
+        assert_eq!(err("bench --transport mqtt --storm"), ArgumentConflict);
+        assert_eq!(err("bench --per-node"), ArgumentConflict);
+        assert_eq!(bench("bench --transport memory --cache-only").mode(), BenchMode::Memory);
+    }
+
+    /// Every command line of the README, `docs/` and `.ci/run`.
+    #[test]
+    fn documented_command_lines_parse() {
+        for line in [
+            "demo",
+            "demo --nodes 20000",
+            "bench --nodes 1000000 --json",
+            "bench --nodes 20000 --json",
+            "bench --nodes 1000000 --codec lz4 --cache-only --json",
+            "bench --transport mqtt --nodes 10000",
+            "bench --transport mqtt --broker mqtt://HOST:1883 --nodes 1000000",
+            "bench --transport mqtt --broker mqtt://127.0.0.1:18841 --broker-pid 1234 --nodes 1000000 --json",
+            "bench --transport mqtt --per-node --nodes 50000 --storm",
+            "bench --transport mqtt --per-node --nodes 50000 --storm --json",
+            "bench --transport mqtt --per-node --nodes 3000 --brokers 2 --workers 2 --storm --phase-timeout 120 --json",
+            "snapshot write --dir /tmp/snap --nodes 1000000",
+            "snapshot verify --dir /tmp/snap",
+            "snapshot restore --dir /tmp/snap",
+        ] {
+            if let Err(e) = cli(line) {
+                panic!("{line}: {e}");
+            }
+        }
+        let b =
+            bench("bench --transport mqtt --per-node --nodes 3000 --brokers 2 --workers 2 --storm --phase-timeout 120");
+        assert_eq!(
+            (b.mode(), b.nodes, b.brokers, b.workers, b.storm, b.phase_timeout),
+            (BenchMode::PerNode, Some(3000), Some(2), Some(2), true, Some(120))
+        );
+    }
+
+    /// The argv `per_node` builds for each simulator process.
+    #[test]
+    fn parses_the_worker_command_line() {
+        let line = "agents --fleet f --brokers mqtt://127.0.0.1:1,mqtt://127.0.0.1:2 --nodes 3000 --seed 7 \
+                    --slice 1/2 --secret 99 --rate 500";
+        let Some(Command::Agents(a)) = cli(line).unwrap().command else { panic!("not the worker") };
+        assert_eq!((a.fleet.as_str(), a.brokers.len(), a.nodes, a.seed), ("f", 2, 3000, 7));
+        assert_eq!((a.slice, a.secret, a.rate), ((1, 2), 99, 500));
+        assert!(cli("agents --brokers mqtt://h:1 --slice 3").is_err());
+        assert!(!Cli::command().render_help().to_string().contains("\n  agents"), "the worker is hidden");
+    }
 }
