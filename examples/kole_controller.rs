@@ -300,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
         let cloud: Arc<dyn CloudTransport> = if opts.brokers.is_empty() {
             Arc::new(hub.cloud()?)
         } else {
-            let topics = kole_core::protocol::Topics::new(&opts.fleet)?;
+            let topics = kole_mqtt::Topics::new(&opts.fleet)?;
             let credentials = match (&opts.mqtt_user, &opts.mqtt_password) {
                 (Some(u), Some(p)) => Some(kole_mqtt::Credentials { username: u.clone(), password: p.clone() }),
                 _ => None,

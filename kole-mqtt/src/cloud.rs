@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kole_core::agent::Jitter;
 use kole_core::model::{mix64, stable_hash};
-use kole_core::protocol::{MessageKind, Topics, UplinkKind};
+use kole_core::protocol::{MessageKind, UplinkKind};
 use kole_core::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound, TransportError};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CloudConfig, broker_for};
 use crate::inbox::{Inbox, InboxSender};
+use crate::topics::Topics;
 use crate::{Error, Result, conn};
 
 /// The QoS of a downlink message, by the kind in its envelope (`docs/protocol.md` §4): QoS 0 for

@@ -8,9 +8,10 @@ use std::time::Duration;
 use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
 use kole_core::agent::{Jitter, RetryPolicy};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, mix64, stable_hash};
-use kole_core::protocol::{self, Message, Register, RegisterOutcome, Topics, UplinkKind};
+use kole_core::protocol::{self, Message, Register, RegisterOutcome, UplinkKind};
 use kole_core::snapshot::MemorySnapshotStore;
 use kole_core::transport::{NodePublish, NodeTransport};
+use kole_mqtt::Topics;
 use kole_mqtt::{CloudConfig, EmbeddedBroker, EmbeddedBrokerConfig, MqttNode, NodeConfig};
 
 fn cloud_cfg(broker: &EmbeddedBroker) -> CloudConfig {

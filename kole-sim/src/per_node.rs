@@ -30,8 +30,8 @@ use kole_core::agent::driver::{Connector, DriverConfig, run_agent};
 use kole_core::agent::{AgentConfig, MemoryAgentStore, RecordingRuntime};
 use kole_core::engine::EngineConfig;
 use kole_core::model::stable_hash;
-use kole_core::protocol::Topics;
 use kole_core::transport::{NodeTransport, TransportError};
+use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, MqttConnector, NodeConfig, broker_for};
 use tokio::sync::mpsc;
 

@@ -19,8 +19,8 @@ use std::fmt;
 
 use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, ValidationError, WorkloadState};
 
+use super::address::{GroupNameError, UplinkKind};
 use super::messages::{Direction, Message, MessageKind};
-use super::topics::{TopicError, UplinkKind};
 use super::wire;
 
 /// The protocol version this build speaks (envelope byte 0).
@@ -168,7 +168,7 @@ pub enum DecodeError {
         field: &'static str,
         /// The rule broken.
         #[source]
-        source: TopicError,
+        source: GroupNameError,
     },
     /// The body decoded with bytes left over.
     #[error("{kind}: {count} trailing bytes after the body")]

@@ -9,14 +9,14 @@ use std::fmt;
 use crate::cache::HeartbeatUpdate;
 use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
 
-use super::topics::{GroupName, UplinkKind};
+use super::address::{GroupName, UplinkKind};
 
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
-    /// Node → cloud, on the node's own `…/up/{node}/…` topics.
+    /// Node → cloud, on the node's own uplink addresses.
     Uplink,
-    /// Cloud → node(s), on `…/down/…` topics.
+    /// Cloud → node(s), on downlink addresses.
     Downlink,
 }
 

@@ -1,10 +1,11 @@
-//! The wire protocol: the versioned envelope, the messages, and the MQTT topic layout.
+//! The wire protocol: the versioned envelope, the messages, and the addressing types.
 //!
 //! Every payload is a 2-byte envelope (protocol version, message kind) followed by the message's
 //! postcard body; `docs/protocol.md` documents every byte. [`encode`] / [`encode_into`] write a
 //! [`Message`]; [`decode`] (or the direction-checking [`decode_uplink`], [`decode_downlink`] and
 //! [`decode_from_node`]) read one back under [`DecodeLimits`], never panicking on any input.
-//! [`topics`] renders and parses topics and the broker ACL templates.
+//! [`Destination`], [`UplinkKind`] and [`GroupName`] say where a message goes; a transport maps
+//! them to its own addresses (`kole_mqtt::Topics` renders MQTT topics and the broker ACLs).
 //!
 //! ```
 //! use kole_core::model::DesiredDigest;
@@ -17,9 +18,9 @@
 //! # Ok::<(), protocol::DecodeError>(())
 //! ```
 
+mod address;
 mod envelope;
 mod messages;
-pub mod topics;
 mod wire;
 
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub(crate) mod strategies;
 #[cfg(test)]
 mod tests;
 
+pub use address::{Destination, GroupName, GroupNameError, UplinkKind};
 pub use envelope::{
     DecodeError, DecodeLimits, HEADER_LEN, Limit, PROTOCOL_VERSION, RegisterRef, decode, decode_downlink,
     decode_from_node, decode_uplink, encode, encode_into, encode_register, peek_kind,
@@ -35,4 +37,3 @@ pub use messages::{
     Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
     RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
-pub use topics::{Destination, GroupName, TopicError, Topics, UplinkKind};

@@ -18,12 +18,12 @@ use crate::model::{
     RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
+use super::address::GroupName;
 use super::envelope::{DecodeError, DecodeLimits, Limit};
 use super::messages::{
     Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
     RegisterOutcome, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
-use super::topics::GroupName;
 
 // ---------------------------------------------------------------------------------------------
 // Shared pieces

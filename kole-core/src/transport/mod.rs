@@ -50,7 +50,7 @@ use async_trait::async_trait;
 use crate::model::NodeName;
 use crate::protocol::{DecodeError, DecodeLimits, Message, decode_downlink, decode_from_node};
 
-pub use crate::protocol::topics::{Destination, GroupName, UplinkKind};
+pub use crate::protocol::{Destination, GroupName, UplinkKind};
 
 /// Why a transport operation failed.
 #[derive(Debug, thiserror::Error)]

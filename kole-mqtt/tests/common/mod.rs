@@ -13,9 +13,9 @@ use kole_core::cache::{CacheStore, NodeCache, StateCache};
 use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
 use kole_core::engine::{Engine, EngineConfig, EngineStats, WorkloadCommand, WorkloadStatus};
 use kole_core::model::{Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId};
-use kole_core::protocol::Topics;
 use kole_core::snapshot::{MemorySnapshotStore, RestoreLimits};
 use kole_core::transport::CloudTransport;
+use kole_mqtt::Topics;
 use kole_mqtt::{CloudConfig, MqttCloud, MqttConnector, NodeConfig};
 use tokio::sync::{mpsc, watch};
 
