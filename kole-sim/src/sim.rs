@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::net::{NodeId, SimNetwork};
 use kole_core::agent::{
     Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState,
     RecordingRuntime,
@@ -27,7 +28,6 @@ use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, Workl
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp, Workload};
 use kole_core::protocol::{self, Message};
 use kole_core::transport::fault::FaultPlan;
-use kole_core::transport::sim::{NodeId, SimNetwork};
 use kole_core::transport::{Destination, NodeDelivery};
 
 use crate::dataset::ReferenceFleet;

@@ -41,7 +41,6 @@
 
 pub mod fault;
 pub mod memory;
-pub mod sim;
 
 use std::sync::Arc;
 
