@@ -11,7 +11,7 @@
 //!   fan-out to every broker, reconnect with jittered backoff and re-subscription.
 //! - [`MqttNode`] / [`MqttConnector`] — a node's side
 //!   ([`NodeTransport`](kole_core::transport::NodeTransport)) and the agent driver's
-//!   [`Connector`](kole_core::agent::driver::Connector).
+//!   [`Connector`](kole_core::transport::Connector).
 //! - [`CloudConfig`], [`NodeConfig`], [`BrokerAddr`], [`Credentials`] — settings with documented
 //!   defaults.
 //! - [`EmbeddedBroker`] (feature `embedded-broker`) — a broker on `127.0.0.1:0` for tests and demos.

@@ -33,39 +33,17 @@
 //! # }
 //! ```
 
-use std::sync::Arc;
-
-use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::model::{Timestamp, mix64};
-use crate::transport::{NodeTransport, TransportError};
+use crate::transport::{Connector, NodeTransport, TransportError};
 
 use super::backoff::{Jitter, RetryPolicy};
 use super::io::{AgentInput, AgentOutputs, GroupChange};
 use super::runtime::WorkloadRuntime;
 use super::state::{Agent, LinkState};
 use super::store::AgentStore;
-
-/// Opens a node transport. Object-safe; any
-/// `Fn() -> Result<Arc<dyn NodeTransport>, TransportError>` (e.g. around
-/// [`MemoryHub::connect`](crate::transport::memory::MemoryHub::connect)) is one.
-#[async_trait]
-pub trait Connector: Send + Sync {
-    /// Connects (a clean session).
-    async fn connect(&self) -> Result<Arc<dyn NodeTransport>, TransportError>;
-}
-
-#[async_trait]
-impl<F> Connector for F
-where
-    F: Fn() -> Result<Arc<dyn NodeTransport>, TransportError> + Send + Sync,
-{
-    async fn connect(&self) -> Result<Arc<dyn NodeTransport>, TransportError> {
-        self()
-    }
-}
 
 /// Driver settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -311,7 +289,7 @@ pub async fn run_agent(
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use super::*;
