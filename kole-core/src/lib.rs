@@ -30,5 +30,6 @@ pub mod cache;
 pub mod engine;
 pub mod model;
 pub mod protocol;
+pub mod rng;
 pub mod snapshot;
 pub mod transport;

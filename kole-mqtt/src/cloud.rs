@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kole_core::agent::Jitter;
 use kole_core::model::{mix64, stable_hash};
 use kole_core::protocol::{MessageKind, UplinkKind};
+use kole_core::rng::SplitMix64;
 use kole_core::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound, TransportError};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -145,7 +145,7 @@ impl MqttCloud {
                     counters: counters.clone(),
                     closed: closed.clone(),
                     reconnect: cfg.reconnect.clone(),
-                    jitter: Jitter::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
+                    jitter: SplitMix64::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
                     ready: Some(ready_tx.clone()),
                     up: up.clone(),
                 };
@@ -273,7 +273,7 @@ struct Link {
     counters: Arc<Counters>,
     closed: CancellationToken,
     reconnect: kole_core::agent::RetryPolicy,
-    jitter: Jitter,
+    jitter: SplitMix64,
     ready: Option<mpsc::Sender<()>>,
     up: Arc<AtomicBool>,
 }

@@ -490,7 +490,7 @@ impl Simulation {
     /// with virtual time advanced by `spread_ms`.
     pub fn reconnect_spread(&mut self, nodes: &[NodeId], spread_ms: u64, seed: u64) {
         let start = self.now_ms;
-        let mut jitter = kole_core::agent::Jitter::new(seed);
+        let mut jitter = kole_core::rng::SplitMix64::new(seed);
         let mut at: Vec<(u64, NodeId)> = nodes.iter().map(|&n| (start + jitter.below(spread_ms.max(1)), n)).collect();
         at.sort_unstable();
         for (t, n) in at {

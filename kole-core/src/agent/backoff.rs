@@ -1,10 +1,10 @@
-//! Jittered exponential backoff and the seeded generator behind every jitter of an agent.
+//! Jittered exponential backoff.
 //!
 //! Jitter must spread a fleet that acts together (a million agents registering after a broker
-//! restart) but must stay reproducible, so it comes from a tiny PRNG seeded by the caller (the
+//! restart) but must stay reproducible, so it comes from a [`SplitMix64`] seeded by the caller (the
 //! agent seeds it from its boot id and name), never from the OS.
 
-use crate::model::mix64;
+use crate::rng::SplitMix64;
 
 /// Bounded exponential backoff: attempt `n` waits about `min(max, initial × multiplierⁿ)`.
 ///
@@ -37,35 +37,10 @@ impl RetryPolicy {
     }
 
     /// The jittered wait before retry number `attempt`, in `[nominal / 2, nominal]`.
-    pub fn delay_ms(&self, attempt: u32, jitter: &mut Jitter) -> u64 {
+    pub fn delay_ms(&self, attempt: u32, jitter: &mut SplitMix64) -> u64 {
         let base = self.nominal_ms(attempt);
         let half = base / 2;
         half + jitter.below(base - half + 1)
-    }
-}
-
-/// A small deterministic generator (SplitMix64) for jitter. 8 bytes of state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Jitter(u64);
-
-impl Jitter {
-    /// A generator seeded with `seed` (equal seeds give equal sequences).
-    pub const fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix64(self.0)
-    }
-
-    /// A value in `0..bound` (0 when `bound` is 0). The modulo bias is irrelevant for jitter.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        if bound == 0 {
-            return 0;
-        }
-        self.next_u64() % bound
     }
 }
 
@@ -78,7 +53,7 @@ mod tests {
         let p = RetryPolicy::new(100, 5_000, 2.0);
         assert_eq!((0..8).map(|a| p.nominal_ms(a)).collect::<Vec<_>>(), [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(p.nominal_ms(u32::MAX), 5_000);
-        let mut j = Jitter::new(7);
+        let mut j = SplitMix64::new(7);
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..1_000 {
             let d = p.delay_ms(3, &mut j);
@@ -93,11 +68,11 @@ mod tests {
 
     #[test]
     fn jitter_is_reproducible_per_seed() {
-        let a: Vec<u64> = (0..4).scan(Jitter::new(1), |j, _| Some(j.next_u64())).collect();
-        let b: Vec<u64> = (0..4).scan(Jitter::new(1), |j, _| Some(j.next_u64())).collect();
-        let c: Vec<u64> = (0..4).scan(Jitter::new(2), |j, _| Some(j.next_u64())).collect();
+        let a: Vec<u64> = (0..4).scan(SplitMix64::new(1), |j, _| Some(j.next_u64())).collect();
+        let b: Vec<u64> = (0..4).scan(SplitMix64::new(1), |j, _| Some(j.next_u64())).collect();
+        let c: Vec<u64> = (0..4).scan(SplitMix64::new(2), |j, _| Some(j.next_u64())).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_eq!(Jitter::new(3).below(0), 0);
+        assert_eq!(SplitMix64::new(3).below(0), 0);
     }
 }

@@ -37,9 +37,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::model::{Timestamp, mix64};
+use crate::rng::SplitMix64;
 use crate::transport::{Connector, NodeTransport, TransportError};
 
-use super::backoff::{Jitter, RetryPolicy};
+use super::backoff::RetryPolicy;
 use super::io::{AgentInput, AgentOutputs, GroupChange};
 use super::runtime::WorkloadRuntime;
 use super::state::{Agent, LinkState};
@@ -240,7 +241,7 @@ pub async fn run_agent(
     config: &DriverConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> DriverStats {
-    let mut jitter = Jitter::new(mix64(u64::from(agent.boot_id()) ^ 0x6472_6976_6572));
+    let mut jitter = SplitMix64::new(mix64(u64::from(agent.boot_id()) ^ 0x6472_6976_6572));
     let mut d = Driver {
         agent,
         runtime,

@@ -68,7 +68,7 @@ pub mod driver;
 #[cfg(test)]
 mod tests;
 
-pub use backoff::{Jitter, RetryPolicy};
+pub use backoff::RetryPolicy;
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 pub use process::{
     MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError, RestartPolicy,

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use crate::model::{NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
 
-use super::backoff::{Jitter, RetryPolicy};
+use super::backoff::RetryPolicy;
 use super::runtime::WorkloadRuntime;
+use crate::rng::SplitMix64;
 
 /// When a process that exited is started again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -196,7 +197,7 @@ struct Proc {
 #[derive(Debug)]
 pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
-    jitter: Jitter,
+    jitter: SplitMix64,
     procs: BTreeMap<WorkloadId, Proc>,
 }
 
@@ -209,7 +210,7 @@ impl Default for ProcessRuntime {
 impl ProcessRuntime {
     /// A runtime with no processes.
     pub fn new(config: ProcessRuntimeConfig) -> Self {
-        Self { jitter: Jitter::new(config.seed), config, procs: BTreeMap::new() }
+        Self { jitter: SplitMix64::new(config.seed), config, procs: BTreeMap::new() }
     }
 
     /// The phase of a workload, as last determined.
