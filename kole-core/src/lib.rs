@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod cache;
+pub mod clock;
 pub mod engine;
 pub mod model;
 pub mod protocol;

@@ -91,9 +91,7 @@ struct Clock {
 
 impl Clock {
     fn new() -> Self {
-        let wall_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let wall_ms = crate::clock::wall_clock_now().as_millis();
         Self { wall_ms, start: Instant::now() }
     }
 
