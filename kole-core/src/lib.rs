@@ -26,6 +26,7 @@
 //! ```
 
 pub mod agent;
+pub mod backoff;
 pub mod cache;
 pub mod clock;
 pub mod engine;

@@ -272,7 +272,7 @@ struct Link {
     inbox: InboxSender<Inbound>,
     counters: Arc<Counters>,
     closed: CancellationToken,
-    reconnect: kole_core::agent::RetryPolicy,
+    reconnect: kole_core::backoff::Backoff,
     jitter: SplitMix64,
     ready: Option<mpsc::Sender<()>>,
     up: Arc<AtomicBool>,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
-use kole_core::agent::RetryPolicy;
+use kole_core::backoff::Backoff;
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, mix64, stable_hash};
 use kole_core::protocol::{self, Message, Register, RegisterOutcome, UplinkKind};
 use kole_core::rng::SplitMix64;
@@ -196,7 +196,7 @@ async fn controller_restart_restores_without_resending() {
 /// rate of a real reconnect storm is in docs/benchmarks.md.)
 #[test]
 fn reconnect_storm_is_spread_by_the_backoff() {
-    let policy = RetryPolicy::new(1_000, 60_000, 2.0); // the agent driver's default
+    let policy = Backoff::new(1_000, 60_000, 2.0); // the agent driver's default
     for attempt in 0..3 {
         let nominal = policy.nominal_ms(attempt);
         let bins = 10u64;

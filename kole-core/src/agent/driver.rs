@@ -40,25 +40,25 @@ use crate::model::{Timestamp, mix64};
 use crate::rng::SplitMix64;
 use crate::transport::{Connector, NodeTransport, TransportError};
 
-use super::backoff::RetryPolicy;
 use super::io::{AgentInput, AgentOutputs, GroupChange};
 use super::runtime::WorkloadRuntime;
 use super::state::{Agent, LinkState};
 use super::store::AgentStore;
+use crate::backoff::Backoff;
 
 /// Driver settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DriverConfig {
     /// Backoff between connection attempts (reset once the agent is registered). Default 1 s
     /// doubling to 60 s, jittered into `[d/2, d]`.
-    pub reconnect: RetryPolicy,
+    pub reconnect: Backoff,
     /// Most deliveries taken from the transport per receive. Default 256.
     pub max_batch: usize,
 }
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        Self { reconnect: RetryPolicy::new(1_000, 60_000, 2.0), max_batch: 256 }
+        Self { reconnect: Backoff::new(1_000, 60_000, 2.0), max_batch: 256 }
     }
 }
 
@@ -372,8 +372,7 @@ mod tests {
             async move {
                 let mut agent = agent("edge-1", 77, None);
                 let mut runtime = RecordingRuntime::new();
-                let config =
-                    DriverConfig { reconnect: RetryPolicy::new(1_000, 10_000, 2.0), ..DriverConfig::default() };
+                let config = DriverConfig { reconnect: Backoff::new(1_000, 10_000, 2.0), ..DriverConfig::default() };
                 let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
@@ -450,7 +449,7 @@ mod tests {
                 let persisted = store.load().unwrap();
                 let mut agent = agent("edge-2", 5, persisted);
                 let mut runtime = RecordingRuntime::new();
-                let config = DriverConfig { reconnect: RetryPolicy::new(100, 1_000, 2.0), ..DriverConfig::default() };
+                let config = DriverConfig { reconnect: Backoff::new(100, 1_000, 2.0), ..DriverConfig::default() };
                 let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
