@@ -292,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
         let cloud: Arc<dyn CloudTransport> = if opts.mqtt.brokers().is_empty() {
             Arc::new(hub.cloud()?)
         } else {
-            let topics = kole_core::protocol::Topics::new(&opts.mqtt.fleet)?;
+            let topics = kole_mqtt::Topics::new(&opts.mqtt.fleet)?;
             let credentials = match (&opts.login.mqtt_user, &opts.mqtt.mqtt_password) {
                 (Some(u), Some(p)) => Some(kole_mqtt::Credentials { username: u.clone(), password: p.clone() }),
                 _ => None,

@@ -24,8 +24,8 @@ use kole_core::agent::{
     Agent, AgentConfig, AgentIdentity, FileAgentStore, ProcessRuntime, RecordingRuntime, WorkloadRuntime, load_or_empty,
 };
 use kole_core::model::{Labels, NodeInfo, NodeName};
-use kole_core::protocol::Topics;
 use kole_examples::BrokerArgs;
+use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, MqttConnector, NodeConfig};
 use tokio::sync::watch;
 

@@ -29,9 +29,9 @@ use kole_core::cache::StateCache;
 use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
 use kole_core::engine::{EngineConfig, WorkloadCommand};
 use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
-use kole_core::protocol::Topics;
 use kole_core::snapshot::{DirSnapshotStore, RestoreLimits};
 use kole_examples::{BrokerArgs, ControllerLoginArgs};
+use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, EmbeddedBroker, MqttCloud};
 use tokio::sync::{mpsc, watch};
 

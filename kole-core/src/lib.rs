@@ -26,9 +26,12 @@
 //! ```
 
 pub mod agent;
+pub mod backoff;
 pub mod cache;
+pub mod clock;
 pub mod engine;
 pub mod model;
 pub mod protocol;
+pub mod rng;
 pub mod snapshot;
 pub mod transport;

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kole_core::agent::Jitter;
 use kole_core::model::{mix64, stable_hash};
-use kole_core::protocol::{MessageKind, Topics, UplinkKind};
+use kole_core::protocol::{MessageKind, UplinkKind};
+use kole_core::rng::SplitMix64;
 use kole_core::transport::{CloudTransport, Destination, Inbound, MessageTransport, Outbound, TransportError};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CloudConfig, broker_for};
 use crate::inbox::{Inbox, InboxSender};
+use crate::topics::Topics;
 use crate::{Error, Result, conn};
 
 /// The QoS of a downlink message, by the kind in its envelope (`docs/protocol.md` §4): QoS 0 for
@@ -144,7 +145,7 @@ impl MqttCloud {
                     counters: counters.clone(),
                     closed: closed.clone(),
                     reconnect: cfg.reconnect.clone(),
-                    jitter: Jitter::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
+                    jitter: SplitMix64::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
                     ready: Some(ready_tx.clone()),
                     up: up.clone(),
                 };
@@ -271,8 +272,8 @@ struct Link {
     inbox: InboxSender<Inbound>,
     counters: Arc<Counters>,
     closed: CancellationToken,
-    reconnect: kole_core::agent::RetryPolicy,
-    jitter: Jitter,
+    reconnect: kole_core::backoff::Backoff,
+    jitter: SplitMix64,
     ready: Option<mpsc::Sender<()>>,
     up: Arc<AtomicBool>,
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use kole_core::agent::RetryPolicy;
+use kole_core::backoff::Backoff;
 use rumqttc::QoS;
 
 use crate::Error;
@@ -178,7 +178,7 @@ pub struct CloudConfig {
     /// 2 s: the controller has only a few connections per broker, and while they are down the
     /// broker drops the uplink of every node that reconnected before them (clean sessions), so
     /// they come back first.
-    pub reconnect: RetryPolicy,
+    pub reconnect: Backoff,
     /// Per-connection MQTT settings. Default: [`ConnectionConfig::default`] with 4,096 QoS 1
     /// publishes in flight.
     pub connection: ConnectionConfig,
@@ -196,7 +196,7 @@ impl Default for CloudConfig {
             inbox_capacity: 262_144,
             outbox_capacity: 65_536,
             send_timeout: Duration::from_secs(5),
-            reconnect: RetryPolicy::new(100, 2_000, 2.0),
+            reconnect: Backoff::new(100, 2_000, 2.0),
             // Thousands of acks and catch-ups in flight: a busy broker's PUBACK latency must not
             // cap the controller's publish rate (256 in flight held it to a fraction of it).
             connection: ConnectionConfig { inflight: 4_096, ..ConnectionConfig::default() },

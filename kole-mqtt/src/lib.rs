@@ -1,7 +1,7 @@
 //! # kole-mqtt
 //!
 //! kole's transport over MQTT ([rumqttc](https://docs.rs/rumqttc), MQTT 3.1.1): both sides of
-//! [`kole_core::transport`], the topic layout of `docs/protocol.md` ([`topics`]) and, with the
+//! [`kole_core::transport`], the topic layout of `docs/protocol.md` and its broker ACLs ([`Topics`]) and, with the
 //! default feature `embedded-broker`, an in-process broker for zero-setup use.
 //!
 //! Entry points:
@@ -11,7 +11,7 @@
 //!   fan-out to every broker, reconnect with jittered backoff and re-subscription.
 //! - [`MqttNode`] / [`MqttConnector`] — a node's side
 //!   ([`NodeTransport`](kole_core::transport::NodeTransport)) and the agent driver's
-//!   [`Connector`](kole_core::agent::driver::Connector).
+//!   [`Connector`](kole_core::transport::Connector).
 //! - [`CloudConfig`], [`NodeConfig`], [`BrokerAddr`], [`Credentials`] — settings with documented
 //!   defaults.
 //! - [`EmbeddedBroker`] (feature `embedded-broker`) — a broker on `127.0.0.1:0` for tests and demos.
@@ -19,9 +19,8 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use kole_core::model::NodeName;
-//! use kole_core::protocol::Topics;
 //! use kole_core::transport::CloudTransport;
-//! use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, MqttCloud, MqttConnector, NodeConfig};
+//! use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, MqttCloud, MqttConnector, NodeConfig, Topics};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let topics = Topics::new("prod-eu")?;
@@ -60,6 +59,7 @@ mod conn;
 mod error;
 mod inbox;
 mod node;
+pub mod topics;
 
 #[cfg(feature = "embedded-broker")]
 pub use broker::{EmbeddedBroker, EmbeddedBrokerConfig};
@@ -69,6 +69,6 @@ pub use config::TlsSettings;
 pub use config::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, NodeConfig, broker_for};
 pub use conn::check_client_id;
 pub use error::{Error, Result};
-pub use kole_core::protocol::topics;
 pub use node::{MqttConnector, MqttNode, NodeStats, uplink_qos};
 pub use rumqttc::QoS;
+pub use topics::{MAX_PREFIX_LEN, TopicError, Topics};

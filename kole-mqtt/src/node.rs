@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use kole_core::agent::driver::Connector;
 use kole_core::model::NodeName;
-use kole_core::protocol::{GroupName, Topics, UplinkKind};
-use kole_core::transport::{MessageTransport, NodeDelivery, NodePublish, NodeTransport, TransportError};
+use kole_core::protocol::{GroupName, UplinkKind};
+use kole_core::transport::{Connector, MessageTransport, NodeDelivery, NodePublish, NodeTransport, TransportError};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NodeConfig, broker_for};
 use crate::inbox::{Inbox, InboxSender};
+use crate::topics::Topics;
 use crate::{Error, Result, conn};
 
 /// The QoS of each uplink kind (`docs/protocol.md` §4): status reports must arrive (QoS 1);

@@ -1,7 +1,7 @@
 //! The ACL templates shipped in `deploy/mqtt/` are exactly what `Topics` generates. Regenerate
 //! them with `KOLE_BLESS=1 cargo test -p kole-mqtt --test acl_files`.
 
-use kole_core::protocol::Topics;
+use kole_mqtt::Topics;
 
 const FLEET: &str = "default";
 const CONTROLLER: &str = "kole-controller";

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
-use kole_core::agent::{Jitter, RetryPolicy};
+use kole_core::backoff::Backoff;
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, mix64, stable_hash};
-use kole_core::protocol::{self, Message, Register, RegisterOutcome, Topics, UplinkKind};
+use kole_core::protocol::{self, Message, Register, RegisterOutcome, UplinkKind};
+use kole_core::rng::SplitMix64;
 use kole_core::snapshot::MemorySnapshotStore;
 use kole_core::transport::{NodePublish, NodeTransport};
+use kole_mqtt::Topics;
 use kole_mqtt::{CloudConfig, EmbeddedBroker, EmbeddedBrokerConfig, MqttNode, NodeConfig};
 use kole_tests::fixtures;
 
@@ -195,14 +197,14 @@ async fn controller_restart_restores_without_resending() {
 /// rate of a real reconnect storm is in docs/benchmarks.md.)
 #[test]
 fn reconnect_storm_is_spread_by_the_backoff() {
-    let policy = RetryPolicy::new(1_000, 60_000, 2.0); // the agent driver's default
+    let policy = Backoff::new(1_000, 60_000, 2.0); // the agent driver's default
     for attempt in 0..3 {
         let nominal = policy.nominal_ms(attempt);
         let bins = 10u64;
         let mut hist = vec![0u32; bins as usize];
         for i in 0..10_000u32 {
             let boot = stable_hash(3, format!("edge-{i:05}").as_bytes()) as u32;
-            let mut jitter = Jitter::new(mix64(u64::from(boot) ^ 0x6472_6976_6572));
+            let mut jitter = SplitMix64::new(mix64(u64::from(boot) ^ 0x6472_6976_6572));
             let d = policy.delay_ms(attempt, &mut jitter);
             assert!(d >= nominal / 2 && d <= nominal);
             let bin = ((d - nominal / 2) * bins / (nominal - nominal / 2 + 1)).min(bins - 1);

@@ -36,9 +36,10 @@ use common::{AgentHandle, Controller, bounded, restart_after_convergence, worklo
 use kole_core::cache::StateCache as _;
 use kole_core::engine::{RolloutPhase, WorkloadCommand};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRecord, wave_point};
-use kole_core::protocol::{self, Heartbeat, Message, NodeHealth, Register, RegisterOutcome, Topics, UplinkKind};
+use kole_core::protocol::{self, Heartbeat, Message, NodeHealth, Register, RegisterOutcome, UplinkKind};
 use kole_core::snapshot::MemorySnapshotStore;
 use kole_core::transport::{NodePublish, NodeTransport};
+use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, MqttNode, NodeConfig};
 
 struct Mosquitto {

@@ -28,6 +28,7 @@ use kole_core::model::{
     DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRegistration, Timestamp, WorkloadId, WorkloadPhase,
     WorkloadState, mix64,
 };
+use kole_core::rng::SplitMix64;
 
 /// The wall-clock "now" of the reference fleet (2026-09-21T…Z), fixed so runs are reproducible.
 pub const REFERENCE_NOW_SECS: u64 = 1_790_000_000;
@@ -88,16 +89,15 @@ pub struct ReferenceNode {
 }
 
 /// A small deterministic random stream for one node.
-struct Rng(u64);
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix64(self.0)
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+        self.0.below_by_multiply(n)
     }
 
     fn percent(&mut self) -> u32 {
@@ -156,7 +156,7 @@ impl ReferenceFleet {
     }
 
     fn rng(&self, i: usize, stream: u64) -> Rng {
-        Rng(mix64(self.seed ^ mix64(i as u64 ^ (stream << 48))))
+        Rng(SplitMix64::new(mix64(self.seed ^ mix64(i as u64 ^ (stream << 48)))))
     }
 
     /// Site of node `i`.
@@ -209,7 +209,7 @@ impl ReferenceFleet {
     /// Generates node `i` in full.
     pub fn node(&self, i: usize) -> ReferenceNode {
         let site = self.site(i);
-        let mut site_rng = Rng(mix64(self.seed ^ 0x5175_u64 ^ (site as u64) << 20));
+        let mut site_rng = Rng(SplitMix64::new(mix64(self.seed ^ 0x5175_u64 ^ (site as u64) << 20)));
         let mut r = self.rng(i, 4);
         let region = REGIONS[site % REGIONS.len()];
         let site_type = site_rng.below(SITE_TYPES.len() as u64) as usize;

@@ -2,7 +2,9 @@
 //!
 //! The simulator and benchmark of kole: the seeded [`dataset::ReferenceFleet`] every published
 //! figure is measured on, and the `kole-sim` binary (`kole-sim bench`, `kole-sim snapshot …`) that
-//! reproduces the KOLE paper's experiments.
+//! reproduces the KOLE paper's experiments. [`net::SimNetwork`] is the deterministic, virtual-time
+//! network that plays the broker for simulated fleets; [`sim::Simulation`] runs an engine and its
+//! agents over it.
 //!
 //! ```
 //! use kole_core::cache::{NodeCache, StateCache};
@@ -20,6 +22,7 @@ pub mod dataset;
 pub mod demo;
 pub mod mem;
 pub mod mqtt_bench;
+pub mod net;
 pub mod per_node;
 pub mod progress;
 pub mod report;

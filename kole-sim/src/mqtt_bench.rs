@@ -30,8 +30,9 @@ use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentInput, AgentOutputs,
 use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, EngineStats, Input, Outputs, RolloutPhase, WorkloadCommand};
 use kole_core::model::{NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId};
-use kole_core::protocol::{self, GroupName, Message, Topics};
+use kole_core::protocol::{self, GroupName, Message};
 use kole_core::transport::{CloudTransport, Destination, MessageTransport, NodeDelivery, TransportError};
+use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig, MqttCloud, uplink_qos};
 use rumqttc::{AsyncClient, ClientError, Event, EventLoop, MqttOptions, Packet, QoS, Request, SubscribeFilter};
 use tokio::sync::mpsc;

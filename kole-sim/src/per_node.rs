@@ -26,12 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kole_core::agent::driver::{Connector, DriverConfig, run_agent};
+use kole_core::agent::driver::{DriverConfig, run_agent};
 use kole_core::agent::{AgentConfig, MemoryAgentStore, RecordingRuntime};
 use kole_core::engine::EngineConfig;
 use kole_core::model::stable_hash;
-use kole_core::protocol::Topics;
+use kole_core::transport::Connector;
 use kole_core::transport::{NodeTransport, TransportError};
+use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, MqttConnector, NodeConfig, broker_for};
 use tokio::sync::mpsc;
 

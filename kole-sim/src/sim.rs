@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::net::{NodeId, SimNetwork};
 use kole_core::agent::{
     Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState,
     RecordingRuntime,
@@ -27,7 +28,6 @@ use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, Workl
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp, Workload};
 use kole_core::protocol::{self, Message};
 use kole_core::transport::fault::FaultPlan;
-use kole_core::transport::sim::{NodeId, SimNetwork};
 use kole_core::transport::{Destination, NodeDelivery};
 
 use crate::dataset::ReferenceFleet;
@@ -490,7 +490,7 @@ impl Simulation {
     /// with virtual time advanced by `spread_ms`.
     pub fn reconnect_spread(&mut self, nodes: &[NodeId], spread_ms: u64, seed: u64) {
         let start = self.now_ms;
-        let mut jitter = kole_core::agent::Jitter::new(seed);
+        let mut jitter = kole_core::rng::SplitMix64::new(seed);
         let mut at: Vec<(u64, NodeId)> = nodes.iter().map(|&n| (start + jitter.below(spread_ms.max(1)), n)).collect();
         at.sort_unstable();
         for (t, n) in at {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kole_core::agent::{ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, RetryPolicy, WorkloadRuntime};
+use kole_core::agent::{ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, WorkloadRuntime};
+use kole_core::backoff::Backoff;
 use kole_core::model::{NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
 use kole_core::snapshot::{DirSnapshotStore, Manifest, MemorySnapshotStore, SnapshotError, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
@@ -129,7 +130,7 @@ fn recording_runtime_keeps_the_contract() {
 fn process_runtime_keeps_the_contract() {
     let fresh = || {
         ProcessRuntime::new(ProcessRuntimeConfig {
-            restart_backoff: RetryPolicy::new(10, 40, 2.0),
+            restart_backoff: Backoff::new(10, 40, 2.0),
             inherit_output: false,
             seed: 1,
         })

@@ -14,7 +14,7 @@ use kole_core::model::Workload;
 use kole_core::model::{DesiredDigest, FailureThreshold, NodePhase, Selector, WorkloadId, WorkloadPhase, stable_hash};
 use kole_core::snapshot::{MemorySnapshotStore, RestoreLimits, SnapshotOptions, restore_latest, write_snapshot};
 use kole_core::transport::fault::FaultPlan;
-use kole_core::transport::sim::NodeId;
+use kole_sim::net::NodeId;
 use kole_sim::sim::{SimConfig, Simulation};
 
 /// Virtual-time bounds: generous, so only a real stall fails them.
@@ -426,7 +426,7 @@ fn broker_restart_mid_rollout_reconnects_and_converges() {
 #[derive(Debug, PartialEq)]
 struct Outcome {
     engine: kole_core::engine::EngineStats,
-    net: kole_core::transport::sim::SimStats,
+    net: kole_sim::net::SimStats,
     sim: kole_sim::sim::SimStats,
     now: u64,
     nodes: Vec<(DesiredDigest, u32, u32, LinkState, Vec<kole_core::model::WorkloadState>)>,

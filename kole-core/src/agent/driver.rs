@@ -33,53 +33,32 @@
 //! # }
 //! ```
 
-use std::sync::Arc;
-
-use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::model::{Timestamp, mix64};
-use crate::transport::{NodeTransport, TransportError};
+use crate::rng::SplitMix64;
+use crate::transport::{Connector, NodeTransport, TransportError};
 
-use super::backoff::{Jitter, RetryPolicy};
 use super::io::{AgentInput, AgentOutputs, GroupChange};
 use super::runtime::WorkloadRuntime;
 use super::state::{Agent, LinkState};
 use super::store::AgentStore;
-
-/// Opens a node transport. Object-safe; any
-/// `Fn() -> Result<Arc<dyn NodeTransport>, TransportError>` (e.g. around
-/// [`MemoryHub::connect`](crate::transport::memory::MemoryHub::connect)) is one.
-#[async_trait]
-pub trait Connector: Send + Sync {
-    /// Connects (a clean session).
-    async fn connect(&self) -> Result<Arc<dyn NodeTransport>, TransportError>;
-}
-
-#[async_trait]
-impl<F> Connector for F
-where
-    F: Fn() -> Result<Arc<dyn NodeTransport>, TransportError> + Send + Sync,
-{
-    async fn connect(&self) -> Result<Arc<dyn NodeTransport>, TransportError> {
-        self()
-    }
-}
+use crate::backoff::Backoff;
 
 /// Driver settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DriverConfig {
     /// Backoff between connection attempts (reset once the agent is registered). Default 1 s
     /// doubling to 60 s, jittered into `[d/2, d]`.
-    pub reconnect: RetryPolicy,
+    pub reconnect: Backoff,
     /// Most deliveries taken from the transport per receive. Default 256.
     pub max_batch: usize,
 }
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        Self { reconnect: RetryPolicy::new(1_000, 60_000, 2.0), max_batch: 256 }
+        Self { reconnect: Backoff::new(1_000, 60_000, 2.0), max_batch: 256 }
     }
 }
 
@@ -112,9 +91,7 @@ struct Clock {
 
 impl Clock {
     fn new() -> Self {
-        let wall_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let wall_ms = crate::clock::wall_clock_now().as_millis();
         Self { wall_ms, start: Instant::now() }
     }
 
@@ -262,7 +239,7 @@ pub async fn run_agent(
     config: &DriverConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> DriverStats {
-    let mut jitter = Jitter::new(mix64(u64::from(agent.boot_id()) ^ 0x6472_6976_6572));
+    let mut jitter = SplitMix64::new(mix64(u64::from(agent.boot_id()) ^ 0x6472_6976_6572));
     let mut d = Driver {
         agent,
         runtime,
@@ -311,7 +288,7 @@ pub async fn run_agent(
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use super::*;
@@ -395,8 +372,7 @@ mod tests {
             async move {
                 let mut agent = agent("edge-1", 77, None);
                 let mut runtime = RecordingRuntime::new();
-                let config =
-                    DriverConfig { reconnect: RetryPolicy::new(1_000, 10_000, 2.0), ..DriverConfig::default() };
+                let config = DriverConfig { reconnect: Backoff::new(1_000, 10_000, 2.0), ..DriverConfig::default() };
                 let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
@@ -473,7 +449,7 @@ mod tests {
                 let persisted = store.load().unwrap();
                 let mut agent = agent("edge-2", 5, persisted);
                 let mut runtime = RecordingRuntime::new();
-                let config = DriverConfig { reconnect: RetryPolicy::new(100, 1_000, 2.0), ..DriverConfig::default() };
+                let config = DriverConfig { reconnect: Backoff::new(100, 1_000, 2.0), ..DriverConfig::default() };
                 let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }

@@ -6,8 +6,8 @@ use crate::model::{Labels, NodeInfo, NodeName, Timestamp, Workload, WorkloadId, 
 use crate::protocol::{DecodeLimits, GroupName, Message, RejectCode};
 use crate::transport::{Destination, NodeDelivery, NodePublish};
 
-use super::backoff::RetryPolicy;
 use super::store::PersistedState;
+use crate::backoff::Backoff;
 
 /// Agent settings. Every interval is a field with a documented default. Share one `Arc` of it
 /// among all agents of a process (a simulator holds a million).
@@ -17,7 +17,7 @@ pub struct AgentConfig {
     /// (jittered into `[d/2, d]`): a registration is only lost with the controller's connection,
     /// while a short first retry turns a fleet registering at once into a storm of duplicates
     /// (measured: 1 s here doubled the messages of 1,000,000 nodes registering over Mosquitto).
-    pub register_retry: RetryPolicy,
+    pub register_retry: Backoff,
     /// Lower bound on the heartbeat interval an ack may set, in milliseconds (protects the
     /// broker from a misconfigured controller). Default 1,000.
     pub min_heartbeat_interval_ms: u32,
@@ -31,7 +31,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            register_retry: RetryPolicy::new(10_000, 300_000, 2.0),
+            register_retry: Backoff::new(10_000, 300_000, 2.0),
             min_heartbeat_interval_ms: 1_000,
             runtime_poll_ms: 1_000,
             decode_limits: DecodeLimits::default(),

@@ -55,7 +55,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod backoff;
 mod io;
 mod process;
 mod runtime;
@@ -68,7 +67,6 @@ pub mod driver;
 #[cfg(test)]
 mod tests;
 
-pub use backoff::{Jitter, RetryPolicy};
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 pub use process::{
     MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError, RestartPolicy,

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use crate::model::{NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
 
-use super::backoff::{Jitter, RetryPolicy};
 use super::runtime::WorkloadRuntime;
+use crate::backoff::Backoff;
+use crate::rng::SplitMix64;
 
 /// When a process that exited is started again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -142,7 +143,7 @@ impl ProcessSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcessRuntimeConfig {
     /// Backoff between restarts of a process that exited. Default 1 s doubling to 60 s.
-    pub restart_backoff: RetryPolicy,
+    pub restart_backoff: Backoff,
     /// Whether processes inherit the agent's stdout and stderr (else they go to `/dev/null`).
     /// Default true. Stdin is always closed.
     pub inherit_output: bool,
@@ -152,7 +153,7 @@ pub struct ProcessRuntimeConfig {
 
 impl Default for ProcessRuntimeConfig {
     fn default() -> Self {
-        Self { restart_backoff: RetryPolicy::new(1_000, 60_000, 2.0), inherit_output: true, seed: 0 }
+        Self { restart_backoff: Backoff::new(1_000, 60_000, 2.0), inherit_output: true, seed: 0 }
     }
 }
 
@@ -196,7 +197,7 @@ struct Proc {
 #[derive(Debug)]
 pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
-    jitter: Jitter,
+    jitter: SplitMix64,
     procs: BTreeMap<WorkloadId, Proc>,
 }
 
@@ -209,7 +210,7 @@ impl Default for ProcessRuntime {
 impl ProcessRuntime {
     /// A runtime with no processes.
     pub fn new(config: ProcessRuntimeConfig) -> Self {
-        Self { jitter: Jitter::new(config.seed), config, procs: BTreeMap::new() }
+        Self { jitter: SplitMix64::new(config.seed), config, procs: BTreeMap::new() }
     }
 
     /// The phase of a workload, as last determined.
@@ -399,7 +400,7 @@ mod tests {
 
     fn runtime() -> ProcessRuntime {
         ProcessRuntime::new(ProcessRuntimeConfig {
-            restart_backoff: RetryPolicy::new(10, 40, 2.0),
+            restart_backoff: Backoff::new(10, 40, 2.0),
             inherit_output: false,
             seed: 1,
         })

@@ -13,10 +13,10 @@ use crate::protocol::{
 };
 use crate::transport::{Destination, NodeDelivery, NodePublish};
 
-use super::backoff::Jitter;
 use super::io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 use super::runtime::WorkloadRuntime;
 use super::store::PersistedState;
+use crate::rng::SplitMix64;
 
 /// Where the agent stands with the cloud.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,7 +55,7 @@ pub struct Agent {
     /// Groups of the last accepting ack.
     groups: Box<[GroupName]>,
     applied: DesiredDigest,
-    jitter: Jitter,
+    jitter: SplitMix64,
     /// Next registration retry (Registering) or heartbeat (Registered), ms; `NEVER` when none.
     timer_at: u64,
     /// Next runtime poll, ms.
@@ -94,7 +94,7 @@ impl Agent {
             workloads: Vec::new(),
             groups: Box::default(),
             applied: DesiredDigest::EMPTY,
-            jitter: Jitter::new(seed),
+            jitter: SplitMix64::new(seed),
             timer_at: NEVER,
             poll_at: 0,
             last_restart_command: 0,

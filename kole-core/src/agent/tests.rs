@@ -6,6 +6,7 @@ mod e2e;
 use std::sync::Arc;
 
 use super::*;
+use crate::backoff::Backoff;
 use crate::model::{
     DesiredDigest, Labels, NodeInfo, NodeName, Selector, Timestamp, Workload, WorkloadId, WorkloadPhase, wave_point,
 };
@@ -144,11 +145,8 @@ impl Harness {
 
 #[test]
 fn registration_retries_with_jittered_backoff_until_accepted() {
-    let config = AgentConfig {
-        register_retry: RetryPolicy::new(1_000, 8_000, 2.0),
-        runtime_poll_ms: 0,
-        ..AgentConfig::default()
-    };
+    let config =
+        AgentConfig { register_retry: Backoff::new(1_000, 8_000, 2.0), runtime_poll_ms: 0, ..AgentConfig::default() };
     let mut h = Harness::with(config, "edge-1", &[], None);
     h.input(AgentInput::Connected);
     let Message::Register(reg) = &h.sent()[0] else { panic!("expected a registration") };

@@ -13,18 +13,7 @@ use crate::model::Timestamp;
 use crate::snapshot::{Manifest, RestoreFault, RestoreLimits, SnapshotError, SnapshotOptions, SnapshotStore};
 use crate::transport::{CloudTransport, TransportError};
 
-/// The wall clock the driver passes to the engine.
-pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
-
-/// The system clock.
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Timestamp::from_millis(ms)
-    })
-}
+pub use crate::clock::{Clock, system_clock};
 
 /// Driver settings, each with a documented default.
 #[derive(Clone, Debug)]

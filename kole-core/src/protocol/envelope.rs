@@ -17,10 +17,10 @@
 
 use crate::model::NodeName;
 
+use super::address::UplinkKind;
 use super::error::DecodeError;
 use super::limits::DecodeLimits;
 use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, RegisterRef};
-use super::topics::UplinkKind;
 use super::wire;
 
 /// Length of the envelope header (version and kind bytes).

@@ -2,9 +2,9 @@
 
 use crate::model::{NodeName, ValidationError};
 
+use super::address::{GroupNameError, UplinkKind};
 use super::limits::Limit;
 use super::messages::{Direction, MessageKind, PROTOCOL_VERSION};
-use super::topics::{TopicError, UplinkKind};
 
 /// Why bytes were not accepted as a message. Nothing was decoded when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,7 +76,7 @@ pub enum DecodeError {
         field: &'static str,
         /// The rule broken.
         #[source]
-        source: TopicError,
+        source: GroupNameError,
     },
     /// The body decoded with bytes left over.
     #[error("{kind}: {count} trailing bytes after the body")]

@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
 
-use super::topics::{GroupName, UplinkKind};
+use super::address::{GroupName, UplinkKind};
 
 /// The protocol version this build speaks (envelope byte 0).
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -16,9 +16,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
-    /// Node → cloud, on the node's own `…/up/{node}/…` topics.
+    /// Node → cloud, on the node's own uplink addresses.
     Uplink,
-    /// Cloud → node(s), on `…/down/…` topics.
+    /// Cloud → node(s), on downlink addresses.
     Downlink,
 }
 

@@ -1,10 +1,11 @@
-//! The wire protocol: the versioned envelope, the messages, and the MQTT topic layout.
+//! The wire protocol: the versioned envelope, the messages, and the addressing types.
 //!
 //! Every payload is a 2-byte envelope (protocol version, message kind) followed by the message's
 //! postcard body; `docs/protocol.md` documents every byte. [`encode`] / [`encode_into`] write a
 //! [`Message`]; [`decode`] (or the direction-checking [`decode_uplink`], [`decode_downlink`] and
 //! [`decode_from_node`]) read one back under [`DecodeLimits`], never panicking on any input.
-//! [`topics`] renders and parses topics and the broker ACL templates.
+//! [`Destination`], [`UplinkKind`] and [`GroupName`] say where a message goes; a transport maps
+//! them to its own addresses (`kole_mqtt::Topics` renders MQTT topics and the broker ACLs).
 //!
 //! ```
 //! use kole_core::model::DesiredDigest;
@@ -17,11 +18,11 @@
 //! # Ok::<(), protocol::DecodeError>(())
 //! ```
 
+mod address;
 mod envelope;
 mod error;
 mod limits;
 mod messages;
-pub mod topics;
 mod wire;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub(crate) mod strategies;
 #[cfg(test)]
 mod tests;
 
+pub use address::{Destination, GroupName, GroupNameError, UplinkKind};
 pub use envelope::{
     HEADER_LEN, decode, decode_downlink, decode_from_node, decode_uplink, encode, encode_into, encode_register,
     peek_kind,
@@ -39,4 +41,3 @@ pub use messages::{
     Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth, PROTOCOL_VERSION,
     Register, RegisterAck, RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
-pub use topics::{Destination, GroupName, TopicError, Topics, UplinkKind};

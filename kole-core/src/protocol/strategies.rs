@@ -9,11 +9,11 @@ use crate::model::{
     RolloutStrategy, Selector, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
+use super::address::GroupName;
 use super::messages::{
     Command, CommandKind, DesiredState, Heartbeat, Message, NodeHealth, Register, RegisterAck, RegisterOutcome,
     RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
-use super::topics::GroupName;
 
 const NAME: &str = "[A-Za-z0-9]([A-Za-z0-9._-]{0,40}[A-Za-z0-9])?";
 const SEGMENT: &str = "[a-z0-9]([a-z0-9._-]{0,20}[a-z0-9])?";

@@ -18,13 +18,13 @@ use crate::model::{
     RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
+use super::address::GroupName;
 use super::error::DecodeError;
 use super::limits::{DecodeLimits, Limit};
 use super::messages::{
     Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
     RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
-use super::topics::GroupName;
 
 // ---------------------------------------------------------------------------------------------
 // Shared pieces

@@ -8,8 +8,7 @@
 //! running message sequence and the receiving node), so a replay with the same seed and the same
 //! calls reproduces every drop, duplicate and delay exactly.
 //!
-//! [`SplitMix64`] is the small deterministic generator underneath, public for simulators that want
-//! their own seeded randomness (no `rand` crate).
+//! [`SplitMix64`](crate::rng::SplitMix64) is the deterministic generator underneath.
 //!
 //! ```
 //! use kole_core::transport::fault::{Direction, FaultPlan};
@@ -27,55 +26,7 @@
 use std::cmp::Ordering;
 
 use crate::model::mix64;
-
-/// SplitMix64: a tiny, fast, seeded pseudo-random generator with good statistical quality for
-/// simulations (not cryptographic). Every value depends only on the seed and how many came before.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-
-    /// A generator starting from `seed`.
-    pub const fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// The next 64 random bits.
-    #[inline]
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(Self::GAMMA);
-        mix64(self.state)
-    }
-
-    /// A uniform float in `[0, 1)` (53 random bits).
-    #[inline]
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// `true` with probability `p` (`p <= 0` or NaN: never; `p >= 1`: always).
-    #[inline]
-    pub fn chance(&mut self, p: f64) -> bool {
-        // `next_f64 < 1.0` always holds, so `p == 1.0` is always true and `p == 0.0` never.
-        self.next_f64() < p
-    }
-
-    /// A uniform integer in `lo..=hi` (`hi < lo` is read as `lo..=lo`).
-    #[inline]
-    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        match (hi - lo).checked_add(1) {
-            // The modulo bias is below 2^-40 for every span a simulation uses.
-            Some(span) => lo + self.next_u64() % span,
-            None => self.next_u64(),
-        }
-    }
-}
+use crate::rng::SplitMix64;
 
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -290,20 +241,5 @@ mod tests {
         }
         let dups = a.iter().filter(|f| f.duplicated).count();
         assert!((60..=160).contains(&dups), "{dups}");
-    }
-
-    #[test]
-    fn splitmix_is_deterministic_and_bounded() {
-        let mut a = SplitMix64::new(9);
-        let mut b = SplitMix64::new(9);
-        for _ in 0..100 {
-            assert_eq!(a.next_u64(), b.next_u64());
-            let x = a.between(5, 9);
-            assert!((5..=9).contains(&x));
-            b.between(5, 9);
-        }
-        assert_eq!(a.between(3, 1), 3);
-        a.between(0, u64::MAX);
-        assert!((0..1000).all(|_| !a.chance(0.0) && a.chance(1.0)));
     }
 }

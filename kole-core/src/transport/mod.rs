@@ -10,6 +10,7 @@
 //!   credentials).
 //! - [`NodeTransport`], an agent's side: [`publish`](NodeTransport::publish) its own uplink
 //!   messages, [`recv`](NodeTransport::recv) [`NodeDelivery`]s, and subscribe to groups.
+//!   A [`Connector`] opens one (again after every failure).
 //!
 //! Payloads are opaque bytes here; [`crate::protocol`] encodes and decodes them. The in-memory
 //! implementation is [`memory`]; `kole-mqtt` implements the traits over MQTT.
@@ -41,7 +42,6 @@
 
 pub mod fault;
 pub mod memory;
-pub mod sim;
 
 use std::sync::Arc;
 
@@ -50,7 +50,7 @@ use async_trait::async_trait;
 use crate::model::NodeName;
 use crate::protocol::{DecodeError, DecodeLimits, Message, decode_downlink, decode_from_node};
 
-pub use crate::protocol::topics::{Destination, GroupName, UplinkKind};
+pub use crate::protocol::{Destination, GroupName, UplinkKind};
 
 /// Why a transport operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -189,4 +189,24 @@ pub trait NodeTransport: MessageTransport {
 
     /// Unsubscribes from a group.
     async fn unsubscribe(&self, group: &GroupName) -> Result<(), TransportError>;
+}
+
+/// Opens a [`NodeTransport`]: the seam an agent driver (`agent::driver::run_agent`) connects
+/// and reconnects a node through. Object-safe; any
+/// `Fn() -> Result<Arc<dyn NodeTransport>, TransportError>` (e.g. around
+/// [`MemoryHub::connect`](memory::MemoryHub::connect)) is one.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// Connects (a clean session).
+    async fn connect(&self) -> Result<Arc<dyn NodeTransport>, TransportError>;
+}
+
+#[async_trait]
+impl<F> Connector for F
+where
+    F: Fn() -> Result<Arc<dyn NodeTransport>, TransportError> + Send + Sync,
+{
+    async fn connect(&self) -> Result<Arc<dyn NodeTransport>, TransportError> {
+        self()
+    }
 }

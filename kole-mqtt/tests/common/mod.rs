@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kole_core::agent::driver::{DriverConfig as AgentDriverConfig, DriverStats, run_agent};
-use kole_core::agent::{Agent, AgentConfig, MemoryAgentStore, RecordingRuntime, RetryPolicy};
+use kole_core::agent::{Agent, AgentConfig, MemoryAgentStore, RecordingRuntime};
+use kole_core::backoff::Backoff;
 use kole_core::cache::{CacheStore, NodeCache, StateCache};
 use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
 use kole_core::engine::{Engine, EngineConfig, EngineStats, WorkloadCommand, WorkloadStatus};
 use kole_core::model::{Timestamp, Workload, WorkloadId};
-use kole_core::protocol::Topics;
 use kole_core::snapshot::{MemorySnapshotStore, RestoreLimits};
 use kole_core::transport::CloudTransport;
+use kole_mqtt::Topics;
 use kole_mqtt::{CloudConfig, MqttCloud, MqttConnector, NodeConfig};
 use kole_tests::fixtures;
 use tokio::sync::{mpsc, watch};
@@ -182,7 +183,7 @@ impl AgentHandle {
         let node = identity.name.clone();
         let boot = (kole_core::model::stable_hash(7, name.as_bytes()) as u32).max(1);
         let agent_cfg = AgentConfig {
-            register_retry: RetryPolicy::new(500, 2_000, 2.0),
+            register_retry: Backoff::new(500, 2_000, 2.0),
             runtime_poll_ms: 200,
             ..AgentConfig::default()
         };
@@ -192,7 +193,7 @@ impl AgentHandle {
         let task = tokio::spawn(async move {
             let mut runtime = RecordingRuntime::new();
             let store = MemoryAgentStore::new();
-            let cfg = AgentDriverConfig { reconnect: RetryPolicy::new(200, 2_000, 2.0), max_batch: 256 };
+            let cfg = AgentDriverConfig { reconnect: Backoff::new(200, 2_000, 2.0), max_batch: 256 };
             let stats = run_agent(&mut agent, &connector, &mut runtime, &store, &cfg, shutdown).await;
             (agent, stats)
         });

@@ -1,7 +1,7 @@
 //! A synchronous, deterministic, virtual-time network that plays the MQTT broker for up to millions
 //! of simulated nodes in one process.
 //!
-//! [`SimNetwork`] is what a simulator drives instead of [`memory::MemoryHub`](super::memory::MemoryHub)
+//! [`SimNetwork`] is what a simulator drives instead of [`MemoryHub`](kole_core::transport::memory::MemoryHub)
 //! when the nodes are state machines rather than tasks: no async, no locks, no threads, no clock.
 //! Every call takes the virtual time `now`; messages become due at `now` plus the
 //! [`FaultPlan`]'s delay and are handed out by [`take_uplink`](SimNetwork::take_uplink) and
@@ -37,7 +37,7 @@
 //! ```
 //! use kole_core::model::{NodeName, Timestamp, WorkloadId};
 //! use kole_core::transport::fault::FaultPlan;
-//! use kole_core::transport::sim::SimNetwork;
+//! use kole_sim::net::SimNetwork;
 //! use kole_core::transport::{Destination, NodePublish, Outbound, UplinkKind};
 //!
 //! let mut net = SimNetwork::new(FaultPlan::default());
@@ -66,10 +66,13 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::mem::size_of;
 use std::sync::Arc;
 
-use crate::model::{NodeName, Timestamp, stable_hash};
+use kole_core::model::{NodeName, Timestamp, stable_hash};
+use kole_core::transport::fault::{Direction, Fate, FaultPlan};
+use kole_core::transport::{Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
 
-use super::fault::{Direction, Fate, FaultPlan, Timed};
-use super::{Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
+mod timed;
+
+use timed::Timed;
 
 /// A node of a [`SimNetwork`]: a dense index, `0..len`, in the order nodes were added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -1112,7 +1115,7 @@ impl Enqueue<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::WorkloadId;
+    use kole_core::model::WorkloadId;
 
     const T0: Timestamp = Timestamp(1_000);
 

@@ -27,107 +27,8 @@
 
 use std::fmt::{self, Write as _};
 
-use serde::Serialize;
-
-use crate::model::{NodeName, ValidationError, WorkloadId, truncate_for_error, validate_node_name};
-
-/// The uplink message kinds, one topic each (`…/up/{node}/{kind}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum UplinkKind {
-    /// `Register`, on `…/up/{node}/register`.
-    Register,
-    /// `Heartbeat`, on `…/up/{node}/hb`.
-    Heartbeat,
-    /// `StatusReport`, on `…/up/{node}/status`.
-    Status,
-}
-
-impl UplinkKind {
-    /// Every uplink kind.
-    pub const ALL: [UplinkKind; 3] = [UplinkKind::Register, UplinkKind::Heartbeat, UplinkKind::Status];
-
-    /// The topic level naming this kind.
-    pub const fn topic_segment(self) -> &'static str {
-        match self {
-            UplinkKind::Register => "register",
-            UplinkKind::Heartbeat => "hb",
-            UplinkKind::Status => "status",
-        }
-    }
-
-    /// The kind named by a topic level.
-    pub fn from_topic_segment(segment: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.topic_segment() == segment)
-    }
-}
-
-impl fmt::Display for UplinkKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.topic_segment())
-    }
-}
-
-/// A validated group name: a set of nodes addressed by one topic.
-///
-/// Same rules as [`NodeName`] (1 to 128 bytes of `[A-Za-z0-9._-]`, starting and ending with a
-/// letter or digit), so a group name is always exactly one topic level.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct GroupName(String);
-
-impl GroupName {
-    /// Validates `name` and wraps it.
-    pub fn new(name: impl Into<String>) -> Result<Self, TopicError> {
-        let name = name.into();
-        check_name("group name", &name)?;
-        Ok(Self(name))
-    }
-
-    /// The name as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for GroupName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for GroupName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-impl AsRef<str> for GroupName {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<&str> for GroupName {
-    type Error = TopicError;
-    fn try_from(value: &str) -> Result<Self, Self::Error> {
-        Self::new(value)
-    }
-}
-
-/// Where a downlink message goes: one node, a group, the fleet, or a retained spec topic.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Destination {
-    /// One node: `{base}/down/node/{node}`.
-    Node(NodeName),
-    /// Every node subscribed to the group: `{base}/down/group/{group}`.
-    Group(GroupName),
-    /// Every node of the fleet: `{base}/down/all`.
-    Fleet,
-    /// The fleet-wide spec topic of one workload: `{base}/down/spec/{ns}/{name}` (retained).
-    WorkloadSpec(WorkloadId),
-    /// A group's spec topic of one workload: `{base}/down/group/{group}/spec/{ns}/{name}` (retained).
-    GroupWorkloadSpec(GroupName, WorkloadId),
-}
+use kole_core::model::{NodeName, ValidationError, WorkloadId, validate_node_name};
+use kole_core::protocol::{Destination, GroupName, GroupNameError, UplinkKind};
 
 /// A topic, name or ACL input that breaks the layout's rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,8 +79,27 @@ pub enum TopicError {
     },
 }
 
+impl From<GroupNameError> for TopicError {
+    fn from(e: GroupNameError) -> Self {
+        TopicError::InvalidName { what: "group name", name: e.name, reason: e.reason }
+    }
+}
+
 /// Longest accepted prefix, in bytes.
 pub const MAX_PREFIX_LEN: usize = 256;
+
+/// Keeps error messages bounded when the offending input is huge (the same cut as kole-core's).
+fn truncate_for_error(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
 
 fn check_name(what: &'static str, name: &str) -> Result<(), TopicError> {
     validate_node_name(name).map_err(|e| {
@@ -298,10 +218,7 @@ impl Topics {
         let node = |n: &str| {
             NodeName::new(n).map_err(|source| TopicError::InvalidNode { topic: truncate_for_error(topic), source })
         };
-        let group = |g: &str| {
-            check_name("group name", g)?;
-            Ok::<_, TopicError>(GroupName(g.to_owned()))
-        };
+        let group = |g: &str| GroupName::new(g).map_err(TopicError::from);
         let spec = |ns: &str, name: &str| {
             let id = if ns == "_" { WorkloadId::new(name) } else { WorkloadId::new(format!("{ns}/{name}")) };
             id.map_err(|source| TopicError::InvalidWorkload { topic: truncate_for_error(topic), source })
@@ -416,7 +333,28 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::protocol::strategies::{group_name, node_name, workload_id};
+
+    // The valid-by-construction names of kole-core's protocol strategies (test builds only there).
+    const NAME: &str = "[A-Za-z0-9]([A-Za-z0-9._-]{0,40}[A-Za-z0-9])?";
+    const SEGMENT: &str = "[a-z0-9]([a-z0-9._-]{0,20}[a-z0-9])?";
+
+    fn node_name() -> impl Strategy<Value = NodeName> {
+        prop_oneof![
+            9 => NAME.prop_map(|s| NodeName::new(s).unwrap()),
+            1 => "[a-z0-9]{128}".prop_map(|s| NodeName::new(s).unwrap()),
+        ]
+    }
+
+    fn group_name() -> impl Strategy<Value = GroupName> {
+        NAME.prop_map(|s| GroupName::new(s).unwrap())
+    }
+
+    fn workload_id() -> impl Strategy<Value = WorkloadId> {
+        (SEGMENT, proptest::option::of(SEGMENT)).prop_map(|(a, b)| match b {
+            Some(b) => WorkloadId::new(format!("{a}/{b}")).unwrap(),
+            None => WorkloadId::new(a).unwrap(),
+        })
+    }
 
     fn topics() -> Topics {
         Topics::new("prod-eu").unwrap()

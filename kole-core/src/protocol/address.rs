@@ -1,0 +1,139 @@
+//! Addressing: where a message goes and which uplink it is, independent of any broker.
+//!
+//! A transport maps these to its own addresses: `kole-mqtt` renders them as MQTT topics
+//! (`kole_mqtt::Topics`), the in-memory transport routes on them directly. Node names, group
+//! names and workload ids share one character set (`[A-Za-z0-9._-]`, starting and ending
+//! alphanumeric), so every transport can use a name as one address level as it is.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::model::{NodeName, ValidationError, WorkloadId, truncate_for_error, validate_node_name};
+
+/// The uplink message kinds a node publishes, each on its own address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UplinkKind {
+    /// `Register` (address level `register`).
+    Register,
+    /// `Heartbeat` (address level `hb`).
+    Heartbeat,
+    /// `StatusReport` (address level `status`).
+    Status,
+}
+
+impl UplinkKind {
+    /// Every uplink kind.
+    pub const ALL: [UplinkKind; 3] = [UplinkKind::Register, UplinkKind::Heartbeat, UplinkKind::Status];
+
+    /// The address level naming this kind (a transport's topic or route segment).
+    pub const fn topic_segment(self) -> &'static str {
+        match self {
+            UplinkKind::Register => "register",
+            UplinkKind::Heartbeat => "hb",
+            UplinkKind::Status => "status",
+        }
+    }
+
+    /// The kind named by an address level.
+    pub fn from_topic_segment(segment: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.topic_segment() == segment)
+    }
+}
+
+impl fmt::Display for UplinkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.topic_segment())
+    }
+}
+
+/// A group name that breaks the name rules of [`GroupName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid group name {name:?}: {reason}")]
+pub struct GroupNameError {
+    /// The offending name (truncated).
+    pub name: String,
+    /// The rule it breaks.
+    pub reason: &'static str,
+}
+
+/// A validated group name: a set of nodes addressed by one destination.
+///
+/// Same rules as [`NodeName`] (1 to 128 bytes of `[A-Za-z0-9._-]`, starting and ending with a
+/// letter or digit), so a group name is always exactly one address level.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct GroupName(String);
+
+impl GroupName {
+    /// Validates `name` and wraps it.
+    pub fn new(name: impl Into<String>) -> Result<Self, GroupNameError> {
+        let name = name.into();
+        validate_node_name(&name).map_err(|e| {
+            let reason = match e {
+                ValidationError::NodeName { reason, .. } => reason,
+                _ => "invalid",
+            };
+            GroupNameError { name: truncate_for_error(&name), reason }
+        })?;
+        Ok(Self(name))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl AsRef<str> for GroupName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for GroupName {
+    type Error = GroupNameError;
+    fn try_from(value: &str) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+/// Where a downlink message goes: one node, a group, the fleet, or a retained spec address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Destination {
+    /// One node.
+    Node(NodeName),
+    /// Every node subscribed to the group.
+    Group(GroupName),
+    /// Every node of the fleet.
+    Fleet,
+    /// The fleet-wide spec address of one workload (retained).
+    WorkloadSpec(WorkloadId),
+    /// A group's spec address of one workload (retained).
+    GroupWorkloadSpec(GroupName, WorkloadId),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_names_follow_the_node_name_rules() {
+        for g in ["", "a/b", "+", "#", "-x", "a b"] {
+            assert!(GroupName::new(g).is_err(), "{g:?}");
+        }
+        assert_eq!(GroupName::new("site-17").unwrap().as_str(), "site-17");
+    }
+}
