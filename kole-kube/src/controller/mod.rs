@@ -74,10 +74,7 @@ where
 }
 
 fn now() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    Timestamp::from_millis(ms)
+    kole_core::clock::wall_clock_now()
 }
 
 /// What the workload controller last handed the engine for one workload, read by its status writer.

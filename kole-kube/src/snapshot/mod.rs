@@ -17,9 +17,11 @@
 //! with an error naming the object.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use async_trait::async_trait;
+use kole_core::backoff::{Backoff, Jitter};
+use kole_core::clock::wall_clock_now;
+use kole_core::rng::SplitMix64;
 use kole_core::snapshot::{Manifest, SnapshotError, SnapshotStore};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
@@ -33,36 +35,23 @@ pub const STORE_LABEL: &str = "kole.dev/snapshot-store";
 /// Label holding a chunk's generation.
 pub const GENERATION_LABEL: &str = "kole.dev/generation";
 
-/// How calls to the apiserver are retried.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
+/// How calls to the apiserver are retried: how many attempts, spaced by kole's one [`Backoff`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiRetry {
     /// Attempts per call, the first included. Default 8.
     pub max_attempts: u32,
-    /// Delay before the first retry; doubles each time. Default 100 ms.
-    pub initial_backoff: Duration,
-    /// Longest delay between retries. Default 5 s.
-    pub max_backoff: Duration,
+    /// The waits between attempts. Default 100 ms doubling to 5 s, each up to 25% longer at random.
+    pub backoff: Backoff,
 }
 
-impl Default for RetryPolicy {
+impl Default for ApiRetry {
     fn default() -> Self {
-        Self { max_attempts: 8, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) }
-    }
-}
-
-impl RetryPolicy {
-    /// The delay before retry number `attempt` (1-based), with up to 25% jitter.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.initial_backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let base = base.min(self.max_backoff);
-        // Cheap jitter without a random-number dependency: the clock's nanoseconds.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+        Self { max_attempts: 8, backoff: Backoff::new(100, 5_000, 2.0).with_jitter(Jitter::Above { percent: 25 }) }
     }
 }
 
 /// Settings of a [`KubeSnapshotStore`]. A plain struct: change fields of [`Default::default`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct KubeSnapshotConfig {
     /// Namespace of the objects. Default `kole-system`.
     pub namespace: String,
@@ -70,7 +59,7 @@ pub struct KubeSnapshotConfig {
     /// at most 200 characters). Default `kole-snapshot`.
     pub name: String,
     /// Retries.
-    pub retry: RetryPolicy,
+    pub retry: ApiRetry,
     /// Objects per page when listing chunk metadata. Default 500.
     pub list_page_size: u32,
     /// Most generations the manifest object records (older ones drop off it and are pruned).
@@ -83,7 +72,7 @@ impl Default for KubeSnapshotConfig {
         Self {
             namespace: "kole-system".to_owned(),
             name: "kole-snapshot".to_owned(),
-            retry: RetryPolicy::default(),
+            retry: ApiRetry::default(),
             list_page_size: 500,
             max_recorded_generations: 8,
         }
@@ -170,6 +159,8 @@ impl KubeSnapshotStore {
         Fut: std::future::Future<Output = Result<Attempt<T>, kube::Error>>,
     {
         let mut attempt = 0;
+        // Jitter only spreads retries of different controllers; the clock is seed enough.
+        let mut rng = SplitMix64::new(wall_clock_now().as_millis() ^ u64::from(std::process::id()));
         loop {
             attempt += 1;
             let err = match f().await {
@@ -182,7 +173,7 @@ impl KubeSnapshotStore {
                 return Err(self.backend(format!("{} (gave up after {attempt} attempts)", op()), err));
             }
             tracing::debug!(op = %op(), attempt, error = %err, "retrying");
-            tokio::time::sleep(self.cfg.retry.backoff(attempt)).await;
+            tokio::time::sleep(self.cfg.retry.backoff.delay(attempt - 1, &mut rng)).await;
         }
     }
 

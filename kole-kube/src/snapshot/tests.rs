@@ -20,11 +20,7 @@ fn store() -> (KubeSnapshotStore, Mock) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let cfg = KubeSnapshotConfig {
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(2),
-        },
+        retry: ApiRetry { max_attempts: 5, backoff: Backoff::new(1, 2, 2.0) },
         ..Default::default()
     };
     (KubeSnapshotStore::new(client, cfg), handle)
