@@ -11,7 +11,8 @@
 //! [`SplitMix64`](crate::rng::SplitMix64) is the deterministic generator underneath.
 //!
 //! ```
-//! use kole_core::transport::fault::{Direction, FaultPlan};
+//! use kole_core::protocol::Direction;
+//! use kole_core::transport::fault::FaultPlan;
 //!
 //! let plan = FaultPlan { drop_uplink: 0.5, min_delay_ms: 10, max_delay_ms: 50, seed: 7, ..FaultPlan::default() };
 //! let fates: Vec<_> = (0..1000).map(|key| plan.fate(Direction::Uplink, key)).collect();
@@ -26,16 +27,8 @@
 use std::cmp::Ordering;
 
 use crate::model::mix64;
+use crate::protocol::Direction;
 use crate::rng::SplitMix64;
-
-/// Which way a message travels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// Node → cloud.
-    Uplink,
-    /// Cloud → node (one delivery per node a message reaches).
-    Downlink,
-}
 
 /// What may go wrong with messages in an in-memory transport. Every fault is off by default.
 ///
@@ -158,11 +151,15 @@ impl FaultPlan {
 }
 
 /// An entry of a delay heap, ordered so that `BinaryHeap` pops the earliest `(due, seq)` first.
+/// Shared by the in-memory hub and kole-sim's simulated network, which delay messages alike.
 #[derive(Debug)]
-pub(crate) struct Timed<T> {
-    pub(crate) due: u64,
-    pub(crate) seq: u64,
-    pub(crate) item: T,
+pub struct Timed<T> {
+    /// When the item is due (the heap's own time unit).
+    pub due: u64,
+    /// Tie-breaker: insertion order among items due at the same time.
+    pub seq: u64,
+    /// The delayed item.
+    pub item: T,
 }
 
 impl<T> PartialEq for Timed<T> {

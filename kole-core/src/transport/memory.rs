@@ -37,11 +37,12 @@ use async_trait::async_trait;
 
 use crate::model::{NodeName, Timestamp, stable_hash};
 
-use super::fault::{Direction, Fate, FaultPlan, Timed};
+use super::fault::{Fate, FaultPlan, Timed};
 use super::{
     CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish, NodeTransport,
     Outbound, TransportError,
 };
+use crate::protocol::Direction;
 
 /// Capacities of a [`MemoryHub`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -67,12 +67,9 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 use kole_core::model::{NodeName, Timestamp, stable_hash};
-use kole_core::transport::fault::{Direction, Fate, FaultPlan};
+use kole_core::protocol::Direction;
+use kole_core::transport::fault::{Fate, FaultPlan, Timed};
 use kole_core::transport::{Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
-
-mod timed;
-
-use timed::Timed;
 
 /// A node of a [`SimNetwork`]: a dense index, `0..len`, in the order nodes were added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
