@@ -5,7 +5,7 @@
 //! ```
 
 use clap::Parser;
-use kole_core::cache::{NodeCache, NodeQuery, StateCache};
+use kole_core::cache::{CacheQuery, NodeCache, StateCache};
 use kole_core::model::{NodePhase, Selector};
 use kole_core::snapshot::{DirSnapshotStore, RestoreLimits, SnapshotOptions, restore_latest, write_snapshot};
 use kole_sim::dataset::ReferenceFleet;
@@ -38,11 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache = restored.cache;
     println!("restored generation {}: {} nodes", restored.manifest.generation, cache.len());
 
-    let offline_cdn = NodeQuery {
+    let offline_cdn = CacheQuery {
         selector: Selector::parse("kole.dev/site-type=cdn,topology.kubernetes.io/region in (cn-hangzhou,eu-west-1)")?,
         phase: Some(NodePhase::Offline),
         limit: 5,
-        ..NodeQuery::default()
+        ..CacheQuery::default()
     };
     let page = cache.query(&offline_cdn);
     println!(

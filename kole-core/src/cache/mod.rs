@@ -140,7 +140,7 @@ pub struct Registered {
 
 /// A query over the cache: by names, selector and phase, paged.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeQuery {
+pub struct CacheQuery {
     /// When non-empty, only these nodes (still filtered by selector and phase).
     pub names: Vec<NodeName>,
     /// Label selector; the default selects everything.
@@ -153,13 +153,13 @@ pub struct NodeQuery {
     pub continue_after: Option<u32>,
 }
 
-impl Default for NodeQuery {
+impl Default for CacheQuery {
     fn default() -> Self {
         Self { names: Vec::new(), selector: Selector::everything(), phase: None, limit: 500, continue_after: None }
     }
 }
 
-/// One page of a [`NodeQuery`].
+/// One page of a [`CacheQuery`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueryPage {
     /// Matching nodes, at most `limit`.
@@ -228,7 +228,7 @@ pub trait StateCache: Send + Sync {
     fn remove(&mut self, name: &str) -> bool;
 
     /// One page of a query, with summary counts.
-    fn query(&self, q: &NodeQuery) -> QueryPage;
+    fn query(&self, q: &CacheQuery) -> QueryPage;
 
     /// Calls `visitor` with every node matching `selector` until it breaks.
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>);

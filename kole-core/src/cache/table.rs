@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use super::index::{NameIndex, entry_hash, entry_slot};
 use super::intern::{FxHashMap, Interner};
 use super::{
-    CacheError, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, NodeQuery, PhaseCounts, QueryPage, Registered,
+    CacheError, CacheQuery, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, PhaseCounts, QueryPage, Registered,
     StateCache,
 };
 use crate::model::{
@@ -972,7 +972,7 @@ impl StateCache for NodeCache {
         true
     }
 
-    fn query(&self, q: &NodeQuery) -> QueryPage {
+    fn query(&self, q: &CacheQuery) -> QueryPage {
         let limit = q.limit.max(1);
         let mut items = Vec::new();
         let mut next = None;

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use proptest::prelude::*;
 
-use super::{CacheError, HeartbeatUpdate, NodeCache, NodeQuery, PhaseCounts, StateCache};
+use super::{CacheError, CacheQuery, HeartbeatUpdate, NodeCache, PhaseCounts, StateCache};
 use crate::model::{
     DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Requirement, RequirementOp,
     Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState,
@@ -177,7 +177,7 @@ fn assert_agrees(cache: &NodeCache, model: &Model, names: &[String]) -> Result<(
 /// Every page of a query, following `continue_after` to the end.
 fn all_pages(
     cache: &NodeCache,
-    base: &NodeQuery,
+    base: &CacheQuery,
     expected_counts: PhaseCounts,
 ) -> Result<Vec<NodeRecord>, TestCaseError> {
     let mut items = Vec::new();
@@ -216,7 +216,7 @@ fn assert_queries_agree(
     for phase in [None, Some(NodePhase::Registering), Some(NodePhase::Online), Some(NodePhase::Offline)] {
         let want: Vec<NodeRecord> =
             model.selected(selector).filter(|r| phase.is_none_or(|p| r.phase == p)).cloned().collect();
-        let q = NodeQuery { selector: selector.clone(), phase, limit, ..NodeQuery::default() };
+        let q = CacheQuery { selector: selector.clone(), phase, limit, ..CacheQuery::default() };
         let got = all_pages(cache, &q, model.counts(selector))?;
         prop_assert_eq!(by_name(got), want, "scan {} phase {:?} limit {}", selector, phase, limit);
 
@@ -237,7 +237,7 @@ fn assert_queries_agree(
             }
         }
         let want: Vec<NodeRecord> = named.into_iter().filter(|r| phase.is_none_or(|p| r.phase == p)).cloned().collect();
-        let q = NodeQuery { names: names.to_vec(), selector: selector.clone(), phase, limit, continue_after: None };
+        let q = CacheQuery { names: names.to_vec(), selector: selector.clone(), phase, limit, continue_after: None };
         if !names.is_empty() {
             let got = all_pages(cache, &q, named_counts)?;
             prop_assert_eq!(got, want, "names {:?} {} phase {:?} limit {}", names, selector, phase, limit);

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kole_core::cache::{CacheStore, NodeCache, NodeQuery as CacheQuery, StateCache};
+use kole_core::cache::{CacheQuery, CacheStore, NodeCache, StateCache};
 use kole_core::model::{NodeName, NodePhase, Timestamp};
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
