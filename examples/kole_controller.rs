@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kole_core::agent::driver::{DriverConfig as AgentDriverConfig, run_agent};
+use kole_core::agent::driver::{AgentDriverConfig, run_agent};
 use kole_core::agent::{Agent, AgentConfig, AgentIdentity, MemoryAgentStore, RecordingRuntime};
 use kole_core::cache::{CacheStore, NodeCache, StateCache};
 use kole_core::engine::EngineConfig;
-use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
+use kole_core::engine::driver::{DriverEvent, EngineDriver, EngineDriverConfig, restore_engine, system_clock};
 use kole_core::model::{Labels, NodeInfo, NodeName, NodePhase, Selector};
 use kole_core::snapshot::{RestoreLimits, SnapshotOptions, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
@@ -308,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
         let (ev_tx, mut ev_rx) = mpsc::channel(8192);
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (term_tx, term_rx) = watch::channel(false);
-        let dcfg = DriverConfig { snapshot: SnapshotOptions::default(), ..Default::default() };
+        let dcfg = EngineDriverConfig { snapshot: SnapshotOptions::default(), ..Default::default() };
         let driver = tokio::spawn(
             EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx).run(cmd_rx, term_rx.clone()),
         );

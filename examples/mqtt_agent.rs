@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use kole_core::agent::driver::{DriverConfig, run_agent};
+use kole_core::agent::driver::{AgentDriverConfig, run_agent};
 use kole_core::agent::{
     Agent, AgentConfig, AgentIdentity, FileAgentStore, ProcessRuntime, RecordingRuntime, WorkloadRuntime, load_or_empty,
 };
@@ -82,9 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let identity = AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(info) };
     // A new boot id per start: the controller tells a restart from a duplicate by it.
-    let boot_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.subsec_nanos() ^ std::process::id().rotate_left(16));
+    let boot_id = (kole_core::clock::wall_clock_now().as_millis() as u32) ^ std::process::id().rotate_left(16);
     let mut agent = Agent::new(AgentConfig::default(), identity, boot_id, persisted);
     let connector = MqttConnector::new(
         Topics::new(&fleet)?,
@@ -106,7 +104,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let _ = stop.send(true);
     });
-    let stats = run_agent(&mut agent, &connector, runtime.as_mut(), &store, &DriverConfig::default(), shutdown).await;
+    let stats =
+        run_agent(&mut agent, &connector, runtime.as_mut(), &store, &AgentDriverConfig::default(), shutdown).await;
     stopper.abort();
     let running: Vec<String> =
         agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();

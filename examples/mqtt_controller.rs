@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use kole_core::cache::StateCache;
-use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
+use kole_core::engine::driver::{DriverEvent, EngineDriver, EngineDriverConfig, restore_engine, system_clock};
 use kole_core::engine::{EngineConfig, WorkloadCommand};
 use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
 use kole_core::snapshot::{DirSnapshotStore, RestoreLimits};
@@ -132,7 +132,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let (events_tx, mut events) = mpsc::channel(1024);
-    let driver = EngineDriver::new(DriverConfig::default(), engine, Arc::new(cloud), Some(store), clock, events_tx);
+    let driver =
+        EngineDriver::new(EngineDriverConfig::default(), engine, Arc::new(cloud), Some(store), clock, events_tx);
     let (commands, commands_rx) = mpsc::channel(16);
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(driver.run(commands_rx, stop_rx));

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kole_core::agent::driver::{DriverConfig, run_agent};
+use kole_core::agent::driver::{AgentDriverConfig, run_agent};
 use kole_core::agent::{AgentConfig, MemoryAgentStore, RecordingRuntime};
 use kole_core::engine::EngineConfig;
 use kole_core::model::stable_hash;
@@ -648,7 +648,7 @@ pub fn worker(cfg: &WorkerConfig) -> Result<(), MqttBenchError> {
                 tokio::time::sleep_until(at).await;
                 let mut runtime = RecordingRuntime::instant();
                 let store = MemoryAgentStore::new();
-                run_agent(&mut agent, &connector, &mut runtime, &store, &DriverConfig::default(), stop).await
+                run_agent(&mut agent, &connector, &mut runtime, &store, &AgentDriverConfig::default(), stop).await
             });
         }
         while tasks.join_next().await.is_some() {}

@@ -426,7 +426,7 @@ fn broker_restart_mid_rollout_reconnects_and_converges() {
 #[derive(Debug, PartialEq)]
 struct Outcome {
     engine: kole_core::engine::EngineStats,
-    net: kole_sim::net::SimStats,
+    net: kole_sim::net::NetStats,
     sim: kole_sim::sim::SimStats,
     now: u64,
     nodes: Vec<(DesiredDigest, u32, u32, LinkState, Vec<kole_core::model::WorkloadState>)>,

@@ -12,7 +12,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use kole_core::agent::driver::{run_agent, DriverConfig};
+//! use kole_core::agent::driver::{run_agent, AgentDriverConfig};
 //! use kole_core::agent::{Agent, AgentConfig, AgentIdentity, FileAgentStore, ProcessRuntime, load_or_empty};
 //! use kole_core::model::{Labels, NodeInfo, NodeName};
 //! use kole_core::transport::memory::{MemoryConfig, MemoryHub};
@@ -28,7 +28,7 @@
 //! let connect = move || hub.connect(name.clone()).map(|n| Arc::new(n) as Arc<dyn NodeTransport>);
 //! let (stop, shutdown) = tokio::sync::watch::channel(false);
 //! let mut runtime = ProcessRuntime::default();
-//! let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &DriverConfig::default(), shutdown).await;
+//! let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &AgentDriverConfig::default(), shutdown).await;
 //! # drop(stop); let _ = stats; Ok(())
 //! # }
 //! ```
@@ -48,7 +48,7 @@ use crate::backoff::Backoff;
 
 /// Driver settings.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DriverConfig {
+pub struct AgentDriverConfig {
     /// Backoff between connection attempts (reset once the agent is registered). Default 1 s
     /// doubling to 60 s, jittered into `[d/2, d]`.
     pub reconnect: Backoff,
@@ -56,7 +56,7 @@ pub struct DriverConfig {
     pub max_batch: usize,
 }
 
-impl Default for DriverConfig {
+impl Default for AgentDriverConfig {
     fn default() -> Self {
         Self { reconnect: Backoff::new(1_000, 60_000, 2.0), max_batch: 256 }
     }
@@ -236,7 +236,7 @@ pub async fn run_agent(
     connector: &dyn Connector,
     runtime: &mut dyn WorkloadRuntime,
     store: &dyn AgentStore,
-    config: &DriverConfig,
+    config: &AgentDriverConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> DriverStats {
     let mut jitter = SplitMix64::new(mix64(u64::from(agent.boot_id()) ^ 0x6472_6976_6572));
@@ -372,7 +372,8 @@ mod tests {
             async move {
                 let mut agent = agent("edge-1", 77, None);
                 let mut runtime = RecordingRuntime::new();
-                let config = DriverConfig { reconnect: Backoff::new(1_000, 10_000, 2.0), ..DriverConfig::default() };
+                let config =
+                    AgentDriverConfig { reconnect: Backoff::new(1_000, 10_000, 2.0), ..AgentDriverConfig::default() };
                 let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
@@ -449,7 +450,8 @@ mod tests {
                 let persisted = store.load().unwrap();
                 let mut agent = agent("edge-2", 5, persisted);
                 let mut runtime = RecordingRuntime::new();
-                let config = DriverConfig { reconnect: Backoff::new(100, 1_000, 2.0), ..DriverConfig::default() };
+                let config =
+                    AgentDriverConfig { reconnect: Backoff::new(100, 1_000, 2.0), ..AgentDriverConfig::default() };
                 let stats = run_agent(&mut agent, &connect, &mut runtime, &store, &config, shutdown).await;
                 (agent, stats, runtime)
             }
@@ -496,7 +498,7 @@ mod tests {
                 let mut agent = agent(&format!("edge-{i}"), 100 + i, None);
                 let mut runtime = RecordingRuntime::instant();
                 let store = MemoryAgentStore::new();
-                run_agent(&mut agent, &connect, &mut runtime, &store, &DriverConfig::default(), shutdown).await
+                run_agent(&mut agent, &connect, &mut runtime, &store, &AgentDriverConfig::default(), shutdown).await
             }));
         }
         let (commands, mut command_rx) = tokio::sync::mpsc::channel::<WorkloadCommand>(8);

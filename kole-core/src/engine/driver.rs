@@ -17,7 +17,7 @@ pub use crate::clock::{Clock, system_clock};
 
 /// Driver settings, each with a documented default.
 #[derive(Clone, Debug)]
-pub struct DriverConfig {
+pub struct EngineDriverConfig {
     /// How often the engine is ticked. Default 1 s.
     pub tick: Duration,
     /// Most uplink messages taken from the transport per batch. Default 8192.
@@ -31,7 +31,7 @@ pub struct DriverConfig {
     pub send_retries: u32,
 }
 
-impl Default for DriverConfig {
+impl Default for EngineDriverConfig {
     fn default() -> Self {
         Self {
             tick: Duration::from_secs(1),
@@ -127,7 +127,7 @@ pub async fn restore_engine(
 
 /// Connects an [`Engine`] to a transport, a snapshot store and its owner.
 pub struct EngineDriver {
-    cfg: DriverConfig,
+    cfg: EngineDriverConfig,
     engine: Engine,
     transport: Arc<dyn CloudTransport>,
     snapshots: Option<Arc<dyn SnapshotStore>>,
@@ -141,7 +141,7 @@ impl EngineDriver {
     /// A driver; events go to `events` (bounded: when full, events are counted and dropped rather
     /// than stalling the engine).
     pub fn new(
-        cfg: DriverConfig,
+        cfg: EngineDriverConfig,
         engine: Engine,
         transport: Arc<dyn CloudTransport>,
         snapshots: Option<Arc<dyn SnapshotStore>>,
@@ -313,7 +313,7 @@ mod tests {
             let store = Arc::new(MemorySnapshotStore::new());
             let engine = Engine::new(EngineConfig::default(), NodeCache::new(), Timestamp::from_secs(1));
             let (ev_tx, mut ev_rx) = mpsc::channel(64);
-            let cfg = DriverConfig { tick: Duration::from_millis(10), ..Default::default() };
+            let cfg = EngineDriverConfig { tick: Duration::from_millis(10), ..Default::default() };
             let driver = EngineDriver::new(cfg, engine, cloud, Some(store.clone()), system_clock(), ev_tx);
             let (cmd_tx, cmd_rx) = mpsc::channel(8);
             let (stop_tx, stop_rx) = watch::channel(false);
@@ -375,8 +375,11 @@ mod tests {
             let node = hub.connect(NodeName::new("edge-1").unwrap()).unwrap();
             let engine = Engine::new(EngineConfig::default(), NodeCache::new(), Timestamp::from_secs(1));
             let (ev_tx, _ev_rx) = mpsc::channel(64);
-            let cfg =
-                DriverConfig { tick: Duration::from_millis(10), snapshot_on_shutdown: false, ..Default::default() };
+            let cfg = EngineDriverConfig {
+                tick: Duration::from_millis(10),
+                snapshot_on_shutdown: false,
+                ..Default::default()
+            };
             // (input, registrations counted, messages produced) per step.
             let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
             let log = Arc::clone(&seen);

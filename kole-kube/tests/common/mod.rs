@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kole_core::agent::driver::{DriverConfig as AgentDriverConfig, run_agent};
+use kole_core::agent::driver::{AgentDriverConfig, run_agent};
 use kole_core::agent::{Agent, AgentConfig, AgentIdentity, MemoryAgentStore, RecordingRuntime};
 use kole_core::cache::NodeCache;
-use kole_core::engine::driver::{DriverConfig, EngineDriver, system_clock};
+use kole_core::engine::driver::{EngineDriver, EngineDriverConfig, system_clock};
 use kole_core::engine::{Engine, EngineConfig};
 use kole_core::snapshot::{RestoreLimits, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
@@ -63,8 +63,8 @@ pub async fn install_crds(client: &Client) {
 
 /// A fresh namespace, unique per call.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    let name = format!("{prefix}-{}-{nanos:x}", std::process::id());
+    let stamp = kole_core::clock::wall_clock_now().as_millis();
+    let name = format!("{prefix}-{}-{stamp:x}", std::process::id());
     let api: Api<Namespace> = Api::all(client.clone());
     let mut ns = Namespace::default();
     ns.metadata.name = Some(name.clone());
@@ -111,7 +111,7 @@ impl ControllerUnderTest {
         };
         let cache = engine.store();
         let (ev_tx, ev_rx) = mpsc::channel(4096);
-        let dcfg = DriverConfig { tick: Duration::from_millis(200), ..Default::default() };
+        let dcfg = EngineDriverConfig { tick: Duration::from_millis(200), ..Default::default() };
         let driver = EngineDriver::new(dcfg, engine, cloud, snapshots, system_clock(), ev_tx);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (stop, stop_rx) = watch::channel(false);
@@ -158,8 +158,7 @@ impl ControllerUnderTest {
 }
 
 pub fn kole_kube_now() -> kole_core::model::Timestamp {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    kole_core::model::Timestamp::from_millis(ms)
+    kole_core::clock::wall_clock_now()
 }
 
 /// `n` agents on `hub`, half `tier=cdn`, half `tier=retail`, region alternating.

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kole_core::agent::driver::{DriverConfig as AgentDriverConfig, DriverStats, run_agent};
+use kole_core::agent::driver::{AgentDriverConfig, DriverStats, run_agent};
 use kole_core::agent::{Agent, AgentConfig, MemoryAgentStore, RecordingRuntime};
 use kole_core::backoff::Backoff;
 use kole_core::cache::{CacheStore, NodeCache, StateCache};
-use kole_core::engine::driver::{DriverConfig, DriverEvent, EngineDriver, restore_engine, system_clock};
+use kole_core::engine::driver::{DriverEvent, EngineDriver, EngineDriverConfig, restore_engine, system_clock};
 use kole_core::engine::{Engine, EngineConfig, EngineStats, WorkloadCommand, WorkloadStatus};
 use kole_core::model::{Timestamp, Workload, WorkloadId};
 use kole_core::snapshot::{MemorySnapshotStore, RestoreLimits};
@@ -78,7 +78,7 @@ impl Controller {
         let store = engine.store();
         let cloud = Arc::new(MqttCloud::connect(topics.clone(), cloud_cfg).await.unwrap());
         let (ev_tx, mut ev_rx) = mpsc::channel(4096);
-        let driver_cfg = DriverConfig { tick: Duration::from_millis(100), ..DriverConfig::default() };
+        let driver_cfg = EngineDriverConfig { tick: Duration::from_millis(100), ..EngineDriverConfig::default() };
         let transport: Arc<dyn CloudTransport> = cloud.clone();
         let driver = EngineDriver::new(driver_cfg, engine, transport, Some(snapshots), system_clock(), ev_tx);
         let (cmd, cmd_rx) = mpsc::channel(64);

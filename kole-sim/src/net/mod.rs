@@ -110,7 +110,7 @@ pub enum SimError {
 /// Counters of a [`SimNetwork`], since it was created (`retained`, `*_in_flight` and `nodes*` are
 /// current values).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SimStats {
+pub struct NetStats {
     /// Uplink messages connected nodes published.
     pub uplink_sent: u64,
     /// Uplink messages handed to the cloud (duplicates included).
@@ -524,7 +524,7 @@ pub struct SimNetwork {
     reg: Registry,
     retained: RetainedStore,
     queues: Queues,
-    stats: SimStats,
+    stats: NetStats,
     cloud_isolated: bool,
     /// The latest `now` seen, in milliseconds: virtual time never goes backwards.
     clock: u64,
@@ -654,7 +654,7 @@ impl SimNetwork {
     }
 
     /// Ends the node's session: its group subscriptions go, and deliveries still queued for it are
-    /// discarded (counted in [`SimStats::dropped_disconnected`] when their turn comes). Idempotent.
+    /// discarded (counted in [`NetStats::dropped_disconnected`] when their turn comes). Idempotent.
     pub fn disconnect(&mut self, node: NodeId) -> Result<(), SimError> {
         let i = self.reg.check(node)?;
         self.end_session(i);
@@ -923,8 +923,8 @@ impl SimNetwork {
     }
 
     /// The network's counters.
-    pub fn stats(&self) -> SimStats {
-        SimStats {
+    pub fn stats(&self) -> NetStats {
+        NetStats {
             retained: self.retained.len,
             uplink_in_flight: self.queues.up_len,
             downlink_in_flight: self.queues.down_len,
@@ -1015,7 +1015,7 @@ impl SimNetwork {
 /// is partitioned now. Returns whether it was delivered.
 fn hand(
     nodes: &[NodeState],
-    stats: &mut SimStats,
+    stats: &mut NetStats,
     (node, epoch): Target,
     msg: &DownMsg,
     retained: bool,
@@ -1042,7 +1042,7 @@ fn hand(
 struct Enqueue<'a> {
     plan: &'a FaultPlan,
     queues: &'a mut Queues,
-    stats: &'a mut SimStats,
+    stats: &'a mut NetStats,
     nodes: &'a [NodeState],
     msg: &'a Arc<DownMsg>,
     retained: bool,
