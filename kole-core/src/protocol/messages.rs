@@ -161,7 +161,7 @@ impl NodeHealth {
     }
 }
 
-/// Uplink: a node announces itself, on `…/up/{node}/register` (QoS 1).
+/// Uplink: a node announces itself, on its [`UplinkKind::Register`] uplink (QoS 1).
 ///
 /// Sent on every agent start and whenever the controller asks for it ([`CommandKind::Reregister`])
 /// or a heartbeat is refused. The controller answers with a [`RegisterAck`] on the node's topic.
@@ -225,7 +225,7 @@ pub struct RegisterRef<'a> {
     pub workloads: &'a [WorkloadState],
 }
 
-/// Uplink: "I am alive", on `…/up/{node}/hb` (QoS 0), every heartbeat interval.
+/// Uplink: "I am alive", on its [`UplinkKind::Heartbeat`] uplink (QoS 0), every heartbeat interval.
 ///
 /// Carries no name: the identity is the topic's node level. Encoded in at most 20 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -241,7 +241,7 @@ pub struct Heartbeat {
     pub health: NodeHealth,
 }
 
-/// Uplink: full per-workload status, on `…/up/{node}/status` (QoS 1), only when it changed (and on
+/// Uplink: full per-workload status, on its [`UplinkKind::Status`] uplink (QoS 1), only when it changed (and on
 /// [`CommandKind::Resync`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusReport {

@@ -8,7 +8,7 @@
 //! running message sequence and the receiving node), so a replay with the same seed and the same
 //! calls reproduces every drop, duplicate and delay exactly.
 //!
-//! [`SplitMix64`](crate::rng::SplitMix64) is the deterministic generator underneath.
+//! [`SplitMix64`] is the deterministic generator underneath.
 //!
 //! ```
 //! use kole_core::protocol::Direction;
