@@ -19,8 +19,8 @@
 //! ## Two assemblies
 //!
 //! **A controller** is an [`engine::Engine`] (restored from the newest snapshot generation, if any)
-//! run by an [`engine::driver::EngineDriver`] over a cloud transport, fed [`engine::WorkloadCommand`]s.
-//! **An agent** is an [`agent::Agent`] run by [`agent::driver::run_agent`] with a connector, a
+//! run by an `engine::driver::EngineDriver` over a cloud transport, fed [`engine::WorkloadCommand`]s.
+//! **An agent** is an [`agent::Agent`] run by `agent::driver::run_agent` with a connector, a
 //! runtime and a store. Both drivers need the `tokio-driver` feature. Here both run in one process
 //! over the in-memory hub; swap in `kole_mqtt`'s transport and the same code runs over a broker:
 //!

@@ -79,7 +79,7 @@ pub(crate) struct LabelSetMembers {
 /// The engine and the snapshot format use it directly (through crate-private accessors, see
 /// `engine_view.rs`), not through [`StateCache`]: their batch paths depend on this layout.
 ///
-/// A node is a 48-byte [`NodeSlot`] plus its name in a shared byte arena. Everything that repeats
+/// A node is a 48-byte `NodeSlot` plus its name in a shared byte arena. Everything that repeats
 /// across nodes — label sets, label strings, platform triples, workload state lists — is interned
 /// and shared, and each label set keeps the list of its member slots, so a selector is evaluated once
 /// per distinct label set, never once per node.
