@@ -6,7 +6,7 @@
 //!    against restoring M nodes from kole's snapshot.
 //!
 //! ```text
-//! KOLE_TEST_KUBECONFIG=$(scripts/kube-apiserver.sh start)
+//! KOLE_TEST_KUBECONFIG=$(bash .ci/kube.sh start | tail -n 1)
 //! cargo run --release -p kole-examples --example kube-bench -- 1000000 50000
 //! ```
 //! The Node objects are created once (it takes minutes) and left for later runs.
