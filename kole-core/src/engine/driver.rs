@@ -298,6 +298,19 @@ impl EngineDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registers `edge-1` (labels `tier=cdn`, boot 1) through `node`.
+    async fn register_edge_1(node: &dyn NodeTransport) {
+        let reg = Message::Register(Register {
+            name: NodeName::new("edge-1").unwrap(),
+            boot_id: 1,
+            labels: Labels::from_pairs([("tier", "cdn")]).unwrap(),
+            info: NodeInfo::default(),
+            applied: DesiredDigest::EMPTY,
+            workloads: vec![],
+        });
+        node.publish(vec![NodePublish { kind: UplinkKind::Register, payload: protocol::encode(&reg) }]).await.unwrap();
+    }
     use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Workload, WorkloadId};
     use crate::protocol::{self, Message, Register, UplinkKind};
     use crate::snapshot::MemorySnapshotStore;
@@ -319,17 +332,7 @@ mod tests {
             let (stop_tx, stop_rx) = watch::channel(false);
             let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
 
-            let reg = Message::Register(Register {
-                name: NodeName::new("edge-1").unwrap(),
-                boot_id: 1,
-                labels: Labels::from_pairs([("tier", "cdn")]).unwrap(),
-                info: NodeInfo::default(),
-                applied: DesiredDigest::EMPTY,
-                workloads: vec![],
-            });
-            node.publish(vec![NodePublish { kind: UplinkKind::Register, payload: protocol::encode(&reg) }])
-                .await
-                .unwrap();
+            register_edge_1(&node).await;
             let ack = node.recv(1).await.unwrap();
             assert!(matches!(ack[0].decode(&Default::default()).unwrap(), Message::RegisterAck(_)));
 
@@ -392,17 +395,7 @@ mod tests {
             let (stop_tx, stop_rx) = watch::channel(false);
             let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
 
-            let reg = Message::Register(Register {
-                name: NodeName::new("edge-1").unwrap(),
-                boot_id: 1,
-                labels: Labels::from_pairs([("tier", "cdn")]).unwrap(),
-                info: NodeInfo::default(),
-                applied: DesiredDigest::EMPTY,
-                workloads: vec![],
-            });
-            node.publish(vec![NodePublish { kind: UplinkKind::Register, payload: protocol::encode(&reg) }])
-                .await
-                .unwrap();
+            register_edge_1(&node).await;
             node.recv(1).await.unwrap();
             // Wait for a tick after the registration, so both kinds of input were observed.
             while !seen
