@@ -88,12 +88,12 @@ async fn a_retained_spec_reaches_a_later_node_byte_for_byte() {
         // a replay, if the SUBSCRIBE came after the first send, is not what this waits for).
         let early =
             MqttNode::connect(topics.clone(), fixtures::node_name("node-early"), &node_cfg(&broker)).await.unwrap();
-        let live = 'live: loop {
+        let live = loop {
             cloud.send(vec![spec.clone()]).await.unwrap();
-            if let Ok(got) = tokio::time::timeout(Duration::from_millis(300), early.recv(10)).await {
-                if let Some(d) = got.unwrap().into_iter().find(|d| !d.retained) {
-                    break 'live d;
-                }
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(300), early.recv(10)).await
+                && let Some(d) = got.unwrap().into_iter().find(|d| !d.retained)
+            {
+                break d;
             }
         };
         assert_eq!((&live.from, &*live.payload), (&to, &payload[..]), "the live spec's bytes");
