@@ -46,11 +46,10 @@ impl TransportFleet for MqttFleet {
     }
 }
 
-/// Found by this contract: the embedded broker replays a retained message to a later MQTT 3.1.1
-/// subscriber with its MQTT 5 properties (a user property `x-mqtt-client-id`) prepended to the
-/// payload, so the node cannot decode the retained spec. Checks 1 and 2 pass; check 3 fails there.
+/// This contract found that `mqtt5` 0.46's broker replayed a retained message to a later MQTT 3.1.1
+/// subscriber with its MQTT 5 properties prepended to the payload (check 3); fixed by `mqtt5` 0.49,
+/// with a focused regression test in `tests/embedded.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "embedded broker bug: retained replays carry MQTT 5 properties in the payload"]
 async fn mqtt_over_the_embedded_broker_keeps_the_transport_contract() {
     bounded(Duration::from_secs(120), "the transport contract over MQTT", async {
         let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.expect("start the broker");

@@ -8,12 +8,12 @@ use std::time::Duration;
 use common::{AgentHandle, Controller, bounded, restart_after_convergence, workload};
 use kole_core::backoff::Backoff;
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, mix64, stable_hash};
-use kole_core::protocol::{self, Message, Register, RegisterOutcome, UplinkKind};
+use kole_core::protocol::{self, Message, Register, RegisterOutcome, UplinkKind, WorkloadSpec};
 use kole_core::rng::SplitMix64;
 use kole_core::snapshot::MemorySnapshotStore;
-use kole_core::transport::{NodePublish, NodeTransport};
+use kole_core::transport::{CloudTransport, Destination, NodeDelivery, NodePublish, NodeTransport, Outbound};
 use kole_mqtt::Topics;
-use kole_mqtt::{CloudConfig, EmbeddedBroker, EmbeddedBrokerConfig, MqttNode, NodeConfig};
+use kole_mqtt::{CloudConfig, EmbeddedBroker, EmbeddedBrokerConfig, MqttCloud, MqttNode, NodeConfig};
 use kole_tests::fixtures;
 
 fn cloud_cfg(broker: &EmbeddedBroker) -> CloudConfig {
@@ -62,6 +62,49 @@ async fn round_trips(cloud: fn(&EmbeddedBroker) -> CloudConfig) {
             let (agent, _) = a.stop().await;
             assert!(agent.workloads().any(|(w, _)| w.id == w2.id && w.version == 2));
         }
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+/// A retained spec replayed to an MQTT 3.1.1 node that connects later carries exactly the bytes the
+/// cloud sent. (`mqtt5` 0.46 encoded retained replays as MQTT 5, so the node read the properties'
+/// bytes as the start of the payload and could not decode the spec; fixed in 0.49.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_spec_reaches_a_later_node_byte_for_byte() {
+    bounded(30, async {
+        let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+        let topics = Topics::new("test").unwrap();
+        let cloud = MqttCloud::connect(topics.clone(), cloud_cfg(&broker)).await.unwrap();
+        let w = workload("default/app", 1);
+        let to = Destination::WorkloadSpec(w.id.clone());
+        let payload = protocol::encode(&Message::WorkloadSpec(WorkloadSpec {
+            workload: w,
+            wave_threshold: WorkloadSpec::ALL_WAVES,
+        }));
+        let spec = Outbound { to: to.clone(), payload: payload.clone(), retain: true };
+        // Once a connected node got the spec live, the broker holds it retained. Resent until then,
+        // since the node's SUBSCRIBE is acknowledged after `connect` returns (a resend is idempotent;
+        // a replay, if the SUBSCRIBE came after the first send, is not what this waits for).
+        let early =
+            MqttNode::connect(topics.clone(), fixtures::node_name("node-early"), &node_cfg(&broker)).await.unwrap();
+        let live = loop {
+            cloud.send(vec![spec.clone()]).await.unwrap();
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(300), early.recv(10)).await
+                && let Some(d) = got.unwrap().into_iter().find(|d| !d.retained)
+            {
+                break d;
+            }
+        };
+        assert_eq!((&live.from, &*live.payload), (&to, &payload[..]), "the live spec's bytes");
+
+        let late =
+            MqttNode::connect(topics.clone(), fixtures::node_name("node-late"), &node_cfg(&broker)).await.unwrap();
+        let replayed: Vec<NodeDelivery> = late.recv(10).await.unwrap();
+        assert_eq!(replayed.len(), 1, "{replayed:?}");
+        assert_eq!((&replayed[0].from, replayed[0].retained), (&to, true));
+        assert_eq!(&*replayed[0].payload, &payload[..], "the replayed spec's bytes");
+        assert!(matches!(replayed[0].decode(&Default::default()), Ok(Message::WorkloadSpec(_))));
         broker.shutdown().await;
     })
     .await;
