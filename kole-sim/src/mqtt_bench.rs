@@ -38,7 +38,7 @@ use rumqttc::{AsyncClient, ClientError, Event, EventLoop, MqttOptions, Packet, Q
 use tokio::sync::mpsc;
 
 use crate::dataset::ReferenceFleet;
-use crate::mem;
+use crate::procfs::{self, current_tid, peak_rss_of, thread_cpu_seconds, thread_cpu_split};
 use crate::report::{Figures, Table, bytes, thousands};
 
 /// What to benchmark.
@@ -230,7 +230,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
     {
         fig.int("broker_rss_bytes", rss);
     }
-    fig.int("peak_rss_bytes", mem::peak_rss_bytes().unwrap_or(0));
+    fig.int("peak_rss_bytes", procfs::peak_rss_bytes().unwrap_or(0));
     Ok(fig)
 }
 
@@ -795,35 +795,6 @@ pub(crate) fn controller_thread(
     });
     let cpu = current_tid().and_then(thread_cpu_seconds).unwrap_or(0.0);
     view.final_cpu_us.store((cpu * 1e6) as u64, Ordering::Relaxed);
-}
-
-/// This thread's id (Linux), from `/proc/thread-self/stat`.
-fn current_tid() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
-    stat.split_whitespace().next()?.parse().ok()
-}
-
-/// CPU seconds (user + system) thread `tid` of this process has used.
-pub(crate) fn thread_cpu_seconds(tid: u64) -> Option<f64> {
-    thread_cpu_split(tid).map(|(u, s)| u + s)
-}
-
-/// CPU seconds (user, system) thread `tid` of this process has used.
-pub(crate) fn thread_cpu_split(tid: u64) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime / 100.0, stime / 100.0))
-}
-
-/// Peak RSS (`VmHWM`) of process `pid`, in bytes.
-pub(crate) fn peak_rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// The readable table: kole-over-MQTT's figures beside the KOLE paper's and the targets.

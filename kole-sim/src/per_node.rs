@@ -37,11 +37,11 @@ use kole_mqtt::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, MqttConn
 use tokio::sync::mpsc;
 
 use crate::dataset::ReferenceFleet;
-use crate::mem;
 use crate::mqtt_bench::{
     ControllerCommand, ControllerView, MqttBenchError, bench_workload, controller_thread, engine_counts, epoch_ms,
-    peak_rss_of, record_heartbeat_cpu, setup, thread_cpu_split, wall_nanos,
+    record_heartbeat_cpu, setup, wall_nanos,
 };
+use crate::procfs::{self, is_root, peak_rss_of, thread_cpu_split};
 use crate::report::{Figures, bytes, thousands};
 
 /// The controller's MQTT user name in the generated password file and ACL.
@@ -312,7 +312,7 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
     fig.int("broker_rss_bytes", total_rss);
     fig.int("broker_rss_max_bytes", max_rss);
     fig.int("broker_bytes_per_connection", total_rss / n.max(1) as u64);
-    fig.int("peak_rss_bytes", mem::peak_rss_bytes().unwrap_or(0));
+    fig.int("peak_rss_bytes", procfs::peak_rss_bytes().unwrap_or(0));
     Ok(fig)
 }
 
@@ -322,13 +322,6 @@ impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }
 
 /// Waits until `done` or the phase timeout; polls every 50 ms.
