@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentInput, AgentOutputs, GroupChange, RecordingRuntime};
+use kole_core::clock::wall_clock_now;
 use kole_core::model::{NodeName, Timestamp, Workload};
 use kole_core::protocol::{self, GroupName, Message};
 use kole_core::transport::{Destination, NodeDelivery};
@@ -15,7 +16,7 @@ use kole_mqtt::uplink_qos;
 use rumqttc::{AsyncClient, ClientError, Event, EventLoop, Packet, QoS, Request};
 use tokio::sync::mpsc;
 
-use super::{MqttBenchConfig, epoch_ms};
+use super::MqttBenchConfig;
 use crate::dataset::ReferenceFleet;
 
 /// One simulator connection's event loop: hands every downlink publish to the agents' loop and
@@ -84,7 +85,7 @@ impl SimFleet {
         let agents = crate::sim::reference_agents(&fleet, Arc::new(AgentConfig::default()));
         let index: HashMap<NodeName, u32> =
             agents.iter().enumerate().map(|(i, a)| (a.name().clone(), i as u32)).collect();
-        let wall_ms = epoch_ms();
+        let wall_ms = wall_clock_now().as_millis();
         Self {
             topics,
             wake_at: vec![NEVER; agents.len()],

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use kole_core::clock::wall_clock_now;
 use kole_core::engine::EngineConfig;
 use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
 use kole_core::transport::Destination;
@@ -157,7 +158,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
     };
     progress(&format!("broker {broker}; building {} agents", thousands(n as u64)));
     // A fleet of its own per run: a long-lived broker keeps the retained specs of earlier runs.
-    let fleet_name = format!("bench-{:x}-{:x}", std::process::id(), wall_nanos());
+    let fleet_name = format!("bench-{:x}-{:x}", std::process::id(), run_salt());
     fig.str("fleet", fleet_name.clone());
     let topics = Topics::new(&fleet_name).map_err(setup)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(setup)?;
@@ -370,16 +371,10 @@ pub(crate) fn record_heartbeat_cpu(fig: &mut Figures, before: Option<(f64, f64)>
     fig.float("heartbeat_cpu_sys_s", s1 - s0);
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn epoch_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Nanoseconds of the wall clock (a per-run salt).
-pub(crate) fn wall_nanos() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+/// A per-run salt (for fleet names and credentials): the wall clock's milliseconds, low 32 bits.
+pub(crate) fn run_salt() -> u32 {
+    // Truncation is the point: only the fast-changing bits matter for a salt.
+    wall_clock_now().as_millis() as u32
 }
 
 #[cfg(test)]
