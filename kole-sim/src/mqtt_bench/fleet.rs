@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kole_core::agent::{Agent, AgentConfig, AgentEvent, AgentInput, AgentOutputs, GroupChange, RecordingRuntime};
+use kole_core::agent::{
+    Agent, AgentConfig, AgentEvent, AgentInput, AgentOutputs, GroupChange, RecordingRuntime, SpecCache,
+};
 use kole_core::clock::wall_clock_now;
-use kole_core::model::{NodeName, Timestamp, Workload};
-use kole_core::protocol::{self, GroupName, Message};
+use kole_core::model::{NodeName, Timestamp};
+use kole_core::protocol::GroupName;
 use kole_core::transport::{Destination, NodeDelivery};
 use kole_mqtt::Topics;
 use kole_mqtt::uplink_qos;
@@ -63,8 +65,7 @@ pub(super) struct SimFleet {
     wake_at: Vec<u64>,
     runtime: RecordingRuntime,
     out: AgentOutputs,
-    spec_cache: Option<(Arc<[u8]>, Arc<Workload>, u16)>,
-    decode_limits: protocol::DecodeLimits,
+    specs: SpecCache,
     wall_ms: u64,
     start: Instant,
     /// Added to the agents' clock (the heartbeat phase jumps it by one interval).
@@ -97,8 +98,7 @@ impl SimFleet {
             wakes: BTreeMap::new(),
             runtime: RecordingRuntime::instant(),
             out: AgentOutputs::default(),
-            spec_cache: None,
-            decode_limits: AgentConfig::default().decode_limits,
+            specs: SpecCache::new(AgentConfig::default().decode_limits),
             wall_ms,
             start: Instant::now(),
             offset_ms: 0,
@@ -193,7 +193,7 @@ impl SimFleet {
             }
         };
         let shared = if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) {
-            self.shared_spec(&d.payload)
+            self.specs.get(&d.payload)
         } else {
             None
         };
@@ -204,23 +204,6 @@ impl SimFleet {
                 }
                 None => self.input(i, AgentInput::Delivery(&d)),
             }
-        }
-    }
-
-    /// A fan-out spec decoded once for every agent (as `sim.rs` does).
-    fn shared_spec(&mut self, payload: &Arc<[u8]>) -> Option<(Arc<Workload>, u16)> {
-        if let Some((p, w, t)) = &self.spec_cache
-            && p[..] == payload[..]
-        {
-            return Some((Arc::clone(w), *t));
-        }
-        match protocol::decode_downlink(payload, &self.decode_limits) {
-            Ok(Message::WorkloadSpec(s)) => {
-                let w = Arc::new(s.workload);
-                self.spec_cache = Some((Arc::clone(payload), Arc::clone(&w), s.wave_threshold));
-                Some((w, s.wave_threshold))
-            }
-            _ => None,
         }
     }
 
