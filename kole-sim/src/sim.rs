@@ -318,12 +318,12 @@ impl Simulation {
 
     fn deliver(&mut self, node: NodeId, d: &NodeDelivery) {
         // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
-        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) && !d.payload.is_empty()
+        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..))
+            && !d.payload.is_empty()
+            && let Some((w, t)) = self.specs.get(&d.payload)
         {
-            if let Some((w, t)) = self.specs.get(&d.payload) {
-                self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
-                return;
-            }
+            self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
+            return;
         }
         self.agent_input(node, AgentInput::Delivery(d));
     }
