@@ -8,7 +8,7 @@ use kole_core::protocol::{self, DecodeLimits, Heartbeat, Message, NodeHealth};
 use kole_core::snapshot::{self, Codec, RestoreLimits, SnapshotOptions};
 
 use crate::dataset::ReferenceFleet;
-use crate::mem;
+use crate::procfs;
 use crate::report::{Figures, Table, bytes, thousands};
 
 /// What to benchmark.
@@ -67,13 +67,13 @@ pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figures,
 
     // 1. Build the cache; its memory is the RSS growth (generation's garbage is freed as we go).
     progress(&format!("building the cache of {} reference nodes", thousands(n as u64)));
-    let rss_before = mem::rss_bytes().unwrap_or(0);
+    let rss_before = procfs::rss_bytes().unwrap_or(0);
     let t = Instant::now();
     let mut cache = NodeCache::with_capacity(n, 28);
     fleet.load_into(&mut cache)?;
     cache.shrink_to_fit();
     let build_s = t.elapsed().as_secs_f64();
-    let rss_after = mem::rss_bytes().unwrap_or(0);
+    let rss_after = procfs::rss_bytes().unwrap_or(0);
     let per_node = rss_after.saturating_sub(rss_before) / (n.max(1) as u64);
     fig.int("cache_bytes_per_node", per_node);
     fig.int("cache_heap_estimate_per_node", (cache.heap_bytes() / n.max(1)) as u64);
@@ -137,7 +137,7 @@ pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figures,
     if cfg.engine {
         run_engine_phases(cfg, &mut fig, progress)?;
     }
-    fig.int("peak_rss_bytes", mem::peak_rss_bytes().unwrap_or(0));
+    fig.int("peak_rss_bytes", procfs::peak_rss_bytes().unwrap_or(0));
     Ok(fig)
 }
 

@@ -20,10 +20,10 @@
 pub mod bench;
 pub mod dataset;
 pub mod demo;
-pub mod mem;
 pub mod mqtt_bench;
 pub mod net;
 pub mod per_node;
+pub mod procfs;
 pub mod progress;
 pub mod report;
 pub mod sim;

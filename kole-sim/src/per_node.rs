@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use kole_core::agent::driver::{AgentDriverConfig, run_agent};
 use kole_core::agent::{AgentConfig, MemoryAgentStore, RecordingRuntime};
+use kole_core::clock::wall_clock_now;
 use kole_core::engine::EngineConfig;
 use kole_core::model::stable_hash;
 use kole_core::transport::Connector;
@@ -37,11 +38,11 @@ use kole_mqtt::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, MqttConn
 use tokio::sync::mpsc;
 
 use crate::dataset::ReferenceFleet;
-use crate::mem;
 use crate::mqtt_bench::{
-    ControllerCommand, ControllerView, MqttBenchError, bench_workload, controller_thread, engine_counts, epoch_ms,
-    peak_rss_of, record_heartbeat_cpu, setup, thread_cpu_split, wall_nanos,
+    ControllerCommand, ControllerView, MqttBenchError, bench_workload, controller_thread, engine_counts,
+    record_heartbeat_cpu, run_salt, setup,
 };
+use crate::procfs::{self, is_root, peak_rss_of, thread_cpu_split};
 use crate::report::{Figures, bytes, thousands};
 
 /// The controller's MQTT user name in the generated password file and ACL.
@@ -198,10 +199,10 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
     let _cleanup = RemoveDir(dir.clone());
 
     // Credentials: one per node and the controller's, hashed by mosquitto_passwd.
-    let fleet_name = format!("pernode-{:x}-{:x}", std::process::id(), wall_nanos());
+    let fleet_name = format!("pernode-{:x}-{:x}", std::process::id(), run_salt());
     fig.str("fleet", fleet_name.clone());
     let topics = Topics::new(&fleet_name).map_err(setup)?;
-    let secret = u64::from(wall_nanos()) << 32 | u64::from(std::process::id());
+    let secret = u64::from(run_salt()) << 32 | u64::from(std::process::id());
     let reference = ReferenceFleet::new(n, cfg.seed);
     let names: Vec<String> = (0..n).map(|i| reference.node(i).registration.name.as_str().to_owned()).collect();
     progress(&format!("writing {} credentials and the kole ACL", thousands(n as u64 + 1)));
@@ -312,7 +313,7 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
     fig.int("broker_rss_bytes", total_rss);
     fig.int("broker_rss_max_bytes", max_rss);
     fig.int("broker_bytes_per_connection", total_rss / n.max(1) as u64);
-    fig.int("peak_rss_bytes", mem::peak_rss_bytes().unwrap_or(0));
+    fig.int("peak_rss_bytes", procfs::peak_rss_bytes().unwrap_or(0));
     Ok(fig)
 }
 
@@ -322,13 +323,6 @@ impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }
 
 /// Waits until `done` or the phase timeout; polls every 50 ms.
@@ -471,11 +465,11 @@ fn storm(
     let down = Duration::from_secs(3);
     progress(&format!("reconnect storm: killing broker 0 ({} nodes) for {} s", thousands(on_broker0), down.as_secs()));
     let known0 = view.stats.lock().map(|s| s.registered_known).unwrap_or(0);
-    let kill_bucket = epoch_ms() / 100;
+    let kill_bucket = wall_clock_now().as_millis() / 100;
     brokers[0].kill();
     std::thread::sleep(down);
     let t = Instant::now();
-    let up_bucket = epoch_ms() / 100;
+    let up_bucket = wall_clock_now().as_millis() / 100;
     brokers[0].spawn()?;
     let ok =
         wait(cfg.phase_timeout, || view.stats.lock().map(|s| s.registered_known).unwrap_or(0) >= known0 + on_broker0);
@@ -552,7 +546,7 @@ impl ConnectCounts {
     fn new() -> Self {
         // Two hours of 100 ms buckets.
         Self {
-            start_bucket: epoch_ms() / 100,
+            start_bucket: wall_clock_now().as_millis() / 100,
             buckets: (0..72_000).map(|_| AtomicU32::new(0)).collect(),
             failures: AtomicU64::new(0),
         }
@@ -565,7 +559,7 @@ impl Connector for CountingConnector {
         let r = self.inner.connect().await;
         match &r {
             Ok(_) => {
-                let i = (epoch_ms() / 100).saturating_sub(self.counts.start_bucket) as usize;
+                let i = (wall_clock_now().as_millis() / 100).saturating_sub(self.counts.start_bucket) as usize;
                 if let Some(b) = self.counts.buckets.get(i) {
                     b.fetch_add(1, Ordering::Relaxed);
                 }
@@ -603,7 +597,8 @@ pub fn worker(cfg: &WorkerConfig) -> Result<(), MqttBenchError> {
             let mut reported = 0usize;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                let now = ((epoch_ms() / 100).saturating_sub(counts.start_bucket) as usize).min(counts.buckets.len());
+                let now = ((wall_clock_now().as_millis() / 100).saturating_sub(counts.start_bucket) as usize)
+                    .min(counts.buckets.len());
                 let mut out = String::new();
                 // Buckets before `now` are complete.
                 for i in reported..now {

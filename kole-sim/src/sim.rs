@@ -21,12 +21,11 @@ use std::sync::Arc;
 use crate::net::{NodeId, SimNetwork};
 use kole_core::agent::{
     Agent, AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, PersistedState,
-    RecordingRuntime,
+    RecordingRuntime, SpecCache,
 };
 use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
-use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp, Workload};
-use kole_core::protocol::{self, Message};
+use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp};
 use kole_core::transport::fault::FaultPlan;
 use kole_core::transport::{Destination, NodeDelivery};
 
@@ -110,7 +109,7 @@ pub struct Simulation {
     next_tick_ms: u64,
     out: Outputs,
     aout: AgentOutputs,
-    spec_cache: Option<(Arc<[u8]>, Arc<Workload>, u16)>,
+    specs: SpecCache,
     events: Vec<EngineEvent>,
     stats: SimStats,
 }
@@ -152,6 +151,7 @@ impl Simulation {
         let now_ms = cfg.start_ms;
         let engine =
             Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
+        let specs = SpecCache::new(cfg.agent.decode_limits.clone());
         Self {
             persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
             wake_at: vec![NEVER; cfg.nodes],
@@ -166,7 +166,7 @@ impl Simulation {
             now_ms,
             out: Outputs::default(),
             aout: AgentOutputs::default(),
-            spec_cache: None,
+            specs,
             events: Vec::new(),
             stats: SimStats::default(),
         }
@@ -318,22 +318,12 @@ impl Simulation {
 
     fn deliver(&mut self, node: NodeId, d: &NodeDelivery) {
         // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
-        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) && !d.payload.is_empty()
+        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..))
+            && !d.payload.is_empty()
+            && let Some((w, t)) = self.specs.get(&d.payload)
         {
-            let hit = self.spec_cache.as_ref().is_some_and(|(p, _, _)| Arc::ptr_eq(p, &d.payload));
-            if !hit
-                && let Ok(Message::WorkloadSpec(s)) =
-                    protocol::decode_downlink(&d.payload, &self.cfg.agent.decode_limits)
-            {
-                self.spec_cache = Some((Arc::clone(&d.payload), Arc::new(s.workload), s.wave_threshold));
-            }
-            if let Some((p, w, t)) = &self.spec_cache
-                && Arc::ptr_eq(p, &d.payload)
-            {
-                let (w, t) = (Arc::clone(w), *t);
-                self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
-                return;
-            }
+            self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
+            return;
         }
         self.agent_input(node, AgentInput::Delivery(d));
     }
@@ -509,7 +499,7 @@ impl Simulation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kole_core::model::{RolloutStrategy, Selector, WorkloadId};
+    use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
 
     fn workload(version: u64, waves: &[u8]) -> Workload {
         Workload {

@@ -72,7 +72,8 @@ pub enum AgentInput<'a> {
         from: &'a Destination,
     },
     /// A [`crate::protocol::WorkloadSpec`] decoded once and shared: a simulator that fans one spec
-    /// out to many agents hands each the same `Arc`, so they share its memory.
+    /// out to many agents hands each the same `Arc`, so they share its memory
+    /// ([`super::SpecCache`] decodes it once).
     SharedSpec {
         /// The workload.
         workload: &'a Arc<Workload>,

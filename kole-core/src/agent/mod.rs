@@ -58,6 +58,7 @@
 mod io;
 mod process;
 mod runtime;
+mod spec_cache;
 mod state;
 mod store;
 
@@ -72,6 +73,7 @@ pub use process::{
     MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError, RestartPolicy,
 };
 pub use runtime::{RecordingRuntime, RuntimeCall, RuntimeOp, WorkloadRuntime};
+pub use spec_cache::SpecCache;
 pub use state::{Agent, LinkState};
 pub use store::{
     AgentStore, FileAgentStore, MemoryAgentStore, PersistedState, STATE_FORMAT_VERSION, STATE_MAGIC, StateDecodeError,

@@ -2,14 +2,13 @@
 //! synchronously with virtual time: registration, a staged rollout to convergence, a rollout
 //! halted by failures, and a rollback.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use crate::agent::{
-    Agent, AgentConfig, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, RecordingRuntime,
+    Agent, AgentConfig, AgentIdentity, AgentInput, AgentOutputs, GroupChange, LinkState, RecordingRuntime, SpecCache,
 };
 use crate::cache::NodeCache;
 use crate::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
@@ -17,7 +16,7 @@ use crate::model::{
     DeliveryMode, Labels, NodeInfo, NodeName, RolloutStrategy, Selector, Timestamp, Workload, WorkloadId,
     WorkloadPhase, stable_hash,
 };
-use crate::protocol::{self, Message, MessageKind};
+use crate::protocol::{self, MessageKind};
 use crate::transport::memory::{MemoryCloud, MemoryConfig, MemoryHub, MemoryNode};
 use crate::transport::{CloudTransport, MessageTransport, NodeTransport};
 
@@ -30,9 +29,6 @@ fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
         Poll::Pending => None,
     }
 }
-
-/// A decoded spec, keyed by its payload's address; the payload is kept so the address stays its.
-type SharedSpec = (Arc<[u8]>, Arc<Workload>, u16);
 
 const HEARTBEAT_MS: u32 = 5_000;
 const STEP_MS: u64 = 500;
@@ -48,7 +44,7 @@ struct Fleet {
     eout: Outputs,
     events: Vec<EngineEvent>,
     /// Fan-out deliveries share their payload; decode each spec once and share the workload.
-    specs: HashMap<usize, SharedSpec>,
+    specs: SpecCache,
     now: u64,
 }
 
@@ -99,7 +95,7 @@ impl Fleet {
             out: AgentOutputs::default(),
             eout: Outputs::default(),
             events: Vec::new(),
-            specs: HashMap::new(),
+            specs: SpecCache::default(),
             now,
         };
         for i in 0..n {
@@ -149,14 +145,7 @@ impl Fleet {
                     let is_spec =
                         protocol::peek_kind(&d.payload, &Default::default()).ok() == Some(MessageKind::WorkloadSpec);
                     if is_spec {
-                        let key = d.payload.as_ptr() as usize;
-                        let (_, w, t) = self.specs.entry(key).or_insert_with(|| {
-                            let Ok(Message::WorkloadSpec(s)) = protocol::decode(&d.payload, &Default::default()) else {
-                                panic!("undecodable spec")
-                            };
-                            (d.payload.clone(), Arc::new(s.workload), s.wave_threshold)
-                        });
-                        let (w, t) = (w.clone(), *t);
+                        let Some((w, t)) = self.specs.get(&d.payload) else { panic!("undecodable spec") };
                         self.input(i, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
                     } else {
                         self.input(i, AgentInput::Delivery(&d));
