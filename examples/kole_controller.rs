@@ -227,6 +227,8 @@ fn spawn_simulated_fleet(hub: &MemoryHub, n: usize, stop: watch::Receiver<bool>)
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let opts = Options::parse();
+    // kole's libraries pick no rustls crypto provider; this program uses ring (an `Err` means one is set).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match &opts.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)?;

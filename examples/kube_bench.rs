@@ -105,6 +105,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Cli { nodes, list_nodes: list_n } = Cli::parse();
+    // kole's libraries pick no rustls crypto provider; this program uses ring (an `Err` means one is set).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = client().await?;
     let ns = "kole-bench";
     let nsapi: Api<Namespace> = Api::all(client.clone());

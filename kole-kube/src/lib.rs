@@ -24,6 +24,27 @@
 //! (kole's own tests use `v1_33`, the earliest of k8s-openapi 0.29; the resources themselves use only
 //! APIs that exist since Kubernetes 1.16).
 //!
+//! ## TLS: pick a crypto provider
+//!
+//! kube's client speaks TLS through rustls, and this crate enables no rustls crypto provider (no
+//! `ring` or `aws-lc-rs` feature of `kube`), so it never fights the application's choice. The
+//! application picks one, either with a feature of its own `kube` dependency:
+//!
+//! ```toml
+//! kube = { version = "5", default-features = false, features = ["client", "rustls-tls", "ring"] }
+//! # or: features = ["client", "rustls-tls", "aws-lc-rs"]
+//! ```
+//!
+//! or, when more than one provider is compiled in (rustls then refuses to guess and panics at the
+//! first connection), by installing one before the first client is built:
+//!
+//! ```ignore
+//! rustls::crypto::ring::default_provider().install_default().ok();
+//! // or: rustls::crypto::aws_lc_rs::default_provider().install_default().ok();
+//! ```
+//!
+//! kole's programs and tests use `ring`.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use kole_core::cache::StateCache;

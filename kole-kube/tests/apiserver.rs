@@ -93,6 +93,23 @@ async fn crds_install_and_the_schema_rejects_invalid_workloads() {
         assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "limit over 1000: {err:?}");
         q.spec.limit = 10;
         nq.create(&PostParams::default(), &q).await.unwrap();
+
+        // A chunk index past u32: the schema's bounds (not its format, which apiservers do not
+        // enforce) refuse it; apiservers accepted it while the schema said `format: uint32`.
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("kole.dev", "v1alpha1", "SnapshotChunk"));
+        let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        for (name, index, ok) in [("chunk-big", 5_000_000_000_u64, false), ("chunk-max", u64::from(u32::MAX), true)] {
+            let mut o = DynamicObject::new(name, &ar);
+            o.data = serde_json::json!({ "spec": { "generation": 1, "index": index, "bytes": 3, "data": "AAAA" } });
+            let res = raw.create(&PostParams::default(), &o).await;
+            if ok {
+                assert!(res.is_ok(), "{name}: {res:?}");
+            } else {
+                let refused =
+                    matches!(&res, Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("spec.index"));
+                assert!(refused, "{name}: {res:?}");
+            }
+        }
     })
     .await;
 }

@@ -47,3 +47,153 @@ fn crds_are_structural_and_named() {
     let mode = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["delivery"]["properties"]["mode"];
     assert_eq!(mode["enum"], serde_json::json!(["Broadcast", "Group", "PerNode"]));
 }
+
+/// Formats the apiserver knows (k8s.io/apiextensions-apiserver's `SupportedFormats`); any other one is
+/// warned about by current apiservers (`unrecognized format`) and enforced by none.
+const KNOWN_FORMATS: &[&str] = &[
+    "int32",
+    "int64",
+    "float",
+    "double",
+    "byte",
+    "binary",
+    "date",
+    "date-time",
+    "datetime",
+    "duration",
+    "password",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "bsonobjectid",
+];
+
+/// Walks the schema as installed (`fixed`) next to kube-derive's raw output (`raw`, which still carries
+/// schemars' `uint*` formats, so the walk knows which integers are unsigned) and collects what a
+/// current apiserver would warn about or fail to enforce.
+fn check_schema(path: &str, raw: &serde_json::Value, fixed: &serde_json::Value, problems: &mut Vec<String>) {
+    use serde_json::Value;
+    let (Value::Object(raw_map), Value::Object(map)) = (raw, fixed) else {
+        if let (Value::Array(raw_items), Value::Array(items)) = (raw, fixed) {
+            for (i, (r, f)) in raw_items.iter().zip(items).enumerate() {
+                check_schema(&format!("{path}[{i}]"), r, f, problems);
+            }
+        }
+        return;
+    };
+    if let Some(Value::String(format)) = map.get("format")
+        && !KNOWN_FORMATS.contains(&format.as_str())
+    {
+        problems.push(format!("{path}: format {format:?} is unknown to Kubernetes"));
+    }
+    if map.get("type") == Some(&Value::String("integer".into())) {
+        let format = map.get("format").and_then(Value::as_str);
+        if !matches!(format, Some("int32" | "int64")) {
+            problems.push(format!("{path}: integer with format {format:?}, not int32/int64"));
+        }
+        let raw_format = raw_map.get("format").and_then(Value::as_str).unwrap_or("");
+        let min = map.get("minimum").and_then(Value::as_f64);
+        let max = map.get("maximum").and_then(Value::as_f64);
+        let type_max = match raw_format {
+            "uint8" => Some(255.0),
+            "uint16" => Some(65535.0),
+            "uint32" => Some(4294967295.0),
+            _ => None,
+        };
+        if raw_format.starts_with("uint") && !min.is_some_and(|m| m >= 0.0) {
+            problems.push(format!("{path}: unsigned ({raw_format}) without minimum 0"));
+        }
+        if let Some(type_max) = type_max
+            && !max.is_some_and(|m| m <= type_max)
+        {
+            problems.push(format!("{path}: {raw_format} without a maximum of at most {type_max}"));
+        }
+        if format == Some("int32")
+            && !(min.is_some_and(|m| m >= f64::from(i32::MIN)) && max.is_some_and(|m| m <= f64::from(i32::MAX)))
+        {
+            // Only narrow types become int32; a wider value would be refused by the format, not the bounds.
+            problems.push(format!("{path}: int32 without bounds inside int32"));
+        }
+    }
+    if let Some(Value::String(d)) = map.get("description") {
+        if d.contains("Auto-generated derived type") {
+            problems.push(format!("{path}: kube-derive's placeholder description"));
+        }
+        if d.replace("\n\n", "").contains('\n') {
+            problems.push(format!("{path}: description with a hard line break inside a paragraph: {d:?}"));
+        }
+    } else if path.ends_with("openAPIV3Schema") {
+        problems.push(format!("{path}: the kind has no description"));
+    }
+    for (key, value) in map {
+        // `properties` maps names to schemas; a property may itself be called `description` or `format`.
+        if key == "description" || key == "format" {
+            continue;
+        }
+        if let Some(r) = raw_map.get(key) {
+            check_schema(&format!("{path}.{key}"), r, value, problems);
+        }
+    }
+}
+
+#[test]
+fn schemas_use_only_what_current_apiservers_know() {
+    use kole_kube::crd::*;
+    use kube::core::CustomResourceExt;
+    let raw = [EdgeWorkload::crd(), NodeQuery::crd(), SnapshotManifest::crd(), SnapshotChunk::crd()];
+    let fixed = all_crds();
+    assert_eq!(raw.len(), fixed.len());
+    let mut problems = Vec::new();
+    for (raw, fixed) in raw.iter().zip(&fixed) {
+        let name = fixed.metadata.name.clone().unwrap();
+        assert_eq!(raw.metadata.name.as_deref(), Some(name.as_str()));
+        for (rv, fv) in raw.spec.versions.iter().zip(&fixed.spec.versions) {
+            let r = serde_json::to_value(rv.schema.as_ref().unwrap()).unwrap();
+            let f = serde_json::to_value(fv.schema.as_ref().unwrap()).unwrap();
+            check_schema(&format!("{name}/{}", fv.name), &r, &f, &mut problems);
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    // The bounds the Rust types imply, spot-checked.
+    let chunk = serde_json::to_value(&fixed[3].spec.versions[0].schema).unwrap();
+    let index = &chunk["openAPIV3Schema"]["properties"]["spec"]["properties"]["index"];
+    assert_eq!(
+        (index["format"].as_str(), index["minimum"].as_f64(), index["maximum"].as_f64()),
+        (Some("int64"), Some(0.0), Some(4294967295.0))
+    );
+    let workload = serde_json::to_value(&fixed[0].spec.versions[0].schema).unwrap();
+    let percent = &workload["openAPIV3Schema"]["properties"]["spec"]["properties"]["rollout"]["properties"]["failureThreshold"]
+        ["properties"]["percent"];
+    assert_eq!((percent["format"].as_str(), percent["maximum"].as_f64()), (Some("int32"), Some(100.0)));
+}
+
+#[test]
+fn the_checker_catches_what_kube_derive_writes() {
+    // Without kole's pass, the same walk finds schemars' formats, the placeholder and wrapped docs.
+    use kube::core::CustomResourceExt;
+    let raw = kole_kube::crd::SnapshotChunk::crd();
+    let r = serde_json::to_value(raw.spec.versions[0].schema.as_ref().unwrap()).unwrap();
+    let mut problems = Vec::new();
+    check_schema("snapshotchunks", &r, &r, &mut problems);
+    let text = problems.join("\n");
+    assert!(text.contains("format \"uint32\""), "{text}");
+    assert!(text.contains("without a maximum"), "{text}");
+    assert!(text.contains("placeholder"), "{text}");
+    assert!(text.contains("hard line break"), "{text}");
+}

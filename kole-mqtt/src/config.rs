@@ -93,9 +93,9 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// TLS settings (feature `tls`): a rustls client configuration. kole-mqtt installs no crypto
-/// provider of its own choice beyond the `ring` one that the `tls` feature enables in rustls; build
-/// the [`rustls::ClientConfig`](tokio_rustls::rustls::ClientConfig) with your roots (and client
+/// TLS settings (feature `tls`): a rustls client configuration. kole-mqtt picks no crypto provider
+/// (see the crate docs, "TLS: pick a crypto provider"); build the
+/// [`rustls::ClientConfig`](tokio_rustls::rustls::ClientConfig) with your provider and roots (and client
 /// certificate, if the broker asks for one).
 #[cfg(feature = "tls")]
 #[derive(Clone, Debug)]

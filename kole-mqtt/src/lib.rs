@@ -43,6 +43,28 @@
 //! # }
 //! ```
 //!
+//! ## TLS: pick a crypto provider
+//!
+//! `mqtts://` brokers need the `tls` feature and a [`TlsSettings`] holding a rustls `ClientConfig`
+//! that the application builds (its roots, and a client certificate if the broker asks for one).
+//! kole-mqtt enables no rustls crypto provider, so the application picks one: either through its
+//! own rustls dependency (feature `ring` or `aws_lc_rs`, the default), or explicitly:
+//!
+//! ```ignore
+//! let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+//! let config = rustls::ClientConfig::builder_with_provider(provider)
+//!     .with_safe_default_protocol_versions()?
+//!     .with_root_certificates(roots)
+//!     .with_no_client_auth();
+//! let tls = kole_mqtt::TlsSettings { client_config: std::sync::Arc::new(config) };
+//! ```
+//!
+//! `builder_with_provider` never depends on the process default; `ClientConfig::builder()` uses the
+//! one installed with `CryptoProvider::install_default` (or the only one compiled in). One caveat:
+//! the default feature `embedded-broker` (for tests and demos) links the `mqtt5` broker, which turns
+//! on rustls's `ring` feature; a production build uses `default-features = false, features = ["tls"]`,
+//! or installs its provider explicitly as above.
+//!
 //! ## Why MQTT 3.1.1
 //!
 //! kole uses no MQTT 5 feature: sessions are clean (subscriptions are made again after every
