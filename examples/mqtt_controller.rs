@@ -186,6 +186,7 @@ fn print_event(ev: &DriverEvent) {
         }
         DriverEvent::SnapshotFailed(e) => println!("snapshot failed: {e}"),
         DriverEvent::SendFailed(e) => println!("send failed: {e}"),
+        other => println!("{other:?}"),
     }
 }
 

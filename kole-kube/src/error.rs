@@ -2,6 +2,7 @@
 
 /// What went wrong in kole-kube.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An `EdgeWorkload` the schema accepted breaks a rule of kole's model.
     #[error("EdgeWorkload {object} is invalid: {reason}")]

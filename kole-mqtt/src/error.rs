@@ -4,6 +4,7 @@ use kole_core::transport::TransportError;
 
 /// What went wrong setting up an MQTT transport or the embedded broker.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A broker address could not be parsed.
     #[error("invalid broker address {addr:?}: {reason}")]

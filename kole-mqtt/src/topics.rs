@@ -32,6 +32,7 @@ use kole_core::protocol::{Destination, GroupName, GroupNameError, UplinkKind};
 
 /// A topic, name or ACL input that breaks the layout's rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TopicError {
     /// A fleet, group, prefix level or user name breaks the name rules.
     #[error("invalid {what} {name:?}: {reason}")]

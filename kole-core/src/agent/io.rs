@@ -95,6 +95,7 @@ pub enum GroupChange {
 
 /// Something noteworthy, for logs and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AgentEvent {
     /// The cloud accepted the registration.
     Registered {

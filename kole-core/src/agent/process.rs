@@ -42,6 +42,7 @@ pub struct ProcessSpec {
 
 /// Why a spec is not a valid process spec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProcessSpecError {
     /// Not UTF-8.
     #[error("process spec is not UTF-8 text")]

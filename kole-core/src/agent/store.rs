@@ -42,6 +42,7 @@ struct BodyOwned {
 
 /// Why bytes are not a valid persisted state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StateDecodeError {
     /// Shorter than header and checksum.
     #[error("{len} bytes is shorter than the {min}-byte header and checksum (truncated write?)")]
@@ -160,6 +161,7 @@ impl PersistedState {
 
 /// Why the agent's state could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// Reading or writing failed.
     #[error("cannot {op} agent state file {path}")]

@@ -33,6 +33,7 @@ use crate::model::{
 
 /// Why a cache update was refused. Nothing changed when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CacheError {
     /// The node is not in the cache; it must register first.
     #[error("node is not registered")]

@@ -45,6 +45,7 @@ impl Default for EngineDriverConfig {
 
 /// What the driver reports to its owner (a status writer, a logger, a test).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum DriverEvent {
     /// A workload's aggregated status changed.
     Status(WorkloadStatus),
@@ -62,6 +63,7 @@ pub enum DriverEvent {
 
 /// Which input the driver just handed to the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandledInput {
     /// A batch of uplink messages from the transport, of this many messages.
     Uplink(usize),
@@ -102,6 +104,7 @@ impl<F: FnMut(&DriverStep<'_>) + Send> DriverObserver for F {
 
 /// Why the driver stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DriverError {
     /// The transport was closed.
     #[error("transport closed: {0}")]

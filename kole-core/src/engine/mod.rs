@@ -120,6 +120,7 @@ pub enum Input<'a> {
 
 /// Something noteworthy that happened, for logs, events and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EngineEvent {
     /// A rollout moved to a new wave.
     WaveAdvanced {

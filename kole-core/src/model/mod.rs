@@ -57,6 +57,7 @@ impl Timestamp {
 
 /// An input that breaks one of the model's rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ValidationError {
     /// A node name breaks the rules of [`NodeName`].
     #[error("invalid node name {name:?}: {reason}")]

@@ -8,6 +8,7 @@ use super::messages::{Direction, MessageKind, PROTOCOL_VERSION};
 
 /// Why bytes were not accepted as a message. Nothing was decoded when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// No bytes at all.
     #[error("empty message: expected at least the 2-byte envelope header")]

@@ -11,6 +11,7 @@ use crate::cache::CacheError;
 /// whole generation name the generation. A restore that skips a generation reports it as a
 /// [`RestoreFault`] holding one of these.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SnapshotError {
     /// One chunk of a generation is damaged, foreign or inconsistent.
     #[error("snapshot chunk {index} of generation {generation} {fault}")]

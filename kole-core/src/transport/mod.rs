@@ -54,6 +54,7 @@ pub use crate::protocol::{Destination, GroupName, UplinkKind};
 
 /// Why a transport operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The endpoint was closed (by its owner, by a takeover of the same identity, or by shutdown).
     /// Reconnect to go on.
