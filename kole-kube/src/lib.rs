@@ -38,7 +38,7 @@
 //! or, when more than one provider is compiled in (rustls then refuses to guess and panics at the
 //! first connection), by installing one before the first client is built:
 //!
-//! ```ignore
+//! ```text
 //! rustls::crypto::ring::default_provider().install_default().ok();
 //! // or: rustls::crypto::aws_lc_rs::default_provider().install_default().ok();
 //! ```

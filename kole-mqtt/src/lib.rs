@@ -50,7 +50,7 @@
 //! kole-mqtt enables no rustls crypto provider, so the application picks one: either through its
 //! own rustls dependency (feature `ring` or `aws_lc_rs`, the default), or explicitly:
 //!
-//! ```ignore
+//! ```text
 //! let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
 //! let config = rustls::ClientConfig::builder_with_provider(provider)
 //!     .with_safe_default_protocol_versions()?
