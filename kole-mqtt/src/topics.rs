@@ -27,7 +27,7 @@
 
 use std::fmt::{self, Write as _};
 
-use kole_core::model::{NodeName, ValidationError, WorkloadId, validate_node_name};
+use kole_core::model::{NodeName, ValidationError, WorkloadId, truncate_for_error, validate_node_name};
 use kole_core::protocol::{Destination, GroupName, GroupNameError, UplinkKind};
 
 /// A topic, name or ACL input that breaks the layout's rules.
@@ -88,19 +88,6 @@ impl From<GroupNameError> for TopicError {
 
 /// Longest accepted prefix, in bytes.
 pub const MAX_PREFIX_LEN: usize = 256;
-
-/// Keeps error messages bounded when the offending input is huge (the same cut as kole-core's).
-fn truncate_for_error(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
 
 fn check_name(what: &'static str, name: &str) -> Result<(), TopicError> {
     validate_node_name(name).map_err(|e| {

@@ -24,7 +24,7 @@ pub use workload::{
 };
 
 #[allow(unused_imports)]
-pub(crate) use name::truncate_for_error;
+pub use name::truncate_for_error;
 
 /// A point in time: milliseconds since the Unix epoch, on the caller's clock.
 ///

@@ -65,8 +65,9 @@ pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Keeps error messages bounded when the offending input is huge.
-pub(crate) fn truncate_for_error(s: &str) -> String {
+/// Keeps error messages bounded when the offending input is huge: the first 80 bytes (cut at a
+/// character boundary) and an ellipsis. Every crate of kole quotes bad input through it.
+pub fn truncate_for_error(s: &str) -> String {
     const MAX: usize = 80;
     if s.len() <= MAX {
         return s.to_owned();
