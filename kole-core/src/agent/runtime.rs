@@ -33,6 +33,15 @@ pub trait WorkloadRuntime: Send {
     /// reported (by `apply`, `restart` or an earlier `poll`), with its new phase.
     fn poll(&mut self, node: &NodeName, now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>);
 
+    /// Why workload `id` on `node` is `Failed`, in a line a person can act on (e.g. "exec
+    /// /nonexistent: No such file or directory", "image pull failed: …"); `None` when it is not
+    /// failed or the runtime cannot tell. The agent asks when it reports a `Failed` phase and sends
+    /// the reason (bounded) in its status report. Default: `None`.
+    fn failure_reason(&self, node: &NodeName, id: &WorkloadId) -> Option<String> {
+        let _ = (node, id);
+        None
+    }
+
     /// Node-level health flags the runtime contributes to heartbeats (e.g.
     /// [`NodeHealth::DEGRADED`] when the container runtime is unreachable). Default: none.
     fn health(&self, node: &NodeName) -> NodeHealth {
