@@ -101,6 +101,7 @@ pub mod engine;
 pub mod model;
 pub mod protocol;
 pub mod rng;
+pub mod runspec;
 pub mod snapshot;
 pub mod transport;
 

@@ -9,11 +9,13 @@ use kole_core::model::{
     DeliveryMode, FailureThreshold, LabelSelector, LabelSelectorRequirement, NodePhase, NodeRecord, RolloutStrategy,
     Selector, SelectorOperator, Timestamp, Workload, WorkloadId, WorkloadPhase,
 };
+use kole_core::runspec::{RestartPolicy, RunSpec, RunSpecError};
 use kube::ResourceExt;
 
 use crate::crd::{
     AppliedVersion, DeliveryModeSpec, EdgeWorkload, EdgeWorkloadSpec, EdgeWorkloadStatus, NodeItem, NodePhaseSpec,
-    NodeWorkloadItem, RolloutPhaseSpec, SelectorOperatorSpec, SelectorSpec, VersionCount,
+    NodeWorkloadItem, RestartPolicySpec, RolloutPhaseSpec, RuntimeSpec, SelectorOperatorSpec, SelectorSpec,
+    VersionCount,
 };
 use crate::{Error, Result};
 
@@ -46,9 +48,44 @@ pub fn selector(spec: &SelectorSpec) -> Result<Selector, kole_core::model::Valid
     Selector::try_from(&ls)
 }
 
-/// The canonical bytes of a runtime spec as nodes receive it (JSON, keys in a fixed order).
-pub fn runtime_bytes(spec: &EdgeWorkloadSpec) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&spec.runtime)
+/// The runtime spec nodes receive: kole's [`RunSpec`], checked by the rules every agent checks.
+pub fn run_spec(runtime: &RuntimeSpec) -> Result<RunSpec, String> {
+    let mut spec = match &runtime.image {
+        Some(image) => RunSpec::container(image.clone()),
+        None => RunSpec::default(),
+    };
+    spec.command.clone_from(&runtime.command);
+    spec.args.clone_from(&runtime.args);
+    for var in &runtime.env {
+        if spec.env.insert(var.name.clone(), var.value.clone()).is_some() {
+            return Err(format!("env: {:?} is set twice", var.name));
+        }
+    }
+    spec.working_dir.clone_from(&runtime.working_dir);
+    spec.restart = match runtime.restart_policy.unwrap_or_default() {
+        RestartPolicySpec::Always => RestartPolicy::Always,
+        RestartPolicySpec::OnFailure => RestartPolicy::OnFailure,
+        RestartPolicySpec::Never => RestartPolicy::Never,
+    };
+    if let Some(n) = runtime.max_restarts {
+        spec.max_restarts = n;
+    }
+    if let Some(secs) = runtime.stop_grace_period_seconds {
+        spec.stop_grace_ms = secs.saturating_mul(1_000);
+    }
+    spec.config.clone_from(&runtime.config);
+    spec.validate().map_err(|e| match e {
+        RunSpecError::Invalid { field: "command", .. } if runtime.image.is_none() => {
+            "set image (for a container runtime) or command (for the process runtime)".to_owned()
+        }
+        e => e.to_string(),
+    })?;
+    Ok(spec)
+}
+
+/// The bytes of a workload's runtime spec as nodes receive it (kole's runtime spec format).
+pub fn runtime_bytes(spec: &EdgeWorkloadSpec) -> Result<Vec<u8>, String> {
+    run_spec(&spec.runtime)?.encode().map_err(|e| e.to_string())
 }
 
 /// Builds the model's workload from a spec at `version`, for the object named `id`.
@@ -75,7 +112,7 @@ pub fn workload_from_spec(id: &WorkloadId, version: u64, spec: &EdgeWorkloadSpec
     };
     let rollout = RolloutStrategy { waves: spec.rollout.waves.clone(), paused: spec.rollout.paused, failure_threshold };
     rollout.validate().map_err(|e| bad(format!("spec.rollout: {e}")))?;
-    let bytes = runtime_bytes(spec).map_err(|e| bad(format!("spec.runtime does not serialize: {e}")))?;
+    let bytes = runtime_bytes(spec).map_err(|e| bad(format!("spec.runtime: {e}")))?;
     Ok(Workload { id: id.clone(), version, spec: bytes, selector, delivery, rollout })
 }
 
@@ -279,7 +316,7 @@ pub fn rfc3339(t: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DeliverySpec, FailureThresholdSpec, RolloutSpec, RuntimeSpec};
+    use crate::crd::{DeliverySpec, EnvVar, FailureThresholdSpec, RolloutSpec, RuntimeSpec};
 
     fn object(spec: EdgeWorkloadSpec) -> EdgeWorkload {
         let mut o = EdgeWorkload::new("cdn", spec);
@@ -290,7 +327,7 @@ mod tests {
 
     fn spec() -> EdgeWorkloadSpec {
         EdgeWorkloadSpec {
-            runtime: RuntimeSpec { image: "cdn:1".into(), ..Default::default() },
+            runtime: RuntimeSpec { image: Some("cdn:1".into()), ..Default::default() },
             selector: SelectorSpec { match_labels: [("tier".into(), "cdn".into())].into(), ..Default::default() },
             delivery: DeliverySpec::default(),
             rollout: RolloutSpec { waves: vec![10, 100], ..Default::default() },
@@ -303,8 +340,51 @@ mod tests {
         assert_eq!(w.id.as_str(), "edge/cdn");
         assert_eq!(w.version, 3);
         assert_eq!(w.rollout.waves, vec![10, 100]);
-        assert_eq!(w.spec, br#"{"image":"cdn:1"}"#);
+        assert_eq!(RunSpec::decode(&w.spec, &Default::default()).unwrap(), RunSpec::container("cdn:1"));
         assert_eq!(w.selector, Selector::parse("tier=cdn").unwrap());
+    }
+
+    #[test]
+    fn a_process_runtime_section_becomes_the_runtime_spec_nodes_decode() {
+        let runtime: RuntimeSpec = serde_json::from_value(serde_json::json!({
+            "command": ["sh", "-c"],
+            "args": ["echo $GREETING; sleep 60"],
+            "env": [{"name": "GREETING", "value": "hello"}],
+            "workingDir": "/tmp",
+            "restartPolicy": "OnFailure",
+            "maxRestarts": 2,
+            "stopGracePeriodSeconds": 3,
+            "config": "k: v",
+        }))
+        .unwrap();
+        let got = run_spec(&runtime).unwrap();
+        let mut want = RunSpec::process(["sh", "-c"]);
+        want.args = vec!["echo $GREETING; sleep 60".into()];
+        want.env.insert("GREETING".into(), "hello".into());
+        want.working_dir = Some("/tmp".into());
+        want.restart = RestartPolicy::OnFailure;
+        want.max_restarts = 2;
+        want.stop_grace_ms = 3_000;
+        want.config = Some("k: v".into());
+        assert_eq!(got, want);
+        let bytes = runtime_bytes(&EdgeWorkloadSpec { runtime, ..spec() }).unwrap();
+        assert_eq!(RunSpec::decode(&bytes, &Default::default()).unwrap(), want);
+    }
+
+    #[test]
+    fn a_runtime_section_nodes_would_refuse_is_refused_here() {
+        let bad = |runtime: RuntimeSpec| {
+            let err = workload_from_object(&object(EdgeWorkloadSpec { runtime, ..spec() })).unwrap_err();
+            err.to_string()
+        };
+        let none = bad(RuntimeSpec::default());
+        assert!(none.contains("set image") && none.contains("or command"), "{none}");
+        let env = vec![EnvVar { name: "A".into(), value: "1".into() }, EnvVar { name: "A".into(), value: "2".into() }];
+        let twice = bad(RuntimeSpec { command: vec!["true".into()], env, ..Default::default() });
+        assert!(twice.contains("\"A\" is set twice"), "{twice}");
+        let kole = vec![EnvVar { name: "KOLE_NODE".into(), value: "x".into() }];
+        let reserved = bad(RuntimeSpec { command: vec!["true".into()], env: kole, ..Default::default() });
+        assert!(reserved.contains("reserved"), "{reserved}");
     }
 
     #[test]

@@ -59,29 +59,74 @@ pub enum SelectorOperatorSpec {
     DoesNotExist,
 }
 
-/// What a node runs for a workload. Opaque to kole: the agent's runtime interprets it. Stored on
-/// nodes as its canonical JSON.
+/// What a node runs for a workload: a container (`image`, on agents started with a container
+/// runtime) or a process (`command`, on agents started with `--runtime process`). Nodes receive it
+/// as kole's runtime spec (`kole_core::runspec::RunSpec`, see docs/runtime.md).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeSpec {
-    /// Image or artifact reference, e.g. `registry.example/cdn-cache:1.4`.
+    /// Container image, e.g. `registry.example/cdn-cache:1.4`. Required by container runtimes;
+    /// a process workload leaves it out and sets `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
-    pub image: String,
-    /// Entry point override.
+    pub image: Option<String>,
+    /// Entry point: the program and its first arguments for a process; overrides the image's
+    /// entry point for a container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 256))]
     pub command: Vec<String>,
-    /// Arguments.
+    /// Arguments, after `command`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub args: Vec<String>,
-    /// Environment variables.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    /// Free-form configuration handed to the workload (at most 64 KiB).
+    /// Environment variables (names unique; `KOLE_*` is reserved for the node's and the
+    /// workload's identity). The workload sees only these, plus its identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub env: Vec<EnvVar>,
+    /// Working directory (an absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^/"))]
+    pub working_dir: Option<String>,
+    /// When to restart the workload after it exits. Default `Always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicySpec>,
+    /// Restarts in a row before the node reports the workload failed. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
+    pub max_restarts: Option<u32>,
+    /// Seconds between SIGTERM and SIGKILL when the workload stops. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 3600))]
+    pub stop_grace_period_seconds: Option<u32>,
+    /// Free-form configuration handed to the workload (at most 64 KiB): the runtime writes it to a
+    /// file named by the workload's `KOLE_CONFIG_FILE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub config: Option<String>,
+}
+
+/// One environment variable of a workload.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct EnvVar {
+    /// The name.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"))]
+    pub name: String,
+    /// The value.
+    #[serde(default)]
+    pub value: String,
+}
+
+/// When a workload that exited is started again.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RestartPolicySpec {
+    /// After every exit (a service).
+    #[default]
+    Always,
+    /// After an exit with a failure status.
+    OnFailure,
+    /// Never (a job).
+    Never,
 }
 
 /// How a workload's spec reaches its nodes.

@@ -29,7 +29,7 @@ async fn timed<F: std::future::Future>(f: F) -> F::Output {
 
 fn workload(image: &str, tier: &str) -> EdgeWorkloadSpec {
     EdgeWorkloadSpec {
-        runtime: RuntimeSpec { image: image.into(), ..Default::default() },
+        runtime: RuntimeSpec { image: Some(image.into()), ..Default::default() },
         selector: SelectorSpec { match_labels: [("tier".to_owned(), tier.to_owned())].into(), ..Default::default() },
         delivery: DeliverySpec::default(),
         rollout: RolloutSpec::default(),
@@ -363,7 +363,7 @@ async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
         let ctl_b = ControllerUnderTest::start(&client, &ns, &hub, Some(snapshots.clone())).await;
         assert_eq!(ctl_b.cache.read().len(), 30, "b restored the fleet from the snapshot");
         let mut o = api.get("retail").await.unwrap();
-        o.spec.runtime.image = "pos:8".into();
+        o.spec.runtime.image = Some("pos:8".into());
         o.metadata.managed_fields = None;
         api.replace("retail", &PostParams::default(), &o).await.unwrap();
         eventually(Duration::from_secs(90), "b's rollout converged", ready(15, 2)).await;
