@@ -161,6 +161,10 @@ struct State {
     serving: AtomicBool,
     /// Whether the last Lease round reached the apiserver.
     lease_reachable: watch::Receiver<bool>,
+    /// Whether this replica holds the Lease (serving or still taking over).
+    leading: watch::Receiver<bool>,
+    /// What a leader that is not serving yet is doing.
+    takeover: Mutex<&'static str>,
     /// The MQTT transport of the current term (none with the in-memory hub or while standing by).
     cloud: Mutex<Option<Arc<MqttCloud>>>,
     /// Transport counters of earlier terms (each term's transport counts from zero).
@@ -179,13 +183,15 @@ struct State {
 }
 
 impl State {
-    fn new(lease_reachable: watch::Receiver<bool>) -> Self {
+    fn new(lease_reachable: watch::Receiver<bool>, leading: watch::Receiver<bool>) -> Self {
         Self {
             healthy: AtomicBool::new(true),
             failure: Mutex::new(None),
             stopping: AtomicBool::new(false),
             serving: AtomicBool::new(false),
             lease_reachable,
+            leading,
+            takeover: Mutex::new("restoring"),
             cloud: Mutex::new(None),
             cloud_base: Mutex::new(CloudStats::default()),
             cache: Mutex::new(None),
@@ -241,6 +247,12 @@ impl State {
         }
     }
 
+    fn set_takeover(&self, doing: &'static str) {
+        if let Ok(mut t) = self.takeover.lock() {
+            *t = doing;
+        }
+    }
+
     /// `/healthz`: status line and body.
     fn health(&self) -> (bool, String) {
         if self.healthy.load(Ordering::Relaxed) {
@@ -272,6 +284,10 @@ impl State {
                     }
                 }
             };
+        }
+        if *self.leading.borrow() {
+            let doing = self.takeover.lock().map(|t| *t).unwrap_or("taking over");
+            return (false, format!("not ready: leading, {doing}\n"));
         }
         if *self.lease_reachable.borrow() {
             (true, "ready: standing by (the apiserver is reachable; takes over when the Lease is free)\n".into())
@@ -525,7 +541,7 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
 
     let (leading_tx, leading_rx) = watch::channel(false);
     let (reachable_tx, reachable_rx) = watch::channel(false);
-    let state = Arc::new(State::new(reachable_rx));
+    let state = Arc::new(State::new(reachable_rx, leading_rx.clone()));
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(StateMetrics(state.clone())));
     let listener = tokio::net::TcpListener::bind(&opts.listen)
@@ -602,6 +618,7 @@ impl Term<'_> {
         let started = Instant::now();
         state.leader_terms.fetch_add(1, Ordering::Relaxed);
         tracing::info!(identity = %opts.identity, "leading: restoring from the latest snapshot");
+        state.set_takeover("restoring from the snapshot");
         let store: Arc<dyn SnapshotStore> = Arc::new(KubeSnapshotStore::new(
             self.client.clone(),
             KubeSnapshotConfig { namespace: opts.namespace.clone(), ..Default::default() },
@@ -635,6 +652,7 @@ impl Term<'_> {
         *state.cache.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))? = Some(engine.store());
         let cache = engine.store();
 
+        state.set_takeover("connecting to the brokers");
         let cloud: Arc<dyn CloudTransport> = match self.connect(&leading, &stop).await? {
             Ok(Some(mqtt)) => mqtt,
             Ok(None) => Arc::new(self.hub.cloud()?),
@@ -906,11 +924,15 @@ mod tests {
     #[test]
     fn readiness_follows_the_role() {
         let (reach_tx, reach_rx) = watch::channel(false);
-        let s = State::new(reach_rx);
+        let (lead_tx, lead_rx) = watch::channel(false);
+        let s = State::new(reach_rx, lead_rx);
         assert!(!s.readiness(0).0, "a standby that has not reached the apiserver");
         reach_tx.send_replace(true);
         let (ok, body) = s.readiness(0);
         assert!(ok && body.contains("standing by"), "{body}");
+        lead_tx.send_replace(true);
+        let (ok, body) = s.readiness(0);
+        assert!(!ok && body.contains("restoring"), "a leader taking over is not ready yet: {body}");
         s.serving.store(true, Ordering::Relaxed);
         assert!(s.readiness(2).1.contains("leading"));
         s.stopping.store(true, Ordering::Relaxed);
