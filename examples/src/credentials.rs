@@ -137,7 +137,7 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes `bytes` to `path` with mode 0600 (through a temporary file and a rename, so a reader
 /// never sees half a file).
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)

@@ -79,6 +79,11 @@ async fn mosquitto_accepts_the_written_credentials_and_refuses_others() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("2 node(s)") && stdout.contains("mosquitto.passwd"), "{stdout}");
 
+    use std::os::unix::fs::PermissionsExt as _;
+    for f in ["mosquitto.passwd", "mosquitto.acl", "kole-controller.password", "nodes/edge-1.password"] {
+        let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
     let (_broker, port) = start_mosquitto(&out);
     let broker = BrokerAddr::tcp("127.0.0.1", port);
     let topics = Topics::new("default").unwrap();

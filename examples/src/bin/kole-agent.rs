@@ -100,15 +100,25 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(work)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+/// Errors are logged once, with their causes, and give exit status 1.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    cli.log.init()?;
-    if let Err(e) = run(cli).await {
-        tracing::error!("{e:#}");
-        return Err(e);
+    if let Err(e) = cli.log.init() {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::FAILURE;
     }
-    Ok(())
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -450,32 +450,43 @@ fn spawn_simulated_fleet(hub: &MemoryHub, n: usize, stop: watch::Receiver<bool>)
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are logged once, with their causes, and give exit status 1.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Credentials(args)) => credentials(args),
-        None => {
-            cli.run.log.init()?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-            let result = rt.block_on(run(cli.run));
-            if let Err(e) = &result {
-                tracing::error!("{e:#}");
+    let result = match cli.command {
+        Some(Command::Credentials(args)) => credentials(args).inspect_err(|e| eprintln!("error: {e:#}")),
+        None => match cli.run.log.init() {
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                Err(e)
             }
-            // Abandoned tasks (an HTTP request, a simulated agent) must not hold the exit up.
-            rt.shutdown_timeout(Duration::from_secs(1));
-            result
-        }
-    }
+            Ok(()) => {
+                let result = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| {
+                        let result = rt.block_on(run(cli.run));
+                        // Abandoned tasks (an HTTP request, a simulated agent) must not hold the exit up.
+                        rt.shutdown_timeout(Duration::from_secs(1));
+                        result
+                    });
+                result.inspect_err(|e| tracing::error!("{e:#}"))
+            }
+        },
+    };
+    if result.is_ok() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
 }
 
 fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
     use kole_examples::credentials::{read_nodes_file, write_fleet_credentials};
+    // The ACL is written after the passwords, into the directory they created (0700).
     let nodes = read_nodes_file(&args.nodes_file)?;
     let topics = kole_mqtt::Topics::new(&args.fleet)?;
     let acl = topics.mosquitto_acl(&args.controller_user)?;
     let written = write_fleet_credentials(&args.out, &args.controller_user, &nodes)?;
     let acl_path = args.out.join("mosquitto.acl");
-    std::fs::write(&acl_path, acl).with_context(|| format!("writing {}", acl_path.display()))?;
+    kole_examples::credentials::write_private(&acl_path, acl.as_bytes())?;
     println!(
         "{} node(s) ({} kept their password), controller user {}:",
         nodes.len(),
