@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # kole-controller's container image: `docker build -t kole-controller:0.1.0 .` (or podman build).
 #
 # Stage 1 builds the release binary with the locked dependencies; stage 2 is distroless (glibc, CA

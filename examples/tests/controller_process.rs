@@ -171,6 +171,7 @@ async fn sigterm_hands_over_to_the_standby_which_leads_and_restores_within_2s() 
         b.metric("kole_leader") == Some(1.0) && b.metric("kole_restored_nodes") == Some(nodes)
     });
     let took = t.elapsed();
+    println!("b led and had restored a's {nodes} nodes {took:?} after a's SIGTERM");
     let status = a.wait_exit(Duration::from_secs(25));
     assert!(status.success(), "a exited with {status}; log:\n{}", a.logs());
     assert!(took < Duration::from_secs(2), "b took {took:?} to lead and restore after a's SIGTERM");

@@ -61,7 +61,7 @@ struct Cli {
 /// [`RuntimeKind::build`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum RuntimeKind {
-    /// Local processes (the spec is a command line and a restart policy; see `docs/agent.md`).
+    /// Local processes (a command, its arguments and a restart policy; see `docs/agent.md`).
     Process,
     /// Nothing runs: workloads are only recorded as running (to try a fleet out).
     Record,
