@@ -13,7 +13,7 @@
 //! Options (`--help` lists them): `--broker URL` (repeatable or a comma-separated list; env
 //! `KOLE_MQTT_BROKERS`; default `mqtt://127.0.0.1:1883`), `--embedded-broker`, `--fleet NAME` (env
 //! `KOLE_FLEET`; default `default`), `--mqtt-user NAME` or `--user NAME` (env `KOLE_MQTT_USER`) and
-//! `--mqtt-password P` or `--password P` (env `KOLE_MQTT_PASSWORD`), `--snapshots DIR` (default a
+//! `--mqtt-password-file FILE` or `--password-file FILE` (else env `KOLE_MQTT_PASSWORD`), `--snapshots DIR` (default a
 //! directory under the temp dir), `--workload FILE` (a process spec, see `ProcessRuntime`; default
 //! a built-in `sleep`), `--workload-id NS/NAME` (default `demo/sleeper`), `--selector EXPR`
 //! (default every node), `--version N` (default 1), `--apply-after SECS` (default 3: the demo
@@ -86,8 +86,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    let fleet = cli.mqtt.fleet;
-    let credentials = match (cli.login.mqtt_user, cli.mqtt.mqtt_password) {
+    let fleet = cli.mqtt.fleet.clone();
+    let password = cli.mqtt.password().map_err(|e| format!("{e:#}"))?;
+    let credentials = match (cli.login.mqtt_user, password) {
         (Some(username), Some(password)) => Some(Credentials { username, password }),
         (Some(username), None) => Some(Credentials { username, password: String::new() }),
         (None, _) => None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tries kole over MQTT with zero setup: the example controller with its embedded broker and three
-# example agents (--dry-run), as separate processes; passes when the controller reports the
-# workload ready on all three nodes.
+# kole-agent processes (--runtime record: workloads are only recorded), as separate processes;
+# passes when the controller reports the workload ready on all three nodes.
 #
 #   examples/mqtt_try.sh            # builds the examples (debug) first
 #   KOLE_TRY_TIMEOUT=60 examples/mqtt_try.sh
@@ -18,8 +18,9 @@ cleanup() {
 trap cleanup EXIT
 
 cd "$ROOT"
-cargo build -q -p kole-examples --examples
-BIN="$ROOT/target/debug/examples"
+cargo build -q -p kole-examples --examples --bins
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET/debug/examples"
 
 "$BIN/mqtt_controller" --embedded-broker --snapshots "$WORK/snapshots" > "$WORK/controller.log" 2>&1 &
 pids+=($!)
@@ -32,8 +33,8 @@ BROKER="$(sed -n 's/^embedded broker listening on //p' "$WORK/controller.log")"
 echo "controller up, broker $BROKER"
 
 for i in 1 2 3; do
-    "$BIN/mqtt_agent" --name "edge-$i" --labels "tier=edge,site=lab-$i" --broker "$BROKER" --dry-run \
-        --state "$WORK/edge-$i.state" > "$WORK/agent-$i.log" 2>&1 &
+    "$TARGET/debug/kole-agent" --name "edge-$i" --labels "tier=edge,site=lab-$i" --broker "$BROKER" \
+        --runtime record --state-dir "$WORK/edge-$i" > "$WORK/agent-$i.log" 2>&1 &
     pids+=($!)
 done
 

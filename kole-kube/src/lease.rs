@@ -5,6 +5,10 @@
 //! has not changed for [`LeaseConfig::lease_duration`] *by its own clock* (so clock skew between
 //! replicas does not matter). Every write carries the `resourceVersion` it read, so two candidates
 //! cannot both win: the loser gets 409 Conflict.
+//!
+//! A leader that shuts down [releases](LeaderElector::release) the lease: it clears the holder
+//! and shortens the duration to a second, so a standby (which polls every
+//! [`LeaseConfig::retry_interval`]) takes over within about a second instead of waiting for expiry.
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +31,11 @@ pub struct LeaseConfig {
     pub identity: String,
     /// How long a lease is valid without renewal. Default 15 s.
     pub lease_duration: Duration,
-    /// How often the holder renews and candidates retry. Default 2 s.
+    /// How often the holder renews. Default 2 s.
     pub renew_interval: Duration,
+    /// How often a candidate (a standby) looks at the lease again. Default 500 ms: a released lease
+    /// is taken over within this, at the price of one GET per interval per standby.
+    pub retry_interval: Duration,
 }
 
 impl LeaseConfig {
@@ -40,6 +47,7 @@ impl LeaseConfig {
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
             renew_interval: Duration::from_secs(2),
+            retry_interval: Duration::from_millis(500),
         }
     }
 }
@@ -145,7 +153,8 @@ impl LeaderElector {
         Ok(self.leading)
     }
 
-    /// Gives the lease up (clears the holder) when held, so a standby takes over at once.
+    /// Gives the lease up when held: clears the holder and sets a one-second duration, so a standby
+    /// takes it over at its next look instead of waiting for the lease to expire.
     pub async fn release(&mut self) -> Result<()> {
         if !self.leading {
             return Ok(());
@@ -161,6 +170,9 @@ impl LeaderElector {
             && spec.holder_identity.as_deref() == Some(self.cfg.identity.as_str())
         {
             spec.holder_identity = None;
+            // For electors that do not treat an empty holder as vacant (client-go does), a short
+            // duration makes the record expire soon.
+            spec.lease_duration_seconds = Some(1);
             self.api
                 .replace(&self.cfg.name, &PostParams::default(), &lease)
                 .await
@@ -171,18 +183,38 @@ impl LeaderElector {
 
     /// Campaigns until `shutdown` turns true, publishing leadership on `leading`; a leader that
     /// fails to renew within the lease duration steps down. Releases the lease on shutdown.
-    pub async fn run(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, leading: watch::Sender<bool>, shutdown: watch::Receiver<bool>) {
+        let (reachable, _) = watch::channel(false);
+        self.run_reporting(leading, reachable, shutdown).await;
+    }
+
+    /// [`run`](Self::run), also publishing on `reachable` whether the last round reached the
+    /// apiserver (a standby that cannot reach it could not take over: a readiness signal).
+    pub async fn run_reporting(
+        mut self,
+        leading: watch::Sender<bool>,
+        reachable: watch::Sender<bool>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut last_renew = Instant::now();
         loop {
-            match self.step().await {
-                Ok(true) => last_renew = Instant::now(),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election step failed"),
-            }
+            let ok = match self.step().await {
+                Ok(true) => {
+                    last_renew = Instant::now();
+                    true
+                }
+                Ok(false) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election step failed");
+                    false
+                }
+            };
+            reachable.send_if_modified(|r| std::mem::replace(r, ok) != ok);
             let lead = self.leading && last_renew.elapsed() < self.cfg.lease_duration;
             leading.send_if_modified(|l| std::mem::replace(l, lead) != lead);
+            let wait = if lead { self.cfg.renew_interval } else { self.cfg.retry_interval };
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.renew_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() {

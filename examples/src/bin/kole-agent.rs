@@ -1,0 +1,249 @@
+//! `kole-agent`: the kole edge agent. Registers with the controller over MQTT, heartbeats, runs the
+//! workloads the controller sends, and keeps its desired state under its state directory so it
+//! restarts autonomously (edge autonomy: it keeps running its last desired state while offline).
+//!
+//! ```text
+//! kole-agent --name edge-1 --labels tier=edge,site=lab --broker mqtts://broker.example:8883 \
+//!     --tls-ca /etc/kole/ca.crt --password-file /etc/kole/password
+//! ```
+//!
+//! `kole-agent --help` lists every flag and its environment variable; `docs/agent.md` covers the
+//! installation (systemd unit in `deploy/agent/`), the credentials, the CA and the state directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kole_core::agent::driver::{AgentDriverConfig, run_agent};
+use kole_core::agent::{
+    Agent, AgentConfig, AgentIdentity, FileAgentStore, ProcessRuntime, RecordingRuntime, WorkloadRuntime, load_or_empty,
+};
+use kole_core::model::{Labels, NodeInfo, NodeName};
+use kole_examples::{BrokerArgs, LogArgs, TlsArgs};
+use kole_mqtt::{BrokerAddr, ConnectionConfig, MqttConnector, NodeConfig, Topics};
+use tokio::sync::watch;
+
+/// The kole edge agent: registers with the controller over MQTT, heartbeats, and runs the
+/// workloads the controller sends.
+///
+/// Every flag falls back to its environment variable (a flag wins). The MQTT password comes from
+/// `--password-file` or the environment variable KOLE_MQTT_PASSWORD, never from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "kole-agent", version)]
+struct Cli {
+    /// The node's name; also its MQTT user name and client id.
+    #[arg(long, value_name = "NODE", env = "KOLE_NODE_NAME")]
+    name: String,
+    /// The node's labels, `key=value,...`.
+    #[arg(long, value_name = "K=V,...", env = "KOLE_LABELS")]
+    labels: Option<String>,
+    /// Directory of the agent's state (created 0700; files in it 0600). The workloads run with it
+    /// (its `work/` subdirectory) as their working directory.
+    #[arg(long, value_name = "DIR", env = "KOLE_STATE_DIR", default_value = "/var/lib/kole")]
+    state_dir: PathBuf,
+    /// How workloads run.
+    #[arg(long, value_name = "RUNTIME", env = "KOLE_RUNTIME", default_value = "process")]
+    runtime: RuntimeKind,
+    /// Stop after this many seconds [default: until SIGTERM or Ctrl-C].
+    #[arg(long, value_name = "SECS")]
+    run_for: Option<u64>,
+    #[command(flatten)]
+    mqtt: BrokerArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// The workload runtimes this program ships. Adding one is a variant here and an arm in
+/// [`RuntimeKind::build`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeKind {
+    /// Local processes (a command, its arguments and a restart policy; see `docs/agent.md`).
+    Process,
+    /// Nothing runs: workloads are only recorded as running (to try a fleet out).
+    Record,
+}
+
+impl RuntimeKind {
+    fn build(self) -> Box<dyn WorkloadRuntime> {
+        match self {
+            Self::Process => Box::new(ProcessRuntime::default()),
+            Self::Record => Box::new(RecordingRuntime::instant()),
+        }
+    }
+}
+
+/// `key=value,...` into labels, with an error naming the bad pair.
+fn parse_labels(list: Option<&str>) -> anyhow::Result<Labels> {
+    let mut labels = Labels::new();
+    for pair in list.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').with_context(|| format!("--labels: {pair:?} is not key=value"))?;
+        labels.insert(k.trim(), v.trim()).with_context(|| format!("--labels: {pair:?}"))?;
+    }
+    Ok(labels)
+}
+
+/// Creates the state directory (0700) and its `work/` subdirectory, and sets the process umask to
+/// 0077 so every file the agent writes there is 0600.
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).with_context(|| {
+        format!("creating the state directory {} (--state-dir; it must be writable by this user)", dir.display())
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making the state directory {} private (0700)", dir.display()))?;
+    Ok(work)
+}
+
+/// Errors are logged once, with their causes, and give exit status 1.
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.log.init() {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let name = NodeName::new(cli.name.as_str()).with_context(|| format!("--name {:?} is not a node name", cli.name))?;
+    let labels = parse_labels(cli.labels.as_deref())?;
+    let brokers = cli.mqtt.brokers_or(BrokerAddr::tcp("127.0.0.1", 1883));
+    let password = cli.mqtt.password()?;
+    if password.is_none() {
+        tracing::warn!(
+            "no MQTT password (--password-file or KOLE_MQTT_PASSWORD): only an open broker accepts this agent"
+        );
+    }
+    let tls = cli.tls.settings(&brokers)?;
+    let work = prepare_state_dir(&cli.state_dir)?;
+    // Workloads inherit the working directory: their relative paths land in the state directory.
+    std::env::set_current_dir(&work).with_context(|| format!("entering {}", work.display()))?;
+    let state = cli.state_dir.join("desired.state");
+
+    let store = FileAgentStore::new(&state);
+    let (persisted, load_error) = load_or_empty(&store);
+    if let Some(e) = load_error {
+        tracing::warn!(error = %e, path = %state.display(), "ignoring the saved desired state");
+    }
+    let info = NodeInfo {
+        arch: std::env::consts::ARCH.into(),
+        os: std::env::consts::OS.into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        addresses: Vec::new(),
+    };
+    let identity = AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(info) };
+    // A new boot id per start: the controller tells a restart from a duplicate by it.
+    let boot_id = (kole_core::clock::wall_clock_now().as_millis() as u32) ^ std::process::id().rotate_left(16);
+    let mut agent = Agent::new(AgentConfig::default(), identity, boot_id, persisted);
+    let connection = ConnectionConfig { tls, ..ConnectionConfig::default() };
+    let connector = MqttConnector::new(
+        Topics::new(&cli.mqtt.fleet)?,
+        name.clone(),
+        NodeConfig { brokers: brokers.clone(), password, connection, ..NodeConfig::default() },
+    )?;
+    let mut runtime = cli.runtime.build();
+    let list: Vec<String> = brokers.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        node = %name, fleet = %cli.mqtt.fleet, brokers = %list.join(","), runtime = ?cli.runtime,
+        state_dir = %cli.state_dir.display(), "agent starting"
+    );
+
+    let (stop, shutdown) = watch::channel(false);
+    let run_for = cli.run_for;
+    let stopper = tokio::spawn(async move {
+        match run_for {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => match kole_examples::termination_signal().await {
+                Ok(sig) => tracing::info!(signal = sig, "stopping"),
+                Err(e) => tracing::error!("{e:#}"),
+            },
+        }
+        let _ = stop.send(true);
+    });
+    let stats =
+        run_agent(&mut agent, &connector, runtime.as_mut(), &store, &AgentDriverConfig::default(), shutdown).await;
+    stopper.abort();
+    let running: Vec<String> =
+        agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();
+    tracing::info!(node = %name, stats = ?stats, workloads = %running.join(", "), "agent stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kole-agent").chain(line.split_whitespace()))
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// The command lines of this file's docs, the README, `docs/agent.md`, `docs/mqtt.md` and
+    /// `examples/mqtt_try.sh`.
+    #[test]
+    fn documented_command_lines_parse() {
+        for line in [
+            "--name edge-1 --labels tier=edge,site=lab --broker mqtts://broker.example:8883 --tls-ca /etc/kole/ca.crt --password-file /etc/kole/password",
+            "--name edge-1 --labels tier=cdn --broker mqtt://127.0.0.1:1884 --runtime record --state-dir /tmp/e",
+            "--name edge-1 --password-file p --fleet prod --run-for 5 --log-format json --log-level debug",
+        ] {
+            if let Err(e) = parse(line) {
+                panic!("{line}: {e}");
+            }
+        }
+        let cli = parse("--name edge-1 --run-for 5").unwrap();
+        assert_eq!((cli.run_for, cli.runtime), (Some(5), RuntimeKind::Process));
+        assert_eq!(cli.state_dir, PathBuf::from("/var/lib/kole"));
+    }
+
+    #[test]
+    fn refuses_a_missing_name_unknown_flags_and_bad_values() {
+        assert!(parse("--run-for 1").is_err(), "--name is required");
+        assert!(parse("--name n --typo 1").is_err());
+        assert!(parse("--name n --run-for").is_err());
+        assert!(parse("--name n --runtime kvm").is_err());
+        assert!(parse("--name n --password secret").is_err(), "no password on the command line");
+    }
+
+    #[test]
+    fn labels_parse_and_bad_pairs_are_named() {
+        let l = parse_labels(Some("tier=edge, site=lab-1,")).unwrap();
+        assert_eq!(l.len(), 2);
+        let err = parse_labels(Some("tier=edge,oops")).unwrap_err().to_string();
+        assert!(err.contains("\"oops\""), "{err}");
+    }
+
+    #[test]
+    fn the_state_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("kole-agent-state-{}", std::process::id()));
+        let work = prepare_state_dir(&dir).unwrap();
+        assert!(work.is_dir());
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        assert_eq!(std::fs::metadata(dir.join("f")).unwrap().permissions().mode() & 0o777, 0o600, "umask 0077");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
