@@ -493,3 +493,19 @@ fn a_record_whose_pid_was_reused_is_left_alone() {
     drop(rt);
     assert!(!wdir.join("pid").exists(), "the stale record is dropped");
 }
+
+/// The worked example of `docs/protocol.md` §8, byte for byte.
+#[test]
+fn the_documented_spec_example_matches_the_encoding() {
+    let bytes = RunSpec::process(["sleep", "60"]).encode().unwrap();
+    let expected: Vec<u8> = [
+        &[0x4b, 0x52, 0x53, 0x01, 0x00, 0x02, 0x05][..],
+        b"sleep",
+        &[0x02],
+        b"60",
+        &[0x00, 0x00, 0x00, 0x00, 0x05, 0x90, 0x4e, 0x00],
+    ]
+    .concat();
+    assert_eq!(bytes, expected);
+    assert_eq!(bytes.len(), 23);
+}
