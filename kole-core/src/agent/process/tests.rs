@@ -25,10 +25,26 @@ fn sh(script: &str, f: impl FnOnce(&mut RunSpec)) -> RunSpec {
     spec
 }
 
-fn scratch(tag: &str) -> PathBuf {
+/// A directory of its own for a test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("kole-process-{tag}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    dir
+    Scratch(dir)
 }
 
 fn config(dir: &Path) -> ProcessRuntimeConfig {
@@ -40,8 +56,10 @@ fn config(dir: &Path) -> ProcessRuntimeConfig {
     }
 }
 
-fn runtime(tag: &str) -> ProcessRuntime {
-    ProcessRuntime::new(config(&scratch(tag)))
+/// A runtime over a scratch directory (keep the directory until the runtime is done).
+fn runtime(tag: &str) -> (ProcessRuntime, Scratch) {
+    let dir = scratch(tag);
+    (ProcessRuntime::new(config(&dir)), dir)
 }
 
 fn node() -> NodeName {
@@ -115,7 +133,7 @@ fn stdout_of(rt: &ProcessRuntime, id: &WorkloadId) -> PathBuf {
 
 #[test]
 fn unusable_specs_fail_with_a_reason() {
-    let mut rt = runtime("unusable");
+    let (mut rt, _dir) = runtime("unusable");
     let w = workload_bytes("old-text", 1, b"sleep 30\nrestart=never".to_vec());
     assert_eq!(rt.apply(&node(), &w, clock()), WorkloadPhase::Failed);
     let reason = rt.failure_reason(&node(), &w.id).unwrap();
@@ -135,7 +153,7 @@ fn unusable_specs_fail_with_a_reason() {
 
 #[test]
 fn a_missing_program_fails_with_the_exec_error() {
-    let mut rt = runtime("missing");
+    let (mut rt, _dir) = runtime("missing");
     let mut spec = RunSpec::process(["/nonexistent/kole-test-binary"]);
     spec.restart = RestartPolicy::Never;
     let w = workload("missing", 1, &spec);
@@ -152,7 +170,7 @@ fn a_missing_program_fails_with_the_exec_error() {
 
 #[test]
 fn a_crashing_process_is_restarted_then_failed_with_its_status() {
-    let mut rt = runtime("crash");
+    let (mut rt, _dir) = runtime("crash");
     let w = workload(
         "crash",
         1,
@@ -176,7 +194,7 @@ fn a_crashing_process_is_restarted_then_failed_with_its_status() {
 
 #[test]
 fn successful_exits_follow_the_policy() {
-    let mut rt = runtime("success");
+    let (mut rt, _dir) = runtime("success");
     let w = workload("once", 1, &RunSpec { restart: RestartPolicy::OnFailure, ..RunSpec::process(["true"]) });
     assert_eq!(rt.apply(&node(), &w, clock()), WorkloadPhase::Running);
     assert_eq!(poll_phase(&mut rt, &w.id, WorkloadPhase::Stopped), [WorkloadPhase::Stopped]);
@@ -215,7 +233,7 @@ fn a_long_healthy_run_resets_the_restart_count() {
     });
     assert!(rt.restarts(&w.id).unwrap() <= 1);
     // With the kubelet's 10 minutes, the same workload fails after its one restart.
-    let mut rt = ProcessRuntime::new(config(&scratch("unhealthy")));
+    let (mut rt, _unhealthy) = runtime("unhealthy");
     rt.apply(&node(), &w, clock());
     poll_phase(&mut rt, &w.id, WorkloadPhase::Failed);
     assert_eq!(rt.failure_reason(&node(), &w.id).unwrap(), "exited with status 1 after 1 restart");
@@ -228,7 +246,7 @@ fn stubborn(grace_ms: u32) -> RunSpec {
 
 #[test]
 fn stop_terms_the_group_then_kills_it_after_the_grace_without_blocking() {
-    let mut rt = runtime("stop");
+    let (mut rt, _dir) = runtime("stop");
     let w = workload("stubborn", 1, &stubborn(500));
     assert_eq!(rt.apply(&node(), &w, clock()), WorkloadPhase::Running);
     let leader = rt.pid(&w.id).unwrap();
@@ -252,7 +270,7 @@ fn stop_terms_the_group_then_kills_it_after_the_grace_without_blocking() {
 
 #[test]
 fn a_group_that_honours_sigterm_stops_with_it_and_leaves_nothing() {
-    let mut rt = runtime("term");
+    let (mut rt, _dir) = runtime("term");
     // The leader exits on SIGTERM, its background child would not: it goes with the group.
     let w = workload("polite", 1, &sh("sleep 100 & echo $!; wait", |s| s.stop_grace_ms = 60_000));
     rt.apply(&node(), &w, clock());
@@ -266,7 +284,7 @@ fn a_group_that_honours_sigterm_stops_with_it_and_leaves_nothing() {
 
 #[test]
 fn many_removals_take_one_grace_period_not_one_each() {
-    let mut rt = runtime("many");
+    let (mut rt, _dir) = runtime("many");
     let grace = Duration::from_millis(1_000);
     let mut pids = Vec::new();
     for i in 0..4 {
@@ -290,7 +308,7 @@ fn many_removals_take_one_grace_period_not_one_each() {
 
 #[test]
 fn a_new_version_starts_only_once_the_old_one_is_gone() {
-    let mut rt = runtime("replace");
+    let (mut rt, _dir) = runtime("replace");
     let v1 = workload("web", 1, &stubborn(300));
     rt.apply(&node(), &v1, clock());
     let old = rt.pid(&v1.id).unwrap();
@@ -354,7 +372,7 @@ fn the_environment_is_the_spec_plus_identity_and_config() {
 
 #[test]
 fn a_spec_path_replaces_the_default() {
-    let mut rt = runtime("path");
+    let (mut rt, _dir) = runtime("path");
     let mut spec = sh("echo \"$PATH\"", |s| s.restart = RestartPolicy::Never);
     spec.env.insert("PATH".into(), "/bin".into());
     let w = workload("path", 1, &spec);
@@ -370,7 +388,7 @@ fn secret_probe() {
     let Ok(secret) = std::env::var("KOLE_TEST_AGENT_SECRET") else {
         return;
     };
-    let mut rt = runtime("secret");
+    let (mut rt, _dir) = runtime("secret");
     let w = workload("probe", 1, &sh("env; echo done", |s| s.restart = RestartPolicy::Never));
     rt.apply(&node(), &w, clock());
     let text = wait_for_text(&stdout_of(&rt, &w.id), "done\n");
