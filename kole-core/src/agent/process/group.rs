@@ -64,6 +64,9 @@ pub(super) struct PidRecord {
 impl PidRecord {
     pub(super) const FILE: &'static str = "pid";
 
+    /// No group at all (a job that only removes a directory).
+    pub(super) const NONE: Self = Self { id: String::new(), version: 0, pid: 0, start: 0, grace_ms: 0 };
+
     fn encode(&self) -> String {
         format!(
             "id={}\nversion={}\npid={}\nstart={}\ngrace_ms={}\n",
@@ -137,6 +140,8 @@ pub(super) struct StopJob {
     pub dir: PathBuf,
     /// Remove the whole directory (logs included) afterwards: the workload was removed.
     pub remove_dir: bool,
+    /// Earlier stop jobs of the same directory, waited for first.
+    pub after: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl StopJob {
@@ -144,6 +149,9 @@ impl StopJob {
     /// whole group (what is left once the leader is gone gets no grace of its own, as in a
     /// container whose init exits); then reap the leader and drop the record.
     pub(super) fn run(mut self) {
+        for job in std::mem::take(&mut self.after) {
+            let _ = job.join();
+        }
         let pgid = self.record.pid;
         let watch_stale = self.child.is_none() && self.record.may_be_ours();
         if self.child.is_some() || watch_stale {

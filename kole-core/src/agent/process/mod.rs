@@ -225,7 +225,7 @@ impl ProcessRuntime {
                     pid: record.pid,
                 });
             }
-            self.spawn_stop(name, StopJob { child: None, record, dir, remove_dir: false });
+            self.spawn_stop(name, StopJob { child: None, record, dir, remove_dir: false, after: Vec::new() });
         }
     }
 
@@ -299,29 +299,17 @@ impl ProcessRuntime {
             Some(i) => {
                 self.spawn_stop(
                     dir_name.to_owned(),
-                    StopJob { child: Some(i.child), record: i.record, dir, remove_dir },
+                    StopJob { child: Some(i.child), record: i.record, dir, remove_dir, after: Vec::new() },
                 );
             }
             None if remove_dir && self.stopped(dir_name) => {
                 let _ = fs::remove_dir_all(&dir);
             }
             None if remove_dir => {
-                // Remove once the older stop job is done: queue a job with nothing to stop.
-                let record = PidRecord { id: String::new(), version: 0, pid: 0, start: 0, grace_ms: 0 };
-                let job = StopJob { child: None, record, dir, remove_dir };
-                let previous = self.stopping.remove(dir_name).unwrap_or_default();
-                let slot = Arc::new(Mutex::new(Some(job)));
-                let spawned = std::thread::Builder::new().name(format!("kole-stop-{dir_name}")).spawn(move || {
-                    for handle in previous {
-                        let _ = handle.join();
-                    }
-                    if let Some(job) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                        job.run();
-                    }
-                });
-                if let Ok(handle) = spawned {
-                    self.stopping.entry(dir_name.to_owned()).or_default().push(handle);
-                }
+                // Remove the directory once the older stop jobs are done.
+                let after = self.stopping.remove(dir_name).unwrap_or_default();
+                let job = StopJob { child: None, record: PidRecord::NONE, dir, remove_dir, after };
+                self.spawn_stop(dir_name.to_owned(), job);
             }
             None => {}
         }

@@ -527,3 +527,24 @@ fn the_documented_spec_example_matches_the_encoding() {
     assert_eq!(bytes, expected);
     assert_eq!(bytes.len(), 23);
 }
+
+#[test]
+fn a_workload_applied_again_while_its_removal_stops_it_starts_afterwards_afresh() {
+    let (mut rt, _dir) = runtime("reapply");
+    let w = workload("web", 1, &stubborn(300));
+    rt.apply(&node(), &w, clock());
+    let old = rt.pid(&w.id).unwrap();
+    wait_for_text(&stdout_of(&rt, &w.id), "\n");
+    rt.remove(&node(), &w.id, clock());
+    let again = workload("web", 2, &sh("echo fresh; sleep 100", |_| {}));
+    assert_eq!(rt.apply(&node(), &again, clock()), WorkloadPhase::Pending);
+    poll_until(&mut rt, "the new instance", |rt| {
+        if rt.pid(&again.id).is_some() {
+            assert!(!alive(old), "started while the removed instance ran");
+            return true;
+        }
+        false
+    });
+    // The removal deleted the old log before the new instance started one.
+    assert_eq!(wait_for_text(&stdout_of(&rt, &again.id), "fresh"), "fresh\n");
+}
