@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use kole_core::agent::{ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, WorkloadRuntime};
 use kole_core::backoff::Backoff;
 use kole_core::model::{NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
+use kole_core::runspec::{RestartPolicy, RunSpec};
 use kole_core::snapshot::{DirSnapshotStore, Manifest, MemorySnapshotStore, SnapshotError, SnapshotStore};
 use kole_core::transport::memory::{MemoryConfig, MemoryHub};
 use kole_core::transport::{CloudTransport, NodeTransport};
@@ -126,22 +127,40 @@ fn recording_runtime_keeps_the_contract() {
     runtime::check(recording, &recording_specs());
 }
 
+/// The process runtime's spec bytes for the contract.
+fn process_spec(argv: &[&str], restart: RestartPolicy) -> Vec<u8> {
+    let mut spec = RunSpec::process(argv.iter().copied());
+    spec.restart = restart;
+    spec.encode().expect("a valid spec")
+}
+
 #[test]
 fn process_runtime_keeps_the_contract() {
-    let fresh = || {
+    let root = fixtures::scratch_dir("process-contract");
+    let mut n = 0;
+    // A directory per runtime: one runtime takes over what another left in its directory.
+    let mut fresh = || {
+        n += 1;
         ProcessRuntime::new(ProcessRuntimeConfig {
+            dir: root.join(n.to_string()),
             restart_backoff: Backoff::new(10, 40, 2.0),
-            inherit_output: false,
             seed: 1,
+            ..ProcessRuntimeConfig::default()
         })
     };
+    let runs = process_spec(&["sleep", "60"], RestartPolicy::Always);
     // Fails after it started (exit 3, no restart), so the failure is reported by `poll`.
-    let specs = RuntimeSpecs { runs: b"sleep 60".to_vec(), fails: b"/bin/sh -c 'exit 3'\nrestart=never".to_vec() };
-    runtime::check(fresh, &specs);
-    // And a spec that cannot start at all.
     let specs =
-        RuntimeSpecs { runs: b"sleep 60".to_vec(), fails: b"/nonexistent/kole-contract\nrestart=never".to_vec() };
-    runtime::check(fresh, &specs);
+        RuntimeSpecs { runs: runs.clone(), fails: process_spec(&["/bin/sh", "-c", "exit 3"], RestartPolicy::Never) };
+    runtime::check(&mut fresh, &specs);
+    // A program that cannot start at all.
+    let specs =
+        RuntimeSpecs { runs: runs.clone(), fails: process_spec(&["/nonexistent/kole-contract"], RestartPolicy::Never) };
+    runtime::check(&mut fresh, &specs);
+    // Bytes that are not a runtime spec.
+    let specs = RuntimeSpecs { runs, fails: b"sleep 60".to_vec() };
+    runtime::check(&mut fresh, &specs);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// A runtime that reports its workloads `Running` again on every poll.

@@ -68,10 +68,9 @@ pub mod driver;
 #[cfg(test)]
 mod tests;
 
+pub use crate::runspec::{MAX_RESTARTS_LIMIT, RestartPolicy};
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
-pub use process::{
-    MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError, RestartPolicy,
-};
+pub use process::{DEFAULT_PATH, LeftoverWorkload, ProcessRuntime, ProcessRuntimeConfig};
 pub use runtime::{RecordingRuntime, RuntimeCall, RuntimeOp, WorkloadRuntime};
 pub use spec_cache::SpecCache;
 pub use state::{Agent, LinkState};

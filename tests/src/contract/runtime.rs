@@ -14,6 +14,9 @@
 //! 5. **Failure**: `apply` of a spec that fails returns `Failed`, or `Pending` / `Running` and
 //!    `poll` then reports `Failed` within the bound.
 //!
+//! `failure_reason` is `None` for a running workload and an unknown one (a runtime may or may not
+//! know why a failed one failed).
+//!
 //! Throughout, `poll` reports a phase only when it *changed* since it was last reported (by
 //! `apply`, `restart` or an earlier `poll`), and only for workloads the runtime was given.
 
@@ -59,6 +62,7 @@ fn start_runs_then_stays_quiet<R: WorkloadRuntime>(h: &mut Harness<R>, specs: &R
     assert!(matches!(phase, WorkloadPhase::Running | WorkloadPhase::Pending), "apply of a runnable spec: {phase:?}");
     h.until(&w.id, WorkloadPhase::Running);
     h.steady(&w.id, WorkloadPhase::Running);
+    assert_eq!(h.runtime.failure_reason(&h.node, &w.id), None, "a failure reason for a running workload");
     h.remove(&w.id);
 }
 
@@ -91,6 +95,7 @@ fn unknown_workloads_are_ignored<R: WorkloadRuntime>(h: &mut Harness<R>) {
     let id = fixtures::workload_id("contract/never-applied");
     h.runtime.remove(&h.node, &id, h.now());
     assert_eq!(h.runtime.restart(&h.node, &id, h.now()), None, "restart of an unknown workload is None");
+    assert_eq!(h.runtime.failure_reason(&h.node, &id), None, "a failure reason for an unknown workload");
     h.steady_none();
 }
 
