@@ -55,6 +55,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod container;
 mod io;
 mod process;
 mod runtime;
@@ -68,6 +69,10 @@ pub mod driver;
 #[cfg(test)]
 mod tests;
 
+pub use container::{
+    CONFIG_MOUNT_PATH, ContainerEngine, ContainerError, ContainerRuntime, ContainerRuntimeConfig, DEFAULT_PASSTHROUGH_ENV,
+    LABEL_MANAGED, LABEL_NODE, LABEL_VERSION, LABEL_WORKLOAD, UnknownEngine, container_name,
+};
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 pub use process::{
     MAX_RESTARTS_LIMIT, ProcessRuntime, ProcessRuntimeConfig, ProcessSpec, ProcessSpecError, RestartPolicy,
