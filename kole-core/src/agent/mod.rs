@@ -70,8 +70,8 @@ pub mod driver;
 mod tests;
 
 pub use container::{
-    CONFIG_MOUNT_PATH, ContainerEngine, ContainerError, ContainerRuntime, ContainerRuntimeConfig, DEFAULT_PASSTHROUGH_ENV,
-    LABEL_MANAGED, LABEL_NODE, LABEL_VERSION, LABEL_WORKLOAD, UnknownEngine, container_name,
+    CONFIG_MOUNT_PATH, ContainerEngine, ContainerError, ContainerRuntime, ContainerRuntimeConfig,
+    DEFAULT_PASSTHROUGH_ENV, LABEL_MANAGED, LABEL_NODE, LABEL_VERSION, LABEL_WORKLOAD, UnknownEngine, container_name,
 };
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 pub use process::{

@@ -56,7 +56,10 @@ impl ContainerEngine {
     /// [`detect`](Self::detect) with a given `PATH` value (directories separated by `:`).
     pub fn detect_in(path: &OsStr) -> Option<(ContainerEngine, PathBuf)> {
         Self::ALL.into_iter().find_map(|engine| {
-            std::env::split_paths(path).map(|dir| dir.join(engine.as_str())).find(|p| is_executable(p)).map(|p| (engine, p))
+            std::env::split_paths(path)
+                .map(|dir| dir.join(engine.as_str()))
+                .find(|p| is_executable(p))
+                .map(|p| (engine, p))
         })
     }
 }
@@ -294,11 +297,9 @@ fn container_from_json(v: &serde_json::Value) -> Result<ObservedContainer, PsDec
         Some(Value::Object(map)) => {
             map.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect()
         }
-        Some(Value::String(s)) => s
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
+        Some(Value::String(s)) => {
+            s.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+        }
         _ => BTreeMap::new(),
     };
     let status = obj.get("Status").and_then(Value::as_str).unwrap_or("");

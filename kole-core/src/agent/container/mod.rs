@@ -108,7 +108,12 @@ pub struct ContainerRuntimeConfig {
 impl ContainerRuntimeConfig {
     /// Settings for `engine` at `binary`, on `node`, keeping files in `state_dir`; every other
     /// field at its default.
-    pub fn new(node: NodeName, engine: ContainerEngine, binary: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        node: NodeName,
+        engine: ContainerEngine,
+        binary: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             engine,
             binary: binary.into(),
@@ -417,7 +422,14 @@ impl ContainerRuntime {
         }
     }
 
-    fn attempt_failed(slot: &mut Slot, reason: String, backoff: &Backoff, attempts: u32, now: u64, rng: &mut SplitMix64) {
+    fn attempt_failed(
+        slot: &mut Slot,
+        reason: String,
+        backoff: &Backoff,
+        attempts: u32,
+        now: u64,
+        rng: &mut SplitMix64,
+    ) {
         slot.failed_attempts += 1;
         slot.reason = Some(reason);
         slot.started = false;
@@ -444,7 +456,9 @@ impl ContainerRuntime {
                 Some(c) => phase_of(c, spec),
                 None => (
                     WorkloadPhase::Failed,
-                    Some(format!("container {name} is gone (removed outside kole?); restart the workload to run it again")),
+                    Some(format!(
+                        "container {name} is gone (removed outside kole?); restart the workload to run it again"
+                    )),
                 ),
             };
             slot.phase = phase;
