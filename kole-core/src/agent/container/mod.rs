@@ -219,7 +219,8 @@ struct Lane {
 /// agent) lists the node's containers at once, so re-applied workloads are adopted, not
 /// restarted. When the engine does not answer, [`WorkloadRuntime::health`] is
 /// [`NodeHealth::DEGRADED`]. Dropping the runtime leaves containers running (the agent's restart
-/// adopts them) and kills engine commands in flight.
+/// adopts them), kills pulls in flight, abandons queued applies, and waits for the removals
+/// already asked for.
 #[derive(Debug)]
 pub struct ContainerRuntime {
     config: ContainerRuntimeConfig,
@@ -489,6 +490,26 @@ fn phase_of(c: &ObservedContainer, spec: &RunSpec) -> (WorkloadPhase, Option<Str
         },
         ObservedState::Other(state) => {
             (WorkloadPhase::Failed, Some(format!("container is in state {state:?}, which kole does not know")))
+        }
+    }
+}
+
+impl Drop for ContainerRuntime {
+    /// Hands every removal not yet started to the workers, which finish them before the pool's
+    /// drop returns (applies, lists and pulls are abandoned; containers keep running).
+    fn drop(&mut self) {
+        let mut removals: Vec<Job> =
+            self.ready.drain(..).filter(|j| matches!(j.kind, JobKind::Remove { .. })).collect();
+        for (id, lane) in &mut self.lanes {
+            removals.extend(
+                lane.waiting
+                    .drain(..)
+                    .filter(|k| matches!(k, JobKind::Remove { .. }))
+                    .map(|kind| Job { workload: Some(id.clone()), kind }),
+            );
+        }
+        for job in removals {
+            self.pool.submit(job);
         }
     }
 }

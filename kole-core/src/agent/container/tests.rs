@@ -567,3 +567,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn dropping_the_runtime_finishes_removals_already_asked_for() {
+    let fake = Fake::new();
+    fake.has_image("localhost/kole-test/busybox:1");
+    let mut rt = fake.runtime();
+    for id in ["a", "b", "c"] {
+        rt.apply(&node(), &workload(id, 1, &busybox()), Timestamp::from_secs(1));
+    }
+    settle(&mut rt, 1_000);
+    assert_eq!(fake.containers(), ["kole-a-v1", "kole-b-v1", "kole-c-v1"]);
+    for id in ["a", "b", "c"] {
+        rt.remove(&node(), &wid(id), Timestamp::from_secs(2));
+    }
+    // Two workers: at least one removal is still queued here.
+    assert!(!rt.is_idle());
+    drop(rt);
+    assert!(fake.containers().is_empty());
+}

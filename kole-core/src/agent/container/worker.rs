@@ -1,17 +1,19 @@
 //! The worker threads that run engine commands, so the agent's event loop never waits on a pull.
 //!
-//! The runtime hands [`Job`]s to a fixed pool over a bounded channel (it never has more jobs in
-//! flight than workers) and reads [`Done`] results back in `poll`. Each command runs with a
-//! timeout, its output captured in a per-worker file (a daemonizing helper such as conmon may
-//! keep a pipe open long after the CLI exits; a file never blocks), and is killed when the
-//! runtime is dropped.
+//! The runtime hands [`Job`]s to a fixed pool (it keeps no more jobs in flight than workers, so
+//! the channel stays bounded in practice) and reads [`Done`] results back in `poll`. Each command
+//! runs with a timeout, its output captured in a per-worker file (a daemonizing helper such as
+//! conmon may keep a pipe open long after the CLI exits; a file never blocks).
+//!
+//! Shutdown (the runtime dropped): pulls in flight are killed, applies and lists still queued are
+//! skipped, and removals still queued run to their end, so a removal asked for is never lost.
 
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -130,7 +132,7 @@ pub(super) enum Done {
 /// The worker pool.
 #[derive(Debug)]
 pub(super) struct Pool {
-    jobs: Option<SyncSender<Job>>,
+    jobs: Option<Sender<Job>>,
     pub done: Receiver<Done>,
     shutdown: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
@@ -139,7 +141,7 @@ pub(super) struct Pool {
 impl Pool {
     pub fn start(cli: EngineCli, workers: usize) -> std::io::Result<Self> {
         let workers = workers.max(1);
-        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(workers);
+        let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done) = std::sync::mpsc::channel();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let shutdown = Arc::new(AtomicBool::new(false));
@@ -156,10 +158,9 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Hands a job to a free worker. The caller keeps at most `workers` jobs in flight, so this
-    /// never blocks; `false` if the workers are gone.
+    /// Hands a job to the workers; `false` if they are gone.
     pub fn submit(&self, job: Job) -> bool {
-        self.jobs.as_ref().is_some_and(|tx| tx.try_send(job).is_ok())
+        self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok())
     }
 }
 
@@ -188,13 +189,11 @@ fn worker_loop(
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        if shutdown.load(Ordering::SeqCst) {
-            return;
+        if shutdown.load(Ordering::SeqCst) && !matches!(job.kind, JobKind::Remove { .. }) {
+            continue;
         }
-        let result = runner.execute(job);
-        if done.send(result).is_err() {
-            return;
-        }
+        // After shutdown nobody reads results; the removal still had to happen.
+        let _ = done.send(runner.execute(job));
     }
 }
 
@@ -243,6 +242,9 @@ impl Runner<'_> {
             Ok(c) => c,
             Err(e) => return ApplyOutcome::Unreachable(e),
         };
+        if self.shutdown.load(Ordering::SeqCst) {
+            return ApplyOutcome::Unreachable(CommandError::Cancelled.to_string());
+        }
         if !recreate && existing.iter().any(|c| c.name == target && c.state == ObservedState::Running) {
             let others: Vec<&str> = existing.iter().filter(|c| c.name != target).map(|c| c.name.as_str()).collect();
             if let Err(e) = self.stop_and_remove(&others, None) {
@@ -253,12 +255,15 @@ impl Runner<'_> {
         // Pull before replacing: the old version keeps serving while the new image downloads.
         match self.run(&engine::image_exists_args(self.cli.engine, image), self.cli.command_timeout) {
             Ok(out) if out.ok() => {}
-            Ok(_) => match self.run(&["pull".to_owned(), image.to_owned()], self.cli.pull_timeout) {
+            Ok(_) => match self.run_pull(image) {
                 Ok(out) if out.ok() => {}
                 Ok(out) => return ApplyOutcome::PullFailed(out.message()),
                 Err(e) => return ApplyOutcome::PullFailed(e.to_string()),
             },
             Err(e) => return ApplyOutcome::Unreachable(e.to_string()),
+        }
+        if self.shutdown.load(Ordering::SeqCst) {
+            return ApplyOutcome::Unreachable(CommandError::Cancelled.to_string());
         }
         // One workload never runs twice: every container of it goes before the new one starts.
         let names: Vec<&str> = existing.iter().map(|c| c.name.as_str()).collect();
@@ -336,9 +341,18 @@ impl Runner<'_> {
         Ok(Some(file))
     }
 
-    /// Runs the engine binary with `args`, a cleared environment (plus the pass-through list), no
-    /// stdin, and a timeout.
+    /// `pull`, killed at shutdown (it may take minutes).
+    fn run_pull(&self, image: &str) -> Result<Output, CommandError> {
+        self.run_with(&["pull".to_owned(), image.to_owned()], self.cli.pull_timeout, true)
+    }
+
     fn run(&self, args: &[String], timeout: Duration) -> Result<Output, CommandError> {
+        self.run_with(args, timeout, false)
+    }
+
+    /// Runs the engine binary with `args`, a cleared environment (plus the pass-through list), no
+    /// stdin, and a timeout; `cancellable` commands are killed at shutdown.
+    fn run_with(&self, args: &[String], timeout: Duration, cancellable: bool) -> Result<Output, CommandError> {
         std::fs::create_dir_all(self.out_dir).map_err(CommandError::Capture)?;
         let out_path = self.out_dir.join("stdout");
         let err_path = self.out_dir.join("stderr");
@@ -361,7 +375,7 @@ impl Runner<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(CommandError::Capture(e)),
             }
-            let cancelled = self.shutdown.load(Ordering::SeqCst);
+            let cancelled = cancellable && self.shutdown.load(Ordering::SeqCst);
             if cancelled || Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
