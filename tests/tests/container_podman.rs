@@ -125,7 +125,7 @@ fn a_workload_runs_updates_fails_is_adopted_and_is_removed_on_podman() {
     until(&mut rt, start, &wid, WorkloadPhase::Running);
     let v1 = container_name(&wid, 1);
     assert_eq!(v1, "kole-kole-podman-test_web-v1");
-    assert_eq!(containers_of(id), [v1.clone()]);
+    assert_eq!(containers_of(id), [v1.as_str()]);
     let labels = podman(&["inspect", "--format", "{{json .Config.Labels}}", &v1]);
     for label in [
         "\"dev.kole.managed\":\"true\"",
@@ -155,7 +155,7 @@ fn a_workload_runs_updates_fails_is_adopted_and_is_removed_on_podman() {
     settle(&mut rt, start);
     until(&mut rt, start, &wid, WorkloadPhase::Running);
     let v2 = container_name(&wid, 2);
-    assert_eq!(containers_of(id), [v2.clone()], "v1 is gone once v2 runs");
+    assert_eq!(containers_of(id), [v2.as_str()], "v1 is gone once v2 runs");
     let v2_id = podman(&["inspect", "--format", "{{.Id}}", &v2]);
 
     // A second runtime (a restarted agent) adopts the running container instead of restarting it.
@@ -171,6 +171,7 @@ fn a_workload_runs_updates_fails_is_adopted_and_is_removed_on_podman() {
     rt.remove(&node(), &wid, now(start));
     settle(&mut rt, start);
     assert!(containers_of(id).is_empty());
+    let _ = std::fs::remove_dir_all(&rt.config().state_dir);
 }
 
 #[test]
@@ -212,6 +213,7 @@ fn failures_on_podman_carry_the_engines_reason() {
     }
     settle(&mut rt, start);
     assert!(containers_of(job.as_str()).is_empty());
+    let _ = std::fs::remove_dir_all(&rt.config().state_dir);
 }
 
 #[test]
@@ -222,4 +224,5 @@ fn container_runtime_keeps_the_runtime_contract_on_podman() {
     broken.command = vec!["/nonexistent".into()];
     let specs = RuntimeSpecs { runs: sleeper().encode().unwrap(), fails: broken.encode().unwrap() };
     runtime::check(|| ContainerRuntime::new(config("podman-contract")).unwrap(), &specs);
+    let _ = std::fs::remove_dir_all(config("podman-contract").state_dir);
 }
