@@ -215,12 +215,27 @@ struct Lane {
 /// [`ContainerRuntimeConfig::status_interval_ms`], lists the node's containers: running →
 /// `Running`; exited 0 → `Stopped`; exited non-zero → `Failed` ("container exited with code N");
 /// engine-counted restarts over `max_restarts` → `Failed`; gone → `Failed`. Removal stops with
-/// the grace period and removes every container of the workload. A new runtime (a restarted
+/// the grace period and removes every container of the workload (a removal that fails is
+/// retried with the pull backoff until it succeeds or the workload is applied again). A new runtime (a restarted
 /// agent) lists the node's containers at once, so re-applied workloads are adopted, not
 /// restarted. When the engine does not answer, [`WorkloadRuntime::health`] is
 /// [`NodeHealth::DEGRADED`]. Dropping the runtime leaves containers running (the agent's restart
 /// adopts them), kills pulls in flight, abandons queued applies, and waits for the removals
 /// already asked for.
+///
+/// ```no_run
+/// use kole_core::agent::{ContainerRuntime, ContainerRuntimeConfig, WorkloadRuntime};
+/// use kole_core::model::{NodeName, Timestamp};
+///
+/// let node = NodeName::new("edge-7")?;
+/// // The first of podman, docker, nerdctl in PATH.
+/// let config = ContainerRuntimeConfig::detect(node.clone(), "/var/lib/kole/containers")?;
+/// let mut runtime = ContainerRuntime::new(config)?;
+/// // The agent drives it: apply, remove, restart, and poll from its event loop.
+/// let mut changes = Vec::new();
+/// runtime.poll(&node, Timestamp::from_secs(1), &mut changes);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct ContainerRuntime {
     config: ContainerRuntimeConfig,
@@ -236,6 +251,8 @@ pub struct ContainerRuntime {
     observed: HashMap<WorkloadId, Vec<ObservedContainer>>,
     /// Why the engine did not answer the last list or job; `None` when it did.
     unreachable: Option<String>,
+    /// Removals that failed, retried with the pull backoff: grace, when, failures so far.
+    removal_retries: BTreeMap<WorkloadId, (Option<u32>, u64, u32)>,
     rng: SplitMix64,
 }
 
@@ -276,6 +293,7 @@ impl ContainerRuntime {
             next_list_at: 0,
             observed: HashMap::new(),
             unreachable: None,
+            removal_retries: BTreeMap::new(),
             rng,
         };
         rt.submit_list();
@@ -380,11 +398,23 @@ impl ContainerRuntime {
                     Err(e) => self.unreachable = Some(e),
                 }
             }
-            Done::Remove { id, error } => {
-                if let Some(e) = error {
-                    self.unreachable = Some(e);
-                }
+            Done::Remove { id, grace_ms, error } => {
                 self.lane_done(&id);
+                match error {
+                    // A removal is never dropped: a workload applied again replaces its
+                    // containers anyway; otherwise try again later.
+                    Some(e) if !self.slots.contains_key(&id) => {
+                        self.unreachable = Some(e);
+                        let failures = self.removal_retries.get(&id).map_or(0, |r| r.2) + 1;
+                        let at = now + self.config.pull_backoff.delay_ms(failures - 1, &mut self.rng);
+                        self.removal_retries.insert(id, (grace_ms, at, failures));
+                    }
+                    Some(e) => self.unreachable = Some(e),
+                    None => {
+                        self.unreachable = None;
+                        self.removal_retries.remove(&id);
+                    }
+                }
             }
             Done::Apply { id, version, outcome } => {
                 self.lane_done(&id);
@@ -508,6 +538,12 @@ impl Drop for ContainerRuntime {
                     .map(|kind| Job { workload: Some(id.clone()), kind }),
             );
         }
+        // Failed removals get one last try.
+        removals.extend(
+            std::mem::take(&mut self.removal_retries)
+                .into_iter()
+                .map(|(id, (grace_ms, _, _))| Job { workload: Some(id), kind: JobKind::Remove { grace_ms } }),
+        );
         for job in removals {
             self.pool.submit(job);
         }
@@ -517,6 +553,7 @@ impl Drop for ContainerRuntime {
 impl WorkloadRuntime for ContainerRuntime {
     fn apply(&mut self, _node: &NodeName, workload: &Arc<Workload>, _now: Timestamp) -> WorkloadPhase {
         let id = workload.id.clone();
+        self.removal_retries.remove(&id);
         if let Some(slot) = self.slots.get(&id)
             && slot.workload.version == workload.version
             && slot.workload.spec == workload.spec
@@ -606,6 +643,18 @@ impl WorkloadRuntime for ContainerRuntime {
                 slot.retry_at = None;
             }
             self.apply_job(&id, false);
+        }
+        let due: Vec<(WorkloadId, Option<u32>)> = self
+            .removal_retries
+            .iter()
+            .filter(|(id, r)| r.1 <= now && !self.lane_busy(id) && !self.slots.contains_key(*id))
+            .map(|(id, r)| (id.clone(), r.0))
+            .collect();
+        for (id, grace_ms) in due {
+            if let Some(r) = self.removal_retries.get_mut(&id) {
+                r.1 = u64::MAX;
+            }
+            self.submit(&id, JobKind::Remove { grace_ms });
         }
         if !self.list_in_flight && now >= self.next_list_at {
             self.next_list_at = now + self.config.status_interval_ms;

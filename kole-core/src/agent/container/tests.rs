@@ -53,13 +53,14 @@ run)
     echo "id-$name" ;;
 ps)
     printf '['; sep=
-    for f in "$D"/containers/*; do [ -e "$f" ] || continue; printf '%s' "$sep"; cat "$f"; sep=,; done
+    for f in "$D"/containers/*; do c=$(cat "$f" 2>/dev/null) || continue; printf '%s%s' "$sep" "$c"; sep=,; done
     printf ']\n' ;;
 stop)
     shift; [ "$1" = -t ] && shift 2
     for n in "$@"; do [ -e "$D/containers/$n" ] && sed -i 's/"State":"running"/"State":"exited"/' "$D/containers/$n"; done
     exit 0 ;;
 rm)
+    if [ -e "$D/rm-fail" ]; then rm -f "$D/rm-fail"; echo "Error: container state improper" >&2; exit 125; fi
     shift; [ "$1" = -f ] && shift
     for n in "$@"; do rm -f "$D/containers/$n"; done ;;
 *)
@@ -585,4 +586,25 @@ fn dropping_the_runtime_finishes_removals_already_asked_for() {
     assert!(!rt.is_idle());
     drop(rt);
     assert!(fake.containers().is_empty());
+}
+
+#[test]
+fn a_removal_that_fails_is_retried_with_backoff() {
+    let fake = Fake::new();
+    fake.has_image("localhost/kole-test/busybox:1");
+    let mut rt = fake.runtime();
+    rt.apply(&node(), &workload("svc", 1, &busybox()), Timestamp::from_secs(1));
+    settle(&mut rt, 1_000);
+    std::fs::write(fake.dir.join("rm-fail"), "").unwrap();
+    rt.remove(&node(), &wid("svc"), Timestamp::from_secs(2));
+    settle(&mut rt, 2_000);
+    assert_eq!(fake.containers(), ["kole-svc-v1"], "the engine refused once");
+    assert_eq!(rt.health(&node()), NodeHealth::DEGRADED);
+    settle(&mut rt, 2_999);
+    assert_eq!(fake.calls_of("rm").len(), 1, "no retry before the backoff");
+    settle(&mut rt, 3_000);
+    settle(&mut rt, 3_000);
+    assert!(fake.containers().is_empty());
+    assert_eq!(fake.calls_of("rm").len(), 2);
+    assert!(rt.health(&node()).is_ok());
 }

@@ -125,7 +125,7 @@ pub(super) enum ApplyOutcome {
 #[derive(Debug)]
 pub(super) enum Done {
     Apply { id: WorkloadId, version: u64, outcome: ApplyOutcome },
-    Remove { id: WorkloadId, error: Option<String> },
+    Remove { id: WorkloadId, grace_ms: Option<u32>, error: Option<String> },
     List { epoch: u64, result: Result<Vec<ObservedContainer>, String> },
 }
 
@@ -212,7 +212,7 @@ impl Runner<'_> {
             }
             (Some(id), JobKind::Remove { grace_ms }) => {
                 let error = self.remove(&id, grace_ms).err();
-                Done::Remove { id, error }
+                Done::Remove { id, grace_ms, error }
             }
             (_, JobKind::List { epoch }) => Done::List { epoch, result: self.list(None) },
             (None, _) => Done::List { epoch: 0, result: Err("internal: a workload job without a workload".into()) },
