@@ -55,6 +55,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod container;
 mod io;
 mod process;
 mod runtime;
@@ -69,6 +70,10 @@ pub mod driver;
 mod tests;
 
 pub use crate::runspec::{MAX_RESTARTS_LIMIT, RestartPolicy};
+pub use container::{
+    CONFIG_MOUNT_PATH, ContainerEngine, ContainerError, ContainerRuntime, ContainerRuntimeConfig,
+    DEFAULT_PASSTHROUGH_ENV, LABEL_MANAGED, LABEL_NODE, LABEL_VERSION, LABEL_WORKLOAD, UnknownEngine, container_name,
+};
 pub use io::{AgentConfig, AgentEvent, AgentIdentity, AgentInput, AgentOutputs, GroupChange};
 pub use process::{DEFAULT_PATH, LeftoverWorkload, ProcessRuntime, ProcessRuntimeConfig};
 pub use runtime::{RecordingRuntime, RuntimeCall, RuntimeOp, WorkloadRuntime};
