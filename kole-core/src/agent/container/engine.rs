@@ -55,12 +55,17 @@ impl ContainerEngine {
 
     /// [`detect`](Self::detect) with a given `PATH` value (directories separated by `:`).
     pub fn detect_in(path: &OsStr) -> Option<(ContainerEngine, PathBuf)> {
-        Self::ALL.into_iter().find_map(|engine| {
-            std::env::split_paths(path)
-                .map(|dir| dir.join(engine.as_str()))
-                .find(|p| is_executable(p))
-                .map(|p| (engine, p))
-        })
+        Self::ALL.into_iter().find_map(|engine| engine.find_in(path).map(|p| (engine, p)))
+    }
+
+    /// This engine's binary in the process's `PATH`.
+    pub fn find_binary(self) -> Option<PathBuf> {
+        self.find_in(&std::env::var_os("PATH")?)
+    }
+
+    /// This engine's binary in a given `PATH` value.
+    pub fn find_in(self, path: &OsStr) -> Option<PathBuf> {
+        std::env::split_paths(path).map(|dir| dir.join(self.as_str())).find(|p| is_executable(p))
     }
 }
 

@@ -131,6 +131,16 @@ impl ContainerRuntimeConfig {
         }
     }
 
+    /// Settings for `engine`, its binary looked up in `PATH`.
+    pub fn for_engine(
+        node: NodeName,
+        engine: ContainerEngine,
+        state_dir: impl Into<PathBuf>,
+    ) -> Result<Self, ContainerError> {
+        let binary = engine.find_binary().ok_or(ContainerError::EngineNotFound(engine))?;
+        Ok(Self::new(node, engine, binary, state_dir))
+    }
+
     /// Settings for the first engine found in `PATH` (podman, docker, nerdctl).
     pub fn detect(node: NodeName, state_dir: impl Into<PathBuf>) -> Result<Self, ContainerError> {
         let (engine, binary) = ContainerEngine::detect().ok_or(ContainerError::NoEngine)?;
@@ -145,6 +155,9 @@ pub enum ContainerError {
     /// No engine binary in `PATH`.
     #[error("no container engine found in PATH (looked for podman, docker, nerdctl): install one, or name its binary")]
     NoEngine,
+    /// The named engine's binary is not in `PATH`.
+    #[error("{0} not found in PATH: install it, or name its binary")]
+    EngineNotFound(ContainerEngine),
     /// The state directory cannot be created.
     #[error("cannot create the container runtime's state directory {path}: {source}")]
     StateDir {

@@ -492,6 +492,11 @@ fn engines_parse_and_detect() {
     std::fs::write(dir.join("docker"), "not executable").unwrap();
     let path = std::env::join_paths([Path::new("/nonexistent"), &dir]).unwrap();
     assert_eq!(ContainerEngine::detect_in(&path), Some((ContainerEngine::Nerdctl, dir.join("nerdctl"))));
+    assert_eq!(ContainerEngine::Docker.find_in(&path), None, "not executable");
+    assert_eq!(
+        ContainerError::EngineNotFound(ContainerEngine::Podman).to_string(),
+        "podman not found in PATH: install it, or name its binary"
+    );
 }
 
 #[test]
