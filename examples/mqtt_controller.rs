@@ -7,15 +7,15 @@
 //! # against a broker set, with credentials
 //! KOLE_MQTT_PASSWORD=secret cargo run -p kole-examples --example mqtt_controller -- \
 //!     --broker mqtt://10.0.0.1:1883 --broker mqtt://10.0.0.2:1883 --fleet prod --user kole-controller \
-//!     --snapshots /var/lib/kole/snapshots --workload ./exporter.spec --workload-id edge/exporter --selector 'tier=edge'
+//!     --snapshots /var/lib/kole/snapshots --run '/usr/local/bin/exporter --port 9100' --workload-id edge/exporter --selector 'tier=edge'
 //! ```
 //!
 //! Options (`--help` lists them): `--broker URL` (repeatable or a comma-separated list; env
 //! `KOLE_MQTT_BROKERS`; default `mqtt://127.0.0.1:1883`), `--embedded-broker`, `--fleet NAME` (env
 //! `KOLE_FLEET`; default `default`), `--mqtt-user NAME` or `--user NAME` (env `KOLE_MQTT_USER`) and
 //! `--mqtt-password-file FILE` or `--password-file FILE` (else env `KOLE_MQTT_PASSWORD`), `--snapshots DIR` (default a
-//! directory under the temp dir), `--workload FILE` (a process spec, see `ProcessRuntime`; default
-//! a built-in `sleep`), `--workload-id NS/NAME` (default `demo/sleeper`), `--selector EXPR`
+//! directory under the temp dir), `--run 'PROGRAM ARGS'` (the process
+//! every agent runs, words split on whitespace; default `sleep 3600`), `--workload-id NS/NAME` (default `demo/sleeper`), `--selector EXPR`
 //! (default every node), `--version N` (default 1), `--apply-after SECS` (default 3: the demo
 //! shows a rollout to the nodes that registered by then; later nodes get the spec too),
 //! `--run-for SECS` (default: until Ctrl-C).
@@ -29,14 +29,12 @@ use kole_core::cache::StateCache;
 use kole_core::engine::driver::{DriverEvent, EngineDriver, EngineDriverConfig, restore_engine, system_clock};
 use kole_core::engine::{EngineConfig, WorkloadCommand};
 use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
+use kole_core::runspec::RunSpec;
 use kole_core::snapshot::{DirSnapshotStore, RestoreLimits};
 use kole_examples::{BrokerArgs, ControllerLoginArgs};
 use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig, Credentials, EmbeddedBroker, MqttCloud};
 use tokio::sync::{mpsc, watch};
-
-/// The built-in demo workload: a process every agent can run.
-const DEMO_SPEC: &str = "sleep 3600\nrestart=always\n";
 
 /// A kole controller over MQTT: the engine, a directory snapshot store, one workload applied.
 // No `#[command(version)]`: `--version` is the workload's version here.
@@ -49,9 +47,10 @@ struct Cli {
     /// Directory of the snapshot store [default: `kole-controller-{fleet}` in the temp dir].
     #[arg(long, value_name = "DIR")]
     snapshots: Option<PathBuf>,
-    /// The workload's process spec (see `ProcessRuntime`) [default: a built-in `sleep`].
-    #[arg(long, value_name = "FILE")]
-    workload: Option<PathBuf>,
+    /// The process every targeted agent runs: program and arguments, split on whitespace (no
+    /// quoting; for more, apply an EdgeWorkload through kole-controller).
+    #[arg(long, value_name = "COMMAND", default_value = "sleep 3600")]
+    run: String,
     /// The workload's id.
     #[arg(long, value_name = "NS/NAME", default_value = "demo/sleeper")]
     workload_id: String,
@@ -95,10 +94,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let snapshots: PathBuf =
         cli.snapshots.unwrap_or_else(|| std::env::temp_dir().join(format!("kole-controller-{fleet}")));
-    let spec = match cli.workload {
-        Some(path) => std::fs::read(&path).map_err(|e| format!("reading the workload spec {}: {e}", path.display()))?,
-        None => DEMO_SPEC.as_bytes().to_vec(),
-    };
+    let spec = RunSpec::process(cli.run.split_whitespace()).encode().map_err(|e| format!("--run: {e}"))?;
     let workload = Workload {
         id: WorkloadId::new(cli.workload_id)?,
         version: cli.version,
@@ -212,7 +208,7 @@ mod tests {
             "--embedded-broker",
             "--embedded-broker --snapshots /tmp/kole-ctl",
             "--broker mqtt://10.0.0.1:1883 --broker mqtt://10.0.0.2:1883 --fleet prod --user kole-controller \
-             --snapshots /var/lib/kole/snapshots --workload ./exporter.spec --workload-id edge/exporter --selector tier=edge",
+             --snapshots /var/lib/kole/snapshots --run '/usr/local/bin/exporter --port 9100' --workload-id edge/exporter --selector tier=edge",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");

@@ -57,7 +57,7 @@ pub fn run_spec(runtime: &RuntimeSpec) -> Result<RunSpec, String> {
     spec.command.clone_from(&runtime.command);
     spec.args.clone_from(&runtime.args);
     for var in &runtime.env {
-        if spec.env.insert(var.name.clone(), var.value.clone()).is_some() {
+        if spec.env.insert(var.name.clone(), var.value.clone().unwrap_or_default()).is_some() {
             return Err(format!("env: {:?} is set twice", var.name));
         }
     }
@@ -379,10 +379,10 @@ mod tests {
         };
         let none = bad(RuntimeSpec::default());
         assert!(none.contains("set image") && none.contains("or command"), "{none}");
-        let env = vec![EnvVar { name: "A".into(), value: "1".into() }, EnvVar { name: "A".into(), value: "2".into() }];
+        let env = vec![EnvVar { name: "A".into(), value: Some("1".into()) }, EnvVar { name: "A".into(), value: None }];
         let twice = bad(RuntimeSpec { command: vec!["true".into()], env, ..Default::default() });
         assert!(twice.contains("\"A\" is set twice"), "{twice}");
-        let kole = vec![EnvVar { name: "KOLE_NODE".into(), value: "x".into() }];
+        let kole = vec![EnvVar { name: "KOLE_NODE".into(), value: Some("x".into()) }];
         let reserved = bad(RuntimeSpec { command: vec!["true".into()], env: kole, ..Default::default() });
         assert!(reserved.contains("reserved"), "{reserved}");
     }

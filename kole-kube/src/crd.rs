@@ -112,9 +112,9 @@ pub struct EnvVar {
     /// The name.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"))]
     pub name: String,
-    /// The value.
-    #[serde(default)]
-    pub value: String,
+    /// The value (default empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 /// When a workload that exited is started again.

@@ -18,7 +18,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use kole_core::agent::driver::{AgentDriverConfig, run_agent};
 use kole_core::agent::{
-    Agent, AgentConfig, AgentIdentity, FileAgentStore, ProcessRuntime, RecordingRuntime, WorkloadRuntime, load_or_empty,
+    Agent, AgentConfig, AgentIdentity, ContainerEngine, ContainerRuntime, ContainerRuntimeConfig, FileAgentStore,
+    ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, WorkloadRuntime, load_or_empty,
 };
 use kole_core::model::{Labels, NodeInfo, NodeName};
 use kole_examples::{BrokerArgs, LogArgs, TlsArgs};
@@ -46,6 +47,10 @@ struct Cli {
     /// How workloads run.
     #[arg(long, value_name = "RUNTIME", env = "KOLE_RUNTIME", default_value = "process")]
     runtime: RuntimeKind,
+    /// Run process workloads as this user (name or uid from /etc/passwd) instead of the agent's
+    /// own; needs an agent running as root [default: the agent's user].
+    #[arg(long, value_name = "USER", env = "KOLE_WORKLOAD_USER")]
+    workload_user: Option<String>,
     /// Stop after this many seconds [default: until SIGTERM or Ctrl-C].
     #[arg(long, value_name = "SECS")]
     run_for: Option<u64>,
@@ -61,19 +66,67 @@ struct Cli {
 /// [`RuntimeKind::build`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum RuntimeKind {
-    /// Local processes (a command, its arguments and a restart policy; see `docs/agent.md`).
+    /// Local processes: the spec's `command` in its own process group, logs under the state
+    /// directory (see docs/runtime.md).
     Process,
+    /// Containers through Podman's CLI (the spec's `image`).
+    Podman,
+    /// Containers through Docker's CLI.
+    Docker,
+    /// Containers through nerdctl (containerd).
+    Nerdctl,
+    /// Containers through the first engine found in PATH: podman, docker, then nerdctl.
+    Container,
     /// Nothing runs: workloads are only recorded as running (to try a fleet out).
     Record,
 }
 
 impl RuntimeKind {
-    fn build(self) -> Box<dyn WorkloadRuntime> {
-        match self {
-            Self::Process => Box::new(ProcessRuntime::default()),
+    fn build(
+        self,
+        node: &NodeName,
+        state_dir: &Path,
+        user: Option<(u32, u32)>,
+    ) -> anyhow::Result<Box<dyn WorkloadRuntime>> {
+        let container = |engine: ContainerEngine| -> anyhow::Result<Box<dyn WorkloadRuntime>> {
+            let config = ContainerRuntimeConfig::for_engine(node.clone(), engine, state_dir.join("containers"))
+                .with_context(|| format!("--runtime {}: install it, or pick another --runtime", engine.as_str()))?;
+            let runtime =
+                ContainerRuntime::new(config).with_context(|| format!("starting the {} runtime", engine.as_str()))?;
+            Ok(Box::new(runtime))
+        };
+        Ok(match self {
+            Self::Process => {
+                let config =
+                    ProcessRuntimeConfig { dir: state_dir.join("workloads"), user, ..ProcessRuntimeConfig::default() };
+                Box::new(ProcessRuntime::new(config))
+            }
+            Self::Podman => container(ContainerEngine::Podman)?,
+            Self::Docker => container(ContainerEngine::Docker)?,
+            Self::Nerdctl => container(ContainerEngine::Nerdctl)?,
+            Self::Container => {
+                let config = ContainerRuntimeConfig::detect(node.clone(), state_dir.join("containers")).context(
+                    "--runtime container: no podman, docker or nerdctl in PATH; install one or pick --runtime process",
+                )?;
+                Box::new(ContainerRuntime::new(config).context("starting the container runtime")?)
+            }
             Self::Record => Box::new(RecordingRuntime::instant()),
+        })
+    }
+}
+
+/// The uid and gid of a user named in `/etc/passwd` (name or numeric uid).
+fn lookup_user(user: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd for --workload-user")?;
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() >= 4 && (fields[0] == user || fields[2] == user) {
+            let uid = fields[2].parse().with_context(|| format!("/etc/passwd: bad uid for {user}"))?;
+            let gid = fields[3].parse().with_context(|| format!("/etc/passwd: bad gid for {user}"))?;
+            return Ok((uid, gid));
         }
     }
+    anyhow::bail!("--workload-user {user:?} is not in /etc/passwd (create it, e.g. `useradd --system kole-workload`)")
 }
 
 /// `key=value,...` into labels, with an error naming the bad pair.
@@ -158,7 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         name.clone(),
         NodeConfig { brokers: brokers.clone(), password, connection, ..NodeConfig::default() },
     )?;
-    let mut runtime = cli.runtime.build();
+    let user = cli.workload_user.as_deref().map(lookup_user).transpose()?;
+    if user.is_some() && cli.runtime != RuntimeKind::Process {
+        anyhow::bail!("--workload-user applies to --runtime process only (containers run as their image says)");
+    }
+    let mut runtime = cli.runtime.build(&name, &cli.state_dir, user)?;
     let list: Vec<String> = brokers.iter().map(ToString::to_string).collect();
     tracing::info!(
         node = %name, fleet = %cli.mqtt.fleet, brokers = %list.join(","), runtime = ?cli.runtime,
