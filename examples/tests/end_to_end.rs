@@ -79,6 +79,11 @@ impl Program {
 
 impl Drop for Program {
     fn drop(&mut self) {
+        // SIGTERM first, so an agent stops its workloads (they run in process groups of their own
+        // and would outlive a SIGKILLed agent).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.terminate(Duration::from_secs(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
