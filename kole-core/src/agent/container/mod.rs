@@ -1,7 +1,7 @@
 //! A [`WorkloadRuntime`] that runs each workload as a container of the engine the node already
 //! has (podman, docker or nerdctl), driven through its CLI.
 //!
-//! See [`ContainerRuntime`] for the lifecycle and `docs/runtime-container.md` for what a user
+//! See [`ContainerRuntime`] for the lifecycle and `docs/runtime.md` for what a user
 //! sees on the node.
 
 mod engine;
