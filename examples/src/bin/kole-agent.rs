@@ -21,7 +21,8 @@ use kole_core::agent::{
     Agent, AgentConfig, AgentIdentity, ContainerEngine, ContainerRuntime, ContainerRuntimeConfig, FileAgentStore,
     ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, WorkloadRuntime, load_or_empty,
 };
-use kole_core::model::{Labels, NodeInfo, NodeName};
+use kole_core::model::{Labels, NodeInfo, NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
+use kole_core::protocol::NodeHealth;
 use kole_examples::{BrokerArgs, LogArgs, TlsArgs};
 use kole_mqtt::{BrokerAddr, ConnectionConfig, MqttConnector, NodeConfig, Topics};
 use tokio::sync::watch;
@@ -112,6 +113,56 @@ impl RuntimeKind {
             }
             Self::Record => Box::new(RecordingRuntime::instant()),
         })
+    }
+}
+
+/// The runtime, with a log line for every workload it starts, stops, or sees change phase (and
+/// the reason when one fails): what an operator on the box reads in `journalctl -u kole-agent`.
+struct Logged(Box<dyn WorkloadRuntime>);
+
+impl Logged {
+    fn log_phase(&self, node: &NodeName, id: &WorkloadId, version: Option<u64>, phase: WorkloadPhase) {
+        if phase == WorkloadPhase::Failed {
+            let reason = self.0.failure_reason(node, id).unwrap_or_else(|| "no reason given".into());
+            tracing::warn!(workload = %id, version, %reason, "workload failed");
+        } else {
+            tracing::info!(workload = %id, version, phase = ?phase, "workload phase");
+        }
+    }
+}
+
+impl WorkloadRuntime for Logged {
+    fn apply(&mut self, node: &NodeName, workload: &Arc<Workload>, now: Timestamp) -> WorkloadPhase {
+        let phase = self.0.apply(node, workload, now);
+        self.log_phase(node, &workload.id, Some(workload.version), phase);
+        phase
+    }
+
+    fn remove(&mut self, node: &NodeName, id: &WorkloadId, now: Timestamp) {
+        self.0.remove(node, id, now);
+        tracing::info!(workload = %id, "workload removed");
+    }
+
+    fn restart(&mut self, node: &NodeName, id: &WorkloadId, now: Timestamp) -> Option<WorkloadPhase> {
+        let phase = self.0.restart(node, id, now);
+        tracing::info!(workload = %id, phase = ?phase, "workload restarted on request");
+        phase
+    }
+
+    fn poll(&mut self, node: &NodeName, now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>) {
+        let from = changes.len();
+        self.0.poll(node, now, changes);
+        for (id, phase) in &changes[from..] {
+            self.log_phase(node, id, None, *phase);
+        }
+    }
+
+    fn failure_reason(&self, node: &NodeName, id: &WorkloadId) -> Option<String> {
+        self.0.failure_reason(node, id)
+    }
+
+    fn health(&self, node: &NodeName) -> NodeHealth {
+        self.0.health(node)
     }
 }
 
@@ -215,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if user.is_some() && cli.runtime != RuntimeKind::Process {
         anyhow::bail!("--workload-user applies to --runtime process only (containers run as their image says)");
     }
-    let mut runtime = cli.runtime.build(&name, &cli.state_dir, user)?;
+    let mut runtime = Logged(cli.runtime.build(&name, &cli.state_dir, user)?);
     let list: Vec<String> = brokers.iter().map(ToString::to_string).collect();
     tracing::info!(
         node = %name, fleet = %cli.mqtt.fleet, brokers = %list.join(","), runtime = ?cli.runtime,
@@ -234,8 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         let _ = stop.send(true);
     });
-    let stats =
-        run_agent(&mut agent, &connector, runtime.as_mut(), &store, &AgentDriverConfig::default(), shutdown).await;
+    let stats = run_agent(&mut agent, &connector, &mut runtime, &store, &AgentDriverConfig::default(), shutdown).await;
     stopper.abort();
     let running: Vec<String> =
         agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();
