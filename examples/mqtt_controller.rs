@@ -7,7 +7,7 @@
 //! # against a broker set, with credentials
 //! KOLE_MQTT_PASSWORD=secret cargo run -p kole-examples --example mqtt_controller -- \
 //!     --broker mqtt://10.0.0.1:1883 --broker mqtt://10.0.0.2:1883 --fleet prod --user kole-controller \
-//!     --snapshots /var/lib/kole/snapshots --run '/usr/local/bin/exporter --port 9100' --workload-id edge/exporter --selector 'tier=edge'
+//!     --snapshots /var/lib/kole/snapshots --run /usr/local/bin/exporter --workload-id edge/exporter --selector 'tier=edge'
 //! ```
 //!
 //! Options (`--help` lists them): `--broker URL` (repeatable or a comma-separated list; env
@@ -208,7 +208,7 @@ mod tests {
             "--embedded-broker",
             "--embedded-broker --snapshots /tmp/kole-ctl",
             "--broker mqtt://10.0.0.1:1883 --broker mqtt://10.0.0.2:1883 --fleet prod --user kole-controller \
-             --snapshots /var/lib/kole/snapshots --run '/usr/local/bin/exporter --port 9100' --workload-id edge/exporter --selector tier=edge",
+             --snapshots /var/lib/kole/snapshots --run /usr/local/bin/exporter --workload-id edge/exporter --selector tier=edge",
         ] {
             if let Err(e) = parse(line) {
                 panic!("{line}: {e}");
