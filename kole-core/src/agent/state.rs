@@ -477,8 +477,9 @@ impl Agent {
         let changed = if !w.selector.matches(&*self.labels) {
             self.remove(&w.id, now, runtime, out)
         } else if wave_point(self.name.as_str(), &w.id) < wave_threshold {
-            let current = self.find(&w.id).map(|i| self.workloads[i].workload.version);
-            if current == Some(w.version) {
+            // Same version and same content: nothing to do. A workload deleted and created again
+            // under the same name restarts at the same version with other content.
+            if self.find(&w.id).is_some_and(|i| same_content(&self.workloads[i].workload, w)) {
                 false
             } else {
                 let arc = shared.cloned().unwrap_or_else(|| Arc::new(w.clone()));
@@ -550,8 +551,7 @@ impl Agent {
             changed |= self.remove(id, now, runtime, out);
         }
         for w in wanted {
-            let current = self.find(&w.id).map(|i| self.workloads[i].workload.version);
-            if current != Some(w.version) {
+            if !self.find(&w.id).is_some_and(|i| same_content(&self.workloads[i].workload, w)) {
                 self.apply(Arc::new(w.clone()), now, runtime, out);
                 changed = true;
             }
@@ -563,7 +563,7 @@ impl Agent {
 
     /// After any change of the desired set: new digest, status due, persist.
     fn changed(&mut self, out: &mut AgentOutputs) {
-        self.applied = DesiredDigest::of(self.workloads.iter().map(|s| (s.workload.id.as_str(), s.workload.version)));
+        self.applied = DesiredDigest::of_workloads(self.workloads.iter().map(|s| &*s.workload));
         self.flags |= STATUS_DIRTY;
         out.persist = Some(self.persisted_state());
     }
@@ -607,4 +607,8 @@ fn push(out: &mut AgentOutputs, kind: UplinkKind, msg: &Message) {
 
 fn ignore(out: &mut AgentOutputs, reason: &'static str) {
     out.events.push(AgentEvent::Ignored { reason });
+}
+/// Whether two versions of a workload run the same thing (what the desired digest covers).
+fn same_content(a: &Workload, b: &Workload) -> bool {
+    a.version == b.version && a.spec == b.spec
 }

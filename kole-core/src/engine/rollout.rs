@@ -66,8 +66,8 @@ pub(crate) struct WorkloadEntry {
 impl WorkloadEntry {
     pub(crate) fn new(current: Workload, previous: Option<Workload>, wave: usize, phase: RolloutPhase) -> Self {
         let seed = wave_seed(&current.id);
-        let member_current = DesiredDigest::member(current.id.as_str(), current.version);
-        let member_previous = previous.as_ref().map_or(0, |p| DesiredDigest::member(p.id.as_str(), p.version));
+        let member_current = DesiredDigest::member_of(&current);
+        let member_previous = previous.as_ref().map_or(0, DesiredDigest::member_of);
         let wave = wave.min(current.rollout.waves.len().saturating_sub(1));
         Self {
             current: Arc::new(current),

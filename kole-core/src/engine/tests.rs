@@ -92,7 +92,7 @@ fn uplink(engine: &mut Engine, batch: &[Inbound], now: Timestamp) -> Outputs {
 }
 
 fn digest_of(ws: &[&Workload]) -> DesiredDigest {
-    DesiredDigest::of(ws.iter().map(|w| (w.id.as_str(), w.version)))
+    DesiredDigest::of_workloads(ws.iter().copied())
 }
 
 #[test]
@@ -334,6 +334,31 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
     );
     assert_eq!(e.desired_digest("a"), Some(DesiredDigest::EMPTY));
     assert!(e.workloads().is_empty());
+}
+
+#[test]
+fn a_node_away_while_a_workload_was_deleted_and_recreated_gets_the_new_content() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let old = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &old, t(1));
+    let had = digest_of(&[&old]);
+    uplink(&mut e, &[register("away", &l, 1, had)], t(2));
+    // While the node is away, the workload is deleted and created again under the same name: the
+    // new object starts over at generation 1, with other content.
+    let mut out = Outputs::default();
+    e.handle(Input::Workload(&WorkloadCommand::Delete(old.id.clone())), t(3), &mut out);
+    let mut new = old.clone();
+    new.spec = b"image: registry.example/cdn-cache:2.0".to_vec();
+    apply(&mut e, &new, t(4));
+    assert_ne!(e.desired_digest("away"), Some(had), "the digest must tell the two contents apart");
+    // The node comes back still running the old content: past the grace period it is caught up.
+    let out = uplink(&mut e, &[heartbeat("away", 1, 1, had)], t(200));
+    let msgs = decode_all(&out);
+    assert!(
+        msgs.iter().any(|(_, m)| matches!(m, Message::DesiredState(d) if d.workloads == vec![new.clone()])),
+        "{msgs:?}"
+    );
 }
 
 #[test]
