@@ -142,15 +142,19 @@ pub fn phase_spec(phase: RolloutPhase) -> RolloutPhaseSpec {
 }
 
 /// An object status from the engine's aggregated status. `previous` is the version nodes outside
-/// the reached waves keep; `now` stamps changed conditions.
+/// the reached waves keep; `observed_generation` is the object's `metadata.generation` the
+/// controller last acted on (`None`: the engine's version); `now` stamps changed conditions.
 pub fn status_from_engine(
     s: &WorkloadStatus,
     previous: Option<AppliedVersion>,
     current: Option<AppliedVersion>,
+    observed_generation: Option<i64>,
     old: Option<&EdgeWorkloadStatus>,
     now: Timestamp,
 ) -> EdgeWorkloadStatus {
-    let generation = i64::try_from(s.version).unwrap_or(i64::MAX);
+    // A pause or rollback edit is a new generation without a new engine version, and a rollback
+    // takes the engine's version back: the generation acted on is what was observed.
+    let generation = observed_generation.unwrap_or_else(|| i64::try_from(s.version).unwrap_or(i64::MAX));
     let phase = phase_spec(s.phase);
     let cond = |type_: &str, ok: bool, reason: &str, message: String| {
         let status = if ok { "True" } else { "False" }.to_owned();
@@ -174,7 +178,7 @@ pub fn status_from_engine(
             "Progressing",
             matches!(phase, RolloutPhaseSpec::Progressing),
             phase_reason(phase),
-            format!("wave {} of {}", s.wave + 1, s.waves),
+            format!("wave {} of {}", s.wave.saturating_add(1).min(s.waves.max(1)), s.waves),
         ),
         cond(
             "Available",
@@ -197,6 +201,7 @@ pub fn status_from_engine(
         failed: s.failed,
         by_version: s.by_version.iter().map(|&(version, nodes)| VersionCount { version, nodes }).collect(),
         current_wave: s.wave,
+        wave: s.wave.saturating_add(1).min(s.waves.max(1)),
         waves: s.waves,
         rollout_phase: Some(phase),
         conditions,
@@ -361,7 +366,7 @@ mod tests {
         };
         let prev = AppliedVersion { version: 2, spec: spec() };
         let cur = AppliedVersion { version: 3, spec: spec() };
-        let st = status_from_engine(&s, Some(prev), Some(cur), None, Timestamp::from_secs(10));
+        let st = status_from_engine(&s, Some(prev), Some(cur), None, None, Timestamp::from_secs(10));
         let mut o = object(spec());
         o.status = Some(st);
         let p = progress_from_status(&o).unwrap().unwrap();
@@ -373,5 +378,37 @@ mod tests {
         // The spec changed while no controller ran: the old version and its position come back.
         let (old, p) = resume_from_status(&o).unwrap().unwrap();
         assert_eq!((old.version, p.wave, p.previous.map(|w| w.version)), (3, 1, Some(2)));
+    }
+
+    /// `kubectl get edgeworkloads` and the Progressing condition name the same wave.
+    #[test]
+    fn the_printed_wave_column_agrees_with_the_condition_message() {
+        use kube::CustomResourceExt;
+        let crd = EdgeWorkload::crd();
+        let columns = crd.spec.versions[0].additional_printer_columns.clone().unwrap_or_default();
+        let path = columns.iter().find(|c| c.name == "Wave").map(|c| c.json_path.clone()).unwrap();
+        for (wave, waves) in [(0, 3), (1, 3), (2, 3)] {
+            let s = WorkloadStatus {
+                id: WorkloadId::new("edge/cdn").unwrap(),
+                version: 3,
+                targeted: 10,
+                updated: 0,
+                ready: 0,
+                failed: 0,
+                by_version: vec![],
+                wave,
+                waves,
+                phase: RolloutPhase::Progressing,
+            };
+            let st = status_from_engine(&s, None, None, None, None, Timestamp::from_secs(10));
+            let json = serde_json::json!({ "status": st });
+            let mut v = &json;
+            for part in path.trim_start_matches('.').split('.') {
+                v = &v[part];
+            }
+            let printed = v.as_u64().unwrap_or_else(|| panic!("{path} in {json}"));
+            let message = &st.conditions.iter().find(|c| c.type_ == "Progressing").unwrap().message;
+            assert_eq!(message, &format!("wave {printed} of {waves}"), "column {path} = {printed}");
+        }
     }
 }

@@ -171,7 +171,7 @@ impl Default for RolloutSpec {
     printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updated"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
-    printcolumn(name = "Wave", type_ = "integer", json_path = ".status.currentWave"),
+    printcolumn(name = "Wave", type_ = "integer", json_path = ".status.wave"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.rolloutPhase"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -265,9 +265,13 @@ pub struct EdgeWorkloadStatus {
     /// Nodes per reported version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_version: Vec<VersionCount>,
-    /// Index of the wave reached.
+    /// Index of the wave reached (0-based, as the engine persists it to resume a rollout).
     #[serde(default)]
     pub current_wave: u32,
+    /// Number of the wave reached, counting from 1: what `kubectl get` prints and the
+    /// `Progressing` condition says ("wave 2 of 3").
+    #[serde(default)]
+    pub wave: u32,
     /// Number of waves.
     #[serde(default)]
     pub waves: u32,
