@@ -141,6 +141,16 @@ pub struct RolloutSpec {
     /// Return every node to the previous version (applied once per spec generation).
     #[serde(default)]
     pub rollback: bool,
+    /// Seconds a wave may go without settling before the `Progressing` condition turns `False`
+    /// with reason `ProgressDeadlineExceeded` (the rollout keeps waiting, as a Deployment's does).
+    /// Default 600.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: u32,
+}
+
+fn default_progress_deadline() -> u32 {
+    kole_core::model::DEFAULT_PROGRESS_DEADLINE_S
 }
 
 fn default_waves() -> Vec<u8> {
@@ -149,7 +159,13 @@ fn default_waves() -> Vec<u8> {
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        Self { waves: default_waves(), paused: false, failure_threshold: None, rollback: false }
+        Self {
+            waves: default_waves(),
+            paused: false,
+            failure_threshold: None,
+            rollback: false,
+            progress_deadline_seconds: default_progress_deadline(),
+        }
     }
 }
 
@@ -213,6 +229,19 @@ pub struct VersionCount {
     pub nodes: u32,
 }
 
+/// One of the most common reasons nodes gave for failing the current version.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureReasonStatus {
+    /// The reason, as the nodes' runtime gave it (at most 256 bytes).
+    pub reason: String,
+    /// Nodes reporting it.
+    pub count: u32,
+    /// A few of them (at most 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sample_nodes: Vec<String>,
+}
+
 /// A Kubernetes-style condition.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -265,6 +294,9 @@ pub struct EdgeWorkloadStatus {
     /// Nodes per reported version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_version: Vec<VersionCount>,
+    /// The most common failure reasons of the current version, most frequent first (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<FailureReasonStatus>,
     /// Index of the wave reached (0-based, as the engine persists it to resume a rollout).
     #[serde(default)]
     pub current_wave: u32,

@@ -8,8 +8,8 @@ use crate::model::{
     stable_hash, wave_point,
 };
 use crate::protocol::{
-    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, RegisterAck, RegisterOutcome,
-    StatusReport, UplinkKind,
+    self, Command, CommandKind, DesiredState, FailureReason, GroupName, Heartbeat, Message, NodeHealth, RegisterAck,
+    RegisterOutcome, StatusReport, UplinkKind,
 };
 use crate::transport::{Destination, NodeDelivery, NodePublish};
 
@@ -227,7 +227,7 @@ impl Agent {
             }
         }
         if self.flags & STATUS_DIRTY != 0 && self.link == LinkState::Registered {
-            self.send_status(now, out);
+            self.send_status(now, &*runtime, out);
         }
         out.next_wake = self.next_wake();
     }
@@ -308,12 +308,23 @@ impl Agent {
         self.timer_at = now.as_millis().saturating_add(u64::from(self.heartbeat_ms));
     }
 
-    fn send_status(&mut self, now: Timestamp, out: &mut AgentOutputs) {
+    fn send_status(&mut self, now: Timestamp, runtime: &dyn WorkloadRuntime, out: &mut AgentOutputs) {
+        let reasons = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.phase == WorkloadPhase::Failed)
+            .filter_map(|(i, s)| {
+                let reason = runtime.failure_reason(&self.name, &s.workload.id)?;
+                Some(FailureReason::new(u32::try_from(i).ok()?, &reason))
+            })
+            .collect();
         let report = StatusReport {
             seq: self.next_seq(),
             boot_id: self.boot_id,
             applied: self.applied,
             workloads: self.workload_states(),
+            reasons,
         };
         push(out, UplinkKind::Status, &Message::StatusReport(report));
         self.flags &= !STATUS_DIRTY;

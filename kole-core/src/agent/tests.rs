@@ -349,6 +349,25 @@ fn a_recreated_workload_with_other_content_at_the_same_version_is_applied() {
 }
 
 #[test]
+fn a_failed_workload_is_reported_with_its_runtimes_reason_cut_to_size() {
+    let mut h = Harness::new("edge-1", &[]);
+    h.register(10_000);
+    let a = workload("default/a", 1, "");
+    let b = workload("default/b", 1, "");
+    h.rt.fail_with(b.id.clone(), 1, format!("exec /nonexistent: No such file or directory {}", "x".repeat(400)));
+    h.msg(&spec(&a, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(a.id.clone()));
+    h.msg(&spec(&b, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(b.id.clone()));
+    let reports: Vec<StatusReport> =
+        h.sent().into_iter().filter_map(|m| if let Message::StatusReport(r) = m { Some(r) } else { None }).collect();
+    let last = reports.last().expect("a status report");
+    assert_eq!(last.workloads[1].phase, WorkloadPhase::Failed);
+    assert_eq!(last.reasons.len(), 1);
+    assert_eq!(last.reasons[0].index, 1);
+    assert!(last.reasons[0].reason.starts_with("exec /nonexistent: No such file or directory"));
+    assert_eq!(last.reasons[0].reason.len(), protocol::MAX_REASON_BYTES);
+}
+
+#[test]
 fn desired_state_replaces_the_set_exactly() {
     let mut h = Harness::new("edge-1", &[("tier", "cdn")]);
     let from = Destination::Fleet;

@@ -110,6 +110,8 @@ mod tests {
             wave: 0,
             waves: 1,
             phase: RolloutPhase::Progressing,
+            failures: vec![],
+            progress_deadline_exceeded: false,
         }
     }
 
