@@ -84,7 +84,7 @@ impl FailureReasons {
             e.0 += 1;
             e.1.push(name);
         }
-        let mut list: Vec<(&Arc<str>, (u32, Vec<&str>))> = by_reason.into_iter().collect();
+        let mut list: Vec<_> = by_reason.into_iter().collect();
         list.sort_by(|a, b| b.1.0.cmp(&a.1.0).then_with(|| a.0.cmp(b.0)));
         list.truncate(Self::TOP);
         list.into_iter()
