@@ -110,7 +110,12 @@ pub fn workload_from_spec(id: &WorkloadId, version: u64, spec: &EdgeWorkloadSpec
             }
         },
     };
-    let rollout = RolloutStrategy { waves: spec.rollout.waves.clone(), paused: spec.rollout.paused, failure_threshold };
+    let rollout = RolloutStrategy {
+        waves: spec.rollout.waves.clone(),
+        paused: spec.rollout.paused,
+        failure_threshold,
+        progress_deadline_s: spec.rollout.progress_deadline_seconds.max(1),
+    };
     rollout.validate().map_err(|e| bad(format!("spec.rollout: {e}")))?;
     let bytes = runtime_bytes(spec).map_err(|e| bad(format!("spec.runtime: {e}")))?;
     Ok(Workload { id: id.clone(), version, spec: bytes, selector, delivery, rollout })
@@ -179,15 +184,19 @@ pub fn phase_spec(phase: RolloutPhase) -> RolloutPhaseSpec {
 }
 
 /// An object status from the engine's aggregated status. `previous` is the version nodes outside
-/// the reached waves keep; `now` stamps changed conditions.
+/// the reached waves keep; `observed_generation` is the object's `metadata.generation` the
+/// controller last acted on (`None`: the engine's version); `now` stamps changed conditions.
 pub fn status_from_engine(
     s: &WorkloadStatus,
     previous: Option<AppliedVersion>,
     current: Option<AppliedVersion>,
+    observed_generation: Option<i64>,
     old: Option<&EdgeWorkloadStatus>,
     now: Timestamp,
 ) -> EdgeWorkloadStatus {
-    let generation = i64::try_from(s.version).unwrap_or(i64::MAX);
+    // A pause or rollback edit is a new generation without a new engine version, and a rollback
+    // takes the engine's version back: the generation acted on is what was observed.
+    let generation = observed_generation.unwrap_or_else(|| i64::try_from(s.version).unwrap_or(i64::MAX));
     let phase = phase_spec(s.phase);
     let cond = |type_: &str, ok: bool, reason: &str, message: String| {
         let status = if ok { "True" } else { "False" }.to_owned();
@@ -209,9 +218,24 @@ pub fn status_from_engine(
         cond("Accepted", true, "Valid", "the spec is valid and handed to the engine".into()),
         cond(
             "Progressing",
-            matches!(phase, RolloutPhaseSpec::Progressing),
-            phase_reason(phase),
-            format!("wave {} of {}", s.wave + 1, s.waves),
+            matches!(phase, RolloutPhaseSpec::Progressing) && !s.progress_deadline_exceeded,
+            if s.progress_deadline_exceeded && phase == RolloutPhaseSpec::Progressing {
+                "ProgressDeadlineExceeded"
+            } else {
+                phase_reason(phase)
+            },
+            if s.progress_deadline_exceeded && phase == RolloutPhaseSpec::Progressing {
+                format!(
+                    "wave {} of {} has not settled within spec.rollout.progressDeadlineSeconds ({} of {} targeted nodes ready, {} failed)",
+                    s.wave.saturating_add(1).min(s.waves.max(1)),
+                    s.waves,
+                    s.ready,
+                    s.targeted,
+                    s.failed
+                )
+            } else {
+                format!("wave {} of {}", s.wave.saturating_add(1).min(s.waves.max(1)), s.waves)
+            },
         ),
         cond(
             "Available",
@@ -223,7 +247,7 @@ pub fn status_from_engine(
             "Degraded",
             phase == RolloutPhaseSpec::Halted || s.failed > 0,
             if phase == RolloutPhaseSpec::Halted { "FailureThresholdExceeded" } else { "Failures" },
-            format!("{} nodes failed", s.failed),
+            degraded_message(s),
         ),
     ];
     EdgeWorkloadStatus {
@@ -233,13 +257,34 @@ pub fn status_from_engine(
         ready: s.ready,
         failed: s.failed,
         by_version: s.by_version.iter().map(|&(version, nodes)| VersionCount { version, nodes }).collect(),
+        failures: s
+            .failures
+            .iter()
+            .map(|f| crate::crd::FailureReasonStatus {
+                reason: f.reason.clone(),
+                count: f.count,
+                sample_nodes: f.sample_nodes.iter().map(|n| n.as_str().to_owned()).collect(),
+            })
+            .collect(),
         current_wave: s.wave,
+        wave: s.wave.saturating_add(1).min(s.waves.max(1)),
         waves: s.waves,
         rollout_phase: Some(phase),
         conditions,
         published: true,
         previous,
         current,
+    }
+}
+
+/// "3 nodes failed", naming the most common reason when nodes gave one: what a user reads first.
+fn degraded_message(s: &WorkloadStatus) -> String {
+    match s.failures.first() {
+        Some(top) => {
+            let nodes = top.sample_nodes.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+            format!("{} nodes failed; most common reason ({} nodes, e.g. {nodes}): {}", s.failed, top.count, top.reason)
+        }
+        None => format!("{} nodes failed", s.failed),
     }
 }
 
@@ -438,12 +483,29 @@ mod tests {
             wave: 1,
             waves: 2,
             phase: RolloutPhase::Paused,
+            failures: vec![kole_core::engine::FailureSummary {
+                reason: "exec /usr/bin/cdn: No such file or directory".into(),
+                count: 1,
+                sample_nodes: vec![kole_core::model::NodeName::new("edge-7").unwrap()],
+            }],
+            progress_deadline_exceeded: false,
         };
         let prev = AppliedVersion { version: 2, spec: spec() };
         let cur = AppliedVersion { version: 3, spec: spec() };
-        let st = status_from_engine(&s, Some(prev), Some(cur), None, Timestamp::from_secs(10));
+        let st = status_from_engine(&s, Some(prev), Some(cur), None, None, Timestamp::from_secs(10));
+        assert_eq!(st.failures.len(), 1);
+        assert_eq!(st.failures[0].sample_nodes, ["edge-7"]);
+        let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(degraded.status, "True");
+        assert!(degraded.message.contains("exec /usr/bin/cdn: No such file or directory"), "{}", degraded.message);
         let mut o = object(spec());
         o.status = Some(st);
+        let mut stuck = s.clone();
+        stuck.phase = RolloutPhase::Progressing;
+        stuck.progress_deadline_exceeded = true;
+        let st2 = status_from_engine(&stuck, None, None, None, None, Timestamp::from_secs(10));
+        let progressing = st2.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+        assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("False", "ProgressDeadlineExceeded"));
         let p = progress_from_status(&o).unwrap().unwrap();
         assert_eq!(p.wave, 1);
         assert_eq!(p.phase, RolloutPhase::Paused);
@@ -453,5 +515,39 @@ mod tests {
         // The spec changed while no controller ran: the old version and its position come back.
         let (old, p) = resume_from_status(&o).unwrap().unwrap();
         assert_eq!((old.version, p.wave, p.previous.map(|w| w.version)), (3, 1, Some(2)));
+    }
+
+    /// `kubectl get edgeworkloads` and the Progressing condition name the same wave.
+    #[test]
+    fn the_printed_wave_column_agrees_with_the_condition_message() {
+        use kube::CustomResourceExt;
+        let crd = EdgeWorkload::crd();
+        let columns = crd.spec.versions[0].additional_printer_columns.clone().unwrap_or_default();
+        let path = columns.iter().find(|c| c.name == "Wave").map(|c| c.json_path.clone()).unwrap();
+        for (wave, waves) in [(0, 3), (1, 3), (2, 3)] {
+            let s = WorkloadStatus {
+                id: WorkloadId::new("edge/cdn").unwrap(),
+                version: 3,
+                targeted: 10,
+                updated: 0,
+                ready: 0,
+                failed: 0,
+                by_version: vec![],
+                wave,
+                waves,
+                phase: RolloutPhase::Progressing,
+                failures: vec![],
+                progress_deadline_exceeded: false,
+            };
+            let st = status_from_engine(&s, None, None, None, None, Timestamp::from_secs(10));
+            let json = serde_json::json!({ "status": st });
+            let mut v = &json;
+            for part in path.trim_start_matches('.').split('.') {
+                v = &v[part];
+            }
+            let printed = v.as_u64().unwrap_or_else(|| panic!("{path} in {json}"));
+            let message = &st.conditions.iter().find(|c| c.type_ == "Progressing").unwrap().message;
+            assert_eq!(message, &format!("wave {printed} of {waves}"), "column {path} = {printed}");
+        }
     }
 }

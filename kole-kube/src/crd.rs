@@ -186,6 +186,16 @@ pub struct RolloutSpec {
     /// Return every node to the previous version (applied once per spec generation).
     #[serde(default)]
     pub rollback: bool,
+    /// Seconds a wave may go without settling before the `Progressing` condition turns `False`
+    /// with reason `ProgressDeadlineExceeded` (the rollout keeps waiting, as a Deployment's does).
+    /// Default 600.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: u32,
+}
+
+fn default_progress_deadline() -> u32 {
+    kole_core::model::DEFAULT_PROGRESS_DEADLINE_S
 }
 
 fn default_waves() -> Vec<u8> {
@@ -194,7 +204,13 @@ fn default_waves() -> Vec<u8> {
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        Self { waves: default_waves(), paused: false, failure_threshold: None, rollback: false }
+        Self {
+            waves: default_waves(),
+            paused: false,
+            failure_threshold: None,
+            rollback: false,
+            progress_deadline_seconds: default_progress_deadline(),
+        }
     }
 }
 
@@ -216,7 +232,7 @@ impl Default for RolloutSpec {
     printcolumn(name = "Updated", type_ = "integer", json_path = ".status.updated"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
-    printcolumn(name = "Wave", type_ = "integer", json_path = ".status.currentWave"),
+    printcolumn(name = "Wave", type_ = "integer", json_path = ".status.wave"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.rolloutPhase"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -256,6 +272,19 @@ pub struct VersionCount {
     pub version: u64,
     /// Nodes reporting it.
     pub nodes: u32,
+}
+
+/// One of the most common reasons nodes gave for failing the current version.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureReasonStatus {
+    /// The reason, as the nodes' runtime gave it (at most 256 bytes).
+    pub reason: String,
+    /// Nodes reporting it.
+    pub count: u32,
+    /// A few of them (at most 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sample_nodes: Vec<String>,
 }
 
 /// A Kubernetes-style condition.
@@ -310,9 +339,16 @@ pub struct EdgeWorkloadStatus {
     /// Nodes per reported version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_version: Vec<VersionCount>,
-    /// Index of the wave reached.
+    /// The most common failure reasons of the current version, most frequent first (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<FailureReasonStatus>,
+    /// Index of the wave reached (0-based, as the engine persists it to resume a rollout).
     #[serde(default)]
     pub current_wave: u32,
+    /// Number of the wave reached, counting from 1: what `kubectl get` prints and the
+    /// `Progressing` condition says ("wave 2 of 3").
+    #[serde(default)]
+    pub wave: u32,
     /// Number of waves.
     #[serde(default)]
     pub waves: u32,

@@ -243,7 +243,7 @@ impl ReferenceFleet {
         let ipv4 = Ipv4Addr::from((net << 16) | host);
 
         let workloads = self.workloads(i, site_type);
-        let applied = DesiredDigest::of(workloads.iter().map(|w| (w.workload.as_str(), w.version)));
+        let applied = DesiredDigest::of(workloads.iter().map(|w| (w.workload.as_str(), w.version, &[][..])));
         let p = r.percent();
         let now = REFERENCE_NOW_SECS;
         let (phase, last_seen) = match p {

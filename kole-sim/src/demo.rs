@@ -62,6 +62,7 @@ fn workload(version: u64, image: &str, waves: &[u8]) -> Result<Workload, DemoErr
             waves: waves.to_vec(),
             paused: false,
             failure_threshold: FailureThreshold::Percent(2),
+            ..Default::default()
         },
     })
 }

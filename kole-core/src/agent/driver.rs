@@ -404,7 +404,7 @@ mod tests {
         }));
         bounded(cloud.send(to(Destination::GroupWorkloadSpec(g, w.id.clone()), spec, true))).await.unwrap();
         let (_, Message::StatusReport(report)) = next(&cloud).await else { panic!("expected a status report") };
-        assert_eq!(report.applied, DesiredDigest::of([("default/app", 1)]));
+        assert_eq!(report.applied, DesiredDigest::of([("default/app", 1, &b"run"[..])]));
         assert_eq!(store.saves(), 1);
 
         // The broker drops the connection: the driver reconnects after a backoff and registers

@@ -82,6 +82,7 @@ pub enum RuntimeOp {
 }
 
 type OutcomeFn = dyn Fn(&NodeName, &Workload) -> Option<WorkloadPhase> + Send;
+type ReasonFn = dyn Fn(&NodeName, &WorkloadId) -> Option<String> + Send;
 
 /// A runtime that runs nothing: by default every applied workload is `Running` at once.
 ///
@@ -91,6 +92,8 @@ type OutcomeFn = dyn Fn(&NodeName, &Workload) -> Option<WorkloadPhase> + Send;
 /// - [`RecordingRuntime::set_outcome`] makes a chosen (workload, version) come up `Failed` or stay
 ///   `Pending` on every node; [`RecordingRuntime::outcome_with`] decides per node (e.g. "fails on
 ///   a tenth of the nodes", for rollout-halt tests).
+/// - [`RecordingRuntime::fail_with`] makes a (workload, version) fail everywhere with a reason;
+///   [`RecordingRuntime::reason_with`] gives reasons per node.
 /// - [`RecordingRuntime::push_phase`] queues a later phase change that the node's next
 ///   [`WorkloadRuntime::poll`] reports (a crash, a pull that finished).
 #[derive(Default)]
@@ -99,6 +102,8 @@ pub struct RecordingRuntime {
     calls: Vec<RuntimeCall>,
     outcomes: Vec<(WorkloadId, u64, WorkloadPhase)>,
     outcome_fn: Option<Box<OutcomeFn>>,
+    reasons: Vec<(WorkloadId, String)>,
+    reason_fn: Option<Box<ReasonFn>>,
     queued: HashMap<NodeName, Vec<(WorkloadId, WorkloadPhase)>>,
 }
 
@@ -109,6 +114,8 @@ impl fmt::Debug for RecordingRuntime {
             .field("calls", &self.calls.len())
             .field("outcomes", &self.outcomes)
             .field("outcome_fn", &self.outcome_fn.is_some())
+            .field("reasons", &self.reasons)
+            .field("reason_fn", &self.reason_fn.is_some())
             .field("queued_nodes", &self.queued.len())
             .finish()
     }
@@ -140,6 +147,22 @@ impl RecordingRuntime {
         f: impl Fn(&NodeName, &Workload) -> Option<WorkloadPhase> + Send + 'static,
     ) -> &mut Self {
         self.outcome_fn = Some(Box::new(f));
+        self
+    }
+
+    /// Every applied `(id, version)` comes up `Failed` on every node, and
+    /// [`WorkloadRuntime::failure_reason`] of `id` says `reason`.
+    pub fn fail_with(&mut self, id: WorkloadId, version: u64, reason: impl Into<String>) -> &mut Self {
+        self.set_outcome(id.clone(), version, WorkloadPhase::Failed);
+        self.reasons.retain(|(i, _)| *i != id);
+        self.reasons.push((id, reason.into()));
+        self
+    }
+
+    /// Decides [`WorkloadRuntime::failure_reason`] per node: `Some` overrides the
+    /// [`fail_with`](Self::fail_with) rules.
+    pub fn reason_with(&mut self, f: impl Fn(&NodeName, &WorkloadId) -> Option<String> + Send + 'static) -> &mut Self {
+        self.reason_fn = Some(Box::new(f));
         self
     }
 
@@ -192,6 +215,13 @@ impl WorkloadRuntime for RecordingRuntime {
     fn restart(&mut self, node: &NodeName, id: &WorkloadId, _now: Timestamp) -> Option<WorkloadPhase> {
         self.record(node, || RuntimeOp::Restart { id: id.clone() });
         None
+    }
+
+    fn failure_reason(&self, node: &NodeName, id: &WorkloadId) -> Option<String> {
+        if let Some(r) = self.reason_fn.as_ref().and_then(|f| f(node, id)) {
+            return Some(r);
+        }
+        self.reasons.iter().find(|(i, _)| i == id).map(|(_, r)| r.clone())
     }
 
     fn poll(&mut self, node: &NodeName, _now: Timestamp, changes: &mut Vec<(WorkloadId, WorkloadPhase)>) {

@@ -8,8 +8,8 @@ use crate::model::{
     stable_hash, wave_point,
 };
 use crate::protocol::{
-    self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, RegisterAck, RegisterOutcome,
-    StatusReport, UplinkKind,
+    self, Command, CommandKind, DesiredState, FailureReason, GroupName, Heartbeat, Message, NodeHealth, RegisterAck,
+    RegisterOutcome, StatusReport, UplinkKind,
 };
 use crate::transport::{Destination, NodeDelivery, NodePublish};
 
@@ -227,7 +227,7 @@ impl Agent {
             }
         }
         if self.flags & STATUS_DIRTY != 0 && self.link == LinkState::Registered {
-            self.send_status(now, out);
+            self.send_status(now, &*runtime, out);
         }
         out.next_wake = self.next_wake();
     }
@@ -308,12 +308,23 @@ impl Agent {
         self.timer_at = now.as_millis().saturating_add(u64::from(self.heartbeat_ms));
     }
 
-    fn send_status(&mut self, now: Timestamp, out: &mut AgentOutputs) {
+    fn send_status(&mut self, now: Timestamp, runtime: &dyn WorkloadRuntime, out: &mut AgentOutputs) {
+        let reasons = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.phase == WorkloadPhase::Failed)
+            .filter_map(|(i, s)| {
+                let reason = runtime.failure_reason(&self.name, &s.workload.id)?;
+                Some(FailureReason::new(u32::try_from(i).ok()?, &reason))
+            })
+            .collect();
         let report = StatusReport {
             seq: self.next_seq(),
             boot_id: self.boot_id,
             applied: self.applied,
             workloads: self.workload_states(),
+            reasons,
         };
         push(out, UplinkKind::Status, &Message::StatusReport(report));
         self.flags &= !STATUS_DIRTY;
@@ -477,8 +488,9 @@ impl Agent {
         let changed = if !w.selector.matches(&*self.labels) {
             self.remove(&w.id, now, runtime, out)
         } else if wave_point(self.name.as_str(), &w.id) < wave_threshold {
-            let current = self.find(&w.id).map(|i| self.workloads[i].workload.version);
-            if current == Some(w.version) {
+            // Same version and same content: nothing to do. A workload deleted and created again
+            // under the same name restarts at the same version with other content.
+            if self.find(&w.id).is_some_and(|i| same_content(&self.workloads[i].workload, w)) {
                 false
             } else {
                 let arc = shared.cloned().unwrap_or_else(|| Arc::new(w.clone()));
@@ -550,8 +562,7 @@ impl Agent {
             changed |= self.remove(id, now, runtime, out);
         }
         for w in wanted {
-            let current = self.find(&w.id).map(|i| self.workloads[i].workload.version);
-            if current != Some(w.version) {
+            if !self.find(&w.id).is_some_and(|i| same_content(&self.workloads[i].workload, w)) {
                 self.apply(Arc::new(w.clone()), now, runtime, out);
                 changed = true;
             }
@@ -563,7 +574,7 @@ impl Agent {
 
     /// After any change of the desired set: new digest, status due, persist.
     fn changed(&mut self, out: &mut AgentOutputs) {
-        self.applied = DesiredDigest::of(self.workloads.iter().map(|s| (s.workload.id.as_str(), s.workload.version)));
+        self.applied = DesiredDigest::of_workloads(self.workloads.iter().map(|s| &*s.workload));
         self.flags |= STATUS_DIRTY;
         out.persist = Some(self.persisted_state());
     }
@@ -607,4 +618,8 @@ fn push(out: &mut AgentOutputs, kind: UplinkKind, msg: &Message) {
 
 fn ignore(out: &mut AgentOutputs, reason: &'static str) {
     out.events.push(AgentEvent::Ignored { reason });
+}
+/// Whether two versions of a workload run the same thing (what the desired digest covers).
+fn same_content(a: &Workload, b: &Workload) -> bool {
+    a.version == b.version && a.spec == b.spec
 }

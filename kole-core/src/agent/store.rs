@@ -99,7 +99,7 @@ impl PersistedState {
     pub fn new(mut workloads: Vec<Arc<Workload>>) -> Self {
         workloads.sort_by(|a, b| a.id.cmp(&b.id));
         workloads.dedup_by(|a, b| a.id == b.id);
-        let applied = DesiredDigest::of(workloads.iter().map(|w| (w.id.as_str(), w.version)));
+        let applied = DesiredDigest::of_workloads(workloads.iter().map(|w| &**w));
         Self { workloads, applied }
     }
 

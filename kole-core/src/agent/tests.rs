@@ -48,6 +48,11 @@ fn workload(id: &str, version: u64, selector: &str) -> Workload {
     }
 }
 
+/// The digest of workloads as [`workload`] builds them.
+fn digest(items: &[(&str, u64)]) -> DesiredDigest {
+    DesiredDigest::of_workloads(items.iter().map(|(id, v)| workload(id, *v, "")).collect::<Vec<_>>().iter())
+}
+
 fn accepted(boot_id: u32, interval_ms: u32, groups: &[&str]) -> Message {
     Message::RegisterAck(RegisterAck {
         boot_id,
@@ -278,7 +283,7 @@ fn specs_select_by_selector_and_wave_and_nodes_outside_the_wave_keep_their_versi
         let in_wave = wave_point(&n, &v2.id) < 3_000;
         inside += usize::from(in_wave);
         assert_eq!(h.version_of("default/app"), Some(if in_wave { 2 } else { 1 }), "{n}");
-        assert_eq!(h.agent.applied(), DesiredDigest::of([("default/app", if in_wave { 2 } else { 1 })]));
+        assert_eq!(h.agent.applied(), digest(&[("default/app", if in_wave { 2 } else { 1 })]));
     }
     assert!((30..90).contains(&inside), "{inside} of 200 in a 30% wave");
 
@@ -314,12 +319,52 @@ fn a_repeated_spec_is_applied_once_and_changes_are_persisted() {
     let from = Destination::WorkloadSpec(w.id.clone());
     h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &from);
     let persisted = h.out.persist.take().expect("a change is persisted");
-    assert_eq!(persisted.applied, DesiredDigest::of([("default/app", 1)]));
+    assert_eq!(persisted.applied, digest(&[("default/app", 1)]));
     assert_eq!(persisted.workloads.len(), 1);
     // Retained replay of the same version: nothing to do.
     h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &from);
     assert!(h.out.persist.is_none());
     assert_eq!(h.rt.calls().len(), 1);
+}
+
+#[test]
+fn a_recreated_workload_with_other_content_at_the_same_version_is_applied() {
+    // Deleted and created again under the same name: the version starts over at 1.
+    let mut h = Harness::new("edge-1", &[]);
+    let old = workload("default/app", 1, "");
+    let mut new = old.clone();
+    new.spec = b"run something else".to_vec();
+    let from = Destination::WorkloadSpec(old.id.clone());
+    h.msg(&spec(&old, WorkloadSpec::ALL_WAVES), &from);
+    h.out.clear();
+    h.msg(&spec(&new, WorkloadSpec::ALL_WAVES), &from);
+    assert_eq!(h.rt.calls().len(), 2, "the new content reaches the runtime: {:?}", h.rt.calls());
+    assert_eq!(h.agent.applied(), DesiredDigest::of_workloads([&new]));
+    // The same through a catch-up.
+    h.send_me(&Message::DesiredState(DesiredState {
+        digest: DesiredDigest::of_workloads([&old]),
+        workloads: vec![old.clone()],
+    }));
+    assert_eq!(h.agent.applied(), DesiredDigest::of_workloads([&old]));
+}
+
+#[test]
+fn a_failed_workload_is_reported_with_its_runtimes_reason_cut_to_size() {
+    let mut h = Harness::new("edge-1", &[]);
+    h.register(10_000);
+    let a = workload("default/a", 1, "");
+    let b = workload("default/b", 1, "");
+    h.rt.fail_with(b.id.clone(), 1, format!("exec /nonexistent: No such file or directory {}", "x".repeat(400)));
+    h.msg(&spec(&a, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(a.id.clone()));
+    h.msg(&spec(&b, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(b.id.clone()));
+    let reports: Vec<StatusReport> =
+        h.sent().into_iter().filter_map(|m| if let Message::StatusReport(r) = m { Some(r) } else { None }).collect();
+    let last = reports.last().expect("a status report");
+    assert_eq!(last.workloads[1].phase, WorkloadPhase::Failed);
+    assert_eq!(last.reasons.len(), 1);
+    assert_eq!(last.reasons[0].index, 1);
+    assert!(last.reasons[0].reason.starts_with("exec /nonexistent: No such file or directory"));
+    assert_eq!(last.reasons[0].reason.len(), protocol::MAX_REASON_BYTES);
 }
 
 #[test]
@@ -336,13 +381,13 @@ fn desired_state_replaces_the_set_exactly() {
     // Authoritative: b goes, a moves to v2, c comes although its selector does not match.
     let a2 = workload("default/a", 2, "tier=cdn");
     let ds = Message::DesiredState(DesiredState {
-        digest: DesiredDigest::of([("default/a", 2), ("default/c", 1)]),
+        digest: digest(&[("default/a", 2), ("default/c", 1)]),
         workloads: vec![c1.clone(), a2.clone()],
     });
     h.send_me(&ds);
     let versions: Vec<(String, u64)> = h.agent.workloads().map(|(w, _)| (w.id.to_string(), w.version)).collect();
     assert_eq!(versions, [("default/a".to_owned(), 2), ("default/c".to_owned(), 1)]);
-    assert_eq!(h.agent.applied(), DesiredDigest::of([("default/a", 2), ("default/c", 1)]));
+    assert_eq!(h.agent.applied(), digest(&[("default/a", 2), ("default/c", 1)]));
     let calls = h.rt.calls_for(h.agent.name());
     assert!(calls.contains(&RuntimeOp::Remove { id: b1.id.clone() }));
     assert!(calls.contains(&RuntimeOp::Apply { id: a2.id.clone(), version: 2 }));
@@ -402,7 +447,7 @@ fn runtime_state_changes_send_a_status_report_that_counts_as_a_heartbeat() {
     // Applying is a state change: reported at once.
     let [Message::StatusReport(r)] = &h.sent()[..] else { panic!() };
     assert_eq!(r.seq, 1);
-    assert_eq!(r.applied, DesiredDigest::of([("default/a", 1)]));
+    assert_eq!(r.applied, digest(&[("default/a", 1)]));
     assert_eq!((r.workloads[0].version, r.workloads[0].phase), (1, WorkloadPhase::Running));
     assert_eq!(h.wake(), h.now + 10_000, "the report counts as a heartbeat");
 
@@ -416,7 +461,7 @@ fn runtime_state_changes_send_a_status_report_that_counts_as_a_heartbeat() {
     let [Message::Heartbeat(hb)] = h.sent()[..] else { panic!() };
     assert_eq!(hb.seq, 3);
     assert!(hb.health.contains(NodeHealth::WORKLOAD_FAILED));
-    assert_eq!(hb.applied, DesiredDigest::of([("default/a", 1)]));
+    assert_eq!(hb.applied, digest(&[("default/a", 1)]));
     // An unchanged phase reports nothing.
     h.rt.push_phase(&name("edge-1"), w.id.clone(), WorkloadPhase::Failed);
     h.tick_at(h.now + 1_000);
@@ -478,7 +523,7 @@ fn disconnected_agent_keeps_its_workloads_and_reregisters_on_reconnect() {
     // Reconnect: the registration carries what runs.
     h.input(AgentInput::Connected);
     let [Message::Register(reg)] = &h.sent()[..] else { panic!() };
-    assert_eq!((reg.boot_id, reg.applied), (BOOT, DesiredDigest::of([("default/a", 1)])));
+    assert_eq!((reg.boot_id, reg.applied), (BOOT, digest(&[("default/a", 1)])));
     assert_eq!(reg.workloads.len(), 1);
 }
 
@@ -499,12 +544,12 @@ fn autonomy_an_agent_restarted_while_disconnected_runs_its_last_desired_state() 
     let mut h = Harness::with(AgentConfig::default(), "edge-1", &[], persisted);
     h.tick_at(h.now);
     assert_eq!(h.rt.calls_for(h.agent.name()), [RuntimeOp::Apply { id: w.id.clone(), version: 4 }]);
-    assert_eq!(h.agent.applied(), DesiredDigest::of([("default/a", 4)]));
+    assert_eq!(h.agent.applied(), digest(&[("default/a", 4)]));
     assert!(h.out.publish.is_empty(), "no cloud contact");
     // Once connected, the registration reports it running.
     h.input(AgentInput::Connected);
     let [Message::Register(reg)] = &h.sent()[..] else { panic!() };
-    assert_eq!(reg.applied, DesiredDigest::of([("default/a", 4)]));
+    assert_eq!(reg.applied, digest(&[("default/a", 4)]));
     assert_eq!(reg.workloads[0].phase, WorkloadPhase::Running);
 
     // The same through the file store, across a "process restart".
@@ -687,9 +732,13 @@ mod random_inputs {
                     }
                 }
                 h.out.clear();
-                let pairs: Vec<(String, u64)> = h.agent.workloads().map(|(w, _)| (w.id.to_string(), w.version)).collect();
+                let pairs: Vec<(String, u64, Vec<u8>)> =
+                    h.agent.workloads().map(|(w, _)| (w.id.to_string(), w.version, w.spec.clone())).collect();
                 prop_assert!(pairs.windows(2).all(|p| p[0].0 < p[1].0), "sorted, unique: {pairs:?}");
-                prop_assert_eq!(h.agent.applied(), DesiredDigest::of(pairs.iter().map(|(i, v)| (i.as_str(), *v))));
+                prop_assert_eq!(
+                    h.agent.applied(),
+                    DesiredDigest::of(pairs.iter().map(|(i, v, s)| (i.as_str(), *v, s.as_slice())))
+                );
                 if link != LinkState::Disconnected {
                     prop_assert!(h.agent.next_wake().is_some());
                 }

@@ -98,6 +98,9 @@ impl Core {
                     && matches!(e.phase, RolloutPhase::Paused | RolloutPhase::Halted)
                 {
                     e.phase = RolloutPhase::Progressing;
+                    // Time held does not count against the progress deadline.
+                    e.wave_since_ms = 0;
+                    e.deadline_exceeded = false;
                 }
             }
             WorkloadCommand::Rollback(id) => {

@@ -24,6 +24,7 @@ mod commands;
 mod desired;
 #[cfg(feature = "tokio-driver")]
 pub mod driver;
+mod failures;
 mod rollout;
 mod status;
 #[cfg(test)]
@@ -33,6 +34,7 @@ mod uplink;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+pub use failures::FailureSummary;
 pub use rollout::{RolloutPhase, RolloutProgress};
 pub use status::WorkloadStatus;
 
@@ -66,6 +68,10 @@ pub struct EngineConfig {
     /// Most rejected inputs described individually per [`Engine::handle`] call (the rest are only
     /// counted). Default 64.
     pub max_rejects_reported: usize,
+    /// Most failed nodes whose failure reason is kept per workload (the status's `failures` list
+    /// counts among them; `failed` counts every node). Bounds the memory a fleet failing at once
+    /// costs. Default 10,000.
+    pub max_failed_nodes_tracked: usize,
 }
 
 impl Default for EngineConfig {
@@ -79,6 +85,7 @@ impl Default for EngineConfig {
             group_label_keys: vec!["topology.kubernetes.io/region".to_owned()],
             decode_limits: DecodeLimits::default(),
             max_rejects_reported: 64,
+            max_failed_nodes_tracked: 10_000,
         }
     }
 }
@@ -142,6 +149,14 @@ pub enum EngineEvent {
         failed: u32,
         /// Nodes in the reached waves.
         reached: u32,
+    },
+    /// A wave went longer than the workload's `progress_deadline_s` without settling; the
+    /// rollout keeps waiting (reported once per wave).
+    ProgressDeadlineExceeded {
+        /// The workload.
+        id: WorkloadId,
+        /// The wave waiting.
+        wave: usize,
     },
     /// A workload command was refused; nothing changed.
     CommandRejected {

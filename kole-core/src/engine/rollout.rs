@@ -61,13 +61,19 @@ pub(crate) struct WorkloadEntry {
     pub(crate) seed: u64,
     pub(crate) member_current: u64,
     pub(crate) member_previous: u64,
+    /// When the current wave started waiting to settle (ms; 0: not yet seen by a tick).
+    pub(crate) wave_since_ms: u64,
+    /// The current wave passed its progress deadline without settling.
+    pub(crate) deadline_exceeded: bool,
+    /// Failed nodes and their reasons (see [`super::failures`]).
+    pub(crate) failures: super::failures::FailureReasons,
 }
 
 impl WorkloadEntry {
     pub(crate) fn new(current: Workload, previous: Option<Workload>, wave: usize, phase: RolloutPhase) -> Self {
         let seed = wave_seed(&current.id);
-        let member_current = DesiredDigest::member(current.id.as_str(), current.version);
-        let member_previous = previous.as_ref().map_or(0, |p| DesiredDigest::member(p.id.as_str(), p.version));
+        let member_current = DesiredDigest::member_of(&current);
+        let member_previous = previous.as_ref().map_or(0, DesiredDigest::member_of);
         let wave = wave.min(current.rollout.waves.len().saturating_sub(1));
         Self {
             current: Arc::new(current),
@@ -77,6 +83,9 @@ impl WorkloadEntry {
             seed,
             member_current,
             member_previous,
+            wave_since_ms: 0,
+            deadline_exceeded: false,
+            failures: Default::default(),
         }
     }
 
@@ -180,13 +189,13 @@ impl Core {
         }
     }
 
-    /// Wave health of workload `idx`: (reached, online in reached waves, ready, failed) at its
-    /// current version, from one pass over the targeted nodes.
-    fn wave_counts(&self, cache: &NodeCache, idx: usize) -> (u32, u32, u32, u32) {
-        let Some(e) = &self.workloads[idx] else { return (0, 0, 0, 0) };
+    /// Wave health of workload `idx`: (reached, online in reached waves, ready, failed, failed and
+    /// online) at its current version, from one pass over the targeted nodes.
+    fn wave_counts(&self, cache: &NodeCache, idx: usize) -> (u32, u32, u32, u32, u32) {
+        let Some(e) = &self.workloads[idx] else { return (0, 0, 0, 0, 0) };
         let threshold = e.threshold();
         let wl_str = cache.string_id(e.current.id.as_str());
-        let (mut reached, mut online, mut ready, mut failed) = (0u32, 0u32, 0u32, 0u32);
+        let (mut reached, mut online, mut ready, mut failed, mut failed_online) = (0u32, 0u32, 0u32, 0u32, 0u32);
         // Per workload-state set: this workload's (version, phase) on nodes carrying that set.
         let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_set_id_bound()];
         for set in cache.matching_sets(&e.current.selector) {
@@ -217,17 +226,20 @@ impl Core {
                 {
                     match crate::model::WorkloadPhase::from_u8(phase) {
                         Some(crate::model::WorkloadPhase::Running) if online_now => ready += 1,
-                        Some(crate::model::WorkloadPhase::Failed) => failed += 1,
+                        Some(crate::model::WorkloadPhase::Failed) => {
+                            failed += 1;
+                            failed_online += u32::from(online_now);
+                        }
                         _ => {}
                     }
                 }
             }
         }
-        (reached, online, ready, failed)
+        (reached, online, ready, failed, failed_online)
     }
 
     fn evaluate_rollout(&mut self, cache: &NodeCache, idx: usize, now: Timestamp, out: &mut Outputs) {
-        let (reached, online, ready, failed) = self.wave_counts(cache, idx);
+        let (reached, online, ready, failed, failed_online) = self.wave_counts(cache, idx);
         let Some(e) = self.workloads[idx].as_mut() else { return };
         let id = e.current.id.clone();
         if e.failures_exceeded(failed, reached) {
@@ -235,9 +247,21 @@ impl Core {
             out.events.push(EngineEvent::RolloutHalted { id, failed, reached });
             return;
         }
-        if ready < online {
+        let now_ms = now.as_millis();
+        // Failed nodes within the threshold are settled: waiting for them would stall for good.
+        if ready.saturating_add(failed_online) < online {
+            if e.wave_since_ms == 0 {
+                e.wave_since_ms = now_ms;
+            } else if !e.deadline_exceeded
+                && now_ms >= e.wave_since_ms.saturating_add(u64::from(e.current.rollout.progress_deadline_s) * 1000)
+            {
+                e.deadline_exceeded = true;
+                out.events.push(EngineEvent::ProgressDeadlineExceeded { id, wave: e.wave });
+            }
             return;
         }
+        e.wave_since_ms = now_ms;
+        e.deadline_exceeded = false;
         if e.is_last_wave() {
             e.phase = RolloutPhase::Complete;
             out.events.push(EngineEvent::RolloutComplete { id });

@@ -31,6 +31,11 @@ pub struct WorkloadStatus {
     pub waves: u32,
     /// Rollout phase.
     pub phase: RolloutPhase,
+    /// The most common reasons nodes gave for failing the current version, most frequent first
+    /// (at most 5, each with its count and up to 3 sample nodes).
+    pub failures: Vec<super::FailureSummary>,
+    /// The current wave went past the rollout's progress deadline without settling.
+    pub progress_deadline_exceeded: bool,
 }
 
 impl Core {
@@ -77,6 +82,8 @@ impl Core {
                 wave: e.wave as u32,
                 waves: e.current.rollout.waves.len() as u32,
                 phase: e.phase,
+                failures: e.failures.summary(cache, e.current.id.as_str(), e.current.version),
+                progress_deadline_exceeded: e.deadline_exceeded,
             });
         }
         out

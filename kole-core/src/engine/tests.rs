@@ -56,6 +56,7 @@ fn status(node: &str, seq: u32, boot: u32, applied: DesiredDigest, states: &[(&W
             .iter()
             .map(|(w, p)| WorkloadState { workload: w.id.clone(), version: w.version, phase: *p })
             .collect(),
+        reasons: vec![],
     });
     Inbound { node: name(node), kind: UplinkKind::Status, payload: protocol::encode(&msg) }
 }
@@ -92,7 +93,7 @@ fn uplink(engine: &mut Engine, batch: &[Inbound], now: Timestamp) -> Outputs {
 }
 
 fn digest_of(ws: &[&Workload]) -> DesiredDigest {
-    DesiredDigest::of(ws.iter().map(|w| (w.id.as_str(), w.version)))
+    DesiredDigest::of_workloads(ws.iter().copied())
 }
 
 #[test]
@@ -296,6 +297,57 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
 }
 
 #[test]
+fn failures_within_the_threshold_settle_a_wave_and_a_stuck_wave_passes_its_deadline() {
+    // Nodes stay online for the whole test (no heartbeats needed).
+    let cfg = EngineConfig { offline_after_missed: 100, ..Default::default() };
+    let mut e = Engine::new(cfg, NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let nodes: Vec<String> = (0..100).map(|i| format!("n{i}")).collect();
+    let regs: Vec<Inbound> =
+        nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
+    uplink(&mut e, &regs, t(1));
+    let mut w = workload("default/cdn", 1, "tier=cdn", &[20, 100]);
+    w.rollout.failure_threshold = crate::model::FailureThreshold::Count(2);
+    w.rollout.progress_deadline_s = 300;
+    apply(&mut e, &w, t(2));
+    let boot = |n: &str| nodes.iter().position(|x| x == n).unwrap() as u32 + 1;
+    let first: Vec<&String> = nodes.iter().filter(|n| crate::model::wave_point(n, &w.id) < 2000).collect();
+    assert!(first.len() > 3);
+    // One node of the first wave fails (within the threshold of 2), one is still pending, the rest run.
+    let reports: Vec<Inbound> = first
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            let phase = match k {
+                0 => WorkloadPhase::Failed,
+                1 => WorkloadPhase::Pending,
+                _ => WorkloadPhase::Running,
+            };
+            status(n, 1, boot(n), digest_of(&[&w]), &[(&w, phase)])
+        })
+        .collect();
+    uplink(&mut e, &reports, t(3));
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(4), &mut out);
+    assert!(out.events.is_empty(), "a pending node holds the wave: {:?}", out.events);
+    // Past the deadline (counted from the first tick that saw the wave waiting) the rollout says so, once, and keeps waiting (as a Deployment does).
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(310), &mut out);
+    assert_eq!(out.events, vec![EngineEvent::ProgressDeadlineExceeded { id: w.id.clone(), wave: 0 }]);
+    assert!(e.workload_status(&w.id).unwrap().progress_deadline_exceeded);
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(311), &mut out);
+    assert!(out.events.is_empty());
+    // The pending node comes up: the failed one is within the threshold, so the wave is settled.
+    let n = first[1];
+    uplink(&mut e, &[status(n, 2, boot(n), digest_of(&[&w]), &[(&w, WorkloadPhase::Running)])], t(312));
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(313), &mut out);
+    assert_eq!(out.events, vec![EngineEvent::WaveAdvanced { id: w.id.clone(), wave: 1 }]);
+    assert!(!e.workload_status(&w.id).unwrap().progress_deadline_exceeded);
+}
+
+#[test]
 fn rollback_returns_everyone_to_the_previous_version() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
@@ -334,6 +386,85 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
     );
     assert_eq!(e.desired_digest("a"), Some(DesiredDigest::EMPTY));
     assert!(e.workloads().is_empty());
+}
+
+#[test]
+fn a_node_away_while_a_workload_was_deleted_and_recreated_gets_the_new_content() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let old = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &old, t(1));
+    let had = digest_of(&[&old]);
+    uplink(&mut e, &[register("away", &l, 1, had)], t(2));
+    // While the node is away, the workload is deleted and created again under the same name: the
+    // new object starts over at generation 1, with other content.
+    let mut out = Outputs::default();
+    e.handle(Input::Workload(&WorkloadCommand::Delete(old.id.clone())), t(3), &mut out);
+    let mut new = old.clone();
+    new.spec = b"image: registry.example/cdn-cache:2.0".to_vec();
+    apply(&mut e, &new, t(4));
+    assert_ne!(e.desired_digest("away"), Some(had), "the digest must tell the two contents apart");
+    // The node comes back still running the old content: past the grace period it is caught up.
+    let out = uplink(&mut e, &[heartbeat("away", 1, 1, had)], t(200));
+    let msgs = decode_all(&out);
+    assert!(
+        msgs.iter().any(|(_, m)| matches!(m, Message::DesiredState(d) if d.workloads == vec![new.clone()])),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn failure_reasons_are_aggregated_and_follow_recovery() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let nodes: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+    let regs: Vec<Inbound> =
+        nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
+    uplink(&mut e, &regs, t(1));
+    let w = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &w, t(2));
+    let d = digest_of(&[&w]);
+    let failed = |n: &str, seq: u32, reason: &str| {
+        let boot = nodes.iter().position(|x| x == n).unwrap() as u32 + 1;
+        let msg = Message::StatusReport(StatusReport {
+            seq,
+            boot_id: boot,
+            applied: d,
+            workloads: vec![WorkloadState { workload: w.id.clone(), version: 1, phase: WorkloadPhase::Failed }],
+            reasons: vec![protocol::FailureReason::new(0, reason)],
+        });
+        Inbound { node: name(n), kind: UplinkKind::Status, payload: protocol::encode(&msg) }
+    };
+    let mut batch = Vec::new();
+    for (i, n) in nodes.iter().enumerate().take(7) {
+        let reason = if i < 5 { "exec /bin/cdn: No such file or directory" } else { "image pull failed: timeout" };
+        batch.push(failed(n, 1, reason));
+    }
+    uplink(&mut e, &batch, t(3));
+    let st = e.workload_status(&w.id).unwrap();
+    assert_eq!(st.failed, 7);
+    assert_eq!(st.failures.len(), 2);
+    assert_eq!(st.failures[0].reason, "exec /bin/cdn: No such file or directory");
+    assert_eq!(st.failures[0].count, 5);
+    let samples: Vec<&str> = st.failures[0].sample_nodes.iter().map(|n| n.as_str()).collect();
+    assert_eq!(samples, ["n0", "n1", "n2"]);
+    assert_eq!((st.failures[1].count, st.failures[1].sample_nodes.len()), (2, 2));
+
+    // n0 recovers, n1 fails for another reason, n5 re-registers (a restart, no reason yet).
+    let mut batch = vec![status("n0", 2, 1, d, &[(&w, WorkloadPhase::Running)]), failed("n1", 2, "OOM killed")];
+    batch.push(register("n5", &l, 6, d));
+    uplink(&mut e, &batch, t(4));
+    let st = e.workload_status(&w.id).unwrap();
+    let got: Vec<(&str, u32)> = st.failures.iter().map(|f| (f.reason.as_str(), f.count)).collect();
+    assert_eq!(
+        got,
+        [("exec /bin/cdn: No such file or directory", 3), ("OOM killed", 1), ("image pull failed: timeout", 1)]
+    );
+
+    // A new version: the old version's failures no longer count.
+    let w2 = workload("default/cdn", 2, "tier=cdn", &[100]);
+    apply(&mut e, &w2, t(5));
+    assert!(e.workload_status(&w.id).unwrap().failures.is_empty());
 }
 
 #[test]

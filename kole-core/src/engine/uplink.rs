@@ -145,6 +145,8 @@ impl Core {
                         if !self.unreported.is_empty() {
                             self.unreported.remove(&r.slot);
                         }
+                        // A registration carries no reasons: the node's next report brings them.
+                        self.forget_failures(r.slot);
                         let desired = self.desired(cache, r.slot);
                         let ack = RegisterAck {
                             boot_id: boot,
@@ -190,6 +192,7 @@ impl Core {
                     self.stats.status_reports += 1;
                     // The node is known (the heartbeat was accepted), so this cannot fail.
                     let _ = cache.report_workloads(msg.node.as_str(), &s.workloads);
+                    self.record_failures(o.slot, &s);
                 }
                 self.after_heartbeat(cache, &msg.node, &r, s.applied, now, out);
             }
@@ -200,6 +203,27 @@ impl Core {
             | Message::WorkloadRemoved(_)
             | Message::DesiredState(_)
             | Message::Command(_) => {}
+        }
+    }
+
+    fn forget_failures(&mut self, slot: crate::cache::Slot) {
+        for e in self.workloads.iter_mut().flatten() {
+            e.failures.forget(slot);
+        }
+    }
+
+    /// Replaces what the node said about failures: every workload forgets it, then each failed one
+    /// with a reason records it (recomputed from the report, so recovery and moves are seen).
+    fn record_failures(&mut self, slot: crate::cache::Slot, report: &protocol::StatusReport) {
+        self.forget_failures(slot);
+        let cap = self.cfg.max_failed_nodes_tracked;
+        for r in &report.reasons {
+            let Some(state) = report.workloads.get(r.index as usize) else { continue };
+            if let Some(&i) = self.by_id.get(&state.workload)
+                && let Some(e) = self.workloads[i as usize].as_mut()
+            {
+                e.failures.record(slot, state.version, &r.reason, cap);
+            }
         }
     }
 

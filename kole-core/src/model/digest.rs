@@ -42,6 +42,11 @@ pub fn stable_hash(seed: u64, bytes: &[u8]) -> u64 {
 ///
 /// It is order-independent: the digest of a set is the wrapping sum of its members' mixed hashes,
 /// so it can be updated incrementally when one workload changes. The empty set has digest 0.
+///
+/// A member covers the workload's id, its version and its runtime spec bytes: a workload deleted
+/// and created again under the same name starts over at the same version (a Kubernetes
+/// `metadata.generation` of 1), and only the content tells the two apart, so a node that was away
+/// meanwhile shows a different digest and is caught up instead of keeping the old content.
 #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DesiredDigest(pub u64);
@@ -50,24 +55,39 @@ impl DesiredDigest {
     /// The digest of no workloads.
     pub const EMPTY: Self = Self(0);
 
-    /// The contribution of one (workload, version) pair.
-    pub fn member(workload: &str, version: u64) -> u64 {
-        mix64(stable_hash(0x6b6f_6c65_6469_6731, workload.as_bytes()) ^ mix64(version))
+    /// The hash of a runtime spec, as it enters [`DesiredDigest::member`].
+    pub fn content(spec: &[u8]) -> u64 {
+        stable_hash(0x6b6f_6c65_7370_6563, spec)
     }
 
-    /// The digest of a set of (workload, version) pairs; duplicates are the caller's bug.
-    pub fn of<'a>(items: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
-        Self(items.into_iter().fold(0u64, |acc, (w, v)| acc.wrapping_add(Self::member(w, v))))
+    /// The contribution of one (workload, version, spec) triple.
+    pub fn member(workload: &str, version: u64, spec: &[u8]) -> u64 {
+        mix64(stable_hash(0x6b6f_6c65_6469_6731, workload.as_bytes()) ^ mix64(version) ^ Self::content(spec))
     }
 
-    /// This digest with one pair added.
-    pub fn with(self, workload: &str, version: u64) -> Self {
-        Self(self.0.wrapping_add(Self::member(workload, version)))
+    /// The contribution of one workload (its id, version and spec).
+    pub fn member_of(w: &super::Workload) -> u64 {
+        Self::member(w.id.as_str(), w.version, &w.spec)
     }
 
-    /// This digest with one pair removed.
-    pub fn without(self, workload: &str, version: u64) -> Self {
-        Self(self.0.wrapping_sub(Self::member(workload, version)))
+    /// The digest of a set of (workload, version, spec) triples; duplicates are the caller's bug.
+    pub fn of<'a>(items: impl IntoIterator<Item = (&'a str, u64, &'a [u8])>) -> Self {
+        Self(items.into_iter().fold(0u64, |acc, (w, v, s)| acc.wrapping_add(Self::member(w, v, s))))
+    }
+
+    /// The digest of a set of workloads (one version each).
+    pub fn of_workloads<'a>(items: impl IntoIterator<Item = &'a super::Workload>) -> Self {
+        Self(items.into_iter().fold(0u64, |acc, w| acc.wrapping_add(Self::member_of(w))))
+    }
+
+    /// This digest with one triple added.
+    pub fn with(self, workload: &str, version: u64, spec: &[u8]) -> Self {
+        Self(self.0.wrapping_add(Self::member(workload, version, spec)))
+    }
+
+    /// This digest with one triple removed.
+    pub fn without(self, workload: &str, version: u64, spec: &[u8]) -> Self {
+        Self(self.0.wrapping_sub(Self::member(workload, version, spec)))
     }
 }
 
@@ -99,12 +119,20 @@ mod tests {
 
     #[test]
     fn digest_is_order_independent_and_incremental() {
-        let d1 = DesiredDigest::of([("a", 1), ("b", 2), ("c", 3)]);
-        let d2 = DesiredDigest::of([("c", 3), ("a", 1), ("b", 2)]);
+        let d1 = DesiredDigest::of([("a", 1, &b"x"[..]), ("b", 2, b"y"), ("c", 3, b"z")]);
+        let d2 = DesiredDigest::of([("c", 3, &b"z"[..]), ("a", 1, b"x"), ("b", 2, b"y")]);
         assert_eq!(d1, d2);
-        assert_eq!(DesiredDigest::of([("a", 1), ("c", 3)]).with("b", 2), d1);
-        assert_eq!(d1.without("b", 2), DesiredDigest::of([("a", 1), ("c", 3)]));
-        assert_ne!(d1, DesiredDigest::of([("a", 1), ("b", 3), ("c", 3)]));
+        assert_eq!(DesiredDigest::of([("a", 1, &b"x"[..]), ("c", 3, b"z")]).with("b", 2, b"y"), d1);
+        assert_eq!(d1.without("b", 2, b"y"), DesiredDigest::of([("a", 1, &b"x"[..]), ("c", 3, b"z")]));
+        assert_ne!(d1, DesiredDigest::of([("a", 1, &b"x"[..]), ("b", 3, b"y"), ("c", 3, b"z")]));
         assert_eq!(DesiredDigest::of([]), DesiredDigest::EMPTY);
+    }
+
+    #[test]
+    fn digest_covers_the_content() {
+        // Same name, same version (a workload deleted and created again), other spec.
+        let old = DesiredDigest::of([("default/app", 1, &b"image: a:1"[..])]);
+        let new = DesiredDigest::of([("default/app", 1, &b"image: a:2"[..])]);
+        assert_ne!(old, new);
     }
 }

@@ -19,8 +19,8 @@ pub use name::{MAX_NODE_NAME_LEN, NodeName, validate_node_name};
 pub use node::{NodeInfo, NodePhase, NodeRecord, NodeRegistration, WorkloadPhase, WorkloadState};
 pub use selector::{LabelSelector, LabelSelectorRequirement, Requirement, RequirementOp, Selector, SelectorOperator};
 pub use workload::{
-    DeliveryMode, FailureThreshold, MAX_WORKLOAD_ID_LEN, RolloutStrategy, Workload, WorkloadId, wave_point,
-    wave_point_seeded, wave_seed,
+    DEFAULT_PROGRESS_DEADLINE_S, DeliveryMode, FailureThreshold, MAX_WORKLOAD_ID_LEN, RolloutStrategy, Workload,
+    WorkloadId, wave_point, wave_point_seeded, wave_seed,
 };
 
 #[allow(unused_imports)]

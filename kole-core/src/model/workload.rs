@@ -109,12 +109,26 @@ pub struct RolloutStrategy {
     pub paused: bool,
     /// When a wave's failures halt the rollout.
     pub failure_threshold: FailureThreshold,
+    /// How long a wave may go without settling (every online node of the reached waves running
+    /// the new version, or failed within the threshold) before the rollout reports
+    /// `ProgressDeadlineExceeded`, in seconds; like a Deployment's `progressDeadlineSeconds`, the
+    /// rollout keeps waiting. Only the controller uses it: it is not on the wire, and a decoded
+    /// workload carries the default. Default 600.
+    pub progress_deadline_s: u32,
 }
+
+/// Default of [`RolloutStrategy::progress_deadline_s`], in seconds.
+pub const DEFAULT_PROGRESS_DEADLINE_S: u32 = 600;
 
 impl Default for RolloutStrategy {
     /// All at once: one wave of 100%.
     fn default() -> Self {
-        Self { waves: vec![100], paused: false, failure_threshold: FailureThreshold::default() }
+        Self {
+            waves: vec![100],
+            paused: false,
+            failure_threshold: FailureThreshold::default(),
+            progress_deadline_s: DEFAULT_PROGRESS_DEADLINE_S,
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::model::NodeName;
 use super::address::UplinkKind;
 use super::error::DecodeError;
 use super::limits::DecodeLimits;
-use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, RegisterRef};
+use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef};
 use super::wire;
 
 /// Length of the envelope header (version and kind bytes).
@@ -40,7 +40,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 /// message compares the length with the receiver's limits.
 pub fn encode_into(msg: &Message, buf: &mut Vec<u8>) {
     buf.clear();
-    buf.push(PROTOCOL_VERSION);
+    buf.push(msg.version());
     buf.push(msg.kind().as_u8());
     if let Err(e) = wire::encode_body(msg, buf) {
         // Unreachable in practice: every body type has a known-length encoding into memory. Should
@@ -66,29 +66,39 @@ pub fn encode_register(r: &RegisterRef<'_>) -> Vec<u8> {
 ///
 /// Cheap (two bytes), so a receiver can count or route by kind before paying for the body.
 pub fn peek_kind(bytes: &[u8], limits: &DecodeLimits) -> Result<MessageKind, DecodeError> {
+    header(bytes, limits).map(|(_, kind)| kind)
+}
+
+/// The checked header: version and kind.
+fn header(bytes: &[u8], limits: &DecodeLimits) -> Result<(u8, MessageKind), DecodeError> {
     let (&version, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
     if bytes.len() > limits.max_message_bytes {
         return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.max_message_bytes });
     }
-    if version != PROTOCOL_VERSION {
+    if !(PROTOCOL_VERSION..=REASONS_VERSION).contains(&version) {
         return Err(DecodeError::UnsupportedVersion { version });
     }
     let &kind = rest.first().ok_or(DecodeError::MissingKind)?;
-    MessageKind::from_u8(kind).ok_or(DecodeError::UnknownKind { kind })
+    let kind = MessageKind::from_u8(kind).ok_or(DecodeError::UnknownKind { kind })?;
+    // Version 2 exists only for status reports with reasons: one encoding per message.
+    if version == REASONS_VERSION && kind != MessageKind::StatusReport {
+        return Err(DecodeError::UnsupportedVersion { version });
+    }
+    Ok((version, kind))
 }
 
 /// Decodes and validates one message of either direction.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Message, DecodeError> {
-    let kind = peek_kind(bytes, limits)?;
-    wire::decode_body(kind, &bytes[HEADER_LEN..], limits)
+    let (version, kind) = header(bytes, limits)?;
+    wire::decode_body(kind, version, &bytes[HEADER_LEN..], limits)
 }
 
 fn decode_directed(bytes: &[u8], expected: Direction, limits: &DecodeLimits) -> Result<Message, DecodeError> {
-    let kind = peek_kind(bytes, limits)?;
+    let (version, kind) = header(bytes, limits)?;
     if kind.direction() != expected {
         return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected });
     }
-    wire::decode_body(kind, &bytes[HEADER_LEN..], limits)
+    wire::decode_body(kind, version, &bytes[HEADER_LEN..], limits)
 }
 
 /// Decodes a message a node sent (the cloud's decoder): downlink kinds are refused before their
@@ -112,14 +122,14 @@ pub fn decode_from_node(
     topic_kind: UplinkKind,
     limits: &DecodeLimits,
 ) -> Result<Message, DecodeError> {
-    let kind = peek_kind(bytes, limits)?;
+    let (version, kind) = header(bytes, limits)?;
     if kind.direction() != Direction::Uplink {
         return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
     }
     if kind.uplink() != Some(topic_kind) {
         return Err(DecodeError::TopicKindMismatch { topic: topic_kind, payload: kind });
     }
-    let msg = wire::decode_body(kind, &bytes[HEADER_LEN..], limits)?;
+    let msg = wire::decode_body(kind, version, &bytes[HEADER_LEN..], limits)?;
     if let Message::Register(reg) = &msg
         && reg.name != *node
     {

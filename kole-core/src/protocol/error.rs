@@ -4,7 +4,7 @@ use crate::model::{NodeName, ValidationError};
 
 use super::address::{GroupNameError, UplinkKind};
 use super::limits::Limit;
-use super::messages::{Direction, MessageKind, PROTOCOL_VERSION};
+use super::messages::{Direction, MessageKind, PROTOCOL_VERSION, REASONS_VERSION};
 
 /// Why bytes were not accepted as a message. Nothing was decoded when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,7 +18,7 @@ pub enum DecodeError {
     MissingKind,
     /// The version byte is not one this build speaks.
     #[error(
-        "unsupported protocol version {version} (this build speaks version {PROTOCOL_VERSION}); upgrade the older side"
+        "unsupported protocol version {version} (this build speaks versions {PROTOCOL_VERSION} to {REASONS_VERSION}); upgrade the older side"
     )]
     UnsupportedVersion {
         /// The version byte received.

@@ -10,8 +10,14 @@ use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, 
 
 use super::address::{GroupName, UplinkKind};
 
-/// The protocol version this build speaks (envelope byte 0).
+/// The protocol version of every message but a status report with failure reasons (envelope
+/// byte 0).
 pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The version of a [`StatusReport`] that carries failure reasons. Only a status report is ever
+/// written with it, and only when it has reasons, so an agent stays readable by version-1
+/// controllers until it has a failure reason to tell (upgrade controllers first).
+pub const REASONS_VERSION: u8 = 2;
 
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -253,6 +259,41 @@ pub struct StatusReport {
     pub applied: DesiredDigest,
     /// State of every workload on the node.
     pub workloads: Vec<WorkloadState>,
+    /// Why failed workloads failed, as the node's runtime tells it: at most one per entry of
+    /// `workloads`, each naming a `Failed` one, in increasing index order. Empty when nothing
+    /// failed or the runtime gave no reason (and then nothing of it is on the wire).
+    pub reasons: Vec<FailureReason>,
+}
+
+/// Longest failure reason an agent sends, in bytes (longer ones are cut on a char boundary).
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// Why one workload of a [`StatusReport`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FailureReason {
+    /// Index of the workload in [`StatusReport::workloads`] (compact: no second copy of its id).
+    pub index: u32,
+    /// A short line a person can act on, e.g. "exec /nonexistent: No such file or directory".
+    pub reason: String,
+}
+
+impl FailureReason {
+    /// A reason for the workload at `index`, cut to [`MAX_REASON_BYTES`] on a char boundary.
+    pub fn new(index: u32, reason: &str) -> Self {
+        Self { index, reason: cut(reason, MAX_REASON_BYTES).to_owned() }
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+pub(crate) fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Why a registration was refused.
@@ -403,6 +444,15 @@ impl Message {
     pub fn direction(&self) -> Direction {
         self.kind().direction()
     }
+
+    /// The envelope version it is written with: [`REASONS_VERSION`] for a status report with
+    /// failure reasons, [`PROTOCOL_VERSION`] for everything else.
+    pub fn version(&self) -> u8 {
+        match self {
+            Message::StatusReport(r) if !r.reasons.is_empty() => REASONS_VERSION,
+            _ => PROTOCOL_VERSION,
+        }
+    }
 }
 
 macro_rules! from_body {
@@ -433,6 +483,15 @@ mod tests {
         assert_eq!(MessageKind::from_u8(0), None);
         assert_eq!(MessageKind::from_u8(0x80), None);
         assert_eq!(MessageKind::from_u8(0xff), None);
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(200); // 400 bytes
+        let r = FailureReason::new(0, &long);
+        assert!(r.reason.len() <= MAX_REASON_BYTES && r.reason.len() >= MAX_REASON_BYTES - 1);
+        assert!(long.starts_with(&r.reason));
+        assert_eq!(FailureReason::new(1, "short").reason, "short");
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub use envelope::{
 pub use error::DecodeError;
 pub use limits::{DecodeLimits, Limit};
 pub use messages::{
-    Command, CommandKind, DesiredState, Direction, Heartbeat, Message, MessageKind, NodeHealth, PROTOCOL_VERSION,
-    Register, RegisterAck, RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    Command, CommandKind, DesiredState, Direction, FailureReason, Heartbeat, MAX_REASON_BYTES, Message, MessageKind,
+    NodeHealth, PROTOCOL_VERSION, REASONS_VERSION, Register, RegisterAck, RegisterOutcome, RegisterRef, RejectCode,
+    StatusReport, WorkloadRemoved, WorkloadSpec,
 };

@@ -98,7 +98,7 @@ fn rollout() -> impl Strategy<Value = RolloutStrategy> {
         .prop_map(|(waves, paused, failure_threshold)| {
             let mut waves: Vec<u8> = waves.into_iter().collect();
             waves.push(100);
-            RolloutStrategy { waves, paused, failure_threshold }
+            RolloutStrategy { waves, paused, failure_threshold, ..Default::default() }
         })
 }
 
@@ -152,6 +152,23 @@ pub(crate) fn heartbeat() -> impl Strategy<Value = Heartbeat> {
     })
 }
 
+/// A status report whose failed workloads carry a reason (from `texts`) unless the text is empty.
+pub(crate) fn status_report(
+    seq: u32,
+    boot_id: u32,
+    applied: crate::model::DesiredDigest,
+    workloads: Vec<crate::model::WorkloadState>,
+    texts: &[String],
+) -> StatusReport {
+    let reasons = workloads
+        .iter()
+        .enumerate()
+        .filter(|(i, w)| w.phase == crate::model::WorkloadPhase::Failed && !texts[i % texts.len()].is_empty())
+        .map(|(i, _)| super::FailureReason::new(i as u32, &texts[i % texts.len()]))
+        .collect();
+    StatusReport { seq, boot_id, applied, workloads, reasons }
+}
+
 /// Any message, valid by construction and within the default decode limits.
 pub(crate) fn message() -> impl Strategy<Value = Message> {
     let states = || proptest::collection::vec(workload_state(), 0..6);
@@ -162,9 +179,11 @@ pub(crate) fn message() -> impl Strategy<Value = Message> {
             }
         ),
         heartbeat().prop_map(Message::Heartbeat),
-        (any::<u32>(), any::<u32>(), digest(), states()).prop_map(|(seq, boot_id, applied, workloads)| {
-            Message::StatusReport(StatusReport { seq, boot_id, applied, workloads })
-        }),
+        (any::<u32>(), any::<u32>(), digest(), states(), proptest::collection::vec(".{0,80}", 6)).prop_map(
+            |(seq, boot_id, applied, workloads, texts)| {
+                Message::StatusReport(status_report(seq, boot_id, applied, workloads, &texts))
+            }
+        ),
         (any::<u32>(), outcome(), any::<u32>(), proptest::collection::vec(group_name(), 0..5), digest()).prop_map(
             |(boot_id, outcome, heartbeat_interval_ms, groups, desired)| Message::RegisterAck(RegisterAck {
                 boot_id,

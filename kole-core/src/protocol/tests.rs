@@ -290,6 +290,7 @@ fn every_limit_is_enforced() {
         boot_id: 1,
         applied: reg.applied,
         workloads: reg.workloads,
+        reasons: vec![],
     }));
     check(DecodeLimits { max_workloads: 1, ..limits() }, &status, Limit::Workloads);
     let ack = RegisterAck {
@@ -310,6 +311,48 @@ fn every_limit_is_enforced() {
         workloads: vec![sample_workload(), sample_workload()],
     }));
     check(DecodeLimits { max_workloads: 1, ..limits() }, &desired, Limit::Workloads);
+}
+
+#[test]
+fn status_reports_with_reasons_are_version_2() {
+    let w = WorkloadId::new("default/app").unwrap();
+    let states = vec![
+        WorkloadState { workload: w.clone(), version: 2, phase: WorkloadPhase::Running },
+        WorkloadState { workload: w.clone(), version: 3, phase: WorkloadPhase::Failed },
+    ];
+    let plain = StatusReport { seq: 5, boot_id: 1, applied: DesiredDigest(7), workloads: states, reasons: vec![] };
+    let plain_bytes = encode(&Message::StatusReport(plain.clone()));
+    assert_eq!(plain_bytes[0], 1, "no reasons: a version-1 report, readable by every controller");
+    let mut with = plain.clone();
+    with.reasons = vec![FailureReason::new(1, "exec /x: No such file")];
+    let with_bytes = encode(&Message::StatusReport(with.clone()));
+    // Version 2: the same fields, then the reasons: count 1, index 1, length 21, the text.
+    assert_eq!(with_bytes[0], REASONS_VERSION);
+    assert_eq!(&with_bytes[1..plain_bytes.len()], &plain_bytes[1..]);
+    let mut tail = vec![1, 1, 21];
+    tail.extend_from_slice(b"exec /x: No such file");
+    assert_eq!(&with_bytes[plain_bytes.len()..], &tail[..]);
+    assert_eq!(decode(&with_bytes, &limits()).unwrap(), Message::StatusReport(with));
+    assert_eq!(decode(&plain_bytes, &limits()).unwrap(), Message::StatusReport(plain));
+    let v2 = |tail: &[u8]| {
+        let mut b = plain_bytes.clone();
+        b[0] = REASONS_VERSION;
+        b.extend_from_slice(tail);
+        b
+    };
+    // A reason for a workload that is not failed, out of range, twice, or none at all: refused.
+    for bad in [&[1u8, 0, 1, b'x'][..], &[1, 2, 1, b'x'], &[2, 1, 1, b'x', 1, 1, b'y'], &[0]] {
+        assert!(decode(&v2(bad), &limits()).is_err(), "{bad:?}");
+    }
+    // Version 2 of another kind does not exist.
+    let mut hb = encode(&Message::Heartbeat(realistic_heartbeat()));
+    hb[0] = REASONS_VERSION;
+    assert_eq!(decode(&hb, &limits()), Err(DecodeError::UnsupportedVersion { version: 2 }));
+    // Too long a reason: the string limit.
+    let mut long = vec![1, 1, 30];
+    long.extend_from_slice(&[b'x'; 30]);
+    let err = decode(&v2(&long), &DecodeLimits { max_string_len: 20, ..limits() }).unwrap_err();
+    assert!(matches!(err, DecodeError::LimitExceeded { limit: Limit::StringLen, .. }), "{err:?}");
 }
 
 #[test]
@@ -339,8 +382,8 @@ fn error_reasons_are_distinct_labels() {
     reasons.dedup();
     assert_eq!(reasons.len(), errs.len());
     assert_eq!(
-        DecodeError::UnsupportedVersion { version: 2 }.to_string(),
-        "unsupported protocol version 2 (this build speaks version 1); upgrade the older side"
+        DecodeError::UnsupportedVersion { version: 3 }.to_string(),
+        "unsupported protocol version 3 (this build speaks versions 1 to 2); upgrade the older side"
     );
 }
 
@@ -351,7 +394,7 @@ proptest! {
     fn every_message_round_trips(msg in message()) {
         let l = limits();
         let bytes = encode(&msg);
-        prop_assert_eq!(bytes[0], PROTOCOL_VERSION);
+        prop_assert_eq!(bytes[0], msg.version());
         prop_assert_eq!(bytes[1], msg.kind().as_u8());
         prop_assert_eq!(peek_kind(&bytes, &l), Ok(msg.kind()));
         prop_assert_eq!(&decode(&bytes, &l).unwrap(), &msg);

@@ -22,8 +22,8 @@ use super::address::GroupName;
 use super::error::DecodeError;
 use super::limits::{DecodeLimits, Limit};
 use super::messages::{
-    Command, CommandKind, DesiredState, Heartbeat, Message, MessageKind, NodeHealth, Register, RegisterAck,
-    RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    Command, CommandKind, DesiredState, FailureReason, Heartbeat, Message, MessageKind, NodeHealth, Register,
+    RegisterAck, RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -110,6 +110,22 @@ struct HeartbeatWire {
     health: u8,
 }
 
+/// One failure reason: the index of its workload in the report, then the text.
+#[derive(Serialize, Deserialize)]
+struct ReasonWire<'a> {
+    index: u32,
+    reason: &'a str,
+}
+
+/// A version-2 status report: the version-1 fields, then the reasons.
+#[derive(Deserialize)]
+struct StatusV2In<'a> {
+    #[serde(borrow)]
+    status: StatusIn<'a>,
+    #[serde(borrow, deserialize_with = "bounded_seq")]
+    reasons: Vec<ReasonWire<'a>>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct RemovedWire<'a> {
     id: &'a str,
@@ -117,6 +133,10 @@ struct RemovedWire<'a> {
 
 // ---------------------------------------------------------------------------------------------
 // Encoding views
+
+fn reason_out(r: &FailureReason) -> ReasonWire<'_> {
+    ReasonWire { index: r.index, reason: &r.reason }
+}
 
 fn state_out(s: &WorkloadState) -> StateWire<'_> {
     StateWire { workload: s.workload.as_str(), version: s.version, phase: s.phase }
@@ -271,15 +291,24 @@ pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postca
             },
             buf,
         ),
-        Message::StatusReport(m) => put(
-            &StatusOut {
-                seq: m.seq,
-                boot_id: m.boot_id.to_le_bytes(),
-                applied: fixed8(m.applied),
-                workloads: slice_seq(&m.workloads, state_out),
-            },
-            buf,
-        ),
+        Message::StatusReport(m) => {
+            put(
+                &StatusOut {
+                    seq: m.seq,
+                    boot_id: m.boot_id.to_le_bytes(),
+                    applied: fixed8(m.applied),
+                    workloads: slice_seq(&m.workloads, state_out),
+                },
+                buf,
+            )?;
+            // Version 2 (see `Message::version`): the version-1 fields, then the reasons. A report
+            // without reasons is written as version 1, byte for byte what older agents send.
+            if m.reasons.is_empty() {
+                return Ok(());
+            }
+            let reasons = slice_seq(&m.reasons, reason_out);
+            put(&reasons, buf)
+        }
         Message::RegisterAck(m) => put(
             &AckOut {
                 boot_id: m.boot_id.to_le_bytes(),
@@ -458,7 +487,12 @@ struct DesiredIn<'a> {
 }
 
 /// Decodes one body of `kind`, then checks limits and field rules, then builds the owned message.
-pub(super) fn decode_body(kind: MessageKind, body: &[u8], limits: &DecodeLimits) -> Result<Message, DecodeError> {
+pub(super) fn decode_body(
+    kind: MessageKind,
+    version: u8,
+    body: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Message, DecodeError> {
     let cx = Check { kind, limits };
     match kind {
         MessageKind::Register => cx.register(cx.parse(body)?).map(Message::Register),
@@ -472,12 +506,23 @@ pub(super) fn decode_body(kind: MessageKind, body: &[u8], limits: &DecodeLimits)
             }))
         }
         MessageKind::StatusReport => {
-            let m: StatusIn<'_> = cx.parse(body)?;
+            let (m, reasons) = if version == super::messages::REASONS_VERSION {
+                let m: StatusV2In<'_> = cx.parse(body)?;
+                (m.status, Some(m.reasons))
+            } else {
+                (cx.parse::<StatusIn<'_>>(body)?, None)
+            };
+            let workloads = cx.states(&m.workloads)?;
+            let reasons = match reasons {
+                Some(r) => cx.reasons(r, &workloads)?,
+                None => Vec::new(),
+            };
             Ok(Message::StatusReport(StatusReport {
                 seq: m.seq,
                 boot_id: u32::from_le_bytes(m.boot_id),
                 applied: digest(m.applied),
-                workloads: cx.states(&m.workloads)?,
+                workloads,
+                reasons,
             }))
         }
         MessageKind::RegisterAck => cx.ack(cx.parse(body)?).map(Message::RegisterAck),
@@ -577,6 +622,41 @@ impl Check<'_> {
             .collect()
     }
 
+    /// Reasons: at most one per workload, in increasing index order, each naming a `Failed` one.
+    fn reasons(
+        &self,
+        reasons: Vec<ReasonWire<'_>>,
+        states: &[WorkloadState],
+    ) -> Result<Vec<FailureReason>, DecodeError> {
+        self.count(Limit::Workloads, reasons.len(), states.len())?;
+        if reasons.is_empty() {
+            // A report without reasons is written as version 1: one encoding per message.
+            return Err(DecodeError::Malformed {
+                kind: self.kind,
+                reason: "a version-2 status report without reasons".into(),
+            });
+        }
+        let mut last = None;
+        reasons
+            .iter()
+            .map(|r| {
+                self.count(Limit::StringLen, r.reason.len(), self.limits.max_string_len)?;
+                let failed = states.get(r.index as usize).is_some_and(|s| s.phase == WorkloadPhase::Failed);
+                if !failed || last.is_some_and(|l| r.index <= l) {
+                    return Err(DecodeError::Malformed {
+                        kind: self.kind,
+                        reason: format!(
+                            "failure reason for workload index {} does not name a failed workload in increasing order",
+                            r.index
+                        ),
+                    });
+                }
+                last = Some(r.index);
+                Ok(FailureReason { index: r.index, reason: r.reason.to_owned() })
+            })
+            .collect()
+    }
+
     fn labels(&self, pairs: &[(&str, &str)]) -> Result<Labels, DecodeError> {
         self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
         for (k, v) in pairs {
@@ -653,6 +733,8 @@ impl Check<'_> {
             waves: w.rollout.waves.to_vec(),
             paused: w.rollout.paused,
             failure_threshold: w.rollout.failure_threshold,
+            // Not on the wire: only the controller's engine uses it.
+            progress_deadline_s: crate::model::DEFAULT_PROGRESS_DEADLINE_S,
         };
         rollout.validate().map_err(self.invalid("workload.rollout"))?;
         Ok(Workload {

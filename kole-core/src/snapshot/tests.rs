@@ -478,7 +478,7 @@ pub(crate) fn reference_like_fleet(nodes: usize) -> NodeCache {
                 phase: WorkloadPhase::Running,
             })
             .collect();
-        let applied = DesiredDigest::of(workloads.iter().map(|w| (w.workload.as_str(), w.version)));
+        let applied = DesiredDigest::of(workloads.iter().map(|w| (w.workload.as_str(), w.version, &[][..])));
         let reg = NodeRegistration {
             name: NodeName::new(name).unwrap(),
             labels: Labels::from_pairs(labels).unwrap(),

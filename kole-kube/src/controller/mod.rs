@@ -95,6 +95,10 @@ pub(crate) struct AppliedState {
     pub(crate) paused: bool,
     /// `rollout.rollback` last handed over.
     pub(crate) rollback: bool,
+    /// The object's `metadata.generation` last acted on: what the status's `observedGeneration`
+    /// says. Not the engine's version: a pause or rollback edit is a new generation without a new
+    /// version, and a rollback makes the engine's version go back.
+    pub(crate) observed_generation: i64,
 }
 
 /// Applied state per workload, shared by the workload controller and its status writer.

@@ -60,13 +60,13 @@ async fn flush_statuses(
     let writes: Vec<_> = batch
         .into_values()
         .filter_map(|s| {
-            let (previous, current) = applied
+            let (previous, current, observed) = applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&s.id)
-                .map(|a| (a.previous.clone(), a.current.clone()))
+                .map(|a| (a.previous.clone(), a.current.clone(), Some(a.observed_generation).filter(|g| *g > 0)))
                 .unwrap_or_default();
-            let status = convert::status_from_engine(&s, previous, current, written.get(&s.id), t);
+            let status = convert::status_from_engine(&s, previous, current, observed, written.get(&s.id), t);
             (written.get(&s.id) != Some(&status)).then_some((s.id, status))
         })
         .collect();
@@ -110,6 +110,8 @@ mod tests {
             wave: 0,
             waves: 1,
             phase: RolloutPhase::Progressing,
+            failures: vec![],
+            progress_deadline_exceeded: false,
         }
     }
 
@@ -141,6 +143,46 @@ mod tests {
         // Nothing changed since: no further write, however long we wait.
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!matches!(tokio::time::timeout(Duration::from_millis(10), handle.next_request()).await, Ok(Some(_))));
+        drop(tx);
+        writer.await.unwrap();
+    }
+
+    /// After a pause edit (generation 3, the engine still runs version 2) and after a rollback (the
+    /// engine runs version 1 again), the status describes the generation the controller acted on:
+    /// never the engine's version, never going backwards.
+    #[tokio::test(start_paused = true)]
+    async fn observed_generation_is_the_objects_after_pause_and_rollback() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let cfg = ControllerConfig { status_interval: Duration::from_secs(2), ..Default::default() };
+        let id = WorkloadId::new("edge/cdn").unwrap();
+        let applied = AppliedMap::default();
+        applied
+            .lock()
+            .unwrap()
+            .insert(id.clone(), crate::controller::AppliedState { observed_generation: 3, ..Default::default() });
+        let (tx, rx) = mpsc::channel(16);
+        let writer = tokio::spawn(run_status_writer(client, cfg, applied.clone(), rx, None));
+        let obj = serde_json::json!({"apiVersion": "kole.dev/v1alpha1", "kind": "EdgeWorkload",
+            "metadata": {"name": "cdn", "namespace": "edge"}, "spec": {"runtime": {"image": "x"}}});
+        for (engine_version, observed) in [(2, 3), (1, 4)] {
+            applied.lock().unwrap().get_mut(&id).unwrap().observed_generation = observed;
+            let mut s = status(&id, 5);
+            s.version = engine_version;
+            tx.send(DriverEvent::Status(s)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2100)).await;
+            let (req, send) =
+                tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            assert_eq!(body["status"]["observedGeneration"], observed, "engine version {engine_version}");
+            assert!(
+                body["status"]["conditions"].as_array().unwrap().iter().all(|c| c["observedGeneration"] == observed)
+            );
+            send.send_response(
+                Response::builder().status(200).body(Body::from(serde_json::to_vec(&obj).unwrap())).unwrap(),
+            );
+        }
         drop(tx);
         writer.await.unwrap();
     }

@@ -123,6 +123,7 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
     }
     state.paused = controls.0;
     state.rollback = controls.1;
+    state.observed_generation = obj.metadata.generation.unwrap_or(0);
     for cmd in commands {
         send(&ctx, cmd).await?;
     }
