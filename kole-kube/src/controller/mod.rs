@@ -11,6 +11,10 @@
 //!   through the status subresource at most once per [`ControllerConfig::status_interval`]: changes
 //!   in between are coalesced, so a rollout to a million nodes costs a few status writes, not a
 //!   million. The rollout position goes into the status so a restarted controller resumes.
+//! - The status writer also compares each workload's previous and new engine status and publishes a
+//!   Kubernetes Event per rollout transition (`events.rs`): `WaveAdvanced`, `RolloutComplete`
+//!   (Normal), `RolloutHalted`, `RolledBack`, `ProgressDeadlineExceeded` (Warning), reported by
+//!   `kole-controller`. Publishing never delays or fails a status write.
 //! - [`run_query_controller`] (`query.rs`) answers `NodeQuery` objects from the cache as soon as the
 //!   watch delivers them, again when `spec.refresh` changes, and deletes them after `spec.ttlSeconds`.
 //!
@@ -26,6 +30,7 @@ use kube::{Api, Client};
 
 use crate::crd::AppliedVersion;
 
+mod events;
 mod query;
 mod status;
 mod workload;
@@ -99,6 +104,8 @@ pub(crate) struct AppliedState {
     /// says. Not the engine's version: a pause or rollback edit is a new generation without a new
     /// version, and a rollback makes the engine's version go back.
     pub(crate) observed_generation: i64,
+    /// The object's `metadata.uid`, so Events about it show in `kubectl describe`.
+    pub(crate) uid: Option<String>,
 }
 
 /// Applied state per workload, shared by the workload controller and its status writer.

@@ -10,30 +10,55 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
+use super::events::{Pending, reference, run_publisher, transitions};
 use super::{AppliedMap, ControllerConfig, now};
 use crate::convert;
 use crate::crd::EdgeWorkload;
 
 /// Writes workload statuses from the driver's events: the latest status of each workload, at
 /// most once per `cfg.status_interval`, through the status subresource. Events other than
-/// statuses are forwarded to `forward` when given. Returns when `events` closes. `applied` is the
+/// statuses are forwarded to `forward` when given. Beside it, an Event per rollout transition is
+/// published (see `events.rs`). Returns when `events` closes and the queued Events are out. `applied` is the
 /// workload controller's record of the versions it handed over, persisted in each status.
 pub(crate) async fn run_status_writer(
     client: Client,
     cfg: ControllerConfig,
     applied: AppliedMap,
+    events: mpsc::Receiver<DriverEvent>,
+    forward: Option<mpsc::Sender<DriverEvent>>,
+) {
+    // Events go through a bounded queue to their own task: a slow apiserver drops Events, never
+    // status writes.
+    let (queue, pending) = mpsc::channel(EVENT_QUEUE);
+    tokio::join!(write_statuses(client.clone(), cfg, applied, events, forward, queue), run_publisher(client, pending));
+}
+
+/// Events waiting to be published, at most; more are dropped with a warning.
+const EVENT_QUEUE: usize = 256;
+
+async fn write_statuses(
+    client: Client,
+    cfg: ControllerConfig,
+    applied: AppliedMap,
     mut events: mpsc::Receiver<DriverEvent>,
     forward: Option<mpsc::Sender<DriverEvent>>,
+    queue: mpsc::Sender<Pending>,
 ) {
     let mut dirty: BTreeMap<WorkloadId, WorkloadStatus> = BTreeMap::new();
     let mut written: HashMap<WorkloadId, crate::crd::EdgeWorkloadStatus> = HashMap::new();
+    // Every engine status seen, not only those written: transitions between two writes count too.
+    let mut seen: HashMap<WorkloadId, WorkloadStatus> = HashMap::new();
     // The first write waits one interval too, so a burst at start-up is coalesced like any other.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + cfg.status_interval, cfg.status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
-                Some(DriverEvent::Status(s)) => { dirty.insert(s.id.clone(), s); }
+                Some(DriverEvent::Status(s)) => {
+                    queue_events(&applied, &queue, seen.get(&s.id), &s);
+                    seen.insert(s.id.clone(), s.clone());
+                    dirty.insert(s.id.clone(), s);
+                }
                 Some(other) => if let Some(f) = &forward { let _ = f.try_send(other); },
                 None => break,
             },
@@ -46,6 +71,29 @@ pub(crate) async fn run_status_writer(
     }
     if !dirty.is_empty() {
         flush_statuses(&client, &cfg, &applied, dirty, &mut written).await;
+    }
+}
+
+/// Queues an Event per transition from `prev` to `new`, without waiting.
+fn queue_events(
+    applied: &AppliedMap,
+    queue: &mpsc::Sender<Pending>,
+    prev: Option<&WorkloadStatus>,
+    new: &WorkloadStatus,
+) {
+    let (uid, threshold) = applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&new.id)
+        .map(|a| (a.uid.clone(), a.current.as_ref().and_then(|c| c.spec.rollout.failure_threshold)))
+        .unwrap_or_default();
+    let (ns, name) = new.id.as_str().split_once('/').unwrap_or(("default", new.id.as_str()));
+    for transition in transitions(prev, new, threshold) {
+        let reason = transition.reason;
+        let p = Pending { regarding: reference(ns, name, uid.clone()), transition };
+        if queue.try_send(p).is_err() {
+            tracing::warn!(workload = %new.id, reason, "Event queue full; dropping the Event (the status still says it)");
+        }
     }
 }
 
@@ -165,14 +213,36 @@ mod tests {
         let writer = tokio::spawn(run_status_writer(client, cfg, applied.clone(), rx, None));
         let obj = serde_json::json!({"apiVersion": "kole.dev/v1alpha1", "kind": "EdgeWorkload",
             "metadata": {"name": "cdn", "namespace": "edge"}, "spec": {"runtime": {"image": "x"}}});
+        let mut rolled_back_events = 0;
         for (engine_version, observed) in [(2, 3), (1, 4)] {
             applied.lock().unwrap().get_mut(&id).unwrap().observed_generation = observed;
             let mut s = status(&id, 5);
             s.version = engine_version;
             tx.send(DriverEvent::Status(s)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(2100)).await;
-            let (req, send) =
-                tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+            // The rollback (version 2 → 1) also publishes an Event, in any order with the status write.
+            let (req, send) = loop {
+                let (req, send) =
+                    tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+                if !req.uri().path().contains("/events") {
+                    break (req, send);
+                }
+                assert_eq!(req.method(), Method::POST);
+                assert_eq!(req.uri().path(), "/apis/events.k8s.io/v1/namespaces/edge/events");
+                let ev = req.into_body().collect_bytes().await.unwrap();
+                let ev: serde_json::Value = serde_json::from_slice(&ev).unwrap();
+                assert_eq!(
+                    (engine_version, ev["reason"].as_str(), ev["type"].as_str()),
+                    (1, Some("RolledBack"), Some("Warning"))
+                );
+                assert_eq!(ev["regarding"]["kind"], "EdgeWorkload");
+                assert_eq!(ev["regarding"]["name"], "cdn");
+                assert_eq!(ev["reportingController"], "kole-controller");
+                rolled_back_events += 1;
+                send.send_response(
+                    Response::builder().status(201).body(Body::from(serde_json::to_vec(&ev).unwrap())).unwrap(),
+                );
+            };
             let body: serde_json::Value =
                 serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
             assert_eq!(body["status"]["observedGeneration"], observed, "engine version {engine_version}");
@@ -184,6 +254,16 @@ mod tests {
             );
         }
         drop(tx);
+        // The Event may still be queued when the status write is done.
+        while rolled_back_events == 0 {
+            let (req, send) =
+                tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+            assert!(req.uri().path().ends_with("/events"));
+            let ev = req.into_body().collect_bytes().await.unwrap();
+            assert!(String::from_utf8_lossy(&ev).contains("RolledBack"));
+            rolled_back_events += 1;
+            send.send_response(Response::builder().status(201).body(Body::from(ev)).unwrap());
+        }
         writer.await.unwrap();
     }
 }

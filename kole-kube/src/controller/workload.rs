@@ -124,6 +124,7 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
     state.paused = controls.0;
     state.rollback = controls.1;
     state.observed_generation = obj.metadata.generation.unwrap_or(0);
+    state.uid = obj.uid();
     for cmd in commands {
         send(&ctx, cmd).await?;
     }
