@@ -218,7 +218,10 @@ async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() 
         .await;
 
         let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
-        api.create(&PostParams::default(), &EdgeWorkload::new("cdn", workload("cdn:1", "cdn"))).await.unwrap();
+        // Two waves, so the rollout has a wave advance to report as well as its completion.
+        let mut spec = workload("cdn:1", "cdn");
+        spec.rollout.waves = vec![50, 100];
+        api.create(&PostParams::default(), &EdgeWorkload::new("cdn", spec)).await.unwrap();
         let status = eventually(Duration::from_secs(90), "status converged", || {
             let api = api.clone();
             async move {
@@ -232,6 +235,40 @@ async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() 
         assert_eq!(status.0.targeted, 20);
         assert_eq!(status.0.rollout_phase, Some(RolloutPhaseSpec::Complete));
         assert!(status.1.contains(&kole_kube::controller::FINALIZER.to_owned()));
+
+        // The rollout's transitions are Events on the object (events.k8s.io/v1), as `kubectl
+        // describe` finds them: by kind, name and uid.
+        let uid = api.get("cdn").await.unwrap().uid();
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+        let ours = eventually(Duration::from_secs(30), "rollout Events", || {
+            let events = events.clone();
+            async move {
+                let listed = events.list(&ListParams::default()).await;
+                let ours: Vec<_> = listed
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .filter(|e| e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some("EdgeWorkload")))
+                    .collect();
+                let has = |r: &str| ours.iter().any(|e| e.reason.as_deref() == Some(r));
+                (has("WaveAdvanced") && has("RolloutComplete")).then_some(ours)
+            }
+        })
+        .await;
+        for e in &ours {
+            let r = e.regarding.as_ref().unwrap();
+            assert_eq!((r.name.as_deref(), r.namespace.as_deref()), (Some("cdn"), Some(ns.as_str())));
+            assert_eq!(r.uid, uid, "{e:?}");
+            assert_eq!(r.api_version.as_deref(), Some("kole.dev/v1alpha1"));
+            assert_eq!(e.reporting_controller.as_deref(), Some("kole-controller"));
+            assert_eq!(e.type_.as_deref(), Some("Normal"), "{e:?}");
+        }
+        let note = |reason: &str| {
+            ours.iter().find(|e| e.reason.as_deref() == Some(reason)).and_then(|e| e.note.clone()).unwrap_or_default()
+        };
+        assert!(note("WaveAdvanced").starts_with("version 1 advanced to wave 2 of 2"), "{}", note("WaveAdvanced"));
+        assert_eq!(note("RolloutComplete"), "version 1 rolled out through all 2 waves and ready");
+        assert_eq!(ours.len(), 2, "one Event per transition: {ours:?}");
 
         // A query: cdn nodes in the east, a page of 3, with summary counts of every match.
         let nq: Api<NodeQuery> = Api::namespaced(client.clone(), &ns);

@@ -1,11 +1,13 @@
 //! Kubernetes Events on `EdgeWorkload` objects: wave advances, halts, completion, rollback and the
-//! progress deadline, found by comparing each workload's previous engine status with the new one.
+//! progress deadline: the engine's events, with details from the workload's latest engine status,
+//! and a rollback seen as the engine's version going back between two statuses.
 //!
 //! Publishing runs beside the status writer, fed through a bounded queue: a slow or refusing
 //! apiserver drops Events (with a warning) and never delays or fails a status write.
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kole_core::engine::{RolloutPhase, WorkloadStatus};
+use kole_core::engine::{EngineEvent, WorkloadStatus};
+use kole_core::model::WorkloadId;
 use kube::Client;
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -72,98 +74,108 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// The transitions from `prev` to `new` of one workload's engine status. With no `prev` (first
-/// sight in this controller's life, possibly a resumed rollout) nothing is reported: a restart
-/// must not repeat Events of the previous life.
-pub(crate) fn transitions(
-    prev: Option<&WorkloadStatus>,
-    new: &WorkloadStatus,
-    threshold: Option<FailureThresholdSpec>,
-) -> Vec<Transition> {
-    let Some(prev) = prev else { return Vec::new() };
-    let mut out = Vec::new();
-    if new.version < prev.version {
-        out.push(Transition {
-            type_: EventType::Warning,
-            reason: "RolledBack",
-            note: format!(
-                "rolled back from version {} to version {}: the nodes that got version {} return to version {}",
-                prev.version, new.version, prev.version, new.version
-            ),
-        });
-        return out;
-    }
-    // A new version starts from its first wave, progressing, within its deadline.
-    let (prev_wave, prev_phase, prev_deadline) = if new.version > prev.version {
-        (0, RolloutPhase::Progressing, false)
-    } else {
-        (prev.wave, prev.phase, prev.progress_deadline_exceeded)
+/// What the workload controller applied, for the notes.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Applied {
+    /// The current version.
+    pub(crate) version: Option<u64>,
+    /// Its number of waves.
+    pub(crate) waves: Option<usize>,
+    /// Its failure threshold.
+    pub(crate) threshold: Option<FailureThresholdSpec>,
+}
+
+/// The Event for one engine event, if it marks a rollout transition. `latest` is the workload's
+/// latest engine status (the driver emits a step's statuses before its events), for the details.
+pub(crate) fn from_engine(
+    ev: &EngineEvent,
+    latest: Option<&WorkloadStatus>,
+    applied: Applied,
+) -> Option<(WorkloadId, Transition)> {
+    let threshold = applied.threshold;
+    // A new workload's first events can come before its first status: then what was applied tells.
+    let (version, waves) = match latest {
+        Some(s) => (Some(s.version), Some(s.waves as usize)),
+        None => (applied.version, applied.waves),
     };
-    if new.wave > prev_wave {
-        out.push(Transition {
-            type_: EventType::Normal,
-            reason: "WaveAdvanced",
-            note: format!(
-                "version {} advanced to {}: {} of {} targeted nodes ready, {} failed",
-                new.version,
-                wave_of(new),
-                new.ready,
-                new.targeted,
-                new.failed
-            ),
-        });
-    }
-    if new.phase != prev_phase {
-        match new.phase {
-            RolloutPhase::Complete => out.push(Transition {
+    let version = version.map(|v| format!("version {v}")).unwrap_or_else(|| "the rollout".to_owned());
+    let wave_n = |wave: usize| match waves {
+        Some(n) => format!("wave {} of {n}", wave.saturating_add(1)),
+        None => format!("wave {}", wave.saturating_add(1)),
+    };
+    let (id, t) = match ev {
+        EngineEvent::WaveAdvanced { id, wave } => (
+            id,
+            Transition {
+                type_: EventType::Normal,
+                reason: "WaveAdvanced",
+                note: format!("{version} advanced to {}: the previous waves are ready", wave_n(*wave)),
+            },
+        ),
+        EngineEvent::RolloutComplete { id } => (
+            id,
+            Transition {
                 type_: EventType::Normal,
                 reason: "RolloutComplete",
-                note: format!(
-                    "version {} rolled out through all {} waves: {} of {} targeted nodes ready",
-                    new.version, new.waves, new.ready, new.targeted
-                ),
-            }),
-            RolloutPhase::Halted => {
-                let top = match new.failures.first() {
-                    Some(f) => format!("; top reason ({} nodes): {}", f.count, f.reason),
-                    None => String::new(),
-                };
-                out.push(Transition {
+                note: match waves {
+                    Some(n) => format!("{version} rolled out through all {n} waves and ready"),
+                    None => format!("{version} rolled out through all waves and ready"),
+                },
+            },
+        ),
+        EngineEvent::RolloutHalted { id, failed, reached } => {
+            let top = match latest.and_then(|s| s.failures.first()) {
+                Some(f) => format!("; top reason ({} nodes): {}", f.count, f.reason),
+                None => String::new(),
+            };
+            let at = latest.map(|s| format!(" at {}", wave_of(s))).unwrap_or_default();
+            (
+                id,
+                Transition {
                     type_: EventType::Warning,
                     reason: "RolloutHalted",
                     note: format!(
-                        "version {} halted at {}: {} nodes failed (threshold {}){top}. Fix the spec and apply a new \
-                         version, or set spec.rollout.rollback: true",
-                        new.version,
-                        wave_of(new),
-                        new.failed,
+                        "{version} halted{at}: {failed} of {reached} nodes in the reached waves failed (threshold {}){top}. \
+                         Fix the spec and apply a new version, or set spec.rollout.rollback: true",
                         threshold_text(threshold)
                     ),
-                });
-            }
-            RolloutPhase::Progressing | RolloutPhase::Paused => {}
+                },
+            )
         }
-    }
-    // Reported once per wave: the engine clears the flag when the wave changes.
-    if new.progress_deadline_exceeded && (!prev_deadline || new.wave != prev_wave) {
-        out.push(Transition {
-            type_: EventType::Warning,
-            reason: "ProgressDeadlineExceeded",
-            note: format!(
-                "version {}: {} has not settled within spec.rollout.progressDeadlineSeconds ({} of {} targeted nodes \
-                 ready, {} failed); the rollout keeps waiting: check the nodes' workloads with a NodeQuery",
-                new.version,
-                wave_of(new),
-                new.ready,
-                new.targeted,
-                new.failed
-            ),
-        });
-    }
-    for t in &mut out {
-        t.note = truncate(std::mem::take(&mut t.note));
-    }
-    out
+        EngineEvent::ProgressDeadlineExceeded { id, wave } => {
+            let counts = latest
+                .map(|s| format!(" ({} of {} targeted nodes ready, {} failed)", s.ready, s.targeted, s.failed))
+                .unwrap_or_default();
+            (
+                id,
+                Transition {
+                    type_: EventType::Warning,
+                    reason: "ProgressDeadlineExceeded",
+                    note: format!(
+                        "{version}: {} has not settled within spec.rollout.progressDeadlineSeconds{counts}; the \
+                         rollout keeps waiting: check the nodes' workloads with a NodeQuery",
+                        wave_n(*wave)
+                    ),
+                },
+            )
+        }
+        _ => return None,
+    };
+    Some((id.clone(), Transition { note: truncate(t.note), ..t }))
+}
+
+/// A rollback, seen as the engine's version going back between two statuses (the engine has no
+/// event for it). With no `prev` (first sight in this controller's life) nothing is reported.
+pub(crate) fn rolled_back(prev: Option<&WorkloadStatus>, new: &WorkloadStatus) -> Option<Transition> {
+    let prev = prev.filter(|p| new.version < p.version)?;
+    Some(Transition {
+        type_: EventType::Warning,
+        reason: "RolledBack",
+        note: format!(
+            "rolled back from version {} to version {}: the nodes that got version {} return to version {}",
+            prev.version, new.version, prev.version, new.version
+        ),
+    })
 }
 
 /// Publishes queued Events until `queue` closes. A failed publish logs a warning and moves on.
@@ -194,12 +206,15 @@ pub(crate) async fn run_publisher(client: Client, mut queue: mpsc::Receiver<Pend
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kole_core::engine::FailureSummary;
-    use kole_core::model::{NodeName, WorkloadId};
+    use kole_core::engine::{FailureSummary, RolloutPhase};
+
+    fn id() -> WorkloadId {
+        WorkloadId::new("edge/cdn").unwrap()
+    }
 
     fn st(version: u64, wave: u32, phase: RolloutPhase) -> WorkloadStatus {
         WorkloadStatus {
-            id: WorkloadId::new("edge/cdn").unwrap(),
+            id: id(),
             version,
             targeted: 40,
             updated: 10,
@@ -214,28 +229,23 @@ mod tests {
         }
     }
 
-    fn reasons(t: &[Transition]) -> Vec<&'static str> {
-        t.iter().map(|t| t.reason).collect()
-    }
-
-    #[test]
-    fn first_sight_reports_nothing() {
-        assert!(transitions(None, &st(1, 3, RolloutPhase::Complete), None).is_empty());
-    }
-
     #[test]
     fn wave_advance_and_completion_are_normal() {
-        let t = transitions(Some(&st(1, 0, RolloutPhase::Progressing)), &st(1, 1, RolloutPhase::Progressing), None);
-        assert_eq!(reasons(&t), ["WaveAdvanced"]);
-        assert_eq!(t[0].type_, EventType::Normal);
-        assert!(t[0].note.contains("version 1 advanced to wave 2 of 4"), "{}", t[0].note);
-        let t = transitions(Some(&st(1, 2, RolloutPhase::Progressing)), &st(1, 3, RolloutPhase::Complete), None);
-        assert_eq!(reasons(&t), ["WaveAdvanced", "RolloutComplete"]);
-        assert!(t.iter().all(|t| t.type_ == EventType::Normal));
-        // Nothing changed that matters: no Event.
-        let mut more_ready = st(1, 3, RolloutPhase::Complete);
-        more_ready.ready = 40;
-        assert!(transitions(Some(&st(1, 3, RolloutPhase::Complete)), &more_ready, None).is_empty());
+        let latest = st(3, 0, RolloutPhase::Progressing);
+        let (w, t) =
+            from_engine(&EngineEvent::WaveAdvanced { id: id(), wave: 1 }, Some(&latest), Applied::default()).unwrap();
+        assert_eq!((w, t.reason, t.type_), (id(), "WaveAdvanced", EventType::Normal));
+        assert!(t.note.starts_with("version 3 advanced to wave 2 of 4"), "{}", t.note);
+        let (_, t) =
+            from_engine(&EngineEvent::RolloutComplete { id: id() }, Some(&latest), Applied::default()).unwrap();
+        assert_eq!((t.reason, t.type_), ("RolloutComplete", EventType::Normal));
+        assert_eq!(t.note, "version 3 rolled out through all 4 waves and ready");
+        // Without a status yet the note still says what happened.
+        let (_, t) = from_engine(&EngineEvent::WaveAdvanced { id: id(), wave: 1 }, None, Applied::default()).unwrap();
+        assert!(t.note.starts_with("the rollout advanced to wave 2"), "{}", t.note);
+        let applied = Applied { version: Some(3), waves: Some(4), threshold: None };
+        let (_, t) = from_engine(&EngineEvent::RolloutComplete { id: id() }, None, applied).unwrap();
+        assert_eq!(t.note, "version 3 rolled out through all 4 waves and ready");
     }
 
     #[test]
@@ -245,56 +255,56 @@ mod tests {
         halted.failures = vec![FailureSummary {
             reason: "exec /x: No such file or directory".into(),
             count: 2,
-            sample_nodes: vec![NodeName::new("edge-0001").unwrap()],
+            sample_nodes: vec![],
         }];
-        let t = transitions(
-            Some(&st(2, 1, RolloutPhase::Progressing)),
-            &halted,
-            Some(FailureThresholdSpec { count: Some(1), percent: None }),
+        let ev = EngineEvent::RolloutHalted { id: id(), failed: 3, reached: 20 };
+        let (_, t) = from_engine(
+            &ev,
+            Some(&halted),
+            Applied { threshold: Some(FailureThresholdSpec { count: Some(1), percent: None }), ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!((t.reason, t.type_), ("RolloutHalted", EventType::Warning));
+        assert_eq!(
+            t.note,
+            "version 2 halted at wave 2 of 4: 3 of 20 nodes in the reached waves failed (threshold 1); top reason \
+             (2 nodes): exec /x: No such file or directory. Fix the spec and apply a new version, or set \
+             spec.rollout.rollback: true"
         );
-        assert_eq!(reasons(&t), ["RolloutHalted"]);
-        assert_eq!(t[0].type_, EventType::Warning);
-        assert!(
-            t[0].note.starts_with(
-                "version 2 halted at wave 2 of 4: 3 nodes failed (threshold 1); top reason (2 nodes): exec /x: No such file"
-            ),
-            "{}",
-            t[0].note
-        );
-        assert!(t[0].note.contains("spec.rollout.rollback"));
+        let (_, t) = from_engine(&ev, Some(&halted), Applied::default()).unwrap();
+        assert!(t.note.contains("(threshold 5%)"), "the default threshold: {}", t.note);
     }
 
     #[test]
-    fn rollback_is_a_warning_and_nothing_else() {
-        let t = transitions(Some(&st(2, 1, RolloutPhase::Halted)), &st(1, 3, RolloutPhase::Complete), None);
-        assert_eq!(reasons(&t), ["RolledBack"]);
-        assert_eq!(t[0].type_, EventType::Warning);
-        assert!(t[0].note.starts_with("rolled back from version 2 to version 1"));
+    fn progress_deadline_is_a_warning_with_counts() {
+        let ev = EngineEvent::ProgressDeadlineExceeded { id: id(), wave: 0 };
+        let (_, t) = from_engine(&ev, Some(&st(1, 0, RolloutPhase::Progressing)), Applied::default()).unwrap();
+        assert_eq!((t.reason, t.type_), ("ProgressDeadlineExceeded", EventType::Warning));
+        assert!(t.note.starts_with("version 1: wave 1 of 4 has not settled within"), "{}", t.note);
+        assert!(t.note.contains("(10 of 40 targeted nodes ready, 0 failed)"), "{}", t.note);
     }
 
     #[test]
-    fn a_new_version_starts_from_its_first_wave() {
-        let t = transitions(Some(&st(1, 3, RolloutPhase::Complete)), &st(2, 0, RolloutPhase::Progressing), None);
-        assert!(t.is_empty(), "{t:?}");
-        let t = transitions(Some(&st(1, 3, RolloutPhase::Complete)), &st(2, 1, RolloutPhase::Progressing), None);
-        assert_eq!(reasons(&t), ["WaveAdvanced"]);
+    fn other_engine_events_are_not_events() {
+        let ev = EngineEvent::CommandRejected { id: id(), reason: "x".into() };
+        assert!(from_engine(&ev, None, Applied::default()).is_none());
     }
 
     #[test]
-    fn progress_deadline_is_reported_once_per_wave() {
-        let mut late = st(1, 1, RolloutPhase::Progressing);
-        late.progress_deadline_exceeded = true;
-        let t = transitions(Some(&st(1, 1, RolloutPhase::Progressing)), &late, None);
-        assert_eq!(reasons(&t), ["ProgressDeadlineExceeded"]);
-        assert_eq!(t[0].type_, EventType::Warning);
-        assert!(transitions(Some(&late), &late, None).is_empty());
+    fn rollback_is_the_version_going_back() {
+        let t = rolled_back(Some(&st(2, 1, RolloutPhase::Halted)), &st(1, 3, RolloutPhase::Complete)).unwrap();
+        assert_eq!((t.reason, t.type_), ("RolledBack", EventType::Warning));
+        assert!(t.note.starts_with("rolled back from version 2 to version 1"));
+        assert!(rolled_back(None, &st(1, 3, RolloutPhase::Complete)).is_none(), "first sight is no rollback");
+        assert!(rolled_back(Some(&st(1, 3, RolloutPhase::Complete)), &st(2, 0, RolloutPhase::Progressing)).is_none());
     }
 
     #[test]
     fn notes_fit_the_events_api() {
         let mut halted = st(1, 0, RolloutPhase::Halted);
         halted.failures = vec![FailureSummary { reason: "é".repeat(2000), count: 1, sample_nodes: vec![] }];
-        let t = transitions(Some(&st(1, 0, RolloutPhase::Progressing)), &halted, None);
-        assert!(t[0].note.len() <= MAX_NOTE_BYTES && t[0].note.ends_with("..."));
+        let ev = EngineEvent::RolloutHalted { id: id(), failed: 1, reached: 1 };
+        let (_, t) = from_engine(&ev, Some(&halted), Applied::default()).unwrap();
+        assert!(t.note.len() <= MAX_NOTE_BYTES && t.note.ends_with("..."));
     }
 }

@@ -11,10 +11,10 @@
 //!   through the status subresource at most once per [`ControllerConfig::status_interval`]: changes
 //!   in between are coalesced, so a rollout to a million nodes costs a few status writes, not a
 //!   million. The rollout position goes into the status so a restarted controller resumes.
-//! - The status writer also compares each workload's previous and new engine status and publishes a
-//!   Kubernetes Event per rollout transition (`events.rs`): `WaveAdvanced`, `RolloutComplete`
-//!   (Normal), `RolloutHalted`, `RolledBack`, `ProgressDeadlineExceeded` (Warning), reported by
-//!   `kole-controller`. Publishing never delays or fails a status write.
+//! - The status writer also publishes a Kubernetes Event per rollout transition (`events.rs`), from
+//!   the engine's events and, for a rollback, the engine's version going back: `WaveAdvanced`,
+//!   `RolloutComplete` (Normal), `RolloutHalted`, `RolledBack`, `ProgressDeadlineExceeded`
+//!   (Warning), reported by `kole-controller`. Publishing never delays or fails a status write.
 //! - [`run_query_controller`] (`query.rs`) answers `NodeQuery` objects from the cache as soon as the
 //!   watch delivers them, again when `spec.refresh` changes, and deletes them after `spec.ttlSeconds`.
 //!

@@ -3,14 +3,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use futures::StreamExt;
-use kole_core::engine::WorkloadStatus;
 use kole_core::engine::driver::DriverEvent;
+use kole_core::engine::{EngineEvent, WorkloadStatus};
 use kole_core::model::WorkloadId;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
-use super::events::{Pending, reference, run_publisher, transitions};
+use super::events::{Applied, Pending, Transition, from_engine, reference, rolled_back, run_publisher};
 use super::{AppliedMap, ControllerConfig, now};
 use crate::convert;
 use crate::crd::EdgeWorkload;
@@ -55,9 +55,25 @@ async fn write_statuses(
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(DriverEvent::Status(s)) => {
-                    queue_events(&applied, &queue, seen.get(&s.id), &s);
+                    if let Some(t) = rolled_back(seen.get(&s.id), &s) {
+                        queue_event(&applied, &queue, &s.id, t);
+                    }
                     seen.insert(s.id.clone(), s.clone());
                     dirty.insert(s.id.clone(), s);
+                }
+                Some(DriverEvent::Engine(e)) => {
+                    let applied_of = |id: &WorkloadId| {
+                        applied.lock().unwrap_or_else(|p| p.into_inner()).get(id).and_then(|a| a.current.as_ref()).map(|c| Applied {
+                            version: Some(c.version),
+                            waves: Some(c.spec.rollout.waves.len()),
+                            threshold: c.spec.rollout.failure_threshold,
+                        }).unwrap_or_default()
+                    };
+                    let id = engine_event_id(&e);
+                    if let Some((id, t)) = id.and_then(|id| from_engine(&e, seen.get(id), applied_of(id))) {
+                        queue_event(&applied, &queue, &id, t);
+                    }
+                    if let Some(f) = &forward { let _ = f.try_send(DriverEvent::Engine(e)); }
                 }
                 Some(other) => if let Some(f) = &forward { let _ = f.try_send(other); },
                 None => break,
@@ -74,26 +90,23 @@ async fn write_statuses(
     }
 }
 
-/// Queues an Event per transition from `prev` to `new`, without waiting.
-fn queue_events(
-    applied: &AppliedMap,
-    queue: &mpsc::Sender<Pending>,
-    prev: Option<&WorkloadStatus>,
-    new: &WorkloadStatus,
-) {
-    let (uid, threshold) = applied
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&new.id)
-        .map(|a| (a.uid.clone(), a.current.as_ref().and_then(|c| c.spec.rollout.failure_threshold)))
-        .unwrap_or_default();
-    let (ns, name) = new.id.as_str().split_once('/').unwrap_or(("default", new.id.as_str()));
-    for transition in transitions(prev, new, threshold) {
-        let reason = transition.reason;
-        let p = Pending { regarding: reference(ns, name, uid.clone()), transition };
-        if queue.try_send(p).is_err() {
-            tracing::warn!(workload = %new.id, reason, "Event queue full; dropping the Event (the status still says it)");
-        }
+fn engine_event_id(e: &EngineEvent) -> Option<&WorkloadId> {
+    match e {
+        EngineEvent::WaveAdvanced { id, .. }
+        | EngineEvent::RolloutComplete { id }
+        | EngineEvent::RolloutHalted { id, .. }
+        | EngineEvent::ProgressDeadlineExceeded { id, .. } => Some(id),
+        _ => None,
+    }
+}
+
+/// Queues an Event about workload `id`, without waiting.
+fn queue_event(applied: &AppliedMap, queue: &mpsc::Sender<Pending>, id: &WorkloadId, transition: Transition) {
+    let uid = applied.lock().unwrap_or_else(|p| p.into_inner()).get(id).and_then(|a| a.uid.clone());
+    let (ns, name) = id.as_str().split_once('/').unwrap_or(("default", id.as_str()));
+    let reason = transition.reason;
+    if queue.try_send(Pending { regarding: reference(ns, name, uid), transition }).is_err() {
+        tracing::warn!(workload = %id, reason, "Event queue full; dropping the Event (the status still says it)");
     }
 }
 
