@@ -321,6 +321,16 @@ fn a_workload_applied_with_kubectl_runs_on_the_targeted_agents_updates_fails_vis
     for pid in v1.values() {
         assert!(!alive(*pid), "v1 process {pid} still runs after the update\n{}", world.logs());
     }
+    // The rollout left Events on the object, as `kubectl describe` shows them.
+    world.eventually("a RolloutComplete Event on web", || {
+        let text = world.kubectl(&["get", "events", "-n", &namespace, "-o", "json"], None).ok()?;
+        let events: Value = serde_json::from_str(&text).ok()?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "RolloutComplete" && e["involvedObject"]["name"] == "web")
+            .then_some(())
+    });
 
     // A spec that cannot start: its reason shows in status.
     world.apply(&workload_yaml(&namespace, "broken", &world.marks, "v1", "/nonexistent/kole-e2e-shell"));
