@@ -4,18 +4,19 @@
 
 use std::collections::BTreeMap;
 
+use kole_core::cache::HealthFilter;
 use kole_core::engine::{RolloutPhase, RolloutProgress, WorkloadStatus};
 use kole_core::model::{
-    DeliveryMode, FailureThreshold, LabelSelector, LabelSelectorRequirement, NodePhase, NodeRecord, RolloutStrategy,
-    Selector, SelectorOperator, Timestamp, Workload, WorkloadId, WorkloadPhase,
+    DeliveryMode, FailureThreshold, LabelSelector, LabelSelectorRequirement, NodeHealth, NodePhase, NodeRecord,
+    RolloutStrategy, Selector, SelectorOperator, Timestamp, Workload, WorkloadId, WorkloadPhase,
 };
 use kole_core::runspec::{RestartPolicy, RunSpec, RunSpecError};
 use kube::ResourceExt;
 
 use crate::crd::{
-    AppliedVersion, DeliveryModeSpec, EdgeWorkload, EdgeWorkloadSpec, EdgeWorkloadStatus, NodeItem, NodePhaseSpec,
-    NodeWorkloadItem, RestartPolicySpec, RolloutPhaseSpec, RuntimeSpec, SelectorOperatorSpec, SelectorSpec,
-    VersionCount,
+    AppliedVersion, DeliveryModeSpec, EdgeWorkload, EdgeWorkloadSpec, EdgeWorkloadStatus, NodeHealthSpec, NodeItem,
+    NodePhaseSpec, NodeWorkloadItem, RestartPolicySpec, RolloutPhaseSpec, RuntimeSpec, SelectorOperatorSpec,
+    SelectorSpec, VersionCount,
 };
 use crate::{Error, Result};
 
@@ -153,15 +154,20 @@ pub fn progress_from_status(obj: &EdgeWorkload) -> Result<Option<RolloutProgress
 
 /// The version the engine ran and its rollout position, as a previous controller persisted them in
 /// status (whatever the object's generation is now): a restarted controller hands them to the engine
-/// first, then the object's current spec when it differs.
+/// first, then the object's current spec when it differs. After a rollback (`status.rolledBack`)
+/// that is `status.previous`, not `status.current`.
 pub fn resume_from_status(obj: &EdgeWorkload) -> Result<Option<(Workload, RolloutProgress)>> {
     let Some(status) = &obj.status else { return Ok(None) };
     let Some(current) = &status.current else { return Ok(None) };
     let id = workload_id(obj)?;
-    let workload = workload_from_spec(&id, current.version, &current.spec)?;
     let previous = match &status.previous {
         Some(p) => Some(workload_from_spec(&id, p.version, &p.spec)?),
         None => None,
+    };
+    // Rolled back: the engine ran the previous version, with nothing to go back to.
+    let (workload, previous) = match previous {
+        Some(p) if status.rolled_back => (p, None),
+        previous => (workload_from_spec(&id, current.version, &current.spec)?, previous),
     };
     let phase = match status.rollout_phase.unwrap_or_default() {
         RolloutPhaseSpec::Progressing => RolloutPhase::Progressing,
@@ -190,6 +196,7 @@ pub fn status_from_engine(
     s: &WorkloadStatus,
     previous: Option<AppliedVersion>,
     current: Option<AppliedVersion>,
+    rolled_back: bool,
     observed_generation: Option<i64>,
     old: Option<&EdgeWorkloadStatus>,
     now: Timestamp,
@@ -274,6 +281,7 @@ pub fn status_from_engine(
         published: true,
         previous,
         current,
+        rolled_back,
     }
 }
 
@@ -306,6 +314,20 @@ pub fn node_phase(p: NodePhaseSpec) -> NodePhase {
     }
 }
 
+/// The cache's health filter of a query's health filter.
+pub fn health_filter(h: NodeHealthSpec) -> HealthFilter {
+    let flag = HealthFilter::AnyOf;
+    match h {
+        NodeHealthSpec::Healthy => HealthFilter::Healthy,
+        NodeHealthSpec::Unhealthy => HealthFilter::AnyOf(NodeHealth(u8::MAX)),
+        NodeHealthSpec::Degraded => flag(NodeHealth::DEGRADED),
+        NodeHealthSpec::WorkloadFailed => flag(NodeHealth::WORKLOAD_FAILED),
+        NodeHealthSpec::WorkloadPending => flag(NodeHealth::WORKLOAD_PENDING),
+        NodeHealthSpec::ResourcePressure => flag(NodeHealth::RESOURCE_PRESSURE),
+        NodeHealthSpec::ClockUnsynced => flag(NodeHealth::CLOCK_UNSYNCED),
+    }
+}
+
 /// A cache record as a query answer item.
 pub fn node_item(r: &NodeRecord) -> NodeItem {
     let phase = match r.phase {
@@ -322,6 +344,7 @@ pub fn node_item(r: &NodeRecord) -> NodeItem {
         os: r.info.os.clone(),
         agent_version: r.info.agent_version.clone(),
         addresses: r.info.addresses.iter().map(ToString::to_string).collect(),
+        health: r.health.names(),
         workloads: r
             .workloads
             .iter()
@@ -492,7 +515,7 @@ mod tests {
         };
         let prev = AppliedVersion { version: 2, spec: spec() };
         let cur = AppliedVersion { version: 3, spec: spec() };
-        let st = status_from_engine(&s, Some(prev), Some(cur), None, None, Timestamp::from_secs(10));
+        let st = status_from_engine(&s, Some(prev), Some(cur), false, None, None, Timestamp::from_secs(10));
         assert_eq!(st.failures.len(), 1);
         assert_eq!(st.failures[0].sample_nodes, ["edge-7"]);
         let degraded = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
@@ -503,7 +526,7 @@ mod tests {
         let mut stuck = s.clone();
         stuck.phase = RolloutPhase::Progressing;
         stuck.progress_deadline_exceeded = true;
-        let st2 = status_from_engine(&stuck, None, None, None, None, Timestamp::from_secs(10));
+        let st2 = status_from_engine(&stuck, None, None, false, None, None, Timestamp::from_secs(10));
         let progressing = st2.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
         assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("False", "ProgressDeadlineExceeded"));
         let p = progress_from_status(&o).unwrap().unwrap();
@@ -515,6 +538,22 @@ mod tests {
         // The spec changed while no controller ran: the old version and its position come back.
         let (old, p) = resume_from_status(&o).unwrap().unwrap();
         assert_eq!((old.version, p.wave, p.previous.map(|w| w.version)), (3, 1, Some(2)));
+
+        // After a rollback the nodes run `previous`: that is what a restarted controller resumes,
+        // with nothing left to roll back to (not `current`, the version rolled back from).
+        let mut v1 = spec();
+        v1.runtime.image = Some("cdn:0".into());
+        let mut back = s.clone();
+        back.version = 2;
+        back.phase = RolloutPhase::Complete;
+        let prev = AppliedVersion { version: 2, spec: v1 };
+        let cur = AppliedVersion { version: 3, spec: spec() };
+        o.status =
+            Some(status_from_engine(&back, Some(prev), Some(cur), true, Some(4), None, Timestamp::from_secs(10)));
+        assert!(o.status.as_ref().unwrap().rolled_back);
+        let (resumed, p) = resume_from_status(&o).unwrap().unwrap();
+        assert_eq!((resumed.version, p.phase, p.previous), (2, RolloutPhase::Complete, None));
+        assert_eq!(resumed.spec, runtime_bytes(&o.status.as_ref().unwrap().previous.as_ref().unwrap().spec).unwrap());
     }
 
     /// `kubectl get edgeworkloads` and the Progressing condition name the same wave.
@@ -539,7 +578,7 @@ mod tests {
                 failures: vec![],
                 progress_deadline_exceeded: false,
             };
-            let st = status_from_engine(&s, None, None, None, None, Timestamp::from_secs(10));
+            let st = status_from_engine(&s, None, None, false, None, None, Timestamp::from_secs(10));
             let json = serde_json::json!({ "status": st });
             let mut v = &json;
             for part in path.trim_start_matches('.').split('.') {

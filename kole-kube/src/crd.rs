@@ -367,8 +367,13 @@ pub struct EdgeWorkloadStatus {
     pub previous: Option<AppliedVersion>,
     /// The version the engine runs (the spec at `observedGeneration`), so a controller that
     /// restarts after the object changed resumes the old rollout before starting the new one.
+    /// After a rollback it is the version rolled back from, and `rolledBack` is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<AppliedVersion>,
+    /// Whether `current` was rolled back: the nodes run `previous`, and a restarted controller
+    /// resumes that, not `current`. Always written, so a merge patch clears it.
+    #[serde(default)]
+    pub rolled_back: bool,
 }
 
 /// Node phase filter of a [`NodeQuery`].
@@ -380,6 +385,25 @@ pub enum NodePhaseSpec {
     Online,
     /// Missed too many heartbeats.
     Offline,
+}
+
+/// Health filter of a [`NodeQuery`], on the flags of each node's last heartbeat.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodeHealthSpec {
+    /// No flag set.
+    Healthy,
+    /// Any flag set.
+    Unhealthy,
+    /// The agent has a problem of its own (e.g. its container runtime is unreachable).
+    Degraded,
+    /// At least one workload failed.
+    WorkloadFailed,
+    /// At least one workload is pending.
+    WorkloadPending,
+    /// Short of disk, memory or PIDs.
+    ResourcePressure,
+    /// The node's clock is not synchronized.
+    ClockUnsynced,
 }
 
 /// A question about the fleet, answered from the controller's cache (KOLE's `KoleQuery`, done
@@ -412,6 +436,9 @@ pub struct NodeQuerySpec {
     /// Only nodes in this phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<NodePhaseSpec>,
+    /// Only nodes whose last heartbeat's health passes: `Healthy`, `Unhealthy`, or one flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<NodeHealthSpec>,
     /// Page size. Default 100.
     #[serde(default = "default_limit")]
     #[schemars(range(min = 1, max = 1000))]
@@ -471,6 +498,10 @@ pub struct NodeItem {
     /// Addresses, primary first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// Health flags of its last heartbeat (`Degraded`, `WorkloadFailed`, `WorkloadPending`,
+    /// `ResourcePressure`, `ClockUnsynced`); empty when healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<String>,
     /// Workloads it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<NodeWorkloadItem>,

@@ -83,6 +83,7 @@ async fn crds_install_and_the_schema_rejects_invalid_workloads() {
                 names: vec![],
                 selector: None,
                 phase: None,
+                health: None,
                 limit: 5000,
                 continue_: None,
                 ttl_seconds: 60,
@@ -283,6 +284,7 @@ async fn a_workload_reaches_simulated_nodes_and_queries_answer_from_the_cache() 
                 ..Default::default()
             }),
             phase: None,
+            health: None,
             limit: 3,
             continue_: None,
             ttl_seconds: 600,
@@ -413,6 +415,215 @@ async fn two_controllers_one_lease_the_standby_takes_over_and_converges() {
         b.release().await.unwrap();
         let name = api.get("retail").await.unwrap().name_any();
         assert_eq!(name, "retail");
+    })
+    .await;
+}
+
+/// Events of a workload's object, by reason (events.k8s.io/v1, as `kubectl describe` finds them).
+async fn events_of(client: &kube::Client, ns: &str, name: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.regarding
+                .as_ref()
+                .is_some_and(|r| r.kind.as_deref() == Some("EdgeWorkload") && r.name.as_deref() == Some(name))
+        })
+        .collect()
+}
+
+async fn edit(api: &Api<EdgeWorkload>, name: &str, f: impl FnOnce(&mut EdgeWorkloadSpec)) {
+    let mut o = api.get(name).await.unwrap();
+    f(&mut o.spec);
+    o.metadata.managed_fields = None;
+    api.replace(name, &PostParams::default(), &o).await.unwrap();
+}
+
+/// Halt, rollback and progress deadline as a user sees them (status, health flags, Events), then
+/// a controller restart that must keep the rollback, and must clear the retained spec of a
+/// workload deleted while no controller led.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
+async fn halt_rollback_deadline_and_a_restart_that_keeps_the_rollback_and_clears_deleted_specs() {
+    use kole_core::cache::{CacheQuery, HealthFilter};
+    use kole_core::model::{NodeHealth, WorkloadPhase};
+    use kole_core::transport::Destination;
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-life").await;
+        let hub = hub();
+        let snapshots: Arc<dyn SnapshotStore> = Arc::new(store(&client, &ns, "fleet"));
+        let ctl = ControllerUnderTest::start(&client, &ns, &hub, Some(snapshots.clone())).await;
+        let (agents_stop, agents) = spawn_agents(&hub, 20);
+        let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
+        let status = |name: &'static str| {
+            let api = api.clone();
+            move || {
+                let api = api.clone();
+                async move { api.get(name).await.ok()?.status }
+            }
+        };
+
+        // v1 rolls out to the 10 retail nodes.
+        api.create(&PostParams::default(), &EdgeWorkload::new("web", workload("web:1", "retail"))).await.unwrap();
+        eventually(Duration::from_secs(90), "web v1 ready", || {
+            let s = status("web")();
+            async move { s.await.filter(|s| s.observed_generation == Some(1) && s.ready == 10) }
+        })
+        .await;
+
+        // v2 cannot start: the rollout halts, the reason and the nodes' health say why.
+        edit(&api, "web", |s| s.runtime.image = Some("web:2-broken".into())).await;
+        let halted = eventually(Duration::from_secs(60), "web v2 halted", || {
+            let s = status("web")();
+            async move {
+                s.await
+                    .filter(|s| s.observed_generation == Some(2) && s.rollout_phase == Some(RolloutPhaseSpec::Halted))
+            }
+        })
+        .await;
+        assert!(halted.failed > 0, "{halted:?}");
+        assert_eq!(halted.failures[0].reason, "exec /broken: No such file or directory");
+        let cache = ctl.cache.clone();
+        let failing = eventually(Duration::from_secs(30), "failed nodes flag it in their heartbeats", || {
+            let q = CacheQuery { health: HealthFilter::AnyOf(NodeHealth::WORKLOAD_FAILED), ..CacheQuery::default() };
+            let page = cache.read().query(&q);
+            async move { (page.items.len() == halted.failed as usize).then_some(page.items) }
+        })
+        .await;
+        assert!(
+            failing
+                .iter()
+                .all(|r| r.labels.get("tier") == Some("retail") && r.health.contains(NodeHealth::WORKLOAD_FAILED))
+        );
+
+        // Rolling back returns every node to v1 at once.
+        edit(&api, "web", |s| s.rollout.rollback = true).await;
+        let back = eventually(Duration::from_secs(60), "web rolled back", || {
+            let s = status("web")();
+            async move {
+                s.await.filter(|s| {
+                    s.observed_generation == Some(3)
+                        && s.rolled_back
+                        && s.by_version == [VersionCount { version: 1, nodes: 10 }]
+                        && s.ready == 10
+                })
+            }
+        })
+        .await;
+        assert_eq!(back.current.as_ref().map(|c| c.version), Some(2), "current is the version rolled back from");
+
+        // A workload whose nodes never get ready passes its progress deadline.
+        let mut stuck = workload("stuck:1", "cdn");
+        stuck.rollout.progress_deadline_seconds = 2;
+        api.create(&PostParams::default(), &EdgeWorkload::new("stuck", stuck)).await.unwrap();
+
+        let reasons = |name: &'static str, want: &'static [&'static str]| {
+            let client = client.clone();
+            let ns = ns.clone();
+            move || {
+                let (client, ns) = (client.clone(), ns.clone());
+                async move {
+                    let evs = events_of(&client, &ns, name).await;
+                    want.iter().all(|r| evs.iter().any(|e| e.reason.as_deref() == Some(*r))).then_some(evs)
+                }
+            }
+        };
+        let web_events =
+            eventually(Duration::from_secs(30), "web's Events", reasons("web", &["RolloutHalted", "RolledBack"])).await;
+        for e in &web_events {
+            if matches!(e.reason.as_deref(), Some("RolloutHalted" | "RolledBack")) {
+                assert_eq!(e.type_.as_deref(), Some("Warning"), "{e:?}");
+            }
+        }
+        let stuck_events =
+            eventually(Duration::from_secs(30), "stuck's Event", reasons("stuck", &["ProgressDeadlineExceeded"])).await;
+        let deadline = stuck_events.iter().find(|e| e.reason.as_deref() == Some("ProgressDeadlineExceeded")).unwrap();
+        assert_eq!(deadline.type_.as_deref(), Some("Warning"));
+        let stuck_status = eventually(Duration::from_secs(30), "stuck's Progressing=False", || {
+            let s = status("stuck")();
+            async move {
+                s.await.filter(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Progressing" && c.status == "False" && c.reason == "ProgressDeadlineExceeded"
+                    })
+                })
+            }
+        })
+        .await;
+        assert_eq!(stuck_status.ready, 0);
+
+        // A workload the nodes run; then the controller goes away.
+        api.create(&PostParams::default(), &EdgeWorkload::new("gone", workload("gone:1", "cdn"))).await.unwrap();
+        eventually(Duration::from_secs(60), "gone ready", || {
+            let s = status("gone")();
+            async move { s.await.filter(|s| s.ready == 10) }
+        })
+        .await;
+        ctl.stop().await;
+
+        // While no controller leads: `gone` is deleted with its finalizer removed by hand (its
+        // retained spec stays on the broker), and web's rollback is switched off again.
+        api.delete("gone", &DeleteParams::default()).await.unwrap();
+        let patch = serde_json::json!({ "metadata": { "finalizers": null } });
+        api.patch("gone", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+        eventually(Duration::from_secs(10), "gone deleted", || {
+            let api = api.clone();
+            async move { api.get_opt("gone").await.ok()?.is_none().then_some(()) }
+        })
+        .await;
+        let gone_spec = Destination::WorkloadSpec(kole_core::model::WorkloadId::new(format!("{ns}/gone")).unwrap());
+        assert!(hub.retained(&gone_spec).is_some(), "the deleted workload's spec is still retained");
+        edit(&api, "web", |s| s.rollout.rollback = false).await;
+
+        // The next controller clears the stale spec; the nodes stop `gone` and stay on web v1.
+        let ctl = ControllerUnderTest::start(&client, &ns, &hub, Some(snapshots.clone())).await;
+        eventually(Duration::from_secs(30), "stale spec cleared", || {
+            let cleared = hub.retained(&gone_spec).is_none();
+            async move { cleared.then_some(()) }
+        })
+        .await;
+        let cache = ctl.cache.clone();
+        let runs = |cache: &kole_core::cache::CacheStore<NodeCache>, w: &str| -> Vec<(String, u64, WorkloadPhase)> {
+            let mut out = Vec::new();
+            for r in cache.read().query(&CacheQuery { limit: 100, ..CacheQuery::default() }).items {
+                for s in r.workloads.iter().filter(|s| s.workload.as_str() == w) {
+                    out.push((r.name.to_string(), s.version, s.phase));
+                }
+            }
+            out
+        };
+        let gone_id = format!("{ns}/gone");
+        eventually(Duration::from_secs(30), "nodes stopped gone", || {
+            let left = runs(&cache, &gone_id).into_iter().filter(|r| r.2 == WorkloadPhase::Running).count();
+            async move { (left == 0).then_some(()) }
+        })
+        .await;
+        eventually(Duration::from_secs(60), "the new controller observed web's generation 4", || {
+            let s = status("web")();
+            async move { s.await.filter(|s| s.observed_generation == Some(4)) }
+        })
+        .await;
+        // Several heartbeat rounds: every retail node still runs web v1, none ever got v2 again.
+        let web_id = format!("{ns}/web");
+        for _ in 0..15 {
+            let web = runs(&cache, &web_id);
+            assert!(web.iter().all(|r| r.1 == 1), "a node left v1 after the restart: {web:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let s = api.get("web").await.unwrap().status.unwrap();
+        assert_eq!(s.by_version, [VersionCount { version: 1, nodes: 10 }], "{s:?}");
+
+        let _ = agents_stop.send(true);
+        for a in agents {
+            let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
+        }
+        ctl.stop().await;
     })
     .await;
 }

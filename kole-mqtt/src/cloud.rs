@@ -108,6 +108,8 @@ pub struct MqttCloud {
     send_timeout: Duration,
     outbox_capacity: usize,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The configuration, for the short-lived connections of [`CloudTransport::retained_specs`].
+    cfg: CloudConfig,
 }
 
 impl MqttCloud {
@@ -169,6 +171,7 @@ impl MqttCloud {
             send_timeout: cfg.send_timeout,
             outbox_capacity: cfg.outbox_capacity.clamp(1, Semaphore::MAX_PERMITS),
             tasks: std::sync::Mutex::new(tasks),
+            cfg: cfg.clone(),
         };
         let total = cfg.brokers.len() * per;
         let wait = async {
@@ -424,6 +427,19 @@ impl CloudTransport for MqttCloud {
 
     async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
         self.inbox.recv(max, &self.closed).await
+    }
+
+    /// Lists the retained specs on every broker over one short-lived connection each (client id
+    /// `{client_id}-{b}-scan`), which subscribes to the spec filters and waits for a marker message
+    /// it publishes itself; see `docs/mqtt.md`. Up to 30 s per broker.
+    async fn retained_specs(&self) -> Result<Vec<Destination>, TransportError> {
+        if self.closed.is_cancelled() {
+            return Err(TransportError::Closed);
+        }
+        tokio::select! {
+            () = self.closed.cancelled() => Err(TransportError::Closed),
+            r = crate::scan::retained_specs(&self.topics, &self.cfg) => r,
+        }
     }
 }
 

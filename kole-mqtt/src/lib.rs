@@ -81,6 +81,7 @@ mod conn;
 mod error;
 mod inbox;
 mod node;
+mod scan;
 pub mod topics;
 
 #[cfg(feature = "embedded-broker")]

@@ -239,11 +239,17 @@ impl Topics {
     /// The filters a node subscribes to on connect: its own topic, the fleet topic and the
     /// fleet-wide spec topics. Add [`Topics::group_filter`] for each of its groups.
     pub fn node_filters(&self, node: &NodeName) -> [String; 3] {
-        [
-            self.downlink(&Destination::Node(node.clone())),
-            self.downlink(&Destination::Fleet),
-            format!("{}/down/spec/+/+", self.base),
-        ]
+        [self.downlink(&Destination::Node(node.clone())), self.downlink(&Destination::Fleet), self.spec_filter()]
+    }
+
+    /// The filter matching every fleet-wide spec topic: `{base}/down/spec/+/+`.
+    pub fn spec_filter(&self) -> String {
+        format!("{}/down/spec/+/+", self.base)
+    }
+
+    /// The filter matching every group's spec topics: `{base}/down/group/+/spec/+/+`.
+    pub fn group_spec_filter(&self) -> String {
+        format!("{}/down/group/+/spec/+/+", self.base)
     }
 
     /// The filter a node subscribes to for one group: `{base}/down/group/{group}/#`, which covers the

@@ -645,3 +645,65 @@ async fn mosquitto_round_trips_over_tls() {
     })
     .await;
 }
+
+/// The controller lists the retained specs on a real broker (fleet-wide and group spec topics),
+/// complete on every scan, and a cleared spec disappears from the list: what a controller taking
+/// the lead reconciles against the live workloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_lists_the_retained_specs() {
+    use kole_core::model::WorkloadId;
+    use kole_core::transport::{CloudTransport, Destination, GroupName, Outbound};
+    use std::collections::BTreeSet;
+    bounded(90, async {
+        let mq = mosquitto();
+        let cloud = kole_mqtt::MqttCloud::connect(topics(), mq.cloud()).await.unwrap();
+        // Other tests share the broker: this test's specs live in a namespace of their own.
+        let ns = format!("scan{}", kole_core::clock::wall_clock_now().as_millis());
+        let group = GroupName::new("site-1").unwrap();
+        let mut mine: BTreeSet<Destination> =
+            (0..60)
+                .map(|i| Destination::WorkloadSpec(WorkloadId::new(format!("{ns}/w{i}")).unwrap()))
+                .chain((0..5).map(|i| {
+                    Destination::GroupWorkloadSpec(group.clone(), WorkloadId::new(format!("{ns}/g{i}")).unwrap())
+                }))
+                .collect();
+        let publish =
+            |to: &Destination, payload: &[u8]| Outbound { to: to.clone(), payload: payload.to_vec(), retain: true };
+        cloud.send(mine.iter().map(|d| publish(d, b"a spec")).collect()).await.unwrap();
+        async fn listed(cloud: &kole_mqtt::MqttCloud, ns: &str) -> BTreeSet<Destination> {
+            let all = cloud.retained_specs().await.unwrap();
+            all.into_iter()
+                .filter(|d| match d {
+                    Destination::WorkloadSpec(id) | Destination::GroupWorkloadSpec(_, id) => {
+                        id.as_str().starts_with(&format!("{ns}/"))
+                    }
+                    _ => false,
+                })
+                .collect()
+        }
+        // The publishes travel on another connection: wait until the broker has them all.
+        while listed(&cloud, &ns).await != mine {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // From then on every scan is complete: the marker comes back after the last retained spec.
+        for _ in 0..5 {
+            assert_eq!(listed(&cloud, &ns).await, mine);
+        }
+
+        // Clearing a spec (an empty retained payload) takes it off the list.
+        let cleared: Vec<Destination> = mine.iter().step_by(2).cloned().collect();
+        cloud.send(cleared.iter().map(|d| publish(d, b"")).collect()).await.unwrap();
+        for d in &cleared {
+            mine.remove(d);
+        }
+        while listed(&cloud, &ns).await != mine {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cloud.send(mine.iter().map(|d| publish(d, b"")).collect()).await.unwrap();
+        while !listed(&cloud, &ns).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}

@@ -674,6 +674,8 @@ impl Term<'_> {
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (term_tx, term_rx) = watch::channel(false);
         let dcfg = EngineDriverConfig { snapshot: SnapshotOptions::default(), ..Default::default() };
+        let reconcile_cloud = Arc::clone(&cloud);
+        let reconcile_cmds = cmd_tx.clone();
         let mut driver = tokio::spawn(
             EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx).run(cmd_rx, term_rx.clone()),
         );
@@ -742,6 +744,35 @@ impl Term<'_> {
                 until(term_rx.clone(), true),
             )),
         ];
+        // Specs of EdgeWorkloads deleted while no controller led are still retained on the broker.
+        let reconciler = {
+            let client = self.client.clone();
+            let namespace = opts.watch_namespace.clone();
+            tokio::spawn(async move {
+                let r = kole_kube::controller::reconcile_retained_specs(
+                    &client,
+                    namespace.as_deref(),
+                    reconcile_cloud.as_ref(),
+                    &reconcile_cmds,
+                )
+                .await;
+                match r {
+                    Ok(r) if r.stale.is_empty() => {
+                        tracing::info!(retained = r.found, "the retained specs on the broker match the EdgeWorkloads")
+                    }
+                    Ok(r) => tracing::warn!(
+                        retained = r.found,
+                        stale = ?r.stale,
+                        "clearing the retained specs of EdgeWorkloads deleted while no controller led"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "could not reconcile the retained specs; a workload deleted while no controller led may run \
+                         again on reconnecting nodes until the next leadership term"
+                    ),
+                }
+            })
+        };
         state.serving.store(true, Ordering::Relaxed);
         tracing::info!(took = ?started.elapsed(), "serving");
 
@@ -793,6 +824,7 @@ impl Term<'_> {
         }
         router.abort();
         logger.abort();
+        reconciler.abort();
         state.end_term();
         match died {
             Some(why) => anyhow::bail!(why),

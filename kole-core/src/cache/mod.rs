@@ -28,7 +28,7 @@ pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
 
 use crate::model::{
-    DesiredDigest, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState,
+    DesiredDigest, NodeHealth, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState,
 };
 
 /// Why a cache update was refused. Nothing changed when one of these is returned.
@@ -104,6 +104,8 @@ pub struct HeartbeatUpdate {
     pub seq: u32,
     /// Digest of what the node has applied.
     pub applied: DesiredDigest,
+    /// The node's health flags; `None` (a status report) keeps the last ones.
+    pub health: Option<NodeHealth>,
 }
 
 /// One heartbeat of a batch: the node (authenticated by the transport) and what it reported.
@@ -148,6 +150,8 @@ pub struct CacheQuery {
     pub selector: Selector,
     /// Only nodes in this phase.
     pub phase: Option<NodePhase>,
+    /// Only nodes whose health passes this filter. Default: every node.
+    pub health: HealthFilter,
     /// Page size (at least 1).
     pub limit: usize,
     /// Resume after this position (the `continue_after` of the previous page).
@@ -156,7 +160,37 @@ pub struct CacheQuery {
 
 impl Default for CacheQuery {
     fn default() -> Self {
-        Self { names: Vec::new(), selector: Selector::everything(), phase: None, limit: 500, continue_after: None }
+        Self {
+            names: Vec::new(),
+            selector: Selector::everything(),
+            phase: None,
+            health: HealthFilter::Any,
+            limit: 500,
+            continue_after: None,
+        }
+    }
+}
+
+/// Which nodes a [`CacheQuery`] keeps by their [`NodeHealth`] flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthFilter {
+    /// Every node.
+    #[default]
+    Any,
+    /// Nodes with no flag set.
+    Healthy,
+    /// Nodes with at least one of these flags set (`AnyOf(NodeHealth(0xff))`: every unhealthy node).
+    AnyOf(NodeHealth),
+}
+
+impl HealthFilter {
+    /// Whether `health` passes.
+    pub fn matches(self, health: NodeHealth) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Healthy => health.is_ok(),
+            Self::AnyOf(flags) => health.intersects(flags),
+        }
     }
 }
 

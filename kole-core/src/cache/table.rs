@@ -11,8 +11,8 @@ use super::{
     StateCache,
 };
 use crate::model::{
-    DesiredDigest, LabelLookup, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector,
-    Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
+    DesiredDigest, LabelLookup, Labels, NodeHealth, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration,
+    Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
 };
 
 /// Dense index of a node in a [`NodeCache`]. Stable while the node exists; reused after removal.
@@ -53,7 +53,12 @@ pub(crate) struct NodeSlot {
     pub(crate) name_len: u8,
     pub(crate) phase: u8,
     pub(crate) flags: u8,
+    /// [`NodeHealth`] of the last heartbeat; fits the padding, the slot stays 48 bytes.
+    pub(crate) health: u8,
 }
+
+// The hot slot is one 48-byte record; a field that grows it costs every node.
+const _: () = assert!(size_of::<NodeSlot>() == 48);
 
 const FLAG_IPV4: u8 = 1;
 const FLAG_EXTRA_ADDRS: u8 = 2;
@@ -605,6 +610,7 @@ impl NodeCache {
             phase: NodePhase::from_u8(n.phase).unwrap_or_default(),
             last_seen: Timestamp::from_secs(u64::from(n.last_seen)),
             applied: DesiredDigest(n.applied),
+            health: NodeHealth(n.health),
             workloads,
         }
     }
@@ -644,6 +650,9 @@ impl NodeCache {
         n.last_seen = n.last_seen.max(now_s);
         let applied_changed = n.applied != hb.applied.0;
         n.applied = hb.applied.0;
+        if let Some(h) = hb.health {
+            n.health = h.0;
+        }
         let previous = if n.phase == NodePhase::Online as u8 {
             NodePhase::Online
         } else {
@@ -850,6 +859,8 @@ impl StateCache for NodeCache {
             n.platform = platform;
             n.workloads = workloads;
             n.applied = reg.applied.0;
+            // A new session: the next heartbeat says how the node is.
+            n.health = 0;
             n.last_seen = now_s;
             self.online_floor = self.online_floor.min(now_s);
             if n.boot_id != boot_id {
@@ -976,7 +987,10 @@ impl StateCache for NodeCache {
         let limit = q.limit.max(1);
         let mut items = Vec::new();
         let mut next = None;
-        let phase_ok = |slot: Slot| q.phase.is_none_or(|p| self.slots[slot as usize].phase == p as u8);
+        let phase_ok = |slot: Slot| {
+            let n = &self.slots[slot as usize];
+            q.phase.is_none_or(|p| n.phase == p as u8) && q.health.matches(NodeHealth(n.health))
+        };
         if !q.names.is_empty() {
             // Name lookups: the page walks the requested names in order; the token is a position.
             let start = q.continue_after.map_or(0, |c| c as usize + 1);

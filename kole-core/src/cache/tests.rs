@@ -7,10 +7,10 @@ use std::ops::ControlFlow;
 
 use proptest::prelude::*;
 
-use super::{CacheError, CacheQuery, HeartbeatUpdate, NodeCache, PhaseCounts, StateCache};
+use super::{CacheError, CacheQuery, HealthFilter, HeartbeatUpdate, NodeCache, PhaseCounts, StateCache};
 use crate::model::{
-    DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Requirement, RequirementOp,
-    Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState,
+    DesiredDigest, Labels, NodeHealth, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration, Requirement,
+    RequirementOp, Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -56,6 +56,7 @@ impl Model {
             phase: NodePhase::Online,
             last_seen: secs(now),
             applied: reg.applied,
+            health: NodeHealth::OK,
             workloads: normalized(&reg.workloads),
         };
         match self.nodes.get_mut(reg.name.as_str()) {
@@ -91,6 +92,9 @@ impl Model {
         n.record.last_seen = n.record.last_seen.max(secs(now));
         let changed = n.record.applied != hb.applied;
         n.record.applied = hb.applied;
+        if let Some(h) = hb.health {
+            n.record.health = h;
+        }
         let previous = std::mem::replace(&mut n.record.phase, NodePhase::Online);
         Ok((previous, changed))
     }
@@ -213,6 +217,12 @@ fn assert_queries_agree(
     limit: usize,
 ) -> Result<(), TestCaseError> {
     prop_assert_eq!(cache.counts(selector), model.counts(selector), "counts({})", selector);
+    for health in [HealthFilter::Healthy, HealthFilter::AnyOf(NodeHealth::WORKLOAD_FAILED.with(NodeHealth::DEGRADED))] {
+        let want: Vec<NodeRecord> = model.selected(selector).filter(|r| health.matches(r.health)).cloned().collect();
+        let q = CacheQuery { selector: selector.clone(), health, limit, ..CacheQuery::default() };
+        let got = all_pages(cache, &q, model.counts(selector))?;
+        prop_assert_eq!(by_name(got), want, "scan {} health {:?} limit {}", selector, health, limit);
+    }
     for phase in [None, Some(NodePhase::Registering), Some(NodePhase::Online), Some(NodePhase::Offline)] {
         let want: Vec<NodeRecord> =
             model.selected(selector).filter(|r| phase.is_none_or(|p| r.phase == p)).cloned().collect();
@@ -237,7 +247,7 @@ fn assert_queries_agree(
             }
         }
         let want: Vec<NodeRecord> = named.into_iter().filter(|r| phase.is_none_or(|p| r.phase == p)).cloned().collect();
-        let q = CacheQuery { names: names.to_vec(), selector: selector.clone(), phase, limit, continue_after: None };
+        let q = CacheQuery { names: names.to_vec(), selector: selector.clone(), phase, limit, ..CacheQuery::default() };
         if !names.is_empty() {
             let got = all_pages(cache, &q, named_counts)?;
             prop_assert_eq!(got, want, "names {:?} {} phase {:?} limit {}", names, selector, phase, limit);
@@ -369,6 +379,8 @@ enum Op {
         boot: BootPick,
         seq: SeqPick,
         applied: u64,
+        /// `None`: a status report, which keeps the health.
+        health: Option<u8>,
         now: Timestamp,
     },
     Report {
@@ -399,8 +411,8 @@ fn op(pool: usize) -> impl Strategy<Value = Op> {
         4 => (name.clone(), labels(), info(), 0u32..3, 0u64..3, workloads(), time()).prop_map(
             |(name, labels, info, boot, applied, workloads, now)| Op::Register { name, labels, info, boot, applied, workloads, now }
         ),
-        6 => (name.clone(), boot, seq, 0u64..3, time())
-            .prop_map(|(name, boot, seq, applied, now)| Op::Heartbeat { name, boot, seq, applied, now }),
+        6 => (name.clone(), boot, seq, 0u64..3, prop::option::of(prop::sample::select(&[0u8, 0x02, 0x03, 0x10][..])), time())
+            .prop_map(|(name, boot, seq, applied, health, now)| Op::Heartbeat { name, boot, seq, applied, health, now }),
         1 => (name.clone(), workloads()).prop_map(|(name, workloads)| Op::Report { name, workloads }),
         1 => (name.clone(), prop::sample::select(&NodePhase::ALL[..])).prop_map(|(name, phase)| Op::SetPhase { name, phase }),
         1 => time().prop_map(|cutoff| Op::MarkOffline { cutoff }),
@@ -428,7 +440,7 @@ fn apply(cache: &mut NodeCache, model: &mut Model, names: &[String], op: &Op) ->
             prop_assert_eq!(Some(got.slot), cache.slot_of(&names[*name]));
             None
         }
-        Op::Heartbeat { name, boot, seq, applied, now } => {
+        Op::Heartbeat { name, boot, seq, applied, health, now } => {
             let name = &names[*name];
             let known = model.nodes.get(name.as_str());
             let boot_id = match boot {
@@ -441,7 +453,8 @@ fn apply(cache: &mut NodeCache, model: &mut Model, names: &[String], op: &Op) ->
                 SeqPick::Same => last,
                 SeqPick::Fixed(s) => *s,
             };
-            let hb = HeartbeatUpdate { boot_id, seq, applied: DesiredDigest(*applied) };
+            let health = health.map(NodeHealth);
+            let hb = HeartbeatUpdate { boot_id, seq, applied: DesiredDigest(*applied), health };
             let got = cache.heartbeat(name, &hb, *now);
             let want = model.heartbeat(name, &hb, *now);
             match (got, want) {
@@ -554,7 +567,8 @@ fn reg(name: &str, labels: &[(&str, &str)], arch: &str, workloads: &[&str]) -> N
 fn refused_heartbeats_change_nothing() {
     let mut cache = NodeCache::new();
     cache.register(&reg("n1", &[("a", "1")], "arm64", &["w"]), 7, Timestamp::from_secs(10)).unwrap();
-    let hb = |boot_id, seq| HeartbeatUpdate { boot_id, seq, applied: DesiredDigest(2) };
+    let hb =
+        |boot_id, seq| HeartbeatUpdate { boot_id, seq, applied: DesiredDigest(2), health: Some(NodeHealth::DEGRADED) };
     cache.heartbeat("n1", &hb(7, 5), Timestamp::from_secs(11)).unwrap();
     cache.set_phase("n1", NodePhase::Offline).unwrap();
     let before = format!("{cache:?}");

@@ -118,6 +118,29 @@ impl Core {
                 self.generation += 1;
                 self.publish(cache, i as usize, 0, now, out);
             }
+            WorkloadCommand::ReconcileRetained { found, live } => self.reconcile_retained(found, live, out),
+        }
+    }
+
+    /// Clears the retained specs of workloads that are neither held nor live, and tells their
+    /// audience (fleet or group) the workload was removed. A held workload's spec on another
+    /// destination (its delivery changed while nobody led) is left alone: clearing it would make
+    /// that group's nodes remove a workload they still run, and the heartbeat digest repairs them.
+    fn reconcile_retained(&mut self, found: &[Destination], live: &[WorkloadId], out: &mut Outputs) {
+        let live: std::collections::HashSet<&WorkloadId> = live.iter().collect();
+        for d in found {
+            let (id, audience) = match d {
+                Destination::WorkloadSpec(id) => (id, Destination::Fleet),
+                Destination::GroupWorkloadSpec(g, id) => (id, Destination::Group(g.clone())),
+                _ => continue,
+            };
+            if self.by_id.contains_key(id) || live.contains(id) {
+                continue;
+            }
+            out.messages.push(Outbound { to: d.clone(), payload: Vec::new(), retain: true });
+            let removed = Message::WorkloadRemoved(WorkloadRemoved { id: id.clone() });
+            self.send(out, audience, &removed, false);
+            out.events.push(EngineEvent::StaleSpecCleared { id: id.clone(), destination: d.clone() });
         }
     }
 

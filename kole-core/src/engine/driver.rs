@@ -374,6 +374,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_leader_clears_the_retained_spec_of_a_workload_deleted_while_nobody_led() {
+        let test = async {
+            let hub = MemoryHub::new(MemoryConfig::default());
+            let node = hub.connect(NodeName::new("edge-1").unwrap()).unwrap();
+            let w = Workload {
+                id: WorkloadId::new("default/gone").unwrap(),
+                version: 1,
+                spec: b"run".to_vec(),
+                selector: Selector::parse("tier=cdn").unwrap(),
+                delivery: Default::default(),
+                rollout: RolloutStrategy::default(),
+            };
+            let spec_topic = crate::transport::Destination::WorkloadSpec(w.id.clone());
+            let cfg = || EngineDriverConfig {
+                tick: Duration::from_millis(10),
+                snapshot_on_shutdown: false,
+                ..Default::default()
+            };
+            // The first leader publishes the workload, then goes away.
+            {
+                let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().unwrap());
+                let engine = Engine::new(EngineConfig::default(), NodeCache::new(), Timestamp::from_secs(1));
+                let (ev_tx, _ev_rx) = mpsc::channel(64);
+                let driver = EngineDriver::new(cfg(), engine, cloud, None, system_clock(), ev_tx);
+                let (cmd_tx, cmd_rx) = mpsc::channel(8);
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
+                cmd_tx.send(WorkloadCommand::Apply { workload: w.clone(), progress: None }).await.unwrap();
+                node.recv(1).await.unwrap();
+                stop_tx.send(true).unwrap();
+                task.await.unwrap().unwrap();
+            }
+            // The workload is deleted while no controller leads: its spec stays retained.
+            assert!(hub.retained(&spec_topic).is_some());
+
+            // The next leader lists the retained specs and reconciles them against the live set.
+            let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().unwrap());
+            let found = cloud.retained_specs().await.unwrap();
+            assert_eq!(found, vec![spec_topic.clone()]);
+            let engine = Engine::new(EngineConfig::default(), NodeCache::new(), Timestamp::from_secs(2));
+            let (ev_tx, mut ev_rx) = mpsc::channel(64);
+            let driver = EngineDriver::new(cfg(), engine, Arc::clone(&cloud), None, system_clock(), ev_tx);
+            let (cmd_tx, cmd_rx) = mpsc::channel(8);
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
+            cmd_tx.send(WorkloadCommand::ReconcileRetained { found, live: vec![] }).await.unwrap();
+
+            // A connected node is told to remove it; a node that connects later gets nothing.
+            loop {
+                let got = node.recv(8).await.unwrap();
+                if got
+                    .iter()
+                    .any(|d| matches!(d.decode(&Default::default()), Ok(Message::WorkloadRemoved(r)) if r.id == w.id))
+                {
+                    break;
+                }
+            }
+            assert!(hub.retained(&spec_topic).is_none());
+            assert!(cloud.retained_specs().await.unwrap().is_empty());
+            loop {
+                if let Some(DriverEvent::Engine(EngineEvent::StaleSpecCleared { id, .. })) = ev_rx.recv().await {
+                    assert_eq!(id, w.id);
+                    break;
+                }
+            }
+            stop_tx.send(true).unwrap();
+            task.await.unwrap().unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(20), test).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn the_observer_sees_every_handled_input() {
         let test = async {
             let hub = MemoryHub::new(MemoryConfig::default());

@@ -112,6 +112,19 @@ pub enum WorkloadCommand {
     Resume(WorkloadId),
     /// Return every node to the previous version at once.
     Rollback(WorkloadId),
+    /// Clear retained specs whose workload is gone: sent once by a controller that took the lead,
+    /// after it handed over the live workloads. Each destination in `found` (what
+    /// [`CloudTransport::retained_specs`](crate::transport::CloudTransport::retained_specs) listed)
+    /// whose workload the engine does not hold and `live` does not name is cleared, and the nodes
+    /// that may run it are told it was removed. A workload deleted while no controller led would
+    /// otherwise run again on every node that reconnects.
+    ReconcileRetained {
+        /// Spec destinations holding a retained spec on the broker.
+        found: Vec<Destination>,
+        /// Workloads that exist (in the controller's store) but may not have been handed over yet:
+        /// their specs are left for their `Apply` to replace.
+        live: Vec<WorkloadId>,
+    },
 }
 
 /// What the engine is told.
@@ -157,6 +170,14 @@ pub enum EngineEvent {
         id: WorkloadId,
         /// The wave waiting.
         wave: usize,
+    },
+    /// A retained spec of a workload that no longer exists was cleared (see
+    /// [`WorkloadCommand::ReconcileRetained`]).
+    StaleSpecCleared {
+        /// The workload the spec was for.
+        id: WorkloadId,
+        /// Where it was retained.
+        destination: Destination,
     },
     /// A workload command was refused; nothing changed.
     CommandRejected {

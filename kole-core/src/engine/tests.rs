@@ -389,6 +389,60 @@ fn deleting_a_workload_clears_its_retained_spec_and_desired_state() {
 }
 
 #[test]
+fn reconciling_retained_specs_clears_only_those_of_workloads_that_are_gone() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let held = workload("default/held", 1, "", &[100]);
+    apply(&mut e, &held, t(1));
+    let id = |s: &str| WorkloadId::new(s).unwrap();
+    let group = GroupName::new("site-1").unwrap();
+    let found = vec![
+        Destination::WorkloadSpec(held.id.clone()),
+        // Deleted while no controller led: on the broker, known to nobody.
+        Destination::WorkloadSpec(id("default/gone")),
+        Destination::GroupWorkloadSpec(group.clone(), id("default/gone-g")),
+        // Exists in the store but not handed over yet: its Apply replaces the spec.
+        Destination::WorkloadSpec(id("default/pending")),
+    ];
+    let cmd = WorkloadCommand::ReconcileRetained { found, live: vec![id("default/pending")] };
+    let mut out = Outputs::default();
+    e.handle(Input::Workload(&cmd), t(2), &mut out);
+    let cleared: Vec<&Destination> =
+        out.messages.iter().filter(|m| m.retain && m.payload.is_empty()).map(|m| &m.to).collect();
+    assert_eq!(
+        cleared,
+        vec![
+            &Destination::WorkloadSpec(id("default/gone")),
+            &Destination::GroupWorkloadSpec(group.clone(), id("default/gone-g"))
+        ]
+    );
+    // The nodes that may run them are told they were removed, on the fleet and the group topic.
+    let removed: Vec<(Destination, Message)> = out
+        .messages
+        .iter()
+        .filter(|m| !m.retain)
+        .map(|m| (m.to.clone(), protocol::decode(&m.payload, &DecodeLimits::default()).unwrap()))
+        .collect();
+    assert_eq!(
+        removed,
+        vec![
+            (Destination::Fleet, Message::WorkloadRemoved(protocol::WorkloadRemoved { id: id("default/gone") })),
+            (
+                Destination::Group(group),
+                Message::WorkloadRemoved(protocol::WorkloadRemoved { id: id("default/gone-g") })
+            ),
+        ]
+    );
+    assert_eq!(
+        out.events,
+        vec![
+            EngineEvent::StaleSpecCleared { id: id("default/gone"), destination: cleared[0].clone() },
+            EngineEvent::StaleSpecCleared { id: id("default/gone-g"), destination: cleared[1].clone() },
+        ]
+    );
+    assert_eq!(e.workloads().len(), 1, "the held workload is untouched");
+}
+
+#[test]
 fn a_node_away_while_a_workload_was_deleted_and_recreated_gets_the_new_content() {
     let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);

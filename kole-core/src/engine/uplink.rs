@@ -12,7 +12,7 @@ use super::{Core, Outputs, Reject};
 // owns the conversion.
 impl From<&Heartbeat> for HeartbeatUpdate {
     fn from(hb: &Heartbeat) -> Self {
-        HeartbeatUpdate { boot_id: hb.boot_id, seq: hb.seq, applied: hb.applied }
+        HeartbeatUpdate { boot_id: hb.boot_id, seq: hb.seq, applied: hb.applied, health: Some(hb.health) }
     }
 }
 
@@ -183,7 +183,7 @@ impl Core {
                 }
             }
             Message::StatusReport(s) => {
-                let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied };
+                let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied, health: None };
                 let r = cache.heartbeat(msg.node.as_str(), &update, now);
                 if let Ok(o) = &r {
                     if !self.unreported.is_empty() {
@@ -258,7 +258,12 @@ mod tests {
         let hb = Heartbeat { seq: 7, boot_id: 0xdead_beef, applied: DesiredDigest(42), health: NodeHealth::DEGRADED };
         assert_eq!(
             HeartbeatUpdate::from(&hb),
-            HeartbeatUpdate { boot_id: 0xdead_beef, seq: 7, applied: DesiredDigest(42) }
+            HeartbeatUpdate {
+                boot_id: 0xdead_beef,
+                seq: 7,
+                applied: DesiredDigest(42),
+                health: Some(NodeHealth::DEGRADED)
+            }
         );
     }
 }

@@ -16,7 +16,7 @@ pub use labels::{
     LabelLookup, Labels, MAX_LABEL_NAME_LEN, MAX_LABEL_PREFIX_LEN, validate_label_key, validate_label_value,
 };
 pub use name::{MAX_NODE_NAME_LEN, NodeName, validate_node_name};
-pub use node::{NodeInfo, NodePhase, NodeRecord, NodeRegistration, WorkloadPhase, WorkloadState};
+pub use node::{NodeHealth, NodeInfo, NodePhase, NodeRecord, NodeRegistration, WorkloadPhase, WorkloadState};
 pub use selector::{LabelSelector, LabelSelectorRequirement, Requirement, RequirementOp, Selector, SelectorOperator};
 pub use workload::{
     DEFAULT_PROGRESS_DEADLINE_S, DeliveryMode, FailureThreshold, MAX_WORKLOAD_ID_LEN, RolloutStrategy, Workload,

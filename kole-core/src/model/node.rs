@@ -19,6 +19,74 @@ pub struct NodeInfo {
     pub addresses: Vec<IpAddr>,
 }
 
+/// A node's compact health, one byte in every heartbeat: a set of flags.
+///
+/// Bits without a constant here are reserved: decoders keep them (so a newer agent's flags survive
+/// an older controller) and must not give them a meaning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeHealth(pub u8);
+
+impl NodeHealth {
+    /// Everything fine.
+    pub const OK: Self = Self(0);
+    /// The agent itself has a problem (e.g. cannot reach its container runtime).
+    pub const DEGRADED: Self = Self(0x01);
+    /// At least one workload is `Failed`.
+    pub const WORKLOAD_FAILED: Self = Self(0x02);
+    /// At least one workload is `Pending` (pulling, starting, waiting for its wave).
+    pub const WORKLOAD_PENDING: Self = Self(0x04);
+    /// The node is short of disk, memory or PIDs.
+    pub const RESOURCE_PRESSURE: Self = Self(0x08);
+    /// The node's clock is not synchronized.
+    pub const CLOCK_UNSYNCED: Self = Self(0x10);
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// This set with the flags of `other` added.
+    #[must_use]
+    pub const fn with(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    /// Whether no flag is set.
+    pub const fn is_ok(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether any flag of `other` is set.
+    pub const fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// The known flags and their names, as `kubectl` output and `NodeQuery` spell them.
+    pub const NAMED: [(Self, &'static str); 5] = [
+        (Self::DEGRADED, "Degraded"),
+        (Self::WORKLOAD_FAILED, "WorkloadFailed"),
+        (Self::WORKLOAD_PENDING, "WorkloadPending"),
+        (Self::RESOURCE_PRESSURE, "ResourcePressure"),
+        (Self::CLOCK_UNSYNCED, "ClockUnsynced"),
+    ];
+
+    /// The names of the set flags, in bit order; a reserved bit is named `Bit<n>`.
+    pub fn names(self) -> Vec<String> {
+        (0..8u8)
+            .filter(|b| self.0 & (1 << b) != 0)
+            .map(|b| match Self::NAMED.iter().find(|(f, _)| f.0 == 1 << b) {
+                Some((_, name)) => (*name).to_owned(),
+                None => format!("Bit{b}"),
+            })
+            .collect()
+    }
+
+    /// The flag a name of [`NodeHealth::NAMED`] stands for (ASCII case-insensitive).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::NAMED.iter().find(|(_, n)| n.eq_ignore_ascii_case(name)).map(|(f, _)| *f)
+    }
+}
+
 /// Lifecycle of a node as the controller sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[repr(u8)]
@@ -118,6 +186,9 @@ pub struct NodeRecord {
     pub last_seen: Timestamp,
     /// Digest of what the node reports to have applied.
     pub applied: DesiredDigest,
+    /// Health flags of the node's last heartbeat ([`NodeHealth::OK`] after a registration or a
+    /// restore, until the next heartbeat: health is not persisted in snapshots).
+    pub health: NodeHealth,
     /// Per-workload state, sorted by workload.
     pub workloads: Vec<WorkloadState>,
 }

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+pub use crate::model::NodeHealth;
 use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
 
 use super::address::{GroupName, UplinkKind};
@@ -126,44 +127,6 @@ impl From<UplinkKind> for MessageKind {
             UplinkKind::Heartbeat => MessageKind::Heartbeat,
             UplinkKind::Status => MessageKind::StatusReport,
         }
-    }
-}
-
-/// A node's compact health, one byte in every heartbeat: a set of flags.
-///
-/// Bits without a constant here are reserved: decoders keep them (so a newer agent's flags survive
-/// an older controller) and must not give them a meaning.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct NodeHealth(pub u8);
-
-impl NodeHealth {
-    /// Everything fine.
-    pub const OK: Self = Self(0);
-    /// The agent itself has a problem (e.g. cannot reach its container runtime).
-    pub const DEGRADED: Self = Self(0x01);
-    /// At least one workload is `Failed`.
-    pub const WORKLOAD_FAILED: Self = Self(0x02);
-    /// At least one workload is `Pending` (pulling, starting, waiting for its wave).
-    pub const WORKLOAD_PENDING: Self = Self(0x04);
-    /// The node is short of disk, memory or PIDs.
-    pub const RESOURCE_PRESSURE: Self = Self(0x08);
-    /// The node's clock is not synchronized.
-    pub const CLOCK_UNSYNCED: Self = Self(0x10);
-
-    /// Whether every flag of `other` is set.
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// This set with the flags of `other` added.
-    #[must_use]
-    pub const fn with(self, other: Self) -> Self {
-        Self(self.0 | other.0)
-    }
-
-    /// Whether no flag is set.
-    pub const fn is_ok(self) -> bool {
-        self.0 == 0
     }
 }
 

@@ -648,6 +648,19 @@ impl CloudTransport for MemoryCloud {
         })
         .await
     }
+
+    async fn retained_specs(&self) -> Result<Vec<Destination>, TransportError> {
+        let mut st = self.shared.lock();
+        if st.cloud(self.session).is_none() {
+            return Err(TransportError::Closed);
+        }
+        Ok(st
+            .retained
+            .keys()
+            .filter(|d| matches!(d, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)))
+            .cloned()
+            .collect())
+    }
 }
 
 impl Drop for MemoryCloud {

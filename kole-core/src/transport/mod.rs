@@ -76,6 +76,12 @@ pub enum TransportError {
         /// The limit.
         max: usize,
     },
+    /// This transport cannot do what was asked (an optional operation it does not implement).
+    #[error("{what} is not supported by this transport")]
+    Unsupported {
+        /// The operation.
+        what: &'static str,
+    },
     /// Any other failure of the underlying transport.
     #[error("{context}")]
     Other {
@@ -166,6 +172,17 @@ pub trait CloudTransport: MessageTransport {
     /// Waits until at least one uplink message is available, then returns up to `max` of them in
     /// arrival order (`max == 0` returns an empty batch at once).
     async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError>;
+
+    /// Lists the spec destinations ([`Destination::WorkloadSpec`] and
+    /// [`Destination::GroupWorkloadSpec`]) that hold a retained spec now, in no particular order.
+    ///
+    /// A controller taking the lead compares them with the live workloads and clears the ones whose
+    /// workload was deleted while no controller led (`WorkloadCommand::ReconcileRetained`);
+    /// otherwise nodes would run a deleted workload again after reconnecting. The default returns
+    /// [`TransportError::Unsupported`]: a transport without a retained store has nothing to list.
+    async fn retained_specs(&self) -> Result<Vec<Destination>, TransportError> {
+        Err(TransportError::Unsupported { what: "listing retained specs" })
+    }
 }
 
 /// An edge node's side of a transport. Object-safe: hold it as `Arc<dyn NodeTransport>`.

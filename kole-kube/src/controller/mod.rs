@@ -15,6 +15,8 @@
 //!   the engine's events and, for a rollback, the engine's version going back: `WaveAdvanced`,
 //!   `RolloutComplete` (Normal), `RolloutHalted`, `RolledBack`, `ProgressDeadlineExceeded`
 //!   (Warning), reported by `kole-controller`. Publishing never delays or fails a status write.
+//! - [`reconcile_retained_specs`] (`retained.rs`), once per leadership term, clears the retained
+//!   specs of `EdgeWorkload`s deleted while no controller led.
 //! - [`run_query_controller`] (`query.rs`) answers `NodeQuery` objects from the cache as soon as the
 //!   watch delivers them, again when `spec.refresh` changes, and deletes them after `spec.ttlSeconds`.
 //!
@@ -32,10 +34,12 @@ use crate::crd::AppliedVersion;
 
 mod events;
 mod query;
+mod retained;
 mod status;
 mod workload;
 
 pub use query::{answer_query, run_query_controller};
+pub use retained::{RetainedReconcile, reconcile_retained_specs};
 pub use workload::run_workload_controller;
 
 /// The finalizer kole puts on `EdgeWorkload` objects.
@@ -100,6 +104,8 @@ pub(crate) struct AppliedState {
     pub(crate) paused: bool,
     /// `rollout.rollback` last handed over.
     pub(crate) rollback: bool,
+    /// The engine was told to roll `current` back: it runs `previous` now. Cleared by a new version.
+    pub(crate) rolled_back: bool,
     /// The object's `metadata.generation` last acted on: what the status's `observedGeneration`
     /// says. Not the engine's version: a pause or rollback edit is a new generation without a new
     /// version, and a rollback makes the engine's version go back.

@@ -32,6 +32,7 @@ pub fn answer_query(cache: &dyn StateCache, spec: &crate::crd::NodeQuerySpec, at
                 names,
                 selector: selector.unwrap_or_default(),
                 phase: spec.phase.map(convert::node_phase),
+                health: spec.health.map(convert::health_filter).unwrap_or_default(),
                 limit: spec.limit.clamp(1, 1000) as usize,
                 continue_after,
             };
@@ -144,6 +145,7 @@ mod tests {
                 ..Default::default()
             }),
             phase: None,
+            health: None,
             limit: 2,
             continue_: None,
             ttl_seconds: 60,
@@ -163,5 +165,30 @@ mod tests {
             ..Default::default()
         });
         assert!(answer_query(&cache, &bad, Timestamp::from_secs(200)).error.unwrap().contains("spec.selector"));
+
+        // Health: the flags of each node's last heartbeat filter the items and show on them.
+        use kole_core::cache::HeartbeatUpdate;
+        use kole_core::model::NodeHealth;
+        let flagged = NodeHealth::WORKLOAD_FAILED.with(NodeHealth::CLOCK_UNSYNCED);
+        for (n, health) in [("n2", flagged), ("n4", NodeHealth::OK), ("n3", NodeHealth::DEGRADED)] {
+            let hb = HeartbeatUpdate { boot_id: 1, seq: 1, applied: DesiredDigest::EMPTY, health: Some(health) };
+            cache.heartbeat(n, &hb, Timestamp::from_secs(150)).unwrap();
+        }
+        let mut failed = bad;
+        failed.selector = None;
+        failed.limit = 100;
+        failed.health = Some(crate::crd::NodeHealthSpec::WorkloadFailed);
+        let a = answer_query(&cache, &failed, Timestamp::from_secs(200));
+        assert_eq!(
+            a.items.iter().map(|i| (i.name.as_str(), i.health.clone())).collect::<Vec<_>>(),
+            [("n2", vec!["WorkloadFailed".to_owned(), "ClockUnsynced".to_owned()])]
+        );
+        assert_eq!(a.summary.matched, 10, "the summary counts every node the names and selector match");
+        failed.health = Some(crate::crd::NodeHealthSpec::Unhealthy);
+        let names: Vec<String> =
+            answer_query(&cache, &failed, Timestamp::from_secs(200)).items.into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["n2", "n3"]);
+        failed.health = Some(crate::crd::NodeHealthSpec::Healthy);
+        assert_eq!(answer_query(&cache, &failed, Timestamp::from_secs(200)).returned, 8);
     }
 }

@@ -121,13 +121,17 @@ async fn flush_statuses(
     let writes: Vec<_> = batch
         .into_values()
         .filter_map(|s| {
-            let (previous, current, observed) = applied
+            let (previous, current, rolled_back, observed) = applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&s.id)
-                .map(|a| (a.previous.clone(), a.current.clone(), Some(a.observed_generation).filter(|g| *g > 0)))
+                .map(|a| {
+                    let observed = Some(a.observed_generation).filter(|g| *g > 0);
+                    (a.previous.clone(), a.current.clone(), a.rolled_back, observed)
+                })
                 .unwrap_or_default();
-            let status = convert::status_from_engine(&s, previous, current, observed, written.get(&s.id), t);
+            let status =
+                convert::status_from_engine(&s, previous, current, rolled_back, observed, written.get(&s.id), t);
             (written.get(&s.id) != Some(&status)).then_some((s.id, status))
         })
         .collect();

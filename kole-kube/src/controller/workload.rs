@@ -63,13 +63,17 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
                     WorkloadCommand::Resume(id.clone())
                 });
             }
-            if controls.1 && !k.rollback {
+            if controls.1 && !k.rollback && !k.rolled_back {
                 commands.push(WorkloadCommand::Rollback(id.clone()));
+                // The engine refuses a rollback with nothing to go back to.
+                state.rolled_back = k.previous.is_some();
             }
         }
-        Some((_, current)) => {
-            state.previous = Some(current.clone());
+        Some((k, current)) => {
+            // After a rollback the engine runs `previous`: that is what the new version replaces.
+            state.previous = if k.rolled_back { k.previous.clone() } else { Some(current.clone()) };
             state.current = Some(AppliedVersion { version: workload.version, spec: obj.spec.clone() });
+            state.rolled_back = false;
             commands.push(WorkloadCommand::Apply { workload, progress: None });
         }
         None => {
@@ -80,6 +84,8 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
                 tracing::warn!(error = %e, "persisted rollout state unusable; starting the rollout over");
                 None
             });
+            // The previous life rolled `current` back: the engine resumes `previous`.
+            let rolled_back = status.is_some_and(|s| s.rolled_back && s.previous.is_some());
             match resumed {
                 Some((old, progress)) if old.version == workload.version => {
                     state.previous = status.and_then(|s| s.previous.clone());
@@ -98,15 +104,18 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
                                     WorkloadCommand::Resume(id.clone())
                                 });
                             }
-                            if controls.1 && !cur.spec.rollout.rollback {
-                                commands.push(WorkloadCommand::Rollback(id.clone()));
-                            }
                             state.previous = status.and_then(|s| s.previous.clone());
+                            state.rolled_back = rolled_back;
+                            if controls.1 && !cur.spec.rollout.rollback && !rolled_back {
+                                commands.push(WorkloadCommand::Rollback(id.clone()));
+                                state.rolled_back = state.previous.is_some();
+                            }
                             state.current = Some(cur);
                         }
                         cur => {
-                            state.previous = cur;
+                            state.previous = if rolled_back { status.and_then(|s| s.previous.clone()) } else { cur };
                             state.current = Some(AppliedVersion { version: workload.version, spec: obj.spec.clone() });
+                            state.rolled_back = false;
                             commands.push(WorkloadCommand::Apply { workload, progress: None });
                         }
                     }

@@ -112,7 +112,7 @@ impl ControllerUnderTest {
         let cache = engine.store();
         let (ev_tx, ev_rx) = mpsc::channel(4096);
         let dcfg = EngineDriverConfig { tick: Duration::from_millis(200), ..Default::default() };
-        let driver = EngineDriver::new(dcfg, engine, cloud, snapshots, system_clock(), ev_tx);
+        let driver = EngineDriver::new(dcfg, engine, Arc::clone(&cloud), snapshots, system_clock(), ev_tx);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (stop, stop_rx) = watch::channel(false);
         let driver = tokio::spawn({
@@ -129,7 +129,17 @@ impl ControllerUnderTest {
         let shutdown = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        // As kole-controller does on taking the lead.
+        let reconcile = {
+            let (client, ns, cmd_tx) = (client.clone(), ns.to_owned(), cmd_tx.clone());
+            async move {
+                kole_kube::controller::reconcile_retained_specs(&client, Some(&ns), cloud.as_ref(), &cmd_tx)
+                    .await
+                    .expect("reconcile retained specs");
+            }
+        };
         let tasks = vec![
+            tokio::spawn(reconcile),
             tokio::spawn(kole_kube::controller::run_workload_controller(
                 client.clone(),
                 cfg.clone(),
@@ -161,7 +171,9 @@ pub fn kole_kube_now() -> kole_core::model::Timestamp {
     kole_core::clock::wall_clock_now()
 }
 
-/// `n` agents on `hub`, half `tier=cdn`, half `tier=retail`, region alternating.
+/// `n` agents on `hub`, half `tier=cdn`, half `tier=retail`, region alternating. A workload whose
+/// image names `broken` fails on every node ("exec /broken: No such file or directory"); one whose
+/// image names `stuck` stays `Pending`.
 pub fn spawn_agents(hub: &MemoryHub, n: usize) -> (watch::Sender<bool>, Vec<JoinHandle<()>>) {
     let (stop, stop_rx) = watch::channel(false);
     let config = Arc::new(AgentConfig::default());
@@ -184,6 +196,18 @@ pub fn spawn_agents(hub: &MemoryHub, n: usize) -> (watch::Sender<bool>, Vec<Join
                 Ok(Arc::new(hub.connect(name.clone())?) as Arc<dyn NodeTransport>)
             };
             let mut runtime = RecordingRuntime::instant();
+            runtime
+                .outcome_with(|_, w| {
+                    let has = |s: &[u8]| w.spec.windows(s.len()).any(|x| x == s);
+                    if has(b"broken") {
+                        Some(kole_core::model::WorkloadPhase::Failed)
+                    } else if has(b"stuck") {
+                        Some(kole_core::model::WorkloadPhase::Pending)
+                    } else {
+                        None
+                    }
+                })
+                .reason_with(|_, _| Some("exec /broken: No such file or directory".into()));
             let store = MemoryAgentStore::new();
             run_agent(&mut agent, &connector, &mut runtime, &store, &AgentDriverConfig::default(), stop_rx).await;
         }));
