@@ -396,7 +396,8 @@ mod tests {
         }
 
         // The group subscription from the ack carries a group spec: applied, reported, persisted.
-        let w = workload("default/app", 1);
+        let mut w = workload("default/app", 1);
+        w.delivery = crate::model::DeliveryMode::Group("region.east".into());
         let g = GroupName::new("region.east").unwrap();
         let spec = protocol::encode(&Message::WorkloadSpec(WorkloadSpec {
             workload: w.clone(),

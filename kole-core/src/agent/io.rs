@@ -26,6 +26,10 @@ pub struct AgentConfig {
     pub runtime_poll_ms: u32,
     /// Limits for decoding downlink payloads.
     pub decode_limits: DecodeLimits,
+    /// The longest a controller message may make the agent wait, in milliseconds: a rejected
+    /// registration's `retry_after_ms` and an ack's heartbeat interval are capped here, so one
+    /// message cannot silence a node for days. Default 900,000 (15 min).
+    pub max_controller_delay_ms: u32,
 }
 
 impl Default for AgentConfig {
@@ -35,6 +39,7 @@ impl Default for AgentConfig {
             min_heartbeat_interval_ms: 1_000,
             runtime_poll_ms: 1_000,
             decode_limits: DecodeLimits::default(),
+            max_controller_delay_ms: 900_000,
         }
     }
 }
@@ -128,7 +133,8 @@ pub enum AgentEvent {
     /// A downlink input was ignored; nothing changed.
     Ignored {
         /// Stable reason code: a [`crate::protocol::DecodeError::reason`], `stale_ack`,
-        /// `not_connected`, `uplink_kind`, `spec_topic_mismatch`, `empty_payload`,
+        /// `not_connected`, `uplink_kind`, `wrong_topic` (a kind its topic may not carry),
+        /// `spec_topic_mismatch`, `empty_payload`,
         /// `duplicate_command`.
         reason: &'static str,
     },

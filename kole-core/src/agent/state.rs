@@ -395,6 +395,9 @@ impl Agent {
         runtime: &mut dyn WorkloadRuntime,
         out: &mut AgentOutputs,
     ) {
+        if let Err(reason) = allowed_on(msg, from) {
+            return ignore(out, reason);
+        }
         match msg {
             Message::RegisterAck(ack) => self.ack(ack, now, out),
             Message::WorkloadSpec(spec) => {
@@ -426,7 +429,11 @@ impl Agent {
                 let first = self.link != LinkState::Registered;
                 self.link = LinkState::Registered;
                 self.attempt = 0;
-                self.heartbeat_ms = ack.heartbeat_interval_ms.max(self.config.min_heartbeat_interval_ms).max(1);
+                self.heartbeat_ms = ack
+                    .heartbeat_interval_ms
+                    .min(self.config.max_controller_delay_ms)
+                    .max(self.config.min_heartbeat_interval_ms)
+                    .max(1);
                 self.set_groups(&ack.groups, out);
                 if first {
                     // Spread a fleet that registered together over the interval.
@@ -438,7 +445,7 @@ impl Agent {
             RegisterOutcome::Rejected { code, message, retry_after_ms } => {
                 self.link = LinkState::Registering;
                 let delay = if *retry_after_ms > 0 {
-                    let ra = u64::from(*retry_after_ms);
+                    let ra = u64::from((*retry_after_ms).min(self.config.max_controller_delay_ms));
                     ra + self.jitter.below(ra / 2 + 1)
                 } else {
                     self.config.register_retry.delay_ms(u32::from(self.attempt), &mut self.jitter)
@@ -483,6 +490,16 @@ impl Agent {
         if let Destination::WorkloadSpec(id) | Destination::GroupWorkloadSpec(_, id) = from
             && *id != w.id
         {
+            return ignore(out, "spec_topic_mismatch");
+        }
+        // A spec topic carries only specs of its own delivery: a broadcast spec on the fleet's, a
+        // group's on that group's.
+        let on_its_topic = match (from, &w.delivery) {
+            (Destination::Node(_), _) | (Destination::WorkloadSpec(_), crate::model::DeliveryMode::Broadcast) => true,
+            (Destination::GroupWorkloadSpec(g, _), crate::model::DeliveryMode::Group(d)) => g.as_str() == d,
+            _ => false,
+        };
+        if !on_its_topic {
             return ignore(out, "spec_topic_mismatch");
         }
         let changed = if !w.selector.matches(&*self.labels) {
@@ -614,6 +631,20 @@ impl Agent {
 
 fn push(out: &mut AgentOutputs, kind: UplinkKind, msg: &Message) {
     out.publish.push(NodePublish { kind, payload: protocol::encode(msg) });
+}
+
+/// Which downlink kinds may arrive on which destination (`docs/protocol.md`, "Topics"): the
+/// node's own topic takes every downlink kind; the fleet and group topics only `WorkloadRemoved`
+/// and `Command`; spec topics only `WorkloadSpec`. So a `RegisterAck` on the fleet topic cannot put
+/// every node to sleep, and an empty `DesiredState` there cannot wipe every node's workloads.
+fn allowed_on(msg: &Message, from: &Destination) -> Result<(), &'static str> {
+    match (msg, from) {
+        (Message::Register(_) | Message::Heartbeat(_) | Message::StatusReport(_), _) => Err("uplink_kind"),
+        (_, Destination::Node(_))
+        | (Message::WorkloadRemoved(_) | Message::Command(_), Destination::Fleet | Destination::Group(_))
+        | (Message::WorkloadSpec(_), Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..)) => Ok(()),
+        _ => Err("wrong_topic"),
+    }
 }
 
 fn ignore(out: &mut AgentOutputs, reason: &'static str) {

@@ -218,6 +218,69 @@ fn rejected_registration_retries_after_retry_after_with_jitter() {
     assert!(matches!(h.sent()[..], [Message::Register(_)]));
 }
 
+/// What may arrive where: a message that would silence or wipe the whole fleet is refused on the
+/// fleet and group topics, a spec only counts on its own spec topic, and a controller cannot make
+/// a node wait longer than `max_controller_delay_ms`.
+#[test]
+fn downlink_kinds_are_bound_to_their_topics_and_controller_delays_are_bounded() {
+    let mut h = Harness::new("edge-1", &[("tier", "cdn")]);
+    h.input(AgentInput::Connected);
+    h.tick_at(h.now);
+    h.sent();
+    let a = workload("default/a", 1, "tier=cdn");
+    h.msg(&spec(&a, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(a.id.clone()));
+    assert_eq!(h.version_of("default/a"), Some(1));
+    let fleet = Destination::Fleet;
+    let group = Destination::Group(GroupName::new("g1").unwrap());
+    let empty = Message::DesiredState(DesiredState { digest: DesiredDigest::EMPTY, workloads: vec![] });
+    let silence = Message::RegisterAck(RegisterAck {
+        boot_id: BOOT,
+        outcome: RegisterOutcome::Rejected {
+            code: RejectCode::Overloaded,
+            message: "go away".into(),
+            retry_after_ms: u32::MAX,
+        },
+        heartbeat_interval_ms: u32::MAX,
+        groups: vec![],
+        desired: DesiredDigest::EMPTY,
+    });
+    for to in [&fleet, &group] {
+        h.out.events.clear();
+        h.msg(&empty, to);
+        h.msg(&silence, to);
+        h.msg(&spec(&workload("default/b", 1, "tier=cdn"), WorkloadSpec::ALL_WAVES), to);
+        assert_eq!(h.out.events, vec![AgentEvent::Ignored { reason: "wrong_topic" }; 3], "{to:?}");
+        assert_eq!(h.version_of("default/a"), Some(1), "nothing wiped via {to:?}");
+        assert_eq!(h.version_of("default/b"), None);
+    }
+    // A group's spec on the fleet's spec topic, or on another group's, is not taken.
+    let mut g = workload("default/g", 1, "tier=cdn");
+    g.delivery = crate::model::DeliveryMode::Group("g1".into());
+    h.msg(&spec(&g, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(g.id.clone()));
+    h.msg(
+        &spec(&g, WorkloadSpec::ALL_WAVES),
+        &Destination::GroupWorkloadSpec(GroupName::new("g2").unwrap(), g.id.clone()),
+    );
+    assert_eq!(h.version_of("default/g"), None);
+    h.msg(
+        &spec(&g, WorkloadSpec::ALL_WAVES),
+        &Destination::GroupWorkloadSpec(GroupName::new("g1").unwrap(), g.id.clone()),
+    );
+    assert_eq!(h.version_of("default/g"), Some(1));
+
+    // On its own topic the same rejection is obeyed, for at most 15 minutes (plus jitter).
+    let start = h.now;
+    h.send_me(&silence);
+    let Some(AgentEvent::RegisterRejected { retry_at, .. }) = h.out.events.last().cloned() else {
+        panic!("{:?}", h.out.events)
+    };
+    let wait = retry_at.as_millis() - start;
+    assert!((900_000..=1_350_000).contains(&wait), "{wait}");
+    // An accepted ack cannot stretch the heartbeat interval past it either.
+    h.send_me(&accepted(BOOT, u32::MAX, &[]));
+    assert_eq!(h.out.events.last(), Some(&AgentEvent::Registered { heartbeat_interval_ms: 900_000 }));
+}
+
 #[test]
 fn heartbeats_count_up_at_the_acked_interval_and_the_first_is_jittered() {
     let mut h = Harness::new("edge-1", &[]);
@@ -406,7 +469,8 @@ fn desired_state_replaces_the_set_exactly() {
 fn workload_removed_and_an_empty_retained_spec_remove_the_workload() {
     let mut h = Harness::new("edge-1", &[]);
     let a = workload("default/a", 1, "");
-    let b = workload("b", 1, "");
+    let mut b = workload("b", 1, "");
+    b.delivery = crate::model::DeliveryMode::Group("region.x".into());
     let g = GroupName::new("region.x").unwrap();
     h.msg(&spec(&a, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(a.id.clone()));
     h.msg(&spec(&b, WorkloadSpec::ALL_WAVES), &Destination::GroupWorkloadSpec(g.clone(), b.id.clone()));
@@ -681,7 +745,10 @@ mod random_inputs {
                         h.send_me(&ack);
                     }
                     Ev::Spec { id, version, threshold, selector, group_topic } => {
-                        let w = wl(id, version, selector);
+                        let mut w = wl(id, version, selector);
+                        if group_topic {
+                            w.delivery = crate::model::DeliveryMode::Group("g1".into());
+                        }
                         let from = if group_topic {
                             Destination::GroupWorkloadSpec(GroupName::new("g1").unwrap(), w.id.clone())
                         } else {
