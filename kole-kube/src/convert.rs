@@ -325,6 +325,7 @@ pub fn health_filter(h: NodeHealthSpec) -> HealthFilter {
         NodeHealthSpec::WorkloadPending => flag(NodeHealth::WORKLOAD_PENDING),
         NodeHealthSpec::ResourcePressure => flag(NodeHealth::RESOURCE_PRESSURE),
         NodeHealthSpec::ClockUnsynced => flag(NodeHealth::CLOCK_UNSYNCED),
+        NodeHealthSpec::DownlinkRefused => flag(NodeHealth::DOWNLINK_REFUSED),
     }
 }
 

@@ -404,6 +404,8 @@ pub enum NodeHealthSpec {
     ResourcePressure,
     /// The node's clock is not synchronized.
     ClockUnsynced,
+    /// The agent refused forged, unsigned or replayed downlink messages since its last heartbeat.
+    DownlinkRefused,
 }
 
 /// A question about the fleet, answered from the controller's cache (KOLE's `KoleQuery`, done
@@ -499,7 +501,7 @@ pub struct NodeItem {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
     /// Health flags of its last heartbeat (`Degraded`, `WorkloadFailed`, `WorkloadPending`,
-    /// `ResourcePressure`, `ClockUnsynced`); empty when healthy.
+    /// `ResourcePressure`, `ClockUnsynced`, `DownlinkRefused`); empty when healthy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<String>,
     /// Workloads it runs.

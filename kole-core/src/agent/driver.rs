@@ -81,6 +81,9 @@ pub struct DriverStats {
     pub persisted: u64,
     /// Failed saves of the state (the agent goes on; the next change saves again).
     pub persist_failures: u64,
+    /// Deliveries refused by signature or replay checks ([`super::AgentEvent::Refused`]); also
+    /// reported to the controller as the heartbeat flag `DOWNLINK_REFUSED`.
+    pub refused: u64,
 }
 
 /// Wall-clock milliseconds that advance with tokio's clock.
@@ -145,6 +148,8 @@ impl Driver<'_> {
         }
         let groups = std::mem::take(&mut self.out.groups);
         let publish = std::mem::take(&mut self.out.publish);
+        self.stats.refused +=
+            self.out.events.iter().filter(|e| matches!(e, super::AgentEvent::Refused { .. })).count() as u64;
         self.out.clear();
         let Some(t) = transport else {
             return Ok(());

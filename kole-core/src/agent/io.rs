@@ -30,6 +30,14 @@ pub struct AgentConfig {
     /// registration's `retry_after_ms` and an ack's heartbeat interval are capped here, so one
     /// message cannot silence a node for days. Default 900,000 (15 min).
     pub max_controller_delay_ms: u32,
+    /// The controller keys this agent trusts. `Some`: every downlink delivery must be signed by
+    /// one of them ([`crate::protocol::seal`]) and newer than what the agent already accepted about
+    /// the same workload (replays and rollbacks by replay are refused); an empty retained spec no
+    /// longer removes a workload (it cannot be signed; the signed `WorkloadRemoved` does).
+    /// `None` (the default, for tests and simulations): signed and unsigned messages are both
+    /// decoded without verification. Pre-decoded inputs ([`AgentInput::Message`],
+    /// [`AgentInput::SharedSpec`]) are never verified: they are for callers that decode themselves.
+    pub trust: Option<Arc<crate::protocol::seal::TrustedKeys>>,
 }
 
 impl Default for AgentConfig {
@@ -40,6 +48,7 @@ impl Default for AgentConfig {
             runtime_poll_ms: 1_000,
             decode_limits: DecodeLimits::default(),
             max_controller_delay_ms: 900_000,
+            trust: None,
         }
     }
 }
@@ -130,11 +139,22 @@ pub enum AgentEvent {
         /// The workload.
         id: WorkloadId,
     },
+    /// A signed-downlink agent refused a delivery: unsigned, an untrusted or revoked key, a bad
+    /// signature, or `replayed` (older than what it accepted). Nothing changed. Worth a warning:
+    /// unlike [`AgentEvent::Ignored`], it can be an attack.
+    Refused {
+        /// Stable reason code (`unsigned`, `unknown_key`, `revoked_key`, `bad_signature`,
+        /// `replayed`, or a decode error's).
+        reason: &'static str,
+        /// What was refused, for the log.
+        detail: String,
+    },
     /// A downlink input was ignored; nothing changed.
     Ignored {
         /// Stable reason code: a [`crate::protocol::DecodeError::reason`], `stale_ack`,
         /// `not_connected`, `uplink_kind`, `wrong_topic` (a kind its topic may not carry),
-        /// `spec_topic_mismatch`, `empty_payload`,
+        /// `spec_topic_mismatch`, `empty_payload`, `replayed` (signed before what the agent already
+        /// accepted about that workload), `unsigned_removal`,
         /// `duplicate_command`.
         reason: &'static str,
     },

@@ -38,6 +38,8 @@ struct Slot {
 
 const STARTED: u8 = 0x01;
 const STATUS_DIRTY: u8 = 0x02;
+/// A delivery was refused (signature or replay) since the last heartbeat.
+const REFUSED: u8 = 0x04;
 const NEVER: u64 = u64::MAX;
 
 /// The edge agent: a deterministic state machine. See the [module documentation](super).
@@ -68,6 +70,17 @@ pub struct Agent {
     link: LinkState,
     attempt: u8,
     flags: u8,
+    /// Issue times of the newest signed statements accepted (only with trusted keys): boxed, so an
+    /// agent without keys (a simulated million) pays one pointer.
+    marks: Option<Box<Marks>>,
+}
+
+/// What a signed-downlink agent has accepted, by issue time (Unix ms): per workload, the newest
+/// spec, desired set or removal that concerned it; for acks and commands, the newest one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Marks {
+    control: u64,
+    workloads: std::collections::BTreeMap<WorkloadId, u64>,
 }
 
 impl Agent {
@@ -104,7 +117,15 @@ impl Agent {
             link: LinkState::Disconnected,
             attempt: 0,
             flags: 0,
+            marks: None,
         };
+        if agent.config.trust.is_some() {
+            let mut marks = Marks::default();
+            if let Some(state) = &persisted {
+                marks.workloads = state.marks.iter().cloned().collect();
+            }
+            agent.marks = Some(Box::new(marks));
+        }
         if let Some(state) = persisted {
             let state = PersistedState::new(state.workloads);
             agent.workloads =
@@ -174,7 +195,15 @@ impl Agent {
 
     /// The state to persist now.
     pub fn persisted_state(&self) -> PersistedState {
-        PersistedState { workloads: self.workloads.iter().map(|s| s.workload.clone()).collect(), applied: self.applied }
+        PersistedState {
+            workloads: self.workloads.iter().map(|s| s.workload.clone()).collect(),
+            applied: self.applied,
+            marks: self
+                .marks
+                .as_ref()
+                .map(|m| m.workloads.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default(),
+        }
     }
 
     /// Heap bytes this agent owns alone (name, desired list, group names), excluding the shared
@@ -302,8 +331,13 @@ impl Agent {
             seq: self.next_seq(),
             boot_id: self.boot_id,
             applied: self.applied,
-            health: self.health(runtime),
+            health: if self.flags & REFUSED != 0 {
+                self.health(runtime).with(NodeHealth::DOWNLINK_REFUSED)
+            } else {
+                self.health(runtime)
+            },
         };
+        self.flags &= !REFUSED;
         push(out, UplinkKind::Heartbeat, &Message::Heartbeat(hb));
         self.timer_at = now.as_millis().saturating_add(u64::from(self.heartbeat_ms));
     }
@@ -369,6 +403,9 @@ impl Agent {
         runtime: &mut dyn WorkloadRuntime,
         out: &mut AgentOutputs,
     ) {
+        if let Some(trust) = self.config.trust.clone() {
+            return self.signed_delivery(d, &trust, now, runtime, out);
+        }
         if d.payload.is_empty() {
             // A deleted retained spec.
             match &d.from {
@@ -381,9 +418,96 @@ impl Agent {
             }
             return;
         }
-        match protocol::decode_downlink(&d.payload, &self.config.decode_limits) {
-            Ok(msg) => self.message(&msg, &d.from, now, runtime, out),
+        match protocol::seal::decode_unverified(&d.payload, &self.config.decode_limits) {
+            Ok((msg, _)) => self.message(&msg, &d.from, now, runtime, out),
             Err(e) => ignore(out, e.reason()),
+        }
+    }
+
+    /// A delivery to an agent that pins keys: verified, then checked against the replay marks.
+    fn signed_delivery(
+        &mut self,
+        d: &NodeDelivery,
+        trust: &protocol::seal::TrustedKeys,
+        now: Timestamp,
+        runtime: &mut dyn WorkloadRuntime,
+        out: &mut AgentOutputs,
+    ) {
+        if d.payload.is_empty() {
+            // A cleared retained spec cannot be signed: the signed `WorkloadRemoved` sent with it
+            // (or the next desired set) removes the workload.
+            return ignore(out, "unsigned_removal");
+        }
+        let opened = match protocol::seal::open(&d.payload, &d.from, trust, &self.config.decode_limits) {
+            Ok(o) => o,
+            Err(e) => {
+                out.events.push(AgentEvent::Refused { reason: e.reason(), detail: e.to_string() });
+                self.flags |= REFUSED;
+                return;
+            }
+        };
+        let at = opened.issued_at_ms;
+        if let Err(id) = self.check_fresh(&opened.message, at) {
+            out.events.push(AgentEvent::Refused {
+                reason: "replayed",
+                detail: format!(
+                    "a {} issued at {at} ms is older than what this agent accepted about {id}",
+                    opened.message.kind()
+                ),
+            });
+            self.flags |= REFUSED;
+            return;
+        }
+        // A desired set speaks for the workloads it drops, too.
+        let prior: Vec<WorkloadId> = match &opened.message {
+            Message::DesiredState(_) => self.workloads.iter().map(|s| s.workload.id.clone()).collect(),
+            _ => Vec::new(),
+        };
+        self.message(&opened.message, &d.from, now, runtime, out);
+        self.mark(&opened.message, &prior, at);
+    }
+
+    /// Whether a signed message issued at `at` is not older than anything accepted about what it
+    /// concerns; `Err` names the first workload (or "acks and commands") it is older for.
+    fn check_fresh(&self, msg: &Message, at: u64) -> Result<(), String> {
+        let Some(marks) = self.marks.as_deref() else { return Ok(()) };
+        let older = |id: &WorkloadId| marks.workloads.get(id).is_some_and(|&m| at < m);
+        match msg {
+            Message::WorkloadSpec(s) if older(&s.workload.id) => Err(s.workload.id.to_string()),
+            Message::WorkloadRemoved(r) if older(&r.id) => Err(r.id.to_string()),
+            Message::DesiredState(ds) => {
+                // Every workload it sets, and every one it would drop.
+                match ds
+                    .workloads
+                    .iter()
+                    .map(|w| &w.id)
+                    .chain(self.workloads.iter().map(|s| &s.workload.id))
+                    .find(|id| older(id))
+                {
+                    Some(id) => Err(id.to_string()),
+                    None => Ok(()),
+                }
+            }
+            Message::RegisterAck(_) | Message::Command(_) if at < marks.control => Err("acks and commands".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn mark(&mut self, msg: &Message, held: &[WorkloadId], at: u64) {
+        let Some(marks) = self.marks.as_deref_mut() else { return };
+        let mut set = |id: &WorkloadId| {
+            let m = marks.workloads.entry(id.clone()).or_insert(0);
+            *m = (*m).max(at);
+        };
+        match msg {
+            Message::WorkloadSpec(s) => set(&s.workload.id),
+            Message::WorkloadRemoved(r) => set(&r.id),
+            Message::DesiredState(ds) => {
+                ds.workloads.iter().for_each(|w| set(&w.id));
+                held.iter().for_each(set);
+            }
+            Message::RegisterAck(_) | Message::Command(_) => marks.control = marks.control.max(at),
+            _ => {}
         }
     }
 

@@ -19,12 +19,15 @@ pub struct PersistedState {
     pub workloads: Vec<Arc<Workload>>,
     /// Digest of the (workload, version) pairs handed to the runtime.
     pub applied: DesiredDigest,
+    /// Signed-downlink replay marks: per workload, the issue time (Unix ms) of the newest signed
+    /// statement accepted about it. Empty for an agent without trusted keys.
+    pub marks: Vec<(crate::model::WorkloadId, u64)>,
 }
 
 /// File magic of the persisted state.
 pub const STATE_MAGIC: [u8; 8] = *b"KOLEAGST";
 /// Format version written by this build.
-pub const STATE_FORMAT_VERSION: u16 = 1;
+pub const STATE_FORMAT_VERSION: u16 = 2;
 const HEADER: usize = 8 + 2 + 4;
 const TRAILER: usize = 4;
 
@@ -32,12 +35,21 @@ const TRAILER: usize = 4;
 struct BodyRef<'a> {
     workloads: Vec<&'a Workload>,
     applied: DesiredDigest,
+    marks: &'a [(crate::model::WorkloadId, u64)],
 }
 
 #[derive(Deserialize)]
 struct BodyOwned {
     workloads: Vec<Workload>,
     applied: DesiredDigest,
+}
+
+/// Format 2 appends the replay marks to format 1's body.
+#[derive(Deserialize)]
+struct BodyOwnedV2 {
+    workloads: Vec<Workload>,
+    applied: DesiredDigest,
+    marks: Vec<(crate::model::WorkloadId, u64)>,
 }
 
 /// Why bytes are not a valid persisted state.
@@ -59,7 +71,7 @@ pub enum StateDecodeError {
         found: [u8; 8],
     },
     /// Written by another format version.
-    #[error("format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION})")]
+    #[error("format version {found} is not supported (this build reads versions 1 to {STATE_FORMAT_VERSION})")]
     UnsupportedVersion {
         /// The version found.
         found: u16,
@@ -100,12 +112,16 @@ impl PersistedState {
         workloads.sort_by(|a, b| a.id.cmp(&b.id));
         workloads.dedup_by(|a, b| a.id == b.id);
         let applied = DesiredDigest::of_workloads(workloads.iter().map(|w| &**w));
-        Self { workloads, applied }
+        Self { workloads, applied, marks: Vec::new() }
     }
 
     /// Encodes into the documented file format.
     pub fn encode(&self) -> Vec<u8> {
-        let body = BodyRef { workloads: self.workloads.iter().map(|w| &**w).collect(), applied: self.applied };
+        let body = BodyRef {
+            workloads: self.workloads.iter().map(|w| &**w).collect(),
+            applied: self.applied,
+            marks: &self.marks,
+        };
         // Serializing plain data into memory cannot fail; should it ever, the empty body is caught
         // by the reader's decode check rather than by a panic here.
         let body = postcard::to_allocvec(&body).unwrap_or_default();
@@ -132,7 +148,7 @@ impl PersistedState {
             return Err(StateDecodeError::BadMagic { found: magic });
         }
         let version = u16::from_le_bytes([head[8], head[9]]);
-        if version != STATE_FORMAT_VERSION {
+        if !(1..=STATE_FORMAT_VERSION).contains(&version) {
             return Err(StateDecodeError::UnsupportedVersion { found: version });
         }
         let declared = u32::from_le_bytes([head[10], head[11], head[12], head[13]]);
@@ -145,8 +161,14 @@ impl PersistedState {
         if stored != computed {
             return Err(StateDecodeError::Checksum { stored, computed });
         }
-        let (decoded, left): (BodyOwned, &[u8]) =
-            postcard::take_from_bytes(body).map_err(|e| StateDecodeError::Body { reason: e.to_string() })?;
+        let bad = |e: postcard::Error| StateDecodeError::Body { reason: e.to_string() };
+        // Format 1 (before signed downlink) has no marks.
+        let (decoded, left) = if version == 1 {
+            let (b, left): (BodyOwned, &[u8]) = postcard::take_from_bytes(body).map_err(bad)?;
+            (BodyOwnedV2 { workloads: b.workloads, applied: b.applied, marks: Vec::new() }, left)
+        } else {
+            postcard::take_from_bytes::<BodyOwnedV2>(body).map_err(bad)?
+        };
         if !left.is_empty() {
             return Err(StateDecodeError::Body { reason: format!("{} trailing bytes", left.len()) });
         }
@@ -155,7 +177,7 @@ impl PersistedState {
         if workloads.windows(2).any(|w| w[0].id == w[1].id) {
             return Err(StateDecodeError::Body { reason: "a workload id appears twice".into() });
         }
-        Ok(Self { workloads, applied: decoded.applied })
+        Ok(Self { workloads, applied: decoded.applied, marks: decoded.marks })
     }
 }
 
@@ -469,10 +491,23 @@ mod tests {
         }
 
         #[test]
-        fn round_trip(workloads in proptest::collection::vec(strategies::workload(), 0..4)) {
-            let state = PersistedState::new(workloads.into_iter().map(Arc::new).collect());
+        fn round_trip(workloads in proptest::collection::vec(strategies::workload(), 0..4), at in any::<u64>()) {
+            let mut state = PersistedState::new(workloads.into_iter().map(Arc::new).collect());
+            state.marks = state.workloads.iter().map(|w| (w.id.clone(), at)).collect();
             let bytes = state.encode();
-            prop_assert_eq!(PersistedState::decode(&bytes), Ok(state));
+            prop_assert_eq!(PersistedState::decode(&bytes), Ok(state.clone()));
+            // A format 1 file (before the marks) still loads, without marks.
+            #[derive(serde::Serialize)]
+            struct V1<'a> { workloads: Vec<&'a Workload>, applied: DesiredDigest }
+            let body = postcard::to_allocvec(&V1 { workloads: state.workloads.iter().map(|w| &**w).collect(), applied: state.applied }).unwrap();
+            let mut v1 = STATE_MAGIC.to_vec();
+            v1.extend_from_slice(&1u16.to_le_bytes());
+            v1.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            v1.extend_from_slice(&body);
+            let crc = crc32(&v1);
+            v1.extend_from_slice(&crc.to_le_bytes());
+            let old = PersistedState::decode(&v1).unwrap();
+            prop_assert_eq!((&old.workloads, old.applied, old.marks.len()), (&state.workloads, state.applied, 0));
             // Any single flipped bit is caught.
             for i in [0, bytes.len() / 2, bytes.len() - 1] {
                 let mut bad = bytes.clone();

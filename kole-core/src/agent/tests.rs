@@ -813,3 +813,99 @@ mod random_inputs {
         }
     }
 }
+
+/// An agent that pins the controller's key takes only signed deliveries, and never an older
+/// statement than one it accepted about the same workload: no replayed rollback, no replayed
+/// removal, not even after a restart.
+#[test]
+fn a_signed_downlink_agent_refuses_unsigned_forged_and_replayed_messages() {
+    use crate::protocol::seal::{DownlinkSigner, TrustedKeys};
+    let controller = DownlinkSigner::from_seed([7; 32]);
+    let mut trust = TrustedKeys::new();
+    trust.trust_text(&controller.public_text()).unwrap();
+    let config = AgentConfig { trust: Some(Arc::new(trust)), ..AgentConfig::default() };
+    let mut h = Harness::with(config.clone(), "edge-1", &[("tier", "cdn")], None);
+    let a1 = workload("default/a", 1, "tier=cdn");
+    let a2 = workload("default/a", 2, "tier=cdn");
+    let topic = Destination::WorkloadSpec(a1.id.clone());
+    let deliver = |h: &mut Harness, from: &Destination, payload: Vec<u8>| {
+        h.out.events.clear();
+        let d = NodeDelivery { from: from.clone(), payload: Arc::from(payload), retained: false };
+        h.input(AgentInput::Delivery(&d));
+        h.out.events.iter().find_map(|e| match e {
+            AgentEvent::Refused { reason, .. } | AgentEvent::Ignored { reason } => Some(*reason),
+            _ => None,
+        })
+    };
+    let sealed = |m: &Message, to: &Destination, at: u64| controller.seal(m, to, at);
+
+    assert_eq!(deliver(&mut h, &topic, protocol::encode(&spec(&a1, WorkloadSpec::ALL_WAVES))), Some("unsigned"));
+    assert_eq!(h.version_of("default/a"), None);
+    let forger = DownlinkSigner::from_seed([8; 32]);
+    assert_eq!(
+        deliver(&mut h, &topic, forger.seal(&spec(&a1, WorkloadSpec::ALL_WAVES), &topic, 100)),
+        Some("unknown_key")
+    );
+    // Signed for the fleet topic, delivered on the spec topic.
+    assert_eq!(
+        deliver(&mut h, &topic, sealed(&spec(&a1, WorkloadSpec::ALL_WAVES), &Destination::Fleet, 100)),
+        Some("bad_signature")
+    );
+
+    let v1_at_100 = sealed(&spec(&a1, WorkloadSpec::ALL_WAVES), &topic, 100);
+    assert_eq!(deliver(&mut h, &topic, v1_at_100.clone()), None);
+    assert_eq!(h.version_of("default/a"), Some(1));
+    assert_eq!(deliver(&mut h, &topic, sealed(&spec(&a2, WorkloadSpec::ALL_WAVES), &topic, 200)), None);
+    assert_eq!(h.version_of("default/a"), Some(2));
+    // Replaying the old spec cannot roll the node back...
+    assert_eq!(deliver(&mut h, &topic, v1_at_100), Some("replayed"));
+    assert_eq!(h.version_of("default/a"), Some(2));
+    // ...but a rollback the controller signs now does.
+    assert_eq!(deliver(&mut h, &topic, sealed(&spec(&a1, WorkloadSpec::ALL_WAVES), &topic, 300)), None);
+    assert_eq!(h.version_of("default/a"), Some(1));
+
+    // An old (or forged-by-replay) empty desired set cannot drop it; neither can a cleared spec.
+    let me = h.me();
+    let empty = Message::DesiredState(DesiredState { digest: DesiredDigest::EMPTY, workloads: vec![] });
+    assert_eq!(deliver(&mut h, &me, sealed(&empty, &me, 250)), Some("replayed"));
+    assert_eq!(deliver(&mut h, &topic, Vec::new()), Some("unsigned_removal"));
+    assert_eq!(h.version_of("default/a"), Some(1));
+    let persisted = h.agent.persisted_state();
+    assert_eq!(persisted.marks, vec![(a1.id.clone(), 300)]);
+
+    // After a restart from the persisted state the marks hold: the replay is still refused.
+    let mut h = Harness::with(config, "edge-1", &[("tier", "cdn")], Some(persisted));
+    assert_eq!(deliver(&mut h, &topic, sealed(&spec(&a2, WorkloadSpec::ALL_WAVES), &topic, 200)), Some("replayed"));
+    // A removal the controller signs now goes through.
+    let removed = Message::WorkloadRemoved(WorkloadRemoved { id: a1.id.clone() });
+    assert_eq!(deliver(&mut h, &Destination::Fleet, sealed(&removed, &Destination::Fleet, 400)), None);
+    assert_eq!(h.version_of("default/a"), None);
+
+    // The refusal is reported to the controller in the next heartbeat, once.
+    h.input(AgentInput::Connected);
+    h.tick_at(h.now);
+    h.sent();
+    let ack = sealed(&accepted(BOOT, 1_000, &[]), &me, 500);
+    assert_eq!(deliver(&mut h, &me, ack), None);
+    let beats = |h: &mut Harness| -> Vec<NodeHealth> {
+        h.sent()
+            .into_iter()
+            .filter_map(|m| if let Message::Heartbeat(hb) = m { Some(hb.health) } else { None })
+            .collect()
+    };
+    // The first heartbeat carries the replay refused above; the next one is clean again.
+    let flagged = |h: &mut Harness| {
+        let wake = h.wake();
+        h.tick_at(wake);
+        beats(h).last().map(|b| b.contains(NodeHealth::DOWNLINK_REFUSED))
+    };
+    assert_eq!(flagged(&mut h), Some(true));
+    assert_eq!(flagged(&mut h), Some(false));
+    assert_eq!(deliver(&mut h, &topic, v1_at_100_again(&controller, &topic, &a1)), Some("replayed"));
+    assert_eq!(flagged(&mut h), Some(true));
+    assert_eq!(flagged(&mut h), Some(false));
+}
+
+fn v1_at_100_again(s: &crate::protocol::seal::DownlinkSigner, topic: &Destination, w: &Workload) -> Vec<u8> {
+    s.seal(&spec(w, WorkloadSpec::ALL_WAVES), topic, 100)
+}

@@ -297,6 +297,10 @@ struct Core {
     stats: EngineStats,
     next_command_id: u64,
     hb_results: Vec<Result<crate::cache::HeartbeatOutcome, CacheError>>,
+    /// Seals every downlink message when set ([`Engine::with_signer`]).
+    signer: Option<protocol::seal::SharedSigner>,
+    /// The time of the input being handled: the issue time of what it sends.
+    now_ms: u64,
 }
 
 impl Engine {
@@ -319,6 +323,8 @@ impl Engine {
             stats: EngineStats::default(),
             next_command_id: 1,
             hb_results: Vec::new(),
+            signer: None,
+            now_ms: now.as_millis(),
         };
         Self { cache, store, core }
     }
@@ -373,8 +379,19 @@ impl Engine {
             .filter(|_| self.core.workloads[idx as usize].is_some())
     }
 
+    /// Signs every downlink message this engine sends with `signer` (protocol version 3, see
+    /// [`protocol::seal`]): agents that pin its public key refuse anything else. A spec is signed
+    /// once per publish, per-node messages one each.
+    #[must_use]
+    pub fn with_signer(mut self, signer: protocol::seal::SharedSigner) -> Self {
+        self.core.signer = Some(signer);
+        self
+    }
+
     /// Handles one input at time `now`, appending what to do to `out`.
     pub fn handle(&mut self, input: Input<'_>, now: Timestamp, out: &mut Outputs) {
+        // Never backwards within one engine's life, so agents' replay marks only move forward.
+        self.core.now_ms = self.core.now_ms.max(now.as_millis());
         let mut cache = self.cache.write();
         match input {
             Input::Uplink(batch) => self.core.uplink(&mut cache, batch, now, out),
@@ -390,6 +407,10 @@ impl Core {
     }
 
     fn send(&mut self, out: &mut Outputs, to: Destination, msg: &Message, retain: bool) {
-        out.messages.push(Outbound { to, payload: protocol::encode(msg), retain });
+        let payload = match &self.signer {
+            Some(s) => s.seal(msg, &to, self.now_ms),
+            None => protocol::encode(msg),
+        };
+        out.messages.push(Outbound { to, payload, retain });
     }
 }

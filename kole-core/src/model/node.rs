@@ -39,6 +39,9 @@ impl NodeHealth {
     pub const RESOURCE_PRESSURE: Self = Self(0x08);
     /// The node's clock is not synchronized.
     pub const CLOCK_UNSYNCED: Self = Self(0x10);
+    /// The agent refused downlink messages since its last heartbeat: unsigned, forged, signed by an
+    /// untrusted or revoked key, or replayed (see `protocol::seal`). Worth an alert.
+    pub const DOWNLINK_REFUSED: Self = Self(0x20);
 
     /// Whether every flag of `other` is set.
     pub const fn contains(self, other: Self) -> bool {
@@ -62,12 +65,13 @@ impl NodeHealth {
     }
 
     /// The known flags and their names, as `kubectl` output and `NodeQuery` spell them.
-    pub const NAMED: [(Self, &'static str); 5] = [
+    pub const NAMED: [(Self, &'static str); 6] = [
         (Self::DEGRADED, "Degraded"),
         (Self::WORKLOAD_FAILED, "WorkloadFailed"),
         (Self::WORKLOAD_PENDING, "WorkloadPending"),
         (Self::RESOURCE_PRESSURE, "ResourcePressure"),
         (Self::CLOCK_UNSYNCED, "ClockUnsynced"),
+        (Self::DOWNLINK_REFUSED, "DownlinkRefused"),
     ];
 
     /// The names of the set flags, in bit order; a reserved bit is named `Bit<n>`.

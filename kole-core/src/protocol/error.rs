@@ -107,6 +107,27 @@ pub enum DecodeError {
         /// The kind in the payload.
         payload: MessageKind,
     },
+    /// A downlink message without a signature, where signatures are required (the agent pins keys).
+    #[error("unsigned downlink message (version {version}); this agent accepts only messages signed by a trusted key")]
+    Unsigned {
+        /// The envelope version found.
+        version: u8,
+    },
+    /// Signed with a key the agent does not trust.
+    #[error("signed with key {key:08x}, which this agent does not trust (add it to its trusted keys)")]
+    UnknownKey {
+        /// The key id.
+        key: u32,
+    },
+    /// Signed with a revoked key.
+    #[error("signed with revoked key {key:08x}")]
+    RevokedKey {
+        /// The key id.
+        key: u32,
+    },
+    /// The signature does not verify (forged, altered, or signed for another destination).
+    #[error("the signature does not verify: forged, altered, or signed for another destination")]
+    BadSignature,
     /// A registration claims another node than the topic's (authenticated) node.
     #[error("registration on the topic of node {topic} claims to be node {claimed}")]
     IdentityMismatch {
@@ -134,6 +155,10 @@ impl DecodeError {
             DecodeError::LimitExceeded { .. } => "limit_exceeded",
             DecodeError::TopicKindMismatch { .. } => "topic_kind_mismatch",
             DecodeError::IdentityMismatch { .. } => "identity_mismatch",
+            DecodeError::Unsigned { .. } => "unsigned",
+            DecodeError::UnknownKey { .. } => "unknown_key",
+            DecodeError::RevokedKey { .. } => "revoked_key",
+            DecodeError::BadSignature => "bad_signature",
         }
     }
 }

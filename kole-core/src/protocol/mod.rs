@@ -23,6 +23,7 @@ mod envelope;
 mod error;
 mod limits;
 mod messages;
+pub mod seal;
 mod wire;
 
 #[cfg(test)]

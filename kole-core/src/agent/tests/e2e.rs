@@ -50,7 +50,13 @@ struct Fleet {
 
 impl Fleet {
     fn new(n: usize, runtime: RecordingRuntime) -> Self {
+        Self::with(n, runtime, false)
+    }
+
+    /// With `signed`, the engine signs its downlink and every agent pins its key.
+    fn with(n: usize, runtime: RecordingRuntime, signed: bool) -> Self {
         let now = 1_700_000_000_000;
+        let signer = crate::protocol::seal::DownlinkSigner::from_seed([3; 32]);
         let engine = Engine::new(
             EngineConfig {
                 heartbeat_interval_ms: HEARTBEAT_MS,
@@ -60,9 +66,15 @@ impl Fleet {
             NodeCache::new(),
             Timestamp::from_millis(now),
         );
+        let engine = if signed { engine.with_signer(Arc::new(signer.clone())) } else { engine };
         let hub = MemoryHub::new(MemoryConfig::default());
         let cloud = hub.cloud().unwrap();
-        let config = Arc::new(AgentConfig { runtime_poll_ms: 0, ..AgentConfig::default() });
+        let trust = signed.then(|| {
+            let mut t = crate::protocol::seal::TrustedKeys::new();
+            t.trust_text(&signer.public_text()).unwrap();
+            Arc::new(t)
+        });
+        let config = Arc::new(AgentConfig { runtime_poll_ms: 0, trust, ..AgentConfig::default() });
         let info = Arc::new(NodeInfo {
             arch: "arm64".into(),
             os: "linux-6.1".into(),
@@ -216,13 +228,24 @@ fn app(version: u64) -> Workload {
 
 #[test]
 fn fleet_registers_rolls_out_in_waves_halts_on_failures_and_rolls_back() {
+    rolls_out_halts_and_rolls_back(false);
+}
+
+/// The same life over signed downlink: every ack, spec, desired set and command is signed and
+/// verified, and the rollback (a lower version) passes because it is signed after what it undoes.
+#[test]
+fn the_same_over_signed_downlink() {
+    rolls_out_halts_and_rolls_back(true);
+}
+
+fn rolls_out_halts_and_rolls_back(signed: bool) {
     const N: usize = 300;
     let mut runtime = RecordingRuntime::instant();
     // Version 3 fails on about a third of the nodes.
     runtime.outcome_with(|node, w| {
         (w.version == 3 && stable_hash(3, node.as_str().as_bytes()).is_multiple_of(3)).then_some(WorkloadPhase::Failed)
     });
-    let mut fleet = Fleet::new(N, runtime);
+    let mut fleet = Fleet::with(N, runtime, signed);
     fleet.run_until(20, "registered", |f| f.agents.iter().all(|a| a.link() == LinkState::Registered));
     assert_eq!(fleet.engine.stats().registered_new, N as u64);
     // Groups came from the ack.
