@@ -29,6 +29,43 @@ pub fn mosquitto_line(user: &str, password: &str, salt: &[u8], iterations: u32) 
     format!("{user}:$7${iterations}${}${}", b64.encode(salt), b64.encode(hash))
 }
 
+/// A new Ed25519 signing key for the downlink, from the OS's random source.
+pub fn new_signing_key() -> anyhow::Result<kole_core::protocol::seal::DownlinkSigner> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading random bytes from the OS: {e}"))?;
+    Ok(kole_core::protocol::seal::DownlinkSigner::from_seed(seed))
+}
+
+/// Writes the downlink key pair into `dir` unless `signing.key` is there already (then it is read
+/// and kept): `signing.key` (the secret, 0600, for `kole-controller --signing-key`) and
+/// `trusted-keys` (the public key, for every agent's `--trusted-keys`). Returns the signer and
+/// whether it was kept.
+pub fn write_signing_key(dir: &Path) -> anyhow::Result<(kole_core::protocol::seal::DownlinkSigner, bool)> {
+    let secret = dir.join("signing.key");
+    let (signer, kept) = match fs::read_to_string(&secret) {
+        Ok(text) => (
+            kole_core::protocol::seal::DownlinkSigner::from_text(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", secret.display()))?,
+            true,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let s = new_signing_key()?;
+            write_private(&secret, s.to_text().as_bytes())?;
+            (s, false)
+        }
+        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", secret.display())),
+    };
+    let public = format!(
+        "# Downlink keys agents trust (kole-agent --trusted-keys). Add the next key before rotating;
+         # `revoked:<key id>` refuses a key even if listed.
+{}
+",
+        signer.public_text()
+    );
+    write_private(&dir.join("trusted-keys"), public.as_bytes())?;
+    Ok((signer, kept))
+}
+
 /// A new random password (URL-safe base64, no padding: safe in files, YAML and shell variables).
 pub fn random_password() -> anyhow::Result<String> {
     let mut bytes = [0u8; PASSWORD_BYTES];

@@ -239,7 +239,20 @@ fn a_workload_applied_with_kubectl_runs_on_the_targeted_agents_updates_fails_vis
         path.display().to_string()
     };
     let s = |v: &str| v.to_owned();
+    // Signed downlink, keys made as the docs say: `keygen` writes the secret and prints the public
+    // key line for the agents' trusted-keys file.
+    let signing_key = dir.join("signing.key");
+    let keygen = Command::new(env!("CARGO_BIN_EXE_kole-controller"))
+        .args(["keygen", "--out", signing_key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "keygen: {}", String::from_utf8_lossy(&keygen.stderr));
+    let trusted_keys = dir.join("trusted-keys");
+    fs::write(&trusted_keys, &keygen.stdout).unwrap();
+    assert!(String::from_utf8_lossy(&keygen.stdout).starts_with("ed25519:"));
     let controller_args = vec![
+        s("--signing-key"),
+        signing_key.display().to_string(),
         s("--kubeconfig"),
         kubeconfig.clone(),
         s("--broker"),
@@ -286,6 +299,8 @@ fn a_workload_applied_with_kubectl_runs_on_the_targeted_agents_updates_fails_vis
             dir.join(name).display().to_string(),
             s("--runtime"),
             s("process"),
+            s("--trusted-keys"),
+            trusted_keys.display().to_string(),
         ];
         world.programs.push(Program::start(name, env!("CARGO_BIN_EXE_kole-agent"), &args, &dir));
     }

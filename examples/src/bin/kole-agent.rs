@@ -52,6 +52,13 @@ struct Cli {
     /// own; needs an agent running as root [default: the agent's user].
     #[arg(long, value_name = "USER", env = "KOLE_WORKLOAD_USER")]
     workload_user: Option<String>,
+    /// The controller's downlink keys to trust (`ed25519:<hex>` per line, `revoked:<key id>` to
+    /// refuse one; `kole-controller credentials` writes it). With it, every message from the
+    /// controller must be signed by one of them and newer than what the agent accepted before;
+    /// refusals are reported in the heartbeat (health flag DownlinkRefused). Without it, messages
+    /// are not verified (a warning says so).
+    #[arg(long, value_name = "FILE", env = "KOLE_TRUSTED_KEYS")]
+    trusted_keys: Option<PathBuf>,
     /// Stop after this many seconds [default: until SIGTERM or Ctrl-C].
     #[arg(long, value_name = "SECS")]
     run_for: Option<u64>,
@@ -255,7 +262,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let identity = AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(info) };
     // A new boot id per start: the controller tells a restart from a duplicate by it.
     let boot_id = (kole_core::clock::wall_clock_now().as_millis() as u32) ^ std::process::id().rotate_left(16);
-    let mut agent = Agent::new(AgentConfig::default(), identity, boot_id, persisted);
+    let trust = match &cli.trusted_keys {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the trusted keys {} (--trusted-keys)", path.display()))?;
+            let keys = kole_core::protocol::seal::TrustedKeys::from_text(&text)
+                .map_err(|e| anyhow::anyhow!("{} (--trusted-keys): {e}", path.display()))?;
+            if keys.is_empty() {
+                anyhow::bail!("{} (--trusted-keys) trusts no key: every message would be refused", path.display());
+            }
+            let ids: Vec<String> = keys.key_ids().iter().map(ToString::to_string).collect();
+            tracing::info!(keys = %ids.join(","), "verifying the downlink");
+            Some(Arc::new(keys))
+        }
+        None => {
+            tracing::warn!(
+                "no --trusted-keys: messages from the controller are not verified, so whoever can \
+                 publish on this node's topics controls it"
+            );
+            None
+        }
+    };
+    let config = AgentConfig { trust, ..AgentConfig::default() };
+    let mut agent = Agent::new(config, identity, boot_id, persisted);
     let connection = ConnectionConfig { tls, ..ConnectionConfig::default() };
     let connector = MqttConnector::new(
         Topics::new(&cli.mqtt.fleet)?,

@@ -74,6 +74,15 @@ enum Command {
     /// Mosquitto password file (`$7$` hashes, as `mosquitto_passwd` writes) and ACL, and one
     /// password file per agent. Existing password files are kept, so re-running adds nodes.
     Credentials(CredentialsArgs),
+    /// Writes a new downlink signing key (Ed25519) to FILE (0600; an existing file is never
+    /// overwritten) and prints its public key line for the agents' `--trusted-keys` file. To rotate:
+    /// add the new public key to every agent's file, then switch `--signing-key`, then remove the
+    /// old key (or mark it `revoked:<key id>`).
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,6 +134,12 @@ struct RunArgs {
     /// pod's terminationGracePeriodSeconds.
     #[arg(long, value_name = "SECS", env = "KOLE_SHUTDOWN_TIMEOUT", default_value_t = 20)]
     shutdown_timeout: u64,
+    /// The downlink signing key (`ed25519-secret:<hex>`, as `credentials` or `keygen` write it;
+    /// mount it from a Kubernetes Secret). Every message to the agents is signed with it; agents
+    /// with `--trusted-keys` refuse anything else. Without it the downlink is unsigned (a warning
+    /// says so).
+    #[arg(long, value_name = "FILE", env = "KOLE_SIGNING_KEY")]
+    signing_key: Option<std::path::PathBuf>,
     /// In-process agents on the in-memory hub (without `--broker`), to try the controller out.
     #[arg(long, value_name = "N", env = "KOLE_SIMULATE_NODES", default_value_t = 0)]
     simulate_nodes: usize,
@@ -455,6 +470,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Credentials(args)) => credentials(args).inspect_err(|e| eprintln!("error: {e:#}")),
+        Some(Command::Keygen { out }) => keygen(&out).inspect_err(|e| eprintln!("error: {e:#}")),
         None => match cli.run.log.init() {
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -487,6 +503,7 @@ fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
     let written = write_fleet_credentials(&args.out, &args.controller_user, &nodes)?;
     let acl_path = args.out.join("mosquitto.acl");
     kole_examples::credentials::write_private(&acl_path, acl.as_bytes())?;
+    let (signer, kept_key) = kole_examples::credentials::write_signing_key(&args.out)?;
     println!(
         "{} node(s) ({} kept their password), controller user {}:",
         nodes.len(),
@@ -497,6 +514,24 @@ fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
     println!("  {}  Mosquitto acl_file (fleet {})", acl_path.display(), args.fleet);
     println!("  {}  the controller's password (--mqtt-password-file)", written.controller.display());
     println!("  {}/nodes/NODE.password  each agent's password (--password-file)", args.out.display());
+    println!(
+        "  {}/signing.key  the downlink signing key, key id {} (--signing-key){}",
+        args.out.display(),
+        signer.key_id(),
+        if kept_key { ", kept" } else { "" }
+    );
+    println!("  {}/trusted-keys  its public key, for every agent (--trusted-keys)", args.out.display());
+    Ok(())
+}
+
+fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
+    if out.exists() {
+        anyhow::bail!("{} exists; keygen never overwrites a key (choose another file)", out.display());
+    }
+    let signer = kole_examples::credentials::new_signing_key()?;
+    kole_examples::credentials::write_private(out, signer.to_text().as_bytes())?;
+    eprintln!("wrote {} (key id {}); the public key for the agents' --trusted-keys file:", out.display(), signer.key_id());
+    println!("{}", signer.public_text());
     Ok(())
 }
 
@@ -511,6 +546,7 @@ enum TermEnd {
 /// What every term needs.
 struct Term<'a> {
     opts: &'a RunArgs,
+    signer: Option<Arc<kole_core::protocol::seal::DownlinkSigner>>,
     client: kube::Client,
     state: Arc<State>,
     hub: MemoryHub,
@@ -535,6 +571,23 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
             Some(kole_mqtt::Credentials { username: u.clone(), password: String::new() })
         }
         (None, _) => None,
+    };
+    let signer = match &opts.signing_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the signing key {} (--signing-key)", path.display()))?;
+            let s = kole_core::protocol::seal::DownlinkSigner::from_text(&text)
+                .map_err(|e| anyhow::anyhow!("{} (--signing-key): {e}", path.display()))?;
+            tracing::info!(key_id = %s.key_id(), "signing the downlink");
+            Some(Arc::new(s))
+        }
+        None => {
+            tracing::warn!(
+                "no --signing-key: the downlink is unsigned, so whoever can publish on the brokers' down/ \
+                 topics controls the fleet (write a key with `kole-controller credentials` or `keygen`)"
+            );
+            None
+        }
     };
     let client = match &opts.kubeconfig {
         Some(path) => {
@@ -582,7 +635,7 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
     let election = tokio::spawn(elector.run_reporting(leading_tx, reachable_tx, elector_stop_rx));
     tracing::info!(identity = %opts.identity, lease = %format!("{}/{}", opts.namespace, opts.lease), listen = %opts.listen, "campaigning");
 
-    let term = Term { opts: &opts, client, state: state.clone(), hub, tls, credentials };
+    let term = Term { opts: &opts, signer, client, state: state.clone(), hub, tls, credentials };
     let mut failed = false;
     loop {
         tokio::select! {
@@ -662,6 +715,10 @@ impl Term<'_> {
         tracing::info!(nodes, generation = ?manifest.map(|m| m.generation), took = ?started.elapsed(), "restored");
         *state.cache.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))? = Some(engine.store());
         let cache = engine.store();
+        let engine = match &self.signer {
+            Some(s) => engine.with_signer(Arc::clone(s)),
+            None => engine,
+        };
 
         state.set_takeover("connecting to the brokers");
         let cloud: Arc<dyn CloudTransport> = match self.connect(&leading, &stop).await? {
