@@ -80,10 +80,17 @@ async fn mosquitto_accepts_the_written_credentials_and_refuses_others() {
     assert!(stdout.contains("2 node(s)") && stdout.contains("mosquitto.passwd"), "{stdout}");
 
     use std::os::unix::fs::PermissionsExt as _;
-    for f in ["mosquitto.passwd", "mosquitto.acl", "kole-controller.password", "nodes/edge-1.password"] {
+    for f in ["mosquitto.passwd", "mosquitto.acl", "kole-controller.password", "nodes/edge-1.password", "signing.key"] {
         let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
+    // The downlink key pair: the agents' trusted-keys file holds the secret key's public half.
+    let secret = std::fs::read_to_string(out.join("signing.key")).unwrap();
+    let signer = kole_core::protocol::seal::DownlinkSigner::from_text(&secret).unwrap();
+    let trusted = std::fs::read_to_string(out.join("trusted-keys")).unwrap();
+    let keys = kole_core::protocol::seal::TrustedKeys::from_text(&trusted).unwrap();
+    assert_eq!(keys.key_ids(), [signer.key_id()]);
+    assert!(stdout.contains(&format!("key id {}", signer.key_id())), "{stdout}");
     let (_broker, port) = start_mosquitto(&out);
     let broker = BrokerAddr::tcp("127.0.0.1", port);
     let topics = Topics::new("default").unwrap();
