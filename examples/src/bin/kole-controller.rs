@@ -530,7 +530,11 @@ fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
     }
     let signer = kole_examples::credentials::new_signing_key()?;
     kole_examples::credentials::write_private(out, signer.to_text().as_bytes())?;
-    eprintln!("wrote {} (key id {}); the public key for the agents' --trusted-keys file:", out.display(), signer.key_id());
+    eprintln!(
+        "wrote {} (key id {}); the public key for the agents' --trusted-keys file:",
+        out.display(),
+        signer.key_id()
+    );
     println!("{}", signer.public_text());
     Ok(())
 }
