@@ -152,6 +152,40 @@ pub fn progress_from_status(obj: &EdgeWorkload) -> Result<Option<RolloutProgress
     Ok(Some(RolloutProgress { wave: status.current_wave as usize, phase, previous, published: status.published }))
 }
 
+/// The domain of the status signature (see [`EdgeWorkloadStatus::resume_signature`]).
+pub const STATUS_SIGNATURE_DOMAIN: &str = "kole-status-v1";
+
+/// The bytes a status signature covers: what a restarted controller resumes from, and the uid.
+fn resume_record(uid: &str, s: &EdgeWorkloadStatus) -> Vec<u8> {
+    // serde_json's maps are sorted: the same status always gives the same bytes.
+    let record = serde_json::json!({
+        "uid": uid,
+        "current": s.current,
+        "previous": s.previous,
+        "rolledBack": s.rolled_back,
+        "published": s.published,
+        "currentWave": s.current_wave,
+        "rolloutPhase": s.rollout_phase,
+    });
+    serde_json::to_vec(&record).unwrap_or_default()
+}
+
+/// Signs a status's rollout state for the object `uid` (see [`EdgeWorkloadStatus::resume_signature`]).
+pub fn sign_status(key: &kole_core::protocol::seal::DownlinkSigner, uid: &str, s: &EdgeWorkloadStatus) -> String {
+    key.sign_detached(STATUS_SIGNATURE_DOMAIN, &resume_record(uid, s))
+}
+
+/// Whether a restarted controller may resume from the object's status: always without a key;
+/// with one, only when the status carries that key's signature over its rollout state and uid.
+pub fn status_trusted(obj: &EdgeWorkload, key: Option<&kole_core::protocol::seal::DownlinkSigner>) -> bool {
+    let (Some(key), Some(status)) = (key, &obj.status) else { return true };
+    let uid = obj.metadata.uid.as_deref().unwrap_or_default();
+    status
+        .resume_signature
+        .as_deref()
+        .is_some_and(|sig| key.verify_detached(STATUS_SIGNATURE_DOMAIN, &resume_record(uid, status), sig))
+}
+
 /// The version the engine ran and its rollout position, as a previous controller persisted them in
 /// status (whatever the object's generation is now): a restarted controller hands them to the engine
 /// first, then the object's current spec when it differs. After a rollback (`status.rolledBack`)
@@ -282,6 +316,8 @@ pub fn status_from_engine(
         previous,
         current,
         rolled_back,
+        // Signed by the status writer, which knows the object's uid.
+        resume_signature: None,
     }
 }
 
@@ -555,6 +591,37 @@ mod tests {
         let (resumed, p) = resume_from_status(&o).unwrap().unwrap();
         assert_eq!((resumed.version, p.phase, p.previous), (2, RolloutPhase::Complete, None));
         assert_eq!(resumed.spec, runtime_bytes(&o.status.as_ref().unwrap().previous.as_ref().unwrap().spec).unwrap());
+    }
+
+    /// With a key, only a status the controller signed (for this object) is resumed from.
+    #[test]
+    fn a_status_is_trusted_only_with_the_controllers_signature_over_its_rollout_state() {
+        use kole_core::protocol::seal::DownlinkSigner;
+        let key = DownlinkSigner::from_seed([5; 32]);
+        let mut o = object(spec());
+        o.metadata.uid = Some("uid-1".into());
+        let mut st = EdgeWorkloadStatus {
+            current: Some(AppliedVersion { version: 3, spec: spec() }),
+            published: true,
+            ..Default::default()
+        };
+        o.status = Some(st.clone());
+        assert!(status_trusted(&o, None), "without a key, statuses are trusted as before");
+        assert!(!status_trusted(&o, Some(&key)), "unsigned");
+        st.resume_signature = Some(sign_status(&key, "uid-1", &st));
+        o.status = Some(st.clone());
+        assert!(status_trusted(&o, Some(&key)));
+        // Counts and conditions are not covered: the writer may change them freely.
+        o.status.as_mut().unwrap().ready = 7;
+        assert!(status_trusted(&o, Some(&key)));
+        // A spec slipped into the status, another object's status, another key: refused.
+        let mut forged = o.clone();
+        forged.status.as_mut().unwrap().current.as_mut().unwrap().spec.runtime.image = Some("evil:1".into());
+        assert!(!status_trusted(&forged, Some(&key)));
+        let mut other = o.clone();
+        other.metadata.uid = Some("uid-2".into());
+        assert!(!status_trusted(&other, Some(&key)));
+        assert!(!status_trusted(&o, Some(&DownlinkSigner::from_seed([6; 32]))));
     }
 
     /// `kubectl get edgeworkloads` and the Progressing condition name the same wave.

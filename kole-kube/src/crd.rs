@@ -374,6 +374,12 @@ pub struct EdgeWorkloadStatus {
     /// resumes that, not `current`. Always written, so a merge patch clears it.
     #[serde(default)]
     pub rolled_back: bool,
+    /// The controller's signature (its downlink key, hex) over what a restarted controller resumes
+    /// from (`current`, `previous`, `rolledBack`, `published`, `currentWave`, `rolloutPhase`) and the
+    /// object's uid. A controller with a signing key resumes only from a status it signed, so write
+    /// access to `edgeworkloads/status` cannot make it send a spec nobody applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_signature: Option<String>,
 }
 
 /// Node phase filter of a [`NodeQuery`].

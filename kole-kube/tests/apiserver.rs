@@ -627,3 +627,64 @@ async fn halt_rollback_deadline_and_a_restart_that_keeps_the_rollback_and_clears
     })
     .await;
 }
+
+/// Write access to `edgeworkloads/status` must not be code execution on the fleet: a controller
+/// with a signing key resumes only from a status it signed. Here the status is forged while no
+/// controller runs (an older `current` with another image, not yet published); the next
+/// controller ignores it and rolls out only what the object says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
+async fn a_forged_status_is_not_resumed_by_a_controller_with_a_key() {
+    use std::sync::atomic::Ordering;
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-forge").await;
+        let hub = hub();
+        let key = Arc::new(kole_core::protocol::seal::DownlinkSigner::from_seed([11; 32]));
+        let ctl = ControllerUnderTest::start_with_key(&client, &ns, &hub, None, Some(key.clone())).await;
+        let (agents_stop, agents) = spawn_agents(&hub, 20);
+        let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
+        api.create(&PostParams::default(), &EdgeWorkload::new("web", workload("web:1", "retail"))).await.unwrap();
+        let signed = eventually(Duration::from_secs(90), "web ready, status signed", || {
+            let api = api.clone();
+            async move {
+                let s = api.get("web").await.ok()?.status?;
+                (s.ready == 10 && s.resume_signature.is_some()).then_some(s)
+            }
+        })
+        .await;
+        assert_eq!(signed.current.as_ref().map(|c| c.version), Some(1));
+        ctl.stop().await;
+
+        // While no controller runs: the status is forged, and the object moves on to web:2.
+        let mut forged = signed.current.clone().unwrap();
+        forged.spec.runtime.image = Some("evil:1".into());
+        let patch = serde_json::json!({ "status": { "current": forged, "published": false } });
+        api.patch_status("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+        let mut o = api.get("web").await.unwrap();
+        o.spec.runtime.image = Some("web:2".into());
+        o.metadata.managed_fields = None;
+        api.replace("web", &PostParams::default(), &o).await.unwrap();
+
+        let before = EVIL_APPLIES.load(Ordering::SeqCst);
+        let ctl = ControllerUnderTest::start_with_key(&client, &ns, &hub, None, Some(key)).await;
+        let s = eventually(Duration::from_secs(90), "web:2 ready", || {
+            let api = api.clone();
+            async move {
+                let s = api.get("web").await.ok()?.status?;
+                (s.observed_generation == Some(2) && s.ready == 10 && s.updated == 10).then_some(s)
+            }
+        })
+        .await;
+        assert_eq!(EVIL_APPLIES.load(Ordering::SeqCst), before, "a node ran the spec forged into the status");
+        assert_eq!(s.current.and_then(|c| c.spec.runtime.image).as_deref(), Some("web:2"));
+
+        let _ = agents_stop.send(true);
+        for a in agents {
+            let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
+        }
+        ctl.stop().await;
+    })
+    .await;
+}

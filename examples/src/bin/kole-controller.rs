@@ -741,6 +741,7 @@ impl Term<'_> {
             EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx).run(cmd_rx, term_rx.clone()),
         );
         let ccfg = ControllerConfig {
+            status_key: self.signer.clone(),
             namespace: opts.watch_namespace.clone(),
             status_interval: Duration::from_millis(opts.status_interval_ms),
             ..Default::default()

@@ -77,6 +77,15 @@ impl std::fmt::Debug for DownlinkSigner {
     }
 }
 
+/// Two signers are equal when they hold the same key.
+impl PartialEq for DownlinkSigner {
+    fn eq(&self, other: &Self) -> bool {
+        self.key.verifying_key() == other.key.verifying_key()
+    }
+}
+
+impl Eq for DownlinkSigner {}
+
 impl DownlinkSigner {
     /// The signer of a 32-byte Ed25519 secret key (seed).
     pub fn from_seed(seed: [u8; 32]) -> Self {
@@ -109,6 +118,19 @@ impl DownlinkSigner {
     /// The public key as agents pin it: `ed25519:` and 64 hex digits.
     pub fn public_text(&self) -> String {
         format!("ed25519:{}", to_hex(&self.key.verifying_key().to_bytes()))
+    }
+
+    /// Signs `msg` under `domain` (a NUL is appended to it), for records the controller keeps
+    /// outside the downlink (e.g. the rollout state it persists in Kubernetes). The domain keeps
+    /// such a signature from ever passing as a downlink message's. Hex, 128 digits.
+    pub fn sign_detached(&self, domain: &str, msg: &[u8]) -> String {
+        to_hex(&self.key.sign(&detached(domain, msg)).to_bytes())
+    }
+
+    /// Whether `sig_hex` is this key's [`DownlinkSigner::sign_detached`] signature of `msg`.
+    pub fn verify_detached(&self, domain: &str, msg: &[u8], sig_hex: &str) -> bool {
+        let Some(bytes) = hex64(sig_hex) else { return false };
+        self.key.verifying_key().verify_strict(&detached(domain, msg), &Signature::from_bytes(&bytes)).is_ok()
     }
 
     /// Encodes `msg` for `to`, signed, issued at `issued_at_ms` (Unix milliseconds).
@@ -314,6 +336,26 @@ fn signed_bytes(to: &Destination, header: &[u8], body: &[u8]) -> Vec<u8> {
     m
 }
 
+fn detached(domain: &str, msg: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(domain.len() + 1 + msg.len());
+    m.extend_from_slice(domain.as_bytes());
+    m.push(0);
+    m.extend_from_slice(msg);
+    m
+}
+
+fn hex64(s: &str) -> Option<[u8; 64]> {
+    let s = s.trim();
+    if s.len() != 128 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 64];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 fn hex32(s: &str) -> Option<[u8; 32]> {
     let s = s.trim();
     if s.len() != 64 || !s.is_ascii() {
@@ -411,6 +453,17 @@ mod tests {
         rotating.trust_text(&next.public_text()).unwrap();
         assert!(open(&next.seal(&resync(), &Destination::Fleet, 5), &Destination::Fleet, &rotating, &limits).is_ok());
         assert!(open(&sealed, &node("edge-1"), &rotating, &limits).is_ok());
+    }
+
+    #[test]
+    fn detached_signatures_are_domain_separated() {
+        let s = signer();
+        let sig = s.sign_detached("kole-status-v1", b"record");
+        assert!(s.verify_detached("kole-status-v1", b"record", &sig));
+        assert!(!s.verify_detached("kole-status-v1", b"recorD", &sig));
+        assert!(!s.verify_detached("kole-other", b"record", &sig));
+        assert!(!DownlinkSigner::from_seed([8; 32]).verify_detached("kole-status-v1", b"record", &sig));
+        assert!(!s.verify_detached("kole-status-v1", b"record", "zz"));
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct ControllerConfig {
     pub error_requeue: Duration,
     /// Most status writes in flight per flush. Default 16.
     pub status_concurrency: usize,
+    /// The controller's signing key: statuses carry its signature over the rollout state, and a
+    /// restarted controller resumes only from a status it signed (else it starts the object's
+    /// spec over, with a warning). `None`: statuses are trusted as they are. Default `None`.
+    pub status_key: Option<Arc<kole_core::protocol::seal::DownlinkSigner>>,
 }
 
 impl Default for ControllerConfig {
@@ -68,6 +72,7 @@ impl Default for ControllerConfig {
             status_interval: Duration::from_secs(2),
             error_requeue: Duration::from_secs(5),
             status_concurrency: 16,
+            status_key: None,
         }
     }
 }

@@ -121,17 +121,20 @@ async fn flush_statuses(
     let writes: Vec<_> = batch
         .into_values()
         .filter_map(|s| {
-            let (previous, current, rolled_back, observed) = applied
+            let (previous, current, rolled_back, observed, uid) = applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&s.id)
                 .map(|a| {
                     let observed = Some(a.observed_generation).filter(|g| *g > 0);
-                    (a.previous.clone(), a.current.clone(), a.rolled_back, observed)
+                    (a.previous.clone(), a.current.clone(), a.rolled_back, observed, a.uid.clone())
                 })
                 .unwrap_or_default();
-            let status =
+            let mut status =
                 convert::status_from_engine(&s, previous, current, rolled_back, observed, written.get(&s.id), t);
+            if let (Some(key), Some(uid)) = (&cfg.status_key, &uid) {
+                status.resume_signature = Some(convert::sign_status(key, uid, &status));
+            }
             (written.get(&s.id) != Some(&status)).then_some((s.id, status))
         })
         .collect();

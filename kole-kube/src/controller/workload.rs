@@ -22,6 +22,7 @@ struct WorkloadCtx {
     client: Client,
     commands: mpsc::Sender<WorkloadCommand>,
     applied: AppliedMap,
+    status_key: Option<Arc<kole_core::protocol::seal::DownlinkSigner>>,
 }
 
 /// Same spec apart from the rollout controls (`paused`, `rollback`).
@@ -78,9 +79,26 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
         }
         None => {
             // First sight in this controller's life: resume what a previous life persisted in status,
-            // then move on to the object's spec if it changed meanwhile.
+            // then move on to the object's spec if it changed meanwhile. With a signing key, only a
+            // status this controller signed is resumed: anyone with write access to the status
+            // subresource could otherwise make it send a spec nobody applied.
+            let trusted = convert::status_trusted(&obj, ctx.status_key.as_deref());
+            if !trusted {
+                tracing::warn!(
+                    object = %id,
+                    "the status is not signed by this controller's key (edited, or written without \
+                     --signing-key): ignoring its rollout state and starting the object's spec over"
+                );
+            }
+            let unsigned;
+            let obj = if trusted {
+                obj.as_ref()
+            } else {
+                unsigned = EdgeWorkload { status: None, ..(*obj).clone() };
+                &unsigned
+            };
             let status = obj.status.as_ref();
-            let resumed = convert::resume_from_status(&obj).unwrap_or_else(|e| {
+            let resumed = convert::resume_from_status(obj).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "persisted rollout state unusable; starting the rollout over");
                 None
             });
@@ -206,7 +224,7 @@ async fn run_controller(
 ) {
     let api: Api<EdgeWorkload> = api(&client, cfg.namespace.as_deref());
     let requeue = cfg.error_requeue;
-    let ctx = Arc::new(WorkloadCtx { client, commands, applied });
+    let ctx = Arc::new(WorkloadCtx { client, commands, applied, status_key: cfg.status_key.clone() });
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(

@@ -98,6 +98,17 @@ pub struct ControllerUnderTest {
 
 impl ControllerUnderTest {
     pub async fn start(client: &Client, ns: &str, hub: &MemoryHub, snapshots: Option<Arc<dyn SnapshotStore>>) -> Self {
+        Self::start_with_key(client, ns, hub, snapshots, None).await
+    }
+
+    /// With `key`, the controller signs its statuses and resumes only from signed ones.
+    pub async fn start_with_key(
+        client: &Client,
+        ns: &str,
+        hub: &MemoryHub,
+        snapshots: Option<Arc<dyn SnapshotStore>>,
+        key: Option<Arc<kole_core::protocol::seal::DownlinkSigner>>,
+    ) -> Self {
         let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().expect("cloud side"));
         let ecfg = EngineConfig { heartbeat_interval_ms: 1_000, convergence_grace_ms: 3_000, ..Default::default() };
         let engine = match &snapshots {
@@ -124,6 +135,7 @@ impl ControllerUnderTest {
         let cfg = ControllerConfig {
             namespace: Some(ns.to_owned()),
             status_interval: Duration::from_millis(500),
+            status_key: key,
             ..Default::default()
         };
         let shutdown = |mut rx: watch::Receiver<bool>| async move {
@@ -171,6 +183,9 @@ pub fn kole_kube_now() -> kole_core::model::Timestamp {
     kole_core::clock::wall_clock_now()
 }
 
+/// How many times any agent of [`spawn_agents`] applied a spec whose image names `evil`.
+pub static EVIL_APPLIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// `n` agents on `hub`, half `tier=cdn`, half `tier=retail`, region alternating. A workload whose
 /// image names `broken` fails on every node ("exec /broken: No such file or directory"); one whose
 /// image names `stuck` stays `Pending`.
@@ -199,6 +214,9 @@ pub fn spawn_agents(hub: &MemoryHub, n: usize) -> (watch::Sender<bool>, Vec<Join
             runtime
                 .outcome_with(|_, w| {
                     let has = |s: &[u8]| w.spec.windows(s.len()).any(|x| x == s);
+                    if has(b"evil") {
+                        EVIL_APPLIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     if has(b"broken") {
                         Some(kole_core::model::WorkloadPhase::Failed)
                     } else if has(b"stuck") {
