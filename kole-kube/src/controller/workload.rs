@@ -140,7 +140,7 @@ async fn apply_workload(obj: Arc<EdgeWorkload>, ctx: Arc<WorkloadCtx>) -> Result
                 }
                 None => {
                     // A status without `current` still resumes when it describes this generation.
-                    let progress = convert::progress_from_status(&obj).unwrap_or(None);
+                    let progress = convert::progress_from_status(obj).unwrap_or(None);
                     state.previous = status.and_then(|s| s.previous.clone());
                     state.current = Some(AppliedVersion { version: workload.version, spec: obj.spec.clone() });
                     commands.push(WorkloadCommand::Apply { workload, progress });
