@@ -86,6 +86,7 @@ fn sample_manifest(generation: u64) -> Manifest {
             ChunkInfo { section: SectionKind::Nodes, bytes: 10, raw_len: 20, items: 3, checksum: 2 },
         ],
         total_bytes: 20,
+        fencing_token: 0,
     }
 }
 
