@@ -540,6 +540,11 @@ mod tests {
         (log, rx, stop_tx)
     }
 
+    /// Fails a test that hangs (on paused time, this fires even when nothing else would wake).
+    async fn bounded(f: impl Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(600), f).await.expect("test hung");
+    }
+
     async fn wait_for(rx: &mut watch::Receiver<bool>, want: bool, within: Duration) {
         tokio::time::timeout(within, rx.wait_for(|l| *l == want))
             .await
@@ -549,92 +554,110 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hung_apiserver_makes_the_leader_step_down_at_the_renew_deadline() {
-        let (e, fake) = elector(None);
-        let (_log, mut leading, _stop) = run(e);
-        wait_for(&mut leading, true, Duration::from_secs(1)).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        fake.lock().unwrap().mode = Mode::Hang;
-        // Without call timeouts the renewal hangs forever and the leader keeps believing it leads.
-        wait_for(&mut leading, false, Duration::from_secs(30)).await;
-        let stepped_down = Instant::now();
-        let last = fake.lock().unwrap().last_write.unwrap();
-        let since = stepped_down - last;
-        assert!(since <= Duration::from_secs(10), "stepped down {since:?} after the last renewal, past the deadline");
-        assert!(since >= Duration::from_millis(9_900), "stepped down {since:?} after the last renewal, too early");
-        assert!(since < Duration::from_secs(15), "a standby could have taken over while it led");
+        bounded(async {
+            let (e, fake) = elector(None);
+            let (_log, mut leading, _stop) = run(e);
+            wait_for(&mut leading, true, Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            fake.lock().unwrap().mode = Mode::Hang;
+            // Without call timeouts the renewal hangs forever and the leader keeps believing it leads.
+            wait_for(&mut leading, false, Duration::from_secs(30)).await;
+            let stepped_down = Instant::now();
+            let last = fake.lock().unwrap().last_write.unwrap();
+            let since = stepped_down - last;
+            assert!(
+                since <= Duration::from_secs(10),
+                "stepped down {since:?} after the last renewal, past the deadline"
+            );
+            assert!(since >= Duration::from_millis(9_900), "stepped down {since:?} after the last renewal, too early");
+            assert!(since < Duration::from_secs(15), "a standby could have taken over while it led");
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn transient_errors_do_not_end_a_term_before_the_renew_deadline() {
-        let (e, fake) = elector(None);
-        let token = e.subscribe_fencing_token();
-        let (log, mut leading, _stop) = run(e);
-        wait_for(&mut leading, true, Duration::from_secs(1)).await;
-        assert_eq!(*token.borrow(), Some(0), "a new Lease starts at leaseTransitions 0");
-        // 8 s of 503s, then the apiserver is back: the term goes on, with the same token.
-        fake.lock().unwrap().mode = Mode::Fail;
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        fake.lock().unwrap().mode = Mode::Serve;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(*leading.borrow());
-        assert_eq!(log.lock().unwrap().len(), 1, "leadership flapped: {:?}", log.lock().unwrap());
-        assert_eq!(*token.borrow(), Some(0));
-        // Errors past the deadline do end it.
-        let last = fake.lock().unwrap().last_write.unwrap();
-        fake.lock().unwrap().mode = Mode::Fail;
-        wait_for(&mut leading, false, Duration::from_secs(30)).await;
-        let since = Instant::now() - last;
-        assert!((Duration::from_millis(9_900)..=Duration::from_secs(10)).contains(&since), "{since:?}");
-        assert_eq!(*token.borrow(), None, "no token outside a term");
-        // Once the apiserver answers again, it takes its own lease back as a new term.
-        fake.lock().unwrap().mode = Mode::Serve;
-        wait_for(&mut leading, true, Duration::from_secs(5)).await;
-        assert_eq!(*token.borrow(), Some(1), "a new term of the same holder has a new token");
+        bounded(async {
+            let (e, fake) = elector(None);
+            let token = e.subscribe_fencing_token();
+            let (log, mut leading, _stop) = run(e);
+            wait_for(&mut leading, true, Duration::from_secs(1)).await;
+            assert_eq!(*token.borrow(), Some(0), "a new Lease starts at leaseTransitions 0");
+            // 8 s of 503s, then the apiserver is back: the term goes on, with the same token.
+            fake.lock().unwrap().mode = Mode::Fail;
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            fake.lock().unwrap().mode = Mode::Serve;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(*leading.borrow());
+            assert_eq!(log.lock().unwrap().len(), 1, "leadership flapped: {:?}", log.lock().unwrap());
+            assert_eq!(*token.borrow(), Some(0));
+            // Errors past the deadline do end it.
+            let last = fake.lock().unwrap().last_write.unwrap();
+            fake.lock().unwrap().mode = Mode::Fail;
+            wait_for(&mut leading, false, Duration::from_secs(30)).await;
+            let since = Instant::now() - last;
+            assert!((Duration::from_millis(9_900)..=Duration::from_secs(10)).contains(&since), "{since:?}");
+            assert_eq!(*token.borrow(), None, "no token outside a term");
+            // Once the apiserver answers again, it takes its own lease back as a new term.
+            fake.lock().unwrap().mode = Mode::Serve;
+            wait_for(&mut leading, true, Duration::from_secs(5)).await;
+            assert_eq!(*token.borrow(), Some(1), "a new term of the same holder has a new token");
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_conflict_showing_another_holder_ends_the_term_at_once() {
-        let (e, fake) = elector(None);
-        let (_log, mut leading, _stop) = run(e);
-        wait_for(&mut leading, true, Duration::from_secs(1)).await;
-        let stolen = Instant::now();
-        fake.lock().unwrap().mode = Mode::Steal;
-        wait_for(&mut leading, false, Duration::from_secs(30)).await;
-        // At the next renewal (2 s), not at the renew deadline.
-        assert!(Instant::now() - stolen <= Duration::from_secs(2), "{:?}", Instant::now() - stolen);
+        bounded(async {
+            let (e, fake) = elector(None);
+            let (_log, mut leading, _stop) = run(e);
+            wait_for(&mut leading, true, Duration::from_secs(1)).await;
+            let stolen = Instant::now();
+            fake.lock().unwrap().mode = Mode::Steal;
+            wait_for(&mut leading, false, Duration::from_secs(30)).await;
+            // At the next renewal (2 s), not at the renew deadline.
+            assert!(Instant::now() - stolen <= Duration::from_secs(2), "{:?}", Instant::now() - stolen);
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn standbys_retry_through_errors_and_tokens_count_terms() {
-        // Held by another replica, not expired: a standby stands by through errors.
-        let held = json!({"holderIdentity": "other", "leaseDurationSeconds": 15, "leaseTransitions": 4,
-                          "renewTime": "2024-01-01T00:00:00.000000Z"});
-        let (mut e, fake) = elector(Some(held));
-        assert!(!e.step().await.unwrap());
-        fake.lock().unwrap().mode = Mode::Fail;
-        assert!(e.step().await.is_err());
-        assert!(!e.is_leader());
-        fake.lock().unwrap().mode = Mode::Serve;
-        // The record has not changed for the lease duration by our clock: take over, token 5.
-        tokio::time::sleep(Duration::from_secs(15)).await;
-        assert!(e.step().await.unwrap());
-        assert_eq!(e.fencing_token(), Some(5));
-        assert!(e.step().await.unwrap(), "renewal");
-        assert_eq!(e.fencing_token(), Some(5), "renewals keep the term's token");
+        bounded(async {
+            // Held by another replica, not expired: a standby stands by through errors.
+            let held = json!({"holderIdentity": "other", "leaseDurationSeconds": 15, "leaseTransitions": 4,
+                              "renewTime": "2024-01-01T00:00:00.000000Z"});
+            let (mut e, fake) = elector(Some(held));
+            assert!(!e.step().await.unwrap());
+            fake.lock().unwrap().mode = Mode::Fail;
+            assert!(e.step().await.is_err());
+            assert!(!e.is_leader());
+            fake.lock().unwrap().mode = Mode::Serve;
+            // The record has not changed for the lease duration by our clock: take over, token 5.
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            assert!(e.step().await.unwrap());
+            assert_eq!(e.fencing_token(), Some(5));
+            assert!(e.step().await.unwrap(), "renewal");
+            assert_eq!(e.fencing_token(), Some(5), "renewals keep the term's token");
 
-        // A replica restarted with the same identity finds its own record: a new term, token 8.
-        let mine = json!({"holderIdentity": "me", "leaseDurationSeconds": 15, "leaseTransitions": 7});
-        let (mut e, _fake) = elector(Some(mine));
-        assert!(e.step().await.unwrap());
-        assert_eq!(e.fencing_token(), Some(8));
+            // A replica restarted with the same identity finds its own record: a new term, token 8.
+            let mine = json!({"holderIdentity": "me", "leaseDurationSeconds": 15, "leaseTransitions": 7});
+            let (mut e, _fake) = elector(Some(mine));
+            assert!(e.step().await.unwrap());
+            assert_eq!(e.fencing_token(), Some(8));
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_hung_call_is_an_error_naming_the_lease() {
-        let (mut e, fake) = elector(None);
-        fake.lock().unwrap().mode = Mode::Hang;
-        let err = e.step().await.unwrap_err().to_string();
-        assert_eq!(err, "get Lease ns/fleet timed out after 3s");
+        bounded(async {
+            let (mut e, fake) = elector(None);
+            fake.lock().unwrap().mode = Mode::Hang;
+            let err = e.step().await.unwrap_err().to_string();
+            assert_eq!(err, "get Lease ns/fleet timed out after 3s");
+        })
+        .await;
     }
 
     #[test]
