@@ -201,7 +201,7 @@ impl LeaderElector {
     fn won(&mut self, transitions: i32) -> bool {
         self.leading = true;
         let token = u64::try_from(transitions).unwrap_or(0);
-        self.token.send_if_modified(|t| std::mem::replace(t, Some(token)) != Some(token));
+        self.token.send_if_modified(|t| t.replace(token) != Some(token));
         true
     }
 
@@ -525,7 +525,9 @@ mod tests {
     }
 
     /// Runs `e`, returning the leadership watch and every change of it with its time.
-    fn run(e: LeaderElector) -> (Arc<Mutex<Vec<(Instant, bool)>>>, watch::Receiver<bool>, watch::Sender<bool>) {
+    type Changes = Arc<Mutex<Vec<(Instant, bool)>>>;
+
+    fn run(e: LeaderElector) -> (Changes, watch::Receiver<bool>, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
         let log = Arc::new(Mutex::new(Vec::new()));
