@@ -21,6 +21,14 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A call to the apiserver did not answer in time (a hung connection or apiserver).
+    #[error("{op} timed out after {after:?}")]
+    Timeout {
+        /// What was being done, e.g. "renew Lease kole-system/kole-fleet".
+        op: String,
+        /// The limit it ran into.
+        after: std::time::Duration,
+    },
     /// A serialization failed.
     #[error("{what} does not serialize: {source}")]
     Json {

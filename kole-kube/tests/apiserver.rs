@@ -688,3 +688,58 @@ async fn a_forged_status_is_not_resumed_by_a_controller_with_a_key() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
+async fn a_deposed_leaders_snapshot_commit_is_refused_and_the_newer_generation_survives() {
+    use kole_core::snapshot::SnapshotError;
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-fence").await;
+        // Two writers on one store, as two controllers of successive terms are.
+        let old_term = store(&client, &ns, "fleet");
+        let new_term = store(&client, &ns, "fleet");
+        let opts = |token| SnapshotOptions { fencing_token: token, threads: 1, ..SnapshotOptions::default() };
+        let fleet = ReferenceFleet::new(2_000, 7);
+        let mut old_cache = NodeCache::new();
+        fleet.load_into(&mut old_cache).unwrap();
+        let mut new_cache = NodeCache::new();
+        ReferenceFleet::new(3_000, 8).load_into(&mut new_cache).unwrap();
+
+        // Term 1 writes a generation, then starts another: its chunks are stored, its commit pending.
+        write_snapshot(&old_term, &old_cache, &opts(1), fleet.now()).await.unwrap();
+        let g = old_term.next_generation().await.unwrap();
+        let late = encode_snapshot(&old_cache, g, fleet.now(), &opts(1)).unwrap();
+        for (i, chunk) in late.chunks.iter().enumerate() {
+            old_term.put_chunk(g, i as u32, chunk).await.unwrap();
+        }
+        // Term 2 begins and writes.
+        let newer = write_snapshot(&new_term, &new_cache, &opts(2), fleet.now()).await.unwrap();
+        assert_eq!(newer.fencing_token, 2);
+
+        // The deposed writer's commit, a whole write and a prune are refused.
+        let err = old_term.commit(&late.manifest).await.unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::Fenced { token: 1, newer_token: 2, newer_generation, .. } if newer_generation == newer.generation),
+            "{err:?}"
+        );
+        eprintln!("refused: {err}");
+        let err = write_snapshot(&old_term, &old_cache, &opts(1), fleet.now()).await.unwrap_err();
+        assert!(matches!(err, SnapshotError::Fenced { .. }), "{err:?}");
+        let err = old_term.prune_fenced(1, 1).await.unwrap_err();
+        assert!(matches!(err, SnapshotError::Fenced { .. }), "{err:?}");
+
+        // The newer generation survives, is the latest, and restores whole.
+        let restored = restore_latest(&new_term, &RestoreLimits::default()).await.unwrap().unwrap();
+        assert_eq!(restored.manifest, newer);
+        assert!(restored.faults.is_empty(), "{:?}", restored.faults);
+        assert_eq!(restored.cache.len(), 3_000);
+        let listed = new_term.list_manifests().await.unwrap();
+        assert!(listed.iter().all(|m| m.generation <= newer.generation), "{listed:?}");
+        for i in 0..newer.chunk_count {
+            assert!(new_term.get_chunk(newer.generation, i).await.unwrap().is_some(), "chunk {i} kept");
+        }
+    })
+    .await;
+}

@@ -17,6 +17,12 @@
 //! the controllers stop, the engine writes a final snapshot, the Lease is released (so a standby
 //! takes over within about a second), and the process exits 0.
 //!
+//! A leader keeps leading through apiserver errors and timeouts until its renew deadline (10 s
+//! without a successful renewal; the Lease lasts 15 s), then steps down. A term that ends because
+//! the Lease was lost writes no final snapshot, and every snapshot write carries the term's
+//! fencing token (the Lease's `leaseTransitions`), so the snapshot store refuses a deposed
+//! leader's writes once the next term has written.
+//!
 //! # Health endpoints (`--listen`)
 //!
 //! - `/healthz`: 200 unless the engine driver or a controller task died unexpectedly; then 503
@@ -556,6 +562,8 @@ struct Term<'a> {
     hub: MemoryHub,
     tls: Option<TlsSettings>,
     credentials: Option<kole_mqtt::Credentials>,
+    /// The elector's fencing token: the current term's while leading.
+    fencing: watch::Receiver<Option<u64>>,
 }
 
 /// Waits until `rx` holds `want` (or its sender is gone).
@@ -636,10 +644,11 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
     // earlier would let the standby restore an older generation.
     let (elector_stop_tx, elector_stop_rx) = watch::channel(false);
     let elector = LeaderElector::new(client.clone(), LeaseConfig::new(&opts.namespace, &opts.lease, &opts.identity));
+    let fencing = elector.subscribe_fencing_token();
     let election = tokio::spawn(elector.run_reporting(leading_tx, reachable_tx, elector_stop_rx));
     tracing::info!(identity = %opts.identity, lease = %format!("{}/{}", opts.namespace, opts.lease), listen = %opts.listen, "campaigning");
 
-    let term = Term { opts: &opts, signer, client, state: state.clone(), hub, tls, credentials };
+    let term = Term { opts: &opts, signer, client, state: state.clone(), hub, tls, credentials, fencing };
     let mut failed = false;
     loop {
         tokio::select! {
@@ -734,11 +743,24 @@ impl Term<'_> {
         let (ev_tx, mut ev_rx) = mpsc::channel(8192);
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (term_tx, term_rx) = watch::channel(false);
-        let dcfg = EngineDriverConfig { snapshot: SnapshotOptions::default(), ..Default::default() };
+        // The term's fencing token (published before `leading`): the snapshot store refuses this
+        // term's writes once a newer term has written.
+        let Some(token) = *self.fencing.borrow() else {
+            return Ok(TermEnd::LostLease);
+        };
+        tracing::info!(fencing_token = token, "snapshot writes fenced by this term's token");
+        let dcfg = EngineDriverConfig {
+            snapshot: SnapshotOptions { fencing_token: token, ..SnapshotOptions::default() },
+            ..Default::default()
+        };
+        // Whether the engine writes its final snapshot is known only when the term ends.
+        let (final_snapshot_tx, final_snapshot_rx) = watch::channel(true);
         let reconcile_cloud = Arc::clone(&cloud);
         let reconcile_cmds = cmd_tx.clone();
         let mut driver = tokio::spawn(
-            EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx).run(cmd_rx, term_rx.clone()),
+            EngineDriver::new(dcfg, engine, cloud, Some(store), system_clock(), ev_tx)
+                .with_final_snapshot_switch(final_snapshot_rx)
+                .run(cmd_rx, term_rx.clone()),
         );
         let ccfg = ControllerConfig {
             status_key: self.signer.clone(),
@@ -859,14 +881,20 @@ impl Term<'_> {
                 TermEnd::Stop
             }
         };
-        // Stop taking work, then let the engine write its final snapshot.
+        // Stop taking work, then let the engine write its final snapshot: only on a clean stop
+        // while leading. A deposed leader writes nothing; the new leader owns the snapshots.
         state.serving.store(false, Ordering::Relaxed);
         state.stopping.store(matches!(end, TermEnd::Stop), Ordering::Relaxed);
+        if matches!(end, TermEnd::LostLease) {
+            let _ = final_snapshot_tx.send(false);
+            tracing::warn!("the Lease was lost: stopping without the final snapshot");
+        }
         let _ = term_tx.send(true);
         let grace = Duration::from_secs(opts.shutdown_timeout);
         let stopped = tokio::time::timeout(grace, async {
             if !driver.is_finished() {
                 match (&mut driver).await {
+                    Ok(Ok(_)) if matches!(end, TermEnd::LostLease) => tracing::info!("engine stopped"),
                     Ok(Ok(_)) => tracing::info!("engine stopped (final snapshot written)"),
                     Ok(Err(e)) => tracing::warn!(error = %e, "engine stopped with an error"),
                     Err(e) => tracing::warn!(error = %e, "engine task failed"),

@@ -138,6 +138,7 @@ pub struct EngineDriver {
     events: mpsc::Sender<DriverEvent>,
     events_dropped: u64,
     observer: Option<Box<dyn DriverObserver>>,
+    final_snapshot: Option<watch::Receiver<bool>>,
 }
 
 impl EngineDriver {
@@ -151,7 +152,27 @@ impl EngineDriver {
         clock: Clock,
         events: mpsc::Sender<DriverEvent>,
     ) -> Self {
-        Self { cfg, engine, transport, snapshots, clock, events, events_dropped: 0, observer: None }
+        Self {
+            cfg,
+            engine,
+            transport,
+            snapshots,
+            clock,
+            events,
+            events_dropped: 0,
+            observer: None,
+            final_snapshot: None,
+        }
+    }
+
+    /// Decides at stop time whether the final snapshot is written: only when `allowed` holds
+    /// `true` as the driver stops (and [`EngineDriverConfig::snapshot_on_shutdown`] is set). A
+    /// leader whose Lease was lost sets it to `false` before asking the driver to stop, since only
+    /// then is the reason known: a deposed leader must not write (its store would refuse it as
+    /// fenced anyway, but a refused write is a warning, not a plan).
+    pub fn with_final_snapshot_switch(mut self, allowed: watch::Receiver<bool>) -> Self {
+        self.final_snapshot = Some(allowed);
+        self
     }
 
     /// Calls `observer` after every input the engine handles (see [`DriverObserver`]).
@@ -215,7 +236,9 @@ impl EngineDriver {
         if let Some(task) = snapshot_task.take() {
             self.report_snapshot(task.await);
         }
+        let allowed = self.final_snapshot.as_ref().is_none_or(|a| *a.borrow());
         if self.cfg.snapshot_on_shutdown
+            && allowed
             && let Some(task) = self.start_snapshot()
         {
             self.report_snapshot(task.await);
@@ -489,6 +512,45 @@ mod tests {
             // The registration's batch: one message in, the ack out, counted by the engine.
             assert!(seen.contains(&(HandledInput::Uplink(1), 1, 1)), "{seen:?}");
             assert!(seen.iter().any(|s| s.0 == HandledInput::Tick));
+        };
+        tokio::time::timeout(Duration::from_secs(20), test).await.unwrap();
+    }
+
+    /// A leader that lost its Lease stops without its final snapshot; one stopping cleanly
+    /// (SIGTERM while leading) still writes it.
+    #[tokio::test]
+    async fn the_final_snapshot_switch_decides_at_stop_time() {
+        let test = async {
+            for allowed in [false, true] {
+                let hub = MemoryHub::new(MemoryConfig::default());
+                let cloud: Arc<dyn CloudTransport> = Arc::new(hub.cloud().unwrap());
+                let store = Arc::new(MemorySnapshotStore::new());
+                let engine = Engine::new(EngineConfig::default(), NodeCache::new(), Timestamp::from_secs(1));
+                let (ev_tx, _ev_rx) = mpsc::channel(64);
+                let (final_tx, final_rx) = watch::channel(true);
+                let driver = EngineDriver::new(
+                    EngineDriverConfig::default(),
+                    engine,
+                    cloud,
+                    Some(store.clone()),
+                    system_clock(),
+                    ev_tx,
+                )
+                .with_final_snapshot_switch(final_rx);
+                let (_cmd_tx, cmd_rx) = mpsc::channel(8);
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(driver.run(cmd_rx, stop_rx));
+                // The reason is known only at stop time: the switch flips just before the stop.
+                final_tx.send(allowed).unwrap();
+                stop_tx.send(true).unwrap();
+                task.await.unwrap().unwrap();
+                let written = store.generations();
+                if allowed {
+                    assert_eq!(written, vec![1], "a clean stop writes the final snapshot");
+                } else {
+                    assert!(written.is_empty(), "a deposed leader wrote generations {written:?}");
+                }
+            }
         };
         tokio::time::timeout(Duration::from_secs(20), test).await.unwrap();
     }

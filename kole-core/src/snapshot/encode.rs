@@ -122,6 +122,7 @@ pub fn encode_snapshot(
         chunk_count: count,
         total_bytes: infos.iter().map(|c| u64::from(c.bytes)).sum(),
         chunks: infos,
+        fencing_token: opts.fencing_token,
     };
     Ok(EncodedSnapshot { manifest, chunks: pending.into_iter().map(|p| p.bytes).collect() })
 }

@@ -123,6 +123,22 @@ pub enum SnapshotError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Writing: the store holds a generation written under a newer fencing token, so this writer
+    /// is no longer the leader (another term began) and must not commit or prune.
+    #[error(
+        "{op} refused: the store's generation {newer_generation} was written under fencing token {newer_token}, \
+         newer than this writer's {token}; another leadership term has begun, so this writer must stop writing"
+    )]
+    Fenced {
+        /// What was refused (`commit of generation 7`, `prune`).
+        op: String,
+        /// This writer's token.
+        token: u64,
+        /// The newest token in the store.
+        newer_token: u64,
+        /// The generation written under it.
+        newer_generation: u64,
+    },
     /// Restore found complete generations, but none of them is usable; every one is listed.
     #[error("no usable snapshot generation: {}", faults.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))]
     NoUsableGeneration {

@@ -45,6 +45,15 @@ pub struct Manifest {
     pub chunks: Vec<ChunkInfo>,
     /// Sum of the chunks' stored sizes.
     pub total_bytes: u64,
+    /// The writer's fencing token ([`SnapshotOptions::fencing_token`](super::SnapshotOptions)):
+    /// a store shared by several writers refuses a commit or prune under a token older than the
+    /// newest it holds. 0 for unfenced writers and for manifests written before tokens existed.
+    ///
+    /// Stored after the postcard body (8 bytes, little endian) rather than in it, so manifests
+    /// without it still decode (as 0) and older builds, which ignore trailing bytes, still read
+    /// manifests with it.
+    #[serde(skip)]
+    pub fencing_token: u64,
 }
 
 impl Manifest {
@@ -81,8 +90,8 @@ impl Manifest {
         self.chunks.iter().take_while(|c| c.section == SectionKind::Dictionary).count()
     }
 
-    /// The manifest's stored form: magic, format version (u16 LE), postcard body, CRC-32 (u32 LE)
-    /// of everything before it.
+    /// The manifest's stored form: magic, format version (u16 LE), postcard body, the fencing
+    /// token (u64 LE, omitted when 0), CRC-32 (u32 LE) of everything before it.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.chunks.len() * 16);
         out.extend_from_slice(&MANIFEST_MAGIC);
@@ -90,6 +99,9 @@ impl Manifest {
         // Serializing plain integers and enums into a Vec cannot fail.
         if let Ok(body) = postcard::to_stdvec(self) {
             out.extend_from_slice(&body);
+        }
+        if self.fencing_token != 0 {
+            out.extend_from_slice(&self.fencing_token.to_le_bytes());
         }
         let mut crc = flate2::Crc::new();
         crc.update(&out);
@@ -119,10 +131,13 @@ impl Manifest {
         if version != FORMAT_VERSION {
             return Err(bad("unknown manifest format version"));
         }
-        let m: Manifest = postcard::from_bytes(&body[6..]).map_err(|e| SnapshotError::InvalidManifest {
-            generation: None,
-            reason: format!("does not decode: {e}"),
+        let (mut m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(&body[6..]).map_err(|e| {
+            SnapshotError::InvalidManifest { generation: None, reason: format!("does not decode: {e}") }
         })?;
+        m.fencing_token = match rest {
+            [] => 0,
+            t => u64::from_le_bytes(t.try_into().map_err(|_| bad("trailing bytes after the body"))?),
+        };
         m.validate()?;
         Ok(m)
     }
@@ -148,6 +163,7 @@ mod tests {
             chunk_count: 2,
             chunks,
             total_bytes: 300,
+            fencing_token: 0,
         }
     }
 
@@ -166,6 +182,30 @@ mod tests {
         let mut wrong = sample();
         wrong.node_count = 41;
         assert!(Manifest::from_bytes(&wrong.to_bytes(), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn fencing_token_round_trips_and_old_manifests_read_as_zero() {
+        // Without a token the stored form is exactly the one written before tokens existed.
+        let old = sample();
+        let old_bytes = old.to_bytes();
+        let mut framed = MANIFEST_MAGIC.to_vec();
+        framed.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        framed.extend_from_slice(&postcard::to_stdvec(&old).unwrap());
+        let mut crc = flate2::Crc::new();
+        crc.update(&framed);
+        framed.extend_from_slice(&crc.sum().to_le_bytes());
+        assert_eq!(old_bytes, framed);
+        assert_eq!(Manifest::from_bytes(&old_bytes, 1 << 20).unwrap().fencing_token, 0);
+
+        let fenced = Manifest { fencing_token: 0x0102_0304_0506_0708, ..sample() };
+        let bytes = fenced.to_bytes();
+        assert_eq!(bytes.len(), old_bytes.len() + 8);
+        assert_eq!(Manifest::from_bytes(&bytes, 1 << 20).unwrap(), fenced);
+        // An older build decodes the body with postcard::from_bytes, which ignores the trailer.
+        let body = &bytes[6..bytes.len() - 4];
+        let seen_by_old: Manifest = postcard::from_bytes(body).unwrap();
+        assert_eq!(seen_by_old, Manifest { fencing_token: 0, ..fenced });
     }
 
     proptest! {

@@ -72,6 +72,12 @@ pub struct SnapshotOptions {
     pub keep_generations: usize,
     /// Fixes the snapshot id (tests, reproducible output). Default `None`: random per write.
     pub snapshot_id: Option<u64>,
+    /// The writer's fencing token, recorded in the manifest ([`Manifest::fencing_token`]): a
+    /// leader writes the token of its leadership term (e.g. `LeaderElector::fencing_token` in
+    /// kole-kube), and a store shared by several writers refuses to commit or prune under a token
+    /// older than the newest it holds, so a deposed leader cannot overwrite its successor's
+    /// generations. Default 0: unfenced (a single writer).
+    pub fencing_token: u64,
 }
 
 impl Default for SnapshotOptions {
@@ -85,6 +91,7 @@ impl Default for SnapshotOptions {
             sample_items: 16_384,
             keep_generations: 2,
             snapshot_id: None,
+            fencing_token: 0,
         }
     }
 }

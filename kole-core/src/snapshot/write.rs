@@ -10,7 +10,9 @@ use crate::model::Timestamp;
 /// previous generation is the latest, after it this one is), then generations beyond
 /// [`SnapshotOptions::keep_generations`] are pruned. A failure before the commit leaves the
 /// previous generation in place; a failure while pruning is returned although the new
-/// generation is already committed.
+/// generation is already committed. The commit and the prune carry
+/// [`SnapshotOptions::fencing_token`], so a store shared with a newer leader refuses them
+/// ([`SnapshotError::Fenced`]).
 ///
 /// Encoding is CPU work (about a second for a million nodes, on `opts.threads` threads) done
 /// inside this future; call it where blocking that long is acceptable.
@@ -27,6 +29,6 @@ pub async fn write_snapshot(
         store.put_chunk(generation, index as u32, chunk).await?;
     }
     store.commit(&encoded.manifest).await?;
-    store.prune(opts.keep_generations.max(1)).await?;
+    store.prune_fenced(opts.keep_generations.max(1), opts.fencing_token).await?;
     Ok(encoded.manifest)
 }

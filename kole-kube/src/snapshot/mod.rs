@@ -12,6 +12,18 @@
 //! objects of generations no longer listed. The last complete generation is never deleted: prune
 //! keeps at least one, and removes chunks only of generations the manifest object does not list.
 //!
+//! **Fencing.** Each generation's manifest carries its writer's fencing token (the leadership
+//! term's, see `lease::LeaderElector::fencing_token`). [`commit`](SnapshotStore::commit) and
+//! [`prune_fenced`](SnapshotStore::prune_fenced) read the manifest object, refuse with
+//! [`SnapshotError::Fenced`] when any recorded generation carries a newer token, and write with
+//! the `resourceVersion` they read as a precondition: if the object changed in between, the
+//! write gets 409, is retried from a fresh read, and so meets the fence again. A deposed leader
+//! therefore never replaces or prunes a newer term's generations. A fenced prune also leaves
+//! chunks above the newest complete generation alone (they may be the new leader's write in
+//! progress). Not fenced: chunk objects themselves. Two writers that pick the same generation
+//! number may overwrite each other's chunks; the manifest's checksums and snapshot id catch
+//! that on restore, which then falls back to the previous generation.
+//!
 //! Every call retries with jittered exponential backoff on 409 (where a retry can succeed), 429,
 //! 5xx and transport errors; 413 (request too large), 422 (invalid) and other 4xx fail at once
 //! with an error naming the object.
@@ -97,6 +109,8 @@ impl std::fmt::Debug for KubeSnapshotStore {
 enum Attempt<T> {
     Done(T),
     Retry(kube::Error),
+    /// A refusal that no retry can change (fenced).
+    Refuse(SnapshotError),
 }
 
 /// Whether an error is worth retrying: conflicts, throttling, server errors and transport errors.
@@ -166,6 +180,7 @@ impl KubeSnapshotStore {
             let err = match f().await {
                 Ok(Attempt::Done(v)) => return Ok(v),
                 Ok(Attempt::Retry(e)) => e,
+                Ok(Attempt::Refuse(e)) => return Err(e),
                 Err(e) if is_retryable(&e) => e,
                 Err(e) => return Err(self.backend(op(), e)),
             };
@@ -242,6 +257,26 @@ fn manifest_generation(m: &Manifest) -> SnapshotGeneration {
         total_bytes: m.total_bytes,
         created_at_ms: m.created_at.as_millis(),
         manifest: Base64Bytes(m.to_bytes()),
+    }
+}
+
+/// The newest fencing token among the recorded generations, with its generation; records that do
+/// not decode are skipped (they are skipped on restore too).
+fn newest_token(spec: &SnapshotManifestSpec) -> Option<(u64, u64)> {
+    spec.generations
+        .iter()
+        .filter_map(|g| Manifest::from_bytes(&g.manifest.0, 16 << 20).ok())
+        .map(|m| (m.fencing_token, m.generation))
+        .max()
+}
+
+/// `Some(refusal)` when `spec` holds a generation written under a newer token than `token`.
+fn fence(spec: &SnapshotManifestSpec, token: u64, op: impl FnOnce() -> String) -> Option<SnapshotError> {
+    match newest_token(spec) {
+        Some((newer_token, newer_generation)) if newer_token > token => {
+            Some(SnapshotError::Fenced { op: op(), token, newer_token, newer_generation })
+        }
+        _ => None,
     }
 }
 
@@ -326,6 +361,12 @@ impl SnapshotStore for KubeSnapshotStore {
                         self.manifests.create(&pp, &obj).await.map(|_| Attempt::Done(()))
                     }
                     Some(mut obj) => {
+                        // Checked on every attempt: a conflict's re-read may show a newer term.
+                        if let Some(refused) = fence(&obj.spec, manifest.fencing_token, || {
+                            format!("commit of generation {} to SnapshotManifest {name}", manifest.generation)
+                        }) {
+                            return Ok(Attempt::Refuse(refused));
+                        }
                         obj.spec.generations.retain(|g| g.generation != record.generation);
                         obj.spec.generations.push(record.clone());
                         set_latest(&mut obj.spec);
@@ -373,6 +414,19 @@ impl SnapshotStore for KubeSnapshotStore {
     }
 
     async fn prune(&self, keep: usize) -> Result<(), SnapshotError> {
+        self.prune_with(keep, None).await
+    }
+
+    async fn prune_fenced(&self, keep: usize, fencing_token: u64) -> Result<(), SnapshotError> {
+        self.prune_with(keep, Some(fencing_token)).await
+    }
+}
+
+impl KubeSnapshotStore {
+    /// Prune, fenced by `token` when given: refused under an older token than the manifest
+    /// object holds, and sparing chunks above the newest kept generation (another writer's write
+    /// in progress; the next prune after a newer commit removes them if they were a leftover).
+    async fn prune_with(&self, keep: usize, token: Option<u64>) -> Result<(), SnapshotError> {
         let keep = keep.max(1);
         let name = self.cfg.name.clone();
         let pp = PostParams::default();
@@ -384,6 +438,11 @@ impl SnapshotStore for KubeSnapshotStore {
                     let Some(mut obj) = self.manifests.get_opt(&name).await? else {
                         return Ok(Attempt::Done(BTreeSet::new()));
                     };
+                    if let Some(refused) =
+                        token.and_then(|t| fence(&obj.spec, t, || format!("prune of SnapshotManifest {name}")))
+                    {
+                        return Ok(Attempt::Refuse(refused));
+                    }
                     let valid: Vec<u64> = obj
                         .spec
                         .generations
@@ -403,14 +462,18 @@ impl SnapshotStore for KubeSnapshotStore {
                     if obj.spec.generations.len() != before {
                         set_latest(&mut obj.spec);
                         obj.metadata.managed_fields = None;
+                        // The resourceVersion precondition: a commit in between makes this retry,
+                        // and the retry checks the fence again.
                         self.manifests.replace(&name, &pp, &obj).await?;
                     }
                     Ok(Attempt::Done(valid.into_iter().collect()))
                 },
             )
             .await?;
+        let newest_kept = kept.last().copied().unwrap_or(0);
         for g in self.chunk_generations().await? {
-            if !kept.contains(&g) {
+            let in_progress_elsewhere = token.is_some() && g > newest_kept;
+            if !kept.contains(&g) && !in_progress_elsewhere {
                 self.delete_generation(g).await?;
             }
         }

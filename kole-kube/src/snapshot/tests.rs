@@ -56,11 +56,17 @@ fn chunk_object(name: &str, rv: &str, generation: u64, index: u32, data: &[u8]) 
 }
 
 fn manifest_object(rv: &str, generations: &[u64]) -> Value {
+    let fenced: Vec<(u64, u64)> = generations.iter().map(|&g| (g, 0)).collect();
+    fenced_manifest_object(rv, &fenced)
+}
+
+/// A manifest object recording `(generation, fencing token)` pairs, newest first.
+fn fenced_manifest_object(rv: &str, generations: &[(u64, u64)]) -> Value {
     use base64::Engine as _;
     let gens: Vec<Value> = generations
         .iter()
-        .map(|&g| {
-            let m = sample_manifest(g);
+        .map(|&(g, token)| {
+            let m = Manifest { fencing_token: token, ..sample_manifest(g) };
             json!({"generation": g, "nodeCount": m.node_count, "chunkCount": m.chunk_count,
                    "totalBytes": m.total_bytes, "createdAtMs": 1000,
                    "manifest": base64::engine::general_purpose::STANDARD.encode(m.to_bytes())})
@@ -68,7 +74,7 @@ fn manifest_object(rv: &str, generations: &[u64]) -> Value {
         .collect();
     json!({"apiVersion": "kole.dev/v1alpha1", "kind": "SnapshotManifest",
            "metadata": {"name": "kole-snapshot", "namespace": "kole-system", "resourceVersion": rv},
-           "spec": {"latestGeneration": generations.first().copied().unwrap_or(0), "generations": gens}})
+           "spec": {"latestGeneration": generations.first().map_or(0, |g| g.0), "generations": gens}})
 }
 
 fn sample_manifest(generation: u64) -> Manifest {
@@ -86,6 +92,7 @@ fn sample_manifest(generation: u64) -> Manifest {
             ChunkInfo { section: SectionKind::Nodes, bytes: 10, raw_len: 20, items: 3, checksum: 2 },
         ],
         total_bytes: 20,
+        fencing_token: 0,
     }
 }
 
@@ -321,6 +328,114 @@ async fn list_and_get_read_back_what_was_stored() {
         )
         .await;
         assert_eq!(task.await.unwrap().unwrap(), Some(b"bytes".to_vec()));
+    })
+    .await;
+}
+
+/// No request follows within 50 ms.
+async fn no_more_requests(h: &mut Mock) {
+    assert!(!matches!(tokio::time::timeout(Duration::from_millis(50), h.next_request()).await, Ok(Some(_))));
+}
+
+#[tokio::test]
+async fn a_commit_under_an_older_fencing_token_is_refused_and_writes_nothing() {
+    timed(async {
+        let (store, mut h) = store();
+        let deposed = Manifest { fencing_token: 3, ..sample_manifest(6) };
+        let task = tokio::spawn(async move { store.commit(&deposed).await });
+        let path = format!("{BASE}/snapshotmanifests/kole-snapshot");
+        // Generation 5 was written in term 4.
+        expect(&mut h, Method::GET, &path, 200, fenced_manifest_object("10", &[(5, 4), (4, 3)])).await;
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, SnapshotError::Fenced { token: 3, newer_token: 4, newer_generation: 5, .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("commit of generation 6") && msg.contains("another leadership term"), "{msg}");
+        no_more_requests(&mut h).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_commit_that_conflicts_rereads_and_meets_the_newer_term_there() {
+    timed(async {
+        let (store, mut h) = store();
+        let m = Manifest { fencing_token: 3, ..sample_manifest(6) };
+        let task = tokio::spawn(async move { store.commit(&m).await });
+        let path = format!("{BASE}/snapshotmanifests/kole-snapshot");
+        expect(&mut h, Method::GET, &path, 200, fenced_manifest_object("10", &[(5, 3)])).await;
+        let sent = expect(&mut h, Method::PUT, &format!("{path}?"), 409, status(409, "Conflict")).await;
+        assert_eq!(sent["metadata"]["resourceVersion"], "10", "the write carried its precondition");
+        // The manifest changed under it: the new leader (term 4) committed generation 6.
+        expect(&mut h, Method::GET, &path, 200, fenced_manifest_object("11", &[(6, 4), (5, 3)])).await;
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, SnapshotError::Fenced { newer_token: 4, newer_generation: 6, .. }), "{err:?}");
+        no_more_requests(&mut h).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_commit_under_the_same_or_a_newer_token_goes_ahead() {
+    timed(async {
+        let (store, mut h) = store();
+        let m = Manifest { fencing_token: 4, ..sample_manifest(7) };
+        let task = tokio::spawn(async move { store.commit(&m).await });
+        let path = format!("{BASE}/snapshotmanifests/kole-snapshot");
+        expect(&mut h, Method::GET, &path, 200, fenced_manifest_object("10", &[(6, 4), (5, 3)])).await;
+        let sent = expect(&mut h, Method::PUT, &format!("{path}?"), 200, manifest_object("11", &[7, 6, 5])).await;
+        use base64::Engine as _;
+        let record = base64::engine::general_purpose::STANDARD
+            .decode(sent["spec"]["generations"][0]["manifest"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(Manifest::from_bytes(&record, 1 << 20).unwrap().fencing_token, 4, "the token is recorded");
+        task.await.unwrap().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_fenced_prune_is_refused_under_an_older_token_and_spares_writes_in_progress() {
+    timed(async {
+        let path = format!("{BASE}/snapshotmanifests/kole-snapshot");
+        let (deposed, mut h) = store();
+        let task = tokio::spawn(async move { deposed.prune_fenced(1, 3).await });
+        expect(&mut h, Method::GET, &path, 200, fenced_manifest_object("20", &[(6, 4), (5, 3)])).await;
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, SnapshotError::Fenced { token: 3, newer_token: 4, .. }), "{err:?}");
+        no_more_requests(&mut h).await;
+
+        // The current term prunes: generation 5 goes, and so does the leftover 4, but chunks of
+        // generation 7 (above the newest complete one: a write in progress) stay.
+        let (store, mut h) = store();
+        let task = tokio::spawn(async move { store.prune_fenced(1, 4).await });
+        expect(&mut h, Method::GET, &path, 200, fenced_manifest_object("20", &[(6, 4), (5, 3)])).await;
+        expect(&mut h, Method::PUT, &format!("{path}?"), 200, manifest_object("21", &[6])).await;
+        let meta = |g: u64| {
+            json!({"metadata": {"name": format!("c{g}"), "labels": {STORE_LABEL: "kole-snapshot", GENERATION_LABEL: g.to_string()}}})
+        };
+        let q = "labelSelector=kole.dev%2Fsnapshot-store%3Dkole-snapshot&limit=500";
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{BASE}/snapshotchunks?&{q}"),
+            200,
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {},
+                   "items": [meta(4), meta(5), meta(6), meta(7)]}),
+        )
+        .await;
+        for g in [4, 5] {
+            let q = format!("labelSelector=kole.dev%2Fsnapshot-store%3Dkole-snapshot%2Ckole.dev%2Fgeneration%3D{g}");
+            expect(
+                &mut h,
+                Method::DELETE,
+                &format!("{BASE}/snapshotchunks?&{q}"),
+                200,
+                json!({"apiVersion": "kole.dev/v1alpha1", "kind": "SnapshotChunkList", "metadata": {}, "items": []}),
+            )
+            .await;
+        }
+        task.await.unwrap().unwrap();
+        no_more_requests(&mut h).await;
     })
     .await;
 }
