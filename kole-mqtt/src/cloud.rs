@@ -51,6 +51,13 @@ pub struct CloudStats {
     pub bad_topic: u64,
     /// Downlink publishes handed to the MQTT clients (a fan-out counts once per broker).
     pub published: u64,
+    /// Downlink messages dropped by `send` because their PUBLISH packet (payload, topic and header)
+    /// would exceed `ConnectionConfig::max_packet_bytes`; the rest of their batch was sent.
+    pub oversize_dropped: u64,
+    /// Uplink messages delivered with the retain flag (a node published them retained, or the
+    /// broker replayed them on subscribe): ignored, never reach the engine. A node's retained
+    /// publish would otherwise be replayed to the controller after every reconnect.
+    pub retained_uplink_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +67,8 @@ struct Counters {
     received: AtomicU64,
     bad_topic: AtomicU64,
     published: AtomicU64,
+    oversize_dropped: AtomicU64,
+    retained_uplink_dropped: AtomicU64,
 }
 
 struct Publish {
@@ -104,7 +113,8 @@ pub struct MqttCloud {
     inbox: Inbox<Inbound>,
     closed: CancellationToken,
     counters: Arc<Counters>,
-    max_payload: usize,
+    /// `ConnectionConfig::max_packet_bytes`: the largest PUBLISH packet sent.
+    max_packet: usize,
     send_timeout: Duration,
     outbox_capacity: usize,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -130,10 +140,11 @@ impl MqttCloud {
         let (ready_tx, mut ready_rx) = mpsc::channel::<()>(cfg.brokers.len() * per);
         let mut tasks = Vec::new();
         let mut brokers = Vec::with_capacity(cfg.brokers.len());
+        let nonce = conn::client_id_nonce()?;
         for (b, broker) in cfg.brokers.iter().enumerate() {
             let mut conns = Vec::with_capacity(per);
             for c in 0..per {
-                let id = format!("{}-{b}-{c}", cfg.client_id);
+                let id = format!("{}-{nonce}-{b}-{c}", cfg.client_id);
                 let creds = cfg.credentials.as_ref().map(|c| (c.username.as_str(), c.password.as_str()));
                 let opts = conn::options(broker, &id, creds, &cfg.connection)?;
                 let (client, eventloop) = conn::client(opts, &cfg.connection);
@@ -167,7 +178,7 @@ impl MqttCloud {
             inbox,
             closed,
             counters,
-            max_payload: cfg.connection.max_packet_bytes.saturating_sub(512),
+            max_packet: cfg.connection.max_packet_bytes,
             send_timeout: cfg.send_timeout,
             outbox_capacity: cfg.outbox_capacity.clamp(1, Semaphore::MAX_PERMITS),
             tasks: std::sync::Mutex::new(tasks),
@@ -212,6 +223,8 @@ impl MqttCloud {
             dropped_full: self.inbox.dropped(),
             bad_topic: c.bad_topic.load(Ordering::Relaxed),
             published: c.published.load(Ordering::Relaxed),
+            oversize_dropped: c.oversize_dropped.load(Ordering::Relaxed),
+            retained_uplink_dropped: c.retained_uplink_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -291,6 +304,11 @@ impl Link {
                 e = eventloop.poll() => e,
             };
             match event {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {
+                    // The ACL cannot stop a node publishing retained on its uplink; the broker would
+                    // replay it on every resubscribe, as if the node said it again.
+                    self.counters.retained_uplink_dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => match self.topics.parse_uplink(&p.topic) {
                     Ok((node, kind)) => {
                         self.counters.received.fetch_add(1, Ordering::Relaxed);
@@ -393,14 +411,25 @@ impl CloudTransport for MqttCloud {
         if self.closed.is_cancelled() {
             return Err(TransportError::Closed);
         }
-        if let Some(m) = batch.iter().find(|m| m.payload.len() > self.max_payload) {
-            return Err(TransportError::PayloadTooLarge { len: m.payload.len(), max: self.max_payload });
-        }
         let nb = self.brokers.len();
         let per = self.brokers.first().map_or(1, Vec::len);
         let mut queues: Vec<Vec<Publish>> = (0..nb * per).map(|_| Vec::new()).collect();
+        // (count, largest payload, its topic, the payload limit on that topic)
+        let mut oversize: Option<(usize, usize, String, usize)> = None;
         for m in batch {
             let topic = self.topics.downlink(&m.to);
+            // rumqttc refuses a packet over its limit by dropping the connection, so the limit is
+            // checked here on the real packet (topic included), per message: one oversize message
+            // must not cost the batch's others.
+            if conn::publish_packet_size(topic.len(), m.payload.len()) > self.max_packet {
+                let max = conn::max_payload(topic.len(), self.max_packet);
+                let o = oversize.get_or_insert((0, 0, String::new(), 0));
+                o.0 += 1;
+                if m.payload.len() > o.1 {
+                    *o = (o.0, m.payload.len(), topic, max);
+                }
+                continue;
+            }
             if let Destination::Node(n) = &m.to {
                 let b = broker_for(n.as_str(), nb);
                 let c = (stable_hash(0x636f_6e6e, n.as_str().as_bytes()) % per as u64) as usize;
@@ -422,7 +451,13 @@ impl CloudTransport for MqttCloud {
                 self.enqueue(i / per, i % per, msgs, deadline).await?;
             }
         }
-        Ok(())
+        match oversize {
+            None => Ok(()),
+            Some((dropped, largest, to, max)) => {
+                self.counters.oversize_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                Err(TransportError::OversizeDropped { dropped, largest, max, to })
+            }
+        }
     }
 
     async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
@@ -430,7 +465,7 @@ impl CloudTransport for MqttCloud {
     }
 
     /// Lists the retained specs on every broker over one short-lived connection each (client id
-    /// `{client_id}-{b}-scan`), which subscribes to the spec filters and waits for a marker message
+    /// `{client_id}-{tag}-{b}-scan`), which subscribes to the spec filters and waits for a marker message
     /// it publishes itself; see `docs/mqtt.md`. Up to 30 s per broker.
     async fn retained_specs(&self) -> Result<Vec<Destination>, TransportError> {
         if self.closed.is_cancelled() {

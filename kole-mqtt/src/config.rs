@@ -146,8 +146,10 @@ pub struct CloudConfig {
     /// The controller's credentials (the same on every broker), or none for an open broker.
     pub credentials: Option<Credentials>,
     /// Client id prefix of the controller's connections: connection `c` to broker `b` is
-    /// `{client_id}-{b}-{c}`. Follows the node name rules and must not be a node's name. Default
-    /// `kole-controller`.
+    /// `{client_id}-{tag}-{b}-{c}`, where `tag` is 16 random hex digits drawn from the OS RNG once
+    /// per [`MqttCloud`](crate::MqttCloud), so no node can guess the ids and take the connections
+    /// over (see `docs/mqtt.md`). Follows the node name rules and must not be a node's name.
+    /// Default `kole-controller`.
     pub client_id: String,
     /// Connections per broker (at least 1). Per-node messages are spread over them by node hash
     /// (so one node's messages keep their order); connection 0 also carries fan-out. Default 2.

@@ -50,7 +50,8 @@ pub struct MqttNode {
     inbox: Inbox<NodeDelivery>,
     closed: CancellationToken,
     bad_topic: Arc<AtomicU64>,
-    max_payload: usize,
+    /// `ConnectionConfig::max_packet_bytes`: the largest PUBLISH packet sent.
+    max_packet: usize,
     request_channel: usize,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -89,7 +90,7 @@ impl MqttNode {
             inbox,
             closed,
             bad_topic,
-            max_payload: cfg.connection.max_packet_bytes.saturating_sub(256),
+            max_packet: cfg.connection.max_packet_bytes,
             request_channel: cfg.connection.request_channel,
             task: std::sync::Mutex::new(Some(task)),
         })
@@ -166,8 +167,14 @@ impl NodeTransport for MqttNode {
         if self.closed.is_cancelled() {
             return Err(TransportError::Closed);
         }
-        if let Some(p) = batch.iter().find(|p| p.payload.len() > self.max_payload) {
-            return Err(TransportError::PayloadTooLarge { len: p.payload.len(), max: self.max_payload });
+        // Checked on the real packet (topic included): rumqttc refuses an oversize packet by
+        // dropping the connection.
+        for p in &batch {
+            let topic_len = self.topics.uplink(&self.name, p.kind).len();
+            if crate::conn::publish_packet_size(topic_len, p.payload.len()) > self.max_packet {
+                let max = crate::conn::max_payload(topic_len, self.max_packet);
+                return Err(TransportError::PayloadTooLarge { len: p.payload.len(), max });
+            }
         }
         for p in batch {
             let topic = self.topics.uplink(&self.name, p.kind);

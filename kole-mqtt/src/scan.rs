@@ -45,7 +45,7 @@ async fn scan_broker(
     b: usize,
     broker: &BrokerAddr,
 ) -> Result<Vec<Destination>, TransportError> {
-    let id = format!("{}-{b}-scan", cfg.client_id);
+    let id = format!("{}-{}-{b}-scan", cfg.client_id, conn::client_id_nonce()?);
     let creds = cfg.credentials.as_ref().map(|c| (c.username.as_str(), c.password.as_str()));
     let opts = conn::options(broker, &id, creds, &cfg.connection)?;
     let (client, mut eventloop) = conn::client(opts, &cfg.connection);

@@ -707,3 +707,162 @@ async fn mosquitto_lists_the_retained_specs() {
     })
     .await;
 }
+
+/// A raw client with `user`'s credentials and a client id of its choosing; returns whether the
+/// broker accepted it (a CONNACK came), and keeps it connected for `hold`.
+async fn connect_as(mq: &Mosquitto, user: &str, client_id: &str, hold: Duration) -> bool {
+    let mut opts = rumqttc::MqttOptions::new(client_id, mq.addr.host.clone(), mq.addr.port);
+    opts.set_credentials(user, mq.passwords[user].clone());
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(opts, 8);
+    let connected = matches!(
+        tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await,
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))))
+    );
+    let _ = tokio::time::timeout(hold, async { while eventloop.poll().await.is_ok() {} }).await;
+    connected
+}
+
+/// The takeover of issue 12: node-a, with its own valid credentials, connects with the client ids
+/// the controller used to have (`kole-controller-0-0`, `-0-1`). Mosquitto disconnects the older
+/// of two clients with one id, so that used to drop the controller's connections every time; now
+/// its ids carry a random tag per process and nothing happens to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_a_node_cannot_take_over_the_controllers_client_ids() {
+    bounded(60, async {
+        let mq = mosquitto();
+        let topics = topics();
+        let ctl = Controller::start(&topics, mq.cloud(), Arc::new(MemorySnapshotStore::new())).await;
+        let agent = AgentHandle::start(&topics, "edge-005", mq.node("edge-005"));
+        ctl.wait_nodes(1).await;
+        let before = ctl.cloud.stats();
+        assert_eq!(before.connected, 2, "{before:?}");
+        for round in 0..3 {
+            for id in ["kole-controller-0-0", "kole-controller-0-1", "kole-controller-0-scan"] {
+                assert!(
+                    connect_as(&mq, "node-a", id, Duration::from_millis(300)).await,
+                    "round {round}: the broker refused node-a as {id}; the test proves nothing"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = ctl.cloud.stats();
+        assert_eq!(after.connection_errors, before.connection_errors, "{after:?}");
+        assert_eq!(after.connects, before.connects, "no reconnect either: {after:?}");
+        assert_eq!(after.connected, 2, "{after:?}");
+        // And the fleet still works through it.
+        let w = workload("default/takeover", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 1).await;
+        ctl.stop().await;
+        agent.stop().await;
+    })
+    .await;
+}
+
+/// The size limits at their exact boundaries, with Mosquitto's `message_size_limit 262144` (the
+/// payload) and kole's `max_packet_bytes` of 256 KiB (the whole packet, as rumqttc counts it):
+/// - downlink: a message whose PUBLISH packet is exactly 256 KiB is sent and arrives; one byte more
+///   is dropped by `send` (the rest of its batch goes out), and the controller stays connected;
+/// - uplink: a node's payload of exactly `message_size_limit` passes the broker, and its packet to
+///   the controller is larger than 256 KiB by the topic: the controller takes it (and refuses it as
+///   a decode error) instead of dropping its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_payloads_at_the_exact_size_limits_keep_the_controller_connected() {
+    use kole_core::transport::{CloudTransport, Destination, Outbound, TransportError};
+    bounded(60, async {
+        let mq = mosquitto();
+        let topics = topics();
+        let ctl = Controller::start(&topics, mq.cloud(), Arc::new(MemorySnapshotStore::new())).await;
+        let name = NodeName::new("node-b").unwrap();
+        let node = MqttNode::connect(topics.clone(), name.clone(), &mq.node("node-b")).await.unwrap();
+        let before = ctl.cloud.stats();
+        let max_packet = kole_mqtt::ConnectionConfig::default().max_packet_bytes;
+        assert_eq!(max_packet, 262_144);
+        // A PUBLISH of this size: fixed header 1, remaining length 3 bytes, topic length 2,
+        // topic, packet id 2, payload.
+        let topic = topics.downlink(&Destination::Node(name.clone()));
+        let at_limit = max_packet - (1 + 3 + 2 + topic.len() + 2);
+        let to = Destination::Node(name.clone());
+        let msg = |len: usize, fill: u8| Outbound { to: to.clone(), payload: vec![fill; len], retain: false };
+        // Only what comes on the node's own topic (retained specs of other tests arrive too).
+        let own = || async {
+            loop {
+                let got = bounded(10, node.recv(1)).await.unwrap();
+                if let Some(d) = got.into_iter().find(|d| d.from == to) {
+                    return d;
+                }
+            }
+        };
+        ctl.cloud.send(vec![msg(at_limit, 1)]).await.unwrap();
+        assert_eq!(own().await.payload.len(), at_limit);
+        match ctl.cloud.send(vec![msg(at_limit + 1, 2), msg(3, 3)]).await {
+            Err(TransportError::OversizeDropped { dropped: 1, largest, max, .. }) => {
+                assert_eq!((largest, max), (at_limit + 1, at_limit));
+            }
+            other => panic!("one byte over the packet limit must be dropped alone, got {other:?}"),
+        }
+        assert_eq!(&own().await.payload[..], &[3, 3, 3], "the rest of the batch arrives, not the oversize one");
+
+        // Uplink at the broker's exact limit.
+        let vandal = raw_client(&mq, "node-a");
+        let rejects = *ctl.rejects.lock().unwrap();
+        let up = topics.uplink(&NodeName::new("node-a").unwrap(), UplinkKind::Status);
+        vandal.client.publish(up, rumqttc::QoS::AtLeastOnce, false, vec![7u8; 262_144]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while *ctl.rejects.lock().unwrap() == rejects {
+            assert!(tokio::time::Instant::now() < deadline, "the payload never arrived: {:?}", ctl.cloud.stats());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = ctl.cloud.stats();
+        assert_eq!(after.connection_errors, before.connection_errors, "{after:?}");
+        assert_eq!(after.connected, before.connected, "{after:?}");
+        assert_eq!(after.oversize_dropped, before.oversize_dropped + 1, "{after:?}");
+        drop(vandal);
+        drop(node);
+        ctl.stop().await;
+    })
+    .await;
+}
+
+/// A node's retained uplink is replayed by the broker to every new subscription: the controller
+/// ignores uplink delivered retained (counted), so a registration node-a left retained does not
+/// register it again when a controller (re)subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: eval \"$(.ci/mosquitto.sh start)\" sets KOLE_TEST_MOSQUITTO"]
+async fn mosquitto_retained_uplink_is_ignored() {
+    bounded(60, async {
+        let mq = mosquitto();
+        let topics = topics();
+        let vandal = raw_client(&mq, "node-a");
+        let name = NodeName::new("node-a").unwrap();
+        let reg = protocol::encode(&Message::Register(Register {
+            name: name.clone(),
+            boot_id: 77,
+            labels: Labels::default(),
+            info: NodeInfo { arch: "arm64".into(), os: "linux".into(), agent_version: "1".into(), addresses: vec![] },
+            applied: DesiredDigest::EMPTY,
+            workloads: vec![],
+        }));
+        let up = topics.uplink(&name, UplinkKind::Register);
+        vandal.client.publish(up.clone(), rumqttc::QoS::AtLeastOnce, true, reg).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A controller that subscribes now gets it replayed, flagged retained.
+        let ctl = Controller::start(&topics, mq.cloud(), Arc::new(MemorySnapshotStore::new())).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while ctl.cloud.stats().retained_uplink_dropped == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no retained replay seen: {:?}", ctl.cloud.stats());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!ctl.has_node("node-a"), "a retained registration registered node-a");
+        assert_eq!(ctl.cloud.stats().received, 0, "{:?}", ctl.cloud.stats());
+        // Clean up the broker's retained store for the other tests.
+        vandal.client.publish(up, rumqttc::QoS::AtLeastOnce, true, Vec::<u8>::new()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ctl.stop().await;
+    })
+    .await;
+}

@@ -251,6 +251,8 @@ impl State {
             s.dropped_full += now.dropped_full;
             s.bad_topic += now.bad_topic;
             s.published += now.published;
+            s.oversize_dropped += now.oversize_dropped;
+            s.retained_uplink_dropped += now.retained_uplink_dropped;
             s.connected = now.connected;
         }
         s
@@ -348,7 +350,7 @@ impl Collector for StateMetrics {
         )?;
         let t = s.cloud_totals();
         gauge("kole_mqtt_connections_up", "MQTT connections up now", t.connected as i64)?;
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 15] = [
             ("kole_leader_terms", "Times this replica took the lead", load(&s.leader_terms)),
             ("kole_status_events", "Workload status changes from the engine", load(&s.status_events)),
             ("kole_snapshots_written", "Snapshot generations committed", load(&s.snapshots_written)),
@@ -370,6 +372,16 @@ impl Collector for StateMetrics {
             ("kole_mqtt_dropped_full", "Uplink messages dropped because the inbox was full", t.dropped_full),
             ("kole_mqtt_bad_topic", "Messages on a topic outside the uplink layout", t.bad_topic),
             ("kole_mqtt_published", "Downlink publishes", t.published),
+            (
+                "kole_mqtt_oversize_dropped",
+                "Downlink messages over the broker's packet limit, dropped from their batch",
+                t.oversize_dropped,
+            ),
+            (
+                "kole_mqtt_retained_uplink_dropped",
+                "Uplink messages a node published retained, ignored",
+                t.retained_uplink_dropped,
+            ),
         ];
         for (name, help, v) in counters {
             let c = ConstCounter::new(v);
@@ -704,6 +716,8 @@ impl Term<'_> {
             heartbeat_interval_ms: opts.heartbeat_ms,
             convergence_grace_ms: 2 * u64::from(opts.heartbeat_ms),
             snapshot_interval_ms: opts.snapshot_interval_ms,
+            // Refuse at apply what the brokers could not carry (their packet limit, topic included).
+            max_payload_bytes: ConnectionConfig::default().max_packet_bytes,
             ..Default::default()
         };
         let mut backoff = Duration::from_millis(500);

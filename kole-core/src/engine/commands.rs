@@ -4,7 +4,7 @@
 use crate::cache::NodeCache;
 use crate::model::NodeName;
 use crate::model::{Timestamp, ValidationError, Workload, WorkloadId};
-use crate::protocol::{Command, CommandKind, GroupName, Message, WorkloadRemoved};
+use crate::protocol::{self, Command, CommandKind, GroupName, Message, WorkloadRemoved, WorkloadSpec};
 use crate::transport::{Destination, Outbound};
 
 use super::rollout::{RolloutPhase, WorkloadEntry};
@@ -16,6 +16,10 @@ impl Core {
             WorkloadCommand::Apply { workload, progress } => {
                 if let Err(e) = validate_workload(workload) {
                     out.events.push(EngineEvent::CommandRejected { id: workload.id.clone(), reason: e.to_string() });
+                    return;
+                }
+                if let Err(reason) = self.check_deliverable(workload) {
+                    out.events.push(EngineEvent::CommandRejected { id: workload.id.clone(), reason });
                     return;
                 }
                 let existing = self.by_id.get(&workload.id).copied();
@@ -142,6 +146,41 @@ impl Core {
             self.send(out, audience, &removed, false);
             out.events.push(EngineEvent::StaleSpecCleared { id: id.clone(), destination: d.clone() });
         }
+    }
+
+    /// Whether the agents could decode this workload's spec message and the transport could carry
+    /// it; otherwise why not and what to do, for the `CommandRejected` reason. A spec nobody can
+    /// decode would be published (and retained) anyway and leave every targeted node failing to
+    /// read it. Checked on the largest form the message takes: every wave threshold encodes in the
+    /// same size, and per-node delivery carries the same workload inside a desired state.
+    fn check_deliverable(&self, workload: &Workload) -> Result<(), String> {
+        let msg = Message::WorkloadSpec(WorkloadSpec { workload: workload.clone(), wave_threshold: 0 });
+        // Signed, the message is 76 bytes longer: measure what will be sent.
+        let bytes = match &self.signer {
+            Some(s) => s.seal(&msg, &Destination::Fleet, 0),
+            None => protocol::encode(&msg),
+        };
+        let agents = &self.cfg.agent_decode_limits;
+        let limit = agents.max_message_bytes.min(self.cfg.max_payload_bytes);
+        if bytes.len() > limit {
+            let whose = if agents.max_message_bytes <= self.cfg.max_payload_bytes {
+                "the agents' decode limit"
+            } else {
+                "the transport's payload limit"
+            };
+            return Err(format!(
+                "the encoded spec message is {} bytes, over {whose} of {limit} bytes (the runtime spec is {} \
+                 bytes); make the spec smaller, e.g. move large content into the image or a volume the \
+                 workload fetches",
+                bytes.len(),
+                workload.spec.len()
+            ));
+        }
+        protocol::seal::decode_unverified(&bytes, agents).map(|_| ()).map_err(|e| {
+            format!(
+                "agents could not decode this workload's spec message: {e}; bring the spec within the agents' limits"
+            )
+        })
     }
 
     fn entry_mut(&mut self, id: &WorkloadId) -> Option<&mut WorkloadEntry> {

@@ -72,7 +72,33 @@ pub struct EngineConfig {
     /// counts among them; `failed` counts every node). Bounds the memory a fleet failing at once
     /// costs. Default 10,000.
     pub max_failed_nodes_tracked: usize,
+    /// The limits the agents decode downlink messages with. A workload whose spec message they
+    /// could not decode (too large, too many selector terms, …) is refused at apply with
+    /// [`EngineEvent::CommandRejected`]. Default: [`DecodeLimits::default`] (64 KiB messages), what
+    /// the agents use unless configured otherwise.
+    pub agent_decode_limits: DecodeLimits,
+    /// The transport's (broker's) largest payload, in bytes: a workload whose spec message is larger
+    /// is refused at apply. Set it to the transport's limit (e.g. `kole-mqtt`'s `max_payload`).
+    /// Default 256 KiB, the in-memory hub's and `kole-mqtt`'s default.
+    pub max_payload_bytes: usize,
+    /// Least time between two accepted registrations of one node. A node registering again sooner is
+    /// answered with a rejection (`Overloaded`) whose `retry_after_ms` is the time left, and counted
+    /// in [`EngineStats::registrations_throttled`]; it costs no cache update and no catch-up. The
+    /// engine remembers the last [`REGISTRATION_MEMORY`] registrations (a fixed ring, not a
+    /// per-node map), so the limit holds for a node looping while the fleet is otherwise quiet.
+    /// 0 disables it. Default 5 s.
+    pub min_register_interval_ms: u32,
+    /// The least share of a wave's reached nodes (percent, 0–100) that must be online and ready
+    /// at the new version before the wave advances or the rollout completes; at least one node is
+    /// always required when the wave reaches any. Offline nodes are no evidence: a wave whose
+    /// reached nodes are all offline holds (and passes its progress deadline). Default 0 (one
+    /// node).
+    pub min_ready_percent: u8,
 }
+
+/// How many recent registrations the engine remembers for
+/// [`EngineConfig::min_register_interval_ms`] (8 bytes each).
+pub const REGISTRATION_MEMORY: usize = 1024;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -86,6 +112,10 @@ impl Default for EngineConfig {
             decode_limits: DecodeLimits::default(),
             max_rejects_reported: 64,
             max_failed_nodes_tracked: 10_000,
+            agent_decode_limits: DecodeLimits::default(),
+            max_payload_bytes: 256 * 1024,
+            min_register_interval_ms: 5_000,
+            min_ready_percent: 0,
         }
     }
 }
@@ -179,6 +209,14 @@ pub enum EngineEvent {
         /// Where it was retained.
         destination: Destination,
     },
+    /// A wave reached no node (the selector matches none, or none falls in the wave yet), so it
+    /// advanced or completed with nothing to wait for.
+    NothingReached {
+        /// The workload.
+        id: WorkloadId,
+        /// The wave.
+        wave: usize,
+    },
     /// A workload command was refused; nothing changed.
     CommandRejected {
         /// The workload.
@@ -267,6 +305,9 @@ pub struct EngineStats {
     /// Resync commands sent because a heartbeat showed an applied digest whose status report
     /// never arrived (lost or overtaken).
     pub resyncs: u64,
+    /// Registrations answered with `retry_after` because the node registered less than
+    /// [`EngineConfig::min_register_interval_ms`] before.
+    pub registrations_throttled: u64,
 }
 
 /// The controller engine. See the module documentation.
@@ -301,6 +342,9 @@ struct Core {
     signer: Option<protocol::seal::SharedSigner>,
     /// The time of the input being handled: the issue time of what it sends.
     now_ms: u64,
+    /// The last registrations accepted, as (slot, time in ms since `started_ms`, saturated),
+    /// a ring of [`REGISTRATION_MEMORY`].
+    recent_registrations: uplink::RecentRegistrations,
 }
 
 impl Engine {
@@ -325,6 +369,7 @@ impl Engine {
             hb_results: Vec::new(),
             signer: None,
             now_ms: now.as_millis(),
+            recent_registrations: uplink::RecentRegistrations::default(),
         };
         Self { cache, store, core }
     }

@@ -248,8 +248,16 @@ impl Core {
             return;
         }
         let now_ms = now.as_millis();
-        // Failed nodes within the threshold are settled: waiting for them would stall for good.
-        if ready.saturating_add(failed_online) < online {
+        // Failed nodes within the threshold are settled: waiting for them would stall for good. But
+        // settling needs evidence: offline nodes say nothing, so a wave whose reached nodes are all
+        // offline (a broker outage) holds rather than completing unseen.
+        let needed = if reached == 0 {
+            0
+        } else {
+            let share = u64::from(reached) * u64::from(self.cfg.min_ready_percent.min(100));
+            (share.div_ceil(100) as u32).max(1)
+        };
+        if ready.saturating_add(failed_online) < online || ready < needed {
             if e.wave_since_ms == 0 {
                 e.wave_since_ms = now_ms;
             } else if !e.deadline_exceeded
@@ -262,6 +270,9 @@ impl Core {
         }
         e.wave_since_ms = now_ms;
         e.deadline_exceeded = false;
+        if reached == 0 {
+            out.events.push(EngineEvent::NothingReached { id: id.clone(), wave: e.wave });
+        }
         if e.is_last_wave() {
             e.phase = RolloutPhase::Complete;
             out.events.push(EngineEvent::RolloutComplete { id });

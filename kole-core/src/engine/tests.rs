@@ -8,7 +8,8 @@ use crate::model::{
     DeliveryMode, LabelSelector, Labels, NodeInfo, RolloutStrategy, Selector, WorkloadPhase, WorkloadState,
 };
 use crate::protocol::{
-    CommandKind, GroupName, Heartbeat, NodeHealth, Register, RegisterOutcome, RejectCode, StatusReport, UplinkKind,
+    CommandKind, GroupName, Heartbeat, NodeHealth, Register, RegisterAck, RegisterOutcome, RejectCode, StatusReport,
+    UplinkKind,
 };
 
 const T0: u64 = 1_790_000_000_000;
@@ -469,7 +470,9 @@ fn a_node_away_while_a_workload_was_deleted_and_recreated_gets_the_new_content()
 
 #[test]
 fn failure_reasons_are_aggregated_and_follow_recovery() {
-    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    // n5 re-registers 3 s after its first registration: no registration rate limit here.
+    let cfg = EngineConfig { min_register_interval_ms: 0, ..Default::default() };
+    let mut e = Engine::new(cfg, NodeCache::new(), t(0));
     let l = labels(&[("tier", "cdn")]);
     let nodes: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
     let regs: Vec<Inbound> =
@@ -572,7 +575,9 @@ proptest! {
         selectors in proptest::collection::vec(arb_selector(), 1..4),
         relabel in proptest::collection::vec((0..40usize, arb_labels()), 0..10),
     ) {
-        let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+        // Relabelling re-registers nodes within seconds: no registration rate limit here.
+        let cfg = EngineConfig { min_register_interval_ms: 0, ..Default::default() };
+        let mut e = Engine::new(cfg, NodeCache::new(), t(0));
         let mut current: Vec<Labels> = nodes.iter().map(|p| labels(p)).collect();
         let regs: Vec<Inbound> = current.iter().enumerate().map(|(i, l)| register(&format!("n{i}"), l, 1, DesiredDigest::EMPTY)).collect();
         uplink(&mut e, &regs, t(1));
@@ -629,4 +634,190 @@ fn a_lost_status_report_is_asked_for_again_until_it_arrives() {
     let out = uplink(&mut e, &[heartbeat("n1", 5, 1, want)], t(66));
     assert_eq!(resyncs(&out), 0);
     assert_eq!(e.stats().resyncs, 2);
+}
+
+#[test]
+fn a_rollout_whose_targeted_nodes_are_all_offline_holds_instead_of_completing() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let nodes: Vec<String> = (0..500).map(|i| format!("n{i}")).collect();
+    let boot = |n: &str| nodes.iter().position(|x| x == n).unwrap() as u32 + 1;
+    let regs: Vec<Inbound> = nodes.iter().map(|n| register(n, &l, boot(n), DesiredDigest::EMPTY)).collect();
+    uplink(&mut e, &regs, t(1));
+    // A broker outage longer than the offline window (3 × 30 s): every node is offline.
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(200), &mut out);
+    assert_eq!(e.stats().marked_offline, 500);
+
+    let mut one = workload("default/one", 1, "tier=cdn", &[100]);
+    one.rollout.progress_deadline_s = 60;
+    let waves = workload("default/waves", 1, "tier=cdn", &[10, 50, 100]);
+    apply(&mut e, &one, t(201));
+    apply(&mut e, &waves, t(201));
+    let mut events = Vec::new();
+    for s in 202..300 {
+        let mut out = Outputs::default();
+        e.handle(Input::Tick, t(s), &mut out);
+        events.extend(out.events);
+    }
+    for w in [&one, &waves] {
+        let p = e.progress(&w.id).unwrap();
+        assert_eq!((p.phase, p.wave), (RolloutPhase::Progressing, 0), "{}: nobody is watching", w.id);
+        let st = e.workload_status(&w.id).unwrap();
+        assert_eq!((st.targeted, st.ready), (500, 0));
+    }
+    assert_eq!(
+        events,
+        vec![EngineEvent::ProgressDeadlineExceeded { id: one.id.clone(), wave: 0 }],
+        "only the deadline is reported, no advance"
+    );
+
+    // Evidence arrives: one targeted node comes back running the new version.
+    let n = nodes.iter().find(|n| crate::model::wave_point(n, &waves.id) < 1000).unwrap();
+    let report = status(
+        n,
+        1,
+        boot(n),
+        digest_of(&[&one, &waves]),
+        &[(&one, WorkloadPhase::Running), (&waves, WorkloadPhase::Running)],
+    );
+    uplink(&mut e, &[report], t(300));
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(301), &mut out);
+    assert!(out.events.contains(&EngineEvent::RolloutComplete { id: one.id.clone() }), "{:?}", out.events);
+    assert!(out.events.contains(&EngineEvent::WaveAdvanced { id: waves.id.clone(), wave: 1 }), "{:?}", out.events);
+}
+
+#[test]
+fn a_rollout_needs_the_configured_share_of_ready_nodes_and_an_empty_selection_says_so() {
+    let cfg = EngineConfig { min_ready_percent: 50, ..Default::default() };
+    let mut e = Engine::new(cfg, NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let nodes: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+    let regs: Vec<Inbound> =
+        nodes.iter().enumerate().map(|(i, n)| register(n, &l, i as u32 + 1, DesiredDigest::EMPTY)).collect();
+    uplink(&mut e, &regs, t(1));
+    let w = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &w, t(2));
+    // Four of ten come back ready after an outage; the other six stay offline: below 50 %.
+    let report = |k: usize| status(&nodes[k], 1, k as u32 + 1, digest_of(&[&w]), &[(&w, WorkloadPhase::Running)]);
+    uplink(&mut e, &(0..4).map(report).collect::<Vec<_>>(), t(150));
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(151), &mut out);
+    assert_eq!(e.stats().marked_offline, 6);
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    uplink(&mut e, &[report(4)], t(152));
+    let mut out = Outputs::default();
+    e.handle(Input::Tick, t(153), &mut out);
+    assert_eq!(out.events, vec![EngineEvent::RolloutComplete { id: w.id.clone() }]);
+
+    let nobody = workload("default/nobody", 1, "tier=none", &[10, 100]);
+    apply(&mut e, &nobody, t(160));
+    let mut events = Vec::new();
+    for s in 161..163 {
+        let mut out = Outputs::default();
+        e.handle(Input::Tick, t(s), &mut out);
+        events.extend(out.events);
+    }
+    assert_eq!(
+        events,
+        vec![
+            EngineEvent::NothingReached { id: nobody.id.clone(), wave: 0 },
+            EngineEvent::WaveAdvanced { id: nobody.id.clone(), wave: 1 },
+            EngineEvent::NothingReached { id: nobody.id.clone(), wave: 1 },
+            EngineEvent::RolloutComplete { id: nobody.id.clone() },
+        ]
+    );
+}
+
+#[test]
+fn a_spec_the_agents_cannot_decode_or_the_transport_cannot_carry_is_refused_at_apply() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let mut big = workload("default/big", 1, "tier=cdn", &[100]);
+    big.spec = vec![b'x'; 70_000];
+    let out = apply(&mut e, &big, t(1));
+    let [EngineEvent::CommandRejected { id, reason }] = out.events.as_slice() else {
+        panic!("expected a rejection, got {:?}", out.events)
+    };
+    assert_eq!(*id, big.id);
+    assert!(reason.contains("65536") && reason.contains("70000") && reason.contains("smaller"), "{reason}");
+    assert!(out.messages.is_empty() && e.workloads().is_empty(), "nothing is published or held");
+
+    // Under the message limit but over the agents' runtime-spec limit (60 KiB).
+    big.spec = vec![b'x'; 62 * 1024];
+    let out = apply(&mut e, &big, t(2));
+    assert!(matches!(out.events.as_slice(), [EngineEvent::CommandRejected { .. }]), "{:?}", out.events);
+    assert!(out.messages.is_empty());
+
+    // A transport with a smaller limit than the agents'.
+    let cfg = EngineConfig { max_payload_bytes: 4096, ..Default::default() };
+    let mut e = Engine::new(cfg.clone(), NodeCache::new(), t(0));
+    big.spec = vec![b'x'; 5000];
+    let out = apply(&mut e, &big, t(1));
+    let [EngineEvent::CommandRejected { reason, .. }] = out.events.as_slice() else { panic!("{:?}", out.events) };
+    assert!(reason.contains("transport's payload limit of 4096"), "{reason}");
+    // Within every limit it is accepted.
+    big.spec = vec![b'x'; 3000];
+    let out = apply(&mut e, &big, t(2));
+    assert!(out.events.is_empty() && out.messages.len() == 1, "{:?}", out.events);
+
+    // Signed, the same message is 76 bytes longer: a spec that fits unsigned by less is refused.
+    let unsigned_len = |w: &Workload| {
+        protocol::encode(&Message::WorkloadSpec(protocol::WorkloadSpec { workload: w.clone(), wave_threshold: 0 }))
+            .len()
+    };
+    big.id = WorkloadId::new("default/edge").unwrap();
+    big.spec = vec![b'x'; 3000];
+    big.spec.resize(3000 + 4096 - 40 - unsigned_len(&big), b'x');
+    assert_eq!(unsigned_len(&big), 4096 - 40);
+    let signer = Arc::new(crate::protocol::seal::DownlinkSigner::from_seed([1; 32]));
+    let mut e = Engine::new(cfg.clone(), NodeCache::new(), t(0)).with_signer(signer);
+    let out = apply(&mut e, &big, t(1));
+    let [EngineEvent::CommandRejected { reason, .. }] = out.events.as_slice() else { panic!("{:?}", out.events) };
+    assert!(reason.contains(&format!("is {} bytes", 4096 - 40 + 76)), "{reason}");
+}
+
+#[test]
+fn a_node_registering_in_a_loop_is_throttled_and_gets_one_desired_state() {
+    let mut e = Engine::new(EngineConfig::default(), NodeCache::new(), t(0));
+    let mut w = workload("default/secret", 1, "tier=cdn", &[100]);
+    w.delivery = DeliveryMode::PerNode;
+    apply(&mut e, &w, t(0));
+    let l = labels(&[("tier", "cdn")]);
+    let mut accepted = 0;
+    let mut desired_states = 0;
+    let mut retry_after = Vec::new();
+    for k in 0..50u32 {
+        // Same boot or a new one each time: neither gets past the limit.
+        let out = uplink(&mut e, &[register("n1", &l, 1 + k % 2, DesiredDigest::EMPTY)], t(1));
+        for (_, m) in decode_all(&out) {
+            match m {
+                Message::RegisterAck(RegisterAck { outcome: RegisterOutcome::Accepted, .. }) => accepted += 1,
+                Message::RegisterAck(RegisterAck {
+                    outcome: RegisterOutcome::Rejected { code: RejectCode::Overloaded, retry_after_ms, .. },
+                    ..
+                }) => retry_after.push(retry_after_ms),
+                Message::DesiredState(_) => desired_states += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!((accepted, desired_states, retry_after.len()), (1, 1, 49));
+    assert!(retry_after.iter().all(|&r| r == 5_000), "{retry_after:?}");
+    assert_eq!(e.stats().registrations_throttled, 49);
+    assert_eq!(e.stats().registered_new + e.stats().registered_known, 1);
+    // Once the interval passed, the node registers again.
+    let out = uplink(&mut e, &[register("n1", &l, 3, DesiredDigest::EMPTY)], t(7));
+    assert!(
+        decode_all(&out)
+            .iter()
+            .any(|(_, m)| matches!(m, Message::RegisterAck(RegisterAck { outcome: RegisterOutcome::Accepted, .. })))
+    );
+    // Other nodes are not affected by n1's loop.
+    let out = uplink(&mut e, &[register("n2", &l, 1, DesiredDigest::EMPTY)], t(7));
+    assert!(
+        decode_all(&out)
+            .iter()
+            .any(|(_, m)| matches!(m, Message::RegisterAck(RegisterAck { outcome: RegisterOutcome::Accepted, .. })))
+    );
 }

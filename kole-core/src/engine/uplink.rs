@@ -1,7 +1,7 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatIn, HeartbeatUpdate, NodeCache, StateCache};
+use crate::cache::{CacheError, HeartbeatIn, HeartbeatUpdate, NodeCache, Slot, StateCache};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
 use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode};
 use crate::transport::{Destination, Inbound};
@@ -19,6 +19,42 @@ impl From<&Heartbeat> for HeartbeatUpdate {
 impl From<Heartbeat> for HeartbeatUpdate {
     fn from(hb: Heartbeat) -> Self {
         Self::from(&hb)
+    }
+}
+
+/// The last [`REGISTRATION_MEMORY`](super::REGISTRATION_MEMORY) accepted registrations: slot and
+/// time (ms). A fixed ring rather than a per-node map, so the engine's per-node memory stays as it
+/// is; a node looping is found as long as fewer than that many other registrations came between.
+#[derive(Debug)]
+pub(super) struct RecentRegistrations {
+    slots: Box<[Slot]>,
+    at_ms: Box<[u64]>,
+    next: usize,
+}
+
+impl Default for RecentRegistrations {
+    fn default() -> Self {
+        Self {
+            slots: vec![Slot::MAX; super::REGISTRATION_MEMORY].into_boxed_slice(),
+            at_ms: vec![0; super::REGISTRATION_MEMORY].into_boxed_slice(),
+            next: 0,
+        }
+    }
+}
+
+impl RecentRegistrations {
+    pub(super) fn push(&mut self, slot: Slot, at_ms: u64) {
+        let i = self.next % self.slots.len();
+        self.slots[i] = slot;
+        self.at_ms[i] = at_ms;
+        self.next = i + 1;
+    }
+
+    /// When `slot` last registered, if the ring still holds it.
+    pub(super) fn last(&self, slot: Slot) -> Option<u64> {
+        // A plain pass (no index arithmetic) the compiler can vectorise; time only grows, so the
+        // largest is the newest.
+        self.slots.iter().zip(self.at_ms.iter()).filter(|(s, _)| **s == slot).map(|(_, at)| *at).max()
     }
 }
 
@@ -131,9 +167,39 @@ impl Core {
         match decoded {
             Message::Register(reg) => {
                 let boot = reg.boot_id;
+                let interval = u64::from(self.cfg.min_register_interval_ms);
+                if interval > 0
+                    && let Some(slot) = cache.slot_of(reg.name.as_str())
+                    && let Some(at) = self.recent_registrations.last(slot)
+                    && now.as_millis() < at.saturating_add(interval)
+                {
+                    // A node registering in a loop costs a cache update and maybe a full desired
+                    // state each time: tell it when to come back instead.
+                    self.stats.registrations_throttled += 1;
+                    let left = at.saturating_add(interval) - now.as_millis();
+                    let ack = RegisterAck {
+                        boot_id: boot,
+                        outcome: RegisterOutcome::Rejected {
+                            code: RejectCode::Overloaded,
+                            message: format!(
+                                "registered again within {interval} ms of the last registration; retry after {left} ms"
+                            ),
+                            retry_after_ms: u32::try_from(left).unwrap_or(u32::MAX),
+                        },
+                        heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                        groups: Vec::new(),
+                        desired: DesiredDigest::EMPTY,
+                    };
+                    self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+                    self.reject(out, &msg.node, "register_throttled", || {
+                        format!("registration {left} ms too soon after the previous one")
+                    });
+                    return;
+                }
                 let (registration, _) = reg.into_registration();
                 match cache.register(&registration, boot, now) {
                     Ok(r) => {
+                        self.recent_registrations.push(r.slot, now.as_millis());
                         if r.created {
                             self.stats.registered_new += 1;
                         } else {

@@ -13,6 +13,9 @@
 //!   cloud inbox gets [`TransportError::Full`] (nothing of its batch is enqueued); a downlink message
 //!   for a node whose inbox is full is dropped for that node and counted, as a broker drops for a
 //!   slow subscriber — the protocol's digests repair the loss.
+//! - **Payload limit**: a node's batch with a payload over [`MemoryConfig::max_payload_bytes`] is
+//!   refused whole ([`TransportError::PayloadTooLarge`]); the cloud's oversize messages are dropped
+//!   alone and the rest of the batch is sent ([`TransportError::OversizeDropped`]).
 //!
 //! Every message passes through one routing function per direction (`HubState::route_up` and
 //! `HubState::route_down`), where fault injection attaches: [`MemoryHub::set_faults`] applies a
@@ -92,6 +95,9 @@ pub struct HubStats {
     pub duplicated: u64,
     /// Messages held back by the fault plan's delay now, not yet due.
     pub delayed: usize,
+    /// Downlink messages the cloud sent over [`MemoryConfig::max_payload_bytes`], dropped alone
+    /// (the rest of their batch was delivered).
+    pub dropped_too_large: u64,
 }
 
 /// An in-memory broker for one fleet. Cheap to clone (all clones are the same hub).
@@ -608,15 +614,26 @@ impl MessageTransport for MemoryCloud {
 
 #[async_trait]
 impl CloudTransport for MemoryCloud {
-    async fn send(&self, batch: Vec<Outbound>) -> Result<(), TransportError> {
+    async fn send(&self, mut batch: Vec<Outbound>) -> Result<(), TransportError> {
         let config = &self.shared.config;
-        if let Some(big) = batch.iter().find(|o| o.payload.len() > config.max_payload_bytes) {
-            return Err(TransportError::PayloadTooLarge { len: big.payload.len(), max: config.max_payload_bytes });
-        }
+        let max = config.max_payload_bytes;
         let mut wake = Wake::new();
         let mut st = self.shared.lock();
         if st.cloud(self.session).is_none() {
             return Err(TransportError::Closed);
+        }
+        // One oversize message must not cost the batch's other messages (registration acks).
+        let mut oversize: Option<TransportError> = None;
+        if batch.iter().any(|o| o.payload.len() > max) {
+            let (big, ok): (Vec<Outbound>, Vec<Outbound>) = batch.into_iter().partition(|o| o.payload.len() > max);
+            batch = ok;
+            let largest = big.iter().max_by_key(|o| o.payload.len());
+            oversize = Some(TransportError::OversizeDropped {
+                dropped: big.len(),
+                largest: largest.map_or(0, |o| o.payload.len()),
+                max,
+                to: largest.map_or_else(String::new, |o| format!("{:?}", o.to)),
+            });
         }
         // Conservative (a key retained twice in one batch counts twice), so a batch is all or nothing.
         let new_retained =
@@ -624,12 +641,15 @@ impl CloudTransport for MemoryCloud {
         if st.retained.len() + new_retained > config.max_retained {
             return Err(TransportError::Full { queue: "retained store", capacity: config.max_retained });
         }
+        if let Some(TransportError::OversizeDropped { dropped, .. }) = &oversize {
+            st.stats.dropped_too_large += *dropped as u64;
+        }
         for o in batch {
             st.route_down(config.node_inbox_capacity, o.to, Arc::from(o.payload), o.retain, &mut wake);
         }
         drop(st);
         wake_all(wake);
-        Ok(())
+        oversize.map_or(Ok(()), Err)
     }
 
     async fn recv(&self, max: usize) -> Result<Vec<Inbound>, TransportError> {
@@ -961,10 +981,15 @@ mod tests {
             bounded(node.publish(vec![big])).await,
             Err(TransportError::PayloadTooLarge { len: 5, max: 4 })
         ));
-        assert!(matches!(
-            bounded(cloud.send(vec![out(Destination::Fleet, vec![0; 5], false)])).await,
-            Err(TransportError::PayloadTooLarge { .. })
-        ));
+        // An oversize message is dropped alone: the rest of its batch (an ack) still goes out.
+        let batch =
+            vec![out(Destination::Fleet, vec![0; 5], false), out(Destination::Node(name("edge-a")), vec![7], false)];
+        let err = bounded(cloud.send(batch)).await.unwrap_err();
+        assert!(matches!(err, TransportError::OversizeDropped { dropped: 1, largest: 5, max: 4, .. }), "{err}");
+        assert!(err.to_string().contains("the rest of the batch was sent"), "{err}");
+        let got = bounded(node.recv(8)).await.unwrap();
+        assert_eq!(got.iter().map(|d| &d.payload[..]).collect::<Vec<_>>(), [&[7u8][..]]);
+        assert_eq!(hub.stats().dropped_too_large, 1);
         bounded(cloud.send(vec![out(Destination::Fleet, vec![1], true)])).await.unwrap();
         // Replacing a retained message is fine; a second one is not.
         bounded(cloud.send(vec![out(Destination::Fleet, vec![2], true)])).await.unwrap();

@@ -68,13 +68,34 @@ pub enum TransportError {
         /// Its capacity.
         capacity: usize,
     },
-    /// A payload exceeds the transport's (broker's) maximum; nothing of the batch was sent.
+    /// A payload exceeds the transport's (broker's) maximum; nothing of the batch was sent. Only a
+    /// node's [`NodeTransport::publish`] refuses a whole batch this way; a cloud
+    /// [`CloudTransport::send`] drops the oversize messages alone
+    /// ([`TransportError::OversizeDropped`]).
     #[error("payload of {len} bytes exceeds the transport's limit of {max} bytes")]
     PayloadTooLarge {
         /// The payload's length.
         len: usize,
         /// The limit.
         max: usize,
+    },
+    /// [`CloudTransport::send`] dropped the messages of its batch over the transport's payload
+    /// limit; **every other message of the batch was sent**, so do not resend the batch. Counted by
+    /// the transport (e.g. `HubStats::dropped_too_large`); the engine refuses specs over the limit at
+    /// apply, so this means a message the engine built grew past it (e.g. a large desired state).
+    #[error(
+        "{dropped} message(s) over the transport's limit of {max} bytes were dropped (the largest \
+         {largest} bytes, to {to}); the rest of the batch was sent"
+    )]
+    OversizeDropped {
+        /// How many were dropped.
+        dropped: usize,
+        /// The largest payload dropped.
+        largest: usize,
+        /// The limit.
+        max: usize,
+        /// The destination of the largest one (its topic, for the log).
+        to: String,
     },
     /// This transport cannot do what was asked (an optional operation it does not implement).
     #[error("{what} is not supported by this transport")]
@@ -167,6 +188,11 @@ pub trait MessageTransport: Send + Sync {
 pub trait CloudTransport: MessageTransport {
     /// Sends a batch of downlink messages. Fan-out (groups, fleet, specs) is the transport's (the
     /// broker's) job: one [`Outbound`] reaches every subscriber of its destination.
+    ///
+    /// No message can make the batch fail for the others: a message over the transport's payload
+    /// limit is dropped alone and reported with [`TransportError::OversizeDropped`] after the rest
+    /// was sent. Queue capacity stays all or nothing: [`TransportError::Full`] means nothing of the
+    /// batch was sent.
     async fn send(&self, batch: Vec<Outbound>) -> Result<(), TransportError>;
 
     /// Waits until at least one uplink message is available, then returns up to `max` of them in

@@ -159,6 +159,14 @@ pub(crate) fn from_engine(
                 },
             )
         }
+        EngineEvent::CommandRejected { id, reason } => (
+            id,
+            Transition {
+                type_: EventType::Warning,
+                reason: "CommandRejected",
+                note: format!("the engine refused this change and keeps what it had: {reason}"),
+            },
+        ),
         _ => return None,
     };
     Some((id.clone(), Transition { note: truncate(t.note), ..t }))
@@ -285,8 +293,16 @@ mod tests {
     }
 
     #[test]
+    fn a_rejected_command_is_a_warning_with_its_reason() {
+        let ev = EngineEvent::CommandRejected { id: id(), reason: "the encoded spec message is 70000 bytes".into() };
+        let (_, t) = from_engine(&ev, None, Applied::default()).unwrap();
+        assert_eq!((t.reason, t.type_), ("CommandRejected", EventType::Warning));
+        assert!(t.note.contains("70000 bytes"), "{}", t.note);
+    }
+
+    #[test]
     fn other_engine_events_are_not_events() {
-        let ev = EngineEvent::CommandRejected { id: id(), reason: "x".into() };
+        let ev = EngineEvent::NothingReached { id: id(), wave: 0 };
         assert!(from_engine(&ev, None, Applied::default()).is_none());
     }
 

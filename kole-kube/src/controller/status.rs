@@ -73,6 +73,10 @@ async fn write_statuses(
                     if let Some((id, t)) = id.and_then(|id| from_engine(&e, seen.get(id), applied_of(id))) {
                         queue_event(&applied, &queue, &id, t);
                     }
+                    if let EngineEvent::CommandRejected { id, reason } = &e {
+                        // On its own task: a slow apiserver must not hold up the status writes.
+                        tokio::spawn(reject_in_status(client.clone(), applied.clone(), id.clone(), reason.clone()));
+                    }
                     if let Some(f) = &forward { let _ = f.try_send(DriverEvent::Engine(e)); }
                 }
                 Some(other) => if let Some(f) = &forward { let _ = f.try_send(other); },
@@ -95,8 +99,30 @@ fn engine_event_id(e: &EngineEvent) -> Option<&WorkloadId> {
         EngineEvent::WaveAdvanced { id, .. }
         | EngineEvent::RolloutComplete { id }
         | EngineEvent::RolloutHalted { id, .. }
-        | EngineEvent::ProgressDeadlineExceeded { id, .. } => Some(id),
+        | EngineEvent::ProgressDeadlineExceeded { id, .. }
+        | EngineEvent::CommandRejected { id, .. } => Some(id),
         _ => None,
+    }
+}
+
+/// Sets the `Accepted` condition False with the engine's reason (e.g. a spec the agents could not
+/// decode), so `kubectl get` shows why the change did not roll out. A later accepted change's status
+/// sets it True again.
+async fn reject_in_status(client: Client, applied: AppliedMap, id: WorkloadId, reason: String) {
+    let observed = applied.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map_or(0, |a| a.observed_generation);
+    let (ns, name) = id.as_str().split_once('/').unwrap_or(("default", id.as_str()));
+    let cond = crate::crd::Condition {
+        type_: "Accepted".into(),
+        status: "False".into(),
+        reason: "CommandRejected".into(),
+        message: reason,
+        last_transition_time: convert::rfc3339(now()),
+        observed_generation: observed,
+    };
+    let api: Api<EdgeWorkload> = Api::namespaced(client, ns);
+    let patch = serde_json::json!({ "status": { "conditions": [cond] } });
+    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        tracing::warn!(workload = %id, error = %e, "writing the rejection into the status failed");
     }
 }
 
@@ -211,6 +237,44 @@ mod tests {
         // Nothing changed since: no further write, however long we wait.
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!matches!(tokio::time::timeout(Duration::from_millis(10), handle.next_request()).await, Ok(Some(_))));
+        drop(tx);
+        writer.await.unwrap();
+    }
+
+    /// A change the engine refused shows as `Accepted=False` with the engine's reason, and as a
+    /// Warning Event.
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_command_sets_accepted_false_and_publishes_a_warning() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (tx, rx) = mpsc::channel(16);
+        let writer =
+            tokio::spawn(run_status_writer(client, ControllerConfig::default(), AppliedMap::default(), rx, None));
+        let id = WorkloadId::new("edge/cdn").unwrap();
+        let reason = "the encoded spec message is 70000 bytes, over the agents' decode limit of 65536 bytes";
+        tx.send(DriverEvent::Engine(EngineEvent::CommandRejected { id, reason: reason.into() })).await.unwrap();
+        let (mut condition, mut event) = (None, None);
+        while condition.is_none() || event.is_none() {
+            let (req, send) =
+                tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap().unwrap();
+            let path = req.uri().path().to_owned();
+            let body: serde_json::Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            if path.contains("/events") {
+                event = Some(body.clone());
+            } else {
+                assert_eq!(path, "/apis/kole.dev/v1alpha1/namespaces/edge/edgeworkloads/cdn/status");
+                condition = Some(body["status"]["conditions"][0].clone());
+            }
+            send.send_response(
+                Response::builder().status(200).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap(),
+            );
+        }
+        let c = condition.unwrap();
+        assert_eq!((c["type"].as_str(), c["status"].as_str()), (Some("Accepted"), Some("False")));
+        assert_eq!((c["reason"].as_str(), c["message"].as_str()), (Some("CommandRejected"), Some(reason)));
+        let ev = event.unwrap();
+        assert_eq!((ev["reason"].as_str(), ev["type"].as_str()), (Some("CommandRejected"), Some("Warning")));
         drop(tx);
         writer.await.unwrap();
     }

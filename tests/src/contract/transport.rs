@@ -12,8 +12,10 @@
 //!    and, flagged retained, a node that connects later (fleet-wide spec topics) or subscribes to
 //!    the group later (group spec topics); a message sent without `retain` does not; a retained
 //!    empty payload deletes the spec for later nodes.
-//! 4. **Oversize payloads** are refused with [`TransportError::PayloadTooLarge`] and nothing of the
-//!    batch is delivered, on both sides.
+//! 4. **Oversize payloads**: a node's batch with one is refused with
+//!    [`TransportError::PayloadTooLarge`] and nothing of it is delivered; the cloud's oversize
+//!    message is dropped alone with [`TransportError::OversizeDropped`] and the rest of its batch
+//!    is delivered (one message must not cost the others, e.g. registration acks).
 //! 5. **Closed endpoints**: `close` wakes a pending `recv` with [`TransportError::Closed`]; every later
 //!    call fails with `Closed`; `close` is idempotent.
 //!
@@ -195,7 +197,7 @@ pub async fn retained_specs_reach_later_nodes(fleet: &dyn TransportFleet) {
     close_all(&*cloud, &[early, late, later]);
 }
 
-/// Check 4: oversize payloads refuse the whole batch, on both sides.
+/// Check 4: an oversize payload refuses a node's whole batch; the cloud drops it alone.
 pub async fn oversize_payloads_are_refused_whole(fleet: &dyn TransportFleet) {
     let quiet = fleet.quiet();
     let big = fleet.oversize_payload();
@@ -220,10 +222,15 @@ pub async fn oversize_payloads_are_refused_whole(fleet: &dyn TransportFleet) {
     let batch =
         vec![out(Destination::Node(a.node().clone()), command(1), false), out(Destination::Fleet, vec![0; big], false)];
     match bounded(ARRIVAL_LIMIT, "send an oversize payload", cloud.send(batch)).await {
-        Err(TransportError::PayloadTooLarge { len, .. }) => assert_eq!(len, big, "the error names the length"),
-        other => panic!("the cloud sending {big} bytes must get PayloadTooLarge, got {other:?}"),
+        Err(TransportError::OversizeDropped { dropped, largest, max, .. }) => {
+            assert_eq!((dropped, largest), (1, big), "the error names the count and the length");
+            assert!(max < big, "the limit {max} is below the dropped length {big}");
+        }
+        other => panic!("the cloud sending {big} bytes must get OversizeDropped, got {other:?}"),
     }
-    assert_quiet(&*a, quiet, "nothing of a refused downlink batch may arrive").await;
+    let got = receive(&*a, 1, "the rest of a batch with an oversize message").await;
+    assert_eq!(ids(&got), [1], "the node's command in the same batch arrives");
+    assert_quiet(&*a, quiet, "the oversize message must not arrive").await;
     close_all(&*cloud, &[a]);
 }
 
