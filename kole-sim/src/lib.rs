@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod dataset;
 pub mod demo;
+pub mod fuzz;
 pub mod mqtt_bench;
 pub mod net;
 pub mod per_node;

@@ -63,6 +63,10 @@ enum Command {
     /// Snapshot tools on a directory snapshot store.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Feeds random and mutated inputs to every decoder that reads outside bytes (uplink,
+    /// downlink, signed envelope, snapshot manifest and chunks, runtime spec, agent state) and
+    /// reports, per decoder, inputs, accepted and panics (must be 0; exit 1 otherwise).
+    Fuzz(FuzzArgs),
     /// Measures the signed downlink on one core: signing and verifying a node's desired set (one
     /// workload, as the catch-up sends it) and a spec, per message and per million.
     Signing(SigningArgs),
@@ -381,10 +385,39 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
         },
         Some(Command::Agents(args)) => cmd_agents(args),
         Some(Command::Signing(args)) => cmd_signing(&args),
+        Some(Command::Fuzz(args)) => cmd_fuzz(&args),
         Some(Command::Snapshot(SnapshotCommand::Write(args))) => cmd_snapshot_write(&args),
         Some(Command::Snapshot(SnapshotCommand::Verify(args))) => cmd_snapshot_verify(&args.dir),
         Some(Command::Snapshot(SnapshotCommand::Restore(args))) => cmd_snapshot_restore(&args.dir),
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct FuzzArgs {
+    /// Inputs in all, split evenly over the decoders.
+    #[arg(long, default_value_t = 10_000_000)]
+    inputs: u64,
+    /// Seed of the input generator (runs are deterministic).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn cmd_fuzz(args: &FuzzArgs) -> AnyResult<ExitCode> {
+    let t = std::time::Instant::now();
+    let reports = kole_sim::fuzz::run(args.inputs, args.seed)?;
+    println!("{:<30} {:>12} {:>12} {:>7}", "decoder", "inputs", "accepted", "panics");
+    let mut panics = 0;
+    let mut total = 0;
+    for r in &reports {
+        println!("{:<30} {:>12} {:>12} {:>7}", r.name, thousands(r.inputs), thousands(r.accepted), r.panics);
+        if let Some(p) = &r.first_panic {
+            println!("  first panicking input: {p}");
+        }
+        panics += r.panics;
+        total += r.inputs;
+    }
+    println!("{} inputs, {panics} panics, {:.1} s (seed {})", thousands(total), t.elapsed().as_secs_f64(), args.seed);
+    Ok(if panics == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 #[derive(Debug, clap::Args)]

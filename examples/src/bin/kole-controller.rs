@@ -1022,6 +1022,7 @@ mod tests {
             ("snapshot-interval-ms", "KOLE_SNAPSHOT_INTERVAL_MS", Some("60000")),
             ("status-interval-ms", "KOLE_STATUS_INTERVAL_MS", Some("2000")),
             ("shutdown-timeout", "KOLE_SHUTDOWN_TIMEOUT", Some("20")),
+            ("signing-key", "KOLE_SIGNING_KEY", None),
             ("simulate-nodes", "KOLE_SIMULATE_NODES", Some("0")),
             ("broker", "KOLE_MQTT_BROKERS", None),
             ("fleet", "KOLE_FLEET", Some("default")),
