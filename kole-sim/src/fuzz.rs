@@ -100,7 +100,7 @@ fn seeds(signer: &DownlinkSigner) -> Result<Seeds, Box<dyn std::error::Error>> {
 /// One input: random bytes (a quarter) or a mutation of `seed`.
 fn input(rng: &mut SplitMix64, seed: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    if rng.next_u64() % 4 == 0 || seed.is_empty() {
+    if rng.next_u64().is_multiple_of(4) || seed.is_empty() {
         let len = (rng.next_u64() % 512) as usize;
         out.extend((0..len).map(|_| rng.next_u64() as u8));
         return;
