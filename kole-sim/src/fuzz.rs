@@ -110,8 +110,9 @@ fn input(rng: &mut SplitMix64, seed: &[u8], out: &mut Vec<u8>) {
         let len = out.len().max(1);
         let at = (rng.next_u64() as usize) % len;
         match rng.next_u64() % 6 {
+            // Every mutation changes the input: an unchanged one would be a valid seed.
             0 if !out.is_empty() => out[at] ^= 1 << (rng.next_u64() % 8),
-            1 if !out.is_empty() => out[at] = rng.next_u64() as u8,
+            1 if !out.is_empty() => out[at] ^= (rng.next_u64() as u8) | 1,
             2 => out.truncate(at),
             3 => out.insert(at.min(out.len()), rng.next_u64() as u8),
             4 if !out.is_empty() => {
@@ -119,8 +120,18 @@ fn input(rng: &mut SplitMix64, seed: &[u8], out: &mut Vec<u8>) {
                 let dup = out[at..end].to_vec();
                 out.splice(at..at, dup);
             }
-            _ if !out.is_empty() => out[at] = [0, 0xff, 0x7f, 0x80][(rng.next_u64() % 4) as usize],
+            _ if !out.is_empty() => {
+                let v = [0, 0xff, 0x7f, 0x80][(rng.next_u64() % 4) as usize];
+                out[at] = if out[at] == v { v ^ 1 } else { v };
+            }
             _ => {}
+        }
+    }
+    // Mutations can cancel out (the same bit flipped twice): never hand back the seed itself.
+    if out == seed {
+        match out.first_mut() {
+            Some(b) => *b ^= 0x80,
+            None => out.push(0),
         }
     }
 }
