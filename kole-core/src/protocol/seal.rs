@@ -230,17 +230,19 @@ pub struct Opened {
     pub key: KeyId,
 }
 
-/// Verifies and decodes a signed downlink message that arrived on `from`.
-///
-/// Refuses (before decoding the body) an unsigned message, a key that is not trusted or is
-/// revoked, and a signature that does not verify for this destination; then decodes the body
-/// under `limits` like [`super::decode_downlink`].
-pub fn open(
-    bytes: &[u8],
-    from: &Destination,
-    trust: &TrustedKeys,
-    limits: &DecodeLimits,
-) -> Result<Opened, DecodeError> {
+/// The parts of a signed message, its header checked (length, kind, direction).
+struct Sealed<'a> {
+    kind: MessageKind,
+    key: KeyId,
+    issued_at_ms: u64,
+    signature: Signature,
+    /// Bytes 1..14: what the signature covers of the header.
+    header: &'a [u8],
+    body: &'a [u8],
+}
+
+/// Splits a version 3 message; `Unsigned` for any other version.
+fn sealed<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Sealed<'a>, DecodeError> {
     let (&version, _) = bytes.split_first().ok_or(DecodeError::Empty)?;
     if bytes.len() > limits.max_message_bytes {
         return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.max_message_bytes });
@@ -261,28 +263,48 @@ pub fn open(
         let reason = format!("{} bytes, shorter than the {SEALED_HEADER_LEN}-byte signed header", bytes.len());
         return Err(DecodeError::Malformed { kind, reason });
     }
-    let id = KeyId(u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]));
-    if trust.revoked.contains(&id) {
-        return Err(DecodeError::RevokedKey { key: id.0 });
-    }
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&bytes[6..14]);
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&bytes[14..SEALED_HEADER_LEN]);
-    let sig = Signature::from_bytes(&sig);
-    let body = &bytes[SEALED_HEADER_LEN..];
-    let signed = signed_bytes(from, &bytes[1..14], body);
-    let mut candidates = trust.keys.iter().filter(|(k, _)| *k == id).peekable();
-    if candidates.peek().is_none() {
-        return Err(DecodeError::UnknownKey { key: id.0 });
+    Ok(Sealed {
+        kind,
+        key: KeyId(u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]])),
+        issued_at_ms: u64::from_be_bytes(at),
+        signature: Signature::from_bytes(&sig),
+        header: &bytes[1..14],
+        body: &bytes[SEALED_HEADER_LEN..],
+    })
+}
+
+/// Verifies and decodes a signed downlink message that arrived on `from`.
+///
+/// Refuses (before decoding the body) an unsigned message, a key that is not trusted or is
+/// revoked, and a signature that does not verify for this destination; then decodes the body
+/// under `limits` like [`super::decode_downlink`].
+pub fn open(
+    bytes: &[u8],
+    from: &Destination,
+    trust: &TrustedKeys,
+    limits: &DecodeLimits,
+) -> Result<Opened, DecodeError> {
+    let s = sealed(bytes, limits)?;
+    if trust.revoked.contains(&s.key) {
+        return Err(DecodeError::RevokedKey { key: s.key.0 });
     }
-    let verified = candidates
-        .any(|(_, public)| VerifyingKey::from_bytes(public).is_ok_and(|vk| vk.verify_strict(&signed, &sig).is_ok()));
+    let mut candidates = trust.keys.iter().filter(|(k, _)| *k == s.key).peekable();
+    if candidates.peek().is_none() {
+        return Err(DecodeError::UnknownKey { key: s.key.0 });
+    }
+    let signed = signed_bytes(from, s.header, s.body);
+    let verified = candidates.any(|(_, public)| {
+        VerifyingKey::from_bytes(public).is_ok_and(|vk| vk.verify_strict(&signed, &s.signature).is_ok())
+    });
     if !verified {
         return Err(DecodeError::BadSignature);
     }
-    let mut at = [0u8; 8];
-    at.copy_from_slice(&bytes[6..14]);
-    let message = wire::decode_body(kind, super::PROTOCOL_VERSION, body, limits)?;
-    Ok(Opened { message, issued_at_ms: u64::from_be_bytes(at), key: id })
+    let message = wire::decode_body(s.kind, super::PROTOCOL_VERSION, s.body, limits)?;
+    Ok(Opened { message, issued_at_ms: s.issued_at_ms, key: s.key })
 }
 
 /// Decodes a signed downlink message without verifying it: for agents that pin no key (tests,
@@ -291,26 +313,9 @@ pub fn decode_unverified(bytes: &[u8], limits: &DecodeLimits) -> Result<(Message
     if bytes.first() != Some(&SIGNED_VERSION) {
         return super::decode_downlink(bytes, limits).map(|m| (m, None));
     }
-    if bytes.len() > limits.max_message_bytes {
-        return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.max_message_bytes });
-    }
-    let &kind = bytes.get(1).ok_or(DecodeError::MissingKind)?;
-    let kind = MessageKind::from_u8(kind).ok_or(DecodeError::UnknownKind { kind })?;
-    if kind.direction() != super::Direction::Downlink {
-        return Err(DecodeError::WrongDirection {
-            kind,
-            actual: kind.direction(),
-            expected: super::Direction::Downlink,
-        });
-    }
-    if bytes.len() < SEALED_HEADER_LEN {
-        let reason = format!("{} bytes, shorter than the {SEALED_HEADER_LEN}-byte signed header", bytes.len());
-        return Err(DecodeError::Malformed { kind, reason });
-    }
-    let mut at = [0u8; 8];
-    at.copy_from_slice(&bytes[6..14]);
-    let m = wire::decode_body(kind, super::PROTOCOL_VERSION, &bytes[SEALED_HEADER_LEN..], limits)?;
-    Ok((m, Some(u64::from_be_bytes(at))))
+    let s = sealed(bytes, limits)?;
+    let m = wire::decode_body(s.kind, super::PROTOCOL_VERSION, s.body, limits)?;
+    Ok((m, Some(s.issued_at_ms)))
 }
 
 /// The label a destination is signed under, independent of any transport's topic layout:
