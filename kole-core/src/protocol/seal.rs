@@ -102,7 +102,7 @@ impl DownlinkSigner {
                 "a signing key file holds `ed25519-secret:` and 64 hex digits (see `kole-controller keygen`)".into(),
             )
         })?;
-        Ok(Self::from_seed(hex32(hex).ok_or_else(|| KeyError("the signing key is not 64 hex digits".into()))?))
+        Ok(Self::from_seed(from_hex::<32>(hex).ok_or_else(|| KeyError("the signing key is not 64 hex digits".into()))?))
     }
 
     /// The secret key as a file's text (`ed25519-secret:` and 64 hex digits).
@@ -129,7 +129,7 @@ impl DownlinkSigner {
 
     /// Whether `sig_hex` is this key's [`DownlinkSigner::sign_detached`] signature of `msg`.
     pub fn verify_detached(&self, domain: &str, msg: &[u8], sig_hex: &str) -> bool {
-        let Some(bytes) = hex64(sig_hex) else { return false };
+        let Some(bytes) = from_hex::<64>(sig_hex) else { return false };
         self.key.verifying_key().verify_strict(&detached(domain, msg), &Signature::from_bytes(&bytes)).is_ok()
     }
 
@@ -172,7 +172,8 @@ impl TrustedKeys {
         let hex = text.trim().strip_prefix("ed25519:").ok_or_else(|| {
             KeyError(format!("a trusted key is `ed25519:` and 64 hex digits, not {:?}", truncate(text.trim())))
         })?;
-        let bytes = hex32(hex).ok_or_else(|| KeyError("a trusted key is 64 hex digits after `ed25519:`".into()))?;
+        let bytes =
+            from_hex::<32>(hex).ok_or_else(|| KeyError("a trusted key is 64 hex digits after `ed25519:`".into()))?;
         VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError("not a valid Ed25519 public key".into()))?;
         let id = KeyId::of(&bytes);
         if !self.keys.iter().any(|(_, k)| *k == bytes) {
@@ -349,24 +350,13 @@ fn detached(domain: &str, msg: &[u8]) -> Vec<u8> {
     m
 }
 
-fn hex64(s: &str) -> Option<[u8; 64]> {
+/// `N` bytes from exactly `2 * N` hex digits (surrounding whitespace ignored).
+fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.trim();
-    if s.len() != 128 || !s.is_ascii() {
+    if s.len() != 2 * N || !s.is_ascii() {
         return None;
     }
-    let mut out = [0u8; 64];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
+    let mut out = [0u8; N];
     for (i, b) in out.iter_mut().enumerate() {
         *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
     }
