@@ -102,8 +102,10 @@ pub fn read_nodes_file(path: &Path) -> anyhow::Result<Vec<NodeName>> {
 /// What [`write_fleet_credentials`] wrote.
 #[derive(Debug)]
 pub struct FleetCredentials {
-    /// The Mosquitto password file (every node and the controller).
-    pub passwd: PathBuf,
+    /// The Mosquitto password file of the nodes' listener (every node, no controller).
+    pub nodes_passwd: PathBuf,
+    /// The Mosquitto password file of the controller's listener (the controller only).
+    pub controller_passwd: PathBuf,
     /// The controller's password file.
     pub controller: PathBuf,
     /// Each node's password file.
@@ -116,10 +118,14 @@ pub struct FleetCredentials {
 ///
 /// - `out/nodes/{node}.password`: the node's password (0600), for its agent's `--password-file`;
 /// - `out/{controller_user}.password`: the controller's (0600);
-/// - `out/mosquitto.passwd`: every user's `$7$` hash (0600), Mosquitto's `password_file`.
+/// - `out/nodes.passwd`: every node's `$7$` hash (0600), the `password_file` of the brokers'
+///   nodes' listener (`deploy/mqtt/mosquitto.conf`, where a node's client id is its user name);
+/// - `out/controller.passwd`: the controller's hash (0600), the `password_file` of the
+///   controller's listener. Two files, so that no node can log in where the controller's
+///   connections choose their own client ids, and the controller cannot log in as a node.
 ///
 /// A password file that exists already is kept (re-running with more nodes adds them without
-/// changing anyone's password); the hash file is rewritten from all of them.
+/// changing anyone's password); the hash files are rewritten from all of them.
 pub fn write_fleet_credentials(
     out: &Path,
     controller_user: &str,
@@ -131,13 +137,20 @@ pub fn write_fleet_credentials(
         nodes.iter().all(|n| n.as_str() != controller_user),
         "a node is named like the controller user {controller_user}: the broker could not tell them apart"
     );
+    // A node's client id is its name; the controller's are `{controller_user}-{random tag}-…`.
+    let prefix = format!("{controller_user}-");
+    if let Some(n) = nodes.iter().find(|n| n.as_str().starts_with(&prefix)) {
+        anyhow::bail!(
+            "node {n} starts with {prefix:?}, the prefix of the controller's MQTT client ids: rename the node \
+             (or choose another --controller-user)"
+        );
+    }
     private_dir(out)?;
     private_dir(&out.join("nodes"))?;
     let mut users = BTreeMap::new();
     let mut kept = 0;
     let controller = out.join(format!("{controller_user}.password"));
-    let (pw, _) = password_at(&controller)?;
-    users.insert(controller_user.to_owned(), pw);
+    let (controller_pw, _) = password_at(&controller)?;
     let mut node_files = Vec::with_capacity(nodes.len());
     for n in nodes {
         let path = out.join("nodes").join(format!("{n}.password"));
@@ -151,9 +164,19 @@ pub fn write_fleet_credentials(
         passwd.push_str(&mosquitto_line(user, pw, &random_salt()?, MOSQUITTO_ITERATIONS));
         passwd.push('\n');
     }
-    let passwd_path = out.join("mosquitto.passwd");
-    write_private(&passwd_path, passwd.as_bytes())?;
-    Ok(FleetCredentials { passwd: passwd_path, controller, nodes: node_files, kept })
+    let nodes_passwd = out.join("nodes.passwd");
+    write_private(&nodes_passwd, passwd.as_bytes())?;
+    let controller_passwd = out.join("controller.passwd");
+    let line = mosquitto_line(controller_user, &controller_pw, &random_salt()?, MOSQUITTO_ITERATIONS);
+    write_private(&controller_passwd, format!("{line}\n").as_bytes())?;
+    // The single file earlier versions wrote held every user: a broker still pointed at it would
+    // let the controller's password in on the nodes' listener. Remove it so that shows.
+    match fs::remove_file(out.join("mosquitto.passwd")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the old {}/mosquitto.passwd", out.display())),
+    }
+    Ok(FleetCredentials { nodes_passwd, controller_passwd, controller, nodes: node_files, kept })
 }
 
 /// The password in `path`, or a new one written there (0600). The flag says whether it existed.
@@ -237,19 +260,30 @@ mod tests {
         let first = write_fleet_credentials(&out, "kole-controller", &nodes(&["edge-1", "edge-2"])).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&out), 0o700);
-        assert_eq!(mode(&first.passwd), 0o600);
+        assert_eq!(mode(&first.nodes_passwd), 0o600);
+        assert_eq!(mode(&first.controller_passwd), 0o600);
         assert_eq!(mode(&first.controller), 0o600);
         assert!(first.nodes.iter().all(|n| mode(n) == 0o600));
         let edge1 = fs::read_to_string(&first.nodes[0]).unwrap();
-        let passwd = fs::read_to_string(&first.passwd).unwrap();
-        assert_eq!(passwd.lines().count(), 3);
-        assert!(passwd.lines().all(|l| l.contains(":$7$101$")), "{passwd}");
+        let users = |p: &Path| -> Vec<String> {
+            let text = fs::read_to_string(p).unwrap();
+            assert!(text.lines().all(|l| l.contains(":$7$101$")), "{text}");
+            text.lines().map(|l| l.split(':').next().unwrap().to_owned()).collect()
+        };
+        assert_eq!(users(&first.nodes_passwd), ["edge-1", "edge-2"]);
+        assert_eq!(users(&first.controller_passwd), ["kole-controller"]);
 
+        // An old single password file (every user) is removed, not left for a broker to load.
+        fs::write(out.join("mosquitto.passwd"), "old").unwrap();
         let second = write_fleet_credentials(&out, "kole-controller", &nodes(&["edge-1", "edge-2", "edge-3"])).unwrap();
         assert_eq!(second.kept, 2, "edge-1 and edge-2 keep their passwords");
         assert_eq!(fs::read_to_string(&second.nodes[0]).unwrap(), edge1);
-        assert_eq!(fs::read_to_string(&second.passwd).unwrap().lines().count(), 4);
+        assert_eq!(users(&second.nodes_passwd), ["edge-1", "edge-2", "edge-3"]);
+        assert!(!out.join("mosquitto.passwd").exists());
         assert!(write_fleet_credentials(&out, "edge-1", &nodes(&["edge-1"])).is_err());
+        // A node whose name (its client id) starts like the controller's client ids.
+        let e = write_fleet_credentials(&out, "kole-controller", &nodes(&["kole-controller-1a2b-0-0"])).unwrap_err();
+        assert!(e.to_string().contains("prefix of the controller's MQTT client ids"), "{e}");
         fs::remove_dir_all(&out).unwrap();
     }
 

@@ -1,6 +1,7 @@
-//! `kole-controller credentials` against Debian's real Mosquitto: the password file and ACL it
-//! writes are loaded by `mosquitto`, which then accepts the controller and each node with the
-//! passwords written for them and refuses a wrong one. Skipped, with the reason printed, when
+//! `kole-controller credentials` against Debian's real Mosquitto: the password files and ACL it
+//! writes are loaded by `mosquitto` on the two listeners of deploy/mqtt/mosquitto.conf, which then
+//! accepts the controller and each node with the passwords written for them, each on its own
+//! listener only, and refuses a wrong one. Skipped, with the reason printed, when
 //! `mosquitto` is not installed (CI installs it: `.ci/mosquitto.sh`).
 
 use std::path::Path;
@@ -23,18 +24,26 @@ fn mosquitto_installed() -> bool {
     Command::new("mosquitto").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
-fn start_mosquitto(dir: &Path) -> (Broker, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+/// Mosquitto with the written files on two listeners, as deploy/mqtt/mosquitto.conf sets them up
+/// (without its TLS, tested in kole-mqtt's Mosquitto tier): the nodes' and the controller's.
+fn start_mosquitto(dir: &Path) -> (Broker, u16, u16) {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (nodes, controller) = (free(), free());
     let conf = dir.join("mosquitto.conf");
     // `user root`: Mosquitto run as root otherwise drops to a `mosquitto` user that cannot read
     // the 0600 files written here.
     let user = if is_root() { "user root\n" } else { "" };
+    let acl = dir.join("mosquitto.acl");
     std::fs::write(
         &conf,
         format!(
-            "{user}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\n",
-            dir.join("mosquitto.passwd").display(),
-            dir.join("mosquitto.acl").display()
+            "{user}per_listener_settings true\npersistence false\n\
+             listener {nodes} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\nuse_username_as_clientid true\n\
+             listener {controller} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
+            dir.join("nodes.passwd").display(),
+            acl.display(),
+            dir.join("controller.passwd").display(),
+            acl.display(),
         ),
     )
     .unwrap();
@@ -42,7 +51,9 @@ fn start_mosquitto(dir: &Path) -> (Broker, u16) {
     let child = Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
     let broker = Broker(child);
     let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while std::net::TcpStream::connect(("127.0.0.1", nodes)).is_err()
+        || std::net::TcpStream::connect(("127.0.0.1", controller)).is_err()
+    {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "mosquitto did not start: {:?}",
@@ -50,7 +61,7 @@ fn start_mosquitto(dir: &Path) -> (Broker, u16) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (broker, port)
+    (broker, nodes, controller)
 }
 
 fn is_root() -> bool {
@@ -77,10 +88,17 @@ async fn mosquitto_accepts_the_written_credentials_and_refuses_others() {
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(stdout.contains("2 node(s)") && stdout.contains("mosquitto.passwd"), "{stdout}");
+    assert!(stdout.contains("2 node(s)") && stdout.contains("nodes.passwd"), "{stdout}");
 
     use std::os::unix::fs::PermissionsExt as _;
-    for f in ["mosquitto.passwd", "mosquitto.acl", "kole-controller.password", "nodes/edge-1.password", "signing.key"] {
+    for f in [
+        "nodes.passwd",
+        "controller.passwd",
+        "mosquitto.acl",
+        "kole-controller.password",
+        "nodes/edge-1.password",
+        "signing.key",
+    ] {
         let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
@@ -91,12 +109,20 @@ async fn mosquitto_accepts_the_written_credentials_and_refuses_others() {
     let keys = kole_core::protocol::seal::TrustedKeys::from_text(&trusted).unwrap();
     assert_eq!(keys.key_ids(), [signer.key_id()]);
     assert!(stdout.contains(&format!("key id {}", signer.key_id())), "{stdout}");
-    let (_broker, port) = start_mosquitto(&out);
-    let broker = BrokerAddr::tcp("127.0.0.1", port);
+    // Each password file holds only its listener's users.
+    let users = |f: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(out.join(f)).unwrap();
+        text.lines().map(|l| l.split(':').next().unwrap().to_owned()).collect()
+    };
+    assert_eq!(users("nodes.passwd"), ["edge-1", "edge-2"]);
+    assert_eq!(users("controller.passwd"), ["kole-controller"]);
+    let (_broker, nodes_port, controller_port) = start_mosquitto(&out);
+    let broker = BrokerAddr::tcp("127.0.0.1", nodes_port);
+    let controller_broker = BrokerAddr::tcp("127.0.0.1", controller_port);
     let topics = Topics::new("default").unwrap();
     let password = |p: &str| kole_examples::read_password_file(&out.join(p)).unwrap();
     let cloud = |pw: String| CloudConfig {
-        brokers: vec![broker.clone()],
+        brokers: vec![controller_broker.clone()],
         credentials: Some(Credentials { username: "kole-controller".into(), password: pw }),
         connections_per_broker: 1,
         connection: kole_mqtt::ConnectionConfig { connect_timeout: Duration::from_secs(3), ..Default::default() },
@@ -128,7 +154,18 @@ async fn mosquitto_accepts_the_written_credentials_and_refuses_others() {
             .await
             .unwrap();
     assert!(r.is_err(), "edge-1 with edge-2's password was accepted");
-    let r = tokio::time::timeout(limit, MqttCloud::connect(topics, cloud("guess".into()))).await.unwrap();
+    let r = tokio::time::timeout(limit, MqttCloud::connect(topics.clone(), cloud("guess".into()))).await.unwrap();
     assert!(r.is_err(), "a wrong controller password was accepted");
+    // Neither listener takes the other's users: the controller on the nodes' listener, a node on
+    // the controller's.
+    let on_nodes = CloudConfig { brokers: vec![broker.clone()], ..cloud(password("kole-controller.password")) };
+    let r = tokio::time::timeout(limit, MqttCloud::connect(topics.clone(), on_nodes)).await.unwrap();
+    assert!(r.is_err(), "the controller logged in on the nodes' listener");
+    let on_controller =
+        NodeConfig { brokers: vec![controller_broker.clone()], ..node(password("nodes/edge-1.password")) };
+    let r = tokio::time::timeout(limit, MqttNode::connect(topics, NodeName::new("edge-1").unwrap(), &on_controller))
+        .await
+        .unwrap();
+    assert!(r.is_err(), "edge-1 logged in on the controller's listener");
     std::fs::remove_dir_all(&dir).unwrap();
 }

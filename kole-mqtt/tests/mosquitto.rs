@@ -16,6 +16,9 @@
 //!   same port: controller and agents reconnect and converge. These two start a *private* Mosquitto
 //!   of their own (same `passwd` and `acl`, a free port), killed by a drop guard;
 //! - a controller restart from its shutdown snapshot converges without resending anything;
+//! - the shipped `deploy/mqtt/mosquitto.conf` (its own ports and paths), attacked: a node cannot
+//!   take over the controller's or another node's client id there (and can without its
+//!   `use_username_as_clientid`, the control);
 //! - with the `tls` feature (`cargo test -p kole-mqtt --features tls --test mosquitto …`): the
 //!   same round trip over Mosquitto's TLS listener (`KOLE_TEST_MOSQUITTO_TLS`, a throw-away CA in
 //!   `KOLE_TEST_MOSQUITTO_CA`), and a client that does not trust that CA is refused.
@@ -865,4 +868,226 @@ async fn mosquitto_retained_uplink_is_ignored() {
         ctl.stop().await;
     })
     .await;
+}
+
+/// The shipped `deploy/mqtt/mosquitto.conf`, run as written except for its ports (free ones on
+/// 127.0.0.1), its directories (a fresh one) and its log (a file): the nodes' listener, the
+/// controller's listener, their password files (made with `mosquitto_passwd` from the shared
+/// broker's credentials), the shared ACL and the shared broker's TLS key pair. `bind_ids: false`
+/// removes `use_username_as_clientid` (the control).
+#[cfg(feature = "tls")]
+struct ShippedMosquitto {
+    child: Child,
+    dir: PathBuf,
+    nodes: BrokerAddr,
+    controller: BrokerAddr,
+}
+
+#[cfg(feature = "tls")]
+impl ShippedMosquitto {
+    fn start(mq: &Mosquitto, bind_ids: bool) -> Self {
+        let shipped = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mqtt/mosquitto.conf"),
+        )
+        .unwrap();
+        let shared = PathBuf::from(std::env::var("KOLE_TEST_MOSQUITTO_DIR").expect("KOLE_TEST_MOSQUITTO_DIR"));
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (np, cp) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("kole-shipped-mosquitto-{}-{np}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let passwd = |file: &str, users: &[&str]| {
+            for u in users {
+                let ok = Command::new("mosquitto_passwd")
+                    .args(if dir.join(file).exists() { vec!["-b"] } else { vec!["-c", "-b"] })
+                    .arg(dir.join(file))
+                    .args([*u, mq.passwords[*u].as_str()])
+                    .status()
+                    .unwrap();
+                assert!(ok.success(), "mosquitto_passwd {file} {u}");
+            }
+        };
+        passwd("nodes.passwd", &["node-a", "node-b", "edge-005"]);
+        passwd("controller.passwd", &["kole-controller"]);
+        std::fs::copy(shared.join("acl"), dir.join("mosquitto.acl")).unwrap();
+        for f in ["ca.crt", "server.crt", "server.key"] {
+            std::fs::copy(shared.join(f), dir.join(f)).unwrap();
+        }
+        // Each edit must find its line, so a change to the shipped file cannot slip past the test.
+        let mut conf = shipped;
+        let mut edit = |from: &str, to: &str| {
+            assert!(conf.contains(from), "deploy/mqtt/mosquitto.conf no longer has {from:?}");
+            conf = conf.replace(from, to);
+        };
+        let d = format!("{}/", dir.display());
+        edit("/etc/mosquitto/kole/", &d);
+        edit("persistence_location /var/lib/mosquitto/", &format!("persistence_location {d}"));
+        edit("log_dest syslog", &format!("log_dest file {d}mosquitto.log"));
+        edit("listener 8883 0.0.0.0", &format!("listener {np} 127.0.0.1"));
+        edit("listener 8884 0.0.0.0", &format!("listener {cp} 127.0.0.1"));
+        if !bind_ids {
+            edit("use_username_as_clientid true", "");
+        }
+        if running_as_root() {
+            // Mosquitto started as root drops to the `mosquitto` user, which cannot read the 0600 files.
+            conf.insert_str(0, "user root\n");
+        }
+        std::fs::write(dir.join("mosquitto.conf"), conf).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto on PATH");
+        let broker = Self {
+            child,
+            dir,
+            nodes: format!("mqtts://127.0.0.1:{np}").parse().unwrap(),
+            controller: format!("mqtts://127.0.0.1:{cp}").parse().unwrap(),
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", np)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", cp)).is_ok()
+            {
+                return broker;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the shipped mosquitto.conf did not start: {}", broker.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// The client ids the broker logged for the controller's connections (an attacker who reads
+    /// the broker's log knows them; so does this test).
+    fn controller_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .log()
+            .lines()
+            .filter_map(|l| l.split(" as ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .filter(|id| id.starts_with("kole-controller-"))
+            .map(str::to_owned)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Drop for ShippedMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("shipped mosquitto log ({}):\n{}", self.dir.display(), self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(feature = "tls")]
+fn running_as_root() -> bool {
+    // No libc call needed: `id -u` is everywhere the tier runs.
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// A raw TLS client with `user`'s credentials and a client id of its choosing: whether the broker
+/// accepted it, kept connected for `hold`.
+#[cfg(feature = "tls")]
+async fn connect_tls_as(
+    mq: &Mosquitto,
+    at: &BrokerAddr,
+    tls: &kole_mqtt::TlsSettings,
+    user: &str,
+    client_id: &str,
+    hold: Duration,
+) -> bool {
+    let mut opts = rumqttc::MqttOptions::new(client_id, at.host.clone(), at.port);
+    opts.set_credentials(user, mq.passwords[user].clone());
+    opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+        tls.client_config.clone(),
+    )));
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(opts, 8);
+    let connected = matches!(
+        tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await,
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(rumqttc::ConnAck {
+            code: rumqttc::ConnectReturnCode::Success,
+            ..
+        }))))
+    );
+    let _ = tokio::time::timeout(hold, async { while eventloop.poll().await.is_ok() {} }).await;
+    connected
+}
+
+/// The takeover of issue 12 against the shipped broker configuration. node-a, with its own valid
+/// password, connects on the nodes' listener with each client id the controller has (read from
+/// the broker's log) and with another node's id, three rounds. With the shipped
+/// `use_username_as_clientid` the broker renames it `node-a`, and neither the controller nor
+/// edge-005 loses a connection; node-a cannot log in on the controller's listener at all. The
+/// control run, the same file without that line, shows the attack does work there (the controller
+/// is disconnected), so the test would catch the option going missing.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto with its TLS files: eval \"$(.ci/mosquitto.sh start)\"; cargo test --features tls"]
+async fn mosquitto_shipped_config_binds_client_ids_to_user_names() {
+    for bind_ids in [true, false] {
+        bounded(90, shipped_takeover(bind_ids)).await;
+    }
+}
+
+#[cfg(feature = "tls")]
+async fn shipped_takeover(bind_ids: bool) {
+    let mq = mosquitto();
+    let broker = ShippedMosquitto::start(&mq, bind_ids);
+    let ca = std::fs::read(std::env::var("KOLE_TEST_MOSQUITTO_CA").expect("KOLE_TEST_MOSQUITTO_CA")).unwrap();
+    let tls = tls_trusting(&ca);
+    let connection = kole_mqtt::ConnectionConfig { tls: Some(tls.clone()), ..kole_mqtt::ConnectionConfig::default() };
+    let topics = topics();
+    let cloud = CloudConfig { brokers: vec![broker.controller.clone()], connection: connection.clone(), ..mq.cloud() };
+    let ctl = Controller::start(&topics, cloud, Arc::new(MemorySnapshotStore::new())).await;
+    let node_cfg = NodeConfig { brokers: vec![broker.nodes.clone()], connection, ..mq.node("edge-005") };
+    let agent = AgentHandle::start(&topics, "edge-005", node_cfg);
+    ctl.wait_nodes(1).await;
+    let ids = broker.controller_ids();
+    assert_eq!(ids.len(), 2, "the controller's two connections in the log: {ids:?}");
+
+    // Wrong listener: a node's password is not accepted where the controller connects.
+    let hold = Duration::from_millis(300);
+    assert!(!connect_tls_as(&mq, &broker.controller, &tls, "node-a", "node-a", hold).await);
+
+    let before = ctl.cloud.stats();
+    for round in 0..3 {
+        for id in ids.iter().map(String::as_str).chain(["edge-005"]) {
+            assert!(
+                connect_tls_as(&mq, &broker.nodes, &tls, "node-a", id, hold).await,
+                "round {round}: node-a was refused as {id}; the test proves nothing"
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = ctl.cloud.stats();
+    if bind_ids {
+        assert_eq!(after.connection_errors, before.connection_errors, "{after:?}");
+        assert_eq!(after.connects, before.connects, "no reconnect either: {after:?}");
+        assert!(!broker.log().contains("already connected, closing old connection"), "{}", broker.log());
+        // The fleet still works through it.
+        let w = workload("default/shipped-conf", 1);
+        ctl.apply(w.clone()).await;
+        ctl.wait_converged(&w, 1).await;
+        ctl.stop().await;
+        let (_, driver) = agent.stop().await;
+        assert_eq!(driver.connects, 1, "edge-005 was never disconnected: {driver:?}");
+    } else {
+        assert!(
+            after.connection_errors > before.connection_errors,
+            "without use_username_as_clientid the takeover should work: {after:?}"
+        );
+        ctl.stop().await;
+        agent.stop().await;
+    }
 }

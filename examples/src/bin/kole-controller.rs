@@ -76,9 +76,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Writes MQTT credentials for a fleet: a random password per node and for the controller, a
-    /// Mosquitto password file (`$7$` hashes, as `mosquitto_passwd` writes) and ACL, and one
-    /// password file per agent. Existing password files are kept, so re-running adds nodes.
+    /// Writes MQTT credentials for a fleet: a random password per node and for the controller,
+    /// Mosquitto password files for the brokers' two listeners (`nodes.passwd`,
+    /// `controller.passwd`: `$7$` hashes, as `mosquitto_passwd` writes; see
+    /// deploy/mqtt/mosquitto.conf), the ACL, one password file per agent and the downlink signing
+    /// key. Existing password files and keys are kept, so re-running adds nodes.
     Credentials(CredentialsArgs),
     /// Writes a new downlink signing key (Ed25519) to FILE (0600; an existing file is never
     /// overwritten) and prints its public key line for the agents' `--trusted-keys` file. To rotate:
@@ -528,7 +530,8 @@ fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
         written.kept,
         args.controller_user
     );
-    println!("  {}  Mosquitto password_file (every user, $7$ hashes)", written.passwd.display());
+    println!("  {}  password_file of the brokers' nodes' listener (every node)", written.nodes_passwd.display());
+    println!("  {}  password_file of the brokers' controller listener", written.controller_passwd.display());
     println!("  {}  Mosquitto acl_file (fleet {})", acl_path.display(), args.fleet);
     println!("  {}  the controller's password (--mqtt-password-file)", written.controller.display());
     println!("  {}/nodes/NODE.password  each agent's password (--password-file)", args.out.display());
