@@ -5,6 +5,18 @@
 //! never as CEL rules, so the CRDs install and validate on every apiserver since 1.16 (CEL needs 1.25+).
 //! What a schema cannot say (waves strictly increasing, a group name for group delivery) is checked by
 //! the conversions in [`crate::convert`] and reported in the object's status.
+//!
+//! # Admission limits
+//!
+//! Every string, list and map of a spec has a schema limit no looser than what the agents decode
+//! ([`DecodeLimits::default`], [`kole_core::runspec`]'s constants, Kubernetes' label rules), so the
+//! apiserver refuses (HTTP 422, naming the field) what no agent could read. The numbers come from
+//! kole-core's constants, not literals. Two things a per-field limit cannot say stay with the
+//! controller, which reports them as `Accepted=False`: the spec's total encoded size
+//! ([`DecodeLimits::max_spec_bytes`], [`DecodeLimits::max_message_bytes`]) and the selector's terms
+//! counted across requirements and values ([`DecodeLimits::max_selector_terms`]). A schema's
+//! `maxLength` counts characters while the agents count bytes, so non-ASCII text can pass the
+//! schema and still be refused by the controller.
 
 // kube-derive takes one `printcolumn(...)` per column; clippy mistakes the repeated `type_` for a duplicate.
 #![allow(clippy::duplicated_attributes)]
@@ -15,21 +27,56 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
     JSONSchemaPropsOrStringArray,
 };
+use kole_core::model::{MAX_LABEL_NAME_LEN, MAX_LABEL_PREFIX_LEN, MAX_NODE_NAME_LEN};
+use kole_core::protocol::DecodeLimits;
+use kole_core::runspec::{MAX_ARGV, MAX_ENV, MAX_IMAGE_LEN};
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+/// The limits the agents decode with, which the schema's limits follow.
+fn agents() -> DecodeLimits {
+    DecodeLimits::default()
+}
+
+/// Longest label key: a DNS-1123 subdomain prefix, `/`, and a name (Kubernetes' rule).
+pub const MAX_LABEL_KEY_LEN: usize = MAX_LABEL_PREFIX_LEN + 1 + MAX_LABEL_NAME_LEN;
+
+/// A label key (Kubernetes' qualified name): an optional prefix of lowercase alphanumerics, `-` and
+/// `.` (at most 253) and `/`, then a name of at most 63 alphanumerics, `-`, `_` and `.` that starts and
+/// ends with an alphanumeric. The prefix's DNS rules in full are checked by the controller.
+pub const LABEL_KEY_PATTERN: &str =
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+/// A label value: empty, or at most 63 alphanumerics, `-`, `_` and `.`, starting and ending with an
+/// alphanumeric (Kubernetes' rule, as the agents check it).
+pub const LABEL_VALUE_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+
+/// `matchLabels`: each label is one requirement with one value, two selector terms, so at most half
+/// the agents' terms; values follow the label value rule. (Structural schemas cannot constrain map
+/// keys: the controller checks them.)
+fn match_labels_limits(schema: &mut schemars::Schema) {
+    schema.insert("maxProperties".into(), (agents().max_selector_terms / 2).into());
+    if let Some(values) = schema.get_mut("additionalProperties").and_then(|v| v.as_object_mut()) {
+        values.insert("maxLength".into(), MAX_LABEL_NAME_LEN.into());
+        values.insert("pattern".into(), LABEL_VALUE_PATTERN.into());
+    }
+}
 
 /// A label selector as written in a kole object: `matchLabels` and `matchExpressions`, with
 /// Kubernetes' semantics (an empty selector selects every node).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SelectorSpec {
-    /// `key: value` pairs, each equivalent to an `In` requirement with one value.
+    /// `key: value` pairs, each equivalent to an `In` requirement with one value. At most 128.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = match_labels_limits)]
     pub match_labels: BTreeMap<String, String>,
-    /// Set-based requirements, ANDed.
+    /// Set-based requirements, ANDed. At most 256, and at most 256 requirements plus values in the
+    /// whole selector (`matchLabels` count two each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = agents().max_selector_terms))]
     pub match_expressions: Vec<SelectorRequirementSpec>,
 }
 
@@ -37,12 +84,17 @@ pub struct SelectorSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct SelectorRequirementSpec {
     /// The label key.
-    #[schemars(length(min = 1, max = 317))]
+    #[schemars(length(min = 1, max = MAX_LABEL_KEY_LEN), regex(pattern = LABEL_KEY_PATTERN))]
     pub key: String,
     /// How the key's value is tested.
     pub operator: SelectorOperatorSpec,
-    /// Values for `In` / `NotIn`; empty for `Exists` / `DoesNotExist`.
+    /// Values for `In` / `NotIn`; empty for `Exists` / `DoesNotExist`. At most 255 (with its
+    /// requirement, the agents' 256 selector terms).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = agents().max_selector_terms - 1),
+        inner(length(max = MAX_LABEL_NAME_LEN), regex(pattern = LABEL_VALUE_PATTERN))
+    )]
     pub values: Vec<String>,
 }
 
@@ -65,28 +117,29 @@ pub enum SelectorOperatorSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeSpec {
-    /// Container image, e.g. `registry.example/cdn-cache:1.4`. Required by container runtimes;
-    /// a process workload leaves it out and sets `command`.
+    /// Container image, e.g. `registry.example/cdn-cache:1.4`: printable ASCII without spaces (as
+    /// image references are), at most 512 bytes. Required by container runtimes; a process
+    /// workload leaves it out and sets `command`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    #[schemars(length(min = 1, max = MAX_IMAGE_LEN), regex(pattern = r"^[!-~]+$"))]
     pub image: Option<String>,
     /// Entry point: the program and its first arguments for a process; overrides the image's
-    /// entry point for a container.
+    /// entry point for a container. At most 256 words with `args`, each at most 512 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = MAX_ARGV), inner(length(max = agents().max_string_len)))]
     pub command: Vec<String>,
-    /// Arguments, after `command`.
+    /// Arguments, after `command`. At most 256 words with `command`, each at most 512 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = MAX_ARGV), inner(length(max = agents().max_string_len)))]
     pub args: Vec<String>,
     /// Environment variables (names unique; `KOLE_*` is reserved for the node's and the
-    /// workload's identity). The workload sees only these, plus its identity.
+    /// workload's identity). The workload sees only these, plus its identity. At most 256.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = MAX_ENV))]
     pub env: Vec<EnvVar>,
-    /// Working directory (an absolute path).
+    /// Working directory (an absolute path, at most 512 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^/"))]
+    #[schemars(length(min = 1, max = agents().max_string_len), regex(pattern = r"^/"))]
     pub working_dir: Option<String>,
     /// When to restart the workload after it exits. Default `Always`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,10 +152,11 @@ pub struct RuntimeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 3600))]
     pub stop_grace_period_seconds: Option<u32>,
-    /// Free-form configuration handed to the workload (at most 64 KiB): the runtime writes it to a
-    /// file named by the workload's `KOLE_CONFIG_FILE`.
+    /// Free-form configuration handed to the workload: the runtime writes it to a file named by the
+    /// workload's `KOLE_CONFIG_FILE`. At most 60 KiB, the agents' limit for the whole runtime spec,
+    /// which the controller checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 65536))]
+    #[schemars(length(max = agents().max_spec_bytes))]
     pub config: Option<String>,
 }
 
@@ -112,8 +166,9 @@ pub struct EnvVar {
     /// The name.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"))]
     pub name: String,
-    /// The value (default empty).
+    /// The value (default empty), at most 512 characters; larger content belongs in `config`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = agents().max_string_len))]
     pub value: Option<String>,
 }
 
@@ -148,9 +203,9 @@ pub struct DeliverySpec {
     /// The mode. Default `Broadcast`.
     #[serde(default)]
     pub mode: DeliveryModeSpec,
-    /// The group, for `mode: Group` (e.g. `region.eu-west`).
+    /// The group, for `mode: Group` (e.g. `region.eu-west`), at most 128 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_NODE_NAME_LEN), regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"))]
     pub group: Option<String>,
 }
 
@@ -434,9 +489,10 @@ pub enum NodeHealthSpec {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeQuerySpec {
-    /// Only these nodes (still filtered by selector and phase); empty means all.
+    /// Only these nodes (still filtered by selector and phase); empty means all. At most 1000
+    /// names of at most 128 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 1000), inner(length(min = 1, max = MAX_NODE_NAME_LEN)))]
     pub names: Vec<String>,
     /// Label selector; absent selects every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -453,7 +509,7 @@ pub struct NodeQuerySpec {
     pub limit: u32,
     /// The `continue` token of a previous answer's status, for the next page.
     #[serde(default, rename = "continue", skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+$"))]
+    #[schemars(length(max = 10), regex(pattern = r"^[0-9]+$"))]
     pub continue_: Option<String>,
     /// Seconds after its creation the query is deleted. Default 3600.
     #[serde(default = "default_ttl")]

@@ -743,3 +743,120 @@ async fn a_deposed_leaders_snapshot_commit_is_refused_and_the_newer_generation_s
     })
     .await;
 }
+
+/// The `Accepted` condition of EdgeWorkload `name`, once the controller has written one.
+async fn accepted(api: &Api<EdgeWorkload>, name: &str) -> Condition {
+    eventually(Duration::from_secs(60), &format!("{name}: Accepted condition"), || {
+        let api = api.clone();
+        async move {
+            let o = api.get(name).await.ok()?;
+            o.status?.conditions.into_iter().find(|c| c.type_ == "Accepted")
+        }
+    })
+    .await
+}
+
+/// Issue 12, admission limits: the apiserver refuses (422, naming the field) an EdgeWorkload no agent
+/// could decode wherever a per-field limit can say so, and accepts one at each limit. What the schema
+/// cannot say (the spec's total size, selector terms counted across requirements and values) the
+/// controller refuses with `Accepted=False` naming the size and the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)"]
+async fn the_schema_refuses_what_agents_cannot_decode_and_the_controller_the_rest() {
+    use serde_json::{Value, json};
+    timed(async {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = namespace(&client, "kole-limits").await;
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("kole.dev", "v1alpha1", "EdgeWorkload"));
+        let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        let env = |n: usize, len: usize| -> Value {
+            (0..n).map(|i| json!({"name": format!("V{i:03}"), "value": "v".repeat(len)})).collect()
+        };
+        let values = |n: usize, len: usize| -> Value {
+            (0..n).map(|i| format!("{i:03}{}", "v".repeat(len - 3))).collect()
+        };
+        let labels = |n: usize| -> Value {
+            (0..n).map(|i| (format!("k{i:03}"), json!("v".repeat(63)))).collect::<serde_json::Map<_, _>>().into()
+        };
+        let expr = |vals: Value| json!({"selector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": vals}]}});
+        let rt = |runtime: Value| json!({"runtime": runtime});
+        let with = |mut base: Value, extra: Value| {
+            base["runtime"] = json!({"image": "cdn:1"});
+            if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+                b.extend(e.clone());
+            }
+            base
+        };
+        let create = |name: &str, spec: Value| {
+            let mut o = DynamicObject::new(name, &ar);
+            o.data = json!({ "spec": spec });
+            let raw = raw.clone();
+            async move { raw.create(&PostParams::default(), &o).await }
+        };
+
+        // Over a limit: (object, spec, the field the apiserver's message names).
+        let over: Vec<(&str, Value, &str)> = vec![
+            ("env-count", rt(json!({"image": "cdn:1", "env": env(300, 1)})), "spec.runtime.env"),
+            ("env-value", rt(json!({"image": "cdn:1", "env": env(1, 1000)})), "spec.runtime.env.value"),
+            ("values", with(json!({}), expr(values(300, 3))), "spec.selector.matchExpressions.values"),
+            ("value-len", with(json!({}), expr(values(1, 64))), "spec.selector.matchExpressions.values"),
+            ("label-count", with(json!({}), json!({"selector": {"matchLabels": labels(129)}})), "spec.selector.matchLabels"),
+            ("image-len", rt(json!({"image": "i".repeat(513)})), "spec.runtime.image"),
+            // 300 characters but 600 bytes: the agents count bytes.
+            ("image-bytes", rt(json!({"image": "é".repeat(300)})), "spec.runtime.image"),
+            ("arg-len", rt(json!({"image": "cdn:1", "args": ["a".repeat(513)]})), "spec.runtime.args"),
+            ("config-len", rt(json!({"image": "cdn:1", "config": "c".repeat(60 * 1024 + 1)})), "spec.runtime.config"),
+            ("group-len", with(json!({}), json!({"delivery": {"mode": "Group", "group": "g".repeat(129)}})), "spec.delivery.group"),
+        ];
+        for (name, spec, field) in over {
+            let res = create(name, spec).await;
+            let named = matches!(&res, Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains(field));
+            assert!(named, "{name}: want a 422 naming {field}, got {res:?}");
+        }
+
+        // At each limit: stored by the apiserver.
+        let at: Vec<(&str, Value)> = vec![
+            ("env-count", rt(json!({"image": "cdn:1", "env": env(256, 1)}))),
+            ("env-value", rt(json!({"image": "cdn:1", "env": env(1, 512)}))),
+            ("values", with(json!({}), expr(values(255, 63)))),
+            ("label-count", with(json!({}), json!({"selector": {"matchLabels": labels(128)}}))),
+            ("image-len", rt(json!({"image": "i".repeat(512)}))),
+            ("arg-len", rt(json!({"image": "cdn:1", "args": ["a".repeat(512)]}))),
+            ("group-len", with(json!({}), json!({"delivery": {"mode": "Group", "group": "g".repeat(128)}}))),
+            // Within every per-field limit, over what agents decode as a whole: the controller's part.
+            ("spec-bytes", rt(json!({"image": "cdn:1", "config": "c".repeat(60 * 1024)}))),
+            (
+                "terms",
+                with(
+                    json!({}),
+                    json!({"selector": {"matchExpressions": (0..128)
+                        .map(|i| json!({"key": format!("k{i:03}"), "operator": "In", "values": ["a", "b"]}))
+                        .collect::<Vec<_>>()}}),
+                ),
+            ),
+        ];
+        for (name, spec) in at {
+            let res = create(name, spec).await;
+            assert!(res.is_ok(), "{name}: at the limit, want it stored, got {res:?}");
+        }
+
+        let hub = hub();
+        let ctl = ControllerUnderTest::start(&client, &ns, &hub, None).await;
+        let api: Api<EdgeWorkload> = Api::namespaced(client.clone(), &ns);
+        for name in ["env-count", "env-value", "values", "label-count", "image-len", "arg-len", "group-len"] {
+            let c = accepted(&api, name).await;
+            assert_eq!(c.status, "True", "{name}: {c:?}");
+        }
+        // The runtime spec is 60 KiB of config plus its header and fields: over the agents' 61440.
+        let c = accepted(&api, "spec-bytes").await;
+        assert_eq!(c.status, "False", "{c:?}");
+        assert!(c.message.contains("spec.runtime") && c.message.contains("more than the limit of 61440"), "{c:?}");
+        // 128 requirements and 256 values: 384 selector terms, over the agents' 256.
+        let c = accepted(&api, "terms").await;
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "CommandRejected"), "{c:?}");
+        assert!(c.message.contains("384 exceeds max_selector_terms = 256"), "{c:?}");
+        ctl.stop().await;
+    })
+    .await;
+}

@@ -197,3 +197,97 @@ fn the_checker_catches_what_kube_derive_writes() {
     assert!(text.contains("placeholder"), "{text}");
     assert!(text.contains("hard line break"), "{text}");
 }
+
+/// Every schema under `schema`, by path: `.name` for a property, `[]` for a list's items, `{}` for a
+/// map's values.
+fn schemas_by_path(schema: &serde_json::Value, path: &str, out: &mut Vec<(String, serde_json::Value)>) {
+    out.push((path.to_owned(), schema.clone()));
+    if let Some(props) = schema["properties"].as_object() {
+        for (name, s) in props {
+            schemas_by_path(s, &format!("{path}.{name}"), out);
+        }
+    }
+    if schema["items"].is_object() {
+        schemas_by_path(&schema["items"], &format!("{path}[]"), out);
+    }
+    if schema["additionalProperties"].is_object() {
+        schemas_by_path(&schema["additionalProperties"], &format!("{path}{{}}"), out);
+    }
+}
+
+fn spec_schema(kind: &str) -> Vec<(String, serde_json::Value)> {
+    let crd = kole_kube::crd::all_crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
+    let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap()).unwrap();
+    let mut out = Vec::new();
+    schemas_by_path(&schema["openAPIV3Schema"]["properties"]["spec"], "spec", &mut out);
+    out
+}
+
+/// Issue 12, admission limits: every string, list and map of the specs has a schema limit (a new field
+/// without one fails here), and each limit is no looser than what the agents decode, checked against
+/// kole-core's constants so the two cannot drift apart.
+#[test]
+fn every_spec_field_has_a_limit_no_looser_than_the_agents_decode() {
+    use kole_core::model::{MAX_LABEL_NAME_LEN, MAX_LABEL_PREFIX_LEN, MAX_NODE_NAME_LEN};
+    use kole_core::runspec::{MAX_ARGV, MAX_ENV, MAX_IMAGE_LEN};
+    let agents = kole_core::protocol::DecodeLimits::default();
+    let label_key = MAX_LABEL_PREFIX_LEN + 1 + MAX_LABEL_NAME_LEN;
+    let selector = |p: &str| -> Vec<(String, &'static str, usize)> {
+        vec![
+            // Each label is a requirement with one value: two of the agents' selector terms.
+            (format!("{p}.matchLabels"), "maxProperties", agents.max_selector_terms / 2),
+            (format!("{p}.matchLabels{{}}"), "maxLength", MAX_LABEL_NAME_LEN),
+            (format!("{p}.matchExpressions"), "maxItems", agents.max_selector_terms),
+            (format!("{p}.matchExpressions[].key"), "maxLength", label_key),
+            // With its requirement, one term more.
+            (format!("{p}.matchExpressions[].values"), "maxItems", agents.max_selector_terms - 1),
+            (format!("{p}.matchExpressions[].values[]"), "maxLength", MAX_LABEL_NAME_LEN),
+        ]
+    };
+    let mut edge: Vec<(String, &str, usize)> = vec![
+        ("spec.runtime.image".into(), "maxLength", MAX_IMAGE_LEN),
+        ("spec.runtime.command".into(), "maxItems", MAX_ARGV),
+        ("spec.runtime.command[]".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.args".into(), "maxItems", MAX_ARGV),
+        ("spec.runtime.args[]".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.env".into(), "maxItems", MAX_ENV),
+        ("spec.runtime.env[].name".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.env[].value".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.workingDir".into(), "maxLength", agents.max_string_len),
+        // The whole runtime spec is at most this: no single field can be larger.
+        ("spec.runtime.config".into(), "maxLength", agents.max_spec_bytes),
+        // Group names follow the node name rule (kole_core::protocol::GroupName).
+        ("spec.delivery.group".into(), "maxLength", MAX_NODE_NAME_LEN),
+        // kole_core::model::RolloutStrategy::validate: 1 to 100 waves.
+        ("spec.rollout.waves".into(), "maxItems", 100),
+    ];
+    edge.extend(selector("spec.selector"));
+    let mut query: Vec<(String, &str, usize)> = vec![
+        ("spec.names".into(), "maxItems", 1000),
+        ("spec.names[]".into(), "maxLength", MAX_NODE_NAME_LEN),
+        // A u32 page position.
+        ("spec.continue".into(), "maxLength", u32::MAX.to_string().len()),
+        ("spec.refresh".into(), "maxLength", 63),
+    ];
+    query.extend(selector("spec.selector"));
+
+    for (kind, want) in [("EdgeWorkload", edge), ("NodeQuery", query)] {
+        let schemas = spec_schema(kind);
+        for (path, key, bound) in &want {
+            let s = &schemas.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("{kind}: no {path}")).1;
+            let got = s[*key].as_u64().unwrap_or_else(|| panic!("{kind} {path}: no {key}: {s}"));
+            assert!(got as usize <= *bound, "{kind} {path}: {key} {got} is looser than the agents' {bound}");
+        }
+        // Everything else is bounded too (enums are, by their values; map keys cannot be, in a
+        // structural schema: the controller checks them).
+        for (path, s) in &schemas {
+            let bounded = match s["type"].as_str() {
+                Some("string") => s["maxLength"].is_u64() || s["enum"].is_array(),
+                Some("array") => s["maxItems"].is_u64(),
+                Some("object") if s["additionalProperties"].is_object() => s["maxProperties"].is_u64(),
+                _ => true,
+            };
+            assert!(bounded, "{kind} {path} has no limit: {s}");
+        }
+    }
+}
