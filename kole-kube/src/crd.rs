@@ -124,13 +124,15 @@ pub struct RuntimeSpec {
     #[schemars(length(min = 1, max = MAX_IMAGE_LEN), regex(pattern = r"^[!-~]+$"))]
     pub image: Option<String>,
     /// Entry point: the program and its first arguments for a process; overrides the image's
-    /// entry point for a container. At most 256 words with `args`, each at most 512 characters.
+    /// entry point for a container. At most 256 words with `args`; the runtime spec as a whole is at
+    /// most 60 KiB (no single word can be larger, the controller checks the sum).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_ARGV), inner(length(max = agents().max_string_len)))]
+    #[schemars(length(max = MAX_ARGV), inner(length(max = agents().max_spec_bytes)))]
     pub command: Vec<String>,
-    /// Arguments, after `command`. At most 256 words with `command`, each at most 512 characters.
+    /// Arguments, after `command`. At most 256 words with `command`, each within the runtime spec's
+    /// 60 KiB (a `sh -c` script is one word).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_ARGV), inner(length(max = agents().max_string_len)))]
+    #[schemars(length(max = MAX_ARGV), inner(length(max = agents().max_spec_bytes)))]
     pub args: Vec<String>,
     /// Environment variables (names unique; `KOLE_*` is reserved for the node's and the
     /// workload's identity). The workload sees only these, plus its identity. At most 256.
@@ -166,9 +168,9 @@ pub struct EnvVar {
     /// The name.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"))]
     pub name: String,
-    /// The value (default empty), at most 512 characters; larger content belongs in `config`.
+    /// The value (default empty), within the runtime spec's 60 KiB (the controller checks the sum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = agents().max_string_len))]
+    #[schemars(length(max = agents().max_spec_bytes))]
     pub value: Option<String>,
 }
 

@@ -798,14 +798,14 @@ async fn the_schema_refuses_what_agents_cannot_decode_and_the_controller_the_res
         // Over a limit: (object, spec, the field the apiserver's message names).
         let over: Vec<(&str, Value, &str)> = vec![
             ("env-count", rt(json!({"image": "cdn:1", "env": env(300, 1)})), "spec.runtime.env"),
-            ("env-value", rt(json!({"image": "cdn:1", "env": env(1, 1000)})), "spec.runtime.env.value"),
+            ("env-value", rt(json!({"image": "cdn:1", "env": env(1, 60 * 1024 + 1)})), "spec.runtime.env.value"),
             ("values", with(json!({}), expr(values(300, 3))), "spec.selector.matchExpressions.values"),
             ("value-len", with(json!({}), expr(values(1, 64))), "spec.selector.matchExpressions.values"),
             ("label-count", with(json!({}), json!({"selector": {"matchLabels": labels(129)}})), "spec.selector.matchLabels"),
             ("image-len", rt(json!({"image": "i".repeat(513)})), "spec.runtime.image"),
             // 300 characters but 600 bytes: the agents count bytes.
             ("image-bytes", rt(json!({"image": "é".repeat(300)})), "spec.runtime.image"),
-            ("arg-len", rt(json!({"image": "cdn:1", "args": ["a".repeat(513)]})), "spec.runtime.args"),
+            ("arg-len", rt(json!({"image": "cdn:1", "args": ["a".repeat(60 * 1024 + 1)]})), "spec.runtime.args"),
             ("config-len", rt(json!({"image": "cdn:1", "config": "c".repeat(60 * 1024 + 1)})), "spec.runtime.config"),
             ("group-len", with(json!({}), json!({"delivery": {"mode": "Group", "group": "g".repeat(129)}})), "spec.delivery.group"),
         ];
@@ -818,11 +818,12 @@ async fn the_schema_refuses_what_agents_cannot_decode_and_the_controller_the_res
         // At each limit: stored by the apiserver.
         let at: Vec<(&str, Value)> = vec![
             ("env-count", rt(json!({"image": "cdn:1", "env": env(256, 1)}))),
-            ("env-value", rt(json!({"image": "cdn:1", "env": env(1, 512)}))),
+            // A certificate in an env value, a script in an argument: larger than any other string.
+            ("env-value", rt(json!({"image": "cdn:1", "env": env(1, 8 * 1024)}))),
             ("values", with(json!({}), expr(values(255, 63)))),
             ("label-count", with(json!({}), json!({"selector": {"matchLabels": labels(128)}}))),
             ("image-len", rt(json!({"image": "i".repeat(512)}))),
-            ("arg-len", rt(json!({"image": "cdn:1", "args": ["a".repeat(512)]}))),
+            ("arg-len", rt(json!({"image": "cdn:1", "args": ["a".repeat(8 * 1024)]}))),
             ("group-len", with(json!({}), json!({"delivery": {"mode": "Group", "group": "g".repeat(128)}}))),
             // Within every per-field limit, over what agents decode as a whole: the controller's part.
             ("spec-bytes", rt(json!({"image": "cdn:1", "config": "c".repeat(60 * 1024)}))),

@@ -247,12 +247,12 @@ fn every_spec_field_has_a_limit_no_looser_than_the_agents_decode() {
     let mut edge: Vec<(String, &str, usize)> = vec![
         ("spec.runtime.image".into(), "maxLength", MAX_IMAGE_LEN),
         ("spec.runtime.command".into(), "maxItems", MAX_ARGV),
-        ("spec.runtime.command[]".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.command[]".into(), "maxLength", agents.max_spec_bytes),
         ("spec.runtime.args".into(), "maxItems", MAX_ARGV),
-        ("spec.runtime.args[]".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.args[]".into(), "maxLength", agents.max_spec_bytes),
         ("spec.runtime.env".into(), "maxItems", MAX_ENV),
         ("spec.runtime.env[].name".into(), "maxLength", agents.max_string_len),
-        ("spec.runtime.env[].value".into(), "maxLength", agents.max_string_len),
+        ("spec.runtime.env[].value".into(), "maxLength", agents.max_spec_bytes),
         ("spec.runtime.workingDir".into(), "maxLength", agents.max_string_len),
         // The whole runtime spec is at most this: no single field can be larger.
         ("spec.runtime.config".into(), "maxLength", agents.max_spec_bytes),
