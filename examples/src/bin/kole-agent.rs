@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kole_core::agent::driver::{AgentDriverConfig, run_agent};
+use kole_core::agent::driver::{AgentDriverConfig, run_agent_observed};
 use kole_core::agent::{
-    Agent, AgentConfig, AgentIdentity, ContainerEngine, ContainerRuntime, ContainerRuntimeConfig, FileAgentStore,
-    ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, WorkloadRuntime, load_or_empty,
+    Agent, AgentConfig, AgentEvent, AgentIdentity, ContainerEngine, ContainerRuntime, ContainerRuntimeConfig,
+    FileAgentStore, ProcessRuntime, ProcessRuntimeConfig, RecordingRuntime, WorkloadRuntime, load_or_empty,
 };
 use kole_core::model::{Labels, NodeInfo, NodeName, Timestamp, Workload, WorkloadId, WorkloadPhase};
 use kole_core::protocol::NodeHealth;
@@ -314,12 +314,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         let _ = stop.send(true);
     });
-    let stats = run_agent(&mut agent, &connector, &mut runtime, &store, &AgentDriverConfig::default(), shutdown).await;
+    let mut log = EventLog::default();
+    let mut observe = |e: &AgentEvent| {
+        log.event(e, std::time::Instant::now());
+    };
+    let config = AgentDriverConfig::default();
+    let stats = run_agent_observed(&mut agent, &connector, &mut runtime, &store, &config, shutdown, &mut observe).await;
     stopper.abort();
     let running: Vec<String> =
         agent.workloads().map(|(w, phase)| format!("{} v{} {phase:?}", w.id, w.version)).collect();
     tracing::info!(node = %name, stats = ?stats, workloads = %running.join(", "), "agent stopped");
     Ok(())
+}
+
+/// Logs what the agent refused or ignored as it happens. A refusal (unsigned, forged, replayed) can
+/// be an attack and is a warning; a flood of them is summarised, at most one line a second, so a
+/// vandal publishing in a loop cannot fill the box's journal.
+#[derive(Default)]
+struct EventLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl EventLog {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn event(&mut self, e: &AgentEvent, now: std::time::Instant) -> bool {
+        match e {
+            AgentEvent::Refused { reason, detail } => {
+                if self.last.is_some_and(|at| now.duration_since(at) < Self::EVERY) {
+                    self.suppressed += 1;
+                    return false;
+                }
+                self.last = Some(now);
+                let earlier = std::mem::take(&mut self.suppressed);
+                tracing::warn!(
+                    reason,
+                    detail = %detail,
+                    suppressed_since_last = earlier,
+                    "refused a message from the broker (not signed by a trusted key, or replayed): \
+                     nothing changed; if this repeats, someone other than the controller publishes \
+                     to this node"
+                );
+                true
+            }
+            AgentEvent::Ignored { reason } => {
+                tracing::debug!(reason, "ignored a message");
+                false
+            }
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -381,5 +426,19 @@ mod tests {
         std::fs::write(dir.join("f"), b"x").unwrap();
         assert_eq!(std::fs::metadata(dir.join("f")).unwrap().permissions().mode() & 0o777, 0o600, "umask 0077");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A flood of refusals gives one warning a second, the next one counting what it left out.
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second() {
+        let mut log = EventLog::default();
+        let refused = AgentEvent::Refused { reason: "unsigned", detail: "x".into() };
+        let t0 = std::time::Instant::now();
+        let logged: Vec<bool> = (0..10).map(|i| log.event(&refused, t0 + Duration::from_millis(i * 150))).collect();
+        // 0 ms, then the first at or after 1 s (1050 ms); the rest are counted.
+        assert_eq!(logged.iter().filter(|l| **l).count(), 2, "{logged:?}");
+        assert!(logged[0] && logged[7], "{logged:?}");
+        assert_eq!(log.suppressed, 2, "the two after the second line");
+        assert!(!log.event(&AgentEvent::Ignored { reason: "stale_ack" }, t0 + Duration::from_secs(9)));
     }
 }

@@ -40,7 +40,7 @@ use crate::model::{Timestamp, mix64};
 use crate::rng::SplitMix64;
 use crate::transport::{Connector, NodeTransport, TransportError};
 
-use super::io::{AgentInput, AgentOutputs, GroupChange};
+use super::io::{AgentEvent, AgentInput, AgentOutputs, GroupChange};
 use super::runtime::WorkloadRuntime;
 use super::state::{Agent, LinkState};
 use super::store::AgentStore;
@@ -122,6 +122,7 @@ struct Driver<'a> {
     clock: Clock,
     out: AgentOutputs,
     stats: DriverStats,
+    observe: &'a mut (dyn FnMut(&AgentEvent) + Send),
 }
 
 impl Driver<'_> {
@@ -148,8 +149,10 @@ impl Driver<'_> {
         }
         let groups = std::mem::take(&mut self.out.groups);
         let publish = std::mem::take(&mut self.out.publish);
-        self.stats.refused +=
-            self.out.events.iter().filter(|e| matches!(e, super::AgentEvent::Refused { .. })).count() as u64;
+        for e in &self.out.events {
+            self.stats.refused += u64::from(matches!(e, AgentEvent::Refused { .. }));
+            (self.observe)(e);
+        }
         self.out.clear();
         let Some(t) = transport else {
             return Ok(());
@@ -242,7 +245,22 @@ pub async fn run_agent(
     runtime: &mut dyn WorkloadRuntime,
     store: &dyn AgentStore,
     config: &AgentDriverConfig,
+    shutdown: watch::Receiver<bool>,
+) -> DriverStats {
+    run_agent_observed(agent, connector, runtime, store, config, shutdown, &mut |_| {}).await
+}
+
+/// [`run_agent`], calling `observe` with each [`AgentEvent`] as the agent reports it: a program
+/// logs refused deliveries (a forged or replayed message is worth a warning when it happens, not
+/// only a count at shutdown) and what it ignored.
+pub async fn run_agent_observed(
+    agent: &mut Agent,
+    connector: &dyn Connector,
+    runtime: &mut dyn WorkloadRuntime,
+    store: &dyn AgentStore,
+    config: &AgentDriverConfig,
     mut shutdown: watch::Receiver<bool>,
+    observe: &mut (dyn FnMut(&AgentEvent) + Send),
 ) -> DriverStats {
     let mut jitter = SplitMix64::new(mix64(u64::from(agent.boot_id()) ^ 0x6472_6976_6572));
     let mut d = Driver {
@@ -252,6 +270,7 @@ pub async fn run_agent(
         clock: Clock::new(),
         out: AgentOutputs::default(),
         stats: DriverStats::default(),
+        observe,
     };
     // Before any cloud contact: the agent re-applies its persisted desired state.
     d.handle(AgentInput::Tick);
@@ -481,6 +500,52 @@ mod tests {
         }
         // The persisted workload ran before the first connection.
         assert_eq!(runtime.calls_for(agent.name()), [RuntimeOp::Apply { id: w.id.clone(), version: 9 }]);
+    }
+
+    /// A signed agent's refusals reach the observer while the driver runs (a program logs them as
+    /// they happen), and are counted in the stats it returns.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_observed_as_they_happen() {
+        use crate::protocol::seal::{DownlinkSigner, TrustedKeys};
+        let hub = MemoryHub::new(MemoryConfig::default());
+        let cloud = hub.cloud().unwrap();
+        let (connect, _) = connector(&hub, "edge-1");
+        let signer = DownlinkSigner::from_seed([7; 32]);
+        let trust = Arc::new(TrustedKeys::from_text(&signer.public_text()).unwrap());
+        let seen: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let (stop, shutdown) = watch::channel(false);
+        let driver = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let identity = AgentIdentity {
+                    name: NodeName::new("edge-1").unwrap(),
+                    labels: Arc::new(Labels::default()),
+                    info: Arc::new(NodeInfo::default()),
+                };
+                let config = AgentConfig { trust: Some(trust), runtime_poll_ms: 500, ..AgentConfig::default() };
+                let mut agent = Agent::new(config, identity, 5, None);
+                let mut runtime = RecordingRuntime::new();
+                let store = MemoryAgentStore::new();
+                let mut observe = |e: &AgentEvent| {
+                    if let AgentEvent::Refused { reason, .. } = e {
+                        seen.lock().unwrap().push(reason);
+                    }
+                };
+                let config = AgentDriverConfig::default();
+                run_agent_observed(&mut agent, &connect, &mut runtime, &store, &config, shutdown, &mut observe).await
+            }
+        });
+        let node = Destination::Node(NodeName::new("edge-1").unwrap());
+        let (_, Message::Register(_)) = next(&cloud).await else { panic!("expected a registration") };
+        // An unsigned ack, then a properly signed one.
+        bounded(cloud.send(to(node.clone(), ack(5, &[]), false))).await.unwrap();
+        let signed = protocol::decode(&ack(5, &[]), &Default::default()).unwrap();
+        bounded(cloud.send(to(node.clone(), signer.seal(&signed, &node, 1), false))).await.unwrap();
+        let (_, Message::Heartbeat(_)) = next(&cloud).await else { panic!("the signed ack registers it") };
+        assert_eq!(*seen.lock().unwrap(), ["unsigned"], "seen before shutdown");
+        stop.send(true).unwrap();
+        let stats = bounded(driver).await.unwrap();
+        assert_eq!(stats.refused, 1);
     }
 
     /// A real engine in a task, a dozen drivers over the hub: everyone converges on a workload.
