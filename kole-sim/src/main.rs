@@ -155,9 +155,10 @@ struct BenchArgs {
     /// Process id of a local external broker, to report its peak RSS.
     #[arg(long, value_parser = number::<u32>, help_heading = "--transport mqtt")]
     broker_pid: Option<u32>,
-    /// MQTT connections the simulated nodes share.
-    #[arg(long, value_parser = number::<usize>, default_value_t = MqttBenchConfig::default().connections, help_heading = "--transport mqtt")]
-    connections: usize,
+    /// MQTT connections the simulated nodes share [default: 8, or one per 16,384 nodes with
+    /// per-node subscriptions, so Mosquitto's per-client subscription cost stays small].
+    #[arg(long, value_parser = number::<usize>, help_heading = "--transport mqtt")]
+    connections: Option<usize>,
     /// The controller's connections to the broker.
     #[arg(long, value_parser = number::<usize>, default_value_t = MqttBenchConfig::default().controller_connections, help_heading = "--transport mqtt")]
     controller_connections: usize,

@@ -57,8 +57,9 @@ pub struct MqttBenchConfig {
     pub broker: Option<BrokerAddr>,
     /// Process id of a local external broker, to report its peak RSS (`broker_rss_bytes`).
     pub broker_pid: Option<u32>,
-    /// MQTT connections the simulated nodes share. Default 8.
-    pub connections: usize,
+    /// MQTT connections the simulated nodes share. `None` (the default): 8, or with per-node
+    /// subscriptions one per [`MAX_SUBSCRIPTIONS_PER_CONNECTION`] nodes if that is more.
+    pub connections: Option<usize>,
     /// The controller's connections to the broker ([`CloudConfig::connections_per_broker`]).
     /// Default 2.
     pub controller_connections: usize,
@@ -83,7 +84,7 @@ impl Default for MqttBenchConfig {
             seed: 42,
             broker: None,
             broker_pid: None,
-            connections: 8,
+            connections: None,
             controller_connections: 2,
             per_node_subscriptions: true,
             inflight: 4_096,
@@ -116,10 +117,28 @@ pub(crate) fn setup(e: impl std::fmt::Display) -> MqttBenchError {
     MqttBenchError::Setup(e.to_string())
 }
 
+/// Most per-node downlink subscriptions one simulator connection makes by default. Mosquitto 2.0
+/// keeps a client's subscriptions in an array it scans for a free slot, and grows by one, on every
+/// new subscription, so `n` subscriptions on one connection cost it O(n²). With 125,000 per
+/// connection (1M nodes over 8) Debian's 2.0.11 dropped the connections mid-subscribe, logging
+/// `disconnected due to out of memory` (it also logs that for a failed socket write); with
+/// 16,384 (1M over 62) subscribing takes 7 s and nothing drops. A real node makes 3 or 4.
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 16_384;
+
+impl MqttBenchConfig {
+    /// The simulator's connection count: as configured, else 8, or one per
+    /// [`MAX_SUBSCRIPTIONS_PER_CONNECTION`] nodes with per-node subscriptions if that is more.
+    pub fn connection_count(&self) -> usize {
+        let auto =
+            if self.per_node_subscriptions { self.nodes.div_ceil(MAX_SUBSCRIPTIONS_PER_CONNECTION).max(8) } else { 8 };
+        self.connections.unwrap_or(auto).clamp(1, 1024)
+    }
+}
+
 /// Runs the benchmark; `progress` receives one line per step.
 pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figures, MqttBenchError> {
     let n = cfg.nodes;
-    let c = cfg.connections.clamp(1, 1024);
+    let c = cfg.connection_count();
     let mut fig = Figures::default();
     fig.int("nodes", n as u64);
     fig.int("seed", cfg.seed);
@@ -382,10 +401,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_default_connection_count_bounds_subscriptions_per_connection() {
+        let at = |nodes: usize, per_node_subscriptions: bool| {
+            MqttBenchConfig { nodes, per_node_subscriptions, ..MqttBenchConfig::default() }.connection_count()
+        };
+        assert_eq!(at(10_000, true), 8);
+        assert_eq!(at(1_000_000, true), 62);
+        assert_eq!(at(10_000_000, true), 611);
+        assert_eq!(at(1_000_000, false), 8, "one wildcard subscription");
+        let given = MqttBenchConfig { connections: Some(3), ..MqttBenchConfig::default() };
+        assert_eq!(given.connection_count(), 3);
+    }
+
+    #[test]
     fn a_small_fleet_over_the_embedded_broker() {
         let cfg = MqttBenchConfig {
             nodes: 300,
-            connections: 3,
+            connections: Some(3),
             phase_timeout: Duration::from_secs(60),
             ..MqttBenchConfig::default()
         };
