@@ -24,6 +24,7 @@ pub mod fuzz;
 pub mod mqtt_bench;
 pub mod net;
 pub mod per_node;
+pub mod plot;
 pub mod procfs;
 pub mod progress;
 pub mod report;

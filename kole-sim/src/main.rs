@@ -147,6 +147,13 @@ struct BenchArgs {
     /// Measure the cache and snapshots only: skip the engine and agents.
     #[arg(long, help_heading = "--transport memory")]
     cache_only: bool,
+    /// Run the bench once per fleet size, e.g. `10000,100000,1000000` (instead of `--nodes`).
+    #[arg(long, value_delimiter = ',', value_parser = number::<usize>, conflicts_with = "nodes", help_heading = "--transport memory")]
+    sweep: Vec<usize>,
+    /// With `--sweep`: write SVG charts of time and memory against nodes into DIR, the KOLE
+    /// paper's published points beside kole's.
+    #[arg(long, value_name = "DIR", requires = "sweep", help_heading = "--transport memory")]
+    plot: Option<std::path::PathBuf>,
 
     // `--transport mqtt` only.
     /// The broker, `mqtt://HOST:PORT` [default: an embedded broker in this process].
@@ -220,6 +227,8 @@ const MODE_FLAGS: &[(&str, &[BenchMode])] = {
         ("batch", &[Memory]),
         ("max_chunk_bytes", &[Memory]),
         ("cache_only", &[Memory]),
+        ("sweep", &[Memory]),
+        ("plot", &[Memory]),
         ("broker", &[Mqtt]),
         ("broker_pid", &[Mqtt]),
         ("connections", &[Mqtt]),
@@ -478,19 +487,29 @@ fn cmd_signing(args: &SigningArgs) -> AnyResult<ExitCode> {
 
 fn cmd_bench(args: &BenchArgs) -> AnyResult<ExitCode> {
     let defaults = BenchConfig::default();
-    let cfg = BenchConfig {
-        nodes: args.nodes.unwrap_or(defaults.nodes),
-        seed: args.seed.unwrap_or(defaults.seed),
-        codec: args.codec.into(),
-        batch: args.batch,
-        max_chunk_bytes: args.max_chunk_bytes,
-        engine: !args.cache_only,
-    };
-    let started = std::time::Instant::now();
-    let figures = bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
-    println!("{}", bench::table(&figures));
-    if args.json {
-        println!("{}", figures.to_json());
+    let sizes = if args.sweep.is_empty() { vec![args.nodes.unwrap_or(defaults.nodes)] } else { args.sweep.clone() };
+    let mut runs = Vec::with_capacity(sizes.len());
+    for nodes in sizes {
+        let cfg = BenchConfig {
+            nodes,
+            seed: args.seed.unwrap_or(defaults.seed),
+            codec: args.codec.into(),
+            batch: args.batch,
+            max_chunk_bytes: args.max_chunk_bytes,
+            engine: !args.cache_only,
+        };
+        let started = std::time::Instant::now();
+        let figures = bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
+        println!("{}", bench::table(&figures));
+        if args.json {
+            println!("{}", figures.to_json());
+        }
+        runs.push(figures);
+    }
+    if let Some(dir) = &args.plot {
+        for path in kole_sim::plot::write_charts(dir, &runs)? {
+            eprintln!("wrote {}", path.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -707,6 +726,8 @@ mod tests {
             "demo --nodes 20000",
             "bench --nodes 1000000 --json",
             "bench --nodes 20000 --json",
+            "bench --sweep 10000,100000,1000000 --plot docs/plots --json",
+            "bench --sweep 2000,5000 --plot /tmp/kole-plots",
             "bench --nodes 1000000 --codec lz4 --cache-only --json",
             "bench --transport mqtt --nodes 10000",
             "bench --transport mqtt --broker mqtt://HOST:1883 --nodes 1000000",
