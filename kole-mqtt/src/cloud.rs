@@ -45,7 +45,8 @@ pub struct CloudStats {
     pub connected: usize,
     /// Uplink messages handed to `recv`'s inbox.
     pub received: u64,
-    /// Uplink messages dropped because the inbox was full.
+    /// Uplink messages dropped because the inbox was full ([`CloudConfig::inbox_capacity`]
+    /// messages or [`CloudConfig::inbox_max_bytes`] bytes).
     pub dropped_full: u64,
     /// Messages received on a topic outside the uplink layout (ignored, never reach the engine).
     pub bad_topic: u64,
@@ -134,7 +135,8 @@ impl MqttCloud {
             return Err(Error::Config("CloudConfig::connections_per_broker must be 1..=1024".into()));
         }
         let per = cfg.connections_per_broker;
-        let (tx, inbox) = Inbox::new(cfg.inbox_capacity);
+        let (tx, inbox) =
+            Inbox::with_byte_bound(cfg.inbox_capacity, cfg.inbox_max_bytes, |m: &Inbound| m.payload.len());
         let closed = CancellationToken::new();
         let counters = Arc::new(Counters::default());
         let (ready_tx, mut ready_rx) = mpsc::channel::<()>(cfg.brokers.len() * per);

@@ -170,6 +170,12 @@ pub struct CloudConfig {
     /// further uplink messages are dropped and counted (as a broker drops for a slow subscriber;
     /// agents repeat what matters). Default 262,144.
     pub inbox_capacity: usize,
+    /// Payload bytes of the uplink messages waiting for `recv`, at most: a message that would pass
+    /// it is dropped (the newest: a connection's event loop must not wait, and agents repeat what
+    /// matters) and counted with the full inbox's drops. Bounds the controller's memory when nodes
+    /// send large payloads faster than it drains them, which the count alone does not (262,144
+    /// messages of 256 KiB would be 64 GiB). Default 64 MiB, over 2 million heartbeats.
+    pub inbox_max_bytes: usize,
     /// Downlink messages accepted by `send` but not yet handed to a connection, per connection.
     /// Default 65,536.
     pub outbox_capacity: usize,
@@ -196,6 +202,7 @@ impl Default for CloudConfig {
             split_heartbeats: true,
             uplink_subscription_qos: QoS::AtLeastOnce,
             inbox_capacity: 262_144,
+            inbox_max_bytes: 64 * 1024 * 1024,
             outbox_capacity: 65_536,
             send_timeout: Duration::from_secs(5),
             reconnect: Backoff::new(100, 2_000, 2.0),

@@ -101,7 +101,9 @@ impl Core {
         self.stats.catchups += 1;
     }
 
-    /// A node shows `applied`; decide whether it needs a catch-up now.
+    /// A node shows `applied`; decide whether it needs a catch-up now. Every per-node catch-up a
+    /// node's own messages can draw (here and at registration) is at most one per
+    /// `convergence_grace_ms`, kept in `pending` (pruned by the tick once long past).
     pub(super) fn reconcile(
         &mut self,
         cache: &NodeCache,
@@ -112,9 +114,8 @@ impl Core {
     ) {
         let desired = self.desired(cache, slot);
         if desired == applied {
-            if !self.pending.is_empty() {
-                self.pending.remove(&slot);
-            }
+            // The node's pending deadline stays until it passes: a node alternating right and
+            // wrong digests must not earn a catch-up on each wrong one.
             return;
         }
         let grace = self.cfg.convergence_grace_ms;

@@ -94,6 +94,22 @@ pub struct EngineConfig {
     /// reached nodes are all offline holds (and passes its progress deadline). Default 0 (one
     /// node).
     pub min_ready_percent: u8,
+    /// Most uplink messages (of any kind) one registered node may send per second, sustained. A
+    /// message over the limit is counted in [`EngineStats::uplink_rate_limited`] and otherwise
+    /// ignored: it is not decoded (only its topic's node name is looked up), writes nothing to the
+    /// cache, draws no catch-up and no answer. An honest node sends a heartbeat every
+    /// [`heartbeat_interval_ms`](Self::heartbeat_interval_ms) (30 s), a status report when a
+    /// workload changes (an agent polls its runtime once a second) and a registration when it
+    /// restarts, so it stays far below 5 per second. The state is one `u32` per node slot (4 bytes
+    /// a node, in a `Vec` beside the cache), checked with the generic cell rate algorithm.
+    /// Senders the cache does not know have no slot: they are bounded by the registration throttle
+    /// ([`min_register_interval_ms`](Self::min_register_interval_ms)) and the transport's queues,
+    /// not by this limit. At most 1,000 (the state counts milliseconds). 0 disables it. Default 5.
+    pub max_uplink_per_node_per_s: u32,
+    /// How many uplink messages one node may send at once above
+    /// [`max_uplink_per_node_per_s`](Self::max_uplink_per_node_per_s), e.g. a status report for
+    /// each of many workloads that changed together. Default 100.
+    pub uplink_burst_per_node: u32,
 }
 
 /// How many recent registrations the engine remembers for
@@ -116,6 +132,8 @@ impl Default for EngineConfig {
             max_payload_bytes: 256 * 1024,
             min_register_interval_ms: 5_000,
             min_ready_percent: 0,
+            max_uplink_per_node_per_s: 5,
+            uplink_burst_per_node: 100,
         }
     }
 }
@@ -308,6 +326,9 @@ pub struct EngineStats {
     /// Registrations answered with `retry_after` because the node registered less than
     /// [`EngineConfig::min_register_interval_ms`] before.
     pub registrations_throttled: u64,
+    /// Uplink messages ignored because their node sent more than
+    /// [`EngineConfig::max_uplink_per_node_per_s`] (with its burst).
+    pub uplink_rate_limited: u64,
 }
 
 /// The controller engine. See the module documentation.
@@ -345,12 +366,15 @@ struct Core {
     /// The last registrations accepted, as (slot, time in ms since `started_ms`, saturated),
     /// a ring of [`REGISTRATION_MEMORY`].
     recent_registrations: uplink::RecentRegistrations,
+    /// Per-node uplink rate state ([`EngineConfig::max_uplink_per_node_per_s`]).
+    uplink_limiter: uplink::UplinkLimiter,
 }
 
 impl Engine {
     /// An engine over `cache` (empty, or restored from a snapshot), starting at `now`.
     pub fn new(cfg: EngineConfig, cache: NodeCache, now: Timestamp) -> Self {
         let (cache, store) = shared(cache);
+        let uplink_limiter = uplink::UplinkLimiter::new(cfg.max_uplink_per_node_per_s, cfg.uplink_burst_per_node);
         let core = Core {
             cfg,
             workloads: Vec::new(),
@@ -370,6 +394,7 @@ impl Engine {
             signer: None,
             now_ms: now.as_millis(),
             recent_registrations: uplink::RecentRegistrations::default(),
+            uplink_limiter,
         };
         Self { cache, store, core }
     }

@@ -821,3 +821,87 @@ fn a_node_registering_in_a_loop_is_throttled_and_gets_one_desired_state() {
             .any(|(_, m)| matches!(m, Message::RegisterAck(RegisterAck { outcome: RegisterOutcome::Accepted, .. })))
     );
 }
+
+#[test]
+fn a_node_over_its_uplink_rate_is_counted_and_not_processed() {
+    let cfg = EngineConfig { max_uplink_per_node_per_s: 2, uplink_burst_per_node: 10, ..Default::default() };
+    let mut e = Engine::new(cfg, NodeCache::new(), t(0));
+    let l = labels(&[("tier", "cdn")]);
+    uplink(
+        &mut e,
+        &[register("loud", &l, 1, DesiredDigest::EMPTY), register("quiet", &l, 1, DesiredDigest::EMPTY)],
+        t(0),
+    );
+    let w = workload("default/cdn", 1, "tier=cdn", &[100]);
+    apply(&mut e, &w, t(1));
+    let want = digest_of(&[&w]);
+    let store = e.store();
+    // Well after any grace period, "loud" floods wrong-digest heartbeats (each would draw a resync
+    // command or a catch-up) in one batch; "quiet" sends its one heartbeat in the same batch.
+    let at = t(1000);
+    let mut batch: Vec<Inbound> = (1..=1000).map(|seq| heartbeat("loud", seq, 1, DesiredDigest(seq.into()))).collect();
+    batch.push(heartbeat("quiet", 1, 1, want));
+    let out = uplink(&mut e, &batch, at);
+    // The registration was one message of the burst, long ago: the burst is whole again.
+    assert_eq!(e.stats().uplink_rate_limited, 990);
+    assert_eq!(e.stats().heartbeats, 11, "10 of loud's, 1 of quiet's");
+    // Only the admitted heartbeats were applied: the cache holds the digest of loud's tenth.
+    let applied_of = |n: &str| store.read().get(n).map(|r| r.applied);
+    assert_eq!(applied_of("loud"), Some(DesiredDigest(10)));
+    assert_eq!(applied_of("quiet"), Some(want));
+    // What the admitted ones drew (resyncs for a changed digest, one catch-up), nothing per drop.
+    let to_loud = decode_all(&out).iter().filter(|(to, _)| *to == Destination::Node(name("loud"))).count();
+    assert!(to_loud <= 11, "{to_loud} messages to loud");
+    assert!(out.rejects.iter().all(|r| r.reason != "rate_limited"));
+    // Half a second later one more message fits (2 per second), the next one does not.
+    let out = uplink(
+        &mut e,
+        &[heartbeat("loud", 2000, 1, DesiredDigest(2000)), heartbeat("loud", 2001, 1, DesiredDigest(2001))],
+        Timestamp::from_millis(at.as_millis() + 500),
+    );
+    assert_eq!(e.stats().uplink_rate_limited, 991);
+    assert_eq!(applied_of("loud"), Some(DesiredDigest(2000)));
+    drop(out);
+    // Unknown senders have no slot: answered as before (re-register), never rate-limited here.
+    let out = uplink(&mut e, &[heartbeat("stranger", 1, 1, want)], at);
+    assert_eq!(e.stats().unknown_node, 1);
+    assert_eq!(decode_all(&out).len(), 1);
+}
+
+/// What one node can draw by hammering every path for 10 simulated minutes: at most one
+/// per-node desired state per `convergence_grace_ms` (60 s), so 11 in 600 s.
+#[test]
+fn a_node_hammering_every_path_gets_at_most_one_catchup_per_grace_period() {
+    // The uplink rate limit is off here: the catch-up limit holds on its own.
+    let cfg = EngineConfig { max_uplink_per_node_per_s: 0, ..Default::default() };
+    let mut e = Engine::new(cfg.clone(), NodeCache::new(), t(0));
+    let mut w = workload("default/secret", 1, "tier=cdn", &[100]);
+    w.delivery = DeliveryMode::PerNode;
+    apply(&mut e, &w, t(0));
+    let want = digest_of(&[&w]);
+    let l = labels(&[("tier", "cdn")]);
+    let mut desired_states = 0;
+    let mut count = |out: &Outputs| {
+        desired_states += decode_all(out).iter().filter(|(_, m)| matches!(m, Message::DesiredState(_))).count();
+    };
+    count(&uplink(&mut e, &[register("bad", &l, 1, DesiredDigest::EMPTY)], t(1)));
+    let (mut seq, mut boot) = (1u32, 1u32);
+    for s in 2..=600u64 {
+        seq += 1;
+        // Every second: a heartbeat and a status report alternating wrong and right digests, and
+        // every 6 s (past the registration throttle) a registration with a new boot id.
+        let applied = if s % 2 == 0 { DesiredDigest(s) } else { want };
+        let mut batch = vec![heartbeat("bad", seq, boot, applied)];
+        seq += 1;
+        batch.push(status("bad", seq, boot, if s % 2 == 0 { want } else { DesiredDigest(s) }, &[]));
+        if s % 6 == 0 {
+            boot += 1;
+            batch.push(register("bad", &l, boot, if s % 12 == 0 { want } else { DesiredDigest::EMPTY }));
+        }
+        count(&uplink(&mut e, &batch, t(s)));
+    }
+    let limit = 600 / (cfg.convergence_grace_ms / 1000) + 1;
+    assert!(desired_states as u64 <= limit, "{desired_states} desired states in 600 s, limit {limit}");
+    assert!(desired_states >= 2, "a wrong node still gets its desired state: {desired_states}");
+    assert_eq!(e.stats().catchups, desired_states as u64);
+}

@@ -58,13 +58,68 @@ impl RecentRegistrations {
     }
 }
 
+/// Per-node uplink rate limit ([`EngineConfig::max_uplink_per_node_per_s`](super::EngineConfig)):
+/// the generic cell rate algorithm, whose whole state per node is one time, the "theoretical
+/// arrival time" of its next message, kept as milliseconds modulo 2³² in a `Vec` indexed by slot
+/// (4 bytes a node; no per-node map). A node may be at most `tolerance_ms` ahead of the sustained
+/// rate; each admitted message moves its time one `interval_ms` on.
+#[derive(Debug)]
+pub(super) struct UplinkLimiter {
+    tat: Vec<u32>,
+    interval_ms: u32,
+    tolerance_ms: u32,
+}
+
+impl UplinkLimiter {
+    pub(super) fn new(per_s: u32, burst: u32) -> Self {
+        let interval_ms = 1000u32.checked_div(per_s).map_or(0, |i| i.max(1));
+        Self { tat: Vec::new(), interval_ms, tolerance_ms: burst.saturating_sub(1).saturating_mul(interval_ms) }
+    }
+
+    pub(super) fn enabled(&self) -> bool {
+        self.interval_ms > 0
+    }
+
+    /// Whether `slot` may send one more message at `now_ms`; if so, it is charged for it.
+    #[inline]
+    pub(super) fn admit(&mut self, slot: Slot, now_ms: u64) -> bool {
+        // Modulo 2³²: only differences matter, and a node's time is never more than
+        // `tolerance + interval` ahead of now.
+        let now = now_ms as u32;
+        let i = slot as usize;
+        if i >= self.tat.len() {
+            self.tat.resize(i + 1, now);
+        }
+        let ahead = self.tat[i].wrapping_sub(now);
+        // Further ahead than a node can get means its time is behind now (or, after about 49 days
+        // of silence, wrapped): it starts afresh with its whole burst.
+        let ahead = if ahead > self.tolerance_ms.saturating_add(self.interval_ms) { 0 } else { ahead };
+        if ahead > self.tolerance_ms {
+            return false;
+        }
+        self.tat[i] = now.wrapping_add(ahead + self.interval_ms);
+        true
+    }
+}
+
 impl Core {
     pub(super) fn uplink(&mut self, cache: &mut NodeCache, batch: &[Inbound], now: Timestamp, out: &mut Outputs) {
         let mut start = 0;
         // Runs of heartbeats go through the cache's batch path; anything else in between is handled
         // in order, so a node's registration always precedes its later heartbeats.
         let mut hb: Vec<(usize, protocol::Heartbeat)> = Vec::new();
+        let limit = self.uplink_limiter.enabled();
         for (i, msg) in batch.iter().enumerate() {
+            // Over its rate, a node's message costs one name lookup and nothing more: no decode,
+            // no cache write, no catch-up, no answer (an answer per message would let it make us
+            // send as fast as it sends).
+            if limit
+                && let Some(slot) = cache.slot_of(msg.node.as_str())
+                && !self.uplink_limiter.admit(slot, now.as_millis())
+            {
+                self.stats.uplink_rate_limited += 1;
+                continue;
+            }
             match msg.decode(&self.cfg.decode_limits) {
                 Ok(Message::Heartbeat(h)) => hb.push((i, h)),
                 Ok(other) => {
@@ -225,7 +280,13 @@ impl Core {
                             desired,
                         };
                         self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
-                        if registration.applied != desired {
+                        // A node given its grace (or sent its catch-up) less than
+                        // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
+                        // re-registering with a new boot id must not buy another desired state.
+                        // The pending entry outlives the node's convergence for the same reason.
+                        let now_s = now.as_secs_u32();
+                        let held = self.pending.get(&r.slot).is_some_and(|&deadline| now_s < deadline);
+                        if registration.applied != desired && !held {
                             // Retained specs reach the node as it subscribes; per-node workloads
                             // can only come from us.
                             let per_node = self
@@ -236,9 +297,7 @@ impl Core {
                                 self.send_catchup(cache, r.slot, desired, out);
                             }
                             let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
-                            self.pending.insert(r.slot, now.as_secs_u32().saturating_add(grace_s));
-                        } else if !self.pending.is_empty() {
-                            self.pending.remove(&r.slot);
+                            self.pending.insert(r.slot, now_s.saturating_add(grace_s));
                         }
                     }
                     Err(e) => {
@@ -318,6 +377,22 @@ mod tests {
     use super::*;
     use crate::model::DesiredDigest;
     use crate::protocol::NodeHealth;
+
+    #[test]
+    fn the_uplink_limiter_admits_the_burst_then_the_rate_across_the_clock_wrap() {
+        // 10 per second (one per 100 ms), burst 3, starting just before the u32 millisecond wrap.
+        let mut l = UplinkLimiter::new(10, 3);
+        let t0 = u64::from(u32::MAX) - 150;
+        let admitted = |l: &mut UplinkLimiter, at: u64, n: usize| (0..n).filter(|_| l.admit(5, at)).count();
+        assert_eq!(admitted(&mut l, t0, 10), 3);
+        assert_eq!(admitted(&mut l, t0 + 100, 10), 1, "one interval later, one more");
+        assert_eq!(admitted(&mut l, t0 + 350, 10), 2, "across the wrap, 2.5 intervals refill 2");
+        // Other slots have their own budget; a slot silent for days starts with its whole burst.
+        assert_eq!(admitted(&mut l, t0 + 350, 10), 0, "spent");
+        assert_eq!((0..10).filter(|_| l.admit(9, t0 + 350)).count(), 3);
+        assert_eq!(admitted(&mut l, t0 + 30 * 86_400_000, 10), 3);
+        assert!(!UplinkLimiter::new(0, 3).enabled());
+    }
 
     #[test]
     fn heartbeat_update_is_derived_field_by_field() {

@@ -9,10 +9,12 @@
 //!   the current subscribers).
 //! - **Sessions**: connecting a node name that is already connected takes the session over (the old
 //!   endpoint is closed); subscriptions belong to a session and do not survive it.
-//! - **Bounded queues**: every inbox has a capacity ([`MemoryConfig`]). A node publishing into a full
-//!   cloud inbox gets [`TransportError::Full`] (nothing of its batch is enqueued); a downlink message
-//!   for a node whose inbox is full is dropped for that node and counted, as a broker drops for a
-//!   slow subscriber — the protocol's digests repair the loss.
+//! - **Bounded queues**: every inbox has a capacity in messages and one in payload bytes
+//!   ([`MemoryConfig`]). A node publishing into a full cloud inbox gets [`TransportError::Full`]
+//!   (nothing of its batch is enqueued: the newest is refused, and the node may send it again); a
+//!   downlink message for a node whose inbox is full is dropped for that node, as a broker drops
+//!   for a slow subscriber — the protocol's digests repair the loss. Both are counted in
+//!   [`HubStats::dropped_full`].
 //! - **Payload limit**: a node's batch with a payload over [`MemoryConfig::max_payload_bytes`] is
 //!   refused whole ([`TransportError::PayloadTooLarge`]); the cloud's oversize messages are dropped
 //!   alone and the rest of the batch is sent ([`TransportError::OversizeDropped`]).
@@ -55,10 +57,33 @@ pub struct MemoryConfig {
     /// Downlink messages waiting for one node to receive them. Default 256 (a node that connects to a
     /// fleet with more retained specs than this loses the excess; size it above the workload count).
     pub node_inbox_capacity: usize,
+    /// Payload bytes waiting for the cloud to receive them, at most. Default 64 MiB (the count alone
+    /// would let 65,536 messages of 256 KiB hold 16 GiB).
+    pub cloud_inbox_max_bytes: usize,
+    /// Payload bytes waiting for one node to receive them, at most. Default 16 MiB: 256 messages of
+    /// the agents' 64 KiB decode limit.
+    pub node_inbox_max_bytes: usize,
     /// Retained messages the hub keeps. Default 65,536.
     pub max_retained: usize,
     /// Largest payload accepted, like a broker's maximum packet size. Default 256 KiB.
     pub max_payload_bytes: usize,
+}
+
+impl MemoryConfig {
+    fn cloud_bound(&self) -> Bound {
+        Bound { count: self.cloud_inbox_capacity, bytes: self.cloud_inbox_max_bytes }
+    }
+
+    fn node_bound(&self) -> Bound {
+        Bound { count: self.node_inbox_capacity, bytes: self.node_inbox_max_bytes }
+    }
+}
+
+/// An inbox's limits: messages and payload bytes.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    count: usize,
+    bytes: usize,
 }
 
 impl Default for MemoryConfig {
@@ -66,6 +91,8 @@ impl Default for MemoryConfig {
         Self {
             cloud_inbox_capacity: 65_536,
             node_inbox_capacity: 256,
+            cloud_inbox_max_bytes: 64 * 1024 * 1024,
+            node_inbox_max_bytes: 16 * 1024 * 1024,
             max_retained: 65_536,
             max_payload_bytes: 256 * 1024,
         }
@@ -79,7 +106,8 @@ pub struct HubStats {
     pub uplink_delivered: u64,
     /// Downlink deliveries enqueued for nodes (one per node reached).
     pub downlink_delivered: u64,
-    /// Deliveries dropped because the receiver's inbox was full.
+    /// Deliveries dropped, and uplink messages refused ([`TransportError::Full`]), because the
+    /// receiver's inbox was full: [`MemoryConfig`]'s message or byte capacity.
     pub dropped_full: u64,
     /// Messages dropped because nobody was subscribed (and they were not retained).
     pub dropped_no_subscriber: u64,
@@ -120,21 +148,52 @@ impl Shared {
     }
 }
 
+/// What a queued message weighs against its inbox's byte bound: its payload.
+trait Weigh {
+    fn bytes(&self) -> usize;
+}
+
+impl Weigh for Inbound {
+    fn bytes(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+impl Weigh for NodeDelivery {
+    fn bytes(&self) -> usize {
+        self.payload.len()
+    }
+}
+
 #[derive(Debug)]
 struct Inbox<T> {
     queue: VecDeque<T>,
     /// Messages a fault plan delays, by (due, sequence); they count against the inbox capacity.
     delayed: BinaryHeap<Timed<T>>,
+    /// Payload bytes of `queue` and `delayed`.
+    bytes: usize,
     wakers: Vec<Waker>,
 }
 
-impl<T> Inbox<T> {
+impl<T: Weigh> Inbox<T> {
     fn new() -> Self {
-        Self { queue: VecDeque::new(), delayed: BinaryHeap::new(), wakers: Vec::new() }
+        Self { queue: VecDeque::new(), delayed: BinaryHeap::new(), bytes: 0, wakers: Vec::new() }
     }
 
     fn len(&self) -> usize {
         self.queue.len() + self.delayed.len()
+    }
+
+    /// Whether `n` more messages of `bytes` payload bytes in all fit under `bound`.
+    fn fits(&self, bound: Bound, n: usize, bytes: usize) -> bool {
+        self.len() + n <= bound.count && self.bytes.saturating_add(bytes) <= bound.bytes
+    }
+
+    /// Drops the delayed messages (a partition cut them off).
+    fn clear_delayed(&mut self) -> usize {
+        let n = self.delayed.len();
+        self.bytes -= self.delayed.drain().map(|t| t.item.bytes()).sum::<usize>();
+        n
     }
 
     /// Moves the delayed messages due by `now` into the queue, in due order.
@@ -161,7 +220,9 @@ impl<T> Inbox<T> {
             return Poll::Pending;
         }
         let n = max.min(self.queue.len());
-        Poll::Ready(self.queue.drain(..n).collect())
+        let taken: Vec<T> = self.queue.drain(..n).collect();
+        self.bytes -= taken.iter().map(Weigh::bytes).sum::<usize>();
+        Poll::Ready(taken)
     }
 }
 
@@ -257,11 +318,13 @@ impl HubFaults {
     }
 
     /// Queues the copies `fate` lets through into `inbox` (or its delay heap); returns how many.
-    fn enqueue<T: Clone>(&mut self, inbox: &mut Inbox<T>, item: T, fate: Fate) -> u64 {
+    fn enqueue<T: Clone + Weigh>(&mut self, inbox: &mut Inbox<T>, item: T, fate: Fate) -> u64 {
         let mut n = 0;
+        let bytes = item.bytes();
         if !self.plan.has_delay() {
             for _ in fate.copies() {
                 inbox.queue.push_back(item.clone());
+                inbox.bytes += bytes;
                 n += 1;
             }
             return n;
@@ -269,6 +332,7 @@ impl HubFaults {
         for delay in fate.copies() {
             self.delay_seq += 1;
             inbox.delayed.push(Timed { due: self.now.saturating_add(delay), seq: self.delay_seq, item: item.clone() });
+            inbox.bytes += bytes;
             n += 1;
         }
         n
@@ -316,7 +380,7 @@ impl HubState {
     /// Every uplink message passes here (the fault-injection hook point for the uplink).
     fn route_up(
         &mut self,
-        capacity: usize,
+        bound: Bound,
         node: &NodeName,
         batch: Vec<NodePublish>,
         wake: &mut Wake,
@@ -325,8 +389,16 @@ impl HubState {
             self.stats.dropped_no_subscriber += batch.len() as u64;
             return Ok(());
         };
-        if cloud.inbox.len() + batch.len() > capacity {
-            return Err(TransportError::Full { queue: "cloud inbox", capacity });
+        // The newest is refused whole: the node learns it and may send again, and what the cloud
+        // already queued is older, so it tells the state sooner.
+        let bytes = batch.iter().map(|p| p.payload.len()).sum();
+        if !cloud.inbox.fits(bound, batch.len(), bytes) {
+            self.stats.dropped_full += batch.len() as u64;
+            return Err(if cloud.inbox.len() + batch.len() > bound.count {
+                TransportError::Full { queue: "cloud inbox (messages)", capacity: bound.count }
+            } else {
+                TransportError::Full { queue: "cloud inbox (payload bytes)", capacity: bound.bytes }
+            });
         }
         if self.faults.partitioned.contains(node) {
             self.stats.dropped_partition += batch.len() as u64;
@@ -334,6 +406,7 @@ impl HubState {
         }
         if self.faults.plan.is_off() {
             self.stats.uplink_delivered += batch.len() as u64;
+            cloud.inbox.bytes += bytes;
             cloud.inbox.queue.extend(batch.into_iter().map(|p| Inbound {
                 node: node.clone(),
                 kind: p.kind,
@@ -358,7 +431,7 @@ impl HubState {
     }
 
     /// Every downlink message passes here (the fault-injection hook point for the downlink).
-    fn route_down(&mut self, capacity: usize, to: Destination, payload: Arc<[u8]>, retain: bool, wake: &mut Wake) {
+    fn route_down(&mut self, bound: Bound, to: Destination, payload: Arc<[u8]>, retain: bool, wake: &mut Wake) {
         if retain {
             if payload.is_empty() {
                 self.retained.remove(&to);
@@ -375,7 +448,7 @@ impl HubState {
             push_delivery(
                 session,
                 name,
-                capacity,
+                bound,
                 NodeDelivery { from: to.clone(), payload: payload.clone(), retained: false },
                 key,
                 faults,
@@ -404,7 +477,7 @@ impl HubState {
     }
 
     /// Replays the retained messages `filter` selects into one node's inbox.
-    fn replay(&mut self, name: &NodeName, capacity: usize, filter: impl Fn(&Destination) -> bool, wake: &mut Wake) {
+    fn replay(&mut self, name: &NodeName, bound: Bound, filter: impl Fn(&Destination) -> bool, wake: &mut Wake) {
         let HubState { nodes, retained, stats, faults, .. } = self;
         let Some(session) = nodes.get_mut(name) else {
             return;
@@ -415,7 +488,7 @@ impl HubState {
             push_delivery(
                 session,
                 name,
-                capacity,
+                bound,
                 NodeDelivery { from: to.clone(), payload: payload.clone(), retained: true },
                 key,
                 faults,
@@ -431,7 +504,7 @@ impl HubState {
 fn push_delivery(
     session: &mut NodeSession,
     name: &NodeName,
-    capacity: usize,
+    bound: Bound,
     delivery: NodeDelivery,
     key: u64,
     faults: &mut HubFaults,
@@ -442,7 +515,8 @@ fn push_delivery(
         stats.dropped_partition += 1;
         return;
     }
-    if session.inbox.len() >= capacity {
+    // The newest is dropped: a broker does the same for a slow subscriber, and the digests repair it.
+    if !session.inbox.fits(bound, 1, delivery.payload.len()) {
         stats.dropped_full += 1;
         return;
     }
@@ -488,7 +562,7 @@ impl MemoryHub {
     /// topic and the fleet-wide spec topics, whose retained messages it receives at once. A node
     /// already connected under this name is taken over (its old endpoint is closed).
     pub fn connect(&self, node: NodeName) -> Result<MemoryNode, TransportError> {
-        let capacity = self.shared.config.node_inbox_capacity;
+        let bound = self.shared.config.node_bound();
         let mut wake = Wake::new();
         let mut st = self.shared.lock();
         if st.shut_down {
@@ -499,7 +573,7 @@ impl MemoryHub {
         st.nodes.insert(node.clone(), NodeSession { id, inbox: Inbox::new(), groups: BTreeSet::new() });
         st.replay(
             &node,
-            capacity,
+            bound,
             |to| match to {
                 Destination::Node(n) => *n == node,
                 Destination::Fleet | Destination::WorkloadSpec(_) => true,
@@ -569,8 +643,7 @@ impl MemoryHub {
         for name in nodes {
             st.faults.partitioned.insert(name.clone());
             if let Some(session) = st.nodes.get_mut(name) {
-                st.stats.dropped_partition += session.inbox.delayed.len() as u64;
-                session.inbox.delayed.clear();
+                st.stats.dropped_partition += session.inbox.clear_delayed() as u64;
             }
         }
     }
@@ -645,7 +718,7 @@ impl CloudTransport for MemoryCloud {
             st.stats.dropped_too_large += *dropped as u64;
         }
         for o in batch {
-            st.route_down(config.node_inbox_capacity, o.to, Arc::from(o.payload), o.retain, &mut wake);
+            st.route_down(config.node_bound(), o.to, Arc::from(o.payload), o.retain, &mut wake);
         }
         drop(st);
         wake_all(wake);
@@ -729,7 +802,7 @@ impl NodeTransport for MemoryNode {
         if st.node(&self.node, self.session).is_none() {
             return Err(TransportError::Closed);
         }
-        let result = st.route_up(config.cloud_inbox_capacity, &self.node, batch, &mut wake);
+        let result = st.route_up(config.cloud_bound(), &self.node, batch, &mut wake);
         drop(st);
         wake_all(wake);
         result
@@ -753,7 +826,7 @@ impl NodeTransport for MemoryNode {
     }
 
     async fn subscribe(&self, group: &GroupName) -> Result<(), TransportError> {
-        let capacity = self.shared.config.node_inbox_capacity;
+        let bound = self.shared.config.node_bound();
         let mut wake = Wake::new();
         let mut st = self.shared.lock();
         let Some(session) = st.node(&self.node, self.session) else {
@@ -764,7 +837,7 @@ impl NodeTransport for MemoryNode {
         // As MQTT 3.1.1: every SUBSCRIBE replays the retained messages it matches.
         st.replay(
             &self.node,
-            capacity,
+            bound,
             |to| matches!(to, Destination::Group(g) | Destination::GroupWorkloadSpec(g, _) if g == group),
             &mut wake,
         );
@@ -958,6 +1031,56 @@ mod tests {
         assert!(matches!(bounded(node.publish(vec![hb(3)])).await, Err(TransportError::Full { .. })));
         assert_eq!(bounded(cloud.recv(10)).await.unwrap().len(), 2);
         bounded(node.publish(vec![hb(3)])).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_cloud_inbox_is_bounded_in_bytes_and_small_messages_pass_after_a_drain() {
+        let cfg = MemoryConfig { cloud_inbox_max_bytes: 10_000, ..MemoryConfig::default() };
+        let hub = MemoryHub::new(cfg);
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        let big = || NodePublish { kind: UplinkKind::Status, payload: vec![7; 3_000] };
+        let queued = || hub.shared.lock().cloud.as_ref().map_or(0, |c| c.inbox.bytes);
+        let mut refused = 0;
+        for _ in 0..100 {
+            if let Err(err) = bounded(node.publish(vec![big()])).await {
+                assert!(matches!(err, TransportError::Full { capacity: 10_000, .. }), "{err}");
+                assert!(err.to_string().contains("payload bytes"), "{err}");
+                refused += 1;
+            }
+            assert!(queued() <= 10_000, "{} bytes queued", queued());
+        }
+        // 3 fit in 10,000 bytes though the count allows 65,536.
+        assert_eq!((refused, queued()), (97, 9_000));
+        assert_eq!(hub.stats().dropped_full, 97);
+        // A small one still fits; after the cloud drains, large ones pass again.
+        bounded(node.publish(vec![NodePublish { kind: UplinkKind::Heartbeat, payload: vec![1; 500] }])).await.unwrap();
+        assert_eq!(bounded(cloud.recv(100)).await.unwrap().len(), 4);
+        assert_eq!(queued(), 0);
+        bounded(node.publish(vec![big(), big(), big()])).await.unwrap();
+        assert_eq!(bounded(cloud.recv(100)).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_node_inbox_is_bounded_in_bytes_and_small_messages_pass_after_a_drain() {
+        let cfg = MemoryConfig { node_inbox_max_bytes: 10_000, ..MemoryConfig::default() };
+        let hub = MemoryHub::new(cfg);
+        let cloud = hub.cloud().unwrap();
+        let node = hub.connect(name("edge-a")).unwrap();
+        let queued = || hub.shared.lock().nodes.get(&name("edge-a")).map_or(0, |s| s.inbox.bytes);
+        for _ in 0..50 {
+            let batch = (0..2).map(|_| out(Destination::Node(name("edge-a")), vec![7; 3_000], false)).collect();
+            bounded(cloud.send(batch)).await.unwrap();
+            assert!(queued() <= 10_000, "{} bytes queued", queued());
+        }
+        assert_eq!(queued(), 9_000);
+        assert_eq!(hub.stats().dropped_full, 97);
+        bounded(cloud.send(vec![out(Destination::Fleet, command(1), false)])).await.unwrap();
+        let got = bounded(node.recv(100)).await.unwrap();
+        assert_eq!(got.len(), 4, "three large ones and the small command");
+        assert_eq!(queued(), 0);
+        bounded(cloud.send(vec![out(Destination::Fleet, command(2), false)])).await.unwrap();
+        assert_eq!(ids(&node, 10).await, [2]);
     }
 
     #[tokio::test]

@@ -61,11 +61,11 @@ pub enum TransportError {
     #[error("transport endpoint is closed; reconnect to go on")]
     Closed,
     /// A bounded queue cannot take the batch; nothing of it was enqueued. Retry later (with backoff).
-    #[error("{queue} is full ({capacity} messages); nothing of the batch was sent, retry later")]
+    #[error("{queue} is full (capacity {capacity}); nothing of the batch was sent, retry later")]
     Full {
         /// Which queue.
         queue: &'static str,
-        /// Its capacity.
+        /// Its capacity (in messages, or in bytes where `queue` says so).
         capacity: usize,
     },
     /// A payload exceeds the transport's (broker's) maximum; nothing of the batch was sent. Only a
