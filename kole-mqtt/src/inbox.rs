@@ -92,7 +92,8 @@ impl<T: Send> Inbox<T> {
         self.capacity
     }
 
-    /// Bytes queued now.
+    /// Bytes queued now (the tests check the bound with it).
+    #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {
         self.bounds.queued_bytes.load(Ordering::Acquire)
     }
@@ -132,6 +133,8 @@ mod tests {
 
     use super::*;
 
+    // The inbox's size function takes `&T`, here `&Vec<u8>`.
+    #[allow(clippy::ptr_arg)]
     fn len(v: &Vec<u8>) -> usize {
         v.len()
     }
