@@ -18,6 +18,7 @@ mod index;
 mod intern;
 mod shared;
 mod table;
+mod watch_keys;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,7 @@ use std::ops::ControlFlow;
 pub use shared::{CacheStore, CacheWriter, shared};
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
+pub use watch_keys::WatchKey;
 
 use crate::model::{
     DesiredDigest, NodeHealth, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState,

@@ -575,7 +575,7 @@ impl NodeCache {
         n.ipv4 = ipv4;
     }
 
-    fn record_at(&self, slot: Slot) -> NodeRecord {
+    pub(crate) fn record_at(&self, slot: Slot) -> NodeRecord {
         let n = &self.slots[slot as usize];
         let labels = self
             .label_sets
