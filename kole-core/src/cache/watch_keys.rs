@@ -5,7 +5,7 @@
 //! no string, so 1M nodes take milliseconds; only the nodes whose key changed are materialized.
 
 use super::table::{NodeCache, Slot};
-use crate::model::{NodePhase, NodeRecord};
+use crate::model::{Labels, NodePhase, NodeRecord};
 
 /// The watched part of a node's state: phase, label set and workload state list. Equal keys mean
 /// no watched change; heartbeats that only move `last_seen` leave it unchanged.
@@ -35,6 +35,18 @@ impl NodeCache {
             };
             f(slot, name, key);
         }
+    }
+
+    /// The labels of a key's label set, if that set is still interned as it was when the key was
+    /// read (a released id has epoch 0; a recycled one a new epoch).
+    pub fn labels_of_key(&self, key: &WatchKey) -> Option<Labels> {
+        let (id, epoch) = key.labels;
+        let m = self.members.get(id as usize)?;
+        if epoch == 0 || m.epoch != epoch {
+            return None;
+        }
+        let pairs = self.label_sets.get(id);
+        Labels::from_pairs(pairs.iter().map(|&(k, v)| (self.str_of(k), self.str_of(v)))).ok()
     }
 
     /// A full copy of the node in `slot`, if the slot holds one.
@@ -81,6 +93,10 @@ mod tests {
         c.register(&reg("b", &[("zone", "y")]), 1, t).unwrap();
         assert_ne!(keys(&c)[1].2, before[1].2, "relabelled");
         assert_eq!(c.record_of_slot(after[0].0).unwrap().name.as_str(), "a");
+        assert_eq!(c.labels_of_key(&before[0].2).unwrap().get("zone"), Some("x"), "a still carries zone=x");
+        let y_key = keys(&c)[1].2;
+        c.register(&reg("b", &[("zone", "z")]), 1, t).unwrap();
+        assert!(c.labels_of_key(&y_key).is_none(), "zone=y was released with its last node");
         assert!(c.remove("a"));
         assert!(c.record_of_slot(after[0].0).is_none());
         assert_eq!(keys(&c).len(), 1);
