@@ -63,6 +63,7 @@
 pub mod controller;
 pub mod convert;
 pub mod crd;
+pub mod edgenodes;
 mod error;
 pub mod lease;
 pub mod snapshot;
