@@ -145,6 +145,15 @@ start() {
     printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$pki/san.ext"
     openssl x509 -req -in "$pki/server.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 \
         -extfile "$pki/san.ext" -out "$pki/server.crt" 2>/dev/null
+    # The aggregation layer (kole's edgenodes API): a front-proxy CA and the client certificate the
+    # apiserver presents to aggregated servers, with the requestheader flags below.
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kole-test-front-proxy-ca" \
+        -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=front-proxy-client" \
+        -keyout "$pki/front-proxy-client.key" -out "$pki/front-proxy-client.csr" 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n' >"$pki/client.ext"
+    openssl x509 -req -in "$pki/front-proxy-client.csr" -CA "$pki/front-proxy-ca.crt" -CAkey "$pki/front-proxy-ca.key" \
+        -CAcreateserial -days 2 -extfile "$pki/client.ext" -out "$pki/front-proxy-client.crt" 2>/dev/null
     openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
     openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
     local token
@@ -175,6 +184,11 @@ start() {
         --authorization-mode RBAC --service-cluster-ip-range 10.96.0.0/16 \
         --enable-priority-and-fairness=false --max-requests-inflight 800 --max-mutating-requests-inflight 400 \
         --disable-admission-plugins ServiceAccount \
+        --requestheader-client-ca-file "$pki/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+        --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+        --requestheader-extra-headers-prefix X-Remote-Extra- \
+        --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key" \
+        --enable-aggregator-routing=true \
         >"$run/kube-apiserver.log" 2>&1 &
     echo $! >"$run/kube-apiserver.pid"
     wait_for kube-apiserver 240 curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" \

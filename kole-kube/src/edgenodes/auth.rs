@@ -93,7 +93,9 @@ impl FrontProxyConfig {
             match data.get(key) {
                 None => Ok(Vec::new()),
                 Some(s) if s.trim().is_empty() => Ok(Vec::new()),
-                Some(s) => serde_json::from_str(s).map_err(|source| Error::Json { what: format!("{op}: {key}"), source }),
+                Some(s) => {
+                    serde_json::from_str(s).map_err(|source| Error::Json { what: format!("{op}: {key}"), source })
+                }
             }
         };
         let client_ca_pem = data.get("requestheader-client-ca-file").cloned().unwrap_or_default();
@@ -228,11 +230,7 @@ impl Authorizer for SubjectAccessReviewer {
             .map_err(|_| Error::Timeout { op: op.clone(), after: self.timeout })?
             .map_err(|source| Error::Kube { op, source })?;
         let status = answer.status.unwrap_or_default();
-        let d = if status.allowed {
-            Decision::Allow
-        } else {
-            Decision::Deny(status.reason.unwrap_or_default())
-        };
+        let d = if status.allowed { Decision::Allow } else { Decision::Deny(status.reason.unwrap_or_default()) };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_DECISIONS {
             cache.clear();

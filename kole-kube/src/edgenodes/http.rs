@@ -77,7 +77,8 @@ impl ServingCert {
                 Ok((chain, key, None))
             }
             Self::SelfSigned { names } => {
-                let ck = rcgen::generate_simple_self_signed(names.clone()).map_err(|e| bad("self-signed certificate", &e))?;
+                let ck = rcgen::generate_simple_self_signed(names.clone())
+                    .map_err(|e| bad("self-signed certificate", &e))?;
                 let pem = ck.cert.pem();
                 let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| bad("key", &e))?;
                 Ok((vec![ck.cert.der().clone()], key, Some(pem)))
@@ -135,10 +136,11 @@ impl EdgeNodeServer {
         if roots.is_empty() {
             return Err(Error::Controller("requestheader client CA: no certificate in the PEM".into()));
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| Error::Controller(format!("requestheader client CA: {e}")))?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| Error::Controller(format!("requestheader client CA: {e}")))?;
         let (chain, key, self_signed_pem) = cert.materialize()?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -224,7 +226,9 @@ impl EdgeNodeServer {
                     tracing::warn!(%peer, cn = ?cn.as_ref().and_then(|c| c.as_deref()), "edgenodes API: a client certificate not in requestheader-allowed-names");
                 }
                 let svc = service_fn(move |req| handle(Arc::clone(&shared), front_proxy, req));
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await {
+                if let Err(e) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await
+                {
                     tracing::debug!(%peer, error = %e, "edgenodes API: connection ended");
                 }
             });
@@ -245,7 +249,10 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 fn json_response(code: StatusCode, v: &Value, content_type: &str) -> Response<Body> {
     let mut r = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
     *r.status_mut() = code;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json")));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/json")),
+    );
     r
 }
 
@@ -284,7 +291,11 @@ fn wants_table(req: &Request<Incoming>) -> bool {
 
 const TABLE_CONTENT_TYPE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io";
 
-async fn handle(shared: Arc<Shared>, front_proxy: bool, req: Request<Incoming>) -> std::result::Result<Response<Body>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    front_proxy: bool,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Body>, Infallible> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     // Health needs no identity: the kubelet probes it.
     if matches!(path.as_str(), "/healthz" | "/livez" | "/readyz") {
@@ -308,13 +319,19 @@ async fn handle(shared: Arc<Shared>, front_proxy: bool, req: Request<Incoming>) 
     let base = format!("/apis/{GROUP}/{VERSION}");
     match path.as_str() {
         "/apis" => return Ok(json_response(StatusCode::OK, &openapi::group_list(), "application/json")),
-        p if p == format!("/apis/{GROUP}") => return Ok(json_response(StatusCode::OK, &openapi::group(), "application/json")),
+        p if p == format!("/apis/{GROUP}") => {
+            return Ok(json_response(StatusCode::OK, &openapi::group(), "application/json"));
+        }
         p if p == base => return Ok(json_response(StatusCode::OK, &openapi::resource_list(), "application/json")),
         "/openapi/v2" => return Ok(json_response(StatusCode::OK, &openapi::openapi_v2(), "application/json")),
         _ => {}
     }
     let Some(rest) = path.strip_prefix(&base) else {
-        return Ok(error(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find the requested resource: {path}")));
+        return Ok(error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("the server could not find the requested resource: {path}"),
+        ));
     };
     let (watch_path, rest) = match rest.strip_prefix("/watch") {
         Some(r) => (true, r),
@@ -324,7 +341,11 @@ async fn handle(shared: Arc<Shared>, front_proxy: bool, req: Request<Incoming>) 
         Some("") => None,
         Some(n) if n.starts_with('/') && !n[1..].contains('/') => Some(n[1..].to_owned()),
         _ => {
-            return Ok(error(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find the requested resource: {path}")));
+            return Ok(error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("the server could not find the requested resource: {path}"),
+            ));
         }
     };
     let Some(user) = shared.front_proxy.user(req.headers()) else {
@@ -367,7 +388,11 @@ async fn handle(shared: Arc<Shared>, front_proxy: bool, req: Request<Incoming>) 
         }
         Err(e) => {
             tracing::warn!(error = %e, "edgenodes API: authorization failed");
-            return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &format!("authorization failed: {e}")));
+            return Ok(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                &format!("authorization failed: {e}"),
+            ));
         }
     }
     let as_table = wants_table(&req);
@@ -381,7 +406,11 @@ async fn handle(shared: Arc<Shared>, front_proxy: bool, req: Request<Incoming>) 
 }
 
 fn unavailable(why: &str) -> Response<Body> {
-    error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("edgenodes are not available from this replica: {why}"))
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailable",
+        &format!("edgenodes are not available from this replica: {why}"),
+    )
 }
 
 fn get(shared: &Shared, name: &str, as_table: bool) -> Response<Body> {
@@ -393,7 +422,9 @@ fn get(shared: &Shared, name: &str, as_table: bool) -> Response<Body> {
     let rv = shared.hub.resource_version();
     let mut resp = match read.value {
         None => error(StatusCode::NOT_FOUND, "NotFound", &format!("{RESOURCE}.{GROUP} \"{name}\" not found")),
-        Some(r) if as_table => json_response(StatusCode::OK, &table(vec![row(&r, rv, now())], rv, None, true), TABLE_CONTENT_TYPE),
+        Some(r) if as_table => {
+            json_response(StatusCode::OK, &table(vec![row(&r, rv, now())], rv, None, true), TABLE_CONTENT_TYPE)
+        }
         Some(r) => json_response(StatusCode::OK, &edge_node(&r, rv), "application/json"),
     };
     warn_stale(&mut resp, read.staleness);
@@ -401,6 +432,11 @@ fn get(shared: &Shared, name: &str, as_table: bool) -> Response<Body> {
 }
 
 fn list(shared: &Shared, opts: &ListOptions, as_table: bool) -> Response<Body> {
+    if opts.continue_.is_none() {
+        // A first page brings the change history up to date, so a watch from the list's version
+        // misses nothing and repeats little (changes after this pass and before the read).
+        shared.hub.pass(&shared.source);
+    }
     let rv_now = shared.hub.resource_version();
     let read = match shared.source.read(|c| list_page(c, opts)) {
         Ok(r) => r,
@@ -596,7 +632,8 @@ fn watch_response(shared: Arc<Shared>, opts: ListOptions, as_table: bool) -> Res
             }
         }
     });
-    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(|b| Ok::<_, Infallible>(Frame::data(b)))));
+    let stream =
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(|b| Ok::<_, Infallible>(Frame::data(b)))));
     let mut resp = Response::new(StreamBody::new(stream).boxed());
     let ct = if as_table { TABLE_CONTENT_TYPE } else { "application/json" };
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));

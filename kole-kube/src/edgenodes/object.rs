@@ -71,9 +71,7 @@ pub(crate) fn list(items: Vec<Value>, rv: u64, continue_: Option<&str>) -> Value
 
 /// `kubectl get` columns; priority 1 shows with `-o wide`.
 pub(crate) fn column_definitions() -> Value {
-    let col = |name: &str, ty: &str, priority: u8, description: &str| {
-        json!({ "name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "priority": priority, "description": description })
-    };
+    let col = |name: &str, ty: &str, priority: u8, description: &str| json!({ "name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "priority": priority, "description": description });
     json!([
         col("Name", "string", 0, "The node's name (its MQTT identity)."),
         col("Phase", "string", 0, "Registering, Online or Offline."),
@@ -116,7 +114,8 @@ pub(crate) fn row(r: &NodeRecord, rv: u64, now: Timestamp) -> Value {
 }
 
 pub(crate) fn table(rows: Vec<Value>, rv: u64, continue_: Option<&str>, with_columns: bool) -> Value {
-    let mut t = json!({ "kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_meta(rv, continue_), "rows": rows });
+    let mut t =
+        json!({ "kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_meta(rv, continue_), "rows": rows });
     if with_columns {
         t["columnDefinitions"] = column_definitions();
     }

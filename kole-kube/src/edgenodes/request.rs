@@ -45,7 +45,9 @@ impl FieldSelector {
             } else if let Some((f, v)) = part.split_once('=') {
                 (f, v, true)
             } else {
-                return Err(format!("invalid field selector {part:?}: expected FIELD=VALUE, FIELD==VALUE or FIELD!=VALUE"));
+                return Err(format!(
+                    "invalid field selector {part:?}: expected FIELD=VALUE, FIELD==VALUE or FIELD!=VALUE"
+                ));
             };
             let field = match field.trim() {
                 "metadata.name" => Field::Name,
@@ -145,7 +147,8 @@ impl ContinueToken {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(s.trim_end_matches('='))
             .map_err(|_| "continue: not a token this server issued".to_owned())?;
-        let t: Self = serde_json::from_slice(&bytes).map_err(|_| "continue: not a token this server issued".to_owned())?;
+        let t: Self =
+            serde_json::from_slice(&bytes).map_err(|_| "continue: not a token this server issued".to_owned())?;
         if t.v != 1 {
             return Err(format!("continue: token version {} is not supported", t.v));
         }
@@ -199,7 +202,13 @@ impl ListOptions {
     }
 
     /// Whether labels and fields of a past state pass, where unknown parts match.
-    pub(crate) fn matches_old(&self, name: &str, phase: NodePhase, labels: Option<&dyn LabelLookupDyn>, platform: Option<&NodeRecord>) -> bool {
+    pub(crate) fn matches_old(
+        &self,
+        name: &str,
+        phase: NodePhase,
+        labels: Option<&dyn LabelLookupDyn>,
+        platform: Option<&NodeRecord>,
+    ) -> bool {
         labels.is_none_or(|l| self.labels.matches(&DynLabels(l))) && self.fields.matches_with(name, phase, platform)
     }
 }

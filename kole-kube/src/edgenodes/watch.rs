@@ -10,7 +10,9 @@
 //! - Versions are numbers, unique to one serving process: the first is the process's start time in
 //!   microseconds since the epoch, and every change adds one. They are not etcd's and are only
 //!   compared with each other.
-//! - A list returns the version of the latest pass; a watch from it receives every change after it.
+//! - A list's first page runs a pass and returns its version; a watch from it receives every change
+//!   after it. The list's items are read just after the pass, so they may already show a change a
+//!   watch from that version will also deliver (applied twice, with no effect the second time).
 //! - A watch from an older version replays the changes it missed if they are still in the history
 //!   (`watch_history` events); otherwise, or from another process's version, it ends at once with
 //!   `410 Gone` (reason `Expired`), and clients list again, as after an etcd compaction.
