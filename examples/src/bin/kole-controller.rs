@@ -49,6 +49,10 @@ use kole_core::transport::memory::{MemoryConfig, MemoryHub};
 use kole_core::transport::{CloudTransport, NodeTransport, TransportError};
 use kole_examples::{BrokerArgs, ControllerLoginArgs, LogArgs, TlsArgs};
 use kole_kube::controller::ControllerConfig;
+use kole_kube::edgenodes::{
+    EdgeNodeApiConfig, EdgeNodeServer, FrontProxyConfig, NodeSource, ServingCert, SnapshotView, Staleness,
+    SubjectAccessReviewer,
+};
 use kole_kube::lease::{LeaderElector, LeaseConfig};
 use kole_kube::snapshot::{KubeSnapshotConfig, KubeSnapshotStore};
 use kole_mqtt::{CloudConfig, CloudStats, ConnectionConfig, MqttCloud, TlsSettings};
@@ -148,6 +152,23 @@ struct RunArgs {
     /// says so).
     #[arg(long, value_name = "FILE", env = "KOLE_SIGNING_KEY")]
     signing_key: Option<std::path::PathBuf>,
+    /// Serve the `edgenodes` aggregated API (`kubectl get edgenodes`) on this address, e.g.
+    /// `0.0.0.0:6443` (deploy/edgenodes.yaml registers it). The leader answers from its cache; a
+    /// standby from its newest restored snapshot, with a Warning saying how old. Off by default.
+    #[arg(long, value_name = "ADDR", env = "KOLE_EDGENODES_LISTEN")]
+    edgenodes_listen: Option<std::net::SocketAddr>,
+    /// The edgenodes API's serving certificate (PEM chain) [default: self-signed at start].
+    #[arg(long, value_name = "FILE", env = "KOLE_EDGENODES_TLS_CERT", requires = "edgenodes_tls_key")]
+    edgenodes_tls_cert: Option<std::path::PathBuf>,
+    /// The serving certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", env = "KOLE_EDGENODES_TLS_KEY", requires = "edgenodes_tls_cert")]
+    edgenodes_tls_key: Option<std::path::PathBuf>,
+    /// DNS name of the edgenodes Service, for the self-signed certificate.
+    #[arg(long, value_name = "NAME", env = "KOLE_EDGENODES_SERVICE", default_value = "kole-edgenodes.kole-system.svc")]
+    edgenodes_service: String,
+    /// How often a standby restores the newest snapshot for the edgenodes API, in seconds.
+    #[arg(long, value_name = "SECS", env = "KOLE_EDGENODES_STANDBY_REFRESH", default_value_t = 30)]
+    edgenodes_standby_refresh: u64,
     /// In-process agents on the in-memory hub (without `--broker`), to try the controller out.
     #[arg(long, value_name = "N", env = "KOLE_SIMULATE_NODES", default_value_t = 0)]
     simulate_nodes: usize,
@@ -579,6 +600,8 @@ struct Term<'a> {
     credentials: Option<kole_mqtt::Credentials>,
     /// The elector's fencing token: the current term's while leading.
     fencing: watch::Receiver<Option<u64>>,
+    /// What the edgenodes API serves (set live while leading).
+    edgenodes: Option<NodeSource>,
 }
 
 /// Waits until `rx` holds `want` (or its sender is gone).
@@ -663,7 +686,11 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
     let election = tokio::spawn(elector.run_reporting(leading_tx, reachable_tx, elector_stop_rx));
     tracing::info!(identity = %opts.identity, lease = %format!("{}/{}", opts.namespace, opts.lease), listen = %opts.listen, "campaigning");
 
-    let term = Term { opts: &opts, signer, client, state: state.clone(), hub, tls, credentials, fencing };
+    let edgenodes = match opts.edgenodes_listen {
+        Some(addr) => Some(start_edgenodes(&opts, addr, &client, leading_rx.clone(), stop_rx.clone()).await?),
+        None => None,
+    };
+    let term = Term { opts: &opts, signer, client, state: state.clone(), hub, tls, credentials, fencing, edgenodes };
     let mut failed = false;
     loop {
         tokio::select! {
@@ -673,7 +700,12 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
         if *stop_rx.borrow() {
             break;
         }
-        match term.lead(leading_rx.clone(), stop_rx.clone()).await {
+        let ended = term.lead(leading_rx.clone(), stop_rx.clone()).await;
+        if let Some(source) = &term.edgenodes {
+            // The standby loop restores the newest snapshot next.
+            source.set_unavailable("this replica stopped leading and has not restored a snapshot yet");
+        }
+        match ended {
             Ok(TermEnd::Stop) => break,
             Ok(TermEnd::LostLease) => tracing::warn!("lost the Lease: standing by"),
             Err(e) => {
@@ -699,6 +731,84 @@ async fn run(opts: RunArgs) -> anyhow::Result<()> {
     signals.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the edgenodes API: front-proxy settings from the cluster, SubjectAccessReview
+/// authorization, TLS; and the standby loop that keeps a restored snapshot to serve while not
+/// leading.
+async fn start_edgenodes(
+    opts: &RunArgs,
+    addr: std::net::SocketAddr,
+    client: &kube::Client,
+    leading: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<NodeSource> {
+    let cfg = EdgeNodeApiConfig { listen: addr, ..EdgeNodeApiConfig::default() };
+    let front_proxy = FrontProxyConfig::from_cluster(client).await.context(
+        "the edgenodes API (--edgenodes-listen) needs the apiserver's front-proxy settings; grant the \
+         extension-apiserver-authentication-reader Role (deploy/edgenodes.yaml) or drop --edgenodes-listen",
+    )?;
+    let cert = match (&opts.edgenodes_tls_cert, &opts.edgenodes_tls_key) {
+        (Some(c), Some(k)) => ServingCert::from_files(c, k)?,
+        _ => ServingCert::SelfSigned { names: vec![opts.edgenodes_service.clone()] },
+    };
+    let source = NodeSource::new();
+    source.set_unavailable("standing by: no snapshot restored yet");
+    let authz = Arc::new(SubjectAccessReviewer::new(client.clone(), cfg.authz_cache_ttl));
+    let server = EdgeNodeServer::bind(cfg, cert, front_proxy, source.clone(), authz)
+        .await
+        .with_context(|| format!("the edgenodes API on {addr} (--edgenodes-listen)"))?;
+    tracing::info!(listen = %server.local_addr(), self_signed = server.self_signed_pem().is_some(), "serving the edgenodes API");
+    tokio::spawn(server.run(until(stop.clone(), true)));
+    let store: Arc<dyn SnapshotStore> = Arc::new(KubeSnapshotStore::new(
+        client.clone(),
+        KubeSnapshotConfig { namespace: opts.namespace.clone(), ..Default::default() },
+    ));
+    let every = Duration::from_secs(opts.edgenodes_standby_refresh.max(1));
+    let standby = source.clone();
+    tokio::spawn(async move {
+        loop {
+            if !*leading.borrow() {
+                refresh_standby_view(store.as_ref(), &standby).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = until(stop.clone(), true) => return,
+                // Leading ended: restore at once rather than serve nothing for a period.
+                _ = until(leading.clone(), false), if *leading.borrow() => {}
+            }
+        }
+    });
+    Ok(source)
+}
+
+/// Restores the newest snapshot into the edgenodes API's standby view, when it is newer.
+async fn refresh_standby_view(store: &dyn SnapshotStore, source: &NodeSource) {
+    let newest = match store.list_manifests().await {
+        Ok(m) => m.first().map(|m| m.generation),
+        Err(e) => {
+            tracing::warn!(error = %e, "edgenodes standby view: listing snapshots failed");
+            return;
+        }
+    };
+    if newest.is_none() || newest == source.snapshot_generation() {
+        return;
+    }
+    match kole_core::snapshot::restore_latest(store, &RestoreLimits::default()).await {
+        Ok(Some(r)) => {
+            tracing::info!(
+                generation = r.manifest.generation,
+                nodes = r.cache.len(),
+                "edgenodes standby view restored"
+            );
+            source.set_snapshot(SnapshotView {
+                cache: r.cache,
+                staleness: Staleness { generation: r.manifest.generation, taken_at: r.manifest.created_at },
+            });
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "edgenodes standby view: restoring the snapshot failed"),
+    }
 }
 
 impl Term<'_> {
@@ -744,6 +854,9 @@ impl Term<'_> {
         state.restored_generation.store(manifest.as_ref().map_or(0, |m| m.generation), Ordering::Relaxed);
         tracing::info!(nodes, generation = ?manifest.map(|m| m.generation), took = ?started.elapsed(), "restored");
         *state.cache.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))? = Some(engine.store());
+        if let Some(source) = &self.edgenodes {
+            source.set_live(engine.store());
+        }
         let cache = engine.store();
         let engine = match &self.signer {
             Some(s) => engine.with_signer(Arc::clone(s)),

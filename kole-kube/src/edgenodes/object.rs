@@ -17,7 +17,10 @@ pub(crate) fn workload_counts(r: &NodeRecord) -> (usize, usize) {
 
 /// `arch/os`, the platform column and field.
 pub(crate) fn platform(r: &NodeRecord) -> String {
-    format!("{}/{}", r.info.arch, r.info.os)
+    match (r.info.arch.as_str(), r.info.os.as_str()) {
+        ("", "") => "<unknown>".to_owned(),
+        (arch, os) => format!("{arch}/{os}"),
+    }
 }
 
 /// One node as an `EdgeNode` object.
