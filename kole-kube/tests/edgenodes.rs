@@ -15,11 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncBufReadExt, StreamExt};
-use k8s_openapi::api::core::v1::{
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service, ServicePort, ServiceSpec,
-};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
-use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::{APIService, APIServiceSpec, ServiceReference};
 use kole_core::cache::{CacheWriter, NodeCache, StateCache, shared};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRegistration, Timestamp};
 use kole_kube::edgenodes::{
@@ -49,24 +45,6 @@ fn reg(i: usize) -> NodeRegistration {
     }
 }
 
-/// This machine's address toward the outside: the one the apiserver can dial and Endpoints accept.
-fn external_ip() -> IpAddr {
-    if let Ok(ip) = std::env::var("KOLE_TEST_SERVE_IP") {
-        return ip.parse().expect("KOLE_TEST_SERVE_IP is an IP address");
-    }
-    for probe in ["10.255.255.255:9", "192.0.2.255:9", "8.8.8.8:53"] {
-        if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0")
-            && s.connect(probe).is_ok()
-            && let Ok(a) = s.local_addr()
-            && !a.ip().is_loopback()
-            && !a.ip().is_unspecified()
-        {
-            return a.ip();
-        }
-    }
-    panic!("no non-loopback IPv4 address found; set KOLE_TEST_SERVE_IP to this machine's address");
-}
-
 async fn impersonating(user: &str) -> Client {
     let path = std::env::var("KOLE_TEST_KUBECONFIG").unwrap();
     let kc = Kubeconfig::read_from(&path).unwrap();
@@ -88,7 +66,6 @@ struct Fixture {
     client: Client,
     writer: CacheWriter<NodeCache>,
     ns: String,
-    apiservice: String,
     server: tokio::task::JoinHandle<()>,
     stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -109,7 +86,6 @@ async fn setup(nodes: usize) -> Fixture {
     }
     let source = NodeSource::new();
     source.set_live(store);
-    let svc_name = "kole-edgenodes";
     let cfg = EdgeNodeApiConfig {
         listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         watch_interval: Duration::from_millis(200),
@@ -119,7 +95,7 @@ async fn setup(nodes: usize) -> Fixture {
     let front_proxy =
         FrontProxyConfig::from_cluster(&client).await.expect("the apiserver publishes its front-proxy settings");
     let authz = Arc::new(SubjectAccessReviewer::new(client.clone(), cfg.authz_cache_ttl));
-    let cert = ServingCert::SelfSigned { names: vec![format!("{svc_name}.{ns}.svc")] };
+    let cert = ServingCert::SelfSigned { names: vec![format!("{}.{ns}.svc", common::aggregated::SERVICE)] };
     let server = EdgeNodeServer::bind(cfg, cert, front_proxy, source, authz).await.expect("bind");
     let port = server.local_addr().port();
     let ca = server.self_signed_pem().unwrap().to_owned();
@@ -128,83 +104,13 @@ async fn setup(nodes: usize) -> Fixture {
         let _ = stopped.await;
     }));
 
-    // Service + Endpoints (no selector: the endpoint is this process) + APIService.
-    let ip = external_ip();
-    let svc = Service {
-        metadata: kube::api::ObjectMeta { name: Some(svc_name.into()), ..Default::default() },
-        spec: Some(ServiceSpec {
-            ports: Some(vec![ServicePort {
-                port: 443,
-                target_port: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port.into())),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<Service>::namespaced(client.clone(), &ns).create(&PostParams::default(), &svc).await.unwrap();
-    let ep = Endpoints {
-        metadata: kube::api::ObjectMeta { name: Some(svc_name.into()), ..Default::default() },
-        subsets: Some(vec![EndpointSubset {
-            addresses: Some(vec![EndpointAddress { ip: ip.to_string(), ..Default::default() }]),
-            ports: Some(vec![EndpointPort { port: port.into(), ..Default::default() }]),
-            ..Default::default()
-        }]),
-    };
-    Api::<Endpoints>::namespaced(client.clone(), &ns).create(&PostParams::default(), &ep).await.unwrap();
-    let apiservice = "v1alpha1.edge.kole.dev".to_owned();
-    let apis: Api<APIService> = Api::all(client.clone());
-    let _ = apis.delete(&apiservice, &DeleteParams::default()).await;
-    common::eventually(Duration::from_secs(10), "the old APIService gone", || {
-        let apis = apis.clone();
-        let name = apiservice.clone();
-        async move { apis.get_opt(&name).await.unwrap().is_none().then_some(()) }
-    })
-    .await;
-    let obj = APIService {
-        metadata: kube::api::ObjectMeta { name: Some(apiservice.clone()), ..Default::default() },
-        spec: Some(APIServiceSpec {
-            group: Some("edge.kole.dev".into()),
-            version: Some("v1alpha1".into()),
-            group_priority_minimum: 1000,
-            version_priority: 15,
-            service: Some(ServiceReference {
-                namespace: Some(ns.clone()),
-                name: Some(svc_name.into()),
-                port: Some(443),
-            }),
-            ca_bundle: Some(k8s_openapi::ByteString(ca.into_bytes())),
-            insecure_skip_tls_verify: None,
-        }),
-        status: None,
-    };
-    apis.create(&PostParams::default(), &obj).await.unwrap();
-    let last = std::sync::Mutex::new(String::new());
-    let waited = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let a = apis.get(&apiservice).await.unwrap();
-            let conds = a.status.and_then(|s| s.conditions).unwrap_or_default();
-            if conds.iter().any(|c| c.type_ == "Available" && c.status == "True") {
-                return;
-            }
-            *last.lock().unwrap() = format!("{conds:?}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "the APIService never became Available: {}", last.lock().unwrap());
-    // Discovery through the aggregator lags availability by a moment.
-    common::eventually(Duration::from_secs(20), "edgenodes listable through the apiserver", || {
-        let c = client.clone();
-        async move { get_json(&c, &format!("{BASE}?limit=1")).await.ok() }
-    })
-    .await;
-    Fixture { client, writer, ns, apiservice, server, stop }
+    common::aggregated::register(&client, &ns, port, &ca).await;
+    Fixture { client, writer, ns, server, stop }
 }
 
 impl Fixture {
     async fn teardown(self) {
-        let _ = Api::<APIService>::all(self.client.clone()).delete(&self.apiservice, &DeleteParams::default()).await;
+        common::aggregated::unregister(&self.client).await;
         let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone())
             .delete(&self.ns, &DeleteParams::default())
             .await;

@@ -25,6 +25,8 @@ use kube::{Api, Client, Config};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub mod aggregated;
+
 pub const NEEDS_APISERVER: &str = "needs a kube-apiserver: KOLE_TEST_KUBECONFIG=$(.ci/kube.sh start)";
 
 pub async fn client() -> Client {

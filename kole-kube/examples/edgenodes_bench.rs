@@ -1,0 +1,219 @@
+//! Benchmark of the edgenodes aggregated API through a real kube-apiserver: list N edge nodes in
+//! pages of 500, the first page's latency, and the memory of open watches; beside it, listing
+//! Kubernetes `Node` objects the same way (what KubeEdge and OpenYurt users pay: one object per
+//! node in etcd).
+//!
+//! ```text
+//! export KOLE_TEST_KUBECONFIG="$(bash .ci/kube.sh start | tail -n 1)"
+//! CARGO_PROFILE_DEV_OPT_LEVEL=2 cargo run -p kole-kube --example edgenodes_bench -- --nodes 1000000 --node-objects 10000
+//! ```
+//!
+//! The edge nodes are synthetic registrations (three regions, two tiers, two architectures, one
+//! address each) put straight into the cache: what is measured is serving, not registering.
+
+#[path = "../tests/common/aggregated.rs"]
+mod aggregated;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::{AsyncBufReadExt, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kole_core::cache::{NodeCache, StateCache, shared};
+use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Timestamp};
+use kole_kube::edgenodes::{EdgeNodeApiConfig, EdgeNodeServer, FrontProxyConfig, NodeSource, ServingCert, SubjectAccessReviewer};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use serde_json::Value;
+
+/// Lists edge nodes through the apiserver's aggregation layer, and Node objects for comparison.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Edge nodes in the cache.
+    #[arg(long, default_value_t = 1_000_000)]
+    nodes: usize,
+    /// Page size.
+    #[arg(long, default_value_t = 500)]
+    page: usize,
+    /// Watches to open through the apiserver for the memory figure.
+    #[arg(long, default_value_t = 200)]
+    watches: usize,
+    /// Kubernetes Node objects to create and list the same way (0: skip).
+    #[arg(long, default_value_t = 0)]
+    node_objects: usize,
+    /// The kubeconfig of the apiserver (started with the front-proxy flags, as `.ci/kube.sh` does).
+    #[arg(long, env = "KOLE_TEST_KUBECONFIG")]
+    kubeconfig: String,
+}
+
+const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+
+fn reg(i: usize) -> NodeRegistration {
+    NodeRegistration {
+        name: NodeName::new(format!("edge-{i:08}")).unwrap(),
+        labels: Labels::from_pairs([("region", REGIONS[i % 3]), ("tier", if i % 10 == 0 { "gold" } else { "std" })]).unwrap(),
+        info: NodeInfo {
+            arch: if i % 2 == 0 { "amd64" } else { "arm64" }.into(),
+            os: "linux-6.1".into(),
+            agent_version: "0.1.0".into(),
+            addresses: vec![IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8])],
+        },
+        applied: DesiredDigest(0),
+        workloads: vec![],
+    }
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn list_all(client: &Client, base: &str, page: usize) -> (usize, usize, Duration) {
+    let t = Instant::now();
+    let (mut items, mut pages) = (0, 0);
+    let mut uri = format!("{base}?limit={page}");
+    loop {
+        let v: Value = client.request(http::Request::get(&uri).body(Vec::new()).unwrap()).await.expect("list page");
+        pages += 1;
+        items += v["items"].as_array().map_or(0, Vec::len);
+        match v["metadata"]["continue"].as_str().filter(|c| !c.is_empty()) {
+            Some(c) => uri = format!("{base}?limit={page}&continue={c}"),
+            None => return (items, pages, t.elapsed()),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let kc = Kubeconfig::read_from(&args.kubeconfig).expect("read the kubeconfig");
+    let client = Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap()).unwrap();
+    let ns = format!("edgenodes-bench-{}", std::process::id());
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &Namespace { metadata: ObjectMeta { name: Some(ns.clone()), ..Default::default() }, ..Default::default() })
+        .await
+        .unwrap();
+
+    let t = Instant::now();
+    let (writer, store) = shared(NodeCache::with_capacity(args.nodes, 14));
+    {
+        let mut w = writer.write();
+        for i in 0..args.nodes {
+            w.register(&reg(i), 1, Timestamp::from_secs(1_700_000_000)).unwrap();
+        }
+    }
+    println!("cache: {} edge nodes in {:.1} s", args.nodes, t.elapsed().as_secs_f64());
+    let source = NodeSource::new();
+    source.set_live(store);
+    let cfg = EdgeNodeApiConfig { listen: SocketAddr::from(([0, 0, 0, 0], 0)), max_watches: args.watches + 10, ..Default::default() };
+    let front_proxy = FrontProxyConfig::from_cluster(&client).await.expect("front-proxy settings");
+    let authz = Arc::new(SubjectAccessReviewer::new(client.clone(), cfg.authz_cache_ttl));
+    let cert = ServingCert::SelfSigned { names: vec![format!("{}.{ns}.svc", aggregated::SERVICE)] };
+    let server = EdgeNodeServer::bind(cfg, cert, front_proxy, source, authz).await.unwrap();
+    let (port, ca) = (server.local_addr().port(), server.self_signed_pem().unwrap().to_owned());
+    tokio::spawn(server.run(std::future::pending()));
+    aggregated::register(&client, &ns, port, &ca).await;
+
+    let base = "/apis/edge.kole.dev/v1alpha1/edgenodes";
+    let mut first = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        let v: Value = client.request(http::Request::get(format!("{base}?limit={}", args.page)).body(Vec::new()).unwrap()).await.unwrap();
+        first.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(v["items"].as_array().unwrap().len(), args.page.min(args.nodes));
+    }
+    first.sort_by(f64::total_cmp);
+    println!("first page of {} through the apiserver: median {:.1} ms (min {:.1}, max {:.1}, 7 runs)", args.page, first[3], first[0], first[6]);
+    let (items, pages, took) = list_all(&client, base, args.page).await;
+    assert_eq!(items, args.nodes, "every edge node listed once");
+    println!(
+        "list of every edge node through the apiserver: {items} items in {pages} pages of {} in {:.1} s ({:.0} items/s)",
+        args.page,
+        took.as_secs_f64(),
+        items as f64 / took.as_secs_f64()
+    );
+
+    if args.watches > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = rss_bytes();
+        let mut streams = Vec::new();
+        let rv = {
+            let v: Value = client.request(http::Request::get(format!("{base}?limit=1")).body(Vec::new()).unwrap()).await.unwrap();
+            v["metadata"]["resourceVersion"].as_str().unwrap().to_owned()
+        };
+        for i in 0..args.watches {
+            let sel = format!("region%3D{}", REGIONS[i % 3]);
+            let req = http::Request::get(format!("{base}?watch=true&resourceVersion={rv}&labelSelector={sel}")).body(Vec::new()).unwrap();
+            streams.push(client.request_stream(req).await.expect("watch").lines());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_bytes();
+        // Every watch sees a change: one node of each region goes offline.
+        let t = Instant::now();
+        {
+            let mut w = writer.write();
+            for i in 0..3 {
+                w.set_phase(reg(i).name.as_str(), kole_core::model::NodePhase::Offline).unwrap();
+            }
+        }
+        for s in &mut streams {
+            let line = tokio::time::timeout(Duration::from_secs(30), s.next()).await.expect("event").expect("open").expect("read");
+            assert!(line.contains("MODIFIED"), "{line}");
+        }
+        println!(
+            "{} watches open through the apiserver: {:.1} KiB RSS each (this process: server and client ends), one change reached all in {:.2} s",
+            args.watches,
+            after.saturating_sub(before) as f64 / 1024.0 / args.watches as f64,
+            t.elapsed().as_secs_f64()
+        );
+        drop(streams);
+    }
+
+    if args.node_objects > 0 {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let t = Instant::now();
+        let names: Vec<String> = (0..args.node_objects).map(|i| format!("bench-node-{i:07}")).collect();
+        futures::stream::iter(names.iter().cloned())
+            .for_each_concurrent(32, |name| {
+                let nodes = nodes.clone();
+                async move {
+                    let mut n = Node::default();
+                    n.metadata.name = Some(name);
+                    n.metadata.labels = Some([("region".to_owned(), "eu-west".to_owned())].into());
+                    let _ = nodes.create(&PostParams::default(), &n).await;
+                }
+            })
+            .await;
+        println!("created {} Node objects in {:.1} s", args.node_objects, t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let (mut items, mut pages) = (0usize, 0usize);
+        let mut lp = ListParams::default().limit(args.page as u32);
+        loop {
+            let l = nodes.list(&lp).await.unwrap();
+            pages += 1;
+            items += l.items.len();
+            match l.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => break,
+            }
+        }
+        let took = t.elapsed().as_secs_f64();
+        println!("list of {items} Node objects in {pages} pages of {}: {took:.1} s ({:.0} items/s)", args.page, items as f64 / took);
+        futures::stream::iter(names)
+            .for_each_concurrent(32, |name| {
+                let nodes = nodes.clone();
+                async move {
+                    let _ = nodes.delete(&name, &DeleteParams::default()).await;
+                }
+            })
+            .await;
+    }
+    aggregated::unregister(&client).await;
+    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+}
