@@ -238,6 +238,20 @@ fn broker_entry(s: &str) -> Result<BrokerEntry, kole_mqtt::Error> {
     Ok(BrokerEntry(if s.is_empty() { None } else { Some(s.parse()?) }))
 }
 
+/// This machine's CPU architecture in Go's `GOARCH` spelling, as Kubernetes and kole's
+/// `NodeInfo::arch` use it (`amd64`, `arm64`), not Rust's (`x86_64`, `aarch64`).
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "powerpc64" => "ppc64",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,3 +354,4 @@ mod tests {
         assert!(err.contains("/nonexistent/ca.pem") && err.contains("--tls-ca"), "{err}");
     }
 }
+

@@ -23,7 +23,9 @@ use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kole_core::cache::{NodeCache, StateCache, shared};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Timestamp};
-use kole_kube::edgenodes::{EdgeNodeApiConfig, EdgeNodeServer, FrontProxyConfig, NodeSource, ServingCert, SubjectAccessReviewer};
+use kole_kube::edgenodes::{
+    EdgeNodeApiConfig, EdgeNodeServer, FrontProxyConfig, NodeSource, ServingCert, SubjectAccessReviewer,
+};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -54,9 +56,10 @@ const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 fn reg(i: usize) -> NodeRegistration {
     NodeRegistration {
         name: NodeName::new(format!("edge-{i:08}")).unwrap(),
-        labels: Labels::from_pairs([("region", REGIONS[i % 3]), ("tier", if i % 10 == 0 { "gold" } else { "std" })]).unwrap(),
+        labels: Labels::from_pairs([("region", REGIONS[i % 3]), ("tier", if i.is_multiple_of(10) { "gold" } else { "std" })])
+            .unwrap(),
         info: NodeInfo {
-            arch: if i % 2 == 0 { "amd64" } else { "arm64" }.into(),
+            arch: if i.is_multiple_of(2) { "amd64" } else { "arm64" }.into(),
             os: "linux-6.1".into(),
             agent_version: "0.1.0".into(),
             addresses: vec![IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8])],
@@ -69,7 +72,9 @@ fn reg(i: usize) -> NodeRegistration {
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -93,10 +98,14 @@ async fn main() {
     let args = Args::parse();
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(&args.kubeconfig).expect("read the kubeconfig");
-    let client = Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap()).unwrap();
+    let client =
+        Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap()).unwrap();
     let ns = format!("edgenodes-bench-{}", std::process::id());
     Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &Namespace { metadata: ObjectMeta { name: Some(ns.clone()), ..Default::default() }, ..Default::default() })
+        .create(
+            &PostParams::default(),
+            &Namespace { metadata: ObjectMeta { name: Some(ns.clone()), ..Default::default() }, ..Default::default() },
+        )
         .await
         .unwrap();
 
@@ -111,7 +120,11 @@ async fn main() {
     println!("cache: {} edge nodes in {:.1} s", args.nodes, t.elapsed().as_secs_f64());
     let source = NodeSource::new();
     source.set_live(store);
-    let cfg = EdgeNodeApiConfig { listen: SocketAddr::from(([0, 0, 0, 0], 0)), max_watches: args.watches + 10, ..Default::default() };
+    let cfg = EdgeNodeApiConfig {
+        listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+        max_watches: args.watches + 10,
+        ..Default::default()
+    };
     let front_proxy = FrontProxyConfig::from_cluster(&client).await.expect("front-proxy settings");
     let authz = Arc::new(SubjectAccessReviewer::new(client.clone(), cfg.authz_cache_ttl));
     let cert = ServingCert::SelfSigned { names: vec![format!("{}.{ns}.svc", aggregated::SERVICE)] };
@@ -124,12 +137,18 @@ async fn main() {
     let mut first = Vec::new();
     for _ in 0..7 {
         let t = Instant::now();
-        let v: Value = client.request(http::Request::get(format!("{base}?limit={}", args.page)).body(Vec::new()).unwrap()).await.unwrap();
+        let v: Value = client
+            .request(http::Request::get(format!("{base}?limit={}", args.page)).body(Vec::new()).unwrap())
+            .await
+            .unwrap();
         first.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(v["items"].as_array().unwrap().len(), args.page.min(args.nodes));
     }
     first.sort_by(f64::total_cmp);
-    println!("first page of {} through the apiserver: median {:.1} ms (min {:.1}, max {:.1}, 7 runs)", args.page, first[3], first[0], first[6]);
+    println!(
+        "first page of {} through the apiserver: median {:.1} ms (min {:.1}, max {:.1}, 7 runs)",
+        args.page, first[3], first[0], first[6]
+    );
     let (items, pages, took) = list_all(&client, base, args.page).await;
     assert_eq!(items, args.nodes, "every edge node listed once");
     println!(
@@ -144,12 +163,15 @@ async fn main() {
         let before = rss_bytes();
         let mut streams = Vec::new();
         let rv = {
-            let v: Value = client.request(http::Request::get(format!("{base}?limit=1")).body(Vec::new()).unwrap()).await.unwrap();
+            let v: Value =
+                client.request(http::Request::get(format!("{base}?limit=1")).body(Vec::new()).unwrap()).await.unwrap();
             v["metadata"]["resourceVersion"].as_str().unwrap().to_owned()
         };
         for i in 0..args.watches {
             let sel = format!("region%3D{}", REGIONS[i % 3]);
-            let req = http::Request::get(format!("{base}?watch=true&resourceVersion={rv}&labelSelector={sel}")).body(Vec::new()).unwrap();
+            let req = http::Request::get(format!("{base}?watch=true&resourceVersion={rv}&labelSelector={sel}"))
+                .body(Vec::new())
+                .unwrap();
             streams.push(client.request_stream(req).await.expect("watch").lines());
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -163,7 +185,11 @@ async fn main() {
             }
         }
         for s in &mut streams {
-            let line = tokio::time::timeout(Duration::from_secs(30), s.next()).await.expect("event").expect("open").expect("read");
+            let line = tokio::time::timeout(Duration::from_secs(30), s.next())
+                .await
+                .expect("event")
+                .expect("open")
+                .expect("read");
             assert!(line.contains("MODIFIED"), "{line}");
         }
         println!(
@@ -204,7 +230,11 @@ async fn main() {
             }
         }
         let took = t.elapsed().as_secs_f64();
-        println!("list of {items} Node objects in {pages} pages of {}: {took:.1} s ({:.0} items/s)", args.page, items as f64 / took);
+        println!(
+            "list of {items} Node objects in {pages} pages of {}: {took:.1} s ({:.0} items/s)",
+            args.page,
+            items as f64 / took
+        );
         futures::stream::iter(names)
             .for_each_concurrent(32, |name| {
                 let nodes = nodes.clone();

@@ -254,7 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!(error = %e, path = %state.display(), "ignoring the saved desired state");
     }
     let info = NodeInfo {
-        arch: std::env::consts::ARCH.into(),
+        arch: kole_examples::go_arch().into(),
         os: std::env::consts::OS.into(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         addresses: Vec::new(),

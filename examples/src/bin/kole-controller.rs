@@ -484,7 +484,7 @@ fn spawn_simulated_fleet(hub: &MemoryHub, n: usize, stop: watch::Receiver<bool>)
             continue;
         };
         let identity =
-            AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(NodeInfo::default()) };
+            AgentIdentity { name: name.clone(), labels: Arc::new(labels), info: Arc::new(simulated_info(i)) };
         let mut agent = Agent::new(config.clone(), identity, u32::try_from(i).unwrap_or(0) + 1, None);
         let hub = hub.clone();
         let stop = stop.clone();
@@ -780,6 +780,17 @@ async fn start_edgenodes(
         }
     });
     Ok(source)
+}
+
+/// What a simulated node reports: this machine's platform, as `kole-agent` reports it, and a
+/// documentation-range address.
+fn simulated_info(i: usize) -> NodeInfo {
+    NodeInfo {
+        arch: kole_examples::go_arch().into(),
+        os: std::env::consts::OS.into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        addresses: vec![std::net::IpAddr::from([198, 51, 100, (i % 250) as u8 + 1])],
+    }
 }
 
 /// Restores the newest snapshot into the edgenodes API's standby view, when it is newer.

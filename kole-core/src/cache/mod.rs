@@ -18,9 +18,9 @@ mod index;
 mod intern;
 mod shared;
 mod table;
-mod watch_keys;
 #[cfg(test)]
 mod tests;
+mod watch_keys;
 
 use std::ops::ControlFlow;
 

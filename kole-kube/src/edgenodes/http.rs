@@ -517,6 +517,14 @@ fn classify<'c>(opts: &ListOptions, c: &'c Change) -> Option<(&'static str, Opti
     }
 }
 
+/// Where a watch starts: changes to replay, or nodes to send as `ADDED`, then the live feed.
+struct WatchStart {
+    backlog: Vec<Arc<Change>>,
+    initial: Vec<NodeRecord>,
+    rv: u64,
+    rx: broadcast::Receiver<HubMsg>,
+}
+
 struct WatchGuard(Arc<Shared>);
 
 impl Drop for WatchGuard {
@@ -550,34 +558,33 @@ fn watch_response(shared: Arc<Shared>, opts: ListOptions, as_table: bool) -> Res
         event_line(kind, obj)
     };
     let staleness;
-    let start: std::result::Result<(Vec<Arc<Change>>, Vec<NodeRecord>, u64, broadcast::Receiver<HubMsg>), String> =
-        match opts.resource_version.as_deref() {
-            None | Some("0") => {
-                let opts_all = ListOptions { limit: None, continue_: None, ..opts.clone() };
-                match shared.hub.start(&shared.source, |c| list_page(c, &opts_all).0) {
-                    Ok((records, stale, rv, rx)) => {
-                        staleness = stale;
-                        Ok((Vec::new(), records, rv, rx))
-                    }
-                    Err(why) => return unavailable(&why),
+    let start: std::result::Result<WatchStart, String> = match opts.resource_version.as_deref() {
+        None | Some("0") => {
+            let opts_all = ListOptions { limit: None, continue_: None, ..opts.clone() };
+            match shared.hub.start(&shared.source, |c| list_page(c, &opts_all).0) {
+                Ok(st) => {
+                    staleness = st.staleness;
+                    Ok(WatchStart { backlog: Vec::new(), initial: st.value, rv: st.rv, rx: st.rx })
                 }
+                Err(why) => return unavailable(&why),
             }
-            Some(v) => {
-                staleness = shared.source.read(|_| ()).ok().and_then(|r| r.staleness);
-                match v.parse::<u64>() {
-                    Ok(from) => match shared.hub.resume(from) {
-                        Ok((backlog, rx)) => Ok((backlog, Vec::new(), from, rx)),
-                        Err(StartError::Expired(m)) => Err(m),
-                    },
-                    Err(_) => Err(format!("resourceVersion {v:?} is not one this server issued; list again")),
-                }
+        }
+        Some(v) => {
+            staleness = shared.source.read(|_| ()).ok().and_then(|r| r.staleness);
+            match v.parse::<u64>() {
+                Ok(from) => match shared.hub.resume(from) {
+                    Ok((backlog, rx)) => Ok(WatchStart { backlog, initial: Vec::new(), rv: from, rx }),
+                    Err(StartError::Expired(m)) => Err(m),
+                },
+                Err(_) => Err(format!("resourceVersion {v:?} is not one this server issued; list again")),
             }
-        };
+        }
+    };
     let timeout = opts.timeout.unwrap_or(Duration::from_secs(1800));
     let bookmarks = opts.bookmarks.then_some(shared.cfg.bookmark_interval);
     tokio::spawn(async move {
         let _guard = guard;
-        let (backlog, initial, mut last_rv, mut hub_rx) = match start {
+        let WatchStart { backlog, initial, rv: mut last_rv, rx: mut hub_rx } = match start {
             Ok(s) => s,
             Err(message) => {
                 let _ = tx.send(event_line("ERROR", status(410, "Expired", &message))).await;

@@ -103,6 +103,16 @@ pub(crate) enum StartError {
     Expired(String),
 }
 
+/// A watch started from the current state.
+pub(crate) struct Started<R> {
+    /// What the initial read returned.
+    pub(crate) value: R,
+    pub(crate) staleness: Option<Staleness>,
+    /// The version the initial read stands for.
+    pub(crate) rv: u64,
+    pub(crate) rx: broadcast::Receiver<HubMsg>,
+}
+
 /// The change feed behind every watch of one server.
 pub struct WatchHub {
     state: Mutex<HubState>,
@@ -234,11 +244,11 @@ impl WatchHub {
         &self,
         source: &NodeSource,
         initial: impl FnOnce(&NodeCache) -> R,
-    ) -> Result<(R, Option<Staleness>, u64, broadcast::Receiver<HubMsg>), Arc<str>> {
+    ) -> Result<Started<R>, Arc<str>> {
         let _st = self.lock();
         let rx = self.tx.subscribe();
         let r = source.read(initial)?;
-        Ok((r.value, r.staleness, self.resource_version(), rx))
+        Ok(Started { value: r.value, staleness: r.staleness, rv: self.resource_version(), rx })
     }
 }
 
