@@ -69,6 +69,50 @@ fn reg(i: usize) -> NodeRegistration {
     }
 }
 
+/// A `Node` as a kubelet reports one (labels, addresses, five conditions, capacity, node info; no
+/// image list, which would make it several times larger).
+fn node_object(name: &str) -> Node {
+    let conditions: Vec<Value> = ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready", "NetworkUnavailable"]
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "type": t, "status": if *t == "Ready" { "True" } else { "False" },
+                "lastHeartbeatTime": "2026-12-01T04:00:00Z", "lastTransitionTime": "2026-11-30T04:00:00Z",
+                "reason": format!("Kubelet{t}"), "message": format!("kubelet reports {t}"),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "arm64",
+                "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": "arm64",
+                "node.kubernetes.io/instance-type": "edge-box", "topology.kubernetes.io/region": "eu-west",
+                "tier": "std",
+            },
+            "annotations": { "node.alpha.kubernetes.io/ttl": "0", "volumes.kubernetes.io/controller-managed-attach-detach": "true" },
+        },
+        "spec": { "podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"] },
+        "status": {
+            "addresses": [{ "type": "InternalIP", "address": "10.0.1.17" }, { "type": "Hostname", "address": name }],
+            "capacity": { "cpu": "4", "memory": "8049476Ki", "pods": "110", "ephemeral-storage": "61255492Ki", "hugepages-2Mi": "0" },
+            "allocatable": { "cpu": "4", "memory": "7947076Ki", "pods": "110", "ephemeral-storage": "56453061201", "hugepages-2Mi": "0" },
+            "conditions": conditions,
+            "daemonEndpoints": { "kubeletEndpoint": { "Port": 10250 } },
+            "nodeInfo": {
+                "machineID": "6f1c0b8e2a4d4b0e9f7a3c5d1e2f3a4b", "systemUUID": "6f1c0b8e-2a4d-4b0e-9f7a-3c5d1e2f3a4b",
+                "bootID": "0d8e5f7a-1b2c-4d3e-8f9a-0b1c2d3e4f5a", "kernelVersion": "6.1.0-18-arm64",
+                "osImage": "Debian GNU/Linux 12 (bookworm)", "containerRuntimeVersion": "containerd://1.7.13",
+                "kubeletVersion": "v1.20.2", "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "arm64",
+            },
+        },
+    });
+    serde_json::from_value(v).expect("a Node")
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -209,14 +253,12 @@ async fn main() {
             .for_each_concurrent(32, |name| {
                 let nodes = nodes.clone();
                 async move {
-                    let mut n = Node::default();
-                    n.metadata.name = Some(name);
-                    n.metadata.labels = Some([("region".to_owned(), "eu-west".to_owned())].into());
-                    let _ = nodes.create(&PostParams::default(), &n).await;
+                    let _ = nodes.create(&PostParams::default(), &node_object(&name)).await;
                 }
             })
             .await;
-        println!("created {} Node objects in {:.1} s", args.node_objects, t.elapsed().as_secs_f64());
+        let size = serde_json::to_vec(&node_object("bench-node-0000000")).map_or(0, |v| v.len());
+        println!("created {} Node objects ({size} B of JSON each) in {:.1} s", args.node_objects, t.elapsed().as_secs_f64());
         let t = Instant::now();
         let (mut items, mut pages) = (0usize, 0usize);
         let mut lp = ListParams::default().limit(args.page as u32);
