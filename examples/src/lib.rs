@@ -354,4 +354,3 @@ mod tests {
         assert!(err.contains("/nonexistent/ca.pem") && err.contains("--tls-ca"), "{err}");
     }
 }
-

@@ -56,8 +56,11 @@ const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 fn reg(i: usize) -> NodeRegistration {
     NodeRegistration {
         name: NodeName::new(format!("edge-{i:08}")).unwrap(),
-        labels: Labels::from_pairs([("region", REGIONS[i % 3]), ("tier", if i.is_multiple_of(10) { "gold" } else { "std" })])
-            .unwrap(),
+        labels: Labels::from_pairs([
+            ("region", REGIONS[i % 3]),
+            ("tier", if i.is_multiple_of(10) { "gold" } else { "std" }),
+        ])
+        .unwrap(),
         info: NodeInfo {
             arch: if i.is_multiple_of(2) { "amd64" } else { "arm64" }.into(),
             os: "linux-6.1".into(),
@@ -258,7 +261,11 @@ async fn main() {
             })
             .await;
         let size = serde_json::to_vec(&node_object("bench-node-0000000")).map_or(0, |v| v.len());
-        println!("created {} Node objects ({size} B of JSON each) in {:.1} s", args.node_objects, t.elapsed().as_secs_f64());
+        println!(
+            "created {} Node objects ({size} B of JSON each) in {:.1} s",
+            args.node_objects,
+            t.elapsed().as_secs_f64()
+        );
         let t = Instant::now();
         let (mut items, mut pages) = (0usize, 0usize);
         let mut lp = ListParams::default().limit(args.page as u32);

@@ -32,8 +32,11 @@ const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 fn reg(i: usize) -> NodeRegistration {
     NodeRegistration {
         name: NodeName::new(format!("node-{i:05}")).unwrap(),
-        labels: Labels::from_pairs([("region", REGIONS[i % 3]), ("tier", if i.is_multiple_of(10) { "gold" } else { "std" })])
-            .unwrap(),
+        labels: Labels::from_pairs([
+            ("region", REGIONS[i % 3]),
+            ("tier", if i.is_multiple_of(10) { "gold" } else { "std" }),
+        ])
+        .unwrap(),
         info: NodeInfo {
             arch: if i.is_multiple_of(2) { "amd64" } else { "arm64" }.into(),
             os: "linux-6.1".into(),
