@@ -14,7 +14,7 @@
 #[path = "../tests/common/aggregated.rs"]
 mod aggregated;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use clap::Parser;
 use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kole_core::cache::{NodeCache, StateCache, shared};
-use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Timestamp};
+use kole_core::model::Timestamp;
 use kole_kube::edgenodes::{
     EdgeNodeApiConfig, EdgeNodeServer, FrontProxyConfig, NodeSource, ServingCert, SubjectAccessReviewer,
 };
@@ -49,27 +49,6 @@ struct Args {
     /// The kubeconfig of the apiserver (started with the front-proxy flags, as `.ci/kube.sh` does).
     #[arg(long, env = "KOLE_TEST_KUBECONFIG")]
     kubeconfig: String,
-}
-
-const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
-
-fn reg(i: usize) -> NodeRegistration {
-    NodeRegistration {
-        name: NodeName::new(format!("edge-{i:08}")).unwrap(),
-        labels: Labels::from_pairs([
-            ("region", REGIONS[i % 3]),
-            ("tier", if i.is_multiple_of(10) { "gold" } else { "std" }),
-        ])
-        .unwrap(),
-        info: NodeInfo {
-            arch: if i.is_multiple_of(2) { "amd64" } else { "arm64" }.into(),
-            os: "linux-6.1".into(),
-            agent_version: "0.1.0".into(),
-            addresses: vec![IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8])],
-        },
-        applied: DesiredDigest(0),
-        workloads: vec![],
-    }
 }
 
 /// A `Node` as a kubelet reports one (labels, addresses, five conditions, capacity, node info; no
@@ -161,7 +140,7 @@ async fn main() {
     {
         let mut w = writer.write();
         for i in 0..args.nodes {
-            w.register(&reg(i), 1, Timestamp::from_secs(1_700_000_000)).unwrap();
+            w.register(&aggregated::registration(i), 1, Timestamp::from_secs(1_700_000_000)).unwrap();
         }
     }
     println!("cache: {} edge nodes in {:.1} s", args.nodes, t.elapsed().as_secs_f64());
@@ -215,7 +194,7 @@ async fn main() {
             v["metadata"]["resourceVersion"].as_str().unwrap().to_owned()
         };
         for i in 0..args.watches {
-            let sel = format!("region%3D{}", REGIONS[i % 3]);
+            let sel = format!("region%3D{}", aggregated::REGIONS[i % 3]);
             let req = http::Request::get(format!("{base}?watch=true&resourceVersion={rv}&labelSelector={sel}"))
                 .body(Vec::new())
                 .unwrap();
@@ -228,7 +207,7 @@ async fn main() {
         {
             let mut w = writer.write();
             for i in 0..3 {
-                w.set_phase(reg(i).name.as_str(), kole_core::model::NodePhase::Offline).unwrap();
+                w.set_phase(aggregated::registration(i).name.as_str(), kole_core::model::NodePhase::Offline).unwrap();
             }
         }
         for s in &mut streams {

@@ -10,14 +10,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kole_core::cache::{CacheWriter, NodeCache, StateCache, shared};
-use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodePhase, NodeRegistration, Timestamp};
+use kole_core::model::{NodePhase, Timestamp};
 use kole_kube::edgenodes::{
     EdgeNodeApiConfig, EdgeNodeServer, FrontProxyConfig, NodeSource, ServingCert, SubjectAccessReviewer,
 };
@@ -27,26 +27,6 @@ use kube::{Api, Client, Config};
 use serde_json::Value;
 
 const BASE: &str = "/apis/edge.kole.dev/v1alpha1/edgenodes";
-const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
-
-fn reg(i: usize) -> NodeRegistration {
-    NodeRegistration {
-        name: NodeName::new(format!("node-{i:05}")).unwrap(),
-        labels: Labels::from_pairs([
-            ("region", REGIONS[i % 3]),
-            ("tier", if i.is_multiple_of(10) { "gold" } else { "std" }),
-        ])
-        .unwrap(),
-        info: NodeInfo {
-            arch: if i.is_multiple_of(2) { "amd64" } else { "arm64" }.into(),
-            os: "linux-6.1".into(),
-            agent_version: "0.1.0".into(),
-            addresses: vec![IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8])],
-        },
-        applied: DesiredDigest(0),
-        workloads: vec![],
-    }
-}
 
 async fn impersonating(user: &str) -> Client {
     let path = std::env::var("KOLE_TEST_KUBECONFIG").unwrap();
@@ -81,10 +61,10 @@ async fn setup(nodes: usize) -> Fixture {
     {
         let mut w = writer.write();
         for i in 0..nodes {
-            w.register(&reg(i), 1, Timestamp::from_secs(1_700_000_000)).unwrap();
+            w.register(&common::aggregated::registration(i), 1, Timestamp::from_secs(1_700_000_000)).unwrap();
         }
         for i in (0..nodes).filter(|i| i % 7 == 0) {
-            w.set_phase(reg(i).name.as_str(), NodePhase::Offline).unwrap();
+            w.set_phase(common::aggregated::registration(i).name.as_str(), NodePhase::Offline).unwrap();
         }
     }
     let source = NodeSource::new();
@@ -174,10 +154,15 @@ async fn edgenodes_through_the_apiserver_list_select_page_get_and_watch() {
         if pages <= 3 {
             let mut w = f.writer.write();
             for i in 0..20 {
-                w.register(&reg(5_000 + churned + i), 1, Timestamp::from_secs(1_700_000_100)).unwrap();
+                w.register(
+                    &common::aggregated::registration(5_000 + churned + i),
+                    1,
+                    Timestamp::from_secs(1_700_000_100),
+                )
+                .unwrap();
             }
             for i in 0..10 {
-                w.remove(reg(churned + i).name.as_str());
+                w.remove(common::aggregated::registration(churned + i).name.as_str());
             }
             churned += 20;
         }
@@ -188,10 +173,13 @@ async fn edgenodes_through_the_apiserver_list_select_page_get_and_watch() {
     }
     let unique: BTreeSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "a node was returned twice");
-    let removed: BTreeSet<String> =
-        (0..10).chain(20..30).chain(40..50).map(|i| reg(i).name.as_str().to_owned()).collect();
+    let removed: BTreeSet<String> = (0..10)
+        .chain(20..30)
+        .chain(40..50)
+        .map(|i| common::aggregated::registration(i).name.as_str().to_owned())
+        .collect();
     for i in 0..1000 {
-        let n = reg(i).name.as_str().to_owned();
+        let n = common::aggregated::registration(i).name.as_str().to_owned();
         if !removed.contains(&n) {
             assert!(unique.contains(&n), "{n} was present throughout and never listed");
         }
@@ -199,7 +187,7 @@ async fn edgenodes_through_the_apiserver_list_select_page_get_and_watch() {
     assert!(pages >= 10, "{pages} pages");
 
     // Get one, and one that does not exist.
-    let one = get_json(c, &format!("{BASE}/node-00077")).await.unwrap();
+    let one = get_json(c, &format!("{BASE}/node-0000077")).await.unwrap();
     assert_eq!(one["kind"], "EdgeNode");
     assert_eq!(one["status"]["phase"], "Offline");
     assert_eq!(one["status"]["addresses"][0], "10.0.0.77");
@@ -230,8 +218,8 @@ async fn edgenodes_through_the_apiserver_list_select_page_get_and_watch() {
     .body(Vec::new())
     .unwrap();
     let mut lines = c.request_stream(req).await.unwrap().lines();
-    f.writer.write().set_phase("node-00502", NodePhase::Offline).unwrap(); // 502 % 3 == 1: us-east
-    f.writer.write().set_phase("node-00501", NodePhase::Offline).unwrap(); // 501 % 3 == 0: eu-west
+    f.writer.write().set_phase("node-0000502", NodePhase::Offline).unwrap(); // 502 % 3 == 1: us-east
+    f.writer.write().set_phase("node-0000501", NodePhase::Offline).unwrap(); // 501 % 3 == 0: eu-west
     let ev = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             let line = lines.next().await.expect("watch ended").expect("read");
@@ -245,7 +233,7 @@ async fn edgenodes_through_the_apiserver_list_select_page_get_and_watch() {
     .expect("no watch event within 15 s");
     assert_eq!(ev["type"], "MODIFIED", "{ev}");
     assert_eq!(
-        ev["object"]["metadata"]["name"], "node-00501",
+        ev["object"]["metadata"]["name"], "node-0000501",
         "the us-east change must not reach an eu-west watch: {ev}"
     );
     assert_eq!(ev["object"]["status"]["phase"], "Offline");

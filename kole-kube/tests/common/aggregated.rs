@@ -16,6 +16,31 @@ use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::{APIService, A
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 
+/// Regions of the synthetic fleet: node `i` is in `REGIONS[i % 3]`.
+pub const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+
+/// Node `i` of a synthetic fleet: `node-<i, 7 digits>`, its region, tier `gold` every tenth node
+/// (else `std`), `amd64` when even (else `arm64`), address `10.<i as three bytes>`.
+pub fn registration(i: usize) -> kole_core::model::NodeRegistration {
+    use kole_core::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration};
+    NodeRegistration {
+        name: NodeName::new(format!("node-{i:07}")).unwrap(),
+        labels: Labels::from_pairs([
+            ("region", REGIONS[i % 3]),
+            ("tier", if i.is_multiple_of(10) { "gold" } else { "std" }),
+        ])
+        .unwrap(),
+        info: NodeInfo {
+            arch: if i.is_multiple_of(2) { "amd64" } else { "arm64" }.into(),
+            os: "linux-6.1".into(),
+            agent_version: "0.1.0".into(),
+            addresses: vec![IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8])],
+        },
+        applied: DesiredDigest(0),
+        workloads: vec![],
+    }
+}
+
 pub const APISERVICE: &str = "v1alpha1.edge.kole.dev";
 pub const SERVICE: &str = "kole-edgenodes";
 
