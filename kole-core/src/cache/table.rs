@@ -661,6 +661,68 @@ impl NodeCache {
         Ok(HeartbeatOutcome { slot, previous, applied_changed })
     }
 
+    /// Applies a heartbeat to a slot found by [`Self::resolve_batch`] or [`Self::slot_of`] (the
+    /// engine's batch path, which needs the slot before it applies: one lookup per message).
+    #[inline]
+    pub(crate) fn heartbeat_slot(
+        &mut self,
+        slot: Slot,
+        hb: &HeartbeatUpdate,
+        now: Timestamp,
+    ) -> Result<HeartbeatOutcome, CacheError> {
+        if !self.is_live(slot) {
+            return Err(CacheError::UnknownNode);
+        }
+        self.heartbeat_at(slot, hb, now.as_secs_u32())
+    }
+
+    /// Appends the slot of each of `names`, in order (`None` for an unknown name).
+    ///
+    /// Random node order makes every lookup a handful of cache misses (index bucket, slot, name
+    /// bytes). Resolving a group in passes, each issuing independent loads for all of its members,
+    /// lets the CPU overlap those misses instead of paying them one after another.
+    pub(crate) fn resolve_batch<'a>(&self, names: impl Iterator<Item = &'a str>, out: &mut Vec<Option<Slot>>) {
+        const GROUP: usize = 16;
+        let mut names = names.peekable();
+        while names.peek().is_some() {
+            let mut group: [&str; GROUP] = [""; GROUP];
+            let mut len = 0;
+            while len < GROUP
+                && let Some(name) = names.next()
+            {
+                group[len] = name;
+                len += 1;
+            }
+            let group = &group[..len];
+            let mut hashes = [0u32; GROUP];
+            let mut cand = [u32::MAX; GROUP];
+            for (k, name) in group.iter().enumerate() {
+                hashes[k] = hash_name(name.as_bytes());
+            }
+            for k in 0..len {
+                let e = self.index.first_probe(hashes[k]);
+                if entry_hash(e) == hashes[k] {
+                    cand[k] = entry_slot(e);
+                }
+            }
+            let mut touch = 0u64;
+            for &c in &cand[..len] {
+                if let Some(n) = self.slots.get(c as usize) {
+                    touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
+                }
+            }
+            std::hint::black_box(touch);
+            for (k, name) in group.iter().enumerate() {
+                let c = cand[k];
+                out.push(if self.is_live(c) && self.name_bytes(c) == name.as_bytes() {
+                    Some(c)
+                } else {
+                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
+                });
+            }
+        }
+    }
+
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
     ///
     /// Cheap when nothing is due: the cache keeps a lower bound of the online nodes' last-seen
@@ -907,43 +969,15 @@ impl StateCache for NodeCache {
         now: Timestamp,
         out: &mut Vec<Result<HeartbeatOutcome, CacheError>>,
     ) {
-        // Random node order makes every heartbeat a handful of cache misses (index bucket, slot,
-        // name bytes). Resolving a group in passes, each issuing independent loads for all of its
-        // members, lets the CPU overlap those misses instead of paying them one after another.
-        const GROUP: usize = 16;
         let now_s = now.as_secs_u32();
+        let mut slots = Vec::with_capacity(batch.len());
+        self.resolve_batch(batch.iter().map(|hb| hb.node), &mut slots);
         out.reserve(batch.len());
-        for group in batch.chunks(GROUP) {
-            let mut hashes = [0u32; GROUP];
-            let mut cand = [u32::MAX; GROUP];
-            for (k, hb) in group.iter().enumerate() {
-                hashes[k] = hash_name(hb.node.as_bytes());
-            }
-            for k in 0..group.len() {
-                let e = self.index.first_probe(hashes[k]);
-                if entry_hash(e) == hashes[k] {
-                    cand[k] = entry_slot(e);
-                }
-            }
-            let mut touch = 0u64;
-            for &c in &cand[..group.len()] {
-                if let Some(n) = self.slots.get(c as usize) {
-                    touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
-                }
-            }
-            std::hint::black_box(touch);
-            for (k, hb) in group.iter().enumerate() {
-                let c = cand[k];
-                let slot = if self.is_live(c) && self.name_bytes(c) == hb.node.as_bytes() {
-                    Some(c)
-                } else {
-                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes())
-                };
-                out.push(match slot {
-                    Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
-                    None => Err(CacheError::UnknownNode),
-                });
-            }
+        for (hb, slot) in batch.iter().zip(slots) {
+            out.push(match slot {
+                Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
+                None => Err(CacheError::UnknownNode),
+            });
         }
     }
 

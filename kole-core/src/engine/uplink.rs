@@ -1,9 +1,9 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatIn, HeartbeatUpdate, NodeCache, Slot, StateCache};
+use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, Slot, StateCache};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
-use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode};
+use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode, UplinkKind};
 use crate::transport::{Destination, Inbound};
 
 use super::{Core, Outputs, Reject};
@@ -104,12 +104,19 @@ impl UplinkLimiter {
 
 impl Core {
     pub(super) fn uplink(&mut self, cache: &mut NodeCache, batch: &[Inbound], now: Timestamp, out: &mut Outputs) {
-        let mut start = 0;
-        // Runs of heartbeats go through the cache's batch path; anything else in between is handled
-        // in order, so a node's registration always precedes its later heartbeats.
-        let mut hb: Vec<(usize, protocol::Heartbeat)> = Vec::new();
+        // Runs of heartbeats go through the batch path; anything else in between is handled in
+        // order, so a node's registration always precedes its later heartbeats.
         let limit = self.uplink_limiter.enabled();
-        for (i, msg) in batch.iter().enumerate() {
+        let mut i = 0;
+        while i < batch.len() {
+            if batch[i].kind == UplinkKind::Heartbeat {
+                let run = batch[i..].iter().take_while(|m| m.kind == UplinkKind::Heartbeat).count();
+                self.heartbeat_run(cache, &batch[i..i + run], now, out);
+                i += run;
+                continue;
+            }
+            let msg = &batch[i];
+            i += 1;
             // Over its rate, a node's message costs one name lookup and nothing more: no decode,
             // no cache write, no catch-up, no answer (an answer per message would let it make us
             // send as fast as it sends).
@@ -121,60 +128,67 @@ impl Core {
                 continue;
             }
             match msg.decode(&self.cfg.decode_limits) {
-                Ok(Message::Heartbeat(h)) => hb.push((i, h)),
-                Ok(other) => {
-                    self.flush_heartbeats(cache, batch, &mut hb, now, out);
-                    self.handle_message(cache, msg, other, now, out);
-                }
-                Err(e) => {
-                    self.stats.decode_errors += 1;
-                    if matches!(e, protocol::DecodeError::IdentityMismatch { .. }) {
-                        self.stats.identity_mismatch += 1;
-                        self.send_register_reject(out, &msg.node, RejectCode::IdentityMismatch, e.to_string());
-                    }
-                    self.reject(out, &msg.node, e.reason(), || e.to_string());
-                }
+                // Only the heartbeat topic carries heartbeats (decoding checks the kind).
+                Ok(Message::Heartbeat(_)) => {}
+                Ok(other) => self.handle_message(cache, msg, other, now, out),
+                Err(e) => self.decode_failed(out, msg, &e),
             }
-            start = i;
         }
-        let _ = start;
-        self.flush_heartbeats(cache, batch, &mut hb, now, out);
     }
 
-    fn flush_heartbeats(
-        &mut self,
-        cache: &mut NodeCache,
-        batch: &[Inbound],
-        hbs: &mut Vec<(usize, protocol::Heartbeat)>,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
-        if hbs.is_empty() {
-            return;
+    fn decode_failed(&mut self, out: &mut Outputs, msg: &Inbound, e: &protocol::DecodeError) {
+        self.stats.decode_errors += 1;
+        if matches!(e, protocol::DecodeError::IdentityMismatch { .. }) {
+            self.stats.identity_mismatch += 1;
+            self.send_register_reject(out, &msg.node, RejectCode::IdentityMismatch, e.to_string());
         }
-        let ins: Vec<HeartbeatIn<'_>> = hbs
-            .iter()
-            .map(|(i, h)| HeartbeatIn { node: batch[*i].node.as_str(), update: HeartbeatUpdate::from(h) })
-            .collect();
-        let mut results = std::mem::take(&mut self.hb_results);
-        results.clear();
-        cache.heartbeat_batch(&ins, now, &mut results);
-        for (k, r) in results.iter().enumerate() {
-            let (i, h) = &hbs[k];
+        self.reject(out, &msg.node, e.reason(), || e.to_string());
+    }
+
+    /// A run of messages on heartbeat topics: each sender's slot is found once, in one batched
+    /// lookup, and serves the rate limit and the cache write alike. A message over its sender's
+    /// rate is counted and dropped before it is decoded.
+    fn heartbeat_run(&mut self, cache: &mut NodeCache, run: &[Inbound], now: Timestamp, out: &mut Outputs) {
+        let mut slots = std::mem::take(&mut self.hb_slots);
+        slots.clear();
+        cache.resolve_batch(run.iter().map(|m| m.node.as_str()), &mut slots);
+        let limit = self.uplink_limiter.enabled();
+        let now_ms = now.as_millis();
+        for (msg, &slot) in run.iter().zip(slots.iter()) {
+            if limit
+                && let Some(slot) = slot
+                && !self.uplink_limiter.admit(slot, now_ms)
+            {
+                self.stats.uplink_rate_limited += 1;
+                continue;
+            }
+            let h = match msg.decode(&self.cfg.decode_limits) {
+                Ok(Message::Heartbeat(h)) => h,
+                // Decoding checks the payload's kind against the topic's.
+                Ok(_) => continue,
+                Err(e) => {
+                    self.decode_failed(out, msg, &e);
+                    continue;
+                }
+            };
+            let update = HeartbeatUpdate::from(&h);
+            let r = match slot {
+                Some(slot) => cache.heartbeat_slot(slot, &update, now),
+                None => Err(CacheError::UnknownNode),
+            };
             // A status report always precedes the heartbeats of a change, so a heartbeat that changes
             // the applied digest (or follows one that did) means the report never arrived: without
             // it the workload status and the rollout's wave health would stay stale for good.
-            if let Ok(o) = r
+            if let Ok(o) = &r
                 && (o.applied_changed || (!self.unreported.is_empty() && self.unreported.contains(&o.slot)))
             {
                 self.unreported.insert(o.slot);
                 self.stats.resyncs += 1;
-                self.send_command(out, &batch[*i].node, CommandKind::Resync);
+                self.send_command(out, &msg.node, CommandKind::Resync);
             }
-            self.after_heartbeat(cache, &batch[*i].node, r, h.applied, now, out);
+            self.after_heartbeat(cache, &msg.node, &r, h.applied, now, out);
         }
-        self.hb_results = results;
-        hbs.clear();
+        self.hb_slots = slots;
     }
 
     fn after_heartbeat(
