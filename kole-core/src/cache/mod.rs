@@ -26,6 +26,7 @@ use std::ops::ControlFlow;
 pub use shared::{CacheStore, CacheWriter, shared};
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
+pub(crate) use table::RegistrationRef;
 
 use crate::model::{
     DesiredDigest, NodeHealth, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState,

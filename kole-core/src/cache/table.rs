@@ -110,6 +110,22 @@ pub struct NodeCache {
     label_by_content: FxHashMap<u64, LabelSetId>,
 }
 
+/// A registration borrowed from where it was decoded (the engine's zero-copy path): interned
+/// straight from the payload's strings, with no owned copy per node.
+///
+/// Crate-private because the cache trusts it: `labels` are valid (Kubernetes rules) and sorted
+/// strictly by key, as the protocol decoder and [`Labels`] guarantee.
+pub(crate) struct RegistrationRef<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) labels: &'a [(&'a str, &'a str)],
+    pub(crate) arch: &'a str,
+    pub(crate) os: &'a str,
+    pub(crate) agent_version: &'a str,
+    pub(crate) addresses: &'a [IpAddr],
+    pub(crate) applied: DesiredDigest,
+    pub(crate) workloads: &'a [WorkloadState],
+}
+
 /// A label set resolved against the string table, for selector evaluation.
 pub(crate) struct LabelSetView<'a> {
     pub(crate) cache: &'a NodeCache,
@@ -215,10 +231,10 @@ impl NodeCache {
     }
 
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
-    fn intern_labels(&mut self, labels: &Labels) -> LabelSetId {
+    fn intern_labels(&mut self, labels: &[(&str, &str)]) -> LabelSetId {
         // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
         // hot strings confirms it.
-        let h = content_hash(labels.iter());
+        let h = content_hash(labels.iter().copied());
         if let Some(&id) = self.label_by_content.get(&h)
             && self.label_set_is(id, labels)
         {
@@ -228,7 +244,7 @@ impl NodeCache {
         // Fast path: every string and the set itself already exist, so no refcount traffic and no
         // allocation beyond the probe key.
         let mut pairs = Vec::with_capacity(labels.len());
-        for (k, v) in labels.iter() {
+        for &(k, v) in labels {
             match (self.strings.find(k), self.strings.find(v)) {
                 (Some(k), Some(v)) => pairs.push((k, v)),
                 _ => break,
@@ -240,7 +256,7 @@ impl NodeCache {
             self.label_sets.retain(id);
             return id;
         }
-        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let pairs: LabelPairs = labels.iter().map(|&(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&pairs);
         if !new {
             for &(k, v) in pairs.iter() {
@@ -255,13 +271,13 @@ impl NodeCache {
     }
 
     /// Whether interned label set `id` holds exactly `labels`.
-    fn label_set_is(&self, id: LabelSetId, labels: &Labels) -> bool {
+    fn label_set_is(&self, id: LabelSetId, labels: &[(&str, &str)]) -> bool {
         let pairs = self.label_sets.get(id);
         pairs.len() == labels.len()
             && pairs
                 .iter()
-                .zip(labels.iter())
-                .all(|(&(k, v), (lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
+                .zip(labels)
+                .all(|(&(k, v), &(lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
     }
 
     fn init_members(&mut self, id: LabelSetId) {
@@ -287,17 +303,15 @@ impl NodeCache {
         }
     }
 
-    fn intern_platform(&mut self, info: &NodeInfo) -> PlatformId {
-        if let (Some(a), Some(o), Some(v)) = (
-            self.strings.find(info.arch.as_str()),
-            self.strings.find(info.os.as_str()),
-            self.strings.find(info.agent_version.as_str()),
-        ) && let Some(id) = self.platforms.find(&[a, o, v])
+    fn intern_platform(&mut self, arch: &str, os: &str, agent_version: &str) -> PlatformId {
+        if let (Some(a), Some(o), Some(v)) =
+            (self.strings.find(arch), self.strings.find(os), self.strings.find(agent_version))
+            && let Some(id) = self.platforms.find(&[a, o, v])
         {
             self.platforms.retain(id);
             return id;
         }
-        let triple = [self.intern_str(&info.arch), self.intern_str(&info.os), self.intern_str(&info.agent_version)];
+        let triple = [self.intern_str(arch), self.intern_str(os), self.intern_str(agent_version)];
         let (id, new) = self.platforms.acquire(&triple);
         if !new {
             triple.iter().for_each(|&s| {
@@ -506,12 +520,7 @@ impl NodeCache {
     }
 
     pub(crate) fn restore_platform(&mut self, arch: &str, os: &str, version: &str) -> PlatformId {
-        self.intern_platform(&NodeInfo {
-            arch: arch.to_owned(),
-            os: os.to_owned(),
-            agent_version: version.to_owned(),
-            addresses: Vec::new(),
-        })
+        self.intern_platform(arch, os, version)
     }
 
     pub(crate) fn restore_workload_set(&mut self, items: &[(&str, u64, u8)]) -> WorkloadSetId {
@@ -659,6 +668,85 @@ impl NodeCache {
             self.set_phase_at(slot, NodePhase::Online)
         };
         Ok(HeartbeatOutcome { slot, previous, applied_changed })
+    }
+
+    /// [`StateCache::register`] from a borrowed registration (see [`RegistrationRef`]).
+    pub(crate) fn register_ref(
+        &mut self,
+        reg: &RegistrationRef<'_>,
+        boot_id: u32,
+        now: Timestamp,
+    ) -> Result<Registered, CacheError> {
+        self.register_ref_at(reg, self.slot_of(reg.name), boot_id, now)
+    }
+
+    /// [`Self::register_ref`] when the caller already looked the name up: `known` must be
+    /// `self.slot_of(reg.name)`.
+    pub(crate) fn register_ref_at(
+        &mut self,
+        reg: &RegistrationRef<'_>,
+        known: Option<Slot>,
+        boot_id: u32,
+        now: Timestamp,
+    ) -> Result<Registered, CacheError> {
+        if reg.name.len() > usize::from(u8::MAX) {
+            return Err(CacheError::NameTooLong);
+        }
+        let now_s = now.as_secs_u32();
+        if let Some(slot) = known {
+            let old = self.slots[slot as usize];
+            let restarted = old.boot_id != 0 && old.boot_id != boot_id;
+            // Labels may change across registrations: move the slot between label sets.
+            let new_set = self.intern_labels(reg.labels);
+            if new_set != old.label_set {
+                self.leave_set(slot);
+                self.slots[slot as usize].label_set = new_set;
+                self.join_set(slot, new_set, old.phase);
+            }
+            self.release_labels(old.label_set);
+            let platform = self.intern_platform(reg.arch, reg.os, reg.agent_version);
+            self.release_platform(old.platform);
+            let workloads = self.intern_workloads(reg.workloads);
+            self.release_workloads(old.workloads);
+            let previous = self.set_phase_at(slot, NodePhase::Online);
+            let n = &mut self.slots[slot as usize];
+            n.platform = platform;
+            n.workloads = workloads;
+            n.applied = reg.applied.0;
+            // A new session: the next heartbeat says how the node is.
+            n.health = 0;
+            n.last_seen = now_s;
+            self.online_floor = self.online_floor.min(now_s);
+            if n.boot_id != boot_id {
+                n.seq = 0;
+            }
+            n.boot_id = boot_id;
+            self.store_addresses(slot, reg.addresses);
+            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
+        }
+        let label_set = self.intern_labels(reg.labels);
+        let platform = self.intern_platform(reg.arch, reg.os, reg.agent_version);
+        let workloads = self.intern_workloads(reg.workloads);
+        let slot = match self.insert_interned(
+            reg.name,
+            label_set,
+            platform,
+            workloads,
+            NodePhase::Online,
+            now_s,
+            reg.applied.0,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                self.release_labels(label_set);
+                self.release_platform(platform);
+                self.release_workloads(workloads);
+                return Err(e);
+            }
+        };
+        self.slots[slot as usize].boot_id = boot_id;
+        self.store_addresses(slot, reg.addresses);
+        Ok(Registered { slot, created: true, restarted: false, previous: None })
     }
 
     /// Applies a heartbeat to a slot found by [`Self::resolve_batch`] or [`Self::slot_of`] (the
@@ -897,64 +985,18 @@ impl StateCache for NodeCache {
     }
 
     fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
-        if reg.name.as_str().len() > usize::from(u8::MAX) {
-            return Err(CacheError::NameTooLong);
-        }
-        let now_s = now.as_secs_u32();
-        if let Some(slot) = self.slot_of(reg.name.as_str()) {
-            let old = self.slots[slot as usize];
-            let restarted = old.boot_id != 0 && old.boot_id != boot_id;
-            // Labels may change across registrations: move the slot between label sets.
-            let new_set = self.intern_labels(&reg.labels);
-            if new_set != old.label_set {
-                self.leave_set(slot);
-                self.slots[slot as usize].label_set = new_set;
-                self.join_set(slot, new_set, old.phase);
-            }
-            self.release_labels(old.label_set);
-            let platform = self.intern_platform(&reg.info);
-            self.release_platform(old.platform);
-            let workloads = self.intern_workloads(&reg.workloads);
-            self.release_workloads(old.workloads);
-            let previous = self.set_phase_at(slot, NodePhase::Online);
-            let n = &mut self.slots[slot as usize];
-            n.platform = platform;
-            n.workloads = workloads;
-            n.applied = reg.applied.0;
-            // A new session: the next heartbeat says how the node is.
-            n.health = 0;
-            n.last_seen = now_s;
-            self.online_floor = self.online_floor.min(now_s);
-            if n.boot_id != boot_id {
-                n.seq = 0;
-            }
-            n.boot_id = boot_id;
-            self.store_addresses(slot, &reg.info.addresses);
-            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
-        }
-        let label_set = self.intern_labels(&reg.labels);
-        let platform = self.intern_platform(&reg.info);
-        let workloads = self.intern_workloads(&reg.workloads);
-        let slot = match self.insert_interned(
-            reg.name.as_str(),
-            label_set,
-            platform,
-            workloads,
-            NodePhase::Online,
-            now_s,
-            reg.applied.0,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                self.release_labels(label_set);
-                self.release_platform(platform);
-                self.release_workloads(workloads);
-                return Err(e);
-            }
+        let labels: Vec<(&str, &str)> = reg.labels.iter().collect();
+        let r = RegistrationRef {
+            name: reg.name.as_str(),
+            labels: &labels,
+            arch: &reg.info.arch,
+            os: &reg.info.os,
+            agent_version: &reg.info.agent_version,
+            addresses: &reg.info.addresses,
+            applied: reg.applied,
+            workloads: &reg.workloads,
         };
-        self.slots[slot as usize].boot_id = boot_id;
-        self.store_addresses(slot, &reg.info.addresses);
-        Ok(Registered { slot, created: true, restarted: false, previous: None })
+        self.register_ref(&r, boot_id, now)
     }
 
     #[inline]

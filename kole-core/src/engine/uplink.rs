@@ -1,7 +1,7 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, Slot, StateCache};
+use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, RegistrationRef, Slot, StateCache};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
 use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode, UplinkKind};
 use crate::transport::{Destination, Inbound};
@@ -120,11 +120,22 @@ impl Core {
             // Over its rate, a node's message costs one name lookup and nothing more: no decode,
             // no cache write, no catch-up, no answer (an answer per message would let it make us
             // send as fast as it sends).
+            let register = msg.kind == UplinkKind::Register;
+            // One lookup serves the rate limit, the registration throttle and the cache write.
+            let slot = if limit || register { cache.slot_of(msg.node.as_str()) } else { None };
             if limit
-                && let Some(slot) = cache.slot_of(msg.node.as_str())
+                && let Some(slot) = slot
                 && !self.uplink_limiter.admit(slot, now.as_millis())
             {
                 self.stats.uplink_rate_limited += 1;
+                continue;
+            }
+            if register {
+                // Borrowed from the payload and interned straight into the cache: no owned copy.
+                match protocol::decode_register_view(&msg.payload, &msg.node, &self.cfg.decode_limits) {
+                    Ok(reg) => self.register(cache, msg, &reg, slot, now, out),
+                    Err(e) => self.decode_failed(out, msg, &e),
+                }
                 continue;
             }
             match msg.decode(&self.cfg.decode_limits) {
@@ -234,93 +245,8 @@ impl Core {
         out: &mut Outputs,
     ) {
         match decoded {
-            Message::Register(reg) => {
-                let boot = reg.boot_id;
-                let interval = u64::from(self.cfg.min_register_interval_ms);
-                if interval > 0
-                    && let Some(slot) = cache.slot_of(reg.name.as_str())
-                    && let Some(at) = self.recent_registrations.last(slot)
-                    && now.as_millis() < at.saturating_add(interval)
-                {
-                    // A node registering in a loop costs a cache update and maybe a full desired
-                    // state each time: tell it when to come back instead.
-                    self.stats.registrations_throttled += 1;
-                    let left = at.saturating_add(interval) - now.as_millis();
-                    let ack = RegisterAck {
-                        boot_id: boot,
-                        outcome: RegisterOutcome::Rejected {
-                            code: RejectCode::Overloaded,
-                            message: format!(
-                                "registered again within {interval} ms of the last registration; retry after {left} ms"
-                            ),
-                            retry_after_ms: u32::try_from(left).unwrap_or(u32::MAX),
-                        },
-                        heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                        groups: Vec::new(),
-                        desired: DesiredDigest::EMPTY,
-                    };
-                    self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
-                    self.reject(out, &msg.node, "register_throttled", || {
-                        format!("registration {left} ms too soon after the previous one")
-                    });
-                    return;
-                }
-                let (registration, _) = reg.into_registration();
-                match cache.register(&registration, boot, now) {
-                    Ok(r) => {
-                        self.recent_registrations.push(r.slot, now.as_millis());
-                        if r.created {
-                            self.stats.registered_new += 1;
-                        } else {
-                            self.stats.registered_known += 1;
-                        }
-                        if r.restarted {
-                            self.stats.restarts += 1;
-                        }
-                        if !self.unreported.is_empty() {
-                            self.unreported.remove(&r.slot);
-                        }
-                        // A registration carries no reasons: the node's next report brings them.
-                        self.forget_failures(r.slot);
-                        let desired = self.desired(cache, r.slot);
-                        let ack = RegisterAck {
-                            boot_id: boot,
-                            outcome: RegisterOutcome::Accepted,
-                            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                            groups: {
-                                let set = cache.label_set_of(r.slot);
-                                self.groups_of_set(cache, set, &registration.labels)
-                            },
-                            desired,
-                        };
-                        self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
-                        // A node given its grace (or sent its catch-up) less than
-                        // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
-                        // re-registering with a new boot id must not buy another desired state.
-                        // The pending entry outlives the node's convergence for the same reason.
-                        let now_s = now.as_secs_u32();
-                        let held = self.pending.get(&r.slot).is_some_and(|&deadline| now_s < deadline);
-                        if registration.applied != desired && !held {
-                            // Retained specs reach the node as it subscribes; per-node workloads
-                            // can only come from us.
-                            let per_node = self
-                                .desired_set(cache, r.slot)
-                                .iter()
-                                .any(|w| w.delivery == crate::model::DeliveryMode::PerNode);
-                            if per_node {
-                                self.send_catchup(cache, r.slot, desired, out);
-                            }
-                            let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
-                            self.pending.insert(r.slot, now_s.saturating_add(grace_s));
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.register_rejected += 1;
-                        self.send_register_reject(out, &msg.node, RejectCode::Invalid, e.to_string());
-                        self.reject(out, &msg.node, "register_rejected", || e.to_string());
-                    }
-                }
-            }
+            // Registrations are decoded borrowed and handled by `register`.
+            Message::Register(_) => {}
             Message::StatusReport(s) => {
                 let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied, health: None };
                 let r = cache.heartbeat(msg.node.as_str(), &update, now);
@@ -342,6 +268,111 @@ impl Core {
             | Message::WorkloadRemoved(_)
             | Message::DesiredState(_)
             | Message::Command(_) => {}
+        }
+    }
+
+    fn register(
+        &mut self,
+        cache: &mut NodeCache,
+        msg: &Inbound,
+        reg: &protocol::RegisterView<'_>,
+        known: Option<Slot>,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let registration = RegistrationRef {
+            name: reg.name,
+            labels: &reg.labels,
+            arch: reg.arch,
+            os: reg.os,
+            agent_version: reg.agent_version,
+            addresses: &reg.addresses,
+            applied: reg.applied,
+            workloads: &reg.workloads,
+        };
+        let boot = reg.boot_id;
+        let interval = u64::from(self.cfg.min_register_interval_ms);
+        if interval > 0
+            && let Some(slot) = known
+            && let Some(at) = self.recent_registrations.last(slot)
+            && now.as_millis() < at.saturating_add(interval)
+        {
+            // A node registering in a loop costs a cache update and maybe a full desired
+            // state each time: tell it when to come back instead.
+            self.stats.registrations_throttled += 1;
+            let left = at.saturating_add(interval) - now.as_millis();
+            let ack = RegisterAck {
+                boot_id: boot,
+                outcome: RegisterOutcome::Rejected {
+                    code: RejectCode::Overloaded,
+                    message: format!(
+                        "registered again within {interval} ms of the last registration; retry after {left} ms"
+                    ),
+                    retry_after_ms: u32::try_from(left).unwrap_or(u32::MAX),
+                },
+                heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                groups: Vec::new(),
+                desired: DesiredDigest::EMPTY,
+            };
+            self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+            self.reject(out, &msg.node, "register_throttled", || {
+                format!("registration {left} ms too soon after the previous one")
+            });
+            return;
+        }
+                match cache.register_ref_at(&registration, known, boot, now) {
+            Ok(r) => {
+                self.recent_registrations.push(r.slot, now.as_millis());
+                if r.created {
+                    self.stats.registered_new += 1;
+                } else {
+                    self.stats.registered_known += 1;
+                }
+                if r.restarted {
+                    self.stats.restarts += 1;
+                }
+                if !self.unreported.is_empty() {
+                    self.unreported.remove(&r.slot);
+                }
+                // A registration carries no reasons: the node's next report brings them.
+                self.forget_failures(r.slot);
+                let desired = self.desired(cache, r.slot);
+                let ack = RegisterAck {
+                    boot_id: boot,
+                    outcome: RegisterOutcome::Accepted,
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                    groups: {
+                        let set = cache.label_set_of(r.slot);
+                        self.groups_of_set(cache, set)
+                    },
+                    desired,
+                };
+                self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+                // A node given its grace (or sent its catch-up) less than
+                // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
+                // re-registering with a new boot id must not buy another desired state.
+                // The pending entry outlives the node's convergence for the same reason.
+                let now_s = now.as_secs_u32();
+                let held = self.pending.get(&r.slot).is_some_and(|&deadline| now_s < deadline);
+                if registration.applied != desired && !held {
+                    // Retained specs reach the node as it subscribes; per-node workloads
+                    // can only come from us.
+                    let per_node = self
+                        .desired_set(cache, r.slot)
+                        .iter()
+                        .any(|w| w.delivery == crate::model::DeliveryMode::PerNode);
+                    if per_node {
+                        self.send_catchup(cache, r.slot, desired, out);
+                    }
+                    let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
+                    self.pending.insert(r.slot, now_s.saturating_add(grace_s));
+                }
+            }
+            Err(e) => {
+                self.stats.register_rejected += 1;
+                self.send_register_reject(out, &msg.node, RejectCode::Invalid, e.to_string());
+                self.reject(out, &msg.node, "register_rejected", || e.to_string());
+            }
         }
     }
 

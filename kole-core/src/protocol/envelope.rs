@@ -20,7 +20,7 @@ use crate::model::NodeName;
 use super::address::UplinkKind;
 use super::error::DecodeError;
 use super::limits::DecodeLimits;
-use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef};
+use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef, RegisterView};
 use super::wire;
 
 /// Length of the envelope header (version and kind bytes).
@@ -136,4 +136,32 @@ pub fn decode_from_node(
         return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed: reg.name.clone() });
     }
     Ok(msg)
+}
+
+/// [`decode_from_node`] for a message on `node`'s registration topic, decoded without copying its
+/// strings: the same checks, the same errors, a [`RegisterView`] borrowing `bytes` instead of an
+/// owned [`Register`](super::Register). The controller's registration path.
+pub fn decode_register_view<'a>(
+    bytes: &'a [u8],
+    node: &NodeName,
+    limits: &DecodeLimits,
+) -> Result<RegisterView<'a>, DecodeError> {
+    let (_, kind) = header(bytes, limits)?;
+    if kind.direction() != Direction::Uplink {
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
+    }
+    if kind.uplink() != Some(UplinkKind::Register) {
+        return Err(DecodeError::TopicKindMismatch { topic: UplinkKind::Register, payload: kind });
+    }
+    let reg = wire::decode_register_view(&bytes[HEADER_LEN..], limits)?;
+    if reg.name != node.as_str() {
+        // Both names are valid here; the error carries them as the owned decoder's does.
+        let claimed = NodeName::new(reg.name).map_err(|source| DecodeError::InvalidField {
+            kind: MessageKind::Register,
+            field: "name",
+            source,
+        })?;
+        return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed });
+    }
+    Ok(reg)
 }
