@@ -24,9 +24,9 @@ mod tests;
 use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
+pub(crate) use table::RegistrationRef;
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
-pub(crate) use table::RegistrationRef;
 
 use crate::model::{
     DesiredDigest, NodeHealth, NodeName, NodePhase, NodeRecord, NodeRegistration, Selector, Timestamp, WorkloadState,

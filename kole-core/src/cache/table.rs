@@ -124,6 +124,8 @@ pub(crate) struct RegistrationRef<'a> {
     pub(crate) addresses: &'a [IpAddr],
     pub(crate) applied: DesiredDigest,
     pub(crate) workloads: &'a [WorkloadState],
+    /// The interned set equal to `labels`, when the caller found it ([`NodeCache::find_label_set`]).
+    pub(crate) label_set: Option<LabelSetId>,
 }
 
 /// A label set resolved against the string table, for selector evaluation.
@@ -230,6 +232,17 @@ impl NodeCache {
         }
     }
 
+    /// [`Self::intern_labels`], trusting the registration's `label_set` when it names one.
+    fn intern_labels_hinted(&mut self, reg: &RegistrationRef<'_>) -> LabelSetId {
+        match reg.label_set {
+            Some(id) => {
+                self.label_sets.retain(id);
+                id
+            }
+            None => self.intern_labels(reg.labels),
+        }
+    }
+
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
     fn intern_labels(&mut self, labels: &[(&str, &str)]) -> LabelSetId {
         // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
@@ -268,6 +281,12 @@ impl NodeCache {
             self.label_by_content.entry(h).or_insert(id);
         }
         id
+    }
+
+    /// The interned label set holding exactly `labels` (sorted by key), if any.
+    pub(crate) fn find_label_set(&self, labels: &[(&str, &str)]) -> Option<LabelSetId> {
+        let h = content_hash(labels.iter().copied());
+        self.label_by_content.get(&h).copied().filter(|&id| self.label_set_is(id, labels))
     }
 
     /// Whether interned label set `id` holds exactly `labels`.
@@ -697,7 +716,7 @@ impl NodeCache {
             let old = self.slots[slot as usize];
             let restarted = old.boot_id != 0 && old.boot_id != boot_id;
             // Labels may change across registrations: move the slot between label sets.
-            let new_set = self.intern_labels(reg.labels);
+            let new_set = self.intern_labels_hinted(reg);
             if new_set != old.label_set {
                 self.leave_set(slot);
                 self.slots[slot as usize].label_set = new_set;
@@ -724,7 +743,7 @@ impl NodeCache {
             self.store_addresses(slot, reg.addresses);
             return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
         }
-        let label_set = self.intern_labels(reg.labels);
+        let label_set = self.intern_labels_hinted(reg);
         let platform = self.intern_platform(reg.arch, reg.os, reg.agent_version);
         let workloads = self.intern_workloads(reg.workloads);
         let slot = match self.insert_interned(
@@ -747,6 +766,13 @@ impl NodeCache {
         self.slots[slot as usize].boot_id = boot_id;
         self.store_addresses(slot, reg.addresses);
         Ok(Registered { slot, created: true, restarted: false, previous: None })
+    }
+
+    /// [`StateCache::report_workloads`] for a live slot already looked up.
+    pub(crate) fn report_workloads_at(&mut self, slot: Slot, states: &[WorkloadState]) {
+        let id = self.intern_workloads(states);
+        let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
+        self.release_workloads(old);
     }
 
     /// Applies a heartbeat to a slot found by [`Self::resolve_batch`] or [`Self::slot_of`] (the
@@ -995,6 +1021,7 @@ impl StateCache for NodeCache {
             addresses: &reg.info.addresses,
             applied: reg.applied,
             workloads: &reg.workloads,
+            label_set: None,
         };
         self.register_ref(&r, boot_id, now)
     }
@@ -1025,9 +1052,7 @@ impl StateCache for NodeCache {
 
     fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
-        let id = self.intern_workloads(states);
-        let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
-        self.release_workloads(old);
+        self.report_workloads_at(slot, states);
         Ok(slot)
     }
 

@@ -1,7 +1,7 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, RegistrationRef, Slot, StateCache};
+use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, RegistrationRef, Slot};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
 use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode, UplinkKind};
 use crate::transport::{Destination, Inbound};
@@ -121,8 +121,8 @@ impl Core {
             // no cache write, no catch-up, no answer (an answer per message would let it make us
             // send as fast as it sends).
             let register = msg.kind == UplinkKind::Register;
-            // One lookup serves the rate limit, the registration throttle and the cache write.
-            let slot = if limit || register { cache.slot_of(msg.node.as_str()) } else { None };
+            // One lookup serves the rate limit and the cache write (and a registration's throttle).
+            let slot = cache.slot_of(msg.node.as_str());
             if limit
                 && let Some(slot) = slot
                 && !self.uplink_limiter.admit(slot, now.as_millis())
@@ -132,8 +132,20 @@ impl Core {
             }
             if register {
                 // Borrowed from the payload and interned straight into the cache: no owned copy.
-                match protocol::decode_register_view(&msg.payload, &msg.node, &self.cfg.decode_limits) {
-                    Ok(reg) => self.register(cache, msg, &reg, slot, now, out),
+                // A label set the cache holds passed the label rules when it was first registered:
+                // it is found (and later interned) by one hash and compared, not checked again.
+                let mut set = None;
+                let decoded = protocol::decode_register_view_with(
+                    &msg.payload,
+                    &msg.node,
+                    &self.cfg.decode_limits,
+                    &mut |pairs| {
+                        set = cache.find_label_set(pairs);
+                        set.is_some()
+                    },
+                );
+                match decoded {
+                    Ok(reg) => self.register(cache, msg, &reg, slot, set, now, out),
                     Err(e) => self.decode_failed(out, msg, &e),
                 }
                 continue;
@@ -141,7 +153,7 @@ impl Core {
             match msg.decode(&self.cfg.decode_limits) {
                 // Only the heartbeat topic carries heartbeats (decoding checks the kind).
                 Ok(Message::Heartbeat(_)) => {}
-                Ok(other) => self.handle_message(cache, msg, other, now, out),
+                Ok(other) => self.handle_message(cache, msg, slot, other, now, out),
                 Err(e) => self.decode_failed(out, msg, &e),
             }
         }
@@ -240,6 +252,7 @@ impl Core {
         &mut self,
         cache: &mut NodeCache,
         msg: &Inbound,
+        known: Option<Slot>,
         decoded: Message,
         now: Timestamp,
         out: &mut Outputs,
@@ -249,14 +262,16 @@ impl Core {
             Message::Register(_) => {}
             Message::StatusReport(s) => {
                 let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied, health: None };
-                let r = cache.heartbeat(msg.node.as_str(), &update, now);
+                let r = match known {
+                    Some(slot) => cache.heartbeat_slot(slot, &update, now),
+                    None => Err(CacheError::UnknownNode),
+                };
                 if let Ok(o) = &r {
                     if !self.unreported.is_empty() {
                         self.unreported.remove(&o.slot);
                     }
                     self.stats.status_reports += 1;
-                    // The node is known (the heartbeat was accepted), so this cannot fail.
-                    let _ = cache.report_workloads(msg.node.as_str(), &s.workloads);
+                    cache.report_workloads_at(o.slot, &s.workloads);
                     self.record_failures(o.slot, &s);
                 }
                 self.after_heartbeat(cache, &msg.node, &r, s.applied, now, out);
@@ -277,6 +292,7 @@ impl Core {
         msg: &Inbound,
         reg: &protocol::RegisterView<'_>,
         known: Option<Slot>,
+        label_set: Option<u32>,
         now: Timestamp,
         out: &mut Outputs,
     ) {
@@ -289,6 +305,7 @@ impl Core {
             addresses: &reg.addresses,
             applied: reg.applied,
             workloads: &reg.workloads,
+            label_set,
         };
         let boot = reg.boot_id;
         let interval = u64::from(self.cfg.min_register_interval_ms);
@@ -320,7 +337,7 @@ impl Core {
             });
             return;
         }
-                match cache.register_ref_at(&registration, known, boot, now) {
+        match cache.register_ref_at(&registration, known, boot, now) {
             Ok(r) => {
                 self.recent_registrations.push(r.slot, now.as_millis());
                 if r.created {

@@ -61,9 +61,17 @@ pub struct GroupNameError {
 ///
 /// Same rules as [`NodeName`] (1 to 128 bytes of `[A-Za-z0-9._-]`, starting and ending with a
 /// letter or digit), so a group name is always exactly one address level.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct GroupName(String);
+///
+/// The text is shared (`Arc<str>`): the controller hands the same groups to every node of a label
+/// set, so a clone costs a reference count, not an allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupName(std::sync::Arc<str>);
+
+impl Serialize for GroupName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl GroupName {
     /// Validates `name` and wraps it.
@@ -76,7 +84,7 @@ impl GroupName {
             };
             GroupNameError { name: truncate_for_error(&name), reason }
         })?;
-        Ok(Self(name))
+        Ok(Self(name.into()))
     }
 
     /// The name as a string slice.

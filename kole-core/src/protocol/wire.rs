@@ -14,8 +14,8 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DeliveryMode, DesiredDigest, FailureThreshold, Labels, Requirement, RequirementOp,
-    RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
+    DeliveryMode, DesiredDigest, FailureThreshold, Labels, Requirement, RequirementOp, RolloutStrategy, Selector,
+    ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 use super::address::GroupName;
@@ -561,10 +561,18 @@ pub(super) fn decode_body(
     }
 }
 
+/// Says whether a label set (sorted, unique keys, within limits) is one the caller already holds
+/// validated, so its strings need not be checked against the label rules again.
+pub(super) type KnownLabels<'k> = &'k mut dyn FnMut(&[(&str, &str)]) -> bool;
+
 /// Decodes a registration body borrowing its strings (see [`RegisterView`]).
-pub(super) fn decode_register_view<'a>(body: &'a [u8], limits: &DecodeLimits) -> Result<RegisterView<'a>, DecodeError> {
+pub(super) fn decode_register_view<'a>(
+    body: &'a [u8],
+    limits: &DecodeLimits,
+    known: KnownLabels<'_>,
+) -> Result<RegisterView<'a>, DecodeError> {
     let cx = Check { kind: MessageKind::Register, limits };
-    cx.register_view(cx.parse(body)?)
+    cx.register_view(cx.parse(body)?, known)
 }
 
 /// Limit and rule checks, with the message kind for error context.
@@ -660,7 +668,7 @@ impl Check<'_> {
 
     /// Checks a label set as [`Labels`] would take it, in the same order: limits, key order, then
     /// each key and value by Kubernetes' rules.
-    fn label_pairs(&self, pairs: &[(&str, &str)]) -> Result<(), DecodeError> {
+    fn label_pairs(&self, pairs: &[(&str, &str)], known: KnownLabels<'_>) -> Result<(), DecodeError> {
         self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
         for (k, v) in pairs {
             self.count(Limit::StringLen, k.len().max(v.len()), self.limits.max_string_len)?;
@@ -672,6 +680,11 @@ impl Check<'_> {
                 reason: "duplicate or out of order (keys must be sorted and unique)",
             }));
         }
+        // The rules hold for a set the caller already holds validated (they depend on the
+        // strings alone, not on limits): only an unknown set is checked string by string.
+        if known(pairs) {
+            return Ok(());
+        }
         for &(k, v) in pairs {
             crate::model::validate_label_key(k).map_err(self.invalid("labels"))?;
             crate::model::validate_label_value(v).map_err(self.invalid("labels"))?;
@@ -682,14 +695,14 @@ impl Check<'_> {
     fn register(&self, m: RegisterIn<'_>) -> Result<Register, DecodeError> {
         // The owned message is the borrowed one copied: one set of checks, so the two decoders
         // cannot disagree.
-        self.register_view(m)?.to_register().map_err(self.invalid("registration"))
+        self.register_view(m, &mut |_| false)?.to_register().map_err(self.invalid("registration"))
     }
 
-    fn register_view<'a>(&self, m: RegisterIn<'a>) -> Result<RegisterView<'a>, DecodeError> {
+    fn register_view<'a>(&self, m: RegisterIn<'a>, known: KnownLabels<'_>) -> Result<RegisterView<'a>, DecodeError> {
         self.count(Limit::Addresses, m.info.addresses.len(), self.limits.max_addresses)?;
         self.count(Limit::StringLen, m.name.len(), self.limits.max_string_len)?;
         crate::model::validate_node_name(m.name).map_err(self.invalid("name"))?;
-        self.label_pairs(&m.labels)?;
+        self.label_pairs(&m.labels, known)?;
         for s in [m.info.arch, m.info.os, m.info.agent_version] {
             self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
         }
