@@ -102,6 +102,13 @@ impl UplinkLimiter {
     }
 }
 
+/// What the uplink loop already looked up for a registration: the sender's slot (`slot_of` of its
+/// name) and the interned set equal to its labels.
+struct Found {
+    slot: Option<Slot>,
+    label_set: Option<u32>,
+}
+
 impl Core {
     pub(super) fn uplink(&mut self, cache: &mut NodeCache, batch: &[Inbound], now: Timestamp, out: &mut Outputs) {
         // Runs of heartbeats go through the batch path; anything else in between is handled in
@@ -145,7 +152,7 @@ impl Core {
                     },
                 );
                 match decoded {
-                    Ok(reg) => self.register(cache, msg, &reg, slot, set, now, out),
+                    Ok(reg) => self.register(cache, msg, &reg, Found { slot, label_set: set }, now, out),
                     Err(e) => self.decode_failed(out, msg, &e),
                 }
                 continue;
@@ -291,8 +298,7 @@ impl Core {
         cache: &mut NodeCache,
         msg: &Inbound,
         reg: &protocol::RegisterView<'_>,
-        known: Option<Slot>,
-        label_set: Option<u32>,
+        found: Found,
         now: Timestamp,
         out: &mut Outputs,
     ) {
@@ -305,8 +311,9 @@ impl Core {
             addresses: &reg.addresses,
             applied: reg.applied,
             workloads: &reg.workloads,
-            label_set,
+            label_set: found.label_set,
         };
+        let known = found.slot;
         let boot = reg.boot_id;
         let interval = u64::from(self.cfg.min_register_interval_ms);
         if interval > 0

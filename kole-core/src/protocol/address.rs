@@ -75,14 +75,15 @@ impl Serialize for GroupName {
 
 impl GroupName {
     /// Validates `name` and wraps it.
-    pub fn new(name: impl Into<String>) -> Result<Self, GroupNameError> {
-        let name = name.into();
-        validate_node_name(&name).map_err(|e| {
+    pub fn new(name: impl AsRef<str>) -> Result<Self, GroupNameError> {
+        // Borrowed, so a decoder's `&str` becomes the shared text in one allocation.
+        let name = name.as_ref();
+        validate_node_name(name).map_err(|e| {
             let reason = match e {
                 ValidationError::NodeName { reason, .. } => reason,
                 _ => "invalid",
             };
-            GroupNameError { name: truncate_for_error(&name), reason }
+            GroupNameError { name: truncate_for_error(name), reason }
         })?;
         Ok(Self(name.into()))
     }

@@ -182,7 +182,7 @@ pub fn decode_register_view_with<'a>(
     bytes: &'a [u8],
     node: &NodeName,
     limits: &DecodeLimits,
-    known: &mut dyn FnMut(&[(&str, &str)]) -> bool,
+    known: wire::KnownLabels<'_>,
 ) -> Result<RegisterView<'a>, DecodeError> {
     let (_, kind) = header(bytes, limits)?;
     if kind.direction() != Direction::Uplink {

@@ -43,3 +43,4 @@ pub use messages::{
     NodeHealth, PROTOCOL_VERSION, REASONS_VERSION, Register, RegisterAck, RegisterOutcome, RegisterRef, RegisterView,
     RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
+pub use wire::KnownLabels;

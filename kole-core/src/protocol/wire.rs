@@ -562,8 +562,9 @@ pub(super) fn decode_body(
 }
 
 /// Says whether a label set (sorted, unique keys, within limits) is one the caller already holds
-/// validated, so its strings need not be checked against the label rules again.
-pub(super) type KnownLabels<'k> = &'k mut dyn FnMut(&[(&str, &str)]) -> bool;
+/// validated, so its strings need not be checked against the label rules again (see
+/// [`decode_register_view_with`](super::decode_register_view_with)).
+pub type KnownLabels<'k> = &'k mut dyn FnMut(&[(&str, &str)]) -> bool;
 
 /// Decodes a registration body borrowing its strings (see [`RegisterView`]).
 pub(super) fn decode_register_view<'a>(
