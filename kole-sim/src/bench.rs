@@ -190,6 +190,7 @@ fn run_engine_phases(cfg: &BenchConfig, fig: &mut Figures, progress: &mut dyn Fn
         rollout: RolloutStrategy::default(),
     };
     let sent_before = sim.stats().engine_messages;
+    let (wakeups, uplink, vt) = (sim.stats().wakeups, sim.stats().uplink, sim.now().as_millis());
     let t = Instant::now();
     sim.command(&WorkloadCommand::Apply { workload: workload.clone(), progress: None });
     if !sim.run_until_rolled_out(&workload.id, 10 * interval) {
@@ -197,6 +198,9 @@ fn run_engine_phases(cfg: &BenchConfig, fig: &mut Figures, progress: &mut dyn Fn
     }
     fig.float("distribute_s", t.elapsed().as_secs_f64());
     fig.int("distribute_controller_messages", sim.stats().engine_messages - sent_before);
+    fig.int("distribute_agent_wakeups", sim.stats().wakeups - wakeups);
+    fig.int("distribute_uplink_messages", sim.stats().uplink - uplink);
+    fig.int("distribute_virtual_ms", sim.now().as_millis() - vt);
     let targeted = sim.engine_mut().workload_status(&workload.id).map_or(0, |s| s.targeted);
     fig.int("distribute_targeted", u64::from(targeted));
 

@@ -101,9 +101,8 @@ pub struct Simulation {
     agents: Vec<Agent>,
     persisted: Vec<Option<PersistedState>>,
     runtime: RecordingRuntime,
-    /// Agent wake-ups by virtual millisecond: a calendar, not a heap, because a million timers
-    /// spread over an interval share milliseconds and a heap's sift is a cache miss per level.
-    wakes: BTreeMap<u64, Vec<u32>>,
+    /// Agent wake-ups by virtual millisecond (see [`Calendar`]).
+    wakes: Calendar,
     wake_at: Vec<u64>,
     now_ms: u64,
     next_tick_ms: u64,
@@ -115,6 +114,117 @@ pub struct Simulation {
 }
 
 const NEVER: u64 = u64::MAX;
+
+/// Milliseconds the calendar's ring covers ahead of its earliest bucket (a power of two).
+const RING_MS: u64 = 1 << 16;
+
+/// Agent wake-ups by virtual millisecond: a calendar, not a heap, because a million timers spread
+/// over an interval share milliseconds and a heap's sift is a cache miss per level. The next
+/// [`RING_MS`] milliseconds are a ring of per-millisecond buckets (a bitmap finds the next
+/// non-empty one, and a drained bucket's memory is reused), so the common case, a heartbeat or a
+/// retry due within a minute, costs a push; later times go to a B-tree.
+struct Calendar {
+    /// No wake-up is due before this; the ring holds times in `[cursor, cursor + RING_MS)`.
+    cursor: u64,
+    ring: Vec<Vec<u32>>,
+    /// One bit per ring bucket: whether it holds anything.
+    bits: Vec<u64>,
+    far: BTreeMap<u64, Vec<u32>>,
+    spare: Vec<Vec<u32>>,
+}
+
+impl Calendar {
+    fn new() -> Self {
+        Self {
+            cursor: 0,
+            ring: (0..RING_MS).map(|_| Vec::new()).collect(),
+            bits: vec![0; (RING_MS / 64) as usize],
+            far: BTreeMap::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Files `id` under `at` (or, when `at` is before every bucket still open, under the earliest,
+    /// which is due now); returns the time it was filed under.
+    fn push(&mut self, at: u64, id: u32) -> u64 {
+        let at = at.max(self.cursor);
+        if at - self.cursor < RING_MS {
+            let i = (at % RING_MS) as usize;
+            if self.ring[i].is_empty() {
+                if let Some(v) = self.spare.pop() {
+                    self.ring[i] = v;
+                }
+                self.bits[i / 64] |= 1 << (i % 64);
+            }
+            self.ring[i].push(id);
+        } else {
+            self.far.entry(at).or_default().push(id);
+        }
+        at
+    }
+
+    /// The earliest time with a wake-up filed.
+    fn first(&self) -> Option<u64> {
+        let ring = self.ring_first();
+        let far = self.far.first_key_value().map(|(&t, _)| t);
+        match (ring, far) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn ring_first(&self) -> Option<u64> {
+        let words = self.bits.len();
+        let start = (self.cursor % RING_MS) as usize;
+        let (w0, b0) = (start / 64, start % 64);
+        // The first word from the cursor's bit on, then whole words around the ring, then the
+        // first word's bits before the cursor's (the ring's far end).
+        let first = self.bits[w0] & (!0u64 << b0);
+        let found = if first != 0 {
+            Some(w0 * 64 + first.trailing_zeros() as usize)
+        } else {
+            (1..words).find_map(|k| {
+                let w = (w0 + k) % words;
+                (self.bits[w] != 0).then(|| w * 64 + self.bits[w].trailing_zeros() as usize)
+            })
+        };
+        let found = found.or_else(|| {
+            let low = self.bits[w0] & !(!0u64 << b0);
+            (low != 0).then(|| w0 * 64 + low.trailing_zeros() as usize)
+        })?;
+        let offset = (found + RING_MS as usize - start) % RING_MS as usize;
+        Some(self.cursor + offset as u64)
+    }
+
+    /// The earliest time with wake-ups, if it is at most `now`, and its wake-ups (hand the list
+    /// back with [`Calendar::recycle`]).
+    fn pop_due(&mut self, now: u64) -> Option<(u64, Vec<u32>)> {
+        let t = self.first().filter(|&t| t <= now)?;
+        self.cursor = t;
+        let i = (t % RING_MS) as usize;
+        let mut due = if self.bits[i / 64] & (1 << (i % 64)) != 0 {
+            self.bits[i / 64] &= !(1 << (i % 64));
+            std::mem::take(&mut self.ring[i])
+        } else {
+            Vec::new()
+        };
+        if self.far.first_key_value().is_some_and(|(&f, _)| f == t)
+            && let Some(mut more) = self.far.remove(&t)
+        {
+            due.append(&mut more);
+        }
+        Some((t, due))
+    }
+
+    /// Returns a drained list's memory for reuse.
+    fn recycle(&mut self, mut v: Vec<u32>) {
+        // Keep enough lists for every bucket a busy second refills; drop the rest.
+        if self.spare.len() < 4096 && v.capacity() > 0 {
+            v.clear();
+            self.spare.push(v);
+        }
+    }
+}
 
 /// One agent per node of `fleet`, in node order, sharing label sets and platforms (a million nodes
 /// carry a few thousand label sets and a few hundred platforms). Addresses are per node; the
@@ -143,7 +253,9 @@ impl Simulation {
     pub fn new(cfg: SimConfig) -> Self {
         let fleet = ReferenceFleet::new(cfg.nodes, cfg.seed);
         let mut net = SimNetwork::with_capacity(cfg.plan, cfg.nodes);
-        let agents = reference_agents(&fleet, Arc::new(cfg.agent.clone()));
+        // Agents whose state is not kept need not build it on every change.
+        let agent_cfg = AgentConfig { persist: cfg.agent.persist && cfg.keep_agent_state, ..cfg.agent.clone() };
+        let agents = reference_agents(&fleet, Arc::new(agent_cfg));
         for a in &agents {
             // Names are unique by construction, so adding cannot fail.
             let _ = net.add_node(a.name().clone());
@@ -162,7 +274,7 @@ impl Simulation {
             engine,
             agents,
             runtime: RecordingRuntime::instant(),
-            wakes: BTreeMap::new(),
+            wakes: Calendar::new(),
             now_ms,
             out: Outputs::default(),
             aout: AgentOutputs::default(),
@@ -310,8 +422,9 @@ impl Simulation {
         if let Some(at) = self.aout.next_wake {
             let at = at.as_millis();
             if at != self.wake_at[i] {
-                self.wake_at[i] = at;
-                self.wakes.entry(at).or_default().push(node.0);
+                // The calendar may move a time already past to its earliest bucket: remember the
+                // bucket, so the entry is recognised when it comes due.
+                self.wake_at[i] = self.wakes.push(at, node.0);
             }
         }
     }
@@ -332,13 +445,8 @@ impl Simulation {
     fn pump(&mut self) {
         loop {
             let mut progress = false;
-            while let Some(entry) = self.wakes.first_entry() {
-                let at = *entry.key();
-                if at > self.now_ms {
-                    break;
-                }
-                let due = entry.remove();
-                for id in due {
+            while let Some((at, due)) = self.wakes.pop_due(self.now_ms) {
+                for &id in &due {
                     if self.wake_at[id as usize] == at {
                         self.wake_at[id as usize] = NEVER;
                         self.stats.wakeups += 1;
@@ -346,6 +454,7 @@ impl Simulation {
                         progress = true;
                     }
                 }
+                self.wakes.recycle(due);
             }
             loop {
                 let batch = self.net.take_uplink(self.now(), self.cfg.uplink_batch);
@@ -396,7 +505,7 @@ impl Simulation {
             if let Some(t) = self.net.next_due() {
                 next = next.min(t.as_millis());
             }
-            if let Some((&t, _)) = self.wakes.first_key_value() {
+            if let Some(t) = self.wakes.first() {
                 next = next.min(t);
             }
             if next > deadline {

@@ -38,6 +38,10 @@ pub struct AgentConfig {
     /// decoded without verification. Pre-decoded inputs ([`AgentInput::Message`],
     /// [`AgentInput::SharedSpec`]) are never verified: they are for callers that decode themselves.
     pub trust: Option<Arc<crate::protocol::seal::TrustedKeys>>,
+    /// Whether a change of the desired set fills [`AgentOutputs::persist`]. Default true; a
+    /// simulator that keeps no agent state turns it off rather than build and drop a copy of every
+    /// agent's desired set on every change.
+    pub persist: bool,
 }
 
 impl Default for AgentConfig {
@@ -49,6 +53,7 @@ impl Default for AgentConfig {
             decode_limits: DecodeLimits::default(),
             max_controller_delay_ms: 900_000,
             trust: None,
+            persist: true,
         }
     }
 }

@@ -717,7 +717,9 @@ impl Agent {
     fn changed(&mut self, out: &mut AgentOutputs) {
         self.applied = DesiredDigest::of_workloads(self.workloads.iter().map(|s| &*s.workload));
         self.flags |= STATUS_DIRTY;
-        out.persist = Some(self.persisted_state());
+        if self.config.persist {
+            out.persist = Some(self.persisted_state());
+        }
     }
 
     fn command(&mut self, c: &Command, now: Timestamp, runtime: &mut dyn WorkloadRuntime, out: &mut AgentOutputs) {

@@ -25,6 +25,7 @@ mod watch_keys;
 use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
+pub(crate) use table::RegistrationRef;
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
 pub use watch_keys::WatchKey;

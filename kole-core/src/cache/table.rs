@@ -110,6 +110,24 @@ pub struct NodeCache {
     label_by_content: FxHashMap<u64, LabelSetId>,
 }
 
+/// A registration borrowed from where it was decoded (the engine's zero-copy path): interned
+/// straight from the payload's strings, with no owned copy per node.
+///
+/// Crate-private because the cache trusts it: `labels` are valid (Kubernetes rules) and sorted
+/// strictly by key, as the protocol decoder and [`Labels`] guarantee.
+pub(crate) struct RegistrationRef<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) labels: &'a [(&'a str, &'a str)],
+    pub(crate) arch: &'a str,
+    pub(crate) os: &'a str,
+    pub(crate) agent_version: &'a str,
+    pub(crate) addresses: &'a [IpAddr],
+    pub(crate) applied: DesiredDigest,
+    pub(crate) workloads: &'a [WorkloadState],
+    /// The interned set equal to `labels`, when the caller found it ([`NodeCache::find_label_set`]).
+    pub(crate) label_set: Option<LabelSetId>,
+}
+
 /// A label set resolved against the string table, for selector evaluation.
 pub(crate) struct LabelSetView<'a> {
     pub(crate) cache: &'a NodeCache,
@@ -214,11 +232,22 @@ impl NodeCache {
         }
     }
 
+    /// [`Self::intern_labels`], trusting the registration's `label_set` when it names one.
+    fn intern_labels_hinted(&mut self, reg: &RegistrationRef<'_>) -> LabelSetId {
+        match reg.label_set {
+            Some(id) => {
+                self.label_sets.retain(id);
+                id
+            }
+            None => self.intern_labels(reg.labels),
+        }
+    }
+
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
-    fn intern_labels(&mut self, labels: &Labels) -> LabelSetId {
+    fn intern_labels(&mut self, labels: &[(&str, &str)]) -> LabelSetId {
         // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
         // hot strings confirms it.
-        let h = content_hash(labels.iter());
+        let h = content_hash(labels.iter().copied());
         if let Some(&id) = self.label_by_content.get(&h)
             && self.label_set_is(id, labels)
         {
@@ -228,7 +257,7 @@ impl NodeCache {
         // Fast path: every string and the set itself already exist, so no refcount traffic and no
         // allocation beyond the probe key.
         let mut pairs = Vec::with_capacity(labels.len());
-        for (k, v) in labels.iter() {
+        for &(k, v) in labels {
             match (self.strings.find(k), self.strings.find(v)) {
                 (Some(k), Some(v)) => pairs.push((k, v)),
                 _ => break,
@@ -240,7 +269,7 @@ impl NodeCache {
             self.label_sets.retain(id);
             return id;
         }
-        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let pairs: LabelPairs = labels.iter().map(|&(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&pairs);
         if !new {
             for &(k, v) in pairs.iter() {
@@ -254,14 +283,20 @@ impl NodeCache {
         id
     }
 
+    /// The interned label set holding exactly `labels` (sorted by key), if any.
+    pub(crate) fn find_label_set(&self, labels: &[(&str, &str)]) -> Option<LabelSetId> {
+        let h = content_hash(labels.iter().copied());
+        self.label_by_content.get(&h).copied().filter(|&id| self.label_set_is(id, labels))
+    }
+
     /// Whether interned label set `id` holds exactly `labels`.
-    fn label_set_is(&self, id: LabelSetId, labels: &Labels) -> bool {
+    fn label_set_is(&self, id: LabelSetId, labels: &[(&str, &str)]) -> bool {
         let pairs = self.label_sets.get(id);
         pairs.len() == labels.len()
             && pairs
                 .iter()
-                .zip(labels.iter())
-                .all(|(&(k, v), (lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
+                .zip(labels)
+                .all(|(&(k, v), &(lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
     }
 
     fn init_members(&mut self, id: LabelSetId) {
@@ -287,17 +322,15 @@ impl NodeCache {
         }
     }
 
-    fn intern_platform(&mut self, info: &NodeInfo) -> PlatformId {
-        if let (Some(a), Some(o), Some(v)) = (
-            self.strings.find(info.arch.as_str()),
-            self.strings.find(info.os.as_str()),
-            self.strings.find(info.agent_version.as_str()),
-        ) && let Some(id) = self.platforms.find(&[a, o, v])
+    fn intern_platform(&mut self, arch: &str, os: &str, agent_version: &str) -> PlatformId {
+        if let (Some(a), Some(o), Some(v)) =
+            (self.strings.find(arch), self.strings.find(os), self.strings.find(agent_version))
+            && let Some(id) = self.platforms.find(&[a, o, v])
         {
             self.platforms.retain(id);
             return id;
         }
-        let triple = [self.intern_str(&info.arch), self.intern_str(&info.os), self.intern_str(&info.agent_version)];
+        let triple = [self.intern_str(arch), self.intern_str(os), self.intern_str(agent_version)];
         let (id, new) = self.platforms.acquire(&triple);
         if !new {
             triple.iter().for_each(|&s| {
@@ -316,6 +349,19 @@ impl NodeCache {
     }
 
     fn intern_workloads(&mut self, states: &[WorkloadState]) -> WorkloadSetId {
+        // Fast path, no allocation: agents report a few workloads, sorted by id, and the same
+        // list as many other nodes, so the probe fits on the stack and the set already exists.
+        const SMALL: usize = 8;
+        if states.len() <= SMALL && states.windows(2).all(|w| w[0].workload < w[1].workload) {
+            let mut probe = [(0, 0, 0); SMALL];
+            let found = states.iter().enumerate().all(|(i, w)| {
+                self.strings.find(w.workload.as_str()).map(|id| probe[i] = (id, w.version, w.phase as u8)).is_some()
+            });
+            if found && let Some(id) = self.workload_sets.find(&probe[..states.len()]) {
+                self.workload_sets.retain(id);
+                return id;
+            }
+        }
         let mut sorted: Vec<&WorkloadState> = states.iter().collect();
         sorted.sort_by(|a, b| a.workload.cmp(&b.workload));
         sorted.dedup_by(|a, b| a.workload == b.workload);
@@ -506,12 +552,7 @@ impl NodeCache {
     }
 
     pub(crate) fn restore_platform(&mut self, arch: &str, os: &str, version: &str) -> PlatformId {
-        self.intern_platform(&NodeInfo {
-            arch: arch.to_owned(),
-            os: os.to_owned(),
-            agent_version: version.to_owned(),
-            addresses: Vec::new(),
-        })
+        self.intern_platform(arch, os, version)
     }
 
     pub(crate) fn restore_workload_set(&mut self, items: &[(&str, u64, u8)]) -> WorkloadSetId {
@@ -659,6 +700,154 @@ impl NodeCache {
             self.set_phase_at(slot, NodePhase::Online)
         };
         Ok(HeartbeatOutcome { slot, previous, applied_changed })
+    }
+
+    /// [`StateCache::register`] from a borrowed registration (see [`RegistrationRef`]).
+    pub(crate) fn register_ref(
+        &mut self,
+        reg: &RegistrationRef<'_>,
+        boot_id: u32,
+        now: Timestamp,
+    ) -> Result<Registered, CacheError> {
+        self.register_ref_at(reg, self.slot_of(reg.name), boot_id, now)
+    }
+
+    /// [`Self::register_ref`] when the caller already looked the name up: `known` must be
+    /// `self.slot_of(reg.name)`.
+    pub(crate) fn register_ref_at(
+        &mut self,
+        reg: &RegistrationRef<'_>,
+        known: Option<Slot>,
+        boot_id: u32,
+        now: Timestamp,
+    ) -> Result<Registered, CacheError> {
+        if reg.name.len() > usize::from(u8::MAX) {
+            return Err(CacheError::NameTooLong);
+        }
+        let now_s = now.as_secs_u32();
+        if let Some(slot) = known {
+            let old = self.slots[slot as usize];
+            let restarted = old.boot_id != 0 && old.boot_id != boot_id;
+            // Labels may change across registrations: move the slot between label sets.
+            let new_set = self.intern_labels_hinted(reg);
+            if new_set != old.label_set {
+                self.leave_set(slot);
+                self.slots[slot as usize].label_set = new_set;
+                self.join_set(slot, new_set, old.phase);
+            }
+            self.release_labels(old.label_set);
+            let platform = self.intern_platform(reg.arch, reg.os, reg.agent_version);
+            self.release_platform(old.platform);
+            let workloads = self.intern_workloads(reg.workloads);
+            self.release_workloads(old.workloads);
+            let previous = self.set_phase_at(slot, NodePhase::Online);
+            let n = &mut self.slots[slot as usize];
+            n.platform = platform;
+            n.workloads = workloads;
+            n.applied = reg.applied.0;
+            // A new session: the next heartbeat says how the node is.
+            n.health = 0;
+            n.last_seen = now_s;
+            self.online_floor = self.online_floor.min(now_s);
+            if n.boot_id != boot_id {
+                n.seq = 0;
+            }
+            n.boot_id = boot_id;
+            self.store_addresses(slot, reg.addresses);
+            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
+        }
+        let label_set = self.intern_labels_hinted(reg);
+        let platform = self.intern_platform(reg.arch, reg.os, reg.agent_version);
+        let workloads = self.intern_workloads(reg.workloads);
+        let slot = match self.insert_interned(
+            reg.name,
+            label_set,
+            platform,
+            workloads,
+            NodePhase::Online,
+            now_s,
+            reg.applied.0,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                self.release_labels(label_set);
+                self.release_platform(platform);
+                self.release_workloads(workloads);
+                return Err(e);
+            }
+        };
+        self.slots[slot as usize].boot_id = boot_id;
+        self.store_addresses(slot, reg.addresses);
+        Ok(Registered { slot, created: true, restarted: false, previous: None })
+    }
+
+    /// [`StateCache::report_workloads`] for a live slot already looked up.
+    pub(crate) fn report_workloads_at(&mut self, slot: Slot, states: &[WorkloadState]) {
+        let id = self.intern_workloads(states);
+        let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
+        self.release_workloads(old);
+    }
+
+    /// Applies a heartbeat to a slot found by [`Self::resolve_batch`] or [`Self::slot_of`] (the
+    /// engine's batch path, which needs the slot before it applies: one lookup per message).
+    #[inline]
+    pub(crate) fn heartbeat_slot(
+        &mut self,
+        slot: Slot,
+        hb: &HeartbeatUpdate,
+        now: Timestamp,
+    ) -> Result<HeartbeatOutcome, CacheError> {
+        if !self.is_live(slot) {
+            return Err(CacheError::UnknownNode);
+        }
+        self.heartbeat_at(slot, hb, now.as_secs_u32())
+    }
+
+    /// Appends the slot of each of `names`, in order (`None` for an unknown name).
+    ///
+    /// Random node order makes every lookup a handful of cache misses (index bucket, slot, name
+    /// bytes). Resolving a group in passes, each issuing independent loads for all of its members,
+    /// lets the CPU overlap those misses instead of paying them one after another.
+    pub(crate) fn resolve_batch<'a>(&self, names: impl Iterator<Item = &'a str>, out: &mut Vec<Option<Slot>>) {
+        const GROUP: usize = 16;
+        let mut names = names.peekable();
+        while names.peek().is_some() {
+            let mut group: [&str; GROUP] = [""; GROUP];
+            let mut len = 0;
+            while len < GROUP
+                && let Some(name) = names.next()
+            {
+                group[len] = name;
+                len += 1;
+            }
+            let group = &group[..len];
+            let mut hashes = [0u32; GROUP];
+            let mut cand = [u32::MAX; GROUP];
+            for (k, name) in group.iter().enumerate() {
+                hashes[k] = hash_name(name.as_bytes());
+            }
+            for k in 0..len {
+                let e = self.index.first_probe(hashes[k]);
+                if entry_hash(e) == hashes[k] {
+                    cand[k] = entry_slot(e);
+                }
+            }
+            let mut touch = 0u64;
+            for &c in &cand[..len] {
+                if let Some(n) = self.slots.get(c as usize) {
+                    touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
+                }
+            }
+            std::hint::black_box(touch);
+            for (k, name) in group.iter().enumerate() {
+                let c = cand[k];
+                out.push(if self.is_live(c) && self.name_bytes(c) == name.as_bytes() {
+                    Some(c)
+                } else {
+                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
+                });
+            }
+        }
     }
 
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
@@ -835,64 +1024,19 @@ impl StateCache for NodeCache {
     }
 
     fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
-        if reg.name.as_str().len() > usize::from(u8::MAX) {
-            return Err(CacheError::NameTooLong);
-        }
-        let now_s = now.as_secs_u32();
-        if let Some(slot) = self.slot_of(reg.name.as_str()) {
-            let old = self.slots[slot as usize];
-            let restarted = old.boot_id != 0 && old.boot_id != boot_id;
-            // Labels may change across registrations: move the slot between label sets.
-            let new_set = self.intern_labels(&reg.labels);
-            if new_set != old.label_set {
-                self.leave_set(slot);
-                self.slots[slot as usize].label_set = new_set;
-                self.join_set(slot, new_set, old.phase);
-            }
-            self.release_labels(old.label_set);
-            let platform = self.intern_platform(&reg.info);
-            self.release_platform(old.platform);
-            let workloads = self.intern_workloads(&reg.workloads);
-            self.release_workloads(old.workloads);
-            let previous = self.set_phase_at(slot, NodePhase::Online);
-            let n = &mut self.slots[slot as usize];
-            n.platform = platform;
-            n.workloads = workloads;
-            n.applied = reg.applied.0;
-            // A new session: the next heartbeat says how the node is.
-            n.health = 0;
-            n.last_seen = now_s;
-            self.online_floor = self.online_floor.min(now_s);
-            if n.boot_id != boot_id {
-                n.seq = 0;
-            }
-            n.boot_id = boot_id;
-            self.store_addresses(slot, &reg.info.addresses);
-            return Ok(Registered { slot, created: false, restarted, previous: Some(previous) });
-        }
-        let label_set = self.intern_labels(&reg.labels);
-        let platform = self.intern_platform(&reg.info);
-        let workloads = self.intern_workloads(&reg.workloads);
-        let slot = match self.insert_interned(
-            reg.name.as_str(),
-            label_set,
-            platform,
-            workloads,
-            NodePhase::Online,
-            now_s,
-            reg.applied.0,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                self.release_labels(label_set);
-                self.release_platform(platform);
-                self.release_workloads(workloads);
-                return Err(e);
-            }
+        let labels: Vec<(&str, &str)> = reg.labels.iter().collect();
+        let r = RegistrationRef {
+            name: reg.name.as_str(),
+            labels: &labels,
+            arch: &reg.info.arch,
+            os: &reg.info.os,
+            agent_version: &reg.info.agent_version,
+            addresses: &reg.info.addresses,
+            applied: reg.applied,
+            workloads: &reg.workloads,
+            label_set: None,
         };
-        self.slots[slot as usize].boot_id = boot_id;
-        self.store_addresses(slot, &reg.info.addresses);
-        Ok(Registered { slot, created: true, restarted: false, previous: None })
+        self.register_ref(&r, boot_id, now)
     }
 
     #[inline]
@@ -907,51 +1051,21 @@ impl StateCache for NodeCache {
         now: Timestamp,
         out: &mut Vec<Result<HeartbeatOutcome, CacheError>>,
     ) {
-        // Random node order makes every heartbeat a handful of cache misses (index bucket, slot,
-        // name bytes). Resolving a group in passes, each issuing independent loads for all of its
-        // members, lets the CPU overlap those misses instead of paying them one after another.
-        const GROUP: usize = 16;
         let now_s = now.as_secs_u32();
+        let mut slots = Vec::with_capacity(batch.len());
+        self.resolve_batch(batch.iter().map(|hb| hb.node), &mut slots);
         out.reserve(batch.len());
-        for group in batch.chunks(GROUP) {
-            let mut hashes = [0u32; GROUP];
-            let mut cand = [u32::MAX; GROUP];
-            for (k, hb) in group.iter().enumerate() {
-                hashes[k] = hash_name(hb.node.as_bytes());
-            }
-            for k in 0..group.len() {
-                let e = self.index.first_probe(hashes[k]);
-                if entry_hash(e) == hashes[k] {
-                    cand[k] = entry_slot(e);
-                }
-            }
-            let mut touch = 0u64;
-            for &c in &cand[..group.len()] {
-                if let Some(n) = self.slots.get(c as usize) {
-                    touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
-                }
-            }
-            std::hint::black_box(touch);
-            for (k, hb) in group.iter().enumerate() {
-                let c = cand[k];
-                let slot = if self.is_live(c) && self.name_bytes(c) == hb.node.as_bytes() {
-                    Some(c)
-                } else {
-                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == hb.node.as_bytes())
-                };
-                out.push(match slot {
-                    Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
-                    None => Err(CacheError::UnknownNode),
-                });
-            }
+        for (hb, slot) in batch.iter().zip(slots) {
+            out.push(match slot {
+                Some(slot) => self.heartbeat_at(slot, &hb.update, now_s),
+                None => Err(CacheError::UnknownNode),
+            });
         }
     }
 
     fn report_workloads(&mut self, name: &str, states: &[WorkloadState]) -> Result<Slot, CacheError> {
         let slot = self.slot_of(name).ok_or(CacheError::UnknownNode)?;
-        let id = self.intern_workloads(states);
-        let old = std::mem::replace(&mut self.slots[slot as usize].workloads, id);
-        self.release_workloads(old);
+        self.report_workloads_at(slot, states);
         Ok(slot)
     }
 

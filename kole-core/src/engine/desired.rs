@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::cache::{NodeCache, Slot};
-use crate::model::{DesiredDigest, Labels, NodeName, Timestamp, Workload};
+use crate::model::{DesiredDigest, LabelLookup, NodeName, Timestamp, Workload};
 use crate::protocol::{DesiredState, GroupName, Message};
 use crate::transport::Destination;
 
@@ -67,14 +67,14 @@ impl Core {
     }
 
     /// The groups of label set `set`, computed once per set.
-    pub(super) fn groups_of_set(&mut self, cache: &NodeCache, set: u32, labels: &Labels) -> Vec<GroupName> {
+    pub(super) fn groups_of_set(&mut self, cache: &NodeCache, set: u32) -> Vec<GroupName> {
         let idx = set as usize;
         if self.set_targets.len() <= idx {
             self.set_targets.resize_with(idx + 1, SetTargets::default);
         }
         let epoch = cache.label_set_epoch(set);
         if self.set_targets[idx].groups_epoch != epoch || epoch == 0 {
-            let groups = self.groups_of(labels);
+            let groups = self.groups_of(&cache.label_set_view(set));
             let st = &mut self.set_targets[idx];
             st.groups = groups;
             st.groups_epoch = epoch;
@@ -82,12 +82,12 @@ impl Core {
         self.set_targets[idx].groups.clone()
     }
 
-    fn groups_of(&self, labels: &Labels) -> Vec<GroupName> {
+    fn groups_of(&self, labels: &impl LabelLookup) -> Vec<GroupName> {
         self.cfg
             .group_label_keys
             .iter()
             .filter_map(|key| {
-                let value = labels.get(key).filter(|v| !v.is_empty())?;
+                let value = labels.label(key).filter(|v| !v.is_empty())?;
                 let short = key.rsplit('/').next().unwrap_or(key);
                 GroupName::new(format!("{short}.{value}")).ok()
             })

@@ -38,7 +38,7 @@ pub use failures::FailureSummary;
 pub use rollout::{RolloutPhase, RolloutProgress};
 pub use status::WorkloadStatus;
 
-use crate::cache::{CacheError, CacheStore, CacheWriter, NodeCache, Slot, shared};
+use crate::cache::{CacheStore, CacheWriter, NodeCache, Slot, shared};
 use crate::model::{DesiredDigest, NodeName, Timestamp, Workload, WorkloadId};
 use crate::protocol::{self, DecodeLimits, Message};
 use crate::transport::{Destination, Inbound, Outbound};
@@ -358,7 +358,8 @@ struct Core {
     reported: BTreeMap<WorkloadId, WorkloadStatus>,
     stats: EngineStats,
     next_command_id: u64,
-    hb_results: Vec<Result<crate::cache::HeartbeatOutcome, CacheError>>,
+    /// Reused by the heartbeat batch path: the slot of each message of a run.
+    hb_slots: Vec<Option<Slot>>,
     /// Seals every downlink message when set ([`Engine::with_signer`]).
     signer: Option<protocol::seal::SharedSigner>,
     /// The time of the input being handled: the issue time of what it sends.
@@ -390,7 +391,7 @@ impl Engine {
             reported: BTreeMap::new(),
             stats: EngineStats::default(),
             next_command_id: 1,
-            hb_results: Vec::new(),
+            hb_slots: Vec::new(),
             signer: None,
             now_ms: now.as_millis(),
             recent_registrations: uplink::RecentRegistrations::default(),

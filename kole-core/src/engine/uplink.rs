@@ -1,9 +1,9 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatIn, HeartbeatUpdate, NodeCache, Slot, StateCache};
+use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, RegistrationRef, Slot};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
-use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode};
+use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode, UplinkKind};
 use crate::transport::{Destination, Inbound};
 
 use super::{Core, Outputs, Reject};
@@ -102,79 +102,123 @@ impl UplinkLimiter {
     }
 }
 
+/// What the uplink loop already looked up for a registration: the sender's slot (`slot_of` of its
+/// name) and the interned set equal to its labels.
+struct Found {
+    slot: Option<Slot>,
+    label_set: Option<u32>,
+}
+
 impl Core {
     pub(super) fn uplink(&mut self, cache: &mut NodeCache, batch: &[Inbound], now: Timestamp, out: &mut Outputs) {
-        let mut start = 0;
-        // Runs of heartbeats go through the cache's batch path; anything else in between is handled
-        // in order, so a node's registration always precedes its later heartbeats.
-        let mut hb: Vec<(usize, protocol::Heartbeat)> = Vec::new();
+        // Runs of heartbeats go through the batch path; anything else in between is handled in
+        // order, so a node's registration always precedes its later heartbeats.
         let limit = self.uplink_limiter.enabled();
-        for (i, msg) in batch.iter().enumerate() {
+        let mut i = 0;
+        while i < batch.len() {
+            if batch[i].kind == UplinkKind::Heartbeat {
+                let run = batch[i..].iter().take_while(|m| m.kind == UplinkKind::Heartbeat).count();
+                self.heartbeat_run(cache, &batch[i..i + run], now, out);
+                i += run;
+                continue;
+            }
+            let msg = &batch[i];
+            i += 1;
             // Over its rate, a node's message costs one name lookup and nothing more: no decode,
             // no cache write, no catch-up, no answer (an answer per message would let it make us
             // send as fast as it sends).
+            let register = msg.kind == UplinkKind::Register;
+            // One lookup serves the rate limit and the cache write (and a registration's throttle).
+            let slot = cache.slot_of(msg.node.as_str());
             if limit
-                && let Some(slot) = cache.slot_of(msg.node.as_str())
+                && let Some(slot) = slot
                 && !self.uplink_limiter.admit(slot, now.as_millis())
             {
                 self.stats.uplink_rate_limited += 1;
                 continue;
             }
-            match msg.decode(&self.cfg.decode_limits) {
-                Ok(Message::Heartbeat(h)) => hb.push((i, h)),
-                Ok(other) => {
-                    self.flush_heartbeats(cache, batch, &mut hb, now, out);
-                    self.handle_message(cache, msg, other, now, out);
+            if register {
+                // Borrowed from the payload and interned straight into the cache: no owned copy.
+                // A label set the cache holds passed the label rules when it was first registered:
+                // it is found (and later interned) by one hash and compared, not checked again.
+                let mut set = None;
+                let decoded = protocol::decode_register_view_with(
+                    &msg.payload,
+                    &msg.node,
+                    &self.cfg.decode_limits,
+                    &mut |pairs| {
+                        set = cache.find_label_set(pairs);
+                        set.is_some()
+                    },
+                );
+                match decoded {
+                    Ok(reg) => self.register(cache, msg, &reg, Found { slot, label_set: set }, now, out),
+                    Err(e) => self.decode_failed(out, msg, &e),
                 }
-                Err(e) => {
-                    self.stats.decode_errors += 1;
-                    if matches!(e, protocol::DecodeError::IdentityMismatch { .. }) {
-                        self.stats.identity_mismatch += 1;
-                        self.send_register_reject(out, &msg.node, RejectCode::IdentityMismatch, e.to_string());
-                    }
-                    self.reject(out, &msg.node, e.reason(), || e.to_string());
-                }
+                continue;
             }
-            start = i;
+            match msg.decode(&self.cfg.decode_limits) {
+                // Only the heartbeat topic carries heartbeats (decoding checks the kind).
+                Ok(Message::Heartbeat(_)) => {}
+                Ok(other) => self.handle_message(cache, msg, slot, other, now, out),
+                Err(e) => self.decode_failed(out, msg, &e),
+            }
         }
-        let _ = start;
-        self.flush_heartbeats(cache, batch, &mut hb, now, out);
     }
 
-    fn flush_heartbeats(
-        &mut self,
-        cache: &mut NodeCache,
-        batch: &[Inbound],
-        hbs: &mut Vec<(usize, protocol::Heartbeat)>,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) {
-        if hbs.is_empty() {
-            return;
+    fn decode_failed(&mut self, out: &mut Outputs, msg: &Inbound, e: &protocol::DecodeError) {
+        self.stats.decode_errors += 1;
+        if matches!(e, protocol::DecodeError::IdentityMismatch { .. }) {
+            self.stats.identity_mismatch += 1;
+            self.send_register_reject(out, &msg.node, RejectCode::IdentityMismatch, e.to_string());
         }
-        let ins: Vec<HeartbeatIn<'_>> = hbs
-            .iter()
-            .map(|(i, h)| HeartbeatIn { node: batch[*i].node.as_str(), update: HeartbeatUpdate::from(h) })
-            .collect();
-        let mut results = std::mem::take(&mut self.hb_results);
-        results.clear();
-        cache.heartbeat_batch(&ins, now, &mut results);
-        for (k, r) in results.iter().enumerate() {
-            let (i, h) = &hbs[k];
+        self.reject(out, &msg.node, e.reason(), || e.to_string());
+    }
+
+    /// A run of messages on heartbeat topics: each sender's slot is found once, in one batched
+    /// lookup, and serves the rate limit and the cache write alike. A message over its sender's
+    /// rate is counted and dropped before it is decoded.
+    fn heartbeat_run(&mut self, cache: &mut NodeCache, run: &[Inbound], now: Timestamp, out: &mut Outputs) {
+        let mut slots = std::mem::take(&mut self.hb_slots);
+        slots.clear();
+        cache.resolve_batch(run.iter().map(|m| m.node.as_str()), &mut slots);
+        let limit = self.uplink_limiter.enabled();
+        let now_ms = now.as_millis();
+        for (msg, &slot) in run.iter().zip(slots.iter()) {
+            if limit
+                && let Some(slot) = slot
+                && !self.uplink_limiter.admit(slot, now_ms)
+            {
+                self.stats.uplink_rate_limited += 1;
+                continue;
+            }
+            let h = match msg.decode(&self.cfg.decode_limits) {
+                Ok(Message::Heartbeat(h)) => h,
+                // Decoding checks the payload's kind against the topic's.
+                Ok(_) => continue,
+                Err(e) => {
+                    self.decode_failed(out, msg, &e);
+                    continue;
+                }
+            };
+            let update = HeartbeatUpdate::from(&h);
+            let r = match slot {
+                Some(slot) => cache.heartbeat_slot(slot, &update, now),
+                None => Err(CacheError::UnknownNode),
+            };
             // A status report always precedes the heartbeats of a change, so a heartbeat that changes
             // the applied digest (or follows one that did) means the report never arrived: without
             // it the workload status and the rollout's wave health would stay stale for good.
-            if let Ok(o) = r
+            if let Ok(o) = &r
                 && (o.applied_changed || (!self.unreported.is_empty() && self.unreported.contains(&o.slot)))
             {
                 self.unreported.insert(o.slot);
                 self.stats.resyncs += 1;
-                self.send_command(out, &batch[*i].node, CommandKind::Resync);
+                self.send_command(out, &msg.node, CommandKind::Resync);
             }
-            self.after_heartbeat(cache, &batch[*i].node, r, h.applied, now, out);
+            self.after_heartbeat(cache, &msg.node, &r, h.applied, now, out);
         }
-        self.hb_results = results;
-        hbs.clear();
+        self.hb_slots = slots;
     }
 
     fn after_heartbeat(
@@ -215,108 +259,26 @@ impl Core {
         &mut self,
         cache: &mut NodeCache,
         msg: &Inbound,
+        known: Option<Slot>,
         decoded: Message,
         now: Timestamp,
         out: &mut Outputs,
     ) {
         match decoded {
-            Message::Register(reg) => {
-                let boot = reg.boot_id;
-                let interval = u64::from(self.cfg.min_register_interval_ms);
-                if interval > 0
-                    && let Some(slot) = cache.slot_of(reg.name.as_str())
-                    && let Some(at) = self.recent_registrations.last(slot)
-                    && now.as_millis() < at.saturating_add(interval)
-                {
-                    // A node registering in a loop costs a cache update and maybe a full desired
-                    // state each time: tell it when to come back instead.
-                    self.stats.registrations_throttled += 1;
-                    let left = at.saturating_add(interval) - now.as_millis();
-                    let ack = RegisterAck {
-                        boot_id: boot,
-                        outcome: RegisterOutcome::Rejected {
-                            code: RejectCode::Overloaded,
-                            message: format!(
-                                "registered again within {interval} ms of the last registration; retry after {left} ms"
-                            ),
-                            retry_after_ms: u32::try_from(left).unwrap_or(u32::MAX),
-                        },
-                        heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                        groups: Vec::new(),
-                        desired: DesiredDigest::EMPTY,
-                    };
-                    self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
-                    self.reject(out, &msg.node, "register_throttled", || {
-                        format!("registration {left} ms too soon after the previous one")
-                    });
-                    return;
-                }
-                let (registration, _) = reg.into_registration();
-                match cache.register(&registration, boot, now) {
-                    Ok(r) => {
-                        self.recent_registrations.push(r.slot, now.as_millis());
-                        if r.created {
-                            self.stats.registered_new += 1;
-                        } else {
-                            self.stats.registered_known += 1;
-                        }
-                        if r.restarted {
-                            self.stats.restarts += 1;
-                        }
-                        if !self.unreported.is_empty() {
-                            self.unreported.remove(&r.slot);
-                        }
-                        // A registration carries no reasons: the node's next report brings them.
-                        self.forget_failures(r.slot);
-                        let desired = self.desired(cache, r.slot);
-                        let ack = RegisterAck {
-                            boot_id: boot,
-                            outcome: RegisterOutcome::Accepted,
-                            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                            groups: {
-                                let set = cache.label_set_of(r.slot);
-                                self.groups_of_set(cache, set, &registration.labels)
-                            },
-                            desired,
-                        };
-                        self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
-                        // A node given its grace (or sent its catch-up) less than
-                        // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
-                        // re-registering with a new boot id must not buy another desired state.
-                        // The pending entry outlives the node's convergence for the same reason.
-                        let now_s = now.as_secs_u32();
-                        let held = self.pending.get(&r.slot).is_some_and(|&deadline| now_s < deadline);
-                        if registration.applied != desired && !held {
-                            // Retained specs reach the node as it subscribes; per-node workloads
-                            // can only come from us.
-                            let per_node = self
-                                .desired_set(cache, r.slot)
-                                .iter()
-                                .any(|w| w.delivery == crate::model::DeliveryMode::PerNode);
-                            if per_node {
-                                self.send_catchup(cache, r.slot, desired, out);
-                            }
-                            let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
-                            self.pending.insert(r.slot, now_s.saturating_add(grace_s));
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.register_rejected += 1;
-                        self.send_register_reject(out, &msg.node, RejectCode::Invalid, e.to_string());
-                        self.reject(out, &msg.node, "register_rejected", || e.to_string());
-                    }
-                }
-            }
+            // Registrations are decoded borrowed and handled by `register`.
+            Message::Register(_) => {}
             Message::StatusReport(s) => {
                 let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied, health: None };
-                let r = cache.heartbeat(msg.node.as_str(), &update, now);
+                let r = match known {
+                    Some(slot) => cache.heartbeat_slot(slot, &update, now),
+                    None => Err(CacheError::UnknownNode),
+                };
                 if let Ok(o) = &r {
                     if !self.unreported.is_empty() {
                         self.unreported.remove(&o.slot);
                     }
                     self.stats.status_reports += 1;
-                    // The node is known (the heartbeat was accepted), so this cannot fail.
-                    let _ = cache.report_workloads(msg.node.as_str(), &s.workloads);
+                    cache.report_workloads_at(o.slot, &s.workloads);
                     self.record_failures(o.slot, &s);
                 }
                 self.after_heartbeat(cache, &msg.node, &r, s.applied, now, out);
@@ -328,6 +290,113 @@ impl Core {
             | Message::WorkloadRemoved(_)
             | Message::DesiredState(_)
             | Message::Command(_) => {}
+        }
+    }
+
+    fn register(
+        &mut self,
+        cache: &mut NodeCache,
+        msg: &Inbound,
+        reg: &protocol::RegisterView<'_>,
+        found: Found,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let registration = RegistrationRef {
+            name: reg.name,
+            labels: &reg.labels,
+            arch: reg.arch,
+            os: reg.os,
+            agent_version: reg.agent_version,
+            addresses: &reg.addresses,
+            applied: reg.applied,
+            workloads: &reg.workloads,
+            label_set: found.label_set,
+        };
+        let known = found.slot;
+        let boot = reg.boot_id;
+        let interval = u64::from(self.cfg.min_register_interval_ms);
+        if interval > 0
+            && let Some(slot) = known
+            && let Some(at) = self.recent_registrations.last(slot)
+            && now.as_millis() < at.saturating_add(interval)
+        {
+            // A node registering in a loop costs a cache update and maybe a full desired
+            // state each time: tell it when to come back instead.
+            self.stats.registrations_throttled += 1;
+            let left = at.saturating_add(interval) - now.as_millis();
+            let ack = RegisterAck {
+                boot_id: boot,
+                outcome: RegisterOutcome::Rejected {
+                    code: RejectCode::Overloaded,
+                    message: format!(
+                        "registered again within {interval} ms of the last registration; retry after {left} ms"
+                    ),
+                    retry_after_ms: u32::try_from(left).unwrap_or(u32::MAX),
+                },
+                heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                groups: Vec::new(),
+                desired: DesiredDigest::EMPTY,
+            };
+            self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+            self.reject(out, &msg.node, "register_throttled", || {
+                format!("registration {left} ms too soon after the previous one")
+            });
+            return;
+        }
+        match cache.register_ref_at(&registration, known, boot, now) {
+            Ok(r) => {
+                self.recent_registrations.push(r.slot, now.as_millis());
+                if r.created {
+                    self.stats.registered_new += 1;
+                } else {
+                    self.stats.registered_known += 1;
+                }
+                if r.restarted {
+                    self.stats.restarts += 1;
+                }
+                if !self.unreported.is_empty() {
+                    self.unreported.remove(&r.slot);
+                }
+                // A registration carries no reasons: the node's next report brings them.
+                self.forget_failures(r.slot);
+                let desired = self.desired(cache, r.slot);
+                let ack = RegisterAck {
+                    boot_id: boot,
+                    outcome: RegisterOutcome::Accepted,
+                    heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+                    groups: {
+                        let set = cache.label_set_of(r.slot);
+                        self.groups_of_set(cache, set)
+                    },
+                    desired,
+                };
+                self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+                // A node given its grace (or sent its catch-up) less than
+                // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
+                // re-registering with a new boot id must not buy another desired state.
+                // The pending entry outlives the node's convergence for the same reason.
+                let now_s = now.as_secs_u32();
+                let held = self.pending.get(&r.slot).is_some_and(|&deadline| now_s < deadline);
+                if registration.applied != desired && !held {
+                    // Retained specs reach the node as it subscribes; per-node workloads
+                    // can only come from us.
+                    let per_node = self
+                        .desired_set(cache, r.slot)
+                        .iter()
+                        .any(|w| w.delivery == crate::model::DeliveryMode::PerNode);
+                    if per_node {
+                        self.send_catchup(cache, r.slot, desired, out);
+                    }
+                    let grace_s = (self.cfg.convergence_grace_ms / 1000) as u32;
+                    self.pending.insert(r.slot, now_s.saturating_add(grace_s));
+                }
+            }
+            Err(e) => {
+                self.stats.register_rejected += 1;
+                self.send_register_reject(out, &msg.node, RejectCode::Invalid, e.to_string());
+                self.reject(out, &msg.node, "register_rejected", || e.to_string());
+            }
         }
     }
 

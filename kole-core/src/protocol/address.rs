@@ -61,22 +61,31 @@ pub struct GroupNameError {
 ///
 /// Same rules as [`NodeName`] (1 to 128 bytes of `[A-Za-z0-9._-]`, starting and ending with a
 /// letter or digit), so a group name is always exactly one address level.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct GroupName(String);
+///
+/// The text is shared (`Arc<str>`): the controller hands the same groups to every node of a label
+/// set, so a clone costs a reference count, not an allocation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupName(std::sync::Arc<str>);
+
+impl Serialize for GroupName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl GroupName {
     /// Validates `name` and wraps it.
-    pub fn new(name: impl Into<String>) -> Result<Self, GroupNameError> {
-        let name = name.into();
-        validate_node_name(&name).map_err(|e| {
+    pub fn new(name: impl AsRef<str>) -> Result<Self, GroupNameError> {
+        // Borrowed, so a decoder's `&str` becomes the shared text in one allocation.
+        let name = name.as_ref();
+        validate_node_name(name).map_err(|e| {
             let reason = match e {
                 ValidationError::NodeName { reason, .. } => reason,
                 _ => "invalid",
             };
-            GroupNameError { name: truncate_for_error(&name), reason }
+            GroupNameError { name: truncate_for_error(name), reason }
         })?;
-        Ok(Self(name))
+        Ok(Self(name.into()))
     }
 
     /// The name as a string slice.

@@ -20,7 +20,7 @@ use crate::model::NodeName;
 use super::address::UplinkKind;
 use super::error::DecodeError;
 use super::limits::DecodeLimits;
-use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef};
+use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef, RegisterView};
 use super::wire;
 
 /// Length of the envelope header (version and kind bytes).
@@ -28,9 +28,31 @@ pub const HEADER_LEN: usize = 2;
 
 /// Encodes a message into a new buffer.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut buf = Vec::new();
-    encode_into(msg, &mut buf);
-    buf
+    // Encoded into a reused scratch buffer, then copied once at its exact length: one allocation
+    // per message instead of a chain of growing ones, and no slack held while it is queued.
+    with_scratch(|buf| {
+        encode_into(msg, buf);
+        buf.to_vec()
+    })
+}
+
+/// Runs `f` with this thread's scratch buffer (a fresh one if it is already in use).
+fn with_scratch(f: impl FnOnce(&mut Vec<u8>) -> Vec<u8>) -> Vec<u8> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A scratch buffer grown by a large message is not kept beyond this.
+    const KEEP: usize = 64 * 1024;
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => {
+            let out = f(&mut buf);
+            if buf.capacity() > KEEP {
+                *buf = Vec::new();
+            }
+            out
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 
 /// Encodes a message into `buf`, replacing its contents and reusing its capacity: a heartbeat
@@ -52,14 +74,16 @@ pub fn encode_into(msg: &Message, buf: &mut Vec<u8>) {
 
 /// Encodes a registration from borrowed parts (see [`RegisterRef`]).
 pub fn encode_register(r: &RegisterRef<'_>) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(256);
-    buf.push(PROTOCOL_VERSION);
-    buf.push(MessageKind::Register.as_u8());
-    if wire::encode_register_body(r, &mut buf).is_err() {
-        debug_assert!(false, "encoding a registration failed");
-        buf.truncate(HEADER_LEN);
-    }
-    buf
+    with_scratch(|buf| {
+        buf.clear();
+        buf.push(PROTOCOL_VERSION);
+        buf.push(MessageKind::Register.as_u8());
+        if wire::encode_register_body(r, buf).is_err() {
+            debug_assert!(false, "encoding a registration failed");
+            buf.truncate(HEADER_LEN);
+        }
+        buf.to_vec()
+    })
 }
 
 /// Reads and checks the envelope header: length, version and kind.
@@ -136,4 +160,46 @@ pub fn decode_from_node(
         return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed: reg.name.clone() });
     }
     Ok(msg)
+}
+
+/// [`decode_from_node`] for a message on `node`'s registration topic, decoded without copying its
+/// strings: the same checks, the same errors, a [`RegisterView`] borrowing `bytes` instead of an
+/// owned [`Register`](super::Register). The controller's registration path.
+pub fn decode_register_view<'a>(
+    bytes: &'a [u8],
+    node: &NodeName,
+    limits: &DecodeLimits,
+) -> Result<RegisterView<'a>, DecodeError> {
+    decode_register_view_with(bytes, node, limits, &mut |_| false)
+}
+
+/// [`decode_register_view`], where `known` may vouch for a label set: one it returns true for
+/// (called with the set's pairs, keys sorted and unique, within the limits) skips the per-string
+/// label rules. The controller's cache vouches for the sets it already holds, which passed those
+/// rules when they were first registered; a million nodes carry a few thousand sets. Returning
+/// true for a set that breaks the rules lets it through, so only vouch for validated ones.
+pub fn decode_register_view_with<'a>(
+    bytes: &'a [u8],
+    node: &NodeName,
+    limits: &DecodeLimits,
+    known: wire::KnownLabels<'_>,
+) -> Result<RegisterView<'a>, DecodeError> {
+    let (_, kind) = header(bytes, limits)?;
+    if kind.direction() != Direction::Uplink {
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
+    }
+    if kind.uplink() != Some(UplinkKind::Register) {
+        return Err(DecodeError::TopicKindMismatch { topic: UplinkKind::Register, payload: kind });
+    }
+    let reg = wire::decode_register_view(&bytes[HEADER_LEN..], limits, known)?;
+    if reg.name != node.as_str() {
+        // Both names are valid here; the error carries them as the owned decoder's does.
+        let claimed = NodeName::new(reg.name).map_err(|source| DecodeError::InvalidField {
+            kind: MessageKind::Register,
+            field: "name",
+            source,
+        })?;
+        return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed });
+    }
+    Ok(reg)
 }

@@ -176,6 +176,52 @@ impl Register {
     }
 }
 
+/// A [`Register`] decoded without copying its strings: name, labels and facts borrow the payload
+/// ([`super::decode_register_view`]). It passed exactly the checks a [`Register`] passes; the
+/// controller interns it straight into its cache, so registering a node allocates no per-node
+/// strings on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterView<'a> {
+    /// The name the node claims (a valid node name, the topic's node).
+    pub name: &'a str,
+    /// Random per agent start.
+    pub boot_id: u32,
+    /// The node's labels: valid, sorted strictly by key.
+    pub labels: Vec<(&'a str, &'a str)>,
+    /// Architecture.
+    pub arch: &'a str,
+    /// Operating system.
+    pub os: &'a str,
+    /// Agent version.
+    pub agent_version: &'a str,
+    /// Addresses.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Digest of what the node has applied.
+    pub applied: DesiredDigest,
+    /// State of each workload the node runs (usually none at registration; owned, as ids are shared
+    /// `Arc`s anyway).
+    pub workloads: Vec<WorkloadState>,
+}
+
+impl RegisterView<'_> {
+    /// The owned [`Register`] with the same content.
+    pub fn to_register(&self) -> Result<Register, crate::model::ValidationError> {
+        Ok(Register {
+            name: NodeName::new(self.name)?,
+            boot_id: self.boot_id,
+            labels: Labels::from_pairs(self.labels.iter().copied())?,
+            info: NodeInfo {
+                arch: self.arch.to_owned(),
+                os: self.os.to_owned(),
+                agent_version: self.agent_version.to_owned(),
+                addresses: self.addresses.clone(),
+            },
+            applied: self.applied,
+            workloads: self.workloads.clone(),
+        })
+    }
+}
+
 /// A registration by reference: what [`super::encode_register`] writes, byte for byte the same as
 /// [`super::encode`] of the equivalent [`Message::Register`], without cloning labels and facts into one.
 #[derive(Clone, Copy, Debug)]

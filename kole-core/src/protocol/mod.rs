@@ -33,13 +33,14 @@ mod tests;
 
 pub use address::{Destination, GroupName, GroupNameError, UplinkKind};
 pub use envelope::{
-    HEADER_LEN, decode, decode_downlink, decode_from_node, decode_uplink, encode, encode_into, encode_register,
-    peek_kind,
+    HEADER_LEN, decode, decode_downlink, decode_from_node, decode_register_view, decode_register_view_with,
+    decode_uplink, encode, encode_into, encode_register, peek_kind,
 };
 pub use error::DecodeError;
 pub use limits::{DecodeLimits, Limit};
 pub use messages::{
     Command, CommandKind, DesiredState, Direction, FailureReason, Heartbeat, MAX_REASON_BYTES, Message, MessageKind,
-    NodeHealth, PROTOCOL_VERSION, REASONS_VERSION, Register, RegisterAck, RegisterOutcome, RegisterRef, RejectCode,
-    StatusReport, WorkloadRemoved, WorkloadSpec,
+    NodeHealth, PROTOCOL_VERSION, REASONS_VERSION, Register, RegisterAck, RegisterOutcome, RegisterRef, RegisterView,
+    RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
+pub use wire::KnownLabels;

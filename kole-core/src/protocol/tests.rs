@@ -453,6 +453,36 @@ proptest! {
     }
 
     #[test]
+    fn the_borrowed_registration_decoder_agrees_with_the_owned_one(
+        msg in message(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 0..3),
+        other_topic in any::<bool>(),
+    ) {
+        // Valid registrations (on their own topic or another node's), other kinds, and bit-flipped
+        // bytes of either: the same verdict, the same error, the same content.
+        let mut bytes = encode(&msg);
+        for (at, bit) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+        }
+        let node = match &msg {
+            Message::Register(r) if !other_topic => r.name.clone(),
+            _ => NodeName::new("edge-0001").unwrap(),
+        };
+        let owned = decode_from_node(&bytes, &node, UplinkKind::Register, &limits());
+        let view = decode_register_view(&bytes, &node, &limits());
+        // A caller vouching for exactly the valid sets (as the controller's cache does for those it
+        // holds) changes nothing either.
+        let vouched = decode_register_view_with(&bytes, &node, &limits(), &mut |p| Labels::from_pairs(p.iter().copied()).is_ok());
+        prop_assert_eq!(&vouched, &view);
+        match (owned, view) {
+            (Ok(Message::Register(r)), Ok(v)) => prop_assert_eq!(v.to_register().unwrap(), r),
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "owned {:?}, borrowed {:?}", a, b),
+        }
+    }
+
+    #[test]
     fn heartbeats_fit_the_size_contract(hb in heartbeat()) {
         prop_assert!(encode(&Message::Heartbeat(hb)).len() <= 20);
     }

@@ -14,8 +14,8 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DeliveryMode, DesiredDigest, FailureThreshold, Labels, NodeInfo, NodeName, Requirement, RequirementOp,
-    RolloutStrategy, Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
+    DeliveryMode, DesiredDigest, FailureThreshold, Labels, Requirement, RequirementOp, RolloutStrategy, Selector,
+    ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 use super::address::GroupName;
@@ -23,7 +23,7 @@ use super::error::DecodeError;
 use super::limits::{DecodeLimits, Limit};
 use super::messages::{
     Command, CommandKind, DesiredState, FailureReason, Heartbeat, Message, MessageKind, NodeHealth, Register,
-    RegisterAck, RegisterOutcome, RegisterRef, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
+    RegisterAck, RegisterOutcome, RegisterRef, RegisterView, RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -561,6 +561,21 @@ pub(super) fn decode_body(
     }
 }
 
+/// Says whether a label set (sorted, unique keys, within limits) is one the caller already holds
+/// validated, so its strings need not be checked against the label rules again (see
+/// [`decode_register_view_with`](super::decode_register_view_with)).
+pub type KnownLabels<'k> = &'k mut dyn FnMut(&[(&str, &str)]) -> bool;
+
+/// Decodes a registration body borrowing its strings (see [`RegisterView`]).
+pub(super) fn decode_register_view<'a>(
+    body: &'a [u8],
+    limits: &DecodeLimits,
+    known: KnownLabels<'_>,
+) -> Result<RegisterView<'a>, DecodeError> {
+    let cx = Check { kind: MessageKind::Register, limits };
+    cx.register_view(cx.parse(body)?, known)
+}
+
 /// Limit and rule checks, with the message kind for error context.
 struct Check<'l> {
     kind: MessageKind,
@@ -591,11 +606,6 @@ impl Check<'_> {
     fn string(&self, s: &str) -> Result<String, DecodeError> {
         self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
         Ok(s.to_owned())
-    }
-
-    fn node_name(&self, field: &'static str, s: &str) -> Result<NodeName, DecodeError> {
-        self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
-        NodeName::new(s).map_err(self.invalid(field))
     }
 
     fn workload_id(&self, field: &'static str, s: &str) -> Result<WorkloadId, DecodeError> {
@@ -657,7 +667,9 @@ impl Check<'_> {
             .collect()
     }
 
-    fn labels(&self, pairs: &[(&str, &str)]) -> Result<Labels, DecodeError> {
+    /// Checks a label set as [`Labels`] would take it, in the same order: limits, key order, then
+    /// each key and value by Kubernetes' rules.
+    fn label_pairs(&self, pairs: &[(&str, &str)], known: KnownLabels<'_>) -> Result<(), DecodeError> {
         self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
         for (k, v) in pairs {
             self.count(Limit::StringLen, k.len().max(v.len()), self.limits.max_string_len)?;
@@ -669,23 +681,43 @@ impl Check<'_> {
                 reason: "duplicate or out of order (keys must be sorted and unique)",
             }));
         }
-        Labels::from_pairs(pairs.iter().copied()).map_err(self.invalid("labels"))
+        // The rules hold for a set the caller already holds validated (they depend on the
+        // strings alone, not on limits): only an unknown set is checked string by string.
+        if known(pairs) {
+            return Ok(());
+        }
+        for &(k, v) in pairs {
+            crate::model::validate_label_key(k).map_err(self.invalid("labels"))?;
+            crate::model::validate_label_value(v).map_err(self.invalid("labels"))?;
+        }
+        Ok(())
     }
 
     fn register(&self, m: RegisterIn<'_>) -> Result<Register, DecodeError> {
+        // The owned message is the borrowed one copied: one set of checks, so the two decoders
+        // cannot disagree.
+        self.register_view(m, &mut |_| false)?.to_register().map_err(self.invalid("registration"))
+    }
+
+    fn register_view<'a>(&self, m: RegisterIn<'a>, known: KnownLabels<'_>) -> Result<RegisterView<'a>, DecodeError> {
         self.count(Limit::Addresses, m.info.addresses.len(), self.limits.max_addresses)?;
-        Ok(Register {
-            name: self.node_name("name", m.name)?,
+        self.count(Limit::StringLen, m.name.len(), self.limits.max_string_len)?;
+        crate::model::validate_node_name(m.name).map_err(self.invalid("name"))?;
+        self.label_pairs(&m.labels, known)?;
+        for s in [m.info.arch, m.info.os, m.info.agent_version] {
+            self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
+        }
+        let workloads = self.states(&m.workloads)?;
+        Ok(RegisterView {
+            name: m.name,
             boot_id: u32::from_le_bytes(m.boot_id),
-            labels: self.labels(&m.labels)?,
-            info: NodeInfo {
-                arch: self.string(m.info.arch)?,
-                os: self.string(m.info.os)?,
-                agent_version: self.string(m.info.agent_version)?,
-                addresses: m.info.addresses,
-            },
+            labels: m.labels,
+            arch: m.info.arch,
+            os: m.info.os,
+            agent_version: m.info.agent_version,
+            addresses: m.info.addresses,
             applied: digest(m.applied),
-            workloads: self.states(&m.workloads)?,
+            workloads,
         })
     }
 

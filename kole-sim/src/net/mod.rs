@@ -817,7 +817,7 @@ impl SimNetwork {
     /// Hands the cloud up to `max` uplink messages due by `now`, in due order (ties in send order).
     pub fn take_uplink(&mut self, now: Timestamp, max: usize) -> Vec<Inbound> {
         let now = self.advance(now);
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(max.min(self.queues.up_len));
         let q = &mut self.queues;
         while out.len() < max {
             let item = if q.up_fifo.front().is_some_and(|(due, _)| *due <= now) {
