@@ -15,7 +15,9 @@
 //! - [`controller`]: [`controller::run_workload_controller`] (EdgeWorkload changes → engine
 //!   commands, with a finalizer; driver events → coalesced, rate-bounded status writes) and
 //!   [`controller::run_query_controller`] (NodeQuery answers from the cache);
-//! - [`lease::LeaderElector`]: one active controller per fleet on a `coordination.k8s.io/v1` Lease.
+//! - [`lease::LeaderElector`]: one active controller per fleet on a `coordination.k8s.io/v1` Lease;
+//! - [`edgenodes::EdgeNodeServer`]: `kubectl get edgenodes`, an aggregated API
+//!   (`edge.kole.dev/v1alpha1`) served from the cache, with no object per node.
 //!
 //! The assembled controller is the `kole-controller` example (`/healthz`, `/readyz`, `/metrics`);
 //! `deploy/` holds the namespace, RBAC, CRDs and Deployment.
