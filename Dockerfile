@@ -17,7 +17,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/kole-controller /usr/local/bin/kole-controller
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 6443
 # Health and metrics on all interfaces inside the pod (the default, 127.0.0.1, is for a desktop).
 ENV KOLE_LISTEN=0.0.0.0:8080
 ENTRYPOINT ["/usr/local/bin/kole-controller"]
