@@ -365,13 +365,18 @@ pub fn health_filter(h: NodeHealthSpec) -> HealthFilter {
     }
 }
 
-/// A cache record as a query answer item.
-pub fn node_item(r: &NodeRecord) -> NodeItem {
-    let phase = match r.phase {
+/// A node phase as Kubernetes objects spell it: `Registering`, `Online`, `Offline`.
+pub fn phase_name(p: NodePhase) -> &'static str {
+    match p {
         NodePhase::Registering => "Registering",
         NodePhase::Online => "Online",
         NodePhase::Offline => "Offline",
-    };
+    }
+}
+
+/// A cache record as a query answer item.
+pub fn node_item(r: &NodeRecord) -> NodeItem {
+    let phase = phase_name(r.phase);
     NodeItem {
         name: r.name.as_str().to_owned(),
         phase: phase.to_owned(),

@@ -127,10 +127,11 @@ impl FrontProxyConfig {
             .flat_map(|h| headers.get_all(h.as_str()).iter().filter_map(|v| v.to_str().ok()).map(str::to_owned))
             .collect();
         let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // Header names arrive lower-cased.
+        let prefixes: Vec<String> = self.extra_headers_prefix.iter().map(|p| p.to_ascii_lowercase()).collect();
         for (k, v) in headers {
             let key = k.as_str();
-            for prefix in &self.extra_headers_prefix {
-                let p = prefix.to_ascii_lowercase();
+            for p in &prefixes {
                 if let Some(rest) = key.strip_prefix(p.as_str())
                     && let Ok(v) = v.to_str()
                 {

@@ -4,7 +4,7 @@ use kole_core::model::{NodeRecord, Timestamp, WorkloadPhase};
 use serde_json::{Value, json};
 
 use super::{GROUP, KIND, VERSION};
-use crate::convert::node_item;
+use crate::convert::{node_item, phase_name};
 
 pub(crate) fn api_version() -> String {
     format!("{GROUP}/{VERSION}")
@@ -96,7 +96,7 @@ pub(crate) fn row(r: &NodeRecord, rv: u64, now: Timestamp) -> Value {
     json!({
         "cells": [
             r.name.as_str(),
-            phase_name(r),
+            phase_name(r.phase),
             format!("{} ago", human_duration(since)),
             format!("{ready}/{total}"),
             platform(r),
@@ -123,14 +123,6 @@ pub(crate) fn table(rows: Vec<Value>, rv: u64, continue_: Option<&str>, with_col
         t["columnDefinitions"] = column_definitions();
     }
     t
-}
-
-pub(crate) fn phase_name(r: &NodeRecord) -> &'static str {
-    match r.phase {
-        kole_core::model::NodePhase::Registering => "Registering",
-        kole_core::model::NodePhase::Online => "Online",
-        kole_core::model::NodePhase::Offline => "Offline",
-    }
 }
 
 /// A `Status` (the body of every error, as Kubernetes writes it).

@@ -7,6 +7,8 @@ use kole_core::cache::{CacheQuery, NodeCache, StateCache};
 use kole_core::model::{LabelLookup, NodePhase, NodeRecord, Selector};
 use serde::{Deserialize, Serialize};
 
+use crate::convert::phase_name;
+
 /// A field a field selector may name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Field {
@@ -85,7 +87,7 @@ impl FieldSelector {
         self.reqs.iter().all(|q| {
             let actual = match q.field {
                 Field::Name => name,
-                Field::Phase => phase_str(node_phase),
+                Field::Phase => phase_name(node_phase),
                 Field::Arch => match platform {
                     Some(r) => r.info.arch.as_str(),
                     None => return true,
@@ -104,21 +106,9 @@ impl FieldSelector {
     }
 }
 
+/// A phase from its Kubernetes spelling.
 fn phase(s: &str) -> Option<NodePhase> {
-    match s {
-        "Registering" => Some(NodePhase::Registering),
-        "Online" => Some(NodePhase::Online),
-        "Offline" => Some(NodePhase::Offline),
-        _ => None,
-    }
-}
-
-fn phase_str(p: NodePhase) -> &'static str {
-    match p {
-        NodePhase::Registering => "Registering",
-        NodePhase::Online => "Online",
-        NodePhase::Offline => "Offline",
-    }
+    NodePhase::ALL.into_iter().find(|p| phase_name(*p) == s)
 }
 
 /// Where a paged list resumes: the served cache (its epoch) and the last slot returned.
