@@ -134,9 +134,11 @@ struct Calendar {
 }
 
 impl Calendar {
-    fn new() -> Self {
+    /// A calendar whose ring starts at `start` (the simulation's first instant): a ring left at 0
+    /// would file every wake-up of the first minute under the B-tree.
+    fn new(start: u64) -> Self {
         Self {
-            cursor: 0,
+            cursor: start,
             ring: (0..RING_MS).map(|_| Vec::new()).collect(),
             bits: vec![0; (RING_MS / 64) as usize],
             far: BTreeMap::new(),
@@ -274,7 +276,7 @@ impl Simulation {
             engine,
             agents,
             runtime: RecordingRuntime::instant(),
-            wakes: Calendar::new(),
+            wakes: Calendar::new(now_ms),
             now_ms,
             out: Outputs::default(),
             aout: AgentOutputs::default(),

@@ -66,8 +66,10 @@ impl Core {
         targets.into_iter().filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned()).collect()
     }
 
-    /// The groups of label set `set`, computed once per set.
-    pub(super) fn groups_of_set(&mut self, cache: &NodeCache, set: u32) -> Vec<GroupName> {
+    /// The groups of label set `set`, computed once per set and moved out of its entry (no copy
+    /// per registration):
+    /// hand them back with [`Core::return_groups_of_set`] once the ack is sent.
+    pub(super) fn take_groups_of_set(&mut self, cache: &NodeCache, set: u32) -> Vec<GroupName> {
         let idx = set as usize;
         if self.set_targets.len() <= idx {
             self.set_targets.resize_with(idx + 1, SetTargets::default);
@@ -79,7 +81,14 @@ impl Core {
             st.groups = groups;
             st.groups_epoch = epoch;
         }
-        self.set_targets[idx].groups.clone()
+        std::mem::take(&mut self.set_targets[idx].groups)
+    }
+
+    /// Puts back what [`Core::take_groups_of_set`] took (nothing changed the set in between).
+    pub(super) fn return_groups_of_set(&mut self, set: u32, groups: Vec<GroupName>) {
+        if let Some(st) = self.set_targets.get_mut(set as usize) {
+            st.groups = groups;
+        }
     }
 
     fn groups_of(&self, labels: &impl LabelLookup) -> Vec<GroupName> {

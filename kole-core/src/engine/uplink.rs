@@ -361,17 +361,18 @@ impl Core {
                 // A registration carries no reasons: the node's next report brings them.
                 self.forget_failures(r.slot);
                 let desired = self.desired(cache, r.slot);
-                let ack = RegisterAck {
+                let set = cache.label_set_of(r.slot);
+                let ack = Message::RegisterAck(RegisterAck {
                     boot_id: boot,
                     outcome: RegisterOutcome::Accepted,
                     heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                    groups: {
-                        let set = cache.label_set_of(r.slot);
-                        self.groups_of_set(cache, set)
-                    },
+                    groups: self.take_groups_of_set(cache, set),
                     desired,
-                };
-                self.send(out, Destination::Node(msg.node.clone()), &Message::RegisterAck(ack), false);
+                });
+                self.send(out, Destination::Node(msg.node.clone()), &ack, false);
+                if let Message::RegisterAck(ack) = ack {
+                    self.return_groups_of_set(set, ack.groups);
+                }
                 // A node given its grace (or sent its catch-up) less than
                 // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
                 // re-registering with a new boot id must not buy another desired state.

@@ -245,18 +245,26 @@ struct NodeState {
 }
 
 /// Name → id, open addressing with linear probing over the names vector (no second copy of names).
+/// Each slot packs 32 bits of the name's hash above the id, so a probe that meets another name
+/// rejects it without loading that name (two cache misses saved per collision).
 #[derive(Debug, Default)]
 struct NameIndex {
-    /// Node ids, [`NameIndex::EMPTY`] for a free slot; the length is zero or a power of two.
-    slots: Vec<u32>,
+    /// `(hash << 32) | id` words, [`NameIndex::EMPTY`] for a free slot; the length is zero or a
+    /// power of two.
+    slots: Vec<u64>,
 }
 
 impl NameIndex {
-    const EMPTY: u32 = u32::MAX;
+    const EMPTY: u64 = u64::MAX;
     const SEED: u64 = 0x6b6f_6c65_2d73_696d;
 
     fn hash(name: &str) -> u64 {
         stable_hash(Self::SEED, name.as_bytes())
+    }
+
+    /// The tag kept beside the id: the hash's upper half (the lower bits pick the slot).
+    fn tag(hash: u64) -> u64 {
+        hash >> 32
     }
 
     /// Slots for `n` names at a load of at most 3/4.
@@ -266,13 +274,16 @@ impl NameIndex {
 
     fn find(&self, names: &[NodeName], name: &str) -> Option<u32> {
         let mask = self.slots.len().checked_sub(1)?;
-        let mut i = Self::hash(name) as usize & mask;
+        let hash = Self::hash(name);
+        let tag = Self::tag(hash);
+        let mut i = hash as usize & mask;
         loop {
-            let id = *self.slots.get(i)?;
-            if id == Self::EMPTY {
+            let e = *self.slots.get(i)?;
+            if e == Self::EMPTY {
                 return None;
             }
-            if names.get(id as usize).is_some_and(|n| n.as_str() == name) {
+            let id = e as u32;
+            if e >> 32 == tag && names.get(id as usize).is_some_and(|n| n.as_str() == name) {
                 return Some(id);
             }
             i = (i + 1) & mask;
@@ -299,11 +310,12 @@ impl NameIndex {
 
     fn place(&mut self, name: &str, id: u32) {
         let mask = self.slots.len() - 1;
-        let mut i = Self::hash(name) as usize & mask;
+        let hash = Self::hash(name);
+        let mut i = hash as usize & mask;
         while self.slots[i] != Self::EMPTY {
             i = (i + 1) & mask;
         }
-        self.slots[i] = id;
+        self.slots[i] = (Self::tag(hash) << 32) | u64::from(id);
     }
 }
 
@@ -947,7 +959,7 @@ impl SimNetwork {
         let reg = &self.reg;
         let names =
             reg.names.capacity() * size_of::<NodeName>() + reg.names.iter().map(|n| n.as_str().len()).sum::<usize>();
-        let index = reg.index.slots.capacity() * size_of::<u32>();
+        let index = reg.index.slots.capacity() * size_of::<u64>();
         let state = reg.nodes.capacity() * size_of::<NodeState>()
             + reg.nodes.iter().map(|s| s.groups.heap_bytes()).sum::<usize>();
         // A B-tree node of `u32` keys holds up to 11 keys in about 56 bytes (more for internal
