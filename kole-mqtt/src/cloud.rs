@@ -59,6 +59,10 @@ pub struct CloudStats {
     /// broker replayed them on subscribe): ignored, never reach the engine. A node's retained
     /// publish would otherwise be replayed to the controller after every reconnect.
     pub retained_uplink_dropped: u64,
+    /// Batches of uplink messages handed to the inbox, over all connections: each is what one
+    /// `poll` of a connection decoded from its read buffer (rumqttc decodes up to 10 packets per
+    /// pass), so `received / uplink_batches` is how many messages a pass carried on average.
+    pub uplink_batches: u64,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +74,7 @@ struct Counters {
     published: AtomicU64,
     oversize_dropped: AtomicU64,
     retained_uplink_dropped: AtomicU64,
+    uplink_batches: AtomicU64,
 }
 
 struct Publish {
@@ -227,6 +232,7 @@ impl MqttCloud {
             published: c.published.load(Ordering::Relaxed),
             oversize_dropped: c.oversize_dropped.load(Ordering::Relaxed),
             retained_uplink_dropped: c.retained_uplink_dropped.load(Ordering::Relaxed),
+            uplink_batches: c.uplink_batches.load(Ordering::Relaxed),
         }
     }
 
@@ -300,39 +306,29 @@ impl Link {
     async fn run(mut self, mut eventloop: EventLoop) {
         let mut failures: u32 = 0;
         let mut resubscribe = false;
+        // The publishes of one read, handed to the inbox together (one lock, at most one wakeup).
+        let mut batch: Vec<Inbound> = Vec::new();
         loop {
             let event = tokio::select! {
                 () = self.closed.cancelled() => break,
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {
-                    // The ACL cannot stop a node publishing retained on its uplink; the broker would
-                    // replay it on every resubscribe, as if the node said it again.
-                    self.counters.retained_uplink_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => match self.topics.parse_uplink(&p.topic) {
-                    Ok((node, kind)) => {
-                        self.counters.received.fetch_add(1, Ordering::Relaxed);
-                        self.inbox.push(Inbound { node, kind, payload: p.payload.to_vec() });
+                Ok(event) => {
+                    self.handle(event, &mut batch, &mut failures, &mut resubscribe);
+                    // `poll` decoded every packet of its read (up to rumqttc's 10) into
+                    // `state.events` and returns them one per call; take the rest now, so one
+                    // read costs one trip through the inbox. Nothing else happens to an event
+                    // between the queue and `poll`'s return.
+                    while let Some(event) = eventloop.state.events.pop_front() {
+                        self.handle(event, &mut batch, &mut failures, &mut resubscribe);
                     }
-                    Err(_) => {
-                        self.counters.bad_topic.fetch_add(1, Ordering::Relaxed);
-                    }
-                },
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    self.counters.connects.fetch_add(1, Ordering::Relaxed);
-                    self.up.store(true, Ordering::Relaxed);
-                    failures = 0;
-                    // Clean session: the broker forgot our subscriptions, make them again.
-                    if self.filters.is_empty() {
-                        self.signal_ready();
-                    } else {
-                        resubscribe = true;
+                    if !batch.is_empty() {
+                        self.counters.uplink_batches.fetch_add(1, Ordering::Relaxed);
+                        self.counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        self.inbox.push_batch(&mut batch);
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => self.signal_ready(),
-                Ok(_) => {}
                 Err(_) => {
                     resubscribe = false;
                     self.up.store(false, Ordering::Relaxed);
@@ -352,6 +348,36 @@ impl Link {
             }
         }
         self.up.store(false, Ordering::Relaxed);
+    }
+
+    /// Handles one event; an uplink message joins `batch`.
+    fn handle(&mut self, event: Event, batch: &mut Vec<Inbound>, failures: &mut u32, resubscribe: &mut bool) {
+        match event {
+            Event::Incoming(Packet::Publish(p)) if p.retain => {
+                // The ACL cannot stop a node publishing retained on its uplink; the broker would
+                // replay it on every resubscribe, as if the node said it again.
+                self.counters.retained_uplink_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Incoming(Packet::Publish(p)) => match self.topics.parse_uplink(&p.topic) {
+                Ok((node, kind)) => batch.push(Inbound { node, kind, payload: p.payload.to_vec() }),
+                Err(_) => {
+                    self.counters.bad_topic.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Event::Incoming(Packet::ConnAck(_)) => {
+                self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                self.up.store(true, Ordering::Relaxed);
+                *failures = 0;
+                // Clean session: the broker forgot our subscriptions, make them again.
+                if self.filters.is_empty() {
+                    self.signal_ready();
+                } else {
+                    *resubscribe = true;
+                }
+            }
+            Event::Incoming(Packet::SubAck(_)) => self.signal_ready(),
+            _ => {}
+        }
     }
 
     fn signal_ready(&mut self) {

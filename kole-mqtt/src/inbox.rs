@@ -1,59 +1,109 @@
 //! A bounded, cancel-safe inbox shared by connection tasks (producers) and one `recv` (consumer).
 //!
-//! Bounded twice: by message count (the channel's capacity) and by bytes (the sum of what
-//! `weigh` says each queued message holds). A message that would cross either bound is dropped —
-//! the newest, because a producer must never wait (it is a connection's event loop) and cannot
-//! reach the oldest, which the consumer may be taking at that moment — and counted.
+//! Bounded twice: by message count and by bytes (the sum of what `weigh` says each queued message
+//! holds). A message that would cross either bound is dropped — the newest, because a producer
+//! must never wait (it is a connection's event loop) — and counted.
+//!
+//! Producers hand over whole batches (everything one socket read decoded) under one lock and wake
+//! the consumer only when the queue was empty, so a busy inbox costs one lock and at most one
+//! wakeup per read, not per message; the consumer takes up to `max` messages under one lock.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kole_core::transport::TransportError;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// What producers and the consumer share: the drop counter and the byte account.
+/// The queue and its byte account, under one lock.
 #[derive(Debug)]
-struct Bounds {
+struct Queue<T> {
+    items: VecDeque<T>,
+    /// Bytes of the messages queued now, never above `max_bytes`.
+    bytes: usize,
+}
+
+/// What producers and the consumer share.
+#[derive(Debug)]
+struct Shared<T> {
+    queue: Mutex<Queue<T>>,
+    /// Wakes the consumer: notified when a push finds the queue empty, when a taker leaves
+    /// messages behind, and when the last producer goes.
+    ready: Notify,
     dropped: AtomicU64,
-    /// Bytes of the messages queued now (reserved before a message enters, released after
-    /// `recv` took it out), never above `max_bytes`.
-    queued_bytes: AtomicUsize,
+    /// Producers alive; 0 with an empty queue means `Closed`.
+    senders: AtomicUsize,
+    capacity: usize,
     max_bytes: usize,
+    weigh: fn(&T) -> usize,
+}
+
+impl<T> Shared<T> {
+    /// The queue. A producer or consumer that panicked while holding the lock left it consistent
+    /// (every update is a single push, pop or add), so a poisoned lock is used as is.
+    fn lock(&self) -> MutexGuard<'_, Queue<T>> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The producers' end: never blocks (a connection task must keep polling its event loop).
 #[derive(Debug)]
 pub(crate) struct InboxSender<T> {
-    tx: mpsc::Sender<T>,
-    bounds: Arc<Bounds>,
-    weigh: fn(&T) -> usize,
+    shared: Arc<Shared<T>>,
 }
 
 impl<T> Clone for InboxSender<T> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone(), bounds: self.bounds.clone(), weigh: self.weigh }
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<T> Drop for InboxSender<T> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last one: a waiting `recv` must see `Closed` once the queue is drained.
+            self.shared.ready.notify_one();
+        }
     }
 }
 
 impl<T> InboxSender<T> {
-    /// Enqueues `item`, or drops and counts it when the inbox is full (by count or by bytes) or
-    /// its reader is gone.
+    /// Enqueues `item`, or drops and counts it when the inbox is full (by count or by bytes).
     pub(crate) fn push(&self, item: T) {
-        let size = (self.weigh)(&item);
-        let b = &self.bounds;
-        // Reserve first, so producers racing each other can never together pass the bound.
-        let reserved = b
-            .queued_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_add(size).filter(|n| *n <= b.max_bytes))
-            .is_ok();
-        if !reserved {
-            b.dropped.fetch_add(1, Ordering::Relaxed);
+        self.push_batch(&mut vec![item]);
+    }
+
+    /// Enqueues every message of `batch` in order (leaving it empty), under one lock and with at
+    /// most one wakeup; each message that would cross a bound is dropped and counted, the others
+    /// still go in.
+    pub(crate) fn push_batch(&self, batch: &mut Vec<T>) {
+        if batch.is_empty() {
             return;
         }
-        if self.tx.try_send(item).is_err() {
-            b.queued_bytes.fetch_sub(size, Ordering::AcqRel);
-            b.dropped.fetch_add(1, Ordering::Relaxed);
+        let s = &*self.shared;
+        let mut dropped = 0u64;
+        let was_empty;
+        {
+            let mut q = s.lock();
+            was_empty = q.items.is_empty();
+            for item in batch.drain(..) {
+                let size = (s.weigh)(&item);
+                match q.bytes.checked_add(size) {
+                    Some(bytes) if bytes <= s.max_bytes && q.items.len() < s.capacity => {
+                        q.bytes = bytes;
+                        q.items.push_back(item);
+                    }
+                    _ => dropped += 1,
+                }
+            }
+        }
+        if dropped > 0 {
+            s.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+        if was_empty {
+            s.ready.notify_one();
         }
     }
 }
@@ -61,10 +111,7 @@ impl<T> InboxSender<T> {
 /// The consumer's end.
 #[derive(Debug)]
 pub(crate) struct Inbox<T> {
-    rx: Mutex<mpsc::Receiver<T>>,
-    capacity: usize,
-    bounds: Arc<Bounds>,
-    weigh: fn(&T) -> usize,
+    shared: Arc<Shared<T>>,
 }
 
 impl<T: Send> Inbox<T> {
@@ -76,31 +123,58 @@ impl<T: Send> Inbox<T> {
     /// An inbox holding at most `capacity` messages and `max_bytes` bytes, a message weighing
     /// what `weigh` says.
     pub(crate) fn with_byte_bound(capacity: usize, max_bytes: usize, weigh: fn(&T) -> usize) -> (InboxSender<T>, Self) {
-        let capacity = capacity.max(1);
-        let (tx, rx) = mpsc::channel(capacity);
-        let bounds = Arc::new(Bounds { dropped: AtomicU64::new(0), queued_bytes: AtomicUsize::new(0), max_bytes });
-        (InboxSender { tx, bounds: bounds.clone(), weigh }, Self { rx: Mutex::new(rx), capacity, bounds, weigh })
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { items: VecDeque::new(), bytes: 0 }),
+            ready: Notify::new(),
+            dropped: AtomicU64::new(0),
+            senders: AtomicUsize::new(1),
+            capacity: capacity.max(1),
+            max_bytes,
+            weigh,
+        });
+        (InboxSender { shared: shared.clone() }, Self { shared })
     }
 
     /// Messages dropped because the inbox was full (by count or by bytes).
     pub(crate) fn dropped(&self) -> u64 {
-        self.bounds.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// The capacity.
     pub(crate) fn capacity(&self) -> usize {
-        self.capacity
+        self.shared.capacity
     }
 
     /// Bytes queued now (the tests check the bound with it).
     #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.bounds.queued_bytes.load(Ordering::Acquire)
+        self.shared.lock().bytes
     }
 
-    /// Waits for at least one message and returns up to `max`. Cancel-safe: both the lock and
-    /// `recv_many` are, so a cancelled call loses nothing. `Closed` once `closed` is cancelled, or
-    /// when every producer is gone and the inbox is drained.
+    /// Takes up to `max` queued messages (`None` when the queue is empty).
+    fn take(&self, max: usize) -> Option<Vec<T>> {
+        let s = &*self.shared;
+        let mut q = s.lock();
+        if q.items.is_empty() {
+            return None;
+        }
+        let n = q.items.len().min(max);
+        let out: Vec<T> = q.items.drain(..n).collect();
+        let taken: usize = out.iter().map(s.weigh).sum();
+        q.bytes -= taken;
+        let left = !q.items.is_empty();
+        drop(q);
+        if left {
+            // Another `recv` may be waiting; no push will wake it while the queue is not empty.
+            s.ready.notify_one();
+        }
+        Some(out)
+    }
+
+    /// Waits for at least one message and returns up to `max`. Cancel-safe: messages leave the
+    /// queue only in a synchronous step that returns them, so a cancelled call loses nothing.
+    /// `Closed` once `closed` is cancelled, or when every producer is gone and the inbox is
+    /// drained.
     pub(crate) async fn recv(&self, max: usize, closed: &CancellationToken) -> Result<Vec<T>, TransportError> {
         if closed.is_cancelled() {
             return Err(TransportError::Closed);
@@ -108,20 +182,20 @@ impl<T: Send> Inbox<T> {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let mut rx = tokio::select! {
-            () = closed.cancelled() => return Err(TransportError::Closed),
-            rx = self.rx.lock() => rx,
-        };
-        let mut out = Vec::with_capacity(max.min(4096));
-        tokio::select! {
-            () = closed.cancelled() => Err(TransportError::Closed),
-            n = rx.recv_many(&mut out, max) => {
-                if n == 0 {
-                    return Err(TransportError::Closed);
-                }
-                let taken: usize = out.iter().map(self.weigh).sum();
-                self.bounds.queued_bytes.fetch_sub(taken, Ordering::AcqRel);
-                Ok(out)
+        let s = &*self.shared;
+        loop {
+            if let Some(out) = self.take(max) {
+                return Ok(out);
+            }
+            if s.senders.load(Ordering::Acquire) == 0 {
+                // The last producer may have pushed before it went: look once more.
+                return self.take(max).ok_or(TransportError::Closed);
+            }
+            // A push that lands between the check above and this wait stored a permit in
+            // `ready` (notify_one), so the wait returns at once: no wakeup is lost.
+            tokio::select! {
+                () = closed.cancelled() => return Err(TransportError::Closed),
+                () = s.ready.notified() => {}
             }
         }
     }
@@ -132,6 +206,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use proptest::strategy::Strategy;
 
     // The inbox's size function takes `&T`, here `&Vec<u8>`.
     #[allow(clippy::ptr_arg)]
@@ -175,5 +250,134 @@ mod tests {
         }
         assert_eq!(inbox.dropped(), 3);
         assert_eq!(inbox.queued_bytes(), 20);
+    }
+
+    #[tokio::test]
+    async fn a_batch_keeps_its_order_and_drops_only_what_crosses_a_bound() {
+        let (tx, inbox) = Inbox::<Vec<u8>>::with_byte_bound(4, 1_000, len);
+        let closed = CancellationToken::new();
+        // Bytes: 400 + 400 fit, 300 would cross 1,000, 100 still fits; count: the fifth message
+        // that fits in bytes is over the count bound of 4.
+        let mut batch = vec![vec![1; 400], vec![2; 400], vec![3; 300], vec![4; 100], vec![5; 10], vec![6; 10]];
+        tx.push_batch(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(inbox.dropped(), 2);
+        assert_eq!(inbox.queued_bytes(), 910);
+        let got = inbox.recv(100, &closed).await.unwrap();
+        assert_eq!(got.iter().map(|m| m[0]).collect::<Vec<_>>(), vec![1, 2, 4, 5]);
+        assert_eq!(inbox.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn recv_takes_at_most_max_and_the_rest_waits_in_order() {
+        let (tx, inbox) = Inbox::<Vec<u8>>::new(100);
+        let closed = CancellationToken::new();
+        tx.push_batch(&mut (0..10u8).map(|i| vec![i]).collect());
+        let first = inbox.recv(3, &closed).await.unwrap();
+        let rest = inbox.recv(100, &closed).await.unwrap();
+        assert_eq!(first.concat(), vec![0, 1, 2]);
+        assert_eq!(rest.concat(), (3..10).collect::<Vec<u8>>());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_recv_wakes_for_a_push_and_sees_closed_after_the_last_producer() {
+        let (tx, inbox) = Inbox::<Vec<u8>>::new(100);
+        let inbox = Arc::new(inbox);
+        let closed = CancellationToken::new();
+        let waiting = {
+            let (inbox, closed) = (inbox.clone(), closed.clone());
+            tokio::spawn(async move { inbox.recv(10, &closed).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let tx2 = tx.clone();
+        tx2.push(vec![9]);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+        assert_eq!(got, vec![vec![9]]);
+        // What the producers queued before they went is still delivered, then `Closed`.
+        tx.push(vec![8]);
+        drop(tx);
+        drop(tx2);
+        assert_eq!(inbox.recv(10, &closed).await.unwrap(), vec![vec![8]]);
+        let end = tokio::time::timeout(Duration::from_secs(5), inbox.recv(10, &closed)).await.unwrap();
+        assert!(matches!(end, Err(TransportError::Closed)), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_recv_loses_nothing() {
+        let (tx, inbox) = Inbox::<Vec<u8>>::new(100);
+        let closed = CancellationToken::new();
+        // A recv that is cancelled while it waits, then a push: the next recv gets it.
+        assert!(tokio::time::timeout(Duration::from_millis(10), inbox.recv(10, &closed)).await.is_err());
+        tx.push(vec![1]);
+        let got = tokio::time::timeout(Duration::from_secs(5), inbox.recv(10, &closed)).await.unwrap().unwrap();
+        assert_eq!(got, vec![vec![1]]);
+        closed.cancel();
+        assert!(matches!(inbox.recv(10, &closed).await, Err(TransportError::Closed)));
+    }
+
+    proptest::proptest! {
+        /// Any sequence of batches and takes: the bounds hold after every step, nothing is lost
+        /// or reordered (what was taken is what was pushed minus what was counted as dropped, in
+        /// push order), and the byte account matches what is queued.
+        #[test]
+        fn bounds_hold_and_nothing_is_lost_or_reordered(
+            steps in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::collection::vec(0usize..300, 0..20).prop_map(Step::Push),
+                    (1usize..30).prop_map(Step::Take),
+                ],
+                1..60,
+            ),
+            capacity in 1usize..40,
+            max_bytes in 0usize..3_000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            let (tx, inbox) = Inbox::<Vec<u8>>::with_byte_bound(capacity, max_bytes, len);
+            let closed = CancellationToken::new();
+            let (mut next, mut model, mut dropped) = (0u32, std::collections::VecDeque::<Vec<u8>>::new(), 0u64);
+            for step in steps {
+                match step {
+                    Step::Push(sizes) => {
+                        let mut batch = Vec::new();
+                        for size in sizes {
+                            // Each message is tagged with its sequence number, then padded.
+                            let mut m = next.to_le_bytes().to_vec();
+                            m.resize(size.max(4), 0);
+                            next += 1;
+                            let queued: usize = model.iter().map(Vec::len).sum();
+                            if model.len() < capacity && queued + m.len() <= max_bytes {
+                                model.push_back(m.clone());
+                            } else {
+                                dropped += 1;
+                            }
+                            batch.push(m);
+                        }
+                        tx.push_batch(&mut batch);
+                    }
+                    Step::Take(max) => {
+                        let want: Vec<Vec<u8>> = model.drain(..model.len().min(max)).collect();
+                        if want.is_empty() {
+                            let r = rt.block_on(async {
+                                tokio::time::timeout(Duration::from_millis(1), inbox.recv(max, &closed)).await
+                            });
+                            proptest::prop_assert!(r.is_err(), "an empty inbox returned {r:?}");
+                        } else {
+                            let got = rt.block_on(inbox.recv(max, &closed)).unwrap();
+                            proptest::prop_assert_eq!(got, want);
+                        }
+                    }
+                }
+                let queued: usize = model.iter().map(Vec::len).sum();
+                proptest::prop_assert_eq!(inbox.queued_bytes(), queued);
+                proptest::prop_assert!(queued <= max_bytes && model.len() <= capacity);
+                proptest::prop_assert_eq!(inbox.dropped(), dropped);
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Push(Vec<usize>),
+        Take(usize),
     }
 }

@@ -40,9 +40,9 @@ use tokio::sync::mpsc;
 use crate::dataset::ReferenceFleet;
 use crate::mqtt_bench::{
     ControllerCommand, ControllerView, MqttBenchError, bench_workload, controller_thread, engine_counts,
-    record_heartbeat_cpu, run_salt, setup,
+    record_batches, record_heartbeat_cpu, run_salt, setup,
 };
-use crate::procfs::{self, is_root, peak_rss_of, thread_cpu_split};
+use crate::procfs::{self, is_root, peak_rss_of, thread_cpu};
 use crate::report::{Figures, bytes, thousands};
 
 /// The controller's MQTT user name in the generated password file and ACL.
@@ -310,6 +310,8 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
     fig.float("controller_cpu_s", view.final_cpu_us.load(Ordering::Relaxed) as f64 / 1e6);
     fig.int("controller_inbox_dropped", view.inbox_dropped.load(Ordering::Relaxed));
     fig.int("controller_send_failures", view.send_failures.load(Ordering::Relaxed));
+    fig.int("controller_received", view.received.load(Ordering::Relaxed));
+    record_batches(&mut fig, &view);
     fig.int("broker_rss_bytes", total_rss);
     fig.int("broker_rss_max_bytes", max_rss);
     fig.int("broker_bytes_per_connection", total_rss / n.max(1) as u64);
@@ -414,13 +416,14 @@ fn phases(
     progress(&format!("every node's next heartbeat ({} ms interval)", cfg.heartbeat_interval_ms));
     let tid = view.tid.load(Ordering::Relaxed);
     let before = view.heartbeats.load(Ordering::Relaxed);
-    let cpu0 = thread_cpu_split(tid);
+    let cpu0 = thread_cpu(tid);
     let t = Instant::now();
     if !wait(timeout, || view.heartbeats.load(Ordering::Relaxed) >= before + n as u64) {
         return Err(fail("heartbeat", format!("{} heartbeats", view.heartbeats.load(Ordering::Relaxed) - before)));
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
-    record_heartbeat_cpu(fig, cpu0, thread_cpu_split(tid));
+    let cpu1 = thread_cpu(tid);
+    record_heartbeat_cpu(fig, cpu0, cpu1, view.heartbeats.load(Ordering::Relaxed) - before);
 
     progress("one workload to every node, until the controller reports every node running");
     let workload = bench_workload()?;
@@ -663,7 +666,12 @@ pub fn table(fig: &Figures) -> String {
     let mut row = |what: &str, v: String| out.push_str(&format!("  {what:<58} {v:>14}\n"));
     row("register every node (connect, authenticate, register)", format!("{:.2} s", g("register_s")));
     row("every node's next heartbeat", format!("{:.2} s", g("heartbeat_s")));
-    row("  controller CPU for it", format!("{:.2} s", g("heartbeat_cpu_s")));
+    row(
+        "  controller CPU for it (user / system)",
+        format!("{:.2} s ({:.2} / {:.2})", g("heartbeat_cpu_s"), g("heartbeat_cpu_user_s"), g("heartbeat_cpu_sys_s")),
+    );
+    row("  controller CPU per heartbeat", format!("{:.2} µs", g("heartbeat_cpu_us_per_msg")));
+    row("uplink messages per batch into the controller's inbox", format!("{:.1}", g("controller_msgs_per_batch")));
     row("one workload delivered, all report running", format!("{:.2} s", g("distribute_s")));
     row("controller CPU, whole run", format!("{:.2} s", g("controller_cpu_s")));
     row("brokers' peak RSS (sum)", bytes(g("broker_rss_bytes") as u64));

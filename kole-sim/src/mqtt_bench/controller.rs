@@ -28,6 +28,7 @@ pub(crate) struct ControllerView {
     pub(crate) send_failures: AtomicU64,
     pub(crate) inbox_dropped: AtomicU64,
     pub(crate) received: AtomicU64,
+    pub(crate) uplink_batches: AtomicU64,
     /// The thread's CPU time when it finished, in microseconds.
     pub(crate) final_cpu_us: AtomicU64,
     /// The engine's counters, as of its last call.
@@ -135,6 +136,7 @@ pub(crate) fn controller_thread(
         let st = cloud.stats();
         view.inbox_dropped.store(st.dropped_full, Ordering::Relaxed);
         view.received.store(st.received, Ordering::Relaxed);
+        view.uplink_batches.store(st.uplink_batches, Ordering::Relaxed);
         cloud.close();
     });
     let cpu = current_tid().and_then(thread_cpu_seconds).unwrap_or(0.0);

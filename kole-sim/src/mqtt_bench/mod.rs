@@ -39,7 +39,7 @@ use kole_mqtt::{BrokerAddr, CloudConfig};
 use rumqttc::{AsyncClient, MqttOptions, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 
-use crate::procfs::{self, peak_rss_of, thread_cpu_split};
+use crate::procfs::{self, ThreadCpu, peak_rss_of, thread_cpu};
 use crate::report::{Figures, thousands};
 
 pub(crate) use controller::{ControllerCommand, ControllerView, controller_thread, engine_counts};
@@ -217,6 +217,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
     fig.int("controller_inbox_dropped", view.inbox_dropped.load(Ordering::Relaxed));
     fig.int("controller_send_failures", view.send_failures.load(Ordering::Relaxed));
     fig.int("controller_received", view.received.load(Ordering::Relaxed));
+    record_batches(&mut fig, &view);
     if let Some(pid) = cfg.broker_pid
         && let Some(rss) = peak_rss_of(pid)
     {
@@ -326,7 +327,7 @@ async fn simulate(
     progress("one heartbeat from every node, all due at once");
     let tid = view.tid.load(Ordering::Relaxed);
     let before = view.heartbeats.load(Ordering::Relaxed);
-    let cpu0 = thread_cpu_split(tid);
+    let cpu0 = thread_cpu(tid);
     let t = Instant::now();
     fleet.offset_ms += u64::from(EngineConfig::default().heartbeat_interval_ms);
     let ok = fleet
@@ -336,7 +337,8 @@ async fn simulate(
         return Err(fail("heartbeat", format!("{} heartbeats", view.heartbeats.load(Ordering::Relaxed) - before)));
     }
     fig.float("heartbeat_s", t.elapsed().as_secs_f64());
-    record_heartbeat_cpu(fig, cpu0, thread_cpu_split(tid));
+    let cpu1 = thread_cpu(tid);
+    record_heartbeat_cpu(fig, cpu0, cpu1, view.heartbeats.load(Ordering::Relaxed) - before);
     progress(&format!("  controller after the heartbeat: {}", engine_counts(view)));
 
     progress("one workload to every node, until the controller reports every node running");
@@ -381,13 +383,35 @@ pub(crate) fn bench_workload() -> Result<Workload, MqttBenchError> {
     })
 }
 
-/// Records the controller thread's CPU between two readings of [`thread_cpu_split`] as
-/// `heartbeat_cpu_s`, `heartbeat_cpu_user_s` and `heartbeat_cpu_sys_s` (NaN when unreadable).
-pub(crate) fn record_heartbeat_cpu(fig: &mut Figures, before: Option<(f64, f64)>, after: Option<(f64, f64)>) {
-    let ((u0, s0), (u1, s1)) = (before.unwrap_or((f64::NAN, f64::NAN)), after.unwrap_or((f64::NAN, f64::NAN)));
-    fig.float("heartbeat_cpu_s", (u1 - u0) + (s1 - s0));
-    fig.float("heartbeat_cpu_user_s", u1 - u0);
-    fig.float("heartbeat_cpu_sys_s", s1 - s0);
+/// Records the controller thread's CPU between two readings of [`thread_cpu`] as
+/// `heartbeat_cpu_s`, `heartbeat_cpu_user_s` and `heartbeat_cpu_sys_s` (10 ms ticks), and, from
+/// the exact total, `heartbeat_cpu_us_per_msg` for the `heartbeats` the engine counted in between
+/// (NaN when unreadable).
+pub(crate) fn record_heartbeat_cpu(
+    fig: &mut Figures,
+    before: Option<ThreadCpu>,
+    after: Option<ThreadCpu>,
+    heartbeats: u64,
+) {
+    let nan = ThreadCpu { user_s: f64::NAN, sys_s: f64::NAN, ns: None };
+    let (b, a) = (before.unwrap_or(nan), after.unwrap_or(nan));
+    fig.float("heartbeat_cpu_s", (a.user_s - b.user_s) + (a.sys_s - b.sys_s));
+    fig.float("heartbeat_cpu_user_s", a.user_s - b.user_s);
+    fig.float("heartbeat_cpu_sys_s", a.sys_s - b.sys_s);
+    let us = match (b.ns, a.ns) {
+        (Some(b), Some(a)) if heartbeats > 0 => a.saturating_sub(b) as f64 / 1e3 / heartbeats as f64,
+        _ => f64::NAN,
+    };
+    fig.int("heartbeat_cpu_msgs", heartbeats);
+    fig.float("heartbeat_cpu_us_per_msg", us);
+}
+
+/// `controller_msgs_per_batch`: uplink messages per batch a connection handed to the inbox over
+/// the whole run ([`kole_mqtt::CloudStats::uplink_batches`]).
+pub(crate) fn record_batches(fig: &mut Figures, view: &ControllerView) {
+    let (msgs, batches) = (view.received.load(Ordering::Relaxed), view.uplink_batches.load(Ordering::Relaxed));
+    fig.int("controller_uplink_batches", batches);
+    fig.float("controller_msgs_per_batch", if batches == 0 { f64::NAN } else { msgs as f64 / batches as f64 });
 }
 
 /// A per-run salt (for fleet names and credentials): the wall clock's milliseconds, low 32 bits.

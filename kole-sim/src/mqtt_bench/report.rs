@@ -19,6 +19,7 @@ pub fn table(fig: &Figures) -> String {
     t.row("register every node (over the broker)", format!("{:.2} s", num("register_s")), "~260 s", "<= 30 s");
     t.row("one heartbeat from every node", format!("{:.2} s", num("heartbeat_s")), "~9.2 s", "n/a");
     t.row("  controller CPU for it", format!("{:.2} s", num("heartbeat_cpu_s")), "n/a", "<= 1 CPU-s");
+    t.row("  controller CPU per heartbeat", format!("{:.2} µs", num("heartbeat_cpu_us_per_msg")), "n/a", "n/a");
     t.row("one workload delivered, all report running", format!("{:.2} s", num("distribute_s")), "~73 s", "<= 15 s");
     t.row("controller CPU, whole run", format!("{:.2} s", num("controller_cpu_s")), "n/a", "n/a");
     let broker_rss = fig.num("broker_rss_bytes").map_or("n/a (not a local process)".into(), |b| bytes(b as u64));
