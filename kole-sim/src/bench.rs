@@ -341,6 +341,10 @@ pub fn table(fig: &Figures) -> String {
         thousands(nodes),
         num("seed") as u64
     ));
+    // The targets are set at two sizes (issue 14): 1M nodes, and 10M in one process, which gives
+    // the snapshot and the engine phases more time; a fleet from 5M up is held to the 10M ones.
+    let ten_m = nodes >= 5_000_000;
+    let target = |one_m: &'static str, ten: &'static str| if ten_m { ten } else { one_m };
     t.row("cache memory per node", format!("{} B", num("cache_bytes_per_node") as u64), "~10,600 B", "<= 150 B");
     t.row(
         "heartbeats decoded+applied per second",
@@ -348,18 +352,52 @@ pub fn table(fig: &Figures) -> String {
         "~0.11 M/s (1M in 9.2 s)",
         ">= 5 M/s",
     );
-    t.row("snapshot write (encode, compress, chunk)", format!("{:.2} s", num("snapshot_s")), "n/a", "<= 1.0 s");
+    t.row(
+        "snapshot write (encode, compress, chunk)",
+        format!("{:.2} s", num("snapshot_s")),
+        "n/a",
+        target("<= 1.0 s", "<= 3 s"),
+    );
     t.row(
         "snapshot size",
         format!("{} chunks, {}", num("snapshot_chunks") as u64, bytes(num("snapshot_bytes") as u64)),
         "33 chunks of 1 MB (gzip)",
-        "<= 16 chunks of 768 KiB",
+        target("<= 16 chunks of 768 KiB", "<= 140 chunks of 768 KiB"),
     );
-    t.row("cache rebuilt from snapshot", format!("{:.2} s", num("restore_s")), "~20 s (LIST: ~900 s)", "<= 1.0 s");
+    t.row(
+        "cache rebuilt from snapshot",
+        format!("{:.2} s", num("restore_s")),
+        "~20 s (LIST: ~900 s)",
+        target("<= 1.0 s", "<= 3 s"),
+    );
     if fig.get("register_s").is_some() {
-        t.row("register every node (engine + agents)", format!("{:.2} s", num("register_s")), "~260 s", "<= 2 s");
-        t.row("one heartbeat from every node", format!("{:.2} s", num("heartbeat_s")), "~9.2 s", "<= 0.5 s");
-        t.row("one workload delivered, all report running", format!("{:.2} s", num("distribute_s")), "~73 s", "<= 2 s");
+        let paper = |at_1m: &'static str| if ten_m { "n/a (1M only)" } else { at_1m };
+        t.row(
+            "register every node (engine + agents)",
+            format!("{:.2} s", num("register_s")),
+            paper("~260 s"),
+            target("<= 2 s", "<= 20 s"),
+        );
+        t.row(
+            "one heartbeat from every node",
+            format!("{:.2} s", num("heartbeat_s")),
+            paper("~9.2 s"),
+            target("<= 0.5 s", "<= 5 s"),
+        );
+        t.row(
+            "one workload delivered, all report running",
+            format!("{:.2} s", num("distribute_s")),
+            paper("~73 s"),
+            target("<= 2 s", "<= 20 s"),
+        );
+        if ten_m {
+            t.row(
+                "peak RSS of the run (agents included)",
+                bytes(num("peak_rss_bytes") as u64),
+                "10.6 GB at 1M",
+                "<= 12 GiB",
+            );
+        }
     }
     let mut s = t.render();
     if fig.get("register_cpu_s").is_some() {

@@ -276,6 +276,7 @@ impl State {
             s.published += now.published;
             s.oversize_dropped += now.oversize_dropped;
             s.retained_uplink_dropped += now.retained_uplink_dropped;
+            s.uplink_batches += now.uplink_batches;
             s.connected = now.connected;
         }
         s
