@@ -72,23 +72,27 @@ impl<T> Drop for InboxSender<T> {
 impl<T> InboxSender<T> {
     /// Enqueues `item`, or drops and counts it when the inbox is full (by count or by bytes).
     pub(crate) fn push(&self, item: T) {
-        self.push_batch(&mut vec![item]);
+        self.push_all(std::iter::once(item));
     }
 
     /// Enqueues every message of `batch` in order (leaving it empty), under one lock and with at
     /// most one wakeup; each message that would cross a bound is dropped and counted, the others
     /// still go in.
     pub(crate) fn push_batch(&self, batch: &mut Vec<T>) {
-        if batch.is_empty() {
-            return;
+        if !batch.is_empty() {
+            self.push_all(batch.drain(..));
         }
+    }
+
+    /// Enqueues `items` in order under one lock (see [`InboxSender::push_batch`]).
+    fn push_all(&self, items: impl Iterator<Item = T>) {
         let s = &*self.shared;
         let mut dropped = 0u64;
         let was_empty;
         {
             let mut q = s.lock();
             was_empty = q.items.is_empty();
-            for item in batch.drain(..) {
+            for item in items {
                 let size = (s.weigh)(&item);
                 match q.bytes.checked_add(size) {
                     Some(bytes) if bytes <= s.max_bytes && q.items.len() < s.capacity => {

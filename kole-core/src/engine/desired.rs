@@ -67,8 +67,7 @@ impl Core {
     }
 
     /// The groups of label set `set`, computed once per set and moved out of its entry (no copy
-    /// per registration):
-    /// hand them back with [`Core::return_groups_of_set`] once the ack is sent.
+    /// per registration): hand them back with [`Core::return_groups_of_set`] once the ack is sent.
     pub(super) fn take_groups_of_set(&mut self, cache: &NodeCache, set: u32) -> Vec<GroupName> {
         let idx = set as usize;
         if self.set_targets.len() <= idx {
