@@ -147,10 +147,6 @@ struct BenchArgs {
     /// Measure the cache and snapshots only: skip the engine and agents.
     #[arg(long, help_heading = "--transport memory")]
     cache_only: bool,
-    /// Run the simulated agents and the engine on one thread (by default a large step runs them
-    /// on two, as the controller and its fleet run on different machines).
-    #[arg(long, help_heading = "--transport memory")]
-    one_thread: bool,
     /// Run the bench once per fleet size, e.g. `10000,100000,1000000` (instead of `--nodes`).
     #[arg(long, value_delimiter = ',', value_parser = number::<usize>, conflicts_with = "nodes", help_heading = "--transport memory")]
     sweep: Vec<usize>,
@@ -231,7 +227,6 @@ const MODE_FLAGS: &[(&str, &[BenchMode])] = {
         ("batch", &[Memory]),
         ("max_chunk_bytes", &[Memory]),
         ("cache_only", &[Memory]),
-        ("one_thread", &[Memory]),
         ("sweep", &[Memory]),
         ("plot", &[Memory]),
         ("broker", &[Mqtt]),
@@ -502,7 +497,6 @@ fn cmd_bench(args: &BenchArgs) -> AnyResult<ExitCode> {
             batch: args.batch,
             max_chunk_bytes: args.max_chunk_bytes,
             engine: !args.cache_only,
-            overlap: !args.one_thread,
         };
         let started = std::time::Instant::now();
         let figures = bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;

@@ -15,7 +15,7 @@
 //! assert_eq!(sim.engine().stats().registered_new, 200);
 //! ```
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::net::{NodeId, SimNetwork};
@@ -27,7 +27,7 @@ use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp};
 use kole_core::transport::fault::FaultPlan;
-use kole_core::transport::{Destination, Inbound, NodeDelivery};
+use kole_core::transport::{Destination, NodeDelivery};
 
 use crate::dataset::ReferenceFleet;
 
@@ -48,12 +48,8 @@ pub struct SimConfig {
     pub engine_tick_ms: u64,
     /// Most uplink messages handed to the engine per batch. Default 16,384.
     pub uplink_batch: usize,
-    /// Most agent inputs (connections, wake-ups, deliveries) handled per step. Default 16,384.
+    /// Most downlink deliveries handed to agents per round. Default 65,536.
     pub downlink_batch: usize,
-    /// Run the engine's batch and the agents' inputs of one step on two threads when both are
-    /// large (see [`Simulation`]). The schedule, and so every result, is the same either way;
-    /// only the wall time differs. Default true.
-    pub overlap: bool,
     /// Keep each agent's last persisted state, so agents can be restarted with it (costs memory).
     pub keep_agent_state: bool,
     /// Virtual start time, in milliseconds since the epoch.
@@ -70,8 +66,7 @@ impl Default for SimConfig {
             agent: AgentConfig::default(),
             engine_tick_ms: 1_000,
             uplink_batch: 16_384,
-            downlink_batch: 16_384,
-            overlap: true,
+            downlink_batch: 65_536,
             keep_agent_state: false,
             start_ms: crate::dataset::REFERENCE_NOW_SECS * 1000,
         }
@@ -93,62 +88,29 @@ pub struct SimStats {
     pub engine_ticks: u64,
     /// Messages the engine asked to send.
     pub engine_messages: u64,
-    /// Wall-clock nanoseconds spent inside the engine.
+    /// Wall-clock seconds spent inside the engine.
     pub engine_wall_ns: u64,
-    /// Steps whose engine batch ran on a thread of its own, beside the agents' inputs.
-    pub overlapped_steps: u64,
 }
 
 /// One engine, N agents and the network between them.
-///
-/// The loop runs in steps. A step hands the engine the uplink messages due (up to
-/// [`SimConfig::uplink_batch`]) and the agents their inputs due (up to
-/// [`SimConfig::downlink_batch`]: connections, then wake-ups, then deliveries); the engine's
-/// messages go out after both. Within a step the two halves share nothing (the engine reads only
-/// its batch, the agents only the network), so with [`SimConfig::overlap`] a large step runs them
-/// on two threads, as a real controller and its fleet run on different machines. What an agent
-/// publishes reaches the engine in the next step, and what the engine sends reaches agents in
-/// the step after it, at the same virtual instant.
 pub struct Simulation {
     cfg: SimConfig,
     fleet: ReferenceFleet,
-    engine: Engine,
-    out: Outputs,
-    events: Vec<EngineEvent>,
-    nodes: Nodes,
-    now_ms: u64,
-    next_tick_ms: u64,
-}
-
-/// Steps smaller than this on either side run on one thread: a thread costs tens of microseconds
-/// to start, as much as handling a few dozen messages.
-const OVERLAP_MIN: usize = 2_048;
-
-/// The agents' half of the simulation: the agents, the network, and what their inputs touch.
-struct Nodes {
-    keep_agent_state: bool,
     net: SimNetwork,
+    engine: Engine,
     agents: Vec<Agent>,
     persisted: Vec<Option<PersistedState>>,
     runtime: RecordingRuntime,
     /// Agent wake-ups by virtual millisecond (see [`Calendar`]).
     wakes: Calendar,
     wake_at: Vec<u64>,
+    now_ms: u64,
+    next_tick_ms: u64,
+    out: Outputs,
     aout: AgentOutputs,
     specs: SpecCache,
+    events: Vec<EngineEvent>,
     stats: SimStats,
-    /// Agent inputs due at the current instant, not handled yet, in order.
-    pending: VecDeque<Work>,
-}
-
-/// One agent input due now.
-enum Work {
-    /// The node's transport connected (from [`Simulation::connect_all`]).
-    Connected(u32),
-    /// The agent's timer, filed under `at` (stale when the agent has moved it since).
-    Tick { id: u32, at: u64 },
-    /// A downlink delivery.
-    Deliver(NodeId, NodeDelivery),
 }
 
 const NEVER: u64 = u64::MAX;
@@ -303,28 +265,24 @@ impl Simulation {
         let now_ms = cfg.start_ms;
         let engine =
             Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
-        let nodes = Nodes {
-            keep_agent_state: cfg.keep_agent_state,
-            net,
+        let specs = SpecCache::new(cfg.agent.decode_limits.clone());
+        Self {
             persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
             wake_at: vec![NEVER; cfg.nodes],
-            agents,
-            runtime: RecordingRuntime::instant(),
-            wakes: Calendar::new(now_ms),
-            aout: AgentOutputs::default(),
-            specs: SpecCache::new(cfg.agent.decode_limits.clone()),
-            stats: SimStats::default(),
-            pending: VecDeque::new(),
-        };
-        Self {
             next_tick_ms: now_ms + cfg.engine_tick_ms,
             cfg,
             fleet,
+            net,
             engine,
-            out: Outputs::default(),
-            events: Vec::new(),
-            nodes,
+            agents,
+            runtime: RecordingRuntime::instant(),
+            wakes: Calendar::new(now_ms),
             now_ms,
+            out: Outputs::default(),
+            aout: AgentOutputs::default(),
+            specs,
+            events: Vec::new(),
+            stats: SimStats::default(),
         }
     }
 
@@ -345,22 +303,22 @@ impl Simulation {
 
     /// The network (to inject faults).
     pub fn net(&mut self) -> &mut SimNetwork {
-        &mut self.nodes.net
+        &mut self.net
     }
 
     /// The shared runtime (to make workloads fail).
     pub fn runtime(&mut self) -> &mut RecordingRuntime {
-        &mut self.nodes.runtime
+        &mut self.runtime
     }
 
     /// The agents, by node id.
     pub fn agents(&self) -> &[Agent] {
-        &self.nodes.agents
+        &self.agents
     }
 
     /// Loop counters.
     pub fn stats(&self) -> &SimStats {
-        &self.nodes.stats
+        &self.stats
     }
 
     /// Engine events so far (drained by the caller).
@@ -373,29 +331,25 @@ impl Simulation {
         Timestamp::from_millis(self.now_ms)
     }
 
-    /// Connects every node's transport now. Each agent hears of it, and registers, when the
-    /// simulation next runs (at this same virtual instant), in node order, a step at a time.
+    /// Connects every node's transport (each agent then registers).
     pub fn connect_all(&mut self) {
-        let now = self.now();
-        for i in 0..self.nodes.agents.len() as u32 {
-            if self.nodes.net.connect(NodeId(i), now).is_ok() {
-                self.nodes.pending.push_back(Work::Connected(i));
-            }
+        for i in 0..self.agents.len() {
+            self.connect(NodeId(i as u32));
         }
     }
 
-    /// Connects one node (its agent hears of it at once).
+    /// Connects one node.
     pub fn connect(&mut self, node: NodeId) {
         let now = self.now();
-        if self.nodes.net.connect(node, now).is_ok() {
-            self.nodes.agent_input(node, AgentInput::Connected, now);
+        if self.net.connect(node, now).is_ok() {
+            self.agent_input(node, AgentInput::Connected);
         }
     }
 
     /// Disconnects one node (its agent keeps running its workloads).
     pub fn disconnect(&mut self, node: NodeId) {
-        let _ = self.nodes.net.disconnect(node);
-        self.nodes.agent_input(node, AgentInput::Disconnected, self.now());
+        let _ = self.net.disconnect(node);
+        self.agent_input(node, AgentInput::Disconnected);
     }
 
     /// Restarts one agent process with a new boot id: from its persisted state when
@@ -403,101 +357,135 @@ impl Simulation {
     /// disconnected; call [`Simulation::connect`] to let it reach the cloud.
     pub fn restart_agent(&mut self, node: NodeId, new_boot: u32) {
         let i = node.index();
-        let now = self.now();
-        let nodes = &mut self.nodes;
-        let _ = nodes.net.disconnect(node);
-        let old = &nodes.agents[i];
+        let _ = self.net.disconnect(node);
+        let old = &self.agents[i];
         let identity =
             AgentIdentity { name: old.name().clone(), labels: Arc::clone(old.labels()), info: Arc::clone(old.info()) };
-        let persisted = nodes.persisted.get(i).cloned().flatten();
-        nodes.agents[i] = Agent::new(Arc::new(self.cfg.agent.clone()), identity, new_boot, persisted);
-        nodes.wake_at[i] = NEVER;
-        nodes.agent_input(node, AgentInput::Tick, now);
+        let persisted = self.persisted.get(i).cloned().flatten();
+        self.agents[i] = Agent::new(Arc::new(self.cfg.agent.clone()), identity, new_boot, persisted);
+        self.wake_at[i] = NEVER;
+        self.agent_input(node, AgentInput::Tick);
     }
 
     /// Hands a workload command to the engine.
     pub fn command(&mut self, cmd: &WorkloadCommand) {
         let now = self.now();
-        let t = std::time::Instant::now();
-        self.engine.handle(Input::Workload(cmd), now, &mut self.out);
-        self.nodes.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
-        self.route_engine_outputs();
+        self.engine_call(|e, out| e.handle(Input::Workload(cmd), now, out));
     }
 
     /// Replaces the engine (a controller restart), e.g. with one restored from a snapshot.
     /// Messages in flight to the old engine are lost, as with a real restart.
     pub fn replace_engine(&mut self, engine: Engine) -> Engine {
-        self.nodes.net.restart_cloud();
+        self.net.restart_cloud();
         std::mem::replace(&mut self.engine, engine)
+    }
+
+    fn engine_call(&mut self, f: impl FnOnce(&mut Engine, &mut Outputs)) {
+        let t = std::time::Instant::now();
+        f(&mut self.engine, &mut self.out);
+        self.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
+        self.route_engine_outputs();
     }
 
     fn route_engine_outputs(&mut self) {
         if !self.out.messages.is_empty() {
-            self.nodes.stats.engine_messages += self.out.messages.len() as u64;
+            self.stats.engine_messages += self.out.messages.len() as u64;
             let msgs = std::mem::take(&mut self.out.messages);
-            self.nodes.net.cloud_send(msgs, self.now());
+            self.net.cloud_send(msgs, self.now());
         }
         self.events.append(&mut self.out.events);
         self.out.clear();
     }
 
-    /// One step (see [`Simulation`]): the engine handles `batch` while the agents handle up to
-    /// [`SimConfig::downlink_batch`] of their pending inputs; then the engine's messages go out.
-    fn step(&mut self, batch: &[Inbound]) {
+    fn agent_input(&mut self, node: NodeId, input: AgentInput<'_>) {
+        let i = node.index();
         let now = self.now();
-        let max = self.cfg.downlink_batch;
-        let Self { engine, out, nodes, cfg, .. } = self;
-        let mut handle_batch = || {
-            let t = std::time::Instant::now();
-            engine.handle(Input::Uplink(batch), now, out);
-            t.elapsed().as_nanos() as u64
-        };
-        let parallel = cfg.overlap && batch.len() >= OVERLAP_MIN && nodes.pending.len() >= OVERLAP_MIN;
-        let engine_ns = if batch.is_empty() {
-            0
-        } else if parallel {
-            std::thread::scope(|s| {
-                let engine = std::thread::Builder::new()
-                    .name("kole-sim-engine".into())
-                    .spawn_scoped(s, handle_batch)
-                    .expect("the simulator could not start its engine thread (out of threads or memory?)");
-                nodes.run(max, now);
-                engine.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-        } else {
-            handle_batch()
-        };
-        if !parallel {
-            nodes.run(max, now);
+        self.aout.clear();
+        self.agents[i].handle(input, now, &mut self.runtime, &mut self.aout);
+        for p in self.aout.publish.drain(..) {
+            let _ = self.net.node_publish(node, p, now);
         }
-        nodes.stats.engine_wall_ns += engine_ns;
-        nodes.stats.overlapped_steps += u64::from(parallel);
-        self.route_engine_outputs();
+        for g in self.aout.groups.drain(..) {
+            let _ = match g {
+                GroupChange::Subscribe(g) => self.net.subscribe(node, &g, now),
+                GroupChange::Unsubscribe(g) => self.net.unsubscribe(node, &g),
+            };
+        }
+        if let Some(state) = self.aout.persist.take()
+            && self.cfg.keep_agent_state
+        {
+            self.persisted[i] = Some(state);
+        }
+        for e in &self.aout.events {
+            if matches!(e, AgentEvent::Registered { .. }) {
+                self.stats.agent_registrations += 1;
+            }
+        }
+        if let Some(at) = self.aout.next_wake {
+            let at = at.as_millis();
+            if at != self.wake_at[i] {
+                // The calendar may move a time already past to its earliest bucket: remember the
+                // bucket, so the entry is recognised when it comes due.
+                self.wake_at[i] = self.wakes.push(at, node.0);
+            }
+        }
+    }
+
+    fn deliver(&mut self, node: NodeId, d: &NodeDelivery) {
+        // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
+        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..))
+            && !d.payload.is_empty()
+            && let Some((w, t)) = self.specs.get(&d.payload)
+        {
+            self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from });
+            return;
+        }
+        self.agent_input(node, AgentInput::Delivery(d));
     }
 
     /// Processes everything due at the current instant, until nothing is.
     fn pump(&mut self) {
         loop {
             let mut progress = false;
+            while let Some((at, due)) = self.wakes.pop_due(self.now_ms) {
+                for &id in &due {
+                    if self.wake_at[id as usize] == at {
+                        self.wake_at[id as usize] = NEVER;
+                        self.stats.wakeups += 1;
+                        self.agent_input(NodeId(id), AgentInput::Tick);
+                        progress = true;
+                    }
+                }
+                self.wakes.recycle(due);
+            }
             loop {
-                let now = self.now();
-                self.nodes.refill(self.now_ms, self.cfg.downlink_batch);
-                let batch = self.nodes.net.take_uplink(now, self.cfg.uplink_batch);
-                if batch.is_empty() && self.nodes.pending.is_empty() {
+                let batch = self.net.take_uplink(self.now(), self.cfg.uplink_batch);
+                if batch.is_empty() {
                     break;
                 }
                 progress = true;
-                self.nodes.stats.uplink += batch.len() as u64;
-                self.step(&batch);
+                self.stats.uplink += batch.len() as u64;
+                let now = self.now();
+                self.engine_call(|e, out| e.handle(Input::Uplink(&batch), now, out));
+            }
+            let mut deliveries = Vec::new();
+            loop {
+                deliveries.clear();
+                self.net.take_downlink(self.now(), self.cfg.downlink_batch, |n, d| deliveries.push((n, d)));
+                if deliveries.is_empty() {
+                    break;
+                }
+                progress = true;
+                self.stats.downlink += deliveries.len() as u64;
+                for (n, d) in &deliveries {
+                    self.deliver(*n, d);
+                }
             }
             if self.now_ms >= self.next_tick_ms {
                 self.next_tick_ms = self.now_ms + self.cfg.engine_tick_ms;
-                self.nodes.stats.engine_ticks += 1;
+                self.stats.engine_ticks += 1;
                 let now = self.now();
-                let t = std::time::Instant::now();
-                self.engine.handle(Input::Tick, now, &mut self.out);
-                self.nodes.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
-                self.route_engine_outputs();
+                self.engine_call(|e, out| e.handle(Input::Tick, now, out));
                 progress = true;
             }
             if !progress {
@@ -516,10 +504,10 @@ impl Simulation {
                 return true;
             }
             let mut next = self.next_tick_ms;
-            if let Some(t) = self.nodes.net.next_due() {
+            if let Some(t) = self.net.next_due() {
                 next = next.min(t.as_millis());
             }
-            if let Some(t) = self.nodes.wakes.first() {
+            if let Some(t) = self.wakes.first() {
                 next = next.min(t);
             }
             if next > deadline {
@@ -538,13 +526,13 @@ impl Simulation {
 
     /// Runs until every agent is registered (or `max_ms` of virtual time passes).
     pub fn run_until_registered(&mut self, max_ms: u64) -> bool {
-        self.run_until(max_ms, |s| s.nodes.agents.iter().all(|a| a.link() == LinkState::Registered))
+        self.run_until(max_ms, |s| s.agents.iter().all(|a| a.link() == LinkState::Registered))
     }
 
     /// Nodes whose agent's applied digest differs from the engine's desired digest.
     pub fn unconverged(&mut self) -> Vec<NodeId> {
         let mut bad = Vec::new();
-        for (i, a) in self.nodes.agents.iter().enumerate() {
+        for (i, a) in self.agents.iter().enumerate() {
             let want = self.engine.desired_digest(a.name().as_str()).unwrap_or(DesiredDigest::EMPTY);
             if a.applied() != want {
                 bad.push(NodeId(i as u32));
@@ -582,94 +570,6 @@ impl Simulation {
     }
 }
 
-impl Nodes {
-    /// Hands one input to one agent and carries out what it asks for.
-    fn agent_input(&mut self, node: NodeId, input: AgentInput<'_>, now: Timestamp) {
-        let i = node.index();
-        self.aout.clear();
-        self.agents[i].handle(input, now, &mut self.runtime, &mut self.aout);
-        for p in self.aout.publish.drain(..) {
-            let _ = self.net.node_publish(node, p, now);
-        }
-        for g in self.aout.groups.drain(..) {
-            let _ = match g {
-                GroupChange::Subscribe(g) => self.net.subscribe(node, &g, now),
-                GroupChange::Unsubscribe(g) => self.net.unsubscribe(node, &g),
-            };
-        }
-        if let Some(state) = self.aout.persist.take()
-            && self.keep_agent_state
-        {
-            self.persisted[i] = Some(state);
-        }
-        for e in &self.aout.events {
-            if matches!(e, AgentEvent::Registered { .. }) {
-                self.stats.agent_registrations += 1;
-            }
-        }
-        if let Some(at) = self.aout.next_wake {
-            let at = at.as_millis();
-            if at != self.wake_at[i] {
-                // The calendar may move a time already past to its earliest bucket: remember the
-                // bucket, so the entry is recognised when it comes due.
-                self.wake_at[i] = self.wakes.push(at, node.0);
-            }
-        }
-    }
-
-    fn deliver(&mut self, node: NodeId, d: &NodeDelivery, now: Timestamp) {
-        // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
-        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..))
-            && !d.payload.is_empty()
-            && let Some((w, t)) = self.specs.get(&d.payload)
-        {
-            self.agent_input(node, AgentInput::SharedSpec { workload: &w, wave_threshold: t, from: &d.from }, now);
-            return;
-        }
-        self.agent_input(node, AgentInput::Delivery(d), now);
-    }
-
-    /// When nothing is pending, queues the inputs due by `now_ms`: the earliest due wake-ups, or
-    /// else up to `max` deliveries.
-    fn refill(&mut self, now_ms: u64, max: usize) {
-        if !self.pending.is_empty() {
-            return;
-        }
-        if let Some((at, due)) = self.wakes.pop_due(now_ms) {
-            self.pending.extend(due.iter().map(|&id| Work::Tick { id, at }));
-            self.wakes.recycle(due);
-            return;
-        }
-        let pending = &mut self.pending;
-        self.net.take_downlink(Timestamp::from_millis(now_ms), max, |n, d| pending.push_back(Work::Deliver(n, d)));
-    }
-
-    /// Handles up to `max` pending inputs, in order.
-    fn run(&mut self, max: usize, now: Timestamp) {
-        for _ in 0..max {
-            let Some(work) = self.pending.pop_front() else { break };
-            match work {
-                Work::Connected(id) => {
-                    if self.net.is_connected(NodeId(id)) {
-                        self.agent_input(NodeId(id), AgentInput::Connected, now);
-                    }
-                }
-                Work::Tick { id, at } => {
-                    if self.wake_at[id as usize] == at {
-                        self.wake_at[id as usize] = NEVER;
-                        self.stats.wakeups += 1;
-                        self.agent_input(NodeId(id), AgentInput::Tick, now);
-                    }
-                }
-                Work::Deliver(n, d) => {
-                    self.stats.downlink += 1;
-                    self.deliver(n, &d, now);
-                }
-            }
-        }
-    }
-}
-
 /// Broker restarts and spread reconnects, for whole-system fault tests.
 impl Simulation {
     /// Restarts the broker: everything in flight is lost and every session ends. Every agent that
@@ -677,11 +577,10 @@ impl Simulation {
     /// returned, in id order, for [`Simulation::reconnect_spread`]. Retained specs survive.
     pub fn restart_broker(&mut self) -> Vec<NodeId> {
         let had_session: Vec<NodeId> =
-            (0..self.nodes.agents.len() as u32).map(NodeId).filter(|&n| self.nodes.net.is_connected(n)).collect();
-        self.nodes.net.restart_broker();
-        let now = self.now();
+            (0..self.agents.len() as u32).map(NodeId).filter(|&n| self.net.is_connected(n)).collect();
+        self.net.restart_broker();
         for &n in &had_session {
-            self.nodes.agent_input(n, AgentInput::Disconnected, now);
+            self.agent_input(n, AgentInput::Disconnected);
         }
         had_session
     }
@@ -722,35 +621,6 @@ mod tests {
             delivery: Default::default(),
             rollout: RolloutStrategy { waves: waves.to_vec(), ..Default::default() },
         }
-    }
-
-    /// Everything a run leaves behind that the schedule decides.
-    fn trace(overlap: bool) -> (SimStats, kole_core::engine::EngineStats, crate::net::NetStats, Vec<(u32, LinkState)>) {
-        // Large enough that registration and the rollout have steps of more than `OVERLAP_MIN`
-        // messages on both sides.
-        let mut sim = Simulation::new(SimConfig { nodes: 24_000, overlap, ..SimConfig::default() });
-        sim.connect_all();
-        assert!(sim.run_until_registered(120_000));
-        let w = workload(1, &[100]);
-        sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
-        assert!(sim.run_until_rolled_out(&w.id, 600_000));
-        sim.run_for(30_000);
-        let mut stats = sim.stats().clone();
-        stats.engine_wall_ns = 0;
-        assert_eq!(stats.overlapped_steps > 0, overlap, "{stats:?}");
-        stats.overlapped_steps = 0;
-        let agents = sim.agents().iter().map(|a| (a.seq(), a.link())).collect();
-        (stats, sim.engine().stats().clone(), sim.net().stats(), agents)
-    }
-
-    /// Overlapping the engine and the agents on two threads changes the wall time only: the same
-    /// messages, in the same order, to the same end.
-    #[test]
-    fn overlap_changes_nothing_but_the_wall_time() {
-        let two = trace(true);
-        let one = trace(false);
-        assert_eq!(two.0.agent_registrations, 24_000);
-        assert_eq!(two, one);
     }
 
     #[test]
