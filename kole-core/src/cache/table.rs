@@ -106,8 +106,9 @@ pub struct NodeCache {
     set_epoch: u32,
     /// A lower bound of the last-seen time of every online node (see `mark_offline_before`).
     online_floor: u32,
-    /// Label sets by a hash of their strings (a hint, verified on use).
-    label_by_content: FxHashMap<u64, LabelSetId>,
+    /// Label sets by a hash of their strings (a hint, verified on use), each with its strings
+    /// laid end to end (see [`flat_labels`]): the check reads one block, not a pointer per string.
+    label_by_content: FxHashMap<u64, (LabelSetId, Box<[u8]>)>,
 }
 
 /// A registration borrowed from where it was decoded (the engine's zero-copy path): interned
@@ -202,6 +203,8 @@ impl NodeCache {
             + self.label_sets.heap_bytes(|p| p.len() * 8)
             + self.platforms.heap_bytes(|_| 0)
             + self.workload_sets.heap_bytes(|w| w.len() * 16)
+            + self.label_by_content.capacity() * size_of::<(u64, (LabelSetId, Box<[u8]>))>()
+            + self.label_by_content.values().map(|(_, flat)| flat.len()).sum::<usize>()
     }
 
     /// Whether `slot` holds a node.
@@ -248,8 +251,8 @@ impl NodeCache {
         // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
         // hot strings confirms it.
         let h = content_hash(labels.iter().copied());
-        if let Some(&id) = self.label_by_content.get(&h)
-            && self.label_set_is(id, labels)
+        if let Some(&(id, ref flat)) = self.label_by_content.get(&h)
+            && flat_labels_eq(flat, labels)
         {
             self.label_sets.retain(id);
             return id;
@@ -278,7 +281,7 @@ impl NodeCache {
             }
         } else {
             self.init_members(id);
-            self.label_by_content.entry(h).or_insert(id);
+            self.label_by_content.entry(h).or_insert_with(|| (id, flat_labels(labels)));
         }
         id
     }
@@ -286,17 +289,7 @@ impl NodeCache {
     /// The interned label set holding exactly `labels` (sorted by key), if any.
     pub(crate) fn find_label_set(&self, labels: &[(&str, &str)]) -> Option<LabelSetId> {
         let h = content_hash(labels.iter().copied());
-        self.label_by_content.get(&h).copied().filter(|&id| self.label_set_is(id, labels))
-    }
-
-    /// Whether interned label set `id` holds exactly `labels`.
-    fn label_set_is(&self, id: LabelSetId, labels: &[(&str, &str)]) -> bool {
-        let pairs = self.label_sets.get(id);
-        pairs.len() == labels.len()
-            && pairs
-                .iter()
-                .zip(labels)
-                .all(|(&(k, v), &(lk, lv))| &**self.strings.get(k) == lk && &**self.strings.get(v) == lv)
+        self.label_by_content.get(&h).filter(|(_, flat)| flat_labels_eq(flat, labels)).map(|&(id, _)| id)
     }
 
     fn init_members(&mut self, id: LabelSetId) {
@@ -311,7 +304,7 @@ impl NodeCache {
     fn release_labels(&mut self, id: LabelSetId) {
         if let Some(pairs) = self.label_sets.release(id) {
             let h = content_hash(pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
-            if self.label_by_content.get(&h) == Some(&id) {
+            if self.label_by_content.get(&h).is_some_and(|&(found, _)| found == id) {
                 self.label_by_content.remove(&h);
             }
             for &(k, v) in pairs.iter() {
@@ -541,7 +534,9 @@ impl NodeCache {
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
             self.init_members(id);
-            self.label_by_content.entry(content_hash(labels.iter().copied())).or_insert(id);
+            self.label_by_content
+                .entry(content_hash(labels.iter().copied()))
+                .or_insert_with(|| (id, flat_labels(&labels)));
         } else {
             for &(k, v) in ids.iter() {
                 self.strings.release(k);
@@ -982,6 +977,36 @@ fn unreachable_name() -> NodeName {
 }
 
 /// A hash of a label set's strings, in key order.
+/// A label set's strings end to end, each after its length (4 bytes, little-endian): the lengths
+/// make the form unambiguous, so two sets are equal exactly when their forms are, whatever bytes
+/// an unchecked string holds.
+fn flat_labels(labels: &[(&str, &str)]) -> Box<[u8]> {
+    let len = labels.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    let mut flat = Vec::with_capacity(len);
+    for s in labels.iter().flat_map(|&(k, v)| [k, v]) {
+        flat.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        flat.extend_from_slice(s.as_bytes());
+    }
+    flat.into_boxed_slice()
+}
+
+/// Whether `flat` is [`flat_labels`] of `labels`, without building that.
+fn flat_labels_eq(flat: &[u8], labels: &[(&str, &str)]) -> bool {
+    let mut rest = flat;
+    for s in labels.iter().flat_map(|&(k, v)| [k, v]) {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else { return false };
+        if u32::from_le_bytes(*len) as usize != s.len() {
+            return false;
+        }
+        let Some((bytes, tail)) = tail.split_at_checked(s.len()) else { return false };
+        if bytes != s.as_bytes() {
+            return false;
+        }
+        rest = tail;
+    }
+    rest.is_empty()
+}
+
 fn content_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
     let mut h = 0x6c61_6265_6c73_6574;
     for (k, v) in pairs {
@@ -1153,5 +1178,42 @@ impl StateCache for NodeCache {
 
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {
         self.for_each_selected(selector, |slot| visitor(self.record_at(slot)));
+    }
+}
+
+#[cfg(test)]
+mod flat_tests {
+    use super::{flat_labels, flat_labels_eq};
+    use proptest::prelude::*;
+
+    /// Strings over a small alphabet, NUL and the length bytes included, so that different sets
+    /// often share prefixes and lengths.
+    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+        let s = || proptest::string::string_regex("[ab\\x00\\x01\\x04]{0,5}").unwrap();
+        proptest::collection::vec((s(), s()), 0..4)
+    }
+
+    fn refs(p: &[(String, String)]) -> Vec<(&str, &str)> {
+        p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+
+    proptest! {
+        /// The flat form tells two sets apart exactly when they differ: a string cannot run into the
+        /// next, and a set cannot be a prefix of a longer one.
+        #[test]
+        fn flat_form_is_equal_exactly_when_the_sets_are(a in pairs(), b in pairs()) {
+            let (a, b) = (refs(&a), refs(&b));
+            prop_assert!(flat_labels_eq(&flat_labels(&a), &a));
+            prop_assert_eq!(flat_labels_eq(&flat_labels(&a), &b), a == b);
+        }
+    }
+
+    #[test]
+    fn a_string_cannot_borrow_its_neighbours_bytes() {
+        let stored = flat_labels(&[("a", "x"), ("b", "y")]);
+        // The same bytes end to end, cut differently.
+        assert!(!flat_labels_eq(&stored, &[("a", "xb"), ("", "y")]));
+        assert!(!flat_labels_eq(&stored, &[("a", "x")]));
+        assert!(!flat_labels_eq(&stored, &[("a", "x"), ("b", "y"), ("", "")]));
     }
 }

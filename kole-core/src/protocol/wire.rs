@@ -262,13 +262,42 @@ pub(super) fn encode_register_body(r: &RegisterRef<'_>, buf: &mut Vec<u8>) -> Re
         applied: fixed8(r.applied),
         workloads: slice_seq(r.workloads, state_out),
     };
-    postcard::to_io(&out, buf).map(|_| ())
+    append(&out, buf)
+}
+
+/// Appends the postcard form of `value` to `buf`.
+fn append<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    postcard::serialize_with_flavor(value, AppendVec(buf))
+}
+
+/// A postcard output that appends to a `Vec`: a byte is a `push` and a string one copy, where
+/// `postcard::to_io` makes every byte, varints and tags included, an `io::Write::write_all` call.
+struct AppendVec<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendVec<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Appends the postcard body of `msg` to `buf`.
 pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     fn put<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
-        postcard::to_io(value, buf).map(|_| ())
+        append(value, buf)
     }
     match msg {
         Message::Register(m) => encode_register_body(
