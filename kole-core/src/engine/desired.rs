@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::cache::{NodeCache, Slot};
 use crate::model::{DesiredDigest, LabelLookup, NodeName, Timestamp, Workload};
-use crate::protocol::{DesiredState, GroupName, Message};
+use crate::protocol::{DesiredState, EncodedGroups, GroupName, Message};
 use crate::transport::Destination;
 
 use super::{Core, Outputs};
@@ -18,6 +18,8 @@ pub(super) struct SetTargets {
     /// Groups of the label set (depend on labels only), valid for `groups_epoch`.
     groups_epoch: u32,
     groups: Vec<GroupName>,
+    /// `groups` encoded, as an accepted ack carries them.
+    groups_wire: EncodedGroups,
 }
 
 impl Core {
@@ -66,9 +68,8 @@ impl Core {
         targets.into_iter().filter_map(|w| self.workloads[w as usize].as_ref()?.workload_for(name).cloned()).collect()
     }
 
-    /// The groups of label set `set`, computed once per set and moved out of its entry (no copy
-    /// per registration): hand them back with [`Core::return_groups_of_set`] once the ack is sent.
-    pub(super) fn take_groups_of_set(&mut self, cache: &NodeCache, set: u32) -> Vec<GroupName> {
+    /// Makes the cached groups of label set `set` current (computed once per set and label epoch).
+    fn refresh_groups_of_set(&mut self, cache: &NodeCache, set: u32) -> &SetTargets {
         let idx = set as usize;
         if self.set_targets.len() <= idx {
             self.set_targets.resize_with(idx + 1, SetTargets::default);
@@ -77,17 +78,41 @@ impl Core {
         if self.set_targets[idx].groups_epoch != epoch || epoch == 0 {
             let groups = self.groups_of(&cache.label_set_view(set));
             let st = &mut self.set_targets[idx];
+            st.groups_wire = EncodedGroups::new(&groups);
             st.groups = groups;
             st.groups_epoch = epoch;
         }
-        std::mem::take(&mut self.set_targets[idx].groups)
+        &self.set_targets[idx]
     }
 
-    /// Puts back what [`Core::take_groups_of_set`] took (nothing changed the set in between).
-    pub(super) fn return_groups_of_set(&mut self, set: u32, groups: Vec<GroupName>) {
-        if let Some(st) = self.set_targets.get_mut(set as usize) {
-            st.groups = groups;
+    /// Sends an accepted ack to a node of label set `set`. Unsigned, its groups are copied from
+    /// the set's encoded form (one block, not a read of every group's name); signed, the ack is
+    /// built and sealed as any message is.
+    pub(super) fn send_accepted_ack(
+        &mut self,
+        cache: &NodeCache,
+        set: u32,
+        to: Destination,
+        boot_id: u32,
+        desired: DesiredDigest,
+        out: &mut Outputs,
+    ) {
+        let interval = self.cfg.heartbeat_interval_ms;
+        if self.signer.is_none() {
+            let st = self.refresh_groups_of_set(cache, set);
+            let payload = crate::protocol::encode_accepted_ack(boot_id, interval, &st.groups_wire, desired);
+            out.messages.push(crate::transport::Outbound { to, payload, retain: false });
+            return;
         }
+        let groups = self.refresh_groups_of_set(cache, set).groups.clone();
+        let ack = Message::RegisterAck(crate::protocol::RegisterAck {
+            boot_id,
+            outcome: crate::protocol::RegisterOutcome::Accepted,
+            heartbeat_interval_ms: interval,
+            groups,
+            desired,
+        });
+        self.send(out, to, &ack, false);
     }
 
     fn groups_of(&self, labels: &impl LabelLookup) -> Vec<GroupName> {

@@ -362,17 +362,7 @@ impl Core {
                 self.forget_failures(r.slot);
                 let desired = self.desired(cache, r.slot);
                 let set = cache.label_set_of(r.slot);
-                let ack = Message::RegisterAck(RegisterAck {
-                    boot_id: boot,
-                    outcome: RegisterOutcome::Accepted,
-                    heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-                    groups: self.take_groups_of_set(cache, set),
-                    desired,
-                });
-                self.send(out, Destination::Node(msg.node.clone()), &ack, false);
-                if let Message::RegisterAck(ack) = ack {
-                    self.return_groups_of_set(set, ack.groups);
-                }
+                self.send_accepted_ack(cache, set, Destination::Node(msg.node.clone()), boot, desired, out);
                 // A node given its grace (or sent its catch-up) less than
                 // `convergence_grace_ms` ago gets nothing more now, whatever it reports:
                 // re-registering with a new boot id must not buy another desired state.

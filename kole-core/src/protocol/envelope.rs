@@ -15,9 +15,9 @@
 //! owned message types built. Nothing on that path panics, and allocation stays within a small
 //! multiple of the input length (see `docs/protocol.md`).
 
-use crate::model::NodeName;
+use crate::model::{DesiredDigest, NodeName};
 
-use super::address::UplinkKind;
+use super::address::{GroupName, UplinkKind};
 use super::error::DecodeError;
 use super::limits::DecodeLimits;
 use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef, RegisterView};
@@ -80,6 +80,44 @@ pub fn encode_register(r: &RegisterRef<'_>) -> Vec<u8> {
         buf.push(MessageKind::Register.as_u8());
         if wire::encode_register_body(r, buf).is_err() {
             debug_assert!(false, "encoding a registration failed");
+            buf.truncate(HEADER_LEN);
+        }
+        buf.to_vec()
+    })
+}
+
+/// The encoded form of a list of groups, made once and copied into every accepted ack that carries
+/// the same list (the controller keeps one per label set): an ack then copies one block instead of
+/// reading every group's name where it lies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncodedGroups(Vec<u8>);
+
+impl EncodedGroups {
+    /// Encodes `groups`.
+    pub fn new(groups: &[GroupName]) -> Self {
+        let mut buf = Vec::new();
+        if wire::encode_groups(groups, &mut buf).is_err() {
+            debug_assert!(false, "encoding groups failed");
+            buf.clear();
+        }
+        Self(buf)
+    }
+}
+
+/// Encodes an accepted [`RegisterAck`](super::RegisterAck) with groups encoded beforehand: the same bytes as
+/// [`encode`] of the ack with those groups.
+pub fn encode_accepted_ack(
+    boot_id: u32,
+    heartbeat_interval_ms: u32,
+    groups: &EncodedGroups,
+    desired: DesiredDigest,
+) -> Vec<u8> {
+    with_scratch(|buf| {
+        buf.clear();
+        buf.push(PROTOCOL_VERSION);
+        buf.push(MessageKind::RegisterAck.as_u8());
+        if wire::encode_accepted_ack_body(boot_id, heartbeat_interval_ms, &groups.0, desired, buf).is_err() {
+            debug_assert!(false, "encoding an ack failed");
             buf.truncate(HEADER_LEN);
         }
         buf.to_vec()

@@ -33,8 +33,8 @@ mod tests;
 
 pub use address::{Destination, GroupName, GroupNameError, UplinkKind};
 pub use envelope::{
-    HEADER_LEN, decode, decode_downlink, decode_from_node, decode_register_view, decode_register_view_with,
-    decode_uplink, encode, encode_into, encode_register, peek_kind,
+    EncodedGroups, HEADER_LEN, decode, decode_downlink, decode_from_node, decode_register_view,
+    decode_register_view_with, decode_uplink, encode, encode_accepted_ack, encode_into, encode_register, peek_kind,
 };
 pub use error::DecodeError;
 pub use limits::{DecodeLimits, Limit};

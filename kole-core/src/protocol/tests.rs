@@ -390,6 +390,27 @@ fn error_reasons_are_distinct_labels() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
+    /// An accepted ack built from groups encoded beforehand is byte for byte the ack `encode`
+    /// makes, and decodes to it.
+    #[test]
+    fn accepted_ack_from_encoded_groups_equals_the_encoded_ack(
+        boot_id in any::<u32>(),
+        interval in any::<u32>(),
+        groups in proptest::collection::vec(super::strategies::group_name(), 0..6),
+        desired in any::<u64>(),
+    ) {
+        let ack = Message::RegisterAck(RegisterAck {
+            boot_id,
+            outcome: RegisterOutcome::Accepted,
+            heartbeat_interval_ms: interval,
+            groups: groups.clone(),
+            desired: DesiredDigest(desired),
+        });
+        let bytes = encode_accepted_ack(boot_id, interval, &EncodedGroups::new(&groups), DesiredDigest(desired));
+        prop_assert_eq!(&bytes, &encode(&ack));
+        prop_assert_eq!(decode(&bytes, &limits()).unwrap(), ack);
+    }
+
     #[test]
     fn every_message_round_trips(msg in message()) {
         let l = limits();

@@ -294,6 +294,26 @@ impl postcard::ser_flavors::Flavor for AppendVec<'_> {
     }
 }
 
+/// Appends the postcard form of a list of groups, as an ack's body holds it.
+pub(super) fn encode_groups(groups: &[GroupName], buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    append(groups, buf)
+}
+
+/// Appends the postcard body of an accepted ack whose groups are already encoded
+/// ([`encode_groups`]): postcard lays a struct's fields end to end, so the fields before the
+/// groups, the groups and the digest after them, appended in turn, are the [`AckOut`] encoding.
+pub(super) fn encode_accepted_ack_body(
+    boot_id: u32,
+    heartbeat_interval_ms: u32,
+    groups: &[u8],
+    desired: DesiredDigest,
+    buf: &mut Vec<u8>,
+) -> Result<(), postcard::Error> {
+    append(&(boot_id.to_le_bytes(), OutcomeWire::Accepted, heartbeat_interval_ms), buf)?;
+    buf.extend_from_slice(groups);
+    append(&fixed8(desired), buf)
+}
+
 /// Appends the postcard body of `msg` to `buf`.
 pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     fn put<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
