@@ -156,6 +156,7 @@ impl MqttCloud {
                 let opts = conn::options(broker, &id, creds, &cfg.connection)?;
                 let (client, eventloop) = conn::client(opts, &cfg.connection);
                 let filters = uplink_filters(&topics, c, per, cfg.split_heartbeats, cfg.uplink_subscription_qos);
+                let heartbeats_only = per > 1 && cfg.split_heartbeats && c == per - 1;
                 let up = Arc::new(AtomicBool::new(false));
                 let link = Link {
                     topics: topics.clone(),
@@ -168,6 +169,7 @@ impl MqttCloud {
                     jitter: SplitMix64::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
                     ready: Some(ready_tx.clone()),
                     up: up.clone(),
+                    coalesce: if heartbeats_only { cfg.heartbeat_read_coalesce } else { Duration::ZERO },
                 };
                 tasks.push(tokio::spawn(link.run(eventloop)));
                 let (outbox, rx) = mpsc::unbounded_channel();
@@ -300,7 +302,14 @@ struct Link {
     jitter: SplitMix64,
     ready: Option<mpsc::Sender<()>>,
     up: Arc<AtomicBool>,
+    /// The pause after a short read ([`CloudConfig::heartbeat_read_coalesce`]); zero for none.
+    coalesce: Duration,
 }
+
+/// A burst (the uplink messages a connection read before it found nothing more waiting) shorter
+/// than this makes the heartbeat connection wait [`CloudConfig::heartbeat_read_coalesce`] before
+/// it reads again.
+pub const COALESCE_BELOW: usize = 64;
 
 impl Link {
     async fn run(mut self, mut eventloop: EventLoop) {
@@ -308,10 +317,32 @@ impl Link {
         let mut resubscribe = false;
         // The publishes of one read, handed to the inbox together (one lock, at most one wakeup).
         let mut batch: Vec<Inbound> = Vec::new();
+        // Uplink messages read since this loop last found nothing waiting.
+        let mut burst = 0usize;
         loop {
-            let event = tokio::select! {
-                () = self.closed.cancelled() => break,
-                e = eventloop.poll() => e,
+            let event = {
+                let mut next = std::pin::pin!(eventloop.poll());
+                // Polled once first: ready means something was buffered or queued already.
+                let at_once = std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx))).await;
+                match at_once {
+                    std::task::Poll::Ready(e) => e,
+                    std::task::Poll::Pending => {
+                        // Nothing is waiting: the burst is over. A short one means the heartbeats
+                        // trickle in, so let them gather instead of paying a read and a wakeup
+                        // for every few. `next` stays pending meanwhile; nothing is lost.
+                        if !self.coalesce.is_zero() && burst > 0 && burst < COALESCE_BELOW {
+                            tokio::select! {
+                                () = self.closed.cancelled() => break,
+                                () = tokio::time::sleep(self.coalesce) => {}
+                            }
+                        }
+                        burst = 0;
+                        tokio::select! {
+                            () = self.closed.cancelled() => break,
+                            e = &mut next => e,
+                        }
+                    }
+                }
             };
             match event {
                 Ok(event) => {
@@ -324,6 +355,7 @@ impl Link {
                         self.handle(event, &mut batch, &mut failures, &mut resubscribe);
                     }
                     if !batch.is_empty() {
+                        burst += batch.len();
                         self.counters.uplink_batches.fetch_add(1, Ordering::Relaxed);
                         self.counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
                         self.inbox.push_batch(&mut batch);

@@ -86,7 +86,7 @@ pub mod topics;
 
 #[cfg(feature = "embedded-broker")]
 pub use broker::{EmbeddedBroker, EmbeddedBrokerConfig};
-pub use cloud::{CloudStats, MqttCloud, downlink_qos};
+pub use cloud::{COALESCE_BELOW, CloudStats, MqttCloud, downlink_qos};
 #[cfg(feature = "tls")]
 pub use config::TlsSettings;
 pub use config::{BrokerAddr, CloudConfig, ConnectionConfig, Credentials, NodeConfig, broker_for};

@@ -258,3 +258,60 @@ fn reconnect_storm_is_spread_by_the_backoff() {
         assert!(hist.iter().all(|&c| (800..=1_200).contains(&c)), "attempt {attempt}: {hist:?}");
     }
 }
+
+/// Heartbeats that trickle in are let gather on the heartbeat connection
+/// (`CloudConfig::heartbeat_read_coalesce`): after a short burst it waits before reading again, so
+/// twenty heartbeats sent 5 ms apart while it waits reach the inbox in a few batches, not twenty,
+/// and every one of them arrives. The same trickle without the wait (`Duration::ZERO`) arrives
+/// one batch per heartbeat, or close to it: that is what the wait saves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_heartbeats_are_read_together() {
+    bounded(60, async {
+        let gathered = trickle(Duration::from_secs(1)).await;
+        assert!(gathered <= 4, "20 heartbeats sent 5 ms apart during the wait came in {gathered} batches");
+        let at_once = trickle(Duration::ZERO).await;
+        assert!(at_once > gathered, "without the wait: {at_once} batches, with it: {gathered}");
+    })
+    .await;
+}
+
+/// Sends one heartbeat, then twenty more 5 ms apart, on nodes' heartbeat topics; returns the
+/// batches the twenty came in, once all twenty-one arrived (in order, intact).
+async fn trickle(coalesce: Duration) -> u64 {
+    let broker = EmbeddedBroker::start(EmbeddedBrokerConfig::default()).await.unwrap();
+    let topics = Topics::new("test").unwrap();
+    let cfg = CloudConfig { heartbeat_read_coalesce: coalesce, ..cloud_cfg(&broker) };
+    let cloud = MqttCloud::connect(topics.clone(), cfg).await.unwrap();
+    let (client, mut eventloop) =
+        rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("beats", "127.0.0.1", broker.port()), 64);
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let base = topics.base().to_owned();
+    let beat = |i: u8| {
+        let client = client.clone();
+        let topic = format!("{base}/up/edge-{i:03}/hb");
+        async move { client.publish(topic, rumqttc::QoS::AtMostOnce, false, vec![i; 17]).await.unwrap() }
+    };
+    let mut got = Vec::new();
+    // The first heartbeat is a burst of one: the connection then waits `coalesce`.
+    beat(0).await;
+    while got.is_empty() {
+        got.extend(cloud.recv(64).await.unwrap());
+    }
+    let before = cloud.stats().uplink_batches;
+    for i in 1..=20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        beat(i).await;
+    }
+    while got.len() < 21 {
+        got.extend(cloud.recv(64).await.unwrap());
+    }
+    let batches = cloud.stats().uplink_batches - before;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!((m.node.as_str(), m.kind), (format!("edge-{i:03}").as_str(), UplinkKind::Heartbeat));
+        assert_eq!(m.payload, vec![i as u8; 17]);
+    }
+    pump.abort();
+    drop(cloud);
+    broker.shutdown().await;
+    batches
+}

@@ -182,6 +182,11 @@ struct BenchArgs {
     /// Subscribe the controller to the uplink at QoS 0 instead of 1.
     #[arg(long, help_heading = "--transport mqtt")]
     controller_qos0: bool,
+    /// How long the controller's heartbeat connection lets a short burst of heartbeats gather
+    /// before it reads again, in ms (`CloudConfig::heartbeat_read_coalesce`); 0 reads at once
+    /// (`--transport mqtt`, with or without `--per-node`).
+    #[arg(long, value_parser = number::<u64>, default_value_t = MqttBenchConfig::default().heartbeat_read_coalesce.as_millis() as u64, help_heading = "--transport mqtt")]
+    heartbeat_read_coalesce_ms: u64,
     /// Longest a phase may take before the bench gives up, in seconds [default: 600]
     /// (`--transport mqtt`, with or without `--per-node`).
     #[arg(long, value_parser = number::<u64>, help_heading = "--transport mqtt")]
@@ -237,6 +242,7 @@ const MODE_FLAGS: &[(&str, &[BenchMode])] = {
         ("inflight", &[Mqtt]),
         ("register_window", &[Mqtt]),
         ("controller_qos0", &[Mqtt]),
+        ("heartbeat_read_coalesce_ms", &[Mqtt, PerNode]),
         ("phase_timeout", &[Mqtt, PerNode]),
         ("per_node", &[PerNode]),
         ("brokers", &[PerNode]),
@@ -530,6 +536,7 @@ fn cmd_bench_mqtt(args: &BenchArgs) -> AnyResult<ExitCode> {
         phase_timeout: args.phase_timeout.map_or(d.phase_timeout, Duration::from_secs),
         register_window: args.register_window,
         controller_qos0: args.controller_qos0,
+        heartbeat_read_coalesce: Duration::from_millis(args.heartbeat_read_coalesce_ms),
     };
     let started = std::time::Instant::now();
     let figures = mqtt_bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
@@ -554,6 +561,7 @@ fn cmd_bench_per_node(args: &BenchArgs) -> AnyResult<ExitCode> {
         storm: args.storm,
         phase_timeout: args.phase_timeout.map_or(d.phase_timeout, Duration::from_secs),
         mosquitto_dir: args.mosquitto_dir.clone(),
+        heartbeat_read_coalesce: Duration::from_millis(args.heartbeat_read_coalesce_ms),
     };
     let started = std::time::Instant::now();
     let figures = per_node::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;

@@ -69,6 +69,8 @@ pub struct PerNodeConfig {
     pub phase_timeout: Duration,
     /// The `mosquitto` and `mosquitto_passwd` binaries' directory (`None`: from `PATH`).
     pub mosquitto_dir: Option<PathBuf>,
+    /// [`CloudConfig::heartbeat_read_coalesce`] of the controller. Default: the controller's.
+    pub heartbeat_read_coalesce: Duration,
 }
 
 impl PerNodeConfig {
@@ -84,6 +86,7 @@ impl PerNodeConfig {
             storm: false,
             phase_timeout: Duration::from_secs(600),
             mosquitto_dir: None,
+            heartbeat_read_coalesce: CloudConfig::default().heartbeat_read_coalesce,
         }
     }
 }
@@ -191,6 +194,7 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
     fig.int("brokers", k as u64);
     fig.int("workers", w as u64);
     fig.int("connect_rate", u64::from(cfg.connect_rate));
+    fig.int("heartbeat_read_coalesce_ms", cfg.heartbeat_read_coalesce.as_millis() as u64);
 
     let bin = |name: &str| cfg.mosquitto_dir.as_ref().map_or_else(|| PathBuf::from(name), |d| d.join(name));
     let dir = std::env::temp_dir().join(format!("kole-per-node-{}", std::process::id()));
@@ -264,6 +268,7 @@ pub fn run(cfg: &PerNodeConfig, progress: &mut dyn FnMut(&str)) -> Result<Figure
             }),
             client_id: CONTROLLER_USER.into(),
             inbox_capacity: (2 * n).clamp(262_144, 4_194_304),
+            heartbeat_read_coalesce: cfg.heartbeat_read_coalesce,
             ..CloudConfig::default()
         };
         let engine_cfg = EngineConfig {

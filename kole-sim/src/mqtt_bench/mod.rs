@@ -75,6 +75,8 @@ pub struct MqttBenchConfig {
     /// The controller's uplink subscriptions at QoS 0 instead of 1
     /// ([`CloudConfig::uplink_subscription_qos`]).
     pub controller_qos0: bool,
+    /// [`CloudConfig::heartbeat_read_coalesce`] of the controller. Default: the controller's.
+    pub heartbeat_read_coalesce: Duration,
 }
 
 impl Default for MqttBenchConfig {
@@ -91,6 +93,7 @@ impl Default for MqttBenchConfig {
             phase_timeout: Duration::from_secs(600),
             register_window: 50_000,
             controller_qos0: false,
+            heartbeat_read_coalesce: CloudConfig::default().heartbeat_read_coalesce,
         }
     }
 }
@@ -147,6 +150,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
     fig.int("controller_connections", cfg.controller_connections as u64);
     fig.str("subscriptions", if cfg.per_node_subscriptions { "per-node" } else { "wildcard" });
     fig.int("controller_subscription_qos", u64::from(!cfg.controller_qos0));
+    fig.int("heartbeat_read_coalesce_ms", cfg.heartbeat_read_coalesce.as_millis() as u64);
 
     // The embedded broker gets a runtime (two workers) of its own, kept until the end.
     let broker_rt;
@@ -194,6 +198,7 @@ pub fn run(cfg: &MqttBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Figu
             connections_per_broker: cfg.controller_connections.max(1),
             inbox_capacity: (2 * n).clamp(262_144, 4_194_304),
             uplink_subscription_qos: if cfg.controller_qos0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+            heartbeat_read_coalesce: cfg.heartbeat_read_coalesce,
             ..CloudConfig::default()
         };
         let capacity = n;
