@@ -156,7 +156,6 @@ impl MqttCloud {
                 let opts = conn::options(broker, &id, creds, &cfg.connection)?;
                 let (client, eventloop) = conn::client(opts, &cfg.connection);
                 let filters = uplink_filters(&topics, c, per, cfg.split_heartbeats, cfg.uplink_subscription_qos);
-                let heartbeats_only = per > 1 && cfg.split_heartbeats && c == per - 1;
                 let up = Arc::new(AtomicBool::new(false));
                 let link = Link {
                     topics: topics.clone(),
@@ -169,7 +168,11 @@ impl MqttCloud {
                     jitter: SplitMix64::new(mix64(stable_hash(0x0063_6c6f_7564, id.as_bytes()))),
                     ready: Some(ready_tx.clone()),
                     up: up.clone(),
-                    coalesce: if heartbeats_only { cfg.heartbeat_read_coalesce } else { Duration::ZERO },
+                    coalesce: if reads_heartbeats_only(c, per, cfg.split_heartbeats) {
+                        cfg.heartbeat_read_coalesce
+                    } else {
+                        Duration::ZERO
+                    },
                 };
                 tasks.push(tokio::spawn(link.run(eventloop)));
                 let (outbox, rx) = mpsc::unbounded_channel();
@@ -274,6 +277,12 @@ impl MqttCloud {
 }
 
 /// The uplink filters of connection `c` of `per`.
+/// Whether connection `c` of a broker's `per` reads heartbeats and nothing else: the last one,
+/// when heartbeats are split off and there are at least two.
+fn reads_heartbeats_only(c: usize, per: usize, split: bool) -> bool {
+    split && per > 1 && c == per - 1
+}
+
 fn uplink_filters(topics: &Topics, c: usize, per: usize, split: bool, qos: QoS) -> Vec<SubscribeFilter> {
     let f = |kind| SubscribeFilter::new(topics.uplink_filter(kind), qos);
     if per == 1 {
@@ -281,7 +290,7 @@ fn uplink_filters(topics: &Topics, c: usize, per: usize, split: bool, qos: QoS) 
     } else if !split {
         // Only connection 0 subscribes: two subscriptions would deliver every message twice.
         if c == 0 { vec![SubscribeFilter::new(topics.uplink_filter_all(), qos)] } else { vec![] }
-    } else if c == per - 1 {
+    } else if reads_heartbeats_only(c, per, split) {
         vec![f(UplinkKind::Heartbeat)]
     } else if c == 0 {
         vec![f(UplinkKind::Register), f(UplinkKind::Status)]

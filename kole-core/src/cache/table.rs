@@ -976,7 +976,6 @@ fn unreachable_name() -> NodeName {
     NodeName::new("invalid-name").unwrap_or_else(|_| unreachable!())
 }
 
-/// A hash of a label set's strings, in key order.
 /// A label set's strings end to end, each after its length (4 bytes, little-endian): the lengths
 /// make the form unambiguous, so two sets are equal exactly when their forms are, whatever bytes
 /// an unchecked string holds.
@@ -1007,6 +1006,7 @@ fn flat_labels_eq(flat: &[u8], labels: &[(&str, &str)]) -> bool {
     rest.is_empty()
 }
 
+/// A hash of a label set's strings, in key order.
 fn content_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
     let mut h = 0x6c61_6265_6c73_6574;
     for (k, v) in pairs {
