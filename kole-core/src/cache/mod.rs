@@ -25,9 +25,9 @@ mod watch_keys;
 use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
-pub(crate) use table::RegistrationRef;
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
+pub(crate) use table::{PROBE_GROUP, RegistrationRef};
 pub use watch_keys::WatchKey;
 
 use crate::model::{

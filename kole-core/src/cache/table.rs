@@ -804,45 +804,60 @@ impl NodeCache {
     /// bytes). Resolving a group in passes, each issuing independent loads for all of its members,
     /// lets the CPU overlap those misses instead of paying them one after another.
     pub(crate) fn resolve_batch<'a>(&self, names: impl Iterator<Item = &'a str>, out: &mut Vec<Option<Slot>>) {
-        const GROUP: usize = 16;
         let mut names = names.peekable();
         while names.peek().is_some() {
-            let mut group: [&str; GROUP] = [""; GROUP];
+            let mut group: [&str; PROBE_GROUP] = [""; PROBE_GROUP];
             let mut len = 0;
-            while len < GROUP
+            while len < PROBE_GROUP
                 && let Some(name) = names.next()
             {
                 group[len] = name;
                 len += 1;
             }
             let group = &group[..len];
-            let mut hashes = [0u32; GROUP];
-            let mut cand = [u32::MAX; GROUP];
+            let probe = self.probe_group(group);
             for (k, name) in group.iter().enumerate() {
-                hashes[k] = hash_name(name.as_bytes());
-            }
-            for k in 0..len {
-                let e = self.index.first_probe(hashes[k]);
-                if entry_hash(e) == hashes[k] {
-                    cand[k] = entry_slot(e);
-                }
-            }
-            let mut touch = 0u64;
-            for &c in &cand[..len] {
-                if let Some(n) = self.slots.get(c as usize) {
-                    touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
-                }
-            }
-            std::hint::black_box(touch);
-            for (k, name) in group.iter().enumerate() {
-                let c = cand[k];
+                let c = probe.cand[k];
                 out.push(if self.is_live(c) && self.name_bytes(c) == name.as_bytes() {
                     Some(c)
                 } else {
-                    self.index.find(hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
+                    self.index
+                        .find(probe.hashes[k], |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
                 });
             }
         }
+    }
+
+    /// Brings into cache what looking up each of `names` (at most [`PROBE_GROUP`]) will read, in
+    /// the passes of [`Self::resolve_batch`], and finds nothing: for a caller that then looks each
+    /// one up with [`Self::slot_of`] at the moment it needs it, because its own work in between may
+    /// add or remove nodes (registration), so a slot found ahead could be out of date.
+    pub(crate) fn warm_names(&self, names: &[&str]) {
+        let _ = self.probe_group(&names[..names.len().min(PROBE_GROUP)]);
+    }
+
+    /// The passes over one group of names: hash every name, load every name's first index entry,
+    /// then touch every candidate's slot and name bytes. Each pass's loads are independent of one
+    /// another, so their misses overlap.
+    fn probe_group(&self, group: &[&str]) -> ProbeGroup {
+        let mut probe = ProbeGroup { hashes: [0; PROBE_GROUP], cand: [u32::MAX; PROBE_GROUP] };
+        for (k, name) in group.iter().enumerate() {
+            probe.hashes[k] = hash_name(name.as_bytes());
+        }
+        for k in 0..group.len() {
+            let e = self.index.first_probe(probe.hashes[k]);
+            if entry_hash(e) == probe.hashes[k] {
+                probe.cand[k] = entry_slot(e);
+            }
+        }
+        let mut touch = 0u64;
+        for &c in &probe.cand[..group.len()] {
+            if let Some(n) = self.slots.get(c as usize) {
+                touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
+            }
+        }
+        std::hint::black_box(touch);
+        probe
     }
 
     /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
@@ -1019,6 +1034,16 @@ fn content_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
 #[inline]
 fn name_at<'a>(names: &'a [u8], n: &NodeSlot) -> &'a [u8] {
     &names[n.name_off as usize..n.name_off as usize + usize::from(n.name_len)]
+}
+
+/// Names looked up together by [`NodeCache::resolve_batch`] and [`NodeCache::warm_names`]: enough
+/// independent misses to keep the memory system busy, few enough to stay on the stack.
+pub(crate) const PROBE_GROUP: usize = 16;
+
+/// One group's hashes and first-probe candidates (`u32::MAX`: none).
+struct ProbeGroup {
+    hashes: [u32; PROBE_GROUP],
+    cand: [u32; PROBE_GROUP],
 }
 
 #[inline]

@@ -1,7 +1,7 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, RegistrationRef, Slot};
+use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, PROBE_GROUP, RegistrationRef, Slot};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
 use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode, UplinkKind};
 use crate::transport::{Destination, Inbound};
@@ -115,12 +115,22 @@ impl Core {
         // order, so a node's registration always precedes its later heartbeats.
         let limit = self.uplink_limiter.enabled();
         let mut i = 0;
+        // Messages before this one had their lookups warmed (see `NodeCache::warm_names`).
+        let mut warmed = 0;
         while i < batch.len() {
             if batch[i].kind == UplinkKind::Heartbeat {
                 let run = batch[i..].iter().take_while(|m| m.kind == UplinkKind::Heartbeat).count();
                 self.heartbeat_run(cache, &batch[i..i + run], now, out);
                 i += run;
                 continue;
+            }
+            if i >= warmed {
+                warmed = (i + PROBE_GROUP).min(batch.len());
+                let mut names = [""; PROBE_GROUP];
+                for (n, m) in names.iter_mut().zip(&batch[i..warmed]) {
+                    *n = m.node.as_str();
+                }
+                cache.warm_names(&names[..warmed - i]);
             }
             let msg = &batch[i];
             i += 1;
