@@ -276,13 +276,13 @@ impl MqttCloud {
     }
 }
 
-/// The uplink filters of connection `c` of `per`.
 /// Whether connection `c` of a broker's `per` reads heartbeats and nothing else: the last one,
 /// when heartbeats are split off and there are at least two.
 fn reads_heartbeats_only(c: usize, per: usize, split: bool) -> bool {
     split && per > 1 && c == per - 1
 }
 
+/// The uplink filters of connection `c` of `per`.
 fn uplink_filters(topics: &Topics, c: usize, per: usize, split: bool, qos: QoS) -> Vec<SubscribeFilter> {
     let f = |kind| SubscribeFilter::new(topics.uplink_filter(kind), qos);
     if per == 1 {
