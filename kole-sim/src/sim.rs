@@ -232,6 +232,11 @@ impl Calendar {
     }
 }
 
+/// Whether a delivery carries a workload spec, which its agent matches against its labels.
+fn is_spec(from: &Destination) -> bool {
+    matches!(from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..))
+}
+
 /// One agent per node of `fleet`, in node order, sharing label sets and platforms (a million nodes
 /// carry a few thousand label sets and a few hundred platforms). Addresses are per node; the
 /// simulated agents report none, so their facts stay shared.
@@ -437,7 +442,7 @@ impl Simulation {
 
     fn deliver(&mut self, node: NodeId, d: &NodeDelivery) {
         // Decode a fan-out's shared payload once and hand every agent the same `Arc`.
-        if matches!(d.from, Destination::WorkloadSpec(_) | Destination::GroupWorkloadSpec(..))
+        if is_spec(&d.from)
             && !d.payload.is_empty()
             && let Some((w, t)) = self.specs.get(&d.payload)
         {
@@ -452,14 +457,22 @@ impl Simulation {
     /// random node order, so each of those is a cache miss; issued together, the CPU overlaps them
     /// instead of paying them one after another inside each agent's work (the engine's
     /// `NodeCache::resolve_batch` does the same for its index).
-    fn warm(&self, ids: impl Iterator<Item = u32>) {
+    ///
+    /// The agent's label set is touched too where it is about to be read: by an agent that is not
+    /// registered (its next wake-up sends a registration, which carries the labels) and where the
+    /// id comes with `true` (a workload spec, whose selector the agent matches against them).
+    fn warm(&self, ids: impl Iterator<Item = (u32, bool)>) {
         let mut touch = 0u64;
-        for id in ids {
+        for (id, reads_labels) in ids {
             let i = id as usize;
             touch ^= self.wake_at.get(i).copied().unwrap_or(0);
             if let Some(a) = self.agents.get(i) {
                 let name = a.name().as_str().as_bytes();
-                touch ^= a.applied().0 ^ a.link() as u64 ^ u64::from(name.first().copied().unwrap_or(0));
+                let link = a.link();
+                touch ^= a.applied().0 ^ link as u64 ^ u64::from(name.first().copied().unwrap_or(0));
+                if reads_labels || link != LinkState::Registered {
+                    touch ^= u64::from(a.labels().wire().first().copied().unwrap_or(0));
+                }
             }
             touch ^= self.net.touch(NodeId(id));
         }
@@ -472,7 +485,7 @@ impl Simulation {
             let mut progress = false;
             while let Some((at, due)) = self.wakes.pop_due(self.now_ms) {
                 for group in due.chunks(WARM_GROUP) {
-                    self.warm(group.iter().copied());
+                    self.warm(group.iter().map(|&id| (id, false)));
                     for &id in group {
                         if self.wake_at[id as usize] == at {
                             self.wake_at[id as usize] = NEVER;
@@ -504,7 +517,7 @@ impl Simulation {
                 progress = true;
                 self.stats.downlink += deliveries.len() as u64;
                 for group in deliveries.chunks(WARM_GROUP) {
-                    self.warm(group.iter().map(|(n, _)| n.0));
+                    self.warm(group.iter().map(|(n, d)| (n.0, is_spec(&d.from))));
                     for (n, d) in group {
                         self.deliver(*n, d);
                     }

@@ -1,8 +1,11 @@
 //! Kubernetes-style labels.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::ValidationError;
 use super::name::truncate_for_error;
@@ -17,9 +20,21 @@ pub const MAX_LABEL_PREFIX_LEN: usize = 253;
 /// Keys and values follow Kubernetes' rules exactly: a key is an optional DNS-1123 subdomain prefix
 /// and `/`, then a name of at most 63 characters of `[A-Za-z0-9_.-]` that starts and ends with an
 /// alphanumeric; a value is empty or follows the name rule.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "BTreeMap<String, String>", into = "BTreeMap<String, String>")]
-pub struct Labels(BTreeMap<String, String>);
+///
+/// The pairs lie in one block, in key order, in the protocol's wire form of a label set: the count,
+/// then each key and value as a length and its bytes (lengths as LEB128 varints, as postcard writes
+/// them). A lookup reads that one block instead of a tree of separately allocated strings, and a
+/// registration copies it whole ([`Labels::wire`]). Equality and hashing are over the block, which
+/// is canonical (sorted, unique keys); ordering is pair by pair, as a sorted map orders.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>")]
+pub struct Labels {
+    /// The wire form; empty (no allocation) for no labels, where the wire form is the single byte 0.
+    wire: Box<[u8]>,
+}
+
+/// The wire form of an empty label set: a count of zero.
+const EMPTY_WIRE: &[u8] = &[0];
 
 impl Labels {
     /// An empty label set.
@@ -28,11 +43,16 @@ impl Labels {
     }
 
     /// Validates and inserts one label, replacing an earlier value of the same key.
+    ///
+    /// Rebuilds the set's block, so building a set label by label costs the square of its size;
+    /// [`Labels::from_pairs`] builds it in one go.
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Result<(), ValidationError> {
         let (key, value) = (key.into(), value.into());
         validate_label_key(&key)?;
         validate_label_value(&value)?;
-        self.0.insert(key, value);
+        let mut map: BTreeMap<&str, &str> = self.iter().collect();
+        map.insert(&key, &value);
+        self.wire = encode_pairs(map.len(), map.into_iter());
         Ok(())
     }
 
@@ -40,31 +60,154 @@ impl Labels {
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, ValidationError> {
-        let mut labels = Self::new();
+        let mut map = BTreeMap::new();
         for (k, v) in pairs {
-            labels.insert(k, v)?;
+            let (k, v): (String, String) = (k.into(), v.into());
+            validate_label_key(&k)?;
+            validate_label_value(&v)?;
+            map.insert(k, v);
         }
-        Ok(labels)
+        Ok(Self::from_sorted(&map))
+    }
+
+    /// The set of a validated sorted map.
+    fn from_sorted(map: &BTreeMap<String, String>) -> Self {
+        Self { wire: encode_pairs(map.len(), map.iter().map(|(k, v)| (k.as_str(), v.as_str()))) }
     }
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        let mut pairs = self.raw_pairs();
+        while let Some((k, v)) = pairs.next_raw() {
+            match k.cmp(key.as_bytes()) {
+                Ordering::Less => {}
+                Ordering::Equal => return Some(as_str(v)),
+                Ordering::Greater => return None,
+            }
+        }
+        None
     }
 
     /// Number of labels.
     pub fn len(&self) -> usize {
-        self.0.len()
+        read_len(&self.wire).map_or(0, |(n, _)| n)
     }
 
     /// Whether there are no labels.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     /// Labels in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        let mut pairs = self.raw_pairs();
+        std::iter::from_fn(move || pairs.next_raw().map(|(k, v)| (as_str(k), as_str(v))))
+    }
+
+    /// The label set as the protocol writes it: the count, then each key and value, length-prefixed
+    /// (the postcard form of a sequence of `(key, value)` string pairs, and of a string map).
+    pub fn wire(&self) -> &[u8] {
+        if self.wire.is_empty() { EMPTY_WIRE } else { &self.wire }
+    }
+
+    fn raw_pairs(&self) -> RawPairs<'_> {
+        let rest = match read_len(&self.wire) {
+            Some((_, used)) => &self.wire[used..],
+            None => &[],
+        };
+        RawPairs { rest }
+    }
+}
+
+/// Walks the pairs of a wire form built by [`encode_pairs`].
+struct RawPairs<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> RawPairs<'a> {
+    fn next_raw(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        let key = self.next_str()?;
+        let value = self.next_str()?;
+        Some((key, value))
+    }
+
+    fn next_str(&mut self) -> Option<&'a [u8]> {
+        let (len, used) = read_len(self.rest)?;
+        let (s, rest) = self.rest.get(used..)?.split_at_checked(len)?;
+        self.rest = rest;
+        Some(s)
+    }
+}
+
+/// Bytes this module copied from a `&str`: always UTF-8, so the fallback is never taken.
+fn as_str(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
+/// Writes `n` as a LEB128 varint, as postcard writes lengths.
+fn write_len(buf: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        buf.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+/// Reads a varint written by [`write_len`]: the value and the bytes it took.
+fn read_len(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut n = 0usize;
+    for (i, &b) in bytes.iter().enumerate().take(4) {
+        n |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((n, i + 1));
+        }
+    }
+    None
+}
+
+/// The wire form of `count` sorted, unique, validated pairs; empty for none.
+fn encode_pairs<'a>(count: usize, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Box<[u8]> {
+    if count == 0 {
+        return Box::default();
+    }
+    let mut buf = Vec::with_capacity(1 + count * 24);
+    write_len(&mut buf, count);
+    for (k, v) in pairs {
+        write_len(&mut buf, k.len());
+        buf.extend_from_slice(k.as_bytes());
+        write_len(&mut buf, v.len());
+        buf.extend_from_slice(v.as_bytes());
+    }
+    buf.into_boxed_slice()
+}
+
+impl PartialOrd for Labels {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Pair by pair, key then value, as `BTreeMap<String, String>` orders.
+impl Ord for Labels {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.iter().cmp(other.iter())
+    }
+}
+
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// As a map from key to value, as `BTreeMap<String, String>` serializes.
+impl Serialize for Labels {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.len()))?;
+        for (k, v) in self.iter() {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }
 
@@ -75,13 +218,13 @@ impl TryFrom<BTreeMap<String, String>> for Labels {
             validate_label_key(k)?;
             validate_label_value(v)?;
         }
-        Ok(Self(map))
+        Ok(Self::from_sorted(&map))
     }
 }
 
 impl From<Labels> for BTreeMap<String, String> {
     fn from(l: Labels) -> Self {
-        l.0
+        l.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
     }
 }
 
@@ -185,6 +328,59 @@ mod tests {
         }
         for v in ["-x", "x-", "a/b", "a b", &"v".repeat(64)] {
             assert!(validate_label_value(v).is_err(), "{v:?}");
+        }
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Keys up to about 300 bytes, so lengths take two varint bytes too.
+        fn key() -> impl Strategy<Value = String> {
+            let prefix = proptest::option::of("[a-z0-9]{1,60}(\\.[a-z0-9]{1,60}){0,3}");
+            (prefix, "[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?").prop_map(|(p, n)| match p {
+                Some(p) => format!("{p}/{n}"),
+                None => n,
+            })
+        }
+
+        fn map() -> impl Strategy<Value = BTreeMap<String, String>> {
+            let value = prop_oneof![1 => Just(String::new()), 4 => "[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"];
+            proptest::collection::btree_map(key(), value, 0..10)
+        }
+
+        proptest! {
+            /// The one-block form answers every question as the sorted map it replaced did, and its
+            /// wire form is postcard's form of that map.
+            #[test]
+            fn agrees_with_a_sorted_map(a in map(), b in map(), absent in key()) {
+                let la = Labels::try_from(a.clone()).unwrap();
+                let lb = Labels::from_pairs(b.iter().rev().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+                let mut inserted = Labels::new();
+                for (k, v) in a.iter().rev() {
+                    inserted.insert(k.as_str(), v.as_str()).unwrap();
+                }
+                prop_assert_eq!(&inserted, &la);
+
+                prop_assert_eq!(la.len(), a.len());
+                prop_assert_eq!(la.is_empty(), a.is_empty());
+                prop_assert!(la.iter().eq(a.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+                for (k, v) in &a {
+                    prop_assert_eq!(la.get(k), Some(v.as_str()));
+                }
+                prop_assert_eq!(la.get(&absent), a.get(&absent).map(String::as_str));
+                prop_assert_eq!(la.wire(), &postcard::to_allocvec(&a).unwrap()[..]);
+
+                prop_assert_eq!(la.cmp(&lb), a.cmp(&b));
+                prop_assert_eq!(la == lb, a == b);
+                prop_assert_eq!(BTreeMap::from(la.clone()), a.clone());
+
+                let json = serde_json::to_string(&la).unwrap();
+                prop_assert_eq!(&json, &serde_json::to_string(&a).unwrap());
+                prop_assert_eq!(serde_json::from_str::<Labels>(&json).unwrap(), la.clone());
+                prop_assert_eq!(format!("{la:?}"), format!("{a:?}"));
+            }
         }
     }
 }

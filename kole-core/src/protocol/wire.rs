@@ -10,11 +10,11 @@
 
 use std::net::IpAddr;
 
-use serde::ser::{SerializeSeq, Serializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DeliveryMode, DesiredDigest, FailureThreshold, Labels, Requirement, RequirementOp, RolloutStrategy, Selector,
+    DeliveryMode, DesiredDigest, FailureThreshold, Requirement, RequirementOp, RolloutStrategy, Selector,
     ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
@@ -159,11 +159,17 @@ struct InfoOut<'a> {
     addresses: &'a [IpAddr],
 }
 
+/// A registration's fields before its labels. The labels follow as one copy of their wire form
+/// ([`Labels::wire`](crate::model::Labels::wire)), then [`RegisterTail`]: postcard writes a struct
+/// as its fields one after another, so the three pieces make the same bytes as one struct.
 #[derive(Serialize)]
-struct RegisterOut<'a> {
+struct RegisterHead<'a> {
     name: &'a str,
     boot_id: [u8; 4],
-    labels: LabelsOut<'a>,
+}
+
+#[derive(Serialize)]
+struct RegisterTail<'a> {
     info: InfoOut<'a>,
     applied: [u8; 8],
     workloads: StatesOut<'a>,
@@ -249,10 +255,9 @@ struct DesiredOut<'a> {
 
 /// Appends the postcard body of a registration built from borrowed parts (no owned [`Register`]).
 pub(super) fn encode_register_body(r: &RegisterRef<'_>, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
-    let out = RegisterOut {
-        name: r.name.as_str(),
-        boot_id: r.boot_id.to_le_bytes(),
-        labels: LabelsOut(r.labels),
+    append(&RegisterHead { name: r.name.as_str(), boot_id: r.boot_id.to_le_bytes() }, buf)?;
+    buf.extend_from_slice(r.labels.wire());
+    let tail = RegisterTail {
         info: InfoOut {
             arch: &r.info.arch,
             os: &r.info.os,
@@ -262,7 +267,7 @@ pub(super) fn encode_register_body(r: &RegisterRef<'_>, buf: &mut Vec<u8>) -> Re
         applied: fixed8(r.applied),
         workloads: slice_seq(r.workloads, state_out),
     };
-    append(&out, buf)
+    append(&tail, buf)
 }
 
 /// Appends the postcard form of `value` to `buf`.
@@ -399,19 +404,6 @@ pub(super) fn encode_body(msg: &Message, buf: &mut Vec<u8>) -> Result<(), postca
             },
             buf,
         ),
-    }
-}
-
-/// The labels as a sequence of `(key, value)` pairs in key order (same bytes as a map).
-struct LabelsOut<'a>(&'a Labels);
-
-impl Serialize for LabelsOut<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for pair in self.0.iter() {
-            seq.serialize_element(&pair)?;
-        }
-        seq.end()
     }
 }
 
@@ -716,7 +708,7 @@ impl Check<'_> {
             .collect()
     }
 
-    /// Checks a label set as [`Labels`] would take it, in the same order: limits, key order, then
+    /// Checks a label set as [`Labels`](crate::model::Labels) would take it, in the same order: limits, key order, then
     /// each key and value by Kubernetes' rules.
     fn label_pairs(&self, pairs: &[(&str, &str)], known: KnownLabels<'_>) -> Result<(), DecodeError> {
         self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
