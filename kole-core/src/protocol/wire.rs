@@ -708,8 +708,8 @@ impl Check<'_> {
             .collect()
     }
 
-    /// Checks a label set as [`Labels`](crate::model::Labels) would take it, in the same order: limits, key order, then
-    /// each key and value by Kubernetes' rules.
+    /// Checks a label set as [`Labels`](crate::model::Labels) would take it, in the same order:
+    /// limits, key order, then each key and value by Kubernetes' rules.
     fn label_pairs(&self, pairs: &[(&str, &str)], known: KnownLabels<'_>) -> Result<(), DecodeError> {
         self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
         for (k, v) in pairs {
