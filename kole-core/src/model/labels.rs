@@ -48,8 +48,7 @@ impl Labels {
     /// [`Labels::from_pairs`] builds it in one go.
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Result<(), ValidationError> {
         let (key, value) = (key.into(), value.into());
-        validate_label_key(&key)?;
-        validate_label_value(&value)?;
+        validate_pair(&key, &value)?;
         let mut map: BTreeMap<&str, &str> = self.iter().collect();
         map.insert(&key, &value);
         self.wire = encode_pairs(map.len(), map.into_iter());
@@ -63,8 +62,7 @@ impl Labels {
         let mut map = BTreeMap::new();
         for (k, v) in pairs {
             let (k, v): (String, String) = (k.into(), v.into());
-            validate_label_key(&k)?;
-            validate_label_value(&v)?;
+            validate_pair(&k, &v)?;
             map.insert(k, v);
         }
         Ok(Self::from_sorted(&map))
@@ -95,7 +93,8 @@ impl Labels {
 
     /// Whether there are no labels.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        // No labels is always the empty block (see `encode_pairs`).
+        self.wire.is_empty()
     }
 
     /// Labels in key order.
@@ -215,8 +214,7 @@ impl TryFrom<BTreeMap<String, String>> for Labels {
     type Error = ValidationError;
     fn try_from(map: BTreeMap<String, String>) -> Result<Self, Self::Error> {
         for (k, v) in &map {
-            validate_label_key(k)?;
-            validate_label_value(v)?;
+            validate_pair(k, v)?;
         }
         Ok(Self::from_sorted(&map))
     }
@@ -296,6 +294,12 @@ pub fn validate_label_key(key: &str) -> Result<(), ValidationError> {
         None => check_name_part(key),
     };
     result.map_err(|reason| ValidationError::LabelKey { key: truncate_for_error(key), reason })
+}
+
+/// Validates one label: its key, then its value.
+fn validate_pair(key: &str, value: &str) -> Result<(), ValidationError> {
+    validate_label_key(key)?;
+    validate_label_value(value)
 }
 
 /// Validates a label value by Kubernetes' rules (empty is allowed).
