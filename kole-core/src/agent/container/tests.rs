@@ -18,8 +18,9 @@ use crate::model::{DeliveryMode, RolloutStrategy, Selector};
 /// The fake engine (podman-flavoured: `image exists`, `ps --format json` prints an array).
 const FAKE_ENGINE: &str = r#"#!/bin/sh
 D="$(dirname "$0")"
-for a in "$@"; do printf '%s\t' "$a"; done >> "$D/calls"
-printf '\n' >> "$D/calls"
+# One write per call, so calls made at once (the worker's `ps` beside a `stop`) never interleave.
+line=""; for a in "$@"; do line="$line$a	"; done
+printf '%s\n' "$line" >> "$D/calls"
 env > "$D/last-env"
 key() { echo "$1" | tr '/:' '__'; }
 case "$1" in
