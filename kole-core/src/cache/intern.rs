@@ -138,6 +138,11 @@ impl<T: Eq + Hash + Clone> Interner<T> {
         }
     }
 
+    /// The value of `id`, if it is live.
+    pub(crate) fn try_get(&self, id: u32) -> Option<&T> {
+        self.entries.get(id as usize)?.value.as_ref()
+    }
+
     /// The id of `value`, if interned.
     #[inline]
     pub(crate) fn find<Q>(&self, value: &Q) -> Option<u32>

@@ -11,8 +11,8 @@ use super::{
     StateCache,
 };
 use crate::model::{
-    DesiredDigest, LabelLookup, Labels, NodeHealth, NodeInfo, NodeName, NodePhase, NodeRecord, NodeRegistration,
-    Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState, stable_hash,
+    DesiredDigest, LabelLookup, Labels, LabelsView, NodeHealth, NodeInfo, NodeName, NodePhase, NodeRecord,
+    NodeRegistration, Selector, Timestamp, WorkloadId, WorkloadPhase, WorkloadState, encode_pairs, stable_hash,
 };
 
 /// Dense index of a node in a [`NodeCache`]. Stable while the node exists; reused after removal.
@@ -106,8 +106,9 @@ pub struct NodeCache {
     set_epoch: u32,
     /// A lower bound of the last-seen time of every online node (see `mark_offline_before`).
     online_floor: u32,
-    /// Label sets by a hash of their strings (a hint, verified on use), each with its strings
-    /// laid end to end (see [`flat_labels`]): the check reads one block, not a pointer per string.
+    /// Label sets by a hash of their wire form (a hint, verified on use), each with that form (see
+    /// [`LabelsView::wire`]): a registration's label block is found by one hash and one comparison
+    /// of bytes, with no string parsed or looked up.
     label_by_content: FxHashMap<u64, (LabelSetId, Box<[u8]>)>,
 }
 
@@ -115,10 +116,10 @@ pub struct NodeCache {
 /// straight from the payload's strings, with no owned copy per node.
 ///
 /// Crate-private because the cache trusts it: `labels` are valid (Kubernetes rules) and sorted
-/// strictly by key, as the protocol decoder and [`Labels`] guarantee.
+/// strictly by key, as the protocol decoder and [`Labels`] guarantee for a [`LabelsView`].
 pub(crate) struct RegistrationRef<'a> {
     pub(crate) name: &'a str,
-    pub(crate) labels: &'a [(&'a str, &'a str)],
+    pub(crate) labels: LabelsView<'a>,
     pub(crate) arch: &'a str,
     pub(crate) os: &'a str,
     pub(crate) agent_version: &'a str,
@@ -247,12 +248,12 @@ impl NodeCache {
     }
 
     /// Interns a label set, taking a reference on it (and, when new, on its strings).
-    fn intern_labels(&mut self, labels: &[(&str, &str)]) -> LabelSetId {
-        // Fastest path: one hash over the whole set finds it, and a comparison of a few short,
-        // hot strings confirms it.
-        let h = content_hash(labels.iter().copied());
-        if let Some(&(id, ref flat)) = self.label_by_content.get(&h)
-            && flat_labels_eq(flat, labels)
+    fn intern_labels(&mut self, labels: LabelsView<'_>) -> LabelSetId {
+        // Fastest path: one hash over the set's block finds it, and one comparison confirms it.
+        let wire = labels.wire();
+        let h = label_hash(wire);
+        if let Some(&(id, ref stored)) = self.label_by_content.get(&h)
+            && **stored == *wire
         {
             self.label_sets.retain(id);
             return id;
@@ -260,7 +261,7 @@ impl NodeCache {
         // Fast path: every string and the set itself already exist, so no refcount traffic and no
         // allocation beyond the probe key.
         let mut pairs = Vec::with_capacity(labels.len());
-        for &(k, v) in labels {
+        for (k, v) in labels.iter() {
             match (self.strings.find(k), self.strings.find(v)) {
                 (Some(k), Some(v)) => pairs.push((k, v)),
                 _ => break,
@@ -272,7 +273,7 @@ impl NodeCache {
             self.label_sets.retain(id);
             return id;
         }
-        let pairs: LabelPairs = labels.iter().map(|&(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
+        let pairs: LabelPairs = labels.iter().map(|(k, v)| (self.intern_str(k), self.intern_str(v))).collect();
         let (id, new) = self.label_sets.acquire(&pairs);
         if !new {
             for &(k, v) in pairs.iter() {
@@ -281,15 +282,14 @@ impl NodeCache {
             }
         } else {
             self.init_members(id);
-            self.label_by_content.entry(h).or_insert_with(|| (id, flat_labels(labels)));
+            self.label_by_content.entry(h).or_insert_with(|| (id, wire.into()));
         }
         id
     }
 
-    /// The interned label set holding exactly `labels` (sorted by key), if any.
-    pub(crate) fn find_label_set(&self, labels: &[(&str, &str)]) -> Option<LabelSetId> {
-        let h = content_hash(labels.iter().copied());
-        self.label_by_content.get(&h).filter(|(_, flat)| flat_labels_eq(flat, labels)).map(|&(id, _)| id)
+    /// The interned label set whose wire form ([`LabelsView::wire`]) is exactly `wire`, if any.
+    pub(crate) fn find_label_set(&self, wire: &[u8]) -> Option<LabelSetId> {
+        self.label_by_content.get(&label_hash(wire)).filter(|(_, stored)| **stored == *wire).map(|&(id, _)| id)
     }
 
     fn init_members(&mut self, id: LabelSetId) {
@@ -303,7 +303,9 @@ impl NodeCache {
 
     fn release_labels(&mut self, id: LabelSetId) {
         if let Some(pairs) = self.label_sets.release(id) {
-            let h = content_hash(pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
+            let wire =
+                label_wire(pairs.len(), pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
+            let h = label_hash(&wire);
             if self.label_by_content.get(&h).is_some_and(|&(found, _)| found == id) {
                 self.label_by_content.remove(&h);
             }
@@ -534,9 +536,8 @@ impl NodeCache {
         let (id, new) = self.label_sets.acquire(&ids);
         if new {
             self.init_members(id);
-            self.label_by_content
-                .entry(content_hash(labels.iter().copied()))
-                .or_insert_with(|| (id, flat_labels(&labels)));
+            let wire = label_wire(labels.len(), labels.iter().copied());
+            self.label_by_content.entry(label_hash(&wire)).or_insert((id, wire));
         } else {
             for &(k, v) in ids.iter() {
                 self.strings.release(k);
@@ -927,6 +928,16 @@ impl NodeCache {
                 return Err(format!("label set {id}: phases {phases:?} vs kept {:?}", m.phases));
             }
         }
+        // The content hint names only live sets, each under the hash of its own wire form (a
+        // second set whose hash collides is simply not hinted).
+        for (&h, (id, wire)) in &self.label_by_content {
+            let pairs = self.label_sets.try_get(*id).ok_or_else(|| format!("hint names freed label set {id}"))?;
+            let own =
+                label_wire(pairs.len(), pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
+            if own != *wire || label_hash(wire) != h {
+                return Err(format!("hint for label set {id} holds another set's form or hash"));
+            }
+        }
         self.check_shared_parts()
     }
 
@@ -991,44 +1002,15 @@ fn unreachable_name() -> NodeName {
     NodeName::new("invalid-name").unwrap_or_else(|_| unreachable!())
 }
 
-/// A label set's strings end to end, each after its length (4 bytes, little-endian): the lengths
-/// make the form unambiguous, so two sets are equal exactly when their forms are, whatever bytes
-/// an unchecked string holds.
-fn flat_labels(labels: &[(&str, &str)]) -> Box<[u8]> {
-    let len = labels.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
-    let mut flat = Vec::with_capacity(len);
-    for s in labels.iter().flat_map(|&(k, v)| [k, v]) {
-        flat.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        flat.extend_from_slice(s.as_bytes());
-    }
-    flat.into_boxed_slice()
+/// The wire form of a label set given as `count` pairs in key order ([`LabelsView::wire`]).
+fn label_wire<'a>(count: usize, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Box<[u8]> {
+    let wire = encode_pairs(count, pairs);
+    if wire.is_empty() { Box::new([0]) } else { wire }
 }
 
-/// Whether `flat` is [`flat_labels`] of `labels`, without building that.
-fn flat_labels_eq(flat: &[u8], labels: &[(&str, &str)]) -> bool {
-    let mut rest = flat;
-    for s in labels.iter().flat_map(|&(k, v)| [k, v]) {
-        let Some((len, tail)) = rest.split_first_chunk::<4>() else { return false };
-        if u32::from_le_bytes(*len) as usize != s.len() {
-            return false;
-        }
-        let Some((bytes, tail)) = tail.split_at_checked(s.len()) else { return false };
-        if bytes != s.as_bytes() {
-            return false;
-        }
-        rest = tail;
-    }
-    rest.is_empty()
-}
-
-/// A hash of a label set's strings, in key order.
-fn content_hash<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> u64 {
-    let mut h = 0x6c61_6265_6c73_6574;
-    for (k, v) in pairs {
-        h = stable_hash(h, k.as_bytes());
-        h = stable_hash(h.rotate_left(17), v.as_bytes());
-    }
-    h
+/// The hash [`NodeCache`] finds a label set by: of its wire form, in one pass.
+fn label_hash(wire: &[u8]) -> u64 {
+    stable_hash(0x6c61_6265_6c73_6574, wire)
 }
 
 #[inline]
@@ -1074,10 +1056,9 @@ impl StateCache for NodeCache {
     }
 
     fn register(&mut self, reg: &NodeRegistration, boot_id: u32, now: Timestamp) -> Result<Registered, CacheError> {
-        let labels: Vec<(&str, &str)> = reg.labels.iter().collect();
         let r = RegistrationRef {
             name: reg.name.as_str(),
-            labels: &labels,
+            labels: reg.labels.view(),
             arch: &reg.info.arch,
             os: &reg.info.os,
             agent_version: &reg.info.agent_version,
@@ -1203,42 +1184,5 @@ impl StateCache for NodeCache {
 
     fn visit(&self, selector: &Selector, visitor: &mut dyn FnMut(NodeRecord) -> ControlFlow<()>) {
         self.for_each_selected(selector, |slot| visitor(self.record_at(slot)));
-    }
-}
-
-#[cfg(test)]
-mod flat_tests {
-    use super::{flat_labels, flat_labels_eq};
-    use proptest::prelude::*;
-
-    /// Strings over a small alphabet, NUL and the length bytes included, so that different sets
-    /// often share prefixes and lengths.
-    fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
-        let s = || proptest::string::string_regex("[ab\\x00\\x01\\x04]{0,5}").unwrap();
-        proptest::collection::vec((s(), s()), 0..4)
-    }
-
-    fn refs(p: &[(String, String)]) -> Vec<(&str, &str)> {
-        p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-    }
-
-    proptest! {
-        /// The flat form tells two sets apart exactly when they differ: a string cannot run into the
-        /// next, and a set cannot be a prefix of a longer one.
-        #[test]
-        fn flat_form_is_equal_exactly_when_the_sets_are(a in pairs(), b in pairs()) {
-            let (a, b) = (refs(&a), refs(&b));
-            prop_assert!(flat_labels_eq(&flat_labels(&a), &a));
-            prop_assert_eq!(flat_labels_eq(&flat_labels(&a), &b), a == b);
-        }
-    }
-
-    #[test]
-    fn a_string_cannot_borrow_its_neighbours_bytes() {
-        let stored = flat_labels(&[("a", "x"), ("b", "y")]);
-        // The same bytes end to end, cut differently.
-        assert!(!flat_labels_eq(&stored, &[("a", "xb"), ("", "y")]));
-        assert!(!flat_labels_eq(&stored, &[("a", "x")]));
-        assert!(!flat_labels_eq(&stored, &[("a", "x"), ("b", "y"), ("", "")]));
     }
 }

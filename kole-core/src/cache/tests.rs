@@ -172,6 +172,10 @@ fn assert_agrees(cache: &NodeCache, model: &Model, names: &[String]) -> Result<(
         strings.extend(r.workloads.iter().map(|w| w.workload.as_str()));
     }
     prop_assert_eq!(cache.label_set_count(), label_sets.len(), "label sets");
+    // Each live set is found by its wire form alone, as the engine finds a registration's.
+    for l in &label_sets {
+        prop_assert!(cache.find_label_set(l.wire()).is_some(), "{:?} not found by its block", l);
+    }
     prop_assert_eq!(cache.string_count(), strings.len(), "strings {:?}", strings);
     prop_assert_eq!(cache.platforms.len(), platforms.len(), "platforms");
     prop_assert_eq!(cache.workload_sets.len(), workload_sets.len(), "workload sets");

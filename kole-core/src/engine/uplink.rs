@@ -156,8 +156,8 @@ impl Core {
                     &msg.payload,
                     &msg.node,
                     &self.cfg.decode_limits,
-                    &mut |pairs| {
-                        set = cache.find_label_set(pairs);
+                    &mut |wire| {
+                        set = cache.find_label_set(wire);
                         set.is_some()
                     },
                 );
@@ -314,7 +314,7 @@ impl Core {
     ) {
         let registration = RegistrationRef {
             name: reg.name,
-            labels: &reg.labels,
+            labels: reg.labels,
             arch: reg.arch,
             os: reg.os,
             agent_version: reg.agent_version,

@@ -75,6 +75,59 @@ impl Labels {
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
+        self.view().get(key)
+    }
+
+    /// Number of labels.
+    pub fn len(&self) -> usize {
+        self.view().len()
+    }
+
+    /// Whether there are no labels.
+    pub fn is_empty(&self) -> bool {
+        // No labels is always the empty block (see `encode_pairs`).
+        self.wire.is_empty()
+    }
+
+    /// Labels in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.view().iter()
+    }
+
+    /// The label set as the protocol writes it: the count, then each key and value, length-prefixed
+    /// (the postcard form of a sequence of `(key, value)` string pairs, and of a string map).
+    pub fn wire(&self) -> &[u8] {
+        self.view().wire()
+    }
+
+    /// The set borrowed, as a decoded registration holds one.
+    pub fn view(&self) -> LabelsView<'_> {
+        LabelsView { wire: if self.wire.is_empty() { EMPTY_WIRE } else { &self.wire } }
+    }
+}
+
+/// A label set borrowed in its wire form (see [`Labels`]): what a registration decoded without
+/// copying holds, and what [`Labels::view`] lends.
+///
+/// Its block is always canonical and valid: the decoder builds one only from a block whose lengths
+/// are in their shortest form, whose strings are UTF-8 and follow the label rules, and whose keys
+/// are sorted and unique. So two views are equal exactly when their label sets are.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LabelsView<'a> {
+    /// The wire form, count included (`[0]` for no labels).
+    wire: &'a [u8],
+}
+
+impl<'a> LabelsView<'a> {
+    /// A view of `wire`, which the caller has checked as [`LabelsView`] says: canonical, valid and
+    /// complete (the count and exactly that many pairs).
+    pub(crate) fn from_checked_wire(wire: &'a [u8]) -> Self {
+        debug_assert!(read_len(wire).is_some());
+        Self { wire }
+    }
+
+    /// The value of `key`, if present: one walk of the block, stopping at the first larger key.
+    pub fn get(&self, key: &str) -> Option<&'a str> {
         let mut pairs = self.raw_pairs();
         while let Some((k, v)) = pairs.next_raw() {
             match k.cmp(key.as_bytes()) {
@@ -88,43 +141,59 @@ impl Labels {
 
     /// Number of labels.
     pub fn len(&self) -> usize {
-        read_len(&self.wire).map_or(0, |(n, _)| n)
+        read_len(self.wire).map_or(0, |(n, _)| n)
     }
 
     /// Whether there are no labels.
     pub fn is_empty(&self) -> bool {
-        // No labels is always the empty block (see `encode_pairs`).
-        self.wire.is_empty()
+        self.len() == 0
     }
 
     /// Labels in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + use<'a> {
         let mut pairs = self.raw_pairs();
         std::iter::from_fn(move || pairs.next_raw().map(|(k, v)| (as_str(k), as_str(v))))
     }
 
-    /// The label set as the protocol writes it: the count, then each key and value, length-prefixed
-    /// (the postcard form of a sequence of `(key, value)` string pairs, and of a string map).
-    pub fn wire(&self) -> &[u8] {
-        if self.wire.is_empty() { EMPTY_WIRE } else { &self.wire }
+    /// The wire form: the count, then each key and value, length-prefixed.
+    pub fn wire(&self) -> &'a [u8] {
+        self.wire
     }
 
-    fn raw_pairs(&self) -> RawPairs<'_> {
-        let rest = match read_len(&self.wire) {
-            Some((_, used)) => &self.wire[used..],
-            None => &[],
-        };
-        RawPairs { rest }
+    /// An owned copy: the block copied, nothing checked again.
+    pub fn to_labels(&self) -> Labels {
+        Labels { wire: if self.is_empty() { Box::default() } else { self.wire.into() } }
+    }
+
+    fn raw_pairs(&self) -> RawPairs<'a> {
+        RawPairs::of(self.wire)
     }
 }
 
-/// Walks the pairs of a wire form built by [`encode_pairs`].
-struct RawPairs<'a> {
+impl fmt::Debug for LabelsView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl LabelLookup for LabelsView<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+}
+
+/// Walks the pairs of a wire form: the caller has already read the count.
+pub(crate) struct RawPairs<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> RawPairs<'a> {
-    fn next_raw(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+    /// The pairs of a complete wire form (count included), as raw bytes.
+    pub(crate) fn of(wire: &'a [u8]) -> Self {
+        Self { rest: read_len(wire).map_or(&[], |(_, used)| &wire[used..]) }
+    }
+
+    pub(crate) fn next_raw(&mut self) -> Option<(&'a [u8], &'a [u8])> {
         let key = self.next_str()?;
         let value = self.next_str()?;
         Some((key, value))
@@ -138,7 +207,8 @@ impl<'a> RawPairs<'a> {
     }
 }
 
-/// Bytes this module copied from a `&str`: always UTF-8, so the fallback is never taken.
+/// Bytes of a checked block (copied from a `&str`, or checked by the decoder): always UTF-8, so the
+/// fallback is never taken.
 fn as_str(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).unwrap_or_default()
 }
@@ -165,7 +235,7 @@ fn read_len(bytes: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// The wire form of `count` sorted, unique, validated pairs; empty for none.
-fn encode_pairs<'a>(count: usize, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Box<[u8]> {
+pub(crate) fn encode_pairs<'a>(count: usize, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Box<[u8]> {
     if count == 0 {
         return Box::default();
     }

@@ -7,7 +7,9 @@
 use std::fmt;
 
 pub use crate::model::NodeHealth;
-use crate::model::{DesiredDigest, Labels, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState};
+use crate::model::{
+    DesiredDigest, Labels, LabelsView, NodeInfo, NodeName, NodeRegistration, Workload, WorkloadId, WorkloadState,
+};
 
 use super::address::{GroupName, UplinkKind};
 
@@ -186,8 +188,8 @@ pub struct RegisterView<'a> {
     pub name: &'a str,
     /// Random per agent start.
     pub boot_id: u32,
-    /// The node's labels: valid, sorted strictly by key.
-    pub labels: Vec<(&'a str, &'a str)>,
+    /// The node's labels: valid, sorted strictly by key, borrowed as the block they arrived in.
+    pub labels: LabelsView<'a>,
     /// Architecture.
     pub arch: &'a str,
     /// Operating system.
@@ -209,7 +211,7 @@ impl RegisterView<'_> {
         Ok(Register {
             name: NodeName::new(self.name)?,
             boot_id: self.boot_id,
-            labels: Labels::from_pairs(self.labels.iter().copied())?,
+            labels: self.labels.to_labels(),
             info: NodeInfo {
                 arch: self.arch.to_owned(),
                 os: self.os.to_owned(),

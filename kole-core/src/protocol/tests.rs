@@ -239,6 +239,27 @@ fn invalid_fields_are_reported_with_their_rule() {
         matches!(&err, DecodeError::InvalidField { field: "labels", source: ValidationError::LabelValue { .. }, .. }),
         "{err:?}"
     );
+    // A label set has one encoding: a length in a longer form than it needs (0x82 0x00 is 2) is
+    // refused before any caller is asked to vouch for the block.
+    let node = realistic_register().name;
+    let at = bytes.windows(3).position(|w| w == b"\x02aa").unwrap();
+    let long = [&bytes[..at], &[0x82, 0x00], &bytes[at + 1..]].concat();
+    let err = decode(&long, &l).unwrap_err();
+    assert!(matches!(&err, DecodeError::Malformed { reason, .. } if reason.contains("shortest form")), "{err:?}");
+    let mut asked = false;
+    let vouched = decode_register_view_with(&long, &node, &l, &mut |_| {
+        asked = true;
+        true
+    });
+    assert_eq!(vouched.unwrap_err(), err);
+    assert!(!asked);
+    // A label string that is not UTF-8.
+    let err = decode(&patch(&bytes, b"\x02aa", b"\x02a\xff"), &l).unwrap_err();
+    assert!(matches!(&err, DecodeError::Malformed { reason, .. } if reason.contains("UTF-8")), "{err:?}");
+    // Limits hold for a set the caller vouches for.
+    let few = DecodeLimits { max_labels: 1, ..l.clone() };
+    let err = decode_register_view_with(&bytes, &node, &few, &mut |_| true).unwrap_err();
+    assert!(matches!(err, DecodeError::LimitExceeded { limit: Limit::Labels, .. }), "{err:?}");
     // A workload id with a wildcard.
     let bytes = encode(&Message::WorkloadRemoved(WorkloadRemoved { id: WorkloadId::new("default/app").unwrap() }));
     let err = decode(&patch(&bytes, b"app", b"a#p"), &l).unwrap_err();
@@ -492,9 +513,11 @@ proptest! {
         };
         let owned = decode_from_node(&bytes, &node, UplinkKind::Register, &limits());
         let view = decode_register_view(&bytes, &node, &limits());
-        // A caller vouching for exactly the valid sets (as the controller's cache does for those it
-        // holds) changes nothing either.
-        let vouched = decode_register_view_with(&bytes, &node, &limits(), &mut |p| Labels::from_pairs(p.iter().copied()).is_ok());
+        // A caller vouching for exactly the blocks of valid sets (as the controller's cache does for
+        // those it holds) changes nothing either.
+        let vouched = decode_register_view_with(&bytes, &node, &limits(), &mut |w| {
+            postcard::from_bytes::<Labels>(w).is_ok_and(|l| l.wire() == w)
+        });
         prop_assert_eq!(&vouched, &view);
         match (owned, view) {
             (Ok(Message::Register(r)), Ok(v)) => prop_assert_eq!(v.to_register().unwrap(), r),

@@ -14,8 +14,8 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DeliveryMode, DesiredDigest, FailureThreshold, Requirement, RequirementOp, RolloutStrategy, Selector,
-    ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
+    DeliveryMode, DesiredDigest, FailureThreshold, LabelsView, RawPairs, Requirement, RequirementOp, RolloutStrategy,
+    Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
 };
 
 use super::address::GroupName;
@@ -452,17 +452,30 @@ struct InfoIn<'a> {
     addresses: Vec<IpAddr>,
 }
 
+/// A registration's fields before its labels, as [`RegisterHead`] writes them.
 #[derive(Deserialize)]
-struct RegisterIn<'a> {
+struct RegisterHeadIn<'a> {
     name: &'a str,
     boot_id: [u8; 4],
-    #[serde(borrow, deserialize_with = "bounded_seq")]
-    labels: Vec<(&'a str, &'a str)>,
+}
+
+/// A registration's fields after its labels, as [`RegisterTail`] writes them.
+#[derive(Deserialize)]
+struct RegisterTailIn<'a> {
     #[serde(borrow)]
     info: InfoIn<'a>,
     applied: [u8; 8],
     #[serde(borrow, deserialize_with = "bounded_seq")]
     workloads: Vec<StateWire<'a>>,
+}
+
+/// A registration split at its label set, which is kept as the block it arrived in
+/// ([`Check::take_register`]).
+struct RegisterIn<'a> {
+    head: RegisterHeadIn<'a>,
+    /// The label set's wire form, with its lengths and limits checked but not yet its strings.
+    labels: &'a [u8],
+    tail: RegisterTailIn<'a>,
 }
 
 #[derive(Deserialize)]
@@ -536,7 +549,7 @@ pub(super) fn decode_body(
 ) -> Result<Message, DecodeError> {
     let cx = Check { kind, limits };
     match kind {
-        MessageKind::Register => cx.register(cx.parse(body)?).map(Message::Register),
+        MessageKind::Register => cx.register(cx.take_register(body)?).map(Message::Register),
         MessageKind::Heartbeat => {
             let m: HeartbeatWire = cx.parse(body)?;
             Ok(Message::Heartbeat(Heartbeat {
@@ -602,10 +615,11 @@ pub(super) fn decode_body(
     }
 }
 
-/// Says whether a label set (sorted, unique keys, within limits) is one the caller already holds
-/// validated, so its strings need not be checked against the label rules again (see
+/// Says whether a label set, given as its wire form (the count, then each key and value
+/// length-prefixed; within limits, lengths in their shortest form), is byte for byte one the caller
+/// already holds validated ([`LabelsView::wire`]), so its strings need not be checked again (see
 /// [`decode_register_view_with`](super::decode_register_view_with)).
-pub type KnownLabels<'k> = &'k mut dyn FnMut(&[(&str, &str)]) -> bool;
+pub type KnownLabels<'k> = &'k mut dyn FnMut(&[u8]) -> bool;
 
 /// Decodes a registration body borrowing its strings (see [`RegisterView`]).
 pub(super) fn decode_register_view<'a>(
@@ -614,7 +628,7 @@ pub(super) fn decode_register_view<'a>(
     known: KnownLabels<'_>,
 ) -> Result<RegisterView<'a>, DecodeError> {
     let cx = Check { kind: MessageKind::Register, limits };
-    cx.register_view(cx.parse(body)?, known)
+    cx.register_view(cx.take_register(body)?, known)
 }
 
 /// Limit and rule checks, with the message kind for error context.
@@ -708,30 +722,78 @@ impl Check<'_> {
             .collect()
     }
 
-    /// Checks a label set as [`Labels`](crate::model::Labels) would take it, in the same order:
-    /// limits, key order, then each key and value by Kubernetes' rules.
-    fn label_pairs(&self, pairs: &[(&str, &str)], known: KnownLabels<'_>) -> Result<(), DecodeError> {
-        self.count(Limit::Labels, pairs.len(), self.limits.max_labels)?;
-        for (k, v) in pairs {
-            self.count(Limit::StringLen, k.len().max(v.len()), self.limits.max_string_len)?;
+    /// Splits a registration at its label set: the fields before it, the set's block, and the
+    /// fields after it. The block's shape is checked here (every length present, in its shortest
+    /// form, within limits); its strings are checked by [`Self::labels`].
+    fn take_register<'a>(&self, body: &'a [u8]) -> Result<RegisterIn<'a>, DecodeError> {
+        let (head, rest) = postcard::take_from_bytes::<RegisterHeadIn<'a>>(body)
+            .map_err(|e| DecodeError::Malformed { kind: self.kind, reason: e.to_string() })?;
+        let (count, mut pairs) = self.varint(rest)?;
+        self.count(Limit::Labels, count, self.limits.max_labels)?;
+        for _ in 0..count {
+            let (key, after) = self.length_prefixed(pairs)?;
+            let (value, after) = self.length_prefixed(after)?;
+            self.count(Limit::StringLen, key.len().max(value.len()), self.limits.max_string_len)?;
+            pairs = after;
         }
-        // One encoding per label set: keys strictly increasing, as the encoder writes them.
-        if let Some(w) = pairs.windows(2).find(|w| w[0].0 >= w[1].0) {
-            return Err(self.invalid("labels")(ValidationError::LabelKey {
-                key: crate::model::truncate_for_error(w[1].0),
-                reason: "duplicate or out of order (keys must be sorted and unique)",
-            }));
+        let (labels, rest) = rest.split_at(rest.len() - pairs.len());
+        Ok(RegisterIn { head, labels, tail: self.parse(rest)? })
+    }
+
+    /// A length as postcard writes it (LEB128), refusing any but its shortest form: a label set
+    /// has one encoding, so equal sets are equal blocks.
+    fn varint<'a>(&self, bytes: &'a [u8]) -> Result<(usize, &'a [u8]), DecodeError> {
+        let malformed =
+            |reason: &str| DecodeError::Malformed { kind: self.kind, reason: format!("label set: {reason}") };
+        let mut n = 0usize;
+        for (i, &b) in bytes.iter().enumerate().take(4) {
+            n |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                if b == 0 && i > 0 {
+                    return Err(malformed("a length is not in its shortest form"));
+                }
+                return Ok((n, &bytes[i + 1..]));
+            }
         }
-        // The rules hold for a set the caller already holds validated (they depend on the
-        // strings alone, not on limits): only an unknown set is checked string by string.
-        if known(pairs) {
-            return Ok(());
+        Err(malformed(if bytes.len() < 4 { "the input ends inside a length" } else { "a length over 2^28" }))
+    }
+
+    /// A length-prefixed string's bytes, and what follows them.
+    fn length_prefixed<'a>(&self, bytes: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), DecodeError> {
+        let (len, rest) = self.varint(bytes)?;
+        rest.split_at_checked(len).ok_or_else(|| DecodeError::Malformed {
+            kind: self.kind,
+            reason: format!("label set: a {len}-byte string with {} bytes of input left", rest.len()),
+        })
+    }
+
+    /// Checks a label set's strings as [`Labels`](crate::model::Labels) would take them: UTF-8,
+    /// keys sorted and unique, then each key and value by Kubernetes' rules. A set the caller
+    /// already holds validated (`known`) is not checked again: the rules depend on the bytes alone.
+    fn labels<'a>(&self, block: &'a [u8], known: KnownLabels<'_>) -> Result<LabelsView<'a>, DecodeError> {
+        if !known(block) {
+            let mut pairs = RawPairs::of(block);
+            let mut last: Option<&str> = None;
+            while let Some((k, v)) = pairs.next_raw() {
+                let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
+                    return Err(DecodeError::Malformed {
+                        kind: self.kind,
+                        reason: "label set: a key or value is not valid UTF-8".into(),
+                    });
+                };
+                // One encoding per label set: keys strictly increasing, as the encoder writes them.
+                if last.is_some_and(|l| l >= k) {
+                    return Err(self.invalid("labels")(ValidationError::LabelKey {
+                        key: crate::model::truncate_for_error(k),
+                        reason: "duplicate or out of order (keys must be sorted and unique)",
+                    }));
+                }
+                last = Some(k);
+                crate::model::validate_label_key(k).map_err(self.invalid("labels"))?;
+                crate::model::validate_label_value(v).map_err(self.invalid("labels"))?;
+            }
         }
-        for &(k, v) in pairs {
-            crate::model::validate_label_key(k).map_err(self.invalid("labels"))?;
-            crate::model::validate_label_value(v).map_err(self.invalid("labels"))?;
-        }
-        Ok(())
+        Ok(LabelsView::from_checked_wire(block))
     }
 
     fn register(&self, m: RegisterIn<'_>) -> Result<Register, DecodeError> {
@@ -741,23 +803,24 @@ impl Check<'_> {
     }
 
     fn register_view<'a>(&self, m: RegisterIn<'a>, known: KnownLabels<'_>) -> Result<RegisterView<'a>, DecodeError> {
-        self.count(Limit::Addresses, m.info.addresses.len(), self.limits.max_addresses)?;
-        self.count(Limit::StringLen, m.name.len(), self.limits.max_string_len)?;
-        crate::model::validate_node_name(m.name).map_err(self.invalid("name"))?;
-        self.label_pairs(&m.labels, known)?;
-        for s in [m.info.arch, m.info.os, m.info.agent_version] {
+        let RegisterIn { head, labels, tail: t } = m;
+        self.count(Limit::Addresses, t.info.addresses.len(), self.limits.max_addresses)?;
+        self.count(Limit::StringLen, head.name.len(), self.limits.max_string_len)?;
+        crate::model::validate_node_name(head.name).map_err(self.invalid("name"))?;
+        let labels = self.labels(labels, known)?;
+        for s in [t.info.arch, t.info.os, t.info.agent_version] {
             self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
         }
-        let workloads = self.states(&m.workloads)?;
+        let workloads = self.states(&t.workloads)?;
         Ok(RegisterView {
-            name: m.name,
-            boot_id: u32::from_le_bytes(m.boot_id),
-            labels: m.labels,
-            arch: m.info.arch,
-            os: m.info.os,
-            agent_version: m.info.agent_version,
-            addresses: m.info.addresses,
-            applied: digest(m.applied),
+            name: head.name,
+            boot_id: u32::from_le_bytes(head.boot_id),
+            labels,
+            arch: t.info.arch,
+            os: t.info.os,
+            agent_version: t.info.agent_version,
+            addresses: t.info.addresses,
+            applied: digest(t.applied),
             workloads,
         })
     }
