@@ -315,6 +315,16 @@ impl RunSpec {
     /// The spec's bytes (see the [module docs](self)), after [`RunSpec::validate`].
     pub fn encode(&self) -> Result<Vec<u8>, RunSpecError> {
         self.validate()?;
+        let out = self.to_bytes()?;
+        let max = DecodeLimits::default().max_spec_bytes;
+        if out.len() > max {
+            return Err(RunSpecError::TooLarge { len: out.len(), max });
+        }
+        Ok(out)
+    }
+
+    /// The spec's bytes, checked by neither rules nor limits (see [`RunSpec::encode`]).
+    fn to_bytes(&self) -> Result<Vec<u8>, RunSpecError> {
         let body = Body {
             image: self.image.as_deref(),
             command: self.command.iter().map(String::as_str).collect(),
@@ -330,12 +340,7 @@ impl RunSpec {
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         // Serializing borrowed strings and integers into a Vec cannot fail.
-        let out = postcard::to_extend(&body, out).map_err(|_| RunSpecError::Malformed("does not serialize"))?;
-        let max = DecodeLimits::default().max_spec_bytes;
-        if out.len() > max {
-            return Err(RunSpecError::TooLarge { len: out.len(), max });
-        }
-        Ok(out)
+        postcard::to_extend(&body, out).map_err(|_| RunSpecError::Malformed("does not serialize"))
     }
 
     /// Decodes and validates spec bytes under `limits` (untrusted input: every count and length is
@@ -373,6 +378,13 @@ impl RunSpec {
             config: body.config.map(str::to_owned),
         };
         spec.validate_with(limits)?;
+        // postcard reads a number or length padded to a longer form (`80 00` for 0) as its value;
+        // a spec has one encoding, so only the shortest form is taken.
+        if spec.to_bytes().ok().as_deref() != Some(bytes) {
+            return Err(RunSpecError::Malformed(
+                "a number or length is not in its shortest form (not the canonical encoding)",
+            ));
+        }
         Ok(spec)
     }
 }

@@ -51,6 +51,16 @@ fn the_encoding_is_the_documented_one() {
 }
 
 #[test]
+fn a_number_in_a_longer_form_than_it_needs_is_refused() {
+    // postcard reads 0x90 0xce 0x00 as 10000 too; a spec has one encoding.
+    let bytes = RunSpec::process(["true"]).encode().unwrap();
+    let at = bytes.windows(2).position(|w| w == [0x90, 0x4e]).unwrap();
+    let padded = [&bytes[..at], &[0x90, 0xce, 0x00], &bytes[at + 2..]].concat();
+    let err = RunSpec::decode(&padded, &limits()).unwrap_err();
+    assert!(matches!(err, RunSpecError::Malformed(r) if r.contains("shortest form")), "{err}");
+}
+
+#[test]
 fn the_old_json_spec_is_refused_with_a_reason() {
     let json = br#"{"image":"registry.example/cdn-cache:1.4"}"#;
     let err = RunSpec::decode(json, &limits()).unwrap_err();
