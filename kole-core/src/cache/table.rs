@@ -292,6 +292,11 @@ impl NodeCache {
         self.label_by_content.get(&label_hash(wire)).filter(|(_, stored)| **stored == *wire).map(|&(id, _)| id)
     }
 
+    /// The wire form of an interned label set's pairs, as its content hint keeps it.
+    fn wire_of(&self, pairs: &[(StrId, StrId)]) -> Box<[u8]> {
+        label_wire(pairs.len(), pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))))
+    }
+
     fn init_members(&mut self, id: LabelSetId) {
         let idx = id as usize;
         if self.members.len() <= idx {
@@ -303,9 +308,7 @@ impl NodeCache {
 
     fn release_labels(&mut self, id: LabelSetId) {
         if let Some(pairs) = self.label_sets.release(id) {
-            let wire =
-                label_wire(pairs.len(), pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
-            let h = label_hash(&wire);
+            let h = label_hash(&self.wire_of(&pairs));
             if self.label_by_content.get(&h).is_some_and(|&(found, _)| found == id) {
                 self.label_by_content.remove(&h);
             }
@@ -932,9 +935,7 @@ impl NodeCache {
         // second set whose hash collides is simply not hinted).
         for (&h, (id, wire)) in &self.label_by_content {
             let pairs = self.label_sets.try_get(*id).ok_or_else(|| format!("hint names freed label set {id}"))?;
-            let own =
-                label_wire(pairs.len(), pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))));
-            if own != *wire || label_hash(wire) != h {
+            if self.wire_of(pairs) != *wire || label_hash(wire) != h {
                 return Err(format!("hint for label set {id} holds another set's form or hash"));
             }
         }

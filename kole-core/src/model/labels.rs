@@ -222,16 +222,47 @@ fn write_len(buf: &mut Vec<u8>, mut n: usize) {
     buf.push(n as u8);
 }
 
-/// Reads a varint written by [`write_len`]: the value and the bytes it took.
-fn read_len(bytes: &[u8]) -> Option<(usize, usize)> {
+/// Why [`take_len`] could not read a length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LenError {
+    /// The input ends inside the length.
+    Truncated,
+    /// More than four bytes: a length over 2^28.
+    TooLarge,
+    /// A longer form than the value needs (a last byte of zero after others).
+    NotShortest,
+}
+
+impl LenError {
+    /// What went wrong, for an error message.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::Truncated => "the input ends inside a length",
+            Self::TooLarge => "a length over 2^28",
+            Self::NotShortest => "a length is not in its shortest form",
+        }
+    }
+}
+
+/// Reads a length as [`write_len`] writes it (LEB128, at most four bytes), refusing any but its
+/// shortest form: the value and the bytes it took.
+pub(crate) fn take_len(bytes: &[u8]) -> Result<(usize, usize), LenError> {
     let mut n = 0usize;
     for (i, &b) in bytes.iter().enumerate().take(4) {
         n |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return Some((n, i + 1));
+            if b == 0 && i > 0 {
+                return Err(LenError::NotShortest);
+            }
+            return Ok((n, i + 1));
         }
     }
-    None
+    Err(if bytes.len() < 4 { LenError::Truncated } else { LenError::TooLarge })
+}
+
+/// [`take_len`] on a checked block, whose lengths are always present and in their shortest form.
+fn read_len(bytes: &[u8]) -> Option<(usize, usize)> {
+    take_len(bytes).ok()
 }
 
 /// The wire form of `count` sorted, unique, validated pairs; empty for none.

@@ -15,7 +15,7 @@ pub use digest::{DesiredDigest, mix64, stable_hash};
 pub use labels::{
     LabelLookup, Labels, LabelsView, MAX_LABEL_NAME_LEN, MAX_LABEL_PREFIX_LEN, validate_label_key, validate_label_value,
 };
-pub(crate) use labels::{RawPairs, encode_pairs};
+pub(crate) use labels::{RawPairs, encode_pairs, take_len};
 pub use name::{MAX_NODE_NAME_LEN, NodeName, validate_node_name};
 pub use node::{NodeHealth, NodeInfo, NodePhase, NodeRecord, NodeRegistration, WorkloadPhase, WorkloadState};
 pub use selector::{LabelSelector, LabelSelectorRequirement, Requirement, RequirementOp, Selector, SelectorOperator};

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     DeliveryMode, DesiredDigest, FailureThreshold, LabelsView, RawPairs, Requirement, RequirementOp, RolloutStrategy,
-    Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState,
+    Selector, ValidationError, Workload, WorkloadId, WorkloadPhase, WorkloadState, take_len,
 };
 
 use super::address::GroupName;
@@ -743,19 +743,9 @@ impl Check<'_> {
     /// A length as postcard writes it (LEB128), refusing any but its shortest form: a label set
     /// has one encoding, so equal sets are equal blocks.
     fn varint<'a>(&self, bytes: &'a [u8]) -> Result<(usize, &'a [u8]), DecodeError> {
-        let malformed =
-            |reason: &str| DecodeError::Malformed { kind: self.kind, reason: format!("label set: {reason}") };
-        let mut n = 0usize;
-        for (i, &b) in bytes.iter().enumerate().take(4) {
-            n |= usize::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                if b == 0 && i > 0 {
-                    return Err(malformed("a length is not in its shortest form"));
-                }
-                return Ok((n, &bytes[i + 1..]));
-            }
-        }
-        Err(malformed(if bytes.len() < 4 { "the input ends inside a length" } else { "a length over 2^28" }))
+        let (n, used) = take_len(bytes)
+            .map_err(|e| DecodeError::Malformed { kind: self.kind, reason: format!("label set: {}", e.reason()) })?;
+        Ok((n, &bytes[used..]))
     }
 
     /// A length-prefixed string's bytes, and what follows them.
