@@ -2,8 +2,9 @@
 //! dense slot table and the interned sets, so the engine never touches the table's fields.
 //!
 //! These are not part of [`StateCache`](super::StateCache): they expose the compact layout
-//! (slots, label-set ids, interned workload-state sets) that makes targeting and wave health cost
-//! one pass per distinct label set, which a generic cache could not offer.
+//! (slots, label-set ids, interned workload-state sets) that makes targeting cost one pass per
+//! distinct label set, and lets the engine keep wave health node by node as it changes nodes,
+//! which a generic cache could not offer.
 
 use super::Slot;
 use super::table::{LabelSetId, NodeCache, StrId, WorkloadSetId};
@@ -50,11 +51,6 @@ impl NodeCache {
     /// reported it.
     pub(crate) fn string_id(&self, s: &str) -> Option<StrId> {
         self.strings.find(s)
-    }
-
-    /// One more than the largest workload-state set id, to size a dense per-set table.
-    pub(crate) fn workload_set_id_bound(&self) -> usize {
-        self.workload_sets.capacity_ids()
     }
 
     /// The `(workload id string, version, phase)` items of a workload-state set.

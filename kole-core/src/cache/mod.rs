@@ -25,7 +25,7 @@ mod watch_keys;
 use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
-pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, WorkloadSetId};
+pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, StrId, WorkloadSetId};
 pub use table::{NodeCache, Slot};
 pub(crate) use table::{PROBE_GROUP, RegistrationRef};
 pub use watch_keys::WatchKey;

@@ -864,11 +864,12 @@ impl NodeCache {
         probe
     }
 
-    /// Marks every online node not heard from since `cutoff` as offline; returns how many changed.
+    /// Marks every online node not heard from since `cutoff` as offline, telling `marked` each
+    /// slot it marks; returns how many changed.
     ///
     /// Cheap when nothing is due: the cache keeps a lower bound of the online nodes' last-seen
     /// times, and scans the table only when the cutoff passes it.
-    pub(crate) fn mark_offline_before(&mut self, cutoff: Timestamp) -> usize {
+    pub(crate) fn mark_offline_before(&mut self, cutoff: Timestamp, mut marked: impl FnMut(Slot)) -> usize {
         let cutoff = cutoff.as_secs_u32();
         if cutoff <= self.online_floor {
             return 0;
@@ -882,6 +883,7 @@ impl NodeCache {
             }
             if n.last_seen < cutoff {
                 self.set_phase_at(slot, NodePhase::Offline);
+                marked(slot);
                 changed += 1;
             } else {
                 floor = floor.min(n.last_seen);
@@ -1107,7 +1109,7 @@ impl StateCache for NodeCache {
     }
 
     fn mark_offline(&mut self, cutoff: Timestamp) -> usize {
-        self.mark_offline_before(cutoff)
+        self.mark_offline_before(cutoff, |_| {})
     }
 
     fn remove(&mut self, name: &str) -> bool {

@@ -95,6 +95,7 @@ impl Core {
                     && e.phase == RolloutPhase::Progressing
                 {
                     e.phase = RolloutPhase::Paused;
+                    e.health = None;
                 }
             }
             WorkloadCommand::Resume(id) => {
@@ -102,6 +103,8 @@ impl Core {
                     && matches!(e.phase, RolloutPhase::Paused | RolloutPhase::Halted)
                 {
                     e.phase = RolloutPhase::Progressing;
+                    // Wave health was not kept while held: count it again.
+                    e.health = None;
                     // Time held does not count against the progress deadline.
                     e.wave_since_ms = 0;
                     e.deadline_exceeded = false;

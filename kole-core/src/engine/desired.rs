@@ -14,7 +14,7 @@ use super::{Core, Outputs};
 pub(super) struct SetTargets {
     epoch: u32,
     generation: u64,
-    workloads: Vec<u32>,
+    pub(super) workloads: Vec<u32>,
     /// Groups of the label set (depend on labels only), valid for `groups_epoch`.
     groups_epoch: u32,
     groups: Vec<GroupName>,

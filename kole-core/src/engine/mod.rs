@@ -25,6 +25,7 @@ mod desired;
 #[cfg(feature = "tokio-driver")]
 pub mod driver;
 mod failures;
+mod health;
 mod rollout;
 mod status;
 #[cfg(test)]

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::cache::{NodeCache, StateCache};
+use crate::cache::NodeCache;
 use crate::model::{DesiredDigest, FailureThreshold, Timestamp, Workload, wave_point_seeded, wave_seed};
-use crate::protocol::{self, WorkloadSpec};
+use crate::protocol::WorkloadSpec;
 
 use super::{Core, EngineEvent, Outputs};
 
@@ -67,6 +67,9 @@ pub(crate) struct WorkloadEntry {
     pub(crate) deadline_exceeded: bool,
     /// Failed nodes and their reasons (see [`super::failures`]).
     pub(crate) failures: super::failures::FailureReasons,
+    /// The current wave's health, kept between ticks while progressing (see [`super::health`]);
+    /// `None`: count it at the next tick.
+    pub(crate) health: Option<super::health::WaveHealth>,
 }
 
 impl WorkloadEntry {
@@ -86,6 +89,7 @@ impl WorkloadEntry {
             wave_since_ms: 0,
             deadline_exceeded: false,
             failures: Default::default(),
+            health: None,
         }
     }
 
@@ -162,8 +166,12 @@ impl Core {
         // No node can be declared offline until a full window after this engine started: a
         // restored cache's last-seen times predate the restart.
         if now_ms >= self.started_ms.saturating_add(window) {
-            let n = cache.mark_offline(Timestamp::from_millis(now_ms - window));
+            let mut gone = Vec::new();
+            let n = cache.mark_offline_before(Timestamp::from_millis(now_ms - window), |slot| gone.push(slot));
             self.stats.marked_offline += n as u64;
+            for slot in gone {
+                self.node_liveness_changed(cache, slot, true);
+            }
         }
         for i in 0..self.workloads.len() {
             if self.workloads[i].as_ref().is_some_and(|e| e.phase == RolloutPhase::Progressing) {
@@ -189,61 +197,14 @@ impl Core {
         }
     }
 
-    /// Wave health of workload `idx`: (reached, online in reached waves, ready, failed, failed and
-    /// online) at its current version, from one pass over the targeted nodes.
-    fn wave_counts(&self, cache: &NodeCache, idx: usize) -> (u32, u32, u32, u32, u32) {
-        let Some(e) = &self.workloads[idx] else { return (0, 0, 0, 0, 0) };
-        let threshold = e.threshold();
-        let wl_str = cache.string_id(e.current.id.as_str());
-        let (mut reached, mut online, mut ready, mut failed, mut failed_online) = (0u32, 0u32, 0u32, 0u32, 0u32);
-        // Per workload-state set: this workload's (version, phase) on nodes carrying that set.
-        let mut state_of: Vec<Option<Option<(u64, u8)>>> = vec![None; cache.workload_set_id_bound()];
-        for set in cache.matching_sets(&e.current.selector) {
-            for &slot in cache.members_of(set) {
-                let (online_now, wl_set) = (cache.is_online(slot), cache.workload_set_of(slot));
-                if threshold < protocol::WorkloadSpec::ALL_WAVES
-                    && crate::model::wave_point_seeded(e.seed, cache.name_bytes(slot)) >= threshold
-                {
-                    continue;
-                }
-                reached += 1;
-                if online_now {
-                    online += 1;
-                }
-                let st = match state_of.get(wl_set as usize).copied().flatten() {
-                    Some(st) => st,
-                    None => {
-                        let st = wl_str
-                            .and_then(|w| cache.workload_set(wl_set).iter().find(|x| x.0 == w).map(|x| (x.1, x.2)));
-                        if let Some(slot) = state_of.get_mut(wl_set as usize) {
-                            *slot = Some(st);
-                        }
-                        st
-                    }
-                };
-                if let Some((version, phase)) = st
-                    && version == e.current.version
-                {
-                    match crate::model::WorkloadPhase::from_u8(phase) {
-                        Some(crate::model::WorkloadPhase::Running) if online_now => ready += 1,
-                        Some(crate::model::WorkloadPhase::Failed) => {
-                            failed += 1;
-                            failed_online += u32::from(online_now);
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        (reached, online, ready, failed, failed_online)
-    }
-
     fn evaluate_rollout(&mut self, cache: &NodeCache, idx: usize, now: Timestamp, out: &mut Outputs) {
-        let (reached, online, ready, failed, failed_online) = self.wave_counts(cache, idx);
+        let h = self.wave_health(cache, idx);
+        let (reached, online, ready, failed, failed_online) = (h.reached, h.online, h.ready, h.failed, h.failed_online);
         let Some(e) = self.workloads[idx].as_mut() else { return };
         let id = e.current.id.clone();
         if e.failures_exceeded(failed, reached) {
             e.phase = RolloutPhase::Halted;
+            e.health = None;
             out.events.push(EngineEvent::RolloutHalted { id, failed, reached });
             return;
         }
@@ -275,11 +236,13 @@ impl Core {
         }
         if e.is_last_wave() {
             e.phase = RolloutPhase::Complete;
+            e.health = None;
             out.events.push(EngineEvent::RolloutComplete { id });
             return;
         }
         let from = e.threshold();
         e.wave += 1;
+        e.health = None;
         let wave = e.wave;
         self.publish(cache, idx, from, now, out);
         out.events.push(EngineEvent::WaveAdvanced { id, wave });

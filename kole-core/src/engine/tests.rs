@@ -261,6 +261,8 @@ fn waves_advance_only_when_healthy_and_failures_halt() {
     let mut out = Outputs::default();
     e.handle(Input::Tick, t(3), &mut out);
     assert!(out.events.is_empty(), "nobody runs v1 yet: {:?}", out.events);
+    // The first tick of the wave counted its health; the reports below move the kept counts.
+    assert!(e.keeps_wave_health(&w.id));
 
     // Wave 1 nodes report Running → advance to wave 2 with a republished threshold.
     let first = in_wave(1000);
@@ -904,4 +906,106 @@ fn a_node_hammering_every_path_gets_at_most_one_catchup_per_grace_period() {
     assert!(desired_states as u64 <= limit, "{desired_states} desired states in 600 s, limit {limit}");
     assert!(desired_states >= 2, "a wrong node still gets its desired state: {desired_states}");
     assert_eq!(e.stats().catchups, desired_states as u64);
+}
+
+/// One step of the wave-health property test.
+#[derive(Clone, Debug)]
+enum HealthStep {
+    /// Node registers (again) with label set `labels`, under a new boot.
+    Register { node: usize, labels: usize },
+    /// Node reports workload `w` at `version` in `phase`.
+    Report { node: usize, w: usize, version: u64, phase: u8 },
+    /// Node heartbeats.
+    Heartbeat { node: usize },
+    /// Time passes (seconds) and the engine ticks.
+    Tick { secs: u64 },
+    /// A new version of workload `w` is applied.
+    NewVersion { w: usize },
+    /// Workload `w` is paused, or resumed.
+    Hold { w: usize, pause: bool },
+}
+
+fn arb_health_step() -> impl Strategy<Value = HealthStep> {
+    prop_oneof![
+        (0..24usize, 0..4usize).prop_map(|(node, labels)| HealthStep::Register { node, labels }),
+        (0..24usize, 0..2usize, 1..4u64, 0..5u8).prop_map(|(node, w, version, phase)| HealthStep::Report {
+            node,
+            w,
+            version,
+            phase
+        }),
+        (0..24usize).prop_map(|node| HealthStep::Heartbeat { node }),
+        (0..6u64).prop_map(|secs| HealthStep::Tick { secs }),
+        (0..2usize).prop_map(|w| HealthStep::NewVersion { w }),
+        (0..2usize, any::<bool>()).prop_map(|(w, pause)| HealthStep::Hold { w, pause }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The wave health a progressing rollout keeps between ticks always equals a full count over
+    /// its targeted nodes, whatever registrations (relabelling included), reports, heartbeats,
+    /// offline sweeps, new versions and holds come in between.
+    #[test]
+    fn kept_wave_health_equals_a_full_count(steps in proptest::collection::vec(arb_health_step(), 1..120)) {
+        let cfg = EngineConfig {
+            heartbeat_interval_ms: 1000,
+            offline_after_missed: 2,
+            min_register_interval_ms: 0,
+            max_uplink_per_node_per_s: 0,
+            // Never settle a wave on its own: the rollouts stay progressing, their health kept.
+            min_ready_percent: 100,
+            ..Default::default()
+        };
+        let label_sets = [
+            labels(&[("tier", "cdn")]),
+            labels(&[("tier", "cdn"), ("region", "eu")]),
+            labels(&[("tier", "pos")]),
+            labels(&[]),
+        ];
+        let mut e = Engine::new(cfg, NodeCache::new(), t(0));
+        let mut ws = vec![workload("default/a", 1, "tier=cdn", &[30, 60, 100]), workload("default/b", 1, "tier", &[100])];
+        for w in &ws {
+            apply(&mut e, w, t(0));
+        }
+        let mut now = 1u64;
+        let mut boot = vec![0u32; 24];
+        let mut seq = vec![0u32; 24];
+        for step in steps {
+            match step {
+                HealthStep::Register { node, labels } => {
+                    boot[node] += 1;
+                    seq[node] = 0;
+                    uplink(&mut e, &[register(&format!("n{node}"), &label_sets[labels], boot[node], DesiredDigest::EMPTY)], t(now));
+                }
+                HealthStep::Report { node, w, version, phase } => {
+                    seq[node] += 1;
+                    let mut v = ws[w].clone();
+                    v.version = version;
+                    let phase = WorkloadPhase::from_u8(phase).unwrap_or(WorkloadPhase::Running);
+                    uplink(&mut e, &[status(&format!("n{node}"), seq[node], boot[node].max(1), DesiredDigest::EMPTY, &[(&v, phase)])], t(now));
+                }
+                HealthStep::Heartbeat { node } => {
+                    seq[node] += 1;
+                    uplink(&mut e, &[heartbeat(&format!("n{node}"), seq[node], boot[node].max(1), DesiredDigest::EMPTY)], t(now));
+                }
+                HealthStep::Tick { secs } => {
+                    now += secs;
+                    e.handle(Input::Tick, t(now), &mut Outputs::default());
+                }
+                HealthStep::NewVersion { w } => {
+                    ws[w].version += 1;
+                    apply(&mut e, &ws[w], t(now));
+                }
+                HealthStep::Hold { w, pause } => {
+                    let cmd = if pause { WorkloadCommand::Pause(ws[w].id.clone()) } else { WorkloadCommand::Resume(ws[w].id.clone()) };
+                    e.handle(Input::Workload(&cmd), t(now), &mut Outputs::default());
+                }
+            }
+            if let Some(drift) = e.wave_health_drift() {
+                prop_assert!(false, "after {step:?}: {drift}");
+            }
+        }
+    }
 }

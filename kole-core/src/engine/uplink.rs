@@ -216,6 +216,11 @@ impl Core {
                 Some(slot) => cache.heartbeat_slot(slot, &update, now),
                 None => Err(CacheError::UnknownNode),
             };
+            if let Ok(o) = &r
+                && o.previous != NodePhase::Online
+            {
+                self.node_liveness_changed(cache, o.slot, false);
+            }
             // A status report always precedes the heartbeats of a change, so a heartbeat that changes
             // the applied digest (or follows one that did) means the report never arrived: without
             // it the workload status and the rollout's wave health would stay stale for good.
@@ -279,7 +284,13 @@ impl Core {
             Message::Register(_) => {}
             Message::StatusReport(s) => {
                 let update = HeartbeatUpdate { boot_id: s.boot_id, seq: s.seq, applied: s.applied, health: None };
-                let r = match known {
+                let live = known.filter(|&slot| cache.is_live(slot));
+                // The node's part in wave health comes out before the report changes it and goes
+                // back in after, whether or not the report was applied.
+                if let Some(slot) = live {
+                    self.node_health_moved(cache, slot, cache.is_online(slot), false);
+                }
+                let r = match live {
                     Some(slot) => cache.heartbeat_slot(slot, &update, now),
                     None => Err(CacheError::UnknownNode),
                 };
@@ -290,6 +301,9 @@ impl Core {
                     self.stats.status_reports += 1;
                     cache.report_workloads_at(o.slot, &s.workloads);
                     self.record_failures(o.slot, &s);
+                }
+                if let Some(slot) = live {
+                    self.node_health_moved(cache, slot, cache.is_online(slot), true);
                 }
                 self.after_heartbeat(cache, &msg.node, &r, s.applied, now, out);
             }
@@ -354,7 +368,19 @@ impl Core {
             });
             return;
         }
-        match cache.register_ref_at(&registration, known, boot, now) {
+        let live = known.filter(|&slot| cache.is_live(slot));
+        if let Some(slot) = live {
+            self.node_health_moved(cache, slot, cache.is_online(slot), false);
+        }
+        let registered = cache.register_ref_at(&registration, known, boot, now);
+        // The node's part in wave health, with its new labels and state (or its old ones, unchanged,
+        // when the registration was refused).
+        match (&registered, live) {
+            (Ok(r), _) => self.node_health_moved(cache, r.slot, cache.is_online(r.slot), true),
+            (Err(_), Some(slot)) => self.node_health_moved(cache, slot, cache.is_online(slot), true),
+            (Err(_), None) => {}
+        }
+        match registered {
             Ok(r) => {
                 self.recent_registrations.push(r.slot, now.as_millis());
                 if r.created {
