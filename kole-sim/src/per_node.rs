@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kole_core::agent::driver::{AgentDriverConfig, run_agent};
-use kole_core::agent::{AgentConfig, MemoryAgentStore, RecordingRuntime};
+use kole_core::agent::{MemoryAgentStore, RecordingRuntime};
 use kole_core::clock::wall_clock_now;
 use kole_core::engine::EngineConfig;
 use kole_core::model::stable_hash;
@@ -585,7 +585,7 @@ impl Connector for CountingConnector {
 pub fn worker(cfg: &WorkerConfig) -> Result<(), MqttBenchError> {
     let topics = Topics::new(&cfg.fleet).map_err(setup)?;
     let reference = ReferenceFleet::new(cfg.nodes, cfg.seed);
-    let agent_cfg = Arc::new(AgentConfig::default());
+    let agent_cfg = Arc::new(crate::sim::simulated_agent_config());
     let agents: Vec<_> = crate::sim::reference_agents(&reference, agent_cfg)
         .into_iter()
         .enumerate()

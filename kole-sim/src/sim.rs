@@ -42,7 +42,7 @@ pub struct SimConfig {
     pub plan: FaultPlan,
     /// The engine's settings.
     pub engine: EngineConfig,
-    /// The agents' settings (shared by all).
+    /// The agents' settings (shared by all). Default: [`simulated_agent_config`].
     pub agent: AgentConfig,
     /// Virtual time between engine ticks, in milliseconds. Default 1,000.
     pub engine_tick_ms: u64,
@@ -63,7 +63,7 @@ impl Default for SimConfig {
             seed: 42,
             plan: FaultPlan::default(),
             engine: EngineConfig::default(),
-            agent: AgentConfig::default(),
+            agent: simulated_agent_config(),
             engine_tick_ms: 1_000,
             uplink_batch: 16_384,
             downlink_batch: 65_536,
@@ -71,6 +71,21 @@ impl Default for SimConfig {
             start_ms: crate::dataset::REFERENCE_NOW_SECS * 1000,
         }
     }
+}
+
+/// The agents' settings in every simulator of this crate: the defaults, except that the agents
+/// do not poll their runtime on a timer (`runtime_poll_ms` 0; they still poll when they wake for a
+/// heartbeat).
+///
+/// The simulated runtime is a [`RecordingRuntime::instant`] that nothing outside the agent can
+/// change: a workload's phase is decided when it is applied and never moves by itself, so a poll
+/// can find nothing and sends nothing. On a real node the once-a-second poll is the node's own
+/// work; in a simulator it is a million timer wake-ups a second, run one after another on the
+/// simulator's cores, slowing the load the system under test receives (measured: the MQTT
+/// bench's fleet spent most of its distribution phase in them). Set a poll interval here to
+/// simulate that cost anyway.
+pub fn simulated_agent_config() -> AgentConfig {
+    AgentConfig { runtime_poll_ms: 0, ..AgentConfig::default() }
 }
 
 /// Counters of the simulation loop.

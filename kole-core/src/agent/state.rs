@@ -657,6 +657,12 @@ impl Agent {
     ) {
         let phase = runtime.apply(&self.name, &workload, now);
         out.events.push(AgentEvent::Applied { id: workload.id.clone(), version: workload.version, phase });
+        if self.workloads.is_empty() {
+            // No poll ran while the agent had nothing to run, so the poll time is stale: the first
+            // poll is one interval after this apply, which just told the workload's phase (not at
+            // once, which would only ask again).
+            self.poll_at = now.as_millis().saturating_add(u64::from(self.config.runtime_poll_ms));
+        }
         let slot = Slot { workload, phase };
         match self.workloads.binary_search_by(|s| s.workload.id.cmp(&slot.workload.id)) {
             Ok(i) => self.workloads[i] = slot,

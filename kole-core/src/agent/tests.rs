@@ -533,6 +533,28 @@ fn runtime_state_changes_send_a_status_report_that_counts_as_a_heartbeat() {
 }
 
 #[test]
+fn the_first_poll_comes_one_interval_after_the_first_apply() {
+    let config = AgentConfig { runtime_poll_ms: 1_000, ..AgentConfig::default() };
+    let mut h = Harness::with(config, "edge-1", &[], None);
+    h.register(10_000);
+    // Idle for a while: no polls while there is nothing to run.
+    h.tick_at(h.wake());
+    h.sent();
+    h.now += 4_000;
+    let w = workload("default/a", 1, "");
+    h.msg(&spec(&w, WorkloadSpec::ALL_WAVES), &Destination::WorkloadSpec(w.id.clone()));
+    assert!(matches!(h.sent()[..], [Message::StatusReport(_)]));
+    // The apply told the phase: the first poll is one interval later, not at once.
+    assert_eq!(h.wake(), h.now + 1_000);
+    // And it still finds what the runtime reports.
+    h.rt.push_phase(&name("edge-1"), w.id.clone(), WorkloadPhase::Failed);
+    h.tick_at(h.now + 1_000);
+    let [Message::StatusReport(r)] = &h.sent()[..] else { panic!() };
+    assert_eq!(r.workloads[0].phase, WorkloadPhase::Failed);
+    assert_eq!(h.wake(), h.now + 1_000, "polled every interval while it runs something");
+}
+
+#[test]
 fn commands_reregister_resync_restart_and_ping() {
     let mut h = Harness::new("edge-1", &[]);
     h.register(10_000);

@@ -83,7 +83,7 @@ const NEVER: u64 = u64::MAX;
 impl SimFleet {
     pub(super) fn new(cfg: &MqttBenchConfig, c: usize, topics: Topics) -> Self {
         let fleet = ReferenceFleet::new(cfg.nodes, cfg.seed);
-        let agents = crate::sim::reference_agents(&fleet, Arc::new(AgentConfig::default()));
+        let agents = crate::sim::reference_agents(&fleet, Arc::new(crate::sim::simulated_agent_config()));
         let index: HashMap<NodeName, u32> =
             agents.iter().enumerate().map(|(i, a)| (a.name().clone(), i as u32)).collect();
         let wall_ms = wall_clock_now().as_millis();
