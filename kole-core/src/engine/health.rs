@@ -82,7 +82,7 @@ impl WorkloadEntry {
     }
 
     /// Whether the engine keeps this workload's wave health between ticks right now.
-    fn keeps_health(&self) -> bool {
+    pub(super) fn keeps_health(&self) -> bool {
         self.phase == RolloutPhase::Progressing && self.health.is_some()
     }
 }
@@ -93,6 +93,9 @@ impl Core {
     /// Every change the engine makes to a node's labels, liveness or reported workloads is
     /// bracketed by these two calls.
     pub(super) fn node_health_moved(&mut self, cache: &NodeCache, slot: Slot, online: bool, add: bool) {
+        if !self.health_kept {
+            return;
+        }
         let set = cache.label_set_of(slot);
         let n = self.targets(cache, set).len();
         for k in 0..n {
@@ -145,6 +148,7 @@ impl Core {
                 let h = self.count_wave_health(cache, idx);
                 if let Some(e) = self.workloads[idx].as_mut() {
                     e.health = Some(h);
+                    self.health_kept = true;
                 }
                 h
             }

@@ -370,6 +370,10 @@ struct Core {
     recent_registrations: uplink::RecentRegistrations,
     /// Per-node uplink rate state ([`EngineConfig::max_uplink_per_node_per_s`]).
     uplink_limiter: uplink::UplinkLimiter,
+    /// Whether any workload may keep wave health between ticks (see [`health`]): false spares
+    /// every node change the lookup of the workloads targeting it. Set when a tick starts keeping
+    /// one, recomputed at the end of each tick (between ticks kept health is only ever dropped).
+    health_kept: bool,
 }
 
 impl Engine {
@@ -397,6 +401,7 @@ impl Engine {
             now_ms: now.as_millis(),
             recent_registrations: uplink::RecentRegistrations::default(),
             uplink_limiter,
+            health_kept: false,
         };
         Self { cache, store, core }
     }

@@ -178,6 +178,7 @@ impl Core {
                 self.evaluate_rollout(cache, i, now, out);
             }
         }
+        self.health_kept = self.workloads.iter().flatten().any(WorkloadEntry::keeps_health);
         if now_ms >= self.last_status_ms.saturating_add(self.cfg.status_interval_ms) {
             self.last_status_ms = now_ms;
             for s in self.statuses(cache) {
