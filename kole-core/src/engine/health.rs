@@ -38,19 +38,19 @@ impl WaveHealth {
     // Wrapping, not saturating: a drift shows as a wild count (and fails the debug check) instead
     // of hiding at zero.
     fn add(&mut self, o: WaveHealth) {
-        self.reached = self.reached.wrapping_add(o.reached);
-        self.online = self.online.wrapping_add(o.online);
-        self.ready = self.ready.wrapping_add(o.ready);
-        self.failed = self.failed.wrapping_add(o.failed);
-        self.failed_online = self.failed_online.wrapping_add(o.failed_online);
+        self.combine(o, u32::wrapping_add);
     }
 
     fn sub(&mut self, o: WaveHealth) {
-        self.reached = self.reached.wrapping_sub(o.reached);
-        self.online = self.online.wrapping_sub(o.online);
-        self.ready = self.ready.wrapping_sub(o.ready);
-        self.failed = self.failed.wrapping_sub(o.failed);
-        self.failed_online = self.failed_online.wrapping_sub(o.failed_online);
+        self.combine(o, u32::wrapping_sub);
+    }
+
+    fn combine(&mut self, o: WaveHealth, f: fn(u32, u32) -> u32) {
+        self.reached = f(self.reached, o.reached);
+        self.online = f(self.online, o.online);
+        self.ready = f(self.ready, o.ready);
+        self.failed = f(self.failed, o.failed);
+        self.failed_online = f(self.failed_online, o.failed_online);
     }
 }
 

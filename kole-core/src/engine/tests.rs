@@ -970,8 +970,8 @@ proptest! {
             apply(&mut e, w, t(0));
         }
         let mut now = 1u64;
-        let mut boot = vec![0u32; 24];
-        let mut seq = vec![0u32; 24];
+        let mut boot = [0u32; 24];
+        let mut seq = [0u32; 24];
         for step in steps {
             match step {
                 HealthStep::Register { node, labels } => {
