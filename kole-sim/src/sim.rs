@@ -27,7 +27,7 @@ use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp};
 use kole_core::transport::fault::FaultPlan;
-use kole_core::transport::{Destination, NodeDelivery};
+use kole_core::transport::{Destination, Inbound, NodeDelivery};
 
 use crate::dataset::ReferenceFleet;
 
@@ -126,6 +126,8 @@ pub struct Simulation {
     specs: SpecCache,
     events: Vec<EngineEvent>,
     stats: SimStats,
+    /// The uplink batch handed to the engine, reused from batch to batch.
+    up_batch: Vec<Inbound>,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -307,6 +309,7 @@ impl Simulation {
             specs,
             events: Vec::new(),
             stats: SimStats::default(),
+            up_batch: Vec::new(),
         }
     }
 
@@ -512,8 +515,9 @@ impl Simulation {
                 }
                 self.wakes.recycle(due);
             }
+            let mut batch = std::mem::take(&mut self.up_batch);
             loop {
-                let batch = self.net.take_uplink(self.now(), self.cfg.uplink_batch);
+                self.net.take_uplink_into(self.now(), self.cfg.uplink_batch, &mut batch);
                 if batch.is_empty() {
                     break;
                 }
@@ -522,6 +526,7 @@ impl Simulation {
                 let now = self.now();
                 self.engine_call(|e, out| e.handle(Input::Uplink(&batch), now, out));
             }
+            self.up_batch = batch;
             let mut deliveries = Vec::new();
             loop {
                 deliveries.clear();
