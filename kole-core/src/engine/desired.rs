@@ -13,7 +13,7 @@ use super::{Core, Outputs};
 #[derive(Clone, Debug, Default)]
 pub(super) struct SetTargets {
     epoch: u32,
-    generation: u64,
+    pub(super) generation: u64,
     pub(super) workloads: Vec<u32>,
     /// Groups of the label set (depend on labels only), valid for `groups_epoch`.
     groups_epoch: u32,

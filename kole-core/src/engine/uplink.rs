@@ -80,6 +80,11 @@ impl UplinkLimiter {
         self.interval_ms > 0
     }
 
+    /// What [`UplinkLimiter::admit`] will read for `slot` (to warm it ahead).
+    fn peek(&self, slot: Slot) -> u32 {
+        self.tat.get(slot as usize).copied().unwrap_or(0)
+    }
+
     /// Whether `slot` may send one more message at `now_ms`; if so, it is charged for it.
     #[inline]
     pub(super) fn admit(&mut self, slot: Slot, now_ms: u64) -> bool {
@@ -190,9 +195,49 @@ impl Core {
     /// rate is counted and dropped before it is decoded.
     fn heartbeat_run(&mut self, cache: &mut NodeCache, run: &[Inbound], now: Timestamp, out: &mut Outputs) {
         let mut slots = std::mem::take(&mut self.hb_slots);
-        slots.clear();
-        cache.resolve_batch(run.iter().map(|m| m.node.as_str()), &mut slots);
         let limit = self.uplink_limiter.enabled();
+        // One probe group at a time: its lookups, then what its heartbeats read next, then the
+        // heartbeats, so each group's lines are still in cache when it is processed.
+        for group in run.chunks(PROBE_GROUP) {
+            slots.clear();
+            cache.resolve_batch(group.iter().map(|m| m.node.as_str()), &mut slots);
+            self.warm_group(cache, group, &slots);
+            self.heartbeat_group(cache, group, &slots, limit, now, out);
+        }
+        self.hb_slots = slots;
+    }
+
+    /// Brings into cache what a group's heartbeats read after their lookups: each payload, the
+    /// node's rate-limit time, and what [`Core::reconcile`] reads for the node, its label set's
+    /// epoch and cached targets.
+    /// Heartbeats arrive in random node order and a fleet has thousands of label sets, so these
+    /// are misses of their own; read for a whole group in one pass, they overlap. Reads nothing
+    /// the heartbeats would not read anyway, and changes nothing.
+    fn warm_group(&self, cache: &NodeCache, group: &[Inbound], slots: &[Option<Slot>]) {
+        let mut touch = 0u64;
+        for m in group {
+            touch ^= u64::from(m.payload.first().copied().unwrap_or(0));
+        }
+        for &slot in slots.iter().flatten() {
+            touch ^= u64::from(self.uplink_limiter.peek(slot));
+            let set = cache.label_set_of(slot);
+            touch ^= u64::from(cache.label_set_epoch(set));
+            if let Some(st) = self.set_targets.get(set as usize) {
+                touch ^= st.generation ^ u64::from(st.workloads.first().copied().unwrap_or(0));
+            }
+        }
+        std::hint::black_box(touch);
+    }
+
+    fn heartbeat_group(
+        &mut self,
+        cache: &mut NodeCache,
+        run: &[Inbound],
+        slots: &[Option<Slot>],
+        limit: bool,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
         let now_ms = now.as_millis();
         for (msg, &slot) in run.iter().zip(slots.iter()) {
             if limit
@@ -233,7 +278,6 @@ impl Core {
             }
             self.after_heartbeat(cache, &msg.node, &r, h.applied, now, out);
         }
-        self.hb_slots = slots;
     }
 
     fn after_heartbeat(
