@@ -26,10 +26,11 @@ pub const MAX_NODE_NAME_LEN: usize = 128;
 pub struct NodeName(Arc<str>);
 
 impl NodeName {
-    /// Validates `name` and wraps it.
-    pub fn new(name: impl Into<String>) -> Result<Self, ValidationError> {
-        let name = name.into();
-        validate_node_name(&name)?;
+    /// Validates `name` and wraps it: one allocation, for the shared text (a controller makes
+    /// one for every uplink message, from its topic).
+    pub fn new(name: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let name = name.as_ref();
+        validate_node_name(name)?;
         Ok(Self(Arc::from(name)))
     }
 
