@@ -638,8 +638,7 @@ impl NodeCache {
             .collect();
         NodeRecord {
             // Names and labels were validated on the way in.
-            name: NodeName::new(String::from_utf8_lossy(self.name_bytes(slot)).into_owned())
-                .unwrap_or_else(|_| unreachable_name()),
+            name: NodeName::new(String::from_utf8_lossy(self.name_bytes(slot))).unwrap_or_else(|_| unreachable_name()),
             labels: Labels::try_from(labels).unwrap_or_default(),
             info: NodeInfo {
                 arch: self.str_of(arch).to_owned(),
