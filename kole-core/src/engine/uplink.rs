@@ -107,6 +107,19 @@ impl UplinkLimiter {
     }
 }
 
+/// Reads a byte every 64 of each message's payload (a heartbeat's first only), for a warm pass
+/// ahead of decoding them; returns what it read, for `black_box`.
+#[inline]
+fn touch_payloads(msgs: &[Inbound]) -> u8 {
+    let mut touch = 0u8;
+    for m in msgs {
+        for b in m.payload.iter().step_by(64) {
+            touch ^= b;
+        }
+    }
+    touch
+}
+
 /// What the uplink loop already looked up for a registration: the sender's slot (`slot_of` of its
 /// name) and the interned set equal to its labels.
 struct Found {
@@ -132,15 +145,11 @@ impl Core {
             if i >= warmed {
                 warmed = (i + PROBE_GROUP).min(batch.len());
                 let mut names = [""; PROBE_GROUP];
-                let mut touch = 0u8;
                 for (n, m) in names.iter_mut().zip(&batch[i..warmed]) {
                     *n = m.node.as_str();
-                    // The payloads too: decoding a registration reads all of its few hundred bytes.
-                    for line in m.payload.iter().step_by(64) {
-                        touch ^= line;
-                    }
                 }
-                std::hint::black_box(touch);
+                // The payloads too: decoding a registration reads all of its few hundred bytes.
+                std::hint::black_box(touch_payloads(&batch[i..warmed]));
                 cache.warm_names(&names[..warmed - i]);
             }
             let msg = &batch[i];
@@ -215,15 +224,11 @@ impl Core {
 
     /// Brings into cache what a group's heartbeats read after their lookups: each payload, the
     /// node's rate-limit time, and what [`Core::reconcile`] reads for the node, its label set's
-    /// epoch and cached targets.
-    /// Heartbeats arrive in random node order and a fleet has thousands of label sets, so these
-    /// are misses of their own; read for a whole group in one pass, they overlap. Reads nothing
-    /// the heartbeats would not read anyway, and changes nothing.
+    /// epoch and cached targets. Heartbeats arrive in random node order and a fleet has thousands
+    /// of label sets, so these are misses of their own; read for a whole group in one pass, they
+    /// overlap. Reads nothing the heartbeats would not read anyway, and changes nothing.
     fn warm_group(&self, cache: &NodeCache, group: &[Inbound], slots: &[Option<Slot>]) {
-        let mut touch = 0u64;
-        for m in group {
-            touch ^= u64::from(m.payload.first().copied().unwrap_or(0));
-        }
+        let mut touch = u64::from(touch_payloads(group));
         for &slot in slots.iter().flatten() {
             touch ^= u64::from(self.uplink_limiter.peek(slot));
             let set = cache.label_set_of(slot);

@@ -889,31 +889,34 @@ impl SimNetwork {
     /// The cloud sends a batch of downlink messages at `now`. Each fans out by destination to every
     /// connected, subscribed, non-partitioned node (one shared payload); a retained one first updates
     /// the retained store (an empty payload deletes). While the cloud is isolated the batch vanishes.
-    pub fn cloud_send(&mut self, mut batch: Vec<Outbound>, now: Timestamp) {
+    pub fn cloud_send(&mut self, batch: Vec<Outbound>, now: Timestamp) {
         let now = self.advance(now);
-        for k in 0..batch.len() {
-            if k % WARM_GROUP == 0 {
-                self.warm_destinations(&batch[k..(k + WARM_GROUP).min(batch.len())]);
+        let mut batch = batch.into_iter();
+        loop {
+            let group = batch.as_slice().len().min(WARM_GROUP);
+            if group == 0 {
+                break;
             }
-            let o = &mut batch[k];
-            let o = Outbound {
-                to: std::mem::replace(&mut o.to, Destination::Fleet),
-                payload: std::mem::take(&mut o.payload),
-                retain: o.retain,
-            };
-            self.stats.downlink_sent += 1;
-            if self.cloud_isolated {
-                self.stats.dropped_cloud_isolated += 1;
-                continue;
+            self.warm_destinations(&batch.as_slice()[..group]);
+            for o in batch.by_ref().take(group) {
+                self.send_one(o, now);
             }
-            let msg = Arc::new(DownMsg { from: o.to, payload: Arc::from(o.payload) });
-            if o.retain {
-                self.retained.update(&msg);
-            }
-            let subscribers = self.fan_out(&msg, now);
-            if subscribers == 0 && !o.retain {
-                self.stats.dropped_no_subscriber += 1;
-            }
+        }
+    }
+
+    fn send_one(&mut self, o: Outbound, now: u64) {
+        self.stats.downlink_sent += 1;
+        if self.cloud_isolated {
+            self.stats.dropped_cloud_isolated += 1;
+            return;
+        }
+        let msg = Arc::new(DownMsg { from: o.to, payload: Arc::from(o.payload) });
+        if o.retain {
+            self.retained.update(&msg);
+        }
+        let subscribers = self.fan_out(&msg, now);
+        if subscribers == 0 && !o.retain {
+            self.stats.dropped_no_subscriber += 1;
         }
     }
 
