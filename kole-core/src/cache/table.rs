@@ -218,6 +218,12 @@ impl NodeCache {
         name_at(&self.names, &self.slots[slot as usize])
     }
 
+    /// The name of a node whose slot the caller has already read (a copy of it will do).
+    #[inline]
+    pub(crate) fn name_bytes_of(&self, node: &NodeSlot) -> &[u8] {
+        name_at(&self.names, node)
+    }
+
     pub(crate) fn str_of(&self, id: StrId) -> &str {
         self.strings.get(id)
     }
@@ -501,6 +507,26 @@ impl NodeCache {
         last_seen: u32,
         applied: u64,
     ) -> Result<Slot, CacheError> {
+        let slot = self.insert_unindexed(name, label_set, platform, workloads, phase, last_seen, applied)?;
+        self.index.insert(hash_name(name.as_bytes()), slot);
+        Ok(slot)
+    }
+
+    /// [`insert_interned`](Self::insert_interned) without the name index: the caller adds the
+    /// node's [`index_entry`](Self::index_entry) through [`index_bulk`](Self::index_bulk) before
+    /// anything looks the name up. Restore inserts millions of nodes this way, so the index is
+    /// written in bucket order instead of one random bucket per node.
+    #[allow(clippy::too_many_arguments)] // as insert_interned
+    pub(crate) fn insert_unindexed(
+        &mut self,
+        name: &str,
+        label_set: LabelSetId,
+        platform: PlatformId,
+        workloads: WorkloadSetId,
+        phase: NodePhase,
+        last_seen: u32,
+        applied: u64,
+    ) -> Result<Slot, CacheError> {
         let name_off = self.push_name(name)?;
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -527,8 +553,17 @@ impl NodeCache {
             self.online_floor = self.online_floor.min(last_seen);
         }
         self.live += 1;
-        self.index.insert(hash_name(name.as_bytes()), slot);
         Ok(slot)
+    }
+
+    /// The name index's entry for a node inserted with [`insert_unindexed`](Self::insert_unindexed).
+    pub(crate) fn index_entry(name: &str, slot: Slot) -> u64 {
+        super::index::pack(hash_name(name.as_bytes()), slot)
+    }
+
+    /// Adds the entries of nodes inserted with [`insert_unindexed`](Self::insert_unindexed).
+    pub(crate) fn index_bulk(&mut self, entries: &[u64]) {
+        self.index.insert_bulk(entries);
     }
 
     /// Interning hooks used by snapshot restore.

@@ -44,8 +44,9 @@ pub fn decode_snapshot(
     chunks: &[Vec<u8>],
     limits: &RestoreLimits,
 ) -> Result<NodeCache, SnapshotError> {
-    let cache = NodeCache::with_capacity(manifest.node_count.min(limits.max_nodes) as usize, 28);
-    let mut asm = Assembler::new(manifest, Some(cache));
+    let nodes = manifest.node_count.min(limits.max_nodes) as usize;
+    let mut asm = Assembler::new(manifest, Some(NodeCache::with_capacity(nodes, 28)));
+    asm.index.reserve(nodes);
     run(manifest, chunks, limits, &mut asm)?;
     asm.cache.take().ok_or_else(|| asm.inconsistent("no cache was built".into()))
 }
@@ -400,11 +401,14 @@ struct Assembler<'m> {
     dict: Option<Dict>,
     nodes: u64,
     last_name: Vec<u8>,
+    /// The name-index entries of the nodes inserted so far, added to the cache's index in one
+    /// pass at the end (`NodeCache::index_bulk`): nothing looks a name up before then.
+    index: Vec<u64>,
 }
 
 impl<'m> Assembler<'m> {
     fn new(manifest: &'m Manifest, cache: Option<NodeCache>) -> Self {
-        Self { manifest, cache, parts: Vec::new(), dict: None, nodes: 0, last_name: Vec::new() }
+        Self { manifest, cache, parts: Vec::new(), dict: None, nodes: 0, last_name: Vec::new(), index: Vec::new() }
     }
 
     fn inconsistent(&self, reason: String) -> SnapshotError {
@@ -458,6 +462,7 @@ impl<'m> Assembler<'m> {
         }
         if let (Some(cache), Some(dict)) = (self.cache.as_mut(), self.dict.as_ref()) {
             cache.release_restore_refs(&dict.labels, &dict.platforms, &dict.workloads);
+            cache.index_bulk(&std::mem::take(&mut self.index));
         }
         Ok(())
     }
@@ -624,7 +629,7 @@ impl<'m> Assembler<'m> {
                 );
                 cache.retain_parts(label, platform, workloads);
                 let slot = cache
-                    .insert_interned(
+                    .insert_unindexed(
                         name,
                         label,
                         platform,
@@ -634,6 +639,7 @@ impl<'m> Assembler<'m> {
                         dict.digests[part.digest[i] as usize],
                     )
                     .map_err(|source| SnapshotError::Cache { generation, source })?;
+                self.index.push(NodeCache::index_entry(name, slot));
                 if flags & FLAG_EXTRA != 0 {
                     let mut addrs = Vec::new();
                     if flags & FLAG_IPV4 != 0 {
