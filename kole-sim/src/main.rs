@@ -16,6 +16,10 @@ use kole_sim::mqtt_bench::MqttBenchConfig;
 use kole_sim::per_node::PerNodeConfig;
 use kole_sim::report::thousands;
 
+// The controller's allocator (see kole-controller), so the benchmarks measure what it ships with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// kole-sim: simulator and benchmark of kole on the reference fleet.
 #[derive(Debug, Parser)]
 #[command(name = "kole-sim", version)]

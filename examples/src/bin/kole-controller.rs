@@ -64,6 +64,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+// mimalloc: the controller allocates per MQTT message, and glibc's malloc cost it about a third of
+// its heartbeat CPU (docs/benchmarks.md). Libraries leave the choice to the binary; so does kole.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The kole controller: Kubernetes (CRDs, snapshots, Lease) + the engine + the MQTT transport.
 ///
 /// Every flag falls back to its environment variable (a flag wins). The MQTT password comes from
