@@ -402,32 +402,30 @@ impl Section for NodeSection<'_> {
     }
 }
 
-/// A node's sort key: the first 32 bytes of its name, big-endian, zero-padded (names hold no NUL,
-/// so padding sorts shorter names first, as byte order does). Sorting keys instead of chasing
-/// every comparison into the name arena keeps the sort in cache.
+/// A node's sort key: the first 24 bytes of its name as three big-endian words, zero-padded
+/// (names hold no NUL, so padding sorts shorter names first, as byte order does). Sorting keys
+/// instead of chasing every comparison into the name arena keeps the sort in cache; 32 bytes a key,
+/// so ten million of them are 320 MB of fresh memory, not more.
 #[derive(Clone, Copy)]
 struct NameKey {
-    hi: u128,
-    lo: u128,
+    words: [u64; 3],
     slot: Slot,
 }
 
 fn name_key(cache: &NodeCache, slot: Slot) -> NameKey {
-    let mut b = [0u8; 32];
+    let mut b = [0u8; 24];
     let name = cache.name_bytes(slot);
-    let n = name.len().min(32);
+    let n = name.len().min(24);
     b[..n].copy_from_slice(&name[..n]);
-    let mut hi = [0u8; 16];
-    let mut lo = [0u8; 16];
-    hi.copy_from_slice(&b[..16]);
-    lo.copy_from_slice(&b[16..]);
-    NameKey { hi: u128::from_be_bytes(hi), lo: u128::from_be_bytes(lo), slot }
+    let word = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    NameKey { words: [word(0), word(1), word(2)], slot }
 }
 
-/// Live slots sorted by name: keys sorted in `threads` parts in parallel, then merged.
+/// Live slots sorted by name: keys sorted in `threads` parts in parallel, then merged (the last
+/// merge writes the slots alone).
 fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
     let cmp = |a: &NameKey, b: &NameKey| {
-        (a.hi, a.lo).cmp(&(b.hi, b.lo)).then_with(|| cache.name_bytes(a.slot).cmp(cache.name_bytes(b.slot)))
+        a.words.cmp(&b.words).then_with(|| cache.name_bytes(a.slot).cmp(cache.name_bytes(b.slot)))
     };
     let live: Vec<Slot> = (0..cache.slots.len() as Slot).filter(|&s| cache.is_live(s)).collect();
     let parts = if threads < 2 || live.len() < 1 << 15 { 1 } else { threads };
@@ -445,35 +443,41 @@ fn sorted_slots(cache: &NodeCache, threads: usize) -> Vec<Slot> {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
-    while runs.len() > 1 {
+    drop(live);
+    while runs.len() > 2 {
         let mut next = Vec::with_capacity(runs.len().div_ceil(2));
         let mut it = runs.into_iter();
         while let Some(a) = it.next() {
             match it.next() {
-                Some(b) => next.push(merge(&a, &b, cmp)),
+                Some(b) => next.push(merge(&a, &b, cmp, |k| k)),
                 None => next.push(a),
             }
         }
         runs = next;
     }
-    runs.pop().unwrap_or_default().into_iter().map(|k| k.slot).collect()
+    match (runs.pop(), runs.pop()) {
+        (Some(b), Some(a)) => merge(&a, &b, cmp, |k| k.slot),
+        (Some(a), None) => a.into_iter().map(|k| k.slot).collect(),
+        _ => Vec::new(),
+    }
 }
 
-fn merge<T: Copy>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering) -> Vec<T> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
+/// Merges two sorted runs (ties from `a` first), writing `out(item)` for each.
+fn merge<T: Copy, U>(a: &[T], b: &[T], cmp: impl Fn(&T, &T) -> std::cmp::Ordering, out: impl Fn(T) -> U) -> Vec<U> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         if cmp(&b[j], &a[i]).is_lt() {
-            out.push(b[j]);
+            merged.push(out(b[j]));
             j += 1;
         } else {
-            out.push(a[i]);
+            merged.push(out(a[i]));
             i += 1;
         }
     }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
-    out
+    merged.extend(a[i..].iter().map(|&x| out(x)));
+    merged.extend(b[j..].iter().map(|&x| out(x)));
+    merged
 }
 
 /// A compressed chunk whose header is not written yet (its first [`CHUNK_HEADER_LEN`] bytes are
