@@ -495,28 +495,12 @@ impl NodeCache {
         self.name_garbage = 0;
     }
 
-    /// Inserts a brand-new node from already-interned parts (registration and restore share it).
+    /// Inserts a brand-new node from already-interned parts, without the name index (registration
+    /// and restore share it). Registration indexes the name right after; restore adds every node's
+    /// [`index_entry`](Self::index_entry) through [`index_bulk`](Self::index_bulk) at the end, so
+    /// the index is written a table region at a time instead of one random bucket per node.
+    /// Nothing may look the name up until it is indexed.
     #[allow(clippy::too_many_arguments)] // one per column of a node; a struct would only rename them
-    pub(crate) fn insert_interned(
-        &mut self,
-        name: &str,
-        label_set: LabelSetId,
-        platform: PlatformId,
-        workloads: WorkloadSetId,
-        phase: NodePhase,
-        last_seen: u32,
-        applied: u64,
-    ) -> Result<Slot, CacheError> {
-        let slot = self.insert_unindexed(name, label_set, platform, workloads, phase, last_seen, applied)?;
-        self.index.insert(hash_name(name.as_bytes()), slot);
-        Ok(slot)
-    }
-
-    /// [`insert_interned`](Self::insert_interned) without the name index: the caller adds the
-    /// node's [`index_entry`](Self::index_entry) through [`index_bulk`](Self::index_bulk) before
-    /// anything looks the name up. Restore inserts millions of nodes this way, so the index is
-    /// written in bucket order instead of one random bucket per node.
-    #[allow(clippy::too_many_arguments)] // as insert_interned
     pub(crate) fn insert_unindexed(
         &mut self,
         name: &str,
@@ -792,7 +776,7 @@ impl NodeCache {
         let label_set = self.intern_labels_hinted(reg);
         let platform = self.intern_platform(reg.arch, reg.os, reg.agent_version);
         let workloads = self.intern_workloads(reg.workloads);
-        let slot = match self.insert_interned(
+        let slot = match self.insert_unindexed(
             reg.name,
             label_set,
             platform,
@@ -809,6 +793,7 @@ impl NodeCache {
                 return Err(e);
             }
         };
+        self.index.insert(hash_name(reg.name.as_bytes()), slot);
         self.slots[slot as usize].boot_id = boot_id;
         self.store_addresses(slot, reg.addresses);
         Ok(Registered { slot, created: true, restarted: false, previous: None })
