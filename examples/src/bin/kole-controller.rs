@@ -64,7 +64,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-// mimalloc: the controller allocates per MQTT message, and glibc's malloc cost it about a third of
+// mimalloc: the controller allocates per MQTT message, and glibc's malloc cost it 27% of
 // its heartbeat CPU (docs/benchmarks.md). Libraries leave the choice to the binary; so does kole.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

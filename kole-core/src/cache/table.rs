@@ -215,7 +215,7 @@ impl NodeCache {
     }
 
     pub(crate) fn name_bytes(&self, slot: Slot) -> &[u8] {
-        name_at(&self.names, &self.slots[slot as usize])
+        self.name_bytes_of(&self.slots[slot as usize])
     }
 
     /// The name of a node whose slot the caller has already read (a copy of it will do).
