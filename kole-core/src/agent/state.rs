@@ -180,6 +180,22 @@ impl Agent {
         self.applied
     }
 
+    /// Reads the fields a timer wake-up or a delivery reads first, wherever the compiler laid them
+    /// out, and returns a value made of them (for `std::hint::black_box`). A simulator driving a
+    /// million agents in random order calls it for a group of agents before running each, so the
+    /// cache misses on their state overlap instead of coming one after another (see
+    /// `kole_sim::sim`). It changes nothing.
+    pub fn touch(&self) -> u64 {
+        self.workloads.len() as u64
+            ^ self.timer_at
+            ^ self.poll_at
+            ^ self.applied.0
+            ^ u64::from(self.seq)
+            ^ u64::from(self.flags)
+            ^ self.link as u64
+            ^ self.name.as_str().len() as u64
+    }
+
     /// The desired (and applied) workloads, sorted by id, with their phases.
     pub fn workloads(&self) -> impl Iterator<Item = (&Arc<Workload>, WorkloadPhase)> + '_ {
         self.workloads.iter().map(|s| (&s.workload, s.phase))

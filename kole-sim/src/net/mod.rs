@@ -889,9 +889,15 @@ impl SimNetwork {
     /// The cloud sends a batch of downlink messages at `now`. Each fans out by destination to every
     /// connected, subscribed, non-partitioned node (one shared payload); a retained one first updates
     /// the retained store (an empty payload deletes). While the cloud is isolated the batch vanishes.
-    pub fn cloud_send(&mut self, batch: Vec<Outbound>, now: Timestamp) {
+    pub fn cloud_send(&mut self, mut batch: Vec<Outbound>, now: Timestamp) {
+        self.cloud_send_drain(&mut batch, now);
+    }
+
+    /// [`SimNetwork::cloud_send`] from `batch`, left empty with its allocation, so a caller that
+    /// sends batch after batch reuses one buffer.
+    pub fn cloud_send_drain(&mut self, batch: &mut Vec<Outbound>, now: Timestamp) {
         let now = self.advance(now);
-        let mut batch = batch.into_iter();
+        let mut batch = batch.drain(..);
         loop {
             let group = batch.as_slice().len().min(WARM_GROUP);
             if group == 0 {
