@@ -400,7 +400,7 @@ impl Link {
                 self.counters.retained_uplink_dropped.fetch_add(1, Ordering::Relaxed);
             }
             Event::Incoming(Packet::Publish(p)) => match self.topics.parse_uplink(&p.topic) {
-                Ok((node, kind)) => batch.push(Inbound { node, kind, payload: p.payload.to_vec() }),
+                Ok((node, kind)) => batch.push(Inbound { node, kind, payload: p.payload }),
                 Err(_) => {
                     self.counters.bad_topic.fetch_add(1, Ordering::Relaxed);
                 }

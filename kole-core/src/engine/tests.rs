@@ -40,12 +40,12 @@ fn register(node: &str, l: &Labels, boot: u32, applied: DesiredDigest) -> Inboun
         applied,
         workloads: vec![],
     });
-    Inbound { node: name(node), kind: UplinkKind::Register, payload: protocol::encode(&msg) }
+    Inbound { node: name(node), kind: UplinkKind::Register, payload: protocol::encode(&msg).into() }
 }
 
 fn heartbeat(node: &str, seq: u32, boot: u32, applied: DesiredDigest) -> Inbound {
     let msg = Message::Heartbeat(Heartbeat { seq, boot_id: boot, applied, health: NodeHealth::OK });
-    Inbound { node: name(node), kind: UplinkKind::Heartbeat, payload: protocol::encode(&msg) }
+    Inbound { node: name(node), kind: UplinkKind::Heartbeat, payload: protocol::encode(&msg).into() }
 }
 
 fn status(node: &str, seq: u32, boot: u32, applied: DesiredDigest, states: &[(&Workload, WorkloadPhase)]) -> Inbound {
@@ -59,7 +59,7 @@ fn status(node: &str, seq: u32, boot: u32, applied: DesiredDigest, states: &[(&W
             .collect(),
         reasons: vec![],
     });
-    Inbound { node: name(node), kind: UplinkKind::Status, payload: protocol::encode(&msg) }
+    Inbound { node: name(node), kind: UplinkKind::Status, payload: protocol::encode(&msg).into() }
 }
 
 fn workload(id: &str, version: u64, selector: &str, waves: &[u8]) -> Workload {
@@ -128,11 +128,12 @@ fn bad_input_is_counted_and_changes_nothing() {
     let mut spoof = register("n1", &labels(&[("tier", "evil")]), 9, DesiredDigest::EMPTY);
     spoof.node = name("n2");
     // Garbage, oversize, a downlink kind on an uplink topic, a heartbeat on the register topic.
-    let garbage = Inbound { node: name("n1"), kind: UplinkKind::Heartbeat, payload: vec![1, 2, 0xff, 0xff, 0xff] };
-    let oversize = Inbound { node: name("n1"), kind: UplinkKind::Register, payload: vec![1; 1 << 20] };
+    let garbage =
+        Inbound { node: name("n1"), kind: UplinkKind::Heartbeat, payload: vec![1, 2, 0xff, 0xff, 0xff].into() };
+    let oversize = Inbound { node: name("n1"), kind: UplinkKind::Register, payload: vec![1; 1 << 20].into() };
     let mut wrong_topic = heartbeat("n1", 5, 7, DesiredDigest::EMPTY);
     wrong_topic.kind = UplinkKind::Register;
-    let empty = Inbound { node: name("n1"), kind: UplinkKind::Heartbeat, payload: vec![] };
+    let empty = Inbound { node: name("n1"), kind: UplinkKind::Heartbeat, payload: vec![].into() };
     let out = uplink(&mut e, &[spoof, garbage, oversize, wrong_topic, empty], t(2));
 
     assert_eq!(e.stats().decode_errors, 5);
@@ -492,7 +493,7 @@ fn failure_reasons_are_aggregated_and_follow_recovery() {
             workloads: vec![WorkloadState { workload: w.id.clone(), version: 1, phase: WorkloadPhase::Failed }],
             reasons: vec![protocol::FailureReason::new(0, reason)],
         });
-        Inbound { node: name(n), kind: UplinkKind::Status, payload: protocol::encode(&msg) }
+        Inbound { node: name(n), kind: UplinkKind::Status, payload: protocol::encode(&msg).into() }
     };
     let mut batch = Vec::new();
     for (i, n) in nodes.iter().enumerate().take(7) {

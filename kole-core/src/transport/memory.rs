@@ -410,7 +410,7 @@ impl HubState {
             cloud.inbox.queue.extend(batch.into_iter().map(|p| Inbound {
                 node: node.clone(),
                 kind: p.kind,
-                payload: p.payload,
+                payload: p.payload.into(),
             }));
         } else {
             self.faults.tick();
@@ -422,7 +422,7 @@ impl HubState {
                     continue;
                 }
                 self.stats.duplicated += u64::from(fate.duplicated);
-                let inbound = Inbound { node: node.clone(), kind: p.kind, payload: p.payload };
+                let inbound = Inbound { node: node.clone(), kind: p.kind, payload: p.payload.into() };
                 self.stats.uplink_delivered += self.faults.enqueue(&mut cloud.inbox, inbound, fate);
             }
         }
@@ -957,7 +957,10 @@ mod tests {
         assert!(!waiter.is_finished());
         bounded(node.publish(vec![NodePublish { kind: UplinkKind::Status, payload: vec![1, 2, 3] }])).await.unwrap();
         let got = bounded(waiter).await.unwrap().unwrap();
-        assert_eq!(got, vec![Inbound { node: name("edge-a"), kind: UplinkKind::Status, payload: vec![1, 2, 3] }]);
+        assert_eq!(
+            got,
+            vec![Inbound { node: name("edge-a"), kind: UplinkKind::Status, payload: vec![1, 2, 3].into() }]
+        );
         assert!(bounded(cloud.recv(0)).await.unwrap().is_empty());
     }
 
@@ -1237,7 +1240,7 @@ mod tests {
         bounded(a.publish(vec![hb_publish(5)])).await.unwrap();
         let got = drain_cloud(&cloud).await;
         assert_eq!(got.len(), 2);
-        assert!(got.iter().all(|i| i.node == name("edge-a") && i.payload == [0, 5]));
+        assert!(got.iter().all(|i| i.node == name("edge-a") && *i.payload == [0, 5]));
         assert_eq!(hub.stats().duplicated, 3);
     }
 

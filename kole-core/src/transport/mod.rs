@@ -51,6 +51,8 @@ use crate::model::NodeName;
 use crate::protocol::{DecodeError, DecodeLimits, Message, decode_downlink, decode_from_node};
 
 pub use crate::protocol::{Destination, GroupName, UplinkKind};
+/// The shared byte buffer of [`Inbound::payload`] (the `bytes` crate's).
+pub use bytes::Bytes;
 
 /// Why a transport operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +134,9 @@ pub struct Inbound {
     pub node: NodeName,
     /// The uplink topic's kind.
     pub kind: UplinkKind,
-    /// The encoded message.
-    pub payload: Vec<u8>,
+    /// The encoded message: shared bytes, so a transport can hand a slice of its read buffer
+    /// without copying it (`Bytes::from(Vec<u8>)` wraps a vector without copying either).
+    pub payload: Bytes,
 }
 
 impl Inbound {

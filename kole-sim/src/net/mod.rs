@@ -880,7 +880,7 @@ impl SimNetwork {
             let Some(item) = item else { break };
             q.up_len -= 1;
             if let Some(name) = self.reg.names.get(item.node as usize) {
-                out.push(Inbound { node: name.clone(), kind: item.kind, payload: item.payload });
+                out.push(Inbound { node: name.clone(), kind: item.kind, payload: item.payload.into() });
             }
         }
         self.stats.uplink_delivered += out.len() as u64;
@@ -1245,7 +1245,7 @@ mod tests {
     }
 
     fn payloads_up(net: &mut SimNetwork, now: Timestamp) -> Vec<Vec<u8>> {
-        net.take_uplink(now, usize::MAX).into_iter().map(|i| i.payload).collect()
+        net.take_uplink(now, usize::MAX).into_iter().map(|i| i.payload.to_vec()).collect()
     }
 
     /// A mixed scenario under faults; returns every delivery with its virtual time.
