@@ -118,7 +118,6 @@ pub struct Simulation {
     runtime: RecordingRuntime,
     /// Agent wake-ups by virtual millisecond (see [`Calendar`]).
     wakes: Calendar,
-    wake_at: Vec<u64>,
     now_ms: u64,
     next_tick_ms: u64,
     out: Outputs,
@@ -131,8 +130,6 @@ pub struct Simulation {
     /// The downlink round handed to the agents, reused from round to round.
     down_batch: Vec<(NodeId, NodeDelivery)>,
 }
-
-const NEVER: u64 = u64::MAX;
 
 /// Wake-ups warmed together by [`Simulation::warm`]: enough independent misses to keep the
 /// memory system busy, few enough that their lines are still cached when each agent runs.
@@ -170,8 +167,8 @@ impl Calendar {
     }
 
     /// Files `id` under `at` (or, when `at` is before every bucket still open, under the earliest,
-    /// which is due now); returns the time it was filed under.
-    fn push(&mut self, at: u64, id: u32) -> u64 {
+    /// which is due now).
+    fn push(&mut self, at: u64, id: u32) {
         let at = at.max(self.cursor);
         if at - self.cursor < RING_MS {
             let i = (at % RING_MS) as usize;
@@ -185,7 +182,6 @@ impl Calendar {
         } else {
             self.far.entry(at).or_default().push(id);
         }
-        at
     }
 
     /// The earliest time with a wake-up filed.
@@ -296,7 +292,6 @@ impl Simulation {
         let specs = SpecCache::new(cfg.agent.decode_limits.clone());
         Self {
             persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
-            wake_at: vec![NEVER; cfg.nodes],
             next_tick_ms: now_ms + cfg.engine_tick_ms,
             cfg,
             fleet,
@@ -404,8 +399,8 @@ impl Simulation {
             AgentIdentity { name: old.name().clone(), labels: Arc::clone(old.labels()), info: Arc::clone(old.info()) };
         let persisted = self.persisted.get(i).cloned().flatten();
         self.agents[i] = Agent::new(Arc::new(self.cfg.agent.clone()), identity, new_boot, persisted);
-        self.wake_at[i] = NEVER;
-        self.agent_input(node, AgentInput::Tick);
+        // Whatever the calendar holds for the old process is checked against the new one's timers.
+        self.run_agent(node, AgentInput::Tick, None);
     }
 
     /// Hands a workload command to the engine.
@@ -439,6 +434,18 @@ impl Simulation {
     }
 
     fn agent_input(&mut self, node: NodeId, input: AgentInput<'_>) {
+        let filed = self.agents[node.index()].next_wake();
+        self.run_agent(node, input, filed);
+    }
+
+    /// Hands the agent one input and files its next wake-up in the calendar unless it is `filed`,
+    /// the wake-up that already has an entry there.
+    ///
+    /// The calendar keeps no per-agent record of its entries: an entry is checked when it comes due
+    /// against the agent's own timers (see [`Simulation::pump`]), so a wake-up moved earlier or
+    /// later leaves a stale entry that is skipped, and an unchanged one is not filed twice. (A
+    /// per-agent array of filed times was one more cache miss per agent event, in random order.)
+    fn run_agent(&mut self, node: NodeId, input: AgentInput<'_>, filed: Option<Timestamp>) {
         let i = node.index();
         let now = self.now();
         self.aout.clear();
@@ -462,13 +469,10 @@ impl Simulation {
                 self.stats.agent_registrations += 1;
             }
         }
-        if let Some(at) = self.aout.next_wake {
-            let at = at.as_millis();
-            if at != self.wake_at[i] {
-                // The calendar may move a time already past to its earliest bucket: remember the
-                // bucket, so the entry is recognised when it comes due.
-                self.wake_at[i] = self.wakes.push(at, node.0);
-            }
+        if let Some(at) = self.aout.next_wake
+            && Some(at) != filed
+        {
+            self.wakes.push(at.as_millis(), node.0);
         }
     }
 
@@ -484,7 +488,7 @@ impl Simulation {
         self.agent_input(node, AgentInput::Delivery(d));
     }
 
-    /// Touches what running each of `ids` reads first (its wake time, its agent, the agent's name,
+    /// Touches what running each of `ids` reads first (its agent, the agent's name,
     /// the node's session state) in one pass of independent loads. Wake-ups and deliveries come in
     /// random node order, so each of those is a cache miss; issued together, the CPU overlaps them
     /// instead of paying them one after another inside each agent's work (the engine's
@@ -500,7 +504,6 @@ impl Simulation {
         let mut touch = 0u64;
         for (id, _) in ids.clone() {
             let i = id as usize;
-            touch ^= self.wake_at.get(i).copied().unwrap_or(0);
             touch ^= self.agents.get(i).map_or(0, Agent::touch);
             touch ^= self.net.touch(NodeId(id));
         }
@@ -542,10 +545,12 @@ impl Simulation {
                 for group in due.chunks(WARM_GROUP) {
                     self.warm(group.iter().map(|&id| (id, false)));
                     for &id in group {
-                        if self.wake_at[id as usize] == at {
-                            self.wake_at[id as usize] = NEVER;
+                        // A stale entry (the agent's wake-up moved since) finds it not due. One
+                        // that is due runs, and its next wake-up is filed afresh.
+                        if self.agents.get(id as usize).and_then(Agent::next_wake).is_some_and(|t| t.as_millis() <= at)
+                        {
                             self.stats.wakeups += 1;
-                            self.agent_input(NodeId(id), AgentInput::Tick);
+                            self.run_agent(NodeId(id), AgentInput::Tick, None);
                             progress = true;
                         }
                     }
