@@ -1,6 +1,7 @@
 //! Benchmark reports: a readable table with the KOLE paper's figures beside kole's, and one JSON
 //! line for machines.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 /// One value in a report, kept typed so the JSON is exact and the table readable.
@@ -17,7 +18,7 @@ pub enum Value {
 /// Ordered key/value figures of one run, serialized as one JSON object.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Figures {
-    entries: Vec<(&'static str, Value)>,
+    entries: Vec<(Cow<'static, str>, Value)>,
 }
 
 impl Figures {
@@ -39,8 +40,28 @@ impl Figures {
     fn set(&mut self, key: &'static str, v: Value) {
         match self.entries.iter_mut().find(|(k, _)| *k == key) {
             Some(e) => e.1 = v,
-            None => self.entries.push((key, v)),
+            None => self.entries.push((Cow::Borrowed(key), v)),
         }
+    }
+
+    /// The figures of one [`Figures::to_json`] line (keys sorted; a `null` is an unmeasured real
+    /// number); `None` when the line is not a flat JSON object of such values.
+    pub fn from_json(line: &str) -> Option<Figures> {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).ok()?;
+        let mut entries = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let v = match v {
+                serde_json::Value::Number(n) => match n.as_u64() {
+                    Some(i) => Value::Int(i),
+                    None => Value::Float(n.as_f64()?),
+                },
+                serde_json::Value::String(t) => Value::Str(t),
+                serde_json::Value::Null => Value::Float(f64::NAN),
+                _ => return None,
+            };
+            entries.push((Cow::Owned(k), v));
+        }
+        Some(Figures { entries })
     }
 
     /// A figure by key.
@@ -194,6 +215,23 @@ mod tests {
         f.str("codec", "gz\"ip");
         f.int("nodes", 5);
         assert_eq!(f.to_json(), r#"{"nodes":5,"restore_s":0.123457,"codec":"gz\"ip"}"#);
+    }
+
+    #[test]
+    fn json_reads_back() {
+        let mut f = Figures::default();
+        f.int("nodes", 1_000_000);
+        f.float("restore_s", 0.25);
+        f.float("unmeasured_s", f64::NAN);
+        f.str("codec", "gz\"ip");
+        let back = Figures::from_json(&f.to_json()).expect("own line");
+        assert_eq!(back.get("nodes"), Some(&Value::Int(1_000_000)));
+        assert_eq!(back.num("restore_s"), Some(0.25));
+        assert!(back.num("unmeasured_s").is_some_and(f64::is_nan));
+        assert_eq!(back.get("codec"), Some(&Value::Str("gz\"ip".into())));
+        for bad in ["", "[1]", "{\"a\":[1]}", "{\"a\":{}}", "not json", "{\"a\":true}"] {
+            assert_eq!(Figures::from_json(bad), None, "{bad}");
+        }
     }
 
     #[test]
