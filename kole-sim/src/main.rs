@@ -508,10 +508,20 @@ fn cmd_bench(args: &BenchArgs) -> AnyResult<ExitCode> {
         max_chunk_bytes: args.max_chunk_bytes,
         engine: !args.cache_only,
     };
+    run_bench(args.json, |progress| bench::run(&cfg, progress), bench::table)
+}
+
+/// Runs one bench with its progress lines on stderr (seconds since it started), then prints its
+/// table, and with `--json` its figures as one JSON line.
+fn run_bench<E: std::error::Error + 'static>(
+    json: bool,
+    run: impl FnOnce(&mut dyn FnMut(&str)) -> Result<kole_sim::report::Figures, E>,
+    table: fn(&kole_sim::report::Figures) -> String,
+) -> AnyResult<ExitCode> {
     let started = std::time::Instant::now();
-    let figures = bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
-    println!("{}", bench::table(&figures));
-    if args.json {
+    let figures = run(&mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
+    println!("{}", table(&figures));
+    if json {
         println!("{}", figures.to_json());
     }
     Ok(ExitCode::SUCCESS)
@@ -583,13 +593,7 @@ fn cmd_bench_mqtt(args: &BenchArgs) -> AnyResult<ExitCode> {
         controller_qos0: args.controller_qos0,
         heartbeat_read_coalesce: Duration::from_millis(args.heartbeat_read_coalesce_ms),
     };
-    let started = std::time::Instant::now();
-    let figures = mqtt_bench::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
-    println!("{}", mqtt_bench::table(&figures));
-    if args.json {
-        println!("{}", figures.to_json());
-    }
-    Ok(ExitCode::SUCCESS)
+    run_bench(args.json, |progress| mqtt_bench::run(&cfg, progress), mqtt_bench::table)
 }
 
 fn cmd_bench_per_node(args: &BenchArgs) -> AnyResult<ExitCode> {
@@ -608,13 +612,7 @@ fn cmd_bench_per_node(args: &BenchArgs) -> AnyResult<ExitCode> {
         mosquitto_dir: args.mosquitto_dir.clone(),
         heartbeat_read_coalesce: Duration::from_millis(args.heartbeat_read_coalesce_ms),
     };
-    let started = std::time::Instant::now();
-    let figures = per_node::run(&cfg, &mut |step| eprintln!("[{:>6.2} s] {step}", started.elapsed().as_secs_f64()))?;
-    println!("{}", per_node::table(&figures));
-    if args.json {
-        println!("{}", figures.to_json());
-    }
-    Ok(ExitCode::SUCCESS)
+    run_bench(args.json, |progress| per_node::run(&cfg, progress), per_node::table)
 }
 
 /// The worker process of `bench --per-node` (not for direct use).

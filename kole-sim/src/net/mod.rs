@@ -58,7 +58,7 @@
 //!
 //! net.node_publish(a, NodePublish { kind: UplinkKind::Heartbeat, payload: vec![9] }, t0)?;
 //! let up = net.take_uplink(t0, 16);
-//! assert_eq!((up[0].node.as_str(), up[0].payload.as_slice()), ("edge-a", &[9][..]));
+//! assert_eq!((up[0].node.as_str(), &up[0].payload[..]), ("edge-a", &[9][..]));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
