@@ -151,7 +151,8 @@ struct BenchArgs {
     /// Measure the cache and snapshots only: skip the engine and agents.
     #[arg(long, help_heading = "--transport memory")]
     cache_only: bool,
-    /// Run the bench once per fleet size, e.g. `10000,100000,1000000` (instead of `--nodes`).
+    /// Run the bench once per fleet size, each in a process of its own (a fresh heap), e.g.
+    /// `10000,100000,1000000` (instead of `--nodes`).
     #[arg(long, value_delimiter = ',', value_parser = number::<usize>, conflicts_with = "nodes", help_heading = "--transport memory")]
     sweep: Vec<usize>,
     /// With `--sweep`: write SVG charts of time and memory against nodes into DIR, the KOLE
