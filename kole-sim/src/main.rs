@@ -557,12 +557,11 @@ fn cmd_bench_sweep(args: &BenchArgs) -> AnyResult<ExitCode> {
             print!("{stdout}");
             return Err(format!("the bench of {} nodes failed ({})", thousands(nodes as u64), out.status).into());
         }
-        let json = stdout.lines().last().unwrap_or_default();
+        // The child printed its table, then its JSON line last; pass the table on as it was.
+        let (table, json) = stdout.trim_end().rsplit_once('\n').unwrap_or(("", stdout.trim_end()));
         let figures = kole_sim::report::Figures::from_json(json)
             .ok_or_else(|| format!("the bench of {} nodes printed no figures", thousands(nodes as u64)))?;
-        // The child printed its table and JSON line; pass them on as they were.
-        let table = stdout.strip_suffix('\n').unwrap_or(&stdout).strip_suffix(json).unwrap_or(&stdout);
-        print!("{table}");
+        println!("{table}");
         if args.json {
             println!("{json}");
         }

@@ -185,13 +185,12 @@ impl Agent {
         self.applied
     }
 
-    /// Reads the fields a timer wake-up or a delivery reads first, wherever the compiler laid them
-    /// out, and returns a value made of them (for `std::hint::black_box`). A simulator driving a
-    /// million agents in random order calls it for a group of agents before running each, so the
-    /// cache misses on their state overlap instead of coming one after another (see
-    /// `kole_sim::sim`). It changes nothing.
+    /// Reads the first and the last field of what a timer wake-up reads (the struct's first 88
+    /// bytes, see its layout), and returns a value made of them (for `std::hint::black_box`). A
+    /// simulator driving a million agents in random order calls it for a group of agents before
+    /// running each, so the cache misses on their state overlap instead of coming one after another
+    /// (see `kole_sim::sim`). It changes nothing.
     pub fn touch(&self) -> u64 {
-        // The first and the last field of the hot part (see the struct's layout).
         u64::from(self.flags) ^ self.name.as_str().len() as u64
     }
 

@@ -67,7 +67,7 @@ pub fn validate_node_name(name: &str) -> Result<(), ValidationError> {
 }
 
 /// Whether `b` may appear in a node or group name: `[A-Za-z0-9._-]`. Branch-free, and folded over a
-/// name without short-circuiting, so the compiler checks 32 bytes at a time: every uplink message
+/// name without short-circuiting, so the compiler may check many bytes at a time: every uplink message
 /// over MQTT validates the name in its topic, and the byte-by-byte loop with a branch per byte
 /// was 8% of the controller's CPU per heartbeat.
 #[inline]
