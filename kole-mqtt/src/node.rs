@@ -121,7 +121,7 @@ async fn session(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => match topics.parse_downlink(&p.topic) {
-                Ok(from) => tx.push(NodeDelivery { from, payload: Arc::from(&p.payload[..]), retained: p.retain }),
+                Ok(from) => tx.push(NodeDelivery { from, payload: p.payload, retained: p.retain }),
                 Err(_) => {
                     bad_topic.fetch_add(1, Ordering::Relaxed);
                 }

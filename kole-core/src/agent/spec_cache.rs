@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::model::Workload;
 use crate::protocol::{self, DecodeLimits, Message};
+use crate::transport::Bytes;
 
 /// The last workload spec decoded, keyed by its payload, for drivers that hand one delivery to
 /// many agents in one process (simulators, multiplexed benches, tests).
@@ -15,7 +16,7 @@ use crate::protocol::{self, DecodeLimits, Message};
 #[derive(Debug, Default)]
 pub struct SpecCache {
     limits: DecodeLimits,
-    last: Option<(Arc<[u8]>, Arc<Workload>, u16)>,
+    last: Option<(Bytes, Arc<Workload>, u16)>,
 }
 
 impl SpecCache {
@@ -28,16 +29,16 @@ impl SpecCache {
     /// the cached payload (the same allocation, or the same bytes), else decoded and cached.
     /// `None`, leaving the cache as it was, when `payload` is not a downlink workload spec or does
     /// not decode; the caller then delivers it as it is, and the agent reports why.
-    pub fn get(&mut self, payload: &Arc<[u8]>) -> Option<(Arc<Workload>, u16)> {
+    pub fn get(&mut self, payload: &Bytes) -> Option<(Arc<Workload>, u16)> {
         if let Some((p, w, t)) = &self.last
-            && (Arc::ptr_eq(p, payload) || p[..] == payload[..])
+            && ((p.as_ptr(), p.len()) == (payload.as_ptr(), payload.len()) || p[..] == payload[..])
         {
             return Some((Arc::clone(w), *t));
         }
         match protocol::decode_downlink(payload, &self.limits) {
             Ok(Message::WorkloadSpec(s)) => {
                 let w = Arc::new(s.workload);
-                self.last = Some((Arc::clone(payload), Arc::clone(&w), s.wave_threshold));
+                self.last = Some((payload.clone(), Arc::clone(&w), s.wave_threshold));
                 Some((w, s.wave_threshold))
             }
             _ => None,
@@ -51,7 +52,7 @@ mod tests {
     use crate::model::{RolloutStrategy, Selector, WorkloadId};
     use crate::protocol::WorkloadSpec;
 
-    fn spec(version: u64) -> Arc<[u8]> {
+    fn spec(version: u64) -> Bytes {
         let workload = Workload {
             id: WorkloadId::new("default/app").unwrap(),
             version,
@@ -60,7 +61,7 @@ mod tests {
             delivery: Default::default(),
             rollout: RolloutStrategy::default(),
         };
-        Arc::from(protocol::encode(&Message::WorkloadSpec(WorkloadSpec { workload, wave_threshold: 7 })))
+        Bytes::from(protocol::encode(&Message::WorkloadSpec(WorkloadSpec { workload, wave_threshold: 7 })))
     }
 
     #[test]
@@ -75,7 +76,7 @@ mod tests {
         // Another spec replaces it.
         assert_eq!(cache.get(&spec(2)).unwrap().0.version, 2);
         // Not a spec: nothing, and the cache keeps what it had.
-        assert!(cache.get(&Arc::from(&b"junk"[..])).is_none());
+        assert!(cache.get(&Bytes::from_static(b"junk")).is_none());
         assert_eq!(cache.get(&spec(2)).unwrap().0.version, 2);
     }
 }

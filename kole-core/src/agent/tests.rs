@@ -14,7 +14,7 @@ use crate::protocol::{
     self, Command, CommandKind, DesiredState, GroupName, Heartbeat, Message, NodeHealth, RegisterAck, RegisterOutcome,
     RejectCode, StatusReport, WorkloadRemoved, WorkloadSpec,
 };
-use crate::transport::{Destination, NodeDelivery};
+use crate::transport::{Bytes, Destination, NodeDelivery};
 
 fn name(n: &str) -> NodeName {
     NodeName::new(n).unwrap()
@@ -480,11 +480,8 @@ fn workload_removed_and_an_empty_retained_spec_remove_the_workload() {
     assert_eq!(h.version_of("default/a"), None);
     assert!(h.out.persist.take().is_some());
 
-    let deleted = NodeDelivery {
-        from: Destination::GroupWorkloadSpec(g, b.id.clone()),
-        payload: Arc::from(Vec::new()),
-        retained: false,
-    };
+    let deleted =
+        NodeDelivery { from: Destination::GroupWorkloadSpec(g, b.id.clone()), payload: Bytes::new(), retained: false };
     h.input(AgentInput::Delivery(&deleted));
     assert_eq!(h.agent.workloads().count(), 0);
     assert_eq!(h.agent.applied(), DesiredDigest::EMPTY);
@@ -492,7 +489,7 @@ fn workload_removed_and_an_empty_retained_spec_remove_the_workload() {
 
     // An empty payload anywhere else is not a deletion; garbage is ignored, not fatal.
     for payload in [Vec::new(), vec![1, 0x82, 0xff]] {
-        let d = NodeDelivery { from: Destination::Fleet, payload: Arc::from(payload), retained: false };
+        let d = NodeDelivery { from: Destination::Fleet, payload: Bytes::from(payload), retained: false };
         h.input(AgentInput::Delivery(&d));
     }
     assert!(matches!(
@@ -779,7 +776,7 @@ mod random_inputs {
                         h.msg(&spec(&w, threshold), &from);
                     }
                     Ev::DeletedSpec(id) => {
-                        let d = NodeDelivery { from: Destination::WorkloadSpec(wid(IDS[id])), payload: Arc::from(Vec::new()), retained: true };
+                        let d = NodeDelivery { from: Destination::WorkloadSpec(wid(IDS[id])), payload: Bytes::new(), retained: true };
                         h.input(AgentInput::Delivery(&d));
                     }
                     Ev::Removed(id) => h.msg(&Message::WorkloadRemoved(WorkloadRemoved { id: wid(IDS[id]) }), &Destination::Fleet),
@@ -800,7 +797,7 @@ mod random_inputs {
                         h.rt.push_phase(&name("edge-1"), wid(IDS[w]), WorkloadPhase::ALL[usize::from(p)]);
                     }
                     Ev::Garbage(bytes) => {
-                        let d = NodeDelivery { from: Destination::Fleet, payload: Arc::from(bytes), retained: false };
+                        let d = NodeDelivery { from: Destination::Fleet, payload: Bytes::from(bytes), retained: false };
                         h.input(AgentInput::Delivery(&d));
                     }
                 }
@@ -852,7 +849,7 @@ fn a_signed_downlink_agent_refuses_unsigned_forged_and_replayed_messages() {
     let topic = Destination::WorkloadSpec(a1.id.clone());
     let deliver = |h: &mut Harness, from: &Destination, payload: Vec<u8>| {
         h.out.events.clear();
-        let d = NodeDelivery { from: from.clone(), payload: Arc::from(payload), retained: false };
+        let d = NodeDelivery { from: from.clone(), payload: Bytes::from(payload), retained: false };
         h.input(AgentInput::Delivery(&d));
         h.out.events.iter().find_map(|e| match e {
             AgentEvent::Refused { reason, .. } | AgentEvent::Ignored { reason } => Some(*reason),

@@ -44,7 +44,7 @@ use crate::model::{NodeName, Timestamp, stable_hash};
 
 use super::fault::{Fate, FaultPlan, Timed};
 use super::{
-    CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish, NodeTransport,
+    Bytes, CloudTransport, Destination, GroupName, Inbound, MessageTransport, NodeDelivery, NodePublish, NodeTransport,
     Outbound, TransportError,
 };
 use crate::protocol::Direction;
@@ -247,7 +247,7 @@ struct HubState {
     nodes: HashMap<NodeName, NodeSession>,
     /// Group → subscribed nodes.
     groups: HashMap<GroupName, HashSet<NodeName>>,
-    retained: BTreeMap<Destination, Arc<[u8]>>,
+    retained: BTreeMap<Destination, Bytes>,
     stats: HubStats,
     faults: HubFaults,
 }
@@ -431,7 +431,7 @@ impl HubState {
     }
 
     /// Every downlink message passes here (the fault-injection hook point for the downlink).
-    fn route_down(&mut self, bound: Bound, to: Destination, payload: Arc<[u8]>, retain: bool, wake: &mut Wake) {
+    fn route_down(&mut self, bound: Bound, to: Destination, payload: Bytes, retain: bool, wake: &mut Wake) {
         if retain {
             if payload.is_empty() {
                 self.retained.remove(&to);
@@ -611,7 +611,7 @@ impl MemoryHub {
     }
 
     /// The retained message of a destination, if any.
-    pub fn retained(&self, to: &Destination) -> Option<Arc<[u8]>> {
+    pub fn retained(&self, to: &Destination) -> Option<Bytes> {
         self.shared.lock().retained.get(to).cloned()
     }
 
@@ -718,7 +718,7 @@ impl CloudTransport for MemoryCloud {
             st.stats.dropped_too_large += *dropped as u64;
         }
         for o in batch {
-            st.route_down(config.node_bound(), o.to, Arc::from(o.payload), o.retain, &mut wake);
+            st.route_down(config.node_bound(), o.to, Bytes::from(o.payload), o.retain, &mut wake);
         }
         drop(st);
         wake_all(wake);

@@ -161,9 +161,10 @@ pub struct NodePublish {
 pub struct NodeDelivery {
     /// The destination (topic) it was published to.
     pub from: Destination,
-    /// The encoded message, shared between every node a fan-out reached. Empty on a spec topic when
-    /// the retained spec was deleted.
-    pub payload: Arc<[u8]>,
+    /// The encoded message, shared between every node a fan-out reached (a [`Bytes`] clone is a
+    /// reference count), and taken from a transport's read buffer without copying. Empty on a spec
+    /// topic when the retained spec was deleted.
+    pub payload: Bytes,
     /// Whether it was replayed from the retained store on connect or subscribe (MQTT's retain flag on
     /// delivery), rather than published while the node was subscribed.
     pub retained: bool,

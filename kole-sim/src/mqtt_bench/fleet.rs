@@ -183,8 +183,8 @@ impl SimFleet {
 
     fn dispatch(&mut self, p: rumqttc::Publish) {
         let Ok(from) = self.topics.parse_downlink(&p.topic) else { return };
-        let payload: Arc<[u8]> = Arc::from(&p.payload[..]);
-        let d = NodeDelivery { from, payload, retained: p.retain };
+        // The payload is a slice of rumqttc's read buffer, shared by every agent it reaches.
+        let d = NodeDelivery { from, payload: p.payload, retained: p.retain };
         let targets: Vec<u32> = match &d.from {
             Destination::Node(name) => self.index.get(name).copied().into_iter().collect(),
             Destination::Fleet | Destination::WorkloadSpec(_) => (0..self.agents.len() as u32).collect(),

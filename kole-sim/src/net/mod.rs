@@ -69,7 +69,7 @@ use std::sync::Arc;
 use kole_core::model::{NodeName, Timestamp, stable_hash};
 use kole_core::protocol::Direction;
 use kole_core::transport::fault::{Fate, FaultPlan, Timed};
-use kole_core::transport::{Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
+use kole_core::transport::{Bytes, Destination, GroupName, Inbound, NodeDelivery, NodePublish, Outbound, UplinkKind};
 
 /// A node of a [`SimNetwork`]: a dense index, `0..len`, in the order nodes were added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -155,12 +155,29 @@ pub struct NetStats {
     pub nodes_partitioned: usize,
 }
 
-/// A downlink message as published, shared by every delivery of its fan-out and by the retained
-/// store.
+/// A downlink message as published.
 #[derive(Debug)]
 struct DownMsg {
     from: Destination,
-    payload: Arc<[u8]>,
+    payload: Bytes,
+}
+
+/// A queued message: shared by every delivery of a fan-out and by the retained store, or owned by
+/// the one delivery of a reply to a single node (an ack, a catch-up), which then costs no
+/// allocation of its own and is handed over without a copy.
+#[derive(Debug)]
+enum Queued {
+    Shared(Arc<DownMsg>),
+    Own(DownMsg),
+}
+
+impl Queued {
+    fn msg(&self) -> &DownMsg {
+        match self {
+            Queued::Shared(m) => m,
+            Queued::Own(m) => m,
+        }
+    }
 }
 
 /// Group subscriptions of one node: up to three inline, more on the heap.
@@ -472,7 +489,7 @@ enum Targets {
 struct DownBatch {
     due: u64,
     retained: bool,
-    msg: Arc<DownMsg>,
+    msg: Queued,
     targets: Targets,
 }
 
@@ -919,7 +936,11 @@ impl SimNetwork {
             self.stats.dropped_cloud_isolated += 1;
             return;
         }
-        let msg = Arc::new(DownMsg { from: o.to, payload: Arc::from(o.payload) });
+        let msg = DownMsg { from: o.to, payload: Bytes::from(o.payload) };
+        let msg = match self.send_direct(msg, o.retain, now) {
+            Ok(()) => return,
+            Err(msg) => Arc::new(msg),
+        };
         if o.retain {
             self.retained.update(&msg);
         }
@@ -927,6 +948,38 @@ impl SimNetwork {
         if subscribers == 0 && !o.retain {
             self.stats.dropped_no_subscriber += 1;
         }
+    }
+
+    /// Queues a non-retained message to one node by value, when it goes out as one delivery without
+    /// a delay: the plan leaves the downlink alone and nothing waits in the delay heap. Otherwise
+    /// hands the message back to be shared as any other. (The message's number is drawn either way,
+    /// so the fault keys of later messages do not depend on the path.)
+    fn send_direct(&mut self, msg: DownMsg, retain: bool, now: u64) -> Result<(), DownMsg> {
+        let Destination::Node(name) = &msg.from else { return Err(msg) };
+        if retain
+            || self.plan.has_delay()
+            || !self.plan.is_clean(Direction::Downlink)
+            || !self.queues.down_heap.is_empty()
+        {
+            return Err(msg);
+        }
+        self.next_msg();
+        let id = self.reg.index.find_name(&self.reg.nodes, name);
+        match id.and_then(|id| Some((id, self.reg.nodes.get(id as usize)?))) {
+            Some((_, s)) if s.connected && s.partitioned => self.stats.dropped_partition += 1,
+            Some((id, s)) if s.connected => {
+                let targets = Targets::One((id, s.epoch));
+                self.queues.down_fifo.push_back(DownBatch {
+                    due: now,
+                    retained: false,
+                    msg: Queued::Own(msg),
+                    targets,
+                });
+                self.queues.down_len += 1;
+            }
+            _ => self.stats.dropped_no_subscriber += 1,
+        }
+        Ok(())
     }
 
     /// Replies to single nodes (acks, catch-ups) come in random node order, and each one's route
@@ -1025,7 +1078,7 @@ impl SimNetwork {
     }
 
     /// The retained message of a destination, if any.
-    pub fn retained(&self, to: &Destination) -> Option<Arc<[u8]>> {
+    pub fn retained(&self, to: &Destination) -> Option<Bytes> {
         self.retained.get(to).map(|m| m.payload.clone())
     }
 
@@ -1063,27 +1116,31 @@ impl SimNetwork {
                 if batch.due > now {
                     break;
                 }
-                let done = match &mut batch.targets {
-                    Targets::One(t) => {
+                if let Targets::Many { list, next } = &mut batch.targets {
+                    let msg = batch.msg.msg();
+                    while delivered < max {
+                        let Some(&t) = list.get(*next) else { break };
+                        *next += 1;
                         queues.down_len -= 1;
-                        let ok = hand(nodes, stats, *t, &batch.msg, batch.retained, &mut deliver);
+                        let ok = hand(nodes, stats, t, batch.retained, &mut deliver, || shared(msg));
                         delivered += usize::from(ok);
-                        true
                     }
-                    Targets::Many { list, next } => {
-                        while delivered < max {
-                            let Some(&t) = list.get(*next) else { break };
-                            *next += 1;
-                            queues.down_len -= 1;
-                            let ok = hand(nodes, stats, t, &batch.msg, batch.retained, &mut deliver);
-                            delivered += usize::from(ok);
-                        }
-                        *next >= list.len()
+                    if *next < list.len() {
+                        continue;
                     }
-                };
-                if done {
                     queues.down_fifo.pop_front();
+                    continue;
                 }
+                let Some(DownBatch { retained, msg, targets: Targets::One(t), .. }) = queues.down_fifo.pop_front()
+                else {
+                    continue;
+                };
+                queues.down_len -= 1;
+                let ok = match msg {
+                    Queued::Own(m) => hand(nodes, stats, t, retained, &mut deliver, || (m.from, m.payload)),
+                    Queued::Shared(m) => hand(nodes, stats, t, retained, &mut deliver, || shared(&m)),
+                };
+                delivered += usize::from(ok);
                 continue;
             }
             if queues.down_heap.peek().is_none_or(|t| t.due > now) {
@@ -1091,7 +1148,7 @@ impl SimNetwork {
             }
             if let Some(t) = queues.down_heap.pop() {
                 queues.down_len -= 1;
-                let ok = hand(nodes, stats, t.item.target, &t.item.msg, t.item.retained, &mut deliver);
+                let ok = hand(nodes, stats, t.item.target, t.item.retained, &mut deliver, || shared(&t.item.msg));
                 delivered += usize::from(ok);
             }
         }
@@ -1099,15 +1156,21 @@ impl SimNetwork {
     }
 }
 
-/// Hands one queued delivery to its node, or discards it when the node's session ended or the node
-/// is partitioned now. Returns whether it was delivered.
+/// A delivery's destination and payload, from a message shared with other deliveries.
+fn shared(msg: &DownMsg) -> (Destination, Bytes) {
+    (msg.from.clone(), msg.payload.clone())
+}
+
+/// Hands one queued delivery to its node (`msg` gives its destination and payload), or discards
+/// it when the node's session ended or the node is partitioned now. Returns whether it was
+/// delivered.
 fn hand(
     nodes: &[NodeState],
     stats: &mut NetStats,
     (node, epoch): Target,
-    msg: &DownMsg,
     retained: bool,
     deliver: &mut impl FnMut(NodeId, NodeDelivery),
+    msg: impl FnOnce() -> (Destination, Bytes),
 ) -> bool {
     match nodes.get(node as usize) {
         Some(s) if s.connected && s.epoch == epoch => {
@@ -1116,7 +1179,8 @@ fn hand(
                 return false;
             }
             stats.downlink_delivered += 1;
-            deliver(NodeId(node), NodeDelivery { from: msg.from.clone(), payload: msg.payload.clone(), retained });
+            let (from, payload) = msg();
+            deliver(NodeId(node), NodeDelivery { from, payload, retained });
             true
         }
         _ => {
@@ -1189,7 +1253,7 @@ impl Enqueue<'_> {
             self.queues.down_fifo.push_back(DownBatch {
                 due: self.now,
                 retained: self.retained,
-                msg: self.msg.clone(),
+                msg: Queued::Shared(self.msg.clone()),
                 targets,
             });
         }
@@ -1589,13 +1653,13 @@ mod tests {
         assert_eq!(net.stats().downlink_in_flight, n + n / 2);
         let mut seen = vec![0u8; n];
         let mut group_seen = vec![0u8; n];
-        let mut first: Option<Arc<[u8]>> = None;
+        let mut first: Option<Bytes> = None;
         let delivered = net.take_downlink(T0, usize::MAX, |node, d| match d.from {
             Destination::Group(_) => group_seen[node.index()] += 1,
             _ => {
                 seen[node.index()] += 1;
                 let shared = first.get_or_insert_with(|| d.payload.clone());
-                assert!(Arc::ptr_eq(shared, &d.payload), "one payload for the whole fan-out");
+                assert_eq!(shared.as_ptr(), d.payload.as_ptr(), "one payload for the whole fan-out");
             }
         });
         assert_eq!(delivered, n + n / 2);
