@@ -26,8 +26,8 @@ use std::ops::ControlFlow;
 
 pub use shared::{CacheStore, CacheWriter, shared};
 pub(crate) use table::{LabelSetId, NodeSlot, PlatformId, StrId, WorkloadSetId};
+pub(crate) use table::{NameHash, NameLookup, PROBE_GROUP, RegistrationRef};
 pub use table::{NodeCache, Slot};
-pub(crate) use table::{PROBE_GROUP, RegistrationRef};
 pub use watch_keys::WatchKey;
 
 use crate::model::{

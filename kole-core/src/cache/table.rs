@@ -173,8 +173,16 @@ impl NodeCache {
     /// The slot of `name`, if present.
     #[inline]
     pub fn slot_of(&self, name: &str) -> Option<Slot> {
-        let h = hash_name(name.as_bytes());
-        self.index.find(h, |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes())
+        self.lookup(name, NameHash::of(name)).slot
+    }
+
+    /// [`Self::slot_of`] with the name's hash already computed (by [`Self::warm_names`]), and the
+    /// hash kept for [`Self::register_ref_at`]: a registration hashes its name once.
+    #[inline]
+    pub(crate) fn lookup(&self, name: &str, hash: NameHash) -> NameLookup {
+        debug_assert_eq!(hash, NameHash::of(name));
+        let slot = self.index.find(hash.0, |s| name_at(&self.names, &self.slots[s as usize]) == name.as_bytes());
+        NameLookup { slot, hash }
     }
 
     /// The name stored in a live slot.
@@ -726,18 +734,19 @@ impl NodeCache {
         boot_id: u32,
         now: Timestamp,
     ) -> Result<Registered, CacheError> {
-        self.register_ref_at(reg, self.slot_of(reg.name), boot_id, now)
+        self.register_ref_at(reg, self.lookup(reg.name, NameHash::of(reg.name)), boot_id, now)
     }
 
-    /// [`Self::register_ref`] when the caller already looked the name up: `known` must be
-    /// `self.slot_of(reg.name)`.
+    /// [`Self::register_ref`] when the caller already looked the name up: `found` must be
+    /// `self.lookup(reg.name, ..)`, made since the cache last changed.
     pub(crate) fn register_ref_at(
         &mut self,
         reg: &RegistrationRef<'_>,
-        known: Option<Slot>,
+        found: NameLookup,
         boot_id: u32,
         now: Timestamp,
     ) -> Result<Registered, CacheError> {
+        let known = found.slot;
         if reg.name.len() > usize::from(u8::MAX) {
             return Err(CacheError::NameTooLong);
         }
@@ -793,7 +802,7 @@ impl NodeCache {
                 return Err(e);
             }
         };
-        self.index.insert(hash_name(reg.name.as_bytes()), slot);
+        self.index.insert(found.hash.0, slot);
         self.slots[slot as usize].boot_id = boot_id;
         self.store_addresses(slot, reg.addresses);
         Ok(Registered { slot, created: true, restarted: false, previous: None })
@@ -853,10 +862,12 @@ impl NodeCache {
 
     /// Brings into cache what looking up each of `names` (at most [`PROBE_GROUP`]) will read, in
     /// the passes of [`Self::resolve_batch`], and finds nothing: for a caller that then looks each
-    /// one up with [`Self::slot_of`] at the moment it needs it, because its own work in between may
-    /// add or remove nodes (registration), so a slot found ahead could be out of date.
-    pub(crate) fn warm_names(&self, names: &[&str]) {
-        let _ = self.probe_group(&names[..names.len().min(PROBE_GROUP)]);
+    /// one up with [`Self::lookup`] at the moment it needs it, because its own work in between may
+    /// add or remove nodes (registration), so a slot found ahead could be out of date. Returns the
+    /// names' hashes, in order, for those lookups.
+    pub(crate) fn warm_names(&self, names: &[&str]) -> [NameHash; PROBE_GROUP] {
+        let probe = self.probe_group(&names[..names.len().min(PROBE_GROUP)]);
+        probe.hashes.map(NameHash)
     }
 
     /// The passes over one group of names: hash every name, load every name's first index entry,
@@ -1054,6 +1065,23 @@ struct ProbeGroup {
 fn hash_name(name: &[u8]) -> u32 {
     let h = stable_hash(NAME_SEED, name);
     (h ^ (h >> 32)) as u32
+}
+
+/// A node name's hash in the cache's index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NameHash(u32);
+
+impl NameHash {
+    pub(crate) fn of(name: &str) -> Self {
+        Self(hash_name(name.as_bytes()))
+    }
+}
+
+/// A name looked up in the cache: its slot, if present, and its hash (to index it if it is added).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NameLookup {
+    pub(crate) slot: Option<Slot>,
+    hash: NameHash,
 }
 
 impl StateCache for NodeCache {

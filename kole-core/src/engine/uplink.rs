@@ -1,7 +1,7 @@
 //! Uplink handling: what nodes send up (registrations, heartbeats, status reports) and how the
 //! engine applies it to the node cache.
 
-use crate::cache::{CacheError, HeartbeatUpdate, NodeCache, PROBE_GROUP, RegistrationRef, Slot};
+use crate::cache::{CacheError, HeartbeatUpdate, NameHash, NameLookup, NodeCache, PROBE_GROUP, RegistrationRef, Slot};
 use crate::model::{DesiredDigest, NodeName, NodePhase, Timestamp};
 use crate::protocol::{self, CommandKind, Heartbeat, Message, RegisterAck, RegisterOutcome, RejectCode, UplinkKind};
 use crate::transport::{Destination, Inbound};
@@ -120,10 +120,10 @@ fn touch_payloads(msgs: &[Inbound]) -> u8 {
     touch
 }
 
-/// What the uplink loop already looked up for a registration: the sender's slot (`slot_of` of its
-/// name) and the interned set equal to its labels.
+/// What the uplink loop already looked up for a registration: the sender's name (its slot, if
+/// present, and hash) and the interned set equal to its labels.
 struct Found {
-    slot: Option<Slot>,
+    name: NameLookup,
     label_set: Option<u32>,
 }
 
@@ -133,8 +133,11 @@ impl Core {
         // order, so a node's registration always precedes its later heartbeats.
         let limit = self.uplink_limiter.enabled();
         let mut i = 0;
-        // Messages before this one had their lookups warmed (see `NodeCache::warm_names`).
+        // Messages before this one had their lookups warmed (see `NodeCache::warm_names`); the
+        // names' hashes, from `batch[first]` on, serve their lookups.
         let mut warmed = 0;
+        let mut first = 0;
+        let mut hashes = [NameHash::default(); PROBE_GROUP];
         while i < batch.len() {
             if batch[i].kind == UplinkKind::Heartbeat {
                 let run = batch[i..].iter().take_while(|m| m.kind == UplinkKind::Heartbeat).count();
@@ -150,7 +153,8 @@ impl Core {
                 }
                 // The payloads too: decoding a registration reads all of its few hundred bytes.
                 std::hint::black_box(touch_payloads(&batch[i..warmed]));
-                cache.warm_names(&names[..warmed - i]);
+                hashes = cache.warm_names(&names[..warmed - i]);
+                first = i;
             }
             let msg = &batch[i];
             i += 1;
@@ -159,7 +163,8 @@ impl Core {
             // send as fast as it sends).
             let register = msg.kind == UplinkKind::Register;
             // One lookup serves the rate limit and the cache write (and a registration's throttle).
-            let slot = cache.slot_of(msg.node.as_str());
+            let found = cache.lookup(msg.node.as_str(), hashes[i - 1 - first]);
+            let slot = found.slot;
             if limit
                 && let Some(slot) = slot
                 && !self.uplink_limiter.admit(slot, now.as_millis())
@@ -182,7 +187,7 @@ impl Core {
                     },
                 );
                 match decoded {
-                    Ok(reg) => self.register(cache, msg, &reg, Found { slot, label_set: set }, now, out),
+                    Ok(reg) => self.register(cache, msg, &reg, Found { name: found, label_set: set }, now, out),
                     Err(e) => self.decode_failed(out, msg, &e),
                 }
                 continue;
@@ -392,7 +397,7 @@ impl Core {
             workloads: &reg.workloads,
             label_set: found.label_set,
         };
-        let known = found.slot;
+        let known = found.name.slot;
         let boot = reg.boot_id;
         let interval = u64::from(self.cfg.min_register_interval_ms);
         if interval > 0
@@ -427,7 +432,7 @@ impl Core {
         if let Some(slot) = live {
             self.node_health_moved(cache, slot, cache.is_online(slot), false);
         }
-        let registered = cache.register_ref_at(&registration, known, boot, now);
+        let registered = cache.register_ref_at(&registration, found.name, boot, now);
         // The node's part in wave health, with its new labels and state (or its old ones, unchanged,
         // when the registration was refused).
         match (&registered, live) {
