@@ -143,6 +143,10 @@ const RING_MS: u64 = 1 << 16;
 /// [`RING_MS`] milliseconds are a ring of per-millisecond buckets (a bitmap finds the next
 /// non-empty one, and a drained bucket's memory is reused), so the common case, a heartbeat or a
 /// retry due within a minute, costs a push; later times go to a B-tree.
+///
+/// A push only appends to a staging list; the list is filed into the buckets when the calendar is
+/// next read. An agent files its wake-up in the middle of its own work, where the random bucket's
+/// cache miss stalls it; filed together in one tight loop, those misses overlap.
 struct Calendar {
     /// No wake-up is due before this; the ring holds times in `[cursor, cursor + RING_MS)`.
     cursor: u64,
@@ -151,6 +155,8 @@ struct Calendar {
     bits: Vec<u64>,
     far: BTreeMap<u64, Vec<u32>>,
     spare: Vec<Vec<u32>>,
+    /// Pushed since the calendar was last read, in push order.
+    staged: Vec<(u64, u32)>,
 }
 
 impl Calendar {
@@ -163,12 +169,27 @@ impl Calendar {
             bits: vec![0; (RING_MS / 64) as usize],
             far: BTreeMap::new(),
             spare: Vec::new(),
+            staged: Vec::new(),
         }
     }
 
     /// Files `id` under `at` (or, when `at` is before every bucket still open, under the earliest,
-    /// which is due now).
+    /// which is due now), once the calendar is next read.
     fn push(&mut self, at: u64, id: u32) {
+        self.staged.push((at, id));
+    }
+
+    /// Files the staged wake-ups, in push order (a bucket's order is its wake-ups' order).
+    fn file_staged(&mut self) {
+        let mut staged = std::mem::take(&mut self.staged);
+        for &(at, id) in &staged {
+            self.file(at, id);
+        }
+        staged.clear();
+        self.staged = staged;
+    }
+
+    fn file(&mut self, at: u64, id: u32) {
         let at = at.max(self.cursor);
         if at - self.cursor < RING_MS {
             let i = (at % RING_MS) as usize;
@@ -185,7 +206,8 @@ impl Calendar {
     }
 
     /// The earliest time with a wake-up filed.
-    fn first(&self) -> Option<u64> {
+    fn first(&mut self) -> Option<u64> {
+        self.file_staged();
         let ring = self.ring_first();
         let far = self.far.first_key_value().map(|(&t, _)| t);
         match (ring, far) {
