@@ -5,11 +5,12 @@
 //! names and workload ids share one character set (`[A-Za-z0-9._-]`, starting and ending
 //! alphanumeric), so every transport can use a name as one address level as it is.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use serde::Serialize;
 
-use crate::model::{NodeName, ValidationError, WorkloadId, truncate_for_error, validate_node_name};
+use crate::model::{NodeName, ValidationError, WorkloadId, stable_hash, truncate_for_error, validate_node_name};
 
 /// The uplink message kinds a node publishes, each on its own address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,6 +74,9 @@ impl Serialize for GroupName {
     }
 }
 
+/// Group names each thread's decoder keeps to share (see [`GroupName::decoded`]).
+const RECENT_GROUPS: usize = 64;
+
 impl GroupName {
     /// Validates `name` and wraps it.
     pub fn new(name: impl AsRef<str>) -> Result<Self, GroupNameError> {
@@ -86,6 +90,29 @@ impl GroupName {
             GroupNameError { name: truncate_for_error(name), reason }
         })?;
         Ok(Self(name.into()))
+    }
+
+    /// [`GroupName::new`] for a decoder: a name this thread decoded lately (and found valid) is
+    /// shared rather than allocated and checked again. Every node of a label set is told the same
+    /// groups, so one process that runs many agents (a simulator, a multiplexed bench) would
+    /// otherwise hold a copy of each name per agent; a node agent receives the same few names on
+    /// every reconnect. The thread keeps at most [`RECENT_GROUPS`] names.
+    pub(crate) fn decoded(name: &str) -> Result<Self, GroupNameError> {
+        thread_local! {
+            static RECENT: RefCell<[Option<GroupName>; RECENT_GROUPS]> = const { RefCell::new([const { None }; RECENT_GROUPS]) };
+        }
+        let slot = stable_hash(0x6772_6f75_7073, name.as_bytes()) as usize % RECENT_GROUPS;
+        RECENT.with(|recent| {
+            let mut recent = recent.borrow_mut();
+            if let Some(g) = &recent[slot]
+                && g.as_str() == name
+            {
+                return Ok(g.clone());
+            }
+            let g = Self::new(name)?;
+            recent[slot] = Some(g.clone());
+            Ok(g)
+        })
     }
 
     /// The name as a string slice.
@@ -137,6 +164,25 @@ pub enum Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoded_group_names_are_shared_checked_and_exact() {
+        let a = GroupName::decoded("region.eu-west-1").unwrap();
+        let b = GroupName::decoded("region.eu-west-1").unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.0, &b.0), "a name decoded again shares the first one's text");
+        assert_eq!(a, GroupName::new("region.eu-west-1").unwrap());
+        // More names than the thread keeps: each still decodes to itself.
+        let many: Vec<String> = (0..4 * RECENT_GROUPS).map(|i| format!("site-{i}")).collect();
+        for _ in 0..2 {
+            for n in &many {
+                assert_eq!(GroupName::decoded(n).unwrap().as_str(), n);
+            }
+        }
+        // A bad name is refused every time, and never kept.
+        for _ in 0..2 {
+            assert!(GroupName::decoded("a/b").is_err());
+        }
+    }
 
     #[test]
     fn group_names_follow_the_node_name_rules() {

@@ -670,7 +670,7 @@ impl Check<'_> {
 
     fn group(&self, field: &'static str, s: &str) -> Result<GroupName, DecodeError> {
         self.count(Limit::StringLen, s.len(), self.limits.max_string_len)?;
-        GroupName::new(s).map_err(|source| DecodeError::InvalidGroup { kind: self.kind, field, source })
+        GroupName::decoded(s).map_err(|source| DecodeError::InvalidGroup { kind: self.kind, field, source })
     }
 
     fn states(&self, states: &[StateWire<'_>]) -> Result<Vec<WorkloadState>, DecodeError> {
