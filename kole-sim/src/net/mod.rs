@@ -1125,10 +1125,9 @@ impl SimNetwork {
                         let ok = hand(nodes, stats, t, batch.retained, &mut deliver, || shared(msg));
                         delivered += usize::from(ok);
                     }
-                    if *next < list.len() {
-                        continue;
+                    if *next >= list.len() {
+                        queues.down_fifo.pop_front();
                     }
-                    queues.down_fifo.pop_front();
                     continue;
                 }
                 let Some(DownBatch { retained, msg, targets: Targets::One(t), .. }) = queues.down_fifo.pop_front()
