@@ -110,6 +110,10 @@ pub struct NodeCache {
     /// [`LabelsView::wire`]): a registration's label block is found by one hash and one comparison
     /// of bytes, with no string parsed or looked up.
     label_by_content: FxHashMap<u64, (LabelSetId, Box<[u8]>)>,
+    /// Platforms by a hash of their three strings (a hint, verified on use): a registration finds
+    /// its platform by one probe of a map as small as the fleet's platforms, instead of four
+    /// probes of the string and platform interners.
+    platform_by_content: FxHashMap<u64, PlatformId>,
 }
 
 /// A registration borrowed from where it was decoded (the engine's zero-copy path): interned
@@ -214,6 +218,7 @@ impl NodeCache {
             + self.workload_sets.heap_bytes(|w| w.len() * 16)
             + self.label_by_content.capacity() * size_of::<(u64, (LabelSetId, Box<[u8]>))>()
             + self.label_by_content.values().map(|(_, flat)| flat.len()).sum::<usize>()
+            + self.platform_by_content.capacity() * size_of::<(u64, PlatformId)>()
     }
 
     /// Whether `slot` holds a node.
@@ -306,6 +311,55 @@ impl NodeCache {
         self.label_by_content.get(&label_hash(wire)).filter(|(_, stored)| **stored == *wire).map(|&(id, _)| id)
     }
 
+    /// [`Self::find_label_set`] with the block's hash already computed (by
+    /// [`Self::warm_label_sets`]): a registration hashes its label block once.
+    #[inline]
+    pub(crate) fn find_label_set_hashed(&self, wire: &[u8], hash: u64) -> Option<LabelSetId> {
+        debug_assert_eq!(hash, label_hash(wire));
+        self.label_by_content.get(&hash).filter(|(_, stored)| **stored == *wire).map(|&(id, _)| id)
+    }
+
+    /// Brings into cache what registering the label blocks `blocks` (at most [`PROBE_GROUP`]; an
+    /// empty one is skipped) will read: the content map's entry, the stored form it compares with,
+    /// the set's member list and its interned entry. Returns each block's hash, for
+    /// [`Self::find_label_set_hashed`], and the set it found, or [`LabelSetId::MAX`], only as a
+    /// hint for what else to warm: a registration in between may release a set and its id be
+    /// reused, so the lookup is made again at the moment it counts.
+    ///
+    /// A fleet carries thousands of label sets and registers in random order, so each of these is
+    /// a miss of its own, one after the other inside a registration; in passes over a group, as
+    /// [`Self::warm_names`] does for names, they overlap.
+    pub(crate) fn warm_label_sets(&self, blocks: &[&[u8]]) -> ([u64; PROBE_GROUP], [LabelSetId; PROBE_GROUP]) {
+        let blocks = &blocks[..blocks.len().min(PROBE_GROUP)];
+        let mut hashes = [0; PROBE_GROUP];
+        let mut ids = [LabelSetId::MAX; PROBE_GROUP];
+        let mut stored: [&[u8]; PROBE_GROUP] = [&[]; PROBE_GROUP];
+        for (k, b) in blocks.iter().enumerate() {
+            if !b.is_empty() {
+                hashes[k] = label_hash(b);
+                if let Some((id, s)) = self.label_by_content.get(&hashes[k]) {
+                    ids[k] = *id;
+                    stored[k] = s;
+                }
+            }
+        }
+        let mut touch = 0u64;
+        for (k, s) in stored[..blocks.len()].iter().enumerate() {
+            touch ^= s.iter().step_by(64).fold(0, |a, &b| a ^ u64::from(b));
+            if let Some(m) = self.members.get(ids[k] as usize) {
+                touch ^= m.slots.len() as u64;
+            }
+            touch ^= self.label_sets.try_get(ids[k]).map_or(0, |p| p.len() as u64);
+        }
+        for &id in &ids[..blocks.len()] {
+            if let Some(m) = self.members.get(id as usize) {
+                touch ^= u64::from(m.slots.last().copied().unwrap_or(0));
+            }
+        }
+        std::hint::black_box(touch);
+        (hashes, ids)
+    }
+
     /// The wire form of an interned label set's pairs, as its content hint keeps it.
     fn wire_of(&self, pairs: &[(StrId, StrId)]) -> Box<[u8]> {
         label_wire(pairs.len(), pairs.iter().map(|&(k, v)| (&**self.strings.get(k), &**self.strings.get(v))))
@@ -335,25 +389,45 @@ impl NodeCache {
     }
 
     fn intern_platform(&mut self, arch: &str, os: &str, agent_version: &str) -> PlatformId {
-        if let (Some(a), Some(o), Some(v)) =
-            (self.strings.find(arch), self.strings.find(os), self.strings.find(agent_version))
-            && let Some(id) = self.platforms.find(&[a, o, v])
+        let h = platform_hash(arch, os, agent_version);
+        if let Some(&id) = self.platform_by_content.get(&h)
+            && self.platform_is(id, [arch, os, agent_version])
         {
             self.platforms.retain(id);
             return id;
         }
-        let triple = [self.intern_str(arch), self.intern_str(os), self.intern_str(agent_version)];
-        let (id, new) = self.platforms.acquire(&triple);
-        if !new {
-            triple.iter().for_each(|&s| {
-                self.strings.release(s);
-            });
-        }
+        let id = if let (Some(a), Some(o), Some(v)) =
+            (self.strings.find(arch), self.strings.find(os), self.strings.find(agent_version))
+            && let Some(id) = self.platforms.find(&[a, o, v])
+        {
+            self.platforms.retain(id);
+            id
+        } else {
+            let triple = [self.intern_str(arch), self.intern_str(os), self.intern_str(agent_version)];
+            let (id, new) = self.platforms.acquire(&triple);
+            if !new {
+                triple.iter().for_each(|&s| {
+                    self.strings.release(s);
+                });
+            }
+            id
+        };
+        self.platform_by_content.entry(h).or_insert(id);
         id
+    }
+
+    /// Whether live platform `id` is the triple `parts` (arch, os, agent version).
+    fn platform_is(&self, id: PlatformId, parts: [&str; 3]) -> bool {
+        self.platforms.try_get(id).is_some_and(|t| t.iter().zip(parts).all(|(&s, p)| **self.strings.get(s) == *p))
     }
 
     fn release_platform(&mut self, id: PlatformId) {
         if let Some(triple) = self.platforms.release(id) {
+            let [a, o, v] = triple.map(|s| self.strings.get(s));
+            let h = platform_hash(a, o, v);
+            if self.platform_by_content.get(&h) == Some(&id) {
+                self.platform_by_content.remove(&h);
+            }
             triple.iter().for_each(|&s| {
                 self.strings.release(s);
             });
@@ -971,6 +1045,12 @@ impl NodeCache {
                 return Err(format!("hint for label set {id} holds another set's form or hash"));
             }
         }
+        for (&h, &id) in &self.platform_by_content {
+            let [a, o, v] = *self.platforms.try_get(id).ok_or_else(|| format!("hint names freed platform {id}"))?;
+            if platform_hash(self.strings.get(a), self.strings.get(o), self.strings.get(v)) != h {
+                return Err(format!("hint for platform {id} holds another platform's hash"));
+            }
+        }
         self.check_shared_parts()
     }
 
@@ -1039,6 +1119,11 @@ fn unreachable_name() -> NodeName {
 fn label_wire<'a>(count: usize, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Box<[u8]> {
     let wire = encode_pairs(count, pairs);
     if wire.is_empty() { Box::new([0]) } else { wire }
+}
+
+/// The hash [`NodeCache`] finds a platform by: of its three strings, each with its length.
+fn platform_hash(arch: &str, os: &str, agent_version: &str) -> u64 {
+    [arch, os, agent_version].iter().fold(0x706c_6174_666f_726d, |h, s| stable_hash(h, s.as_bytes()))
 }
 
 /// The hash [`NodeCache`] finds a label set by: of its wire form, in one pass.

@@ -22,6 +22,16 @@ pub(super) struct SetTargets {
     groups_wire: EncodedGroups,
 }
 
+impl SetTargets {
+    /// Reads what registering a node of this set reads (its targets and its encoded groups), for a
+    /// warm pass ahead; returns it for `black_box`.
+    pub(super) fn touch(&self) -> u64 {
+        self.generation
+            ^ u64::from(self.workloads.first().copied().unwrap_or(0))
+            ^ u64::from(self.groups_wire.as_bytes().first().copied().unwrap_or(0))
+    }
+}
+
 impl Core {
     /// Workload indices whose selector matches label set `set` (cached per set, per epoch).
     pub(super) fn targets(&mut self, cache: &NodeCache, set: u32) -> &[u32] {

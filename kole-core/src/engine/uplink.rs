@@ -138,6 +138,9 @@ impl Core {
         let mut warmed = 0;
         let mut first = 0;
         let mut hashes = [NameHash::default(); PROBE_GROUP];
+        // The warmed registrations' label blocks (empty for other messages) and their hashes.
+        let mut blocks: [&[u8]; PROBE_GROUP] = [&[]; PROBE_GROUP];
+        let mut block_hashes = [0u64; PROBE_GROUP];
         while i < batch.len() {
             if batch[i].kind == UplinkKind::Heartbeat {
                 let run = batch[i..].iter().take_while(|m| m.kind == UplinkKind::Heartbeat).count();
@@ -154,6 +157,7 @@ impl Core {
                 // The payloads too: decoding a registration reads all of its few hundred bytes.
                 std::hint::black_box(touch_payloads(&batch[i..warmed]));
                 hashes = cache.warm_names(&names[..warmed - i]);
+                (blocks, block_hashes) = self.warm_registrations(cache, &batch[i..warmed]);
                 first = i;
             }
             let msg = &batch[i];
@@ -163,7 +167,8 @@ impl Core {
             // send as fast as it sends).
             let register = msg.kind == UplinkKind::Register;
             // One lookup serves the rate limit and the cache write (and a registration's throttle).
-            let found = cache.lookup(msg.node.as_str(), hashes[i - 1 - first]);
+            let k = i - 1 - first;
+            let found = cache.lookup(msg.node.as_str(), hashes[k]);
             let slot = found.slot;
             if limit
                 && let Some(slot) = slot
@@ -177,12 +182,18 @@ impl Core {
                 // A label set the cache holds passed the label rules when it was first registered:
                 // it is found (and later interned) by one hash and compared, not checked again.
                 let mut set = None;
+                let (block, block_hash) = (blocks[k], block_hashes[k]);
                 let decoded = protocol::decode_register_view_with(
                     &msg.payload,
                     &msg.node,
                     &self.cfg.decode_limits,
                     &mut |wire| {
-                        set = cache.find_label_set(wire);
+                        // The block the warm pass hashed, or (never in practice) another one.
+                        set = if std::ptr::eq(wire, block) {
+                            cache.find_label_set_hashed(wire, block_hash)
+                        } else {
+                            cache.find_label_set(wire)
+                        };
                         set.is_some()
                     },
                 );
@@ -199,6 +210,35 @@ impl Core {
                 Err(e) => self.decode_failed(out, msg, &e),
             }
         }
+    }
+
+    /// Brings into cache what the registrations among `group` will read of their label sets (see
+    /// [`NodeCache::warm_label_sets`]) and of the engine's per-set targets and groups; returns each
+    /// message's label block (empty for other messages) and its hash.
+    fn warm_registrations<'a>(
+        &self,
+        cache: &NodeCache,
+        group: &'a [Inbound],
+    ) -> ([&'a [u8]; PROBE_GROUP], [u64; PROBE_GROUP]) {
+        let mut blocks: [&[u8]; PROBE_GROUP] = [&[]; PROBE_GROUP];
+        let group = &group[..group.len().min(PROBE_GROUP)];
+        for (b, m) in blocks.iter_mut().zip(group) {
+            if m.kind == UplinkKind::Register {
+                *b = protocol::register_label_block(&m.payload, &self.cfg.decode_limits).unwrap_or_default();
+            }
+        }
+        if blocks.iter().all(|b| b.is_empty()) {
+            return (blocks, [0; PROBE_GROUP]);
+        }
+        let (hashes, sets) = cache.warm_label_sets(&blocks[..group.len()]);
+        let mut touch = 0u64;
+        for &set in &sets[..group.len()] {
+            if let Some(st) = self.set_targets.get(set as usize) {
+                touch ^= st.touch();
+            }
+        }
+        std::hint::black_box(touch);
+        (blocks, hashes)
     }
 
     fn decode_failed(&mut self, out: &mut Outputs, msg: &Inbound, e: &protocol::DecodeError) {

@@ -102,6 +102,11 @@ impl EncodedGroups {
         }
         Self(buf)
     }
+
+    /// The encoded bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Encodes an accepted [`RegisterAck`](super::RegisterAck) with groups encoded beforehand: the same bytes as
@@ -209,6 +214,18 @@ pub fn decode_register_view<'a>(
     limits: &DecodeLimits,
 ) -> Result<RegisterView<'a>, DecodeError> {
     decode_register_view_with(bytes, node, limits, &mut |_| false)
+}
+
+/// Where the label block of a registration lies in `bytes` (a message on a registration topic),
+/// with nothing in it checked: for a caller that looks the set up ahead of decoding, as the
+/// controller does for a group of registrations so that their lookups' cache misses overlap. The
+/// block is the bytes [`decode_register_view_with`] later hands its `known`. `None` when the
+/// message is not a registration or is malformed; its decode says how.
+pub(crate) fn register_label_block<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Option<&'a [u8]> {
+    match header(bytes, limits) {
+        Ok((_, MessageKind::Register)) => wire::register_label_block(&bytes[HEADER_LEN..], limits),
+        _ => None,
+    }
 }
 
 /// [`decode_register_view`], where `known` may vouch for a label set: one it returns true for

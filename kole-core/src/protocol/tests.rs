@@ -454,6 +454,11 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode(&bytes, &limits());
+        // The registration label-block hint reads the same bytes; what it returns lies in them.
+        if let Some(b) = crate::protocol::register_label_block(&bytes, &limits()) {
+            let within = bytes.as_ptr_range();
+            prop_assert!(within.start <= b.as_ptr() && b.as_ptr_range().end <= within.end);
+        }
     }
 
     #[test]
@@ -515,10 +520,21 @@ proptest! {
         let view = decode_register_view(&bytes, &node, &limits());
         // A caller vouching for exactly the blocks of valid sets (as the controller's cache does for
         // those it holds) changes nothing either.
+        // The label block found ahead of decoding (the controller's warm pass) is the very slice
+        // the decoder hands `known`, whenever it hands one.
+        let hint = crate::protocol::register_label_block(&bytes, &limits());
+        let mut handed: Option<*const [u8]> = None;
         let vouched = decode_register_view_with(&bytes, &node, &limits(), &mut |w| {
+            handed = Some(std::ptr::from_ref(w));
             postcard::from_bytes::<Labels>(w).is_ok_and(|l| l.wire() == w)
         });
         prop_assert_eq!(&vouched, &view);
+        if let Some(w) = handed {
+            prop_assert!(hint.is_some_and(|h| std::ptr::eq(h, w)), "hint {:?} is not the block decoded", hint);
+        }
+        if let Ok(v) = &view {
+            prop_assert!(hint.is_some_and(|h| std::ptr::eq(h, v.labels.wire())));
+        }
         match (owned, view) {
             (Ok(Message::Register(r)), Ok(v)) => prop_assert_eq!(v.to_register().unwrap(), r),
             (Err(a), Err(b)) => prop_assert_eq!(a, b),

@@ -631,6 +631,15 @@ pub(super) fn decode_register_view<'a>(
     cx.register_view(cx.take_register(body)?, known)
 }
 
+/// The label block of a registration body, found as [`decode_register_view`] finds it (the head
+/// parsed, the pairs' lengths walked within `limits`) but with nothing else checked: a hint for a
+/// caller that looks the set up ahead of decoding. The decode that follows makes every check and
+/// reports what is wrong; here anything wrong is `None`.
+pub(super) fn register_label_block<'a>(body: &'a [u8], limits: &DecodeLimits) -> Option<&'a [u8]> {
+    let cx = Check { kind: MessageKind::Register, limits };
+    cx.split_register(body).ok().map(|(_, labels, _)| labels)
+}
+
 /// Limit and rule checks, with the message kind for error context.
 struct Check<'l> {
     kind: MessageKind,
@@ -726,6 +735,13 @@ impl Check<'_> {
     /// fields after it. The block's shape is checked here (every length present, in its shortest
     /// form, within limits); its strings are checked by [`Self::labels`].
     fn take_register<'a>(&self, body: &'a [u8]) -> Result<RegisterIn<'a>, DecodeError> {
+        let (head, labels, rest) = self.split_register(body)?;
+        Ok(RegisterIn { head, labels, tail: self.parse(rest)? })
+    }
+
+    /// A registration body's head, its label block (the count and the pairs, their lengths checked
+    /// against the limits, their bytes not yet), and the bytes after it.
+    fn split_register<'a>(&self, body: &'a [u8]) -> Result<(RegisterHeadIn<'a>, &'a [u8], &'a [u8]), DecodeError> {
         let (head, rest) = postcard::take_from_bytes::<RegisterHeadIn<'a>>(body)
             .map_err(|e| DecodeError::Malformed { kind: self.kind, reason: e.to_string() })?;
         let (count, mut pairs) = self.varint(rest)?;
@@ -737,7 +753,7 @@ impl Check<'_> {
             pairs = after;
         }
         let (labels, rest) = rest.split_at(rest.len() - pairs.len());
-        Ok(RegisterIn { head, labels, tail: self.parse(rest)? })
+        Ok((head, labels, rest))
     }
 
     /// A length as postcard writes it (LEB128), refusing any but its shortest form: a label set
