@@ -71,7 +71,8 @@ pub struct Agent {
     labels: Arc<Labels>,
     info: Arc<NodeInfo>,
     /// Groups of the last accepting ack.
-    groups: Box<[GroupName]>,
+    /// Shared with the other agents of this thread told the same groups (see `set_groups`).
+    groups: Arc<[GroupName]>,
     jitter: SplitMix64,
     /// Id of the last `RestartWorkload` command executed (not idempotent, so de-duplicated).
     last_restart_command: u64,
@@ -110,7 +111,7 @@ impl Agent {
             labels: identity.labels,
             info: identity.info,
             workloads: Vec::new(),
-            groups: Box::default(),
+            groups: GroupName::shared_list(&[]),
             applied: DesiredDigest::EMPTY,
             jitter: SplitMix64::new(seed),
             timer_at: NEVER,
@@ -220,13 +221,11 @@ impl Agent {
         }
     }
 
-    /// Heap bytes this agent owns alone (name, desired list, group names), excluding the shared
-    /// `Arc`s' targets. With `size_of::<Agent>()` this is the agent's memory cost in a simulator.
+    /// Heap bytes this agent owns alone (name, desired list), excluding the shared `Arc`s' targets
+    /// (labels, info, the group list). With `size_of::<Agent>()` this is the agent's memory cost in
+    /// a simulator.
     pub fn heap_bytes(&self) -> usize {
-        self.name.as_str().len()
-            + self.workloads.capacity() * std::mem::size_of::<Slot>()
-            + self.groups.len() * std::mem::size_of::<GroupName>()
-            + self.groups.iter().map(|g| g.as_str().len()).sum::<usize>()
+        self.name.as_str().len() + self.workloads.capacity() * std::mem::size_of::<Slot>()
     }
 
     /// When the agent next needs a [`AgentInput::Tick`]; `None` when nothing is scheduled.
@@ -609,7 +608,8 @@ impl Agent {
         for g in groups.iter().filter(|g| !self.groups.contains(g)) {
             out.groups.push(GroupChange::Subscribe(g.clone()));
         }
-        self.groups = groups.into();
+        // One list per label set, not one per agent, in a process running many agents.
+        self.groups = GroupName::shared_list(groups);
     }
 
     /// Self-selection of a spec. `shared` is the spec's workload as an `Arc` when the caller has

@@ -115,6 +115,29 @@ impl GroupName {
         })
     }
 
+    /// `groups` as a list shared with an equal one this thread handed out lately (at most
+    /// [`RECENT_GROUPS`] lists are kept): every node of a label set is told the same groups, so a
+    /// process running many agents holds one list per label set instead of one per agent.
+    pub(crate) fn shared_list(groups: &[GroupName]) -> std::sync::Arc<[GroupName]> {
+        thread_local! {
+            static LISTS: RefCell<[Option<std::sync::Arc<[GroupName]>>; RECENT_GROUPS]> =
+                const { RefCell::new([const { None }; RECENT_GROUPS]) };
+        }
+        let h = groups.iter().fold(0x006c_6973_7473, |h, g| stable_hash(h, g.0.as_bytes()));
+        let slot = h as usize % RECENT_GROUPS;
+        LISTS.with(|lists| {
+            let mut lists = lists.borrow_mut();
+            if let Some(l) = &lists[slot]
+                && **l == *groups
+            {
+                return l.clone();
+            }
+            let l: std::sync::Arc<[GroupName]> = groups.into();
+            lists[slot] = Some(l.clone());
+            l
+        })
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -181,6 +204,23 @@ mod tests {
         // A bad name is refused every time, and never kept.
         for _ in 0..2 {
             assert!(GroupName::decoded("a/b").is_err());
+        }
+    }
+
+    #[test]
+    fn group_lists_are_shared_and_exact() {
+        let g = |n: &str| GroupName::new(n).unwrap();
+        let a = GroupName::shared_list(&[g("region.eu"), g("site.1")]);
+        let b = GroupName::shared_list(&[g("region.eu"), g("site.1")]);
+        assert!(std::sync::Arc::ptr_eq(&a, &b), "an equal list is shared");
+        assert_eq!(*GroupName::shared_list(&[g("site.1"), g("region.eu")]), [g("site.1"), g("region.eu")]);
+        assert!(GroupName::shared_list(&[]).is_empty());
+        // More lists than the thread keeps: each is still itself.
+        let lists: Vec<Vec<GroupName>> = (0..4 * RECENT_GROUPS).map(|i| vec![g(&format!("site-{i}"))]).collect();
+        for _ in 0..2 {
+            for l in &lists {
+                assert_eq!(*GroupName::shared_list(l), **l);
+            }
         }
     }
 
