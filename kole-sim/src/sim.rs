@@ -27,7 +27,7 @@ use kole_core::cache::NodeCache;
 use kole_core::engine::{Engine, EngineConfig, EngineEvent, Input, Outputs, WorkloadCommand};
 use kole_core::model::{DesiredDigest, Labels, NodeInfo, Timestamp};
 use kole_core::transport::fault::FaultPlan;
-use kole_core::transport::{Destination, Inbound, NodeDelivery};
+use kole_core::transport::{Destination, Inbound, NodeDelivery, Outbound};
 
 use crate::dataset::ReferenceFleet;
 
@@ -103,16 +103,32 @@ pub struct SimStats {
     pub engine_ticks: u64,
     /// Messages the engine asked to send.
     pub engine_messages: u64,
-    /// Wall-clock seconds spent inside the engine.
+    /// Wall-clock nanoseconds spent inside the engine.
     pub engine_wall_ns: u64,
+    /// Steps in which the engine ran on a thread of its own beside the agents (see
+    /// [`Simulation::exchange`]'s rule).
+    pub engine_overlapped_steps: u64,
 }
 
 /// One engine, N agents and the network between them.
+///
+/// The engine and the rest of the world (agents, network, calendar) are kept apart so that, where
+/// a step has enough work on both sides, the engine handles a batch of uplink messages on a thread
+/// of its own while the agents run (see [`Simulation::exchange`]).
 pub struct Simulation {
+    engine: Engine,
+    out: Outputs,
+    events: Vec<EngineEvent>,
+    /// The uplink batch handed to the engine, reused from batch to batch.
+    up_batch: Vec<Inbound>,
+    w: World,
+}
+
+/// Everything of a [`Simulation`] but the engine: what the agents' side of a step touches.
+struct World {
     cfg: SimConfig,
     fleet: ReferenceFleet,
     net: SimNetwork,
-    engine: Engine,
     agents: Vec<Agent>,
     persisted: Vec<Option<PersistedState>>,
     runtime: RecordingRuntime,
@@ -120,15 +136,13 @@ pub struct Simulation {
     wakes: Calendar,
     now_ms: u64,
     next_tick_ms: u64,
-    out: Outputs,
     aout: AgentOutputs,
     specs: SpecCache,
-    events: Vec<EngineEvent>,
     stats: SimStats,
-    /// The uplink batch handed to the engine, reused from batch to batch.
-    up_batch: Vec<Inbound>,
     /// The downlink round handed to the agents, reused from round to round.
     down_batch: Vec<(NodeId, NodeDelivery)>,
+    /// Messages the engine sent and the network has not been handed yet.
+    pending: Vec<Outbound>,
 }
 
 /// Wake-ups warmed together by [`Simulation::warm`]: enough independent misses to keep the
@@ -305,6 +319,12 @@ pub fn reference_agents(fleet: &ReferenceFleet, config: Arc<AgentConfig>) -> Vec
     agents
 }
 
+/// Uplink messages a step must hand the engine before it runs the engine on a thread of its own,
+/// beside the agents' side of the step: below it, starting and joining the thread (tens of
+/// microseconds) would cost more than the overlap gains, so a small step runs on the caller's
+/// thread. Decided by the step's size alone, so a run stays reproducible from its seed.
+const OVERLAP_MIN: usize = 4096;
+
 impl Simulation {
     /// A simulation of `cfg.nodes` reference nodes, all disconnected, and an empty engine.
     pub fn new(cfg: SimConfig) -> Self {
@@ -322,29 +342,32 @@ impl Simulation {
             Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
         let specs = SpecCache::new(cfg.agent.decode_limits.clone());
         Self {
-            persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
-            next_tick_ms: now_ms + cfg.engine_tick_ms,
-            cfg,
-            fleet,
-            net,
             engine,
-            agents,
-            runtime: RecordingRuntime::instant(),
-            wakes: Calendar::new(now_ms),
-            now_ms,
             out: Outputs::default(),
-            aout: AgentOutputs::default(),
-            specs,
             events: Vec::new(),
-            stats: SimStats::default(),
             up_batch: Vec::new(),
-            down_batch: Vec::new(),
+            w: World {
+                persisted: if cfg.keep_agent_state { vec![None; cfg.nodes] } else { Vec::new() },
+                next_tick_ms: now_ms + cfg.engine_tick_ms,
+                cfg,
+                fleet,
+                net,
+                agents,
+                runtime: RecordingRuntime::instant(),
+                wakes: Calendar::new(now_ms),
+                now_ms,
+                aout: AgentOutputs::default(),
+                specs,
+                stats: SimStats::default(),
+                down_batch: Vec::new(),
+                pending: Vec::new(),
+            },
         }
     }
 
     /// The reference fleet the nodes come from.
     pub fn fleet(&self) -> &ReferenceFleet {
-        &self.fleet
+        &self.w.fleet
     }
 
     /// The engine.
@@ -359,22 +382,22 @@ impl Simulation {
 
     /// The network (to inject faults).
     pub fn net(&mut self) -> &mut SimNetwork {
-        &mut self.net
+        &mut self.w.net
     }
 
     /// The shared runtime (to make workloads fail).
     pub fn runtime(&mut self) -> &mut RecordingRuntime {
-        &mut self.runtime
+        &mut self.w.runtime
     }
 
     /// The agents, by node id.
     pub fn agents(&self) -> &[Agent] {
-        &self.agents
+        &self.w.agents
     }
 
     /// Loop counters.
     pub fn stats(&self) -> &SimStats {
-        &self.stats
+        &self.w.stats
     }
 
     /// Engine events so far (drained by the caller).
@@ -384,54 +407,59 @@ impl Simulation {
 
     /// Current virtual time.
     pub fn now(&self) -> Timestamp {
-        Timestamp::from_millis(self.now_ms)
+        self.w.now()
     }
 
     /// Connects every node's transport (each agent then registers), in waves of
-    /// [`SimConfig::uplink_batch`] nodes, processing what is due at the current instant after each
-    /// wave, as a broker hands the controller the first registrations while later nodes are still
-    /// connecting. Virtual time does not move.
+    /// [`SimConfig::uplink_batch`] nodes. Each wave connects while the engine handles the
+    /// registrations of the wave before and the agents of the wave before that take their acks
+    /// (see [`Simulation::exchange`]), as a broker hands the controller the first registrations
+    /// while later nodes are still connecting; then everything due at the current instant is
+    /// processed. Virtual time does not move.
     ///
     /// Waves keep a fleet's registrations and acks from all waiting in the queues at once: a
     /// million of each is a gigabyte of fresh memory, whose page faults were a quarter of a 1M
     /// registration here, and messages read long after they were written miss the cache.
     pub fn connect_all(&mut self) {
-        let wave = self.cfg.uplink_batch.max(1);
-        for start in (0..self.agents.len()).step_by(wave) {
-            for i in start..(start + wave).min(self.agents.len()) {
-                self.connect(NodeId(i as u32));
-            }
-            self.pump();
+        let n = self.w.agents.len();
+        let wave = self.w.cfg.uplink_batch.max(1);
+        for start in (0..n).step_by(wave) {
+            self.exchange(|w| {
+                for i in start..(start + wave).min(n) {
+                    w.connect(NodeId(i as u32));
+                }
+                w.deliver_round();
+                true
+            });
         }
+        self.pump();
     }
 
     /// Connects one node.
     pub fn connect(&mut self, node: NodeId) {
-        let now = self.now();
-        if self.net.connect(node, now).is_ok() {
-            self.agent_input(node, AgentInput::Connected);
-        }
+        self.w.connect(node);
     }
 
     /// Disconnects one node (its agent keeps running its workloads).
     pub fn disconnect(&mut self, node: NodeId) {
-        let _ = self.net.disconnect(node);
-        self.agent_input(node, AgentInput::Disconnected);
+        let _ = self.w.net.disconnect(node);
+        self.w.agent_input(node, AgentInput::Disconnected);
     }
 
     /// Restarts one agent process with a new boot id: from its persisted state when
     /// [`SimConfig::keep_agent_state`] is on (edge autonomy), else from nothing. It comes back
     /// disconnected; call [`Simulation::connect`] to let it reach the cloud.
     pub fn restart_agent(&mut self, node: NodeId, new_boot: u32) {
+        let w = &mut self.w;
         let i = node.index();
-        let _ = self.net.disconnect(node);
-        let old = &self.agents[i];
+        let _ = w.net.disconnect(node);
+        let old = &w.agents[i];
         let identity =
             AgentIdentity { name: old.name().clone(), labels: Arc::clone(old.labels()), info: Arc::clone(old.info()) };
-        let persisted = self.persisted.get(i).cloned().flatten();
-        self.agents[i] = Agent::new(Arc::new(self.cfg.agent.clone()), identity, new_boot, persisted);
+        let persisted = w.persisted.get(i).cloned().flatten();
+        w.agents[i] = Agent::new(Arc::new(w.cfg.agent.clone()), identity, new_boot, persisted);
         // Whatever the calendar holds for the old process is checked against the new one's timers.
-        self.run_agent(node, AgentInput::Tick, None);
+        w.run_agent(node, AgentInput::Tick, None);
     }
 
     /// Hands a workload command to the engine.
@@ -443,25 +471,206 @@ impl Simulation {
     /// Replaces the engine (a controller restart), e.g. with one restored from a snapshot.
     /// Messages in flight to the old engine are lost, as with a real restart.
     pub fn replace_engine(&mut self, engine: Engine) -> Engine {
-        self.net.restart_cloud();
+        self.w.route_pending();
+        self.w.net.restart_cloud();
         std::mem::replace(&mut self.engine, engine)
     }
 
     fn engine_call(&mut self, f: impl FnOnce(&mut Engine, &mut Outputs)) {
+        self.w.route_pending();
         let t = std::time::Instant::now();
         f(&mut self.engine, &mut self.out);
-        self.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
-        self.route_engine_outputs();
+        self.w.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
+        self.take_engine_outputs();
+        self.w.route_pending();
     }
 
-    fn route_engine_outputs(&mut self) {
-        if !self.out.messages.is_empty() {
-            self.stats.engine_messages += self.out.messages.len() as u64;
-            let now = self.now();
-            self.net.cloud_send_drain(&mut self.out.messages, now);
-        }
+    /// Moves what the engine sent into [`World::pending`] (to be routed) and its events into
+    /// [`Simulation::take_events`]'s list.
+    fn take_engine_outputs(&mut self) {
+        debug_assert!(self.w.pending.is_empty(), "the engine's earlier messages are routed first");
+        std::mem::swap(&mut self.out.messages, &mut self.w.pending);
         self.events.append(&mut self.out.events);
         self.out.clear();
+    }
+
+    /// One step of the exchange between the engine and the agents: the engine takes every uplink
+    /// message due now, in batches of [`SimConfig::uplink_batch`], while the world routes what
+    /// the engine sent in the step before and `agents` runs the agents' side of this one (a round
+    /// of deliveries, a wave of connects). Returns whether there was anything to do.
+    ///
+    /// The two sides share nothing during the step: the engine reads only its batch and writes
+    /// only its outputs, which are routed in the next step (or before the engine's next call of
+    /// any kind). So where the engine has [`OVERLAP_MIN`] messages or more, it runs on a thread of
+    /// its own and the step takes as long as its longer side: the machine's second core runs what
+    /// in a real fleet runs on the nodes and the broker, and the engine keeps one thread, as a
+    /// controller does. A smaller step runs both sides here, the engine first and its replies
+    /// routed before the agents run.
+    fn exchange(&mut self, agents: impl FnOnce(&mut World) -> bool) -> bool {
+        let now = self.now();
+        let routed = !self.w.pending.is_empty();
+        let mut batch = std::mem::take(&mut self.up_batch);
+        self.w.net.take_uplink_into(now, usize::MAX, &mut batch);
+        self.w.stats.uplink += batch.len() as u64;
+        let took = !batch.is_empty();
+        let overlap = batch.len() >= OVERLAP_MIN;
+        let chunk = self.w.cfg.uplink_batch.max(1);
+        let (engine, out) = (&mut self.engine, &mut self.out);
+        let run_engine = move || {
+            let t = std::time::Instant::now();
+            for part in batch.chunks(chunk) {
+                engine.handle(Input::Uplink(part), now, out);
+            }
+            (t.elapsed().as_nanos() as u64, batch)
+        };
+        let (ns, batch, worked) = if overlap {
+            let w = &mut self.w;
+            std::thread::scope(|s| {
+                let engine = std::thread::Builder::new()
+                    .name("kole-sim-engine".into())
+                    .spawn_scoped(s, run_engine)
+                    .expect("spawning the simulation's engine thread");
+                w.route_pending();
+                let worked = agents(w);
+                let (ns, batch) = engine.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (ns, batch, worked)
+            })
+        } else {
+            self.w.route_pending();
+            let (ns, batch) = run_engine();
+            self.w.stats.engine_wall_ns += ns;
+            self.take_engine_outputs();
+            self.w.route_pending();
+            (0, batch, agents(&mut self.w))
+        };
+        self.up_batch = batch;
+        if overlap {
+            self.w.stats.engine_overlapped_steps += 1;
+            self.w.stats.engine_wall_ns += ns;
+            self.take_engine_outputs();
+        }
+        routed || took || worked
+    }
+
+    /// Processes everything due at the current instant, until nothing is.
+    fn pump(&mut self) {
+        loop {
+            let mut progress = self.w.run_wakeups();
+            // The engine takes every uplink message due, then the agents one round of deliveries,
+            // and again: what one side sends is handled before the next round adds more, so a
+            // fleet's acks or status reports do not pile up in the queues by the million (fresh
+            // memory, and messages read long after they were written, out of the cache).
+            while self.exchange(World::deliver_round) {
+                progress = true;
+            }
+            if self.w.now_ms >= self.w.next_tick_ms {
+                self.w.next_tick_ms = self.w.now_ms + self.w.cfg.engine_tick_ms;
+                self.w.stats.engine_ticks += 1;
+                let now = self.now();
+                self.engine_call(|e, out| e.handle(Input::Tick, now, out));
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+    }
+
+    /// Runs until `done` holds (checked whenever the current instant is fully processed) or
+    /// virtual time passes `now + max_ms`; returns whether `done` held.
+    pub fn run_until(&mut self, max_ms: u64, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        let deadline = self.w.now_ms.saturating_add(max_ms);
+        loop {
+            self.pump();
+            if done(self) {
+                return true;
+            }
+            let mut next = self.w.next_tick_ms;
+            if let Some(t) = self.w.net.next_due() {
+                next = next.min(t.as_millis());
+            }
+            if let Some(t) = self.w.wakes.first() {
+                next = next.min(t);
+            }
+            if next > deadline {
+                self.w.now_ms = deadline;
+                self.pump();
+                return done(self);
+            }
+            self.w.now_ms = next.max(self.w.now_ms);
+        }
+    }
+
+    /// Advances virtual time by `ms`, processing everything on the way.
+    pub fn run_for(&mut self, ms: u64) {
+        self.run_until(ms, |_| false);
+    }
+
+    /// Runs until every agent is registered (or `max_ms` of virtual time passes).
+    pub fn run_until_registered(&mut self, max_ms: u64) -> bool {
+        self.run_until(max_ms, |s| s.w.agents.iter().all(|a| a.link() == LinkState::Registered))
+    }
+
+    /// Nodes whose agent's applied digest differs from the engine's desired digest.
+    pub fn unconverged(&mut self) -> Vec<NodeId> {
+        let mut bad = Vec::new();
+        for (i, a) in self.w.agents.iter().enumerate() {
+            let want = self.engine.desired_digest(a.name().as_str()).unwrap_or(DesiredDigest::EMPTY);
+            if a.applied() != want {
+                bad.push(NodeId(i as u32));
+            }
+        }
+        bad
+    }
+
+    /// Runs until the workload's rollout is complete and every targeted node reports its current
+    /// version running (checked at most once per virtual second).
+    pub fn run_until_rolled_out(&mut self, id: &kole_core::model::WorkloadId, max_ms: u64) -> bool {
+        let mut last_check = None;
+        self.run_until(max_ms, |s| {
+            if last_check.is_some_and(|t| s.w.now_ms < t + 1_000) {
+                return false;
+            }
+            last_check = Some(s.w.now_ms);
+            s.engine
+                .workload_status(id)
+                .is_some_and(|st| st.phase == kole_core::engine::RolloutPhase::Complete && st.ready == st.targeted)
+        })
+    }
+
+    /// Runs until every node's applied digest equals its desired digest.
+    pub fn run_until_converged(&mut self, max_ms: u64) -> bool {
+        // Checking a million digests is not free: check at most once per virtual second.
+        let mut last_check = 0u64;
+        self.run_until(max_ms, |s| {
+            if s.w.now_ms < last_check + 1_000 && last_check != 0 {
+                return false;
+            }
+            last_check = s.w.now_ms;
+            s.unconverged().is_empty()
+        })
+    }
+}
+
+impl World {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.now_ms)
+    }
+
+    /// Hands the network what the engine sent.
+    fn route_pending(&mut self) {
+        if !self.pending.is_empty() {
+            self.stats.engine_messages += self.pending.len() as u64;
+            let now = self.now();
+            self.net.cloud_send_drain(&mut self.pending, now);
+        }
+    }
+
+    fn connect(&mut self, node: NodeId) {
+        let now = self.now();
+        if self.net.connect(node, now).is_ok() {
+            self.agent_input(node, AgentInput::Connected);
+        }
     }
 
     fn agent_input(&mut self, node: NodeId, input: AgentInput<'_>) {
@@ -550,13 +759,12 @@ impl Simulation {
     }
 
     /// Hands the agents up to [`SimConfig::downlink_batch`] downlink deliveries due now; returns
-    /// whether there was any. `deliveries` is a reused buffer, left empty.
-    fn deliver_round(&mut self, deliveries: &mut Vec<(NodeId, NodeDelivery)>) -> bool {
+    /// whether there was any.
+    fn deliver_round(&mut self) -> bool {
+        let mut deliveries = std::mem::take(&mut self.down_batch);
         deliveries.clear();
         self.net.take_downlink(self.now(), self.cfg.downlink_batch, |n, d| deliveries.push((n, d)));
-        if deliveries.is_empty() {
-            return false;
-        }
+        let any = !deliveries.is_empty();
         self.stats.downlink += deliveries.len() as u64;
         for group in deliveries.chunks(WARM_GROUP) {
             self.warm(group.iter().map(|(n, d)| (n.0, is_spec(&d.from))));
@@ -565,141 +773,29 @@ impl Simulation {
             }
         }
         deliveries.clear();
-        true
+        self.down_batch = deliveries;
+        any
     }
 
-    /// Processes everything due at the current instant, until nothing is.
-    fn pump(&mut self) {
-        loop {
-            let mut progress = false;
-            while let Some((at, due)) = self.wakes.pop_due(self.now_ms) {
-                for group in due.chunks(WARM_GROUP) {
-                    self.warm(group.iter().map(|&id| (id, false)));
-                    for &id in group {
-                        // A stale entry (the agent's wake-up moved since) finds it not due. One
-                        // that is due runs, and its next wake-up is filed afresh.
-                        if self.agents.get(id as usize).and_then(Agent::next_wake).is_some_and(|t| t.as_millis() <= at)
-                        {
-                            self.stats.wakeups += 1;
-                            self.run_agent(NodeId(id), AgentInput::Tick, None);
-                            progress = true;
-                        }
+    /// Runs every agent wake-up due at the current instant; returns whether any ran.
+    fn run_wakeups(&mut self) -> bool {
+        let mut ran = false;
+        while let Some((at, due)) = self.wakes.pop_due(self.now_ms) {
+            for group in due.chunks(WARM_GROUP) {
+                self.warm(group.iter().map(|&id| (id, false)));
+                for &id in group {
+                    // A stale entry (the agent's wake-up moved since) finds it not due. One that
+                    // is due runs, and its next wake-up is filed afresh.
+                    if self.agents.get(id as usize).and_then(Agent::next_wake).is_some_and(|t| t.as_millis() <= at) {
+                        self.stats.wakeups += 1;
+                        self.run_agent(NodeId(id), AgentInput::Tick, None);
+                        ran = true;
                     }
                 }
-                self.wakes.recycle(due);
             }
-            // The engine takes every uplink message due, then the agents one round of deliveries,
-            // and again: what one side sends is handled before the next round adds more, so a
-            // fleet's acks or status reports do not pile up in the queues by the million (fresh
-            // memory, and messages read long after they were written, out of the cache).
-            let mut batch = std::mem::take(&mut self.up_batch);
-            let mut deliveries = std::mem::take(&mut self.down_batch);
-            loop {
-                let mut any = false;
-                loop {
-                    self.net.take_uplink_into(self.now(), self.cfg.uplink_batch, &mut batch);
-                    if batch.is_empty() {
-                        break;
-                    }
-                    any = true;
-                    self.stats.uplink += batch.len() as u64;
-                    let now = self.now();
-                    self.engine_call(|e, out| e.handle(Input::Uplink(&batch), now, out));
-                }
-                any |= self.deliver_round(&mut deliveries);
-                if !any {
-                    break;
-                }
-                progress = true;
-            }
-            self.up_batch = batch;
-            self.down_batch = deliveries;
-            if self.now_ms >= self.next_tick_ms {
-                self.next_tick_ms = self.now_ms + self.cfg.engine_tick_ms;
-                self.stats.engine_ticks += 1;
-                let now = self.now();
-                self.engine_call(|e, out| e.handle(Input::Tick, now, out));
-                progress = true;
-            }
-            if !progress {
-                break;
-            }
+            self.wakes.recycle(due);
         }
-    }
-
-    /// Runs until `done` holds (checked whenever the current instant is fully processed) or
-    /// virtual time passes `now + max_ms`; returns whether `done` held.
-    pub fn run_until(&mut self, max_ms: u64, mut done: impl FnMut(&mut Self) -> bool) -> bool {
-        let deadline = self.now_ms.saturating_add(max_ms);
-        loop {
-            self.pump();
-            if done(self) {
-                return true;
-            }
-            let mut next = self.next_tick_ms;
-            if let Some(t) = self.net.next_due() {
-                next = next.min(t.as_millis());
-            }
-            if let Some(t) = self.wakes.first() {
-                next = next.min(t);
-            }
-            if next > deadline {
-                self.now_ms = deadline;
-                self.pump();
-                return done(self);
-            }
-            self.now_ms = next.max(self.now_ms);
-        }
-    }
-
-    /// Advances virtual time by `ms`, processing everything on the way.
-    pub fn run_for(&mut self, ms: u64) {
-        self.run_until(ms, |_| false);
-    }
-
-    /// Runs until every agent is registered (or `max_ms` of virtual time passes).
-    pub fn run_until_registered(&mut self, max_ms: u64) -> bool {
-        self.run_until(max_ms, |s| s.agents.iter().all(|a| a.link() == LinkState::Registered))
-    }
-
-    /// Nodes whose agent's applied digest differs from the engine's desired digest.
-    pub fn unconverged(&mut self) -> Vec<NodeId> {
-        let mut bad = Vec::new();
-        for (i, a) in self.agents.iter().enumerate() {
-            let want = self.engine.desired_digest(a.name().as_str()).unwrap_or(DesiredDigest::EMPTY);
-            if a.applied() != want {
-                bad.push(NodeId(i as u32));
-            }
-        }
-        bad
-    }
-
-    /// Runs until the workload's rollout is complete and every targeted node reports its current
-    /// version running (checked at most once per virtual second).
-    pub fn run_until_rolled_out(&mut self, id: &kole_core::model::WorkloadId, max_ms: u64) -> bool {
-        let mut last_check = None;
-        self.run_until(max_ms, |s| {
-            if last_check.is_some_and(|t| s.now_ms < t + 1_000) {
-                return false;
-            }
-            last_check = Some(s.now_ms);
-            s.engine
-                .workload_status(id)
-                .is_some_and(|st| st.phase == kole_core::engine::RolloutPhase::Complete && st.ready == st.targeted)
-        })
-    }
-
-    /// Runs until every node's applied digest equals its desired digest.
-    pub fn run_until_converged(&mut self, max_ms: u64) -> bool {
-        // Checking a million digests is not free: check at most once per virtual second.
-        let mut last_check = 0u64;
-        self.run_until(max_ms, |s| {
-            if s.now_ms < last_check + 1_000 && last_check != 0 {
-                return false;
-            }
-            last_check = s.now_ms;
-            s.unconverged().is_empty()
-        })
+        ran
     }
 }
 
@@ -710,10 +806,10 @@ impl Simulation {
     /// returned, in id order, for [`Simulation::reconnect_spread`]. Retained specs survive.
     pub fn restart_broker(&mut self) -> Vec<NodeId> {
         let had_session: Vec<NodeId> =
-            (0..self.agents.len() as u32).map(NodeId).filter(|&n| self.net.is_connected(n)).collect();
-        self.net.restart_broker();
+            (0..self.w.agents.len() as u32).map(NodeId).filter(|&n| self.w.net.is_connected(n)).collect();
+        self.w.net.restart_broker();
         for &n in &had_session {
-            self.agent_input(n, AgentInput::Disconnected);
+            self.w.agent_input(n, AgentInput::Disconnected);
         }
         had_session
     }
@@ -723,19 +819,19 @@ impl Simulation {
     /// reconnect backoff spreads a real reconnect storm), running the simulation in between. Returns
     /// with virtual time advanced by `spread_ms`.
     pub fn reconnect_spread(&mut self, nodes: &[NodeId], spread_ms: u64, seed: u64) {
-        let start = self.now_ms;
+        let start = self.w.now_ms;
         let mut jitter = kole_core::rng::SplitMix64::new(seed);
         let mut at: Vec<(u64, NodeId)> = nodes.iter().map(|&n| (start + jitter.below(spread_ms.max(1)), n)).collect();
         at.sort_unstable();
         for (t, n) in at {
-            if t > self.now_ms {
-                self.run_for(t - self.now_ms);
+            if t > self.w.now_ms {
+                self.run_for(t - self.w.now_ms);
             }
             self.connect(n);
         }
         let end = start + spread_ms;
-        if end > self.now_ms {
-            self.run_for(end - self.now_ms);
+        if end > self.w.now_ms {
+            self.run_for(end - self.w.now_ms);
         }
     }
 }
@@ -769,5 +865,32 @@ mod tests {
         let st = sim.engine_mut().workload_status(&w.id).unwrap();
         assert_eq!(st.ready, st.targeted);
         assert!(st.targeted > 500);
+    }
+
+    /// A fleet whose steps are big enough for the engine to run beside the agents registers and
+    /// converges, and two runs from one seed send the same messages and raise the same events:
+    /// which steps overlap is decided by their size, never by the threads' timing.
+    #[test]
+    fn overlapped_steps_are_reproducible() {
+        let run = || {
+            let mut sim = Simulation::new(SimConfig { nodes: 12_000, uplink_batch: 4_096, ..SimConfig::default() });
+            sim.connect_all();
+            assert!(sim.run_until_registered(120_000));
+            let w = workload(1, &[50, 100]);
+            sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
+            assert!(sim.run_until_rolled_out(&w.id, 600_000));
+            assert!(sim.unconverged().is_empty());
+            assert_eq!(sim.engine().stats().registered_new, 12_000);
+            let mut stats = sim.stats().clone();
+            assert!(stats.engine_overlapped_steps >= 2, "{stats:?}");
+            stats.engine_wall_ns = 0;
+            let events: Vec<String> = sim.take_events().iter().map(|e| format!("{e:?}")).collect();
+            (stats, events, sim.net().stats(), sim.engine_mut().workload_status(&w.id))
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.1, b.1);
+        assert_eq!(a.2, b.2);
+        assert_eq!(a.3, b.3);
     }
 }
