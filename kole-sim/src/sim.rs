@@ -116,7 +116,10 @@ pub struct SimStats {
 /// a step has enough work on both sides, the engine handles a batch of uplink messages on a thread
 /// of its own while the agents run (see [`Simulation::exchange`]).
 pub struct Simulation {
-    engine: Engine,
+    /// The engine; `None` only inside a step, while [`EngineThread`] has it.
+    engine: Option<Box<Engine>>,
+    /// The thread that runs the engine beside the agents, started by the first step that needs it.
+    thread: Option<EngineThread>,
     out: Outputs,
     events: Vec<EngineEvent>,
     /// The uplink batch handed to the engine, reused from batch to batch.
@@ -325,6 +328,106 @@ pub fn reference_agents(fleet: &ReferenceFleet, config: Arc<AgentConfig>) -> Vec
 /// thread. Decided by the step's size alone, so a run stays reproducible from its seed.
 const OVERLAP_MIN: usize = 4096;
 
+/// Why the engine is always there outside a step: a step that hands it to its thread waits for it.
+const HOME: &str = "the engine is back from its thread at the end of every step";
+
+/// Hands `batch` to the engine in parts of `chunk` messages; returns the wall-clock nanoseconds.
+fn handle_uplink(engine: &mut Engine, batch: &[Inbound], chunk: usize, now: Timestamp, out: &mut Outputs) -> u64 {
+    let t = std::time::Instant::now();
+    for part in batch.chunks(chunk.max(1)) {
+        engine.handle(Input::Uplink(part), now, out);
+    }
+    t.elapsed().as_nanos() as u64
+}
+
+/// One step for the engine's thread: the engine itself travels with it, so the simulation's
+/// side cannot touch it until it is back.
+struct EngineJob {
+    engine: Box<Engine>,
+    batch: Vec<Inbound>,
+    out: Outputs,
+    now: Timestamp,
+    chunk: usize,
+}
+
+/// A step done: the job back with the engine's wall-clock nanoseconds, or the engine's panic.
+type EngineDone = std::thread::Result<(Box<EngineJob>, u64)>;
+
+/// The thread that runs the engine's big steps beside the agents, for the simulation's life (one
+/// thread rather than one per step: a registration of ten million nodes takes 600 steps).
+///
+/// A step's two sides end within a few microseconds of each other when they are balanced, and a
+/// wave of connects follows the last at once; so each side spins a short while ([`SPIN`]) for the
+/// other's message before it sleeps, instead of paying a sleeping thread's wake-up every step.
+struct EngineThread {
+    jobs: Option<std::sync::mpsc::Sender<Box<EngineJob>>>,
+    done: std::sync::mpsc::Receiver<EngineDone>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a side of the engine's thread spins for a message before it blocks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// `rx.recv()`, spinning for up to [`SPIN`] first.
+fn recv_spinning<T>(rx: &std::sync::mpsc::Receiver<T>) -> Option<T> {
+    use std::sync::mpsc::TryRecvError;
+    let start = std::time::Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Some(v),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) if start.elapsed() < SPIN => std::hint::spin_loop(),
+            Err(TryRecvError::Empty) => return rx.recv().ok(),
+        }
+    }
+}
+
+impl EngineThread {
+    fn start() -> Self {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<Box<EngineJob>>();
+        let (done_tx, done) = std::sync::mpsc::channel::<EngineDone>();
+        let thread = std::thread::Builder::new()
+            .name("kole-sim-engine".into())
+            .spawn(move || {
+                while let Some(mut job) = recv_spinning(&job_rx) {
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let EngineJob { engine, batch, out, now, chunk } = &mut *job;
+                        handle_uplink(engine, batch, *chunk, *now, out)
+                    }));
+                    if done_tx.send(run.map(|ns| (job, ns))).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("starting the simulation's engine thread");
+        Self { jobs: Some(jobs), done, thread: Some(thread) }
+    }
+
+    fn send(&self, job: Box<EngineJob>) {
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        assert!(matches!(sent, Some(Ok(()))), "the simulation's engine thread has stopped");
+    }
+
+    /// The step sent last, done; the engine's panic, if it panicked, goes on here.
+    fn wait(&mut self) -> (Box<EngineJob>, u64) {
+        match recv_spinning(&self.done) {
+            Some(Ok(done)) => done,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => panic!("the simulation's engine thread has stopped"),
+        }
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        // Closing the job channel ends the thread's loop.
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Simulation {
     /// A simulation of `cfg.nodes` reference nodes, all disconnected, and an empty engine.
     pub fn new(cfg: SimConfig) -> Self {
@@ -342,7 +445,8 @@ impl Simulation {
             Engine::new(cfg.engine.clone(), NodeCache::with_capacity(cfg.nodes, 28), Timestamp::from_millis(now_ms));
         let specs = SpecCache::new(cfg.agent.decode_limits.clone());
         Self {
-            engine,
+            engine: Some(Box::new(engine)),
+            thread: None,
             out: Outputs::default(),
             events: Vec::new(),
             up_batch: Vec::new(),
@@ -372,12 +476,12 @@ impl Simulation {
 
     /// The engine.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        self.engine.as_deref().expect(HOME)
     }
 
     /// The engine, mutably (for queries that compute).
     pub fn engine_mut(&mut self) -> &mut Engine {
-        &mut self.engine
+        self.engine.as_deref_mut().expect(HOME)
     }
 
     /// The network (to inject faults).
@@ -473,13 +577,14 @@ impl Simulation {
     pub fn replace_engine(&mut self, engine: Engine) -> Engine {
         self.w.route_pending();
         self.w.net.restart_cloud();
-        std::mem::replace(&mut self.engine, engine)
+        std::mem::replace(self.engine_mut(), engine)
     }
 
     fn engine_call(&mut self, f: impl FnOnce(&mut Engine, &mut Outputs)) {
         self.w.route_pending();
         let t = std::time::Instant::now();
-        f(&mut self.engine, &mut self.out);
+        let engine = self.engine.as_deref_mut().expect(HOME);
+        f(engine, &mut self.out);
         self.w.stats.engine_wall_ns += t.elapsed().as_nanos() as u64;
         self.take_engine_outputs();
         self.w.route_pending();
@@ -513,43 +618,52 @@ impl Simulation {
         self.w.net.take_uplink_into(now, usize::MAX, &mut batch);
         self.w.stats.uplink += batch.len() as u64;
         let took = !batch.is_empty();
-        let overlap = batch.len() >= OVERLAP_MIN;
-        let chunk = self.w.cfg.uplink_batch.max(1);
-        let (engine, out) = (&mut self.engine, &mut self.out);
-        let run_engine = move || {
-            let t = std::time::Instant::now();
-            for part in batch.chunks(chunk) {
-                engine.handle(Input::Uplink(part), now, out);
-            }
-            (t.elapsed().as_nanos() as u64, batch)
-        };
-        let (ns, batch, worked) = if overlap {
-            let w = &mut self.w;
-            std::thread::scope(|s| {
-                let engine = std::thread::Builder::new()
-                    .name("kole-sim-engine".into())
-                    .spawn_scoped(s, run_engine)
-                    .expect("spawning the simulation's engine thread");
-                w.route_pending();
-                let worked = agents(w);
-                let (ns, batch) = engine.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                (ns, batch, worked)
-            })
-        } else {
-            self.w.route_pending();
-            let (ns, batch) = run_engine();
-            self.w.stats.engine_wall_ns += ns;
-            self.take_engine_outputs();
-            self.w.route_pending();
-            (0, batch, agents(&mut self.w))
-        };
-        self.up_batch = batch;
-        if overlap {
+        if batch.len() >= OVERLAP_MIN {
             self.w.stats.engine_overlapped_steps += 1;
-            self.w.stats.engine_wall_ns += ns;
-            self.take_engine_outputs();
+            self.send_engine(batch, now);
+            self.w.route_pending();
+            agents(&mut self.w);
+            self.engine_back();
+            return true;
         }
+        self.w.route_pending();
+        if took {
+            let engine = self.engine.as_deref_mut().expect(HOME);
+            self.w.stats.engine_wall_ns += handle_uplink(engine, &batch, self.w.cfg.uplink_batch, now, &mut self.out);
+            self.take_engine_outputs();
+            self.w.route_pending();
+        }
+        self.up_batch = batch;
+        let worked = agents(&mut self.w);
         routed || took || worked
+    }
+
+    /// Hands the engine and `batch` to the engine's thread (started on first use).
+    fn send_engine(&mut self, batch: Vec<Inbound>, now: Timestamp) {
+        let engine = self.engine.take().expect("one step at a time on the engine's thread");
+        let job = Box::new(EngineJob {
+            engine,
+            batch,
+            out: std::mem::take(&mut self.out),
+            now,
+            chunk: self.w.cfg.uplink_batch,
+        });
+        self.thread.get_or_insert_with(EngineThread::start).send(job);
+    }
+
+    /// Waits for the engine's thread to finish the step [`Simulation::send_engine`] gave it, and
+    /// takes the engine, its outputs (to be routed) and the batch's buffer back.
+    fn engine_back(&mut self) {
+        let thread = self.thread.as_mut().expect("a step was sent to the engine's thread");
+        let (job, ns) = thread.wait();
+        let job = *job;
+        self.engine = Some(job.engine);
+        self.out = job.out;
+        let mut batch = job.batch;
+        batch.clear();
+        self.up_batch = batch;
+        self.w.stats.engine_wall_ns += ns;
+        self.take_engine_outputs();
     }
 
     /// Processes everything due at the current instant, until nothing is.
@@ -585,13 +699,7 @@ impl Simulation {
             if done(self) {
                 return true;
             }
-            let mut next = self.w.next_tick_ms;
-            if let Some(t) = self.w.net.next_due() {
-                next = next.min(t.as_millis());
-            }
-            if let Some(t) = self.w.wakes.first() {
-                next = next.min(t);
-            }
+            let next = self.next_instant();
             if next > deadline {
                 self.w.now_ms = deadline;
                 self.pump();
@@ -599,6 +707,18 @@ impl Simulation {
             }
             self.w.now_ms = next.max(self.w.now_ms);
         }
+    }
+
+    /// The next instant anything is due: a message, an agent's wake-up or the engine's tick.
+    fn next_instant(&mut self) -> u64 {
+        let mut next = self.w.next_tick_ms;
+        if let Some(t) = self.w.net.next_due() {
+            next = next.min(t.as_millis());
+        }
+        if let Some(t) = self.w.wakes.first() {
+            next = next.min(t);
+        }
+        next
     }
 
     /// Advances virtual time by `ms`, processing everything on the way.
@@ -614,8 +734,9 @@ impl Simulation {
     /// Nodes whose agent's applied digest differs from the engine's desired digest.
     pub fn unconverged(&mut self) -> Vec<NodeId> {
         let mut bad = Vec::new();
+        let engine = self.engine.as_deref_mut().expect(HOME);
         for (i, a) in self.w.agents.iter().enumerate() {
-            let want = self.engine.desired_digest(a.name().as_str()).unwrap_or(DesiredDigest::EMPTY);
+            let want = engine.desired_digest(a.name().as_str()).unwrap_or(DesiredDigest::EMPTY);
             if a.applied() != want {
                 bad.push(NodeId(i as u32));
             }
@@ -632,7 +753,7 @@ impl Simulation {
                 return false;
             }
             last_check = Some(s.w.now_ms);
-            s.engine
+            s.engine_mut()
                 .workload_status(id)
                 .is_some_and(|st| st.phase == kole_core::engine::RolloutPhase::Complete && st.ready == st.targeted)
         })
@@ -867,22 +988,28 @@ mod tests {
         assert!(st.targeted > 500);
     }
 
-    /// A fleet whose steps are big enough for the engine to run beside the agents registers and
-    /// converges, and two runs from one seed send the same messages and raise the same events:
-    /// which steps overlap is decided by their size, never by the threads' timing.
+    /// A fleet whose steps are big enough for the engine to run beside the agents registers,
+    /// heartbeats and converges, and two runs from one seed send the same messages and raise the
+    /// same events: which steps go to the engine's thread is decided by their size, never by the
+    /// threads' timing.
     #[test]
     fn overlapped_steps_are_reproducible() {
         let run = || {
-            let mut sim = Simulation::new(SimConfig { nodes: 12_000, uplink_batch: 4_096, ..SimConfig::default() });
+            let engine = EngineConfig { heartbeat_interval_ms: 1_000, ..EngineConfig::default() };
+            let mut sim =
+                Simulation::new(SimConfig { nodes: 12_000, uplink_batch: 4_096, engine, ..SimConfig::default() });
             sim.connect_all();
             assert!(sim.run_until_registered(120_000));
+            assert!(sim.stats().engine_overlapped_steps >= 2, "{:?}", sim.stats());
+            let beats = sim.engine().stats().heartbeats;
+            sim.run_for(1_000);
+            assert!(sim.engine().stats().heartbeats - beats >= 12_000, "{:?}", sim.engine().stats());
             let w = workload(1, &[50, 100]);
             sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
             assert!(sim.run_until_rolled_out(&w.id, 600_000));
             assert!(sim.unconverged().is_empty());
             assert_eq!(sim.engine().stats().registered_new, 12_000);
             let mut stats = sim.stats().clone();
-            assert!(stats.engine_overlapped_steps >= 2, "{stats:?}");
             stats.engine_wall_ns = 0;
             let events: Vec<String> = sim.take_events().iter().map(|e| format!("{e:?}")).collect();
             (stats, events, sim.net().stats(), sim.engine_mut().workload_status(&w.id))
