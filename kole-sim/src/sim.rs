@@ -105,8 +105,8 @@ pub struct SimStats {
     pub engine_messages: u64,
     /// Wall-clock nanoseconds spent inside the engine.
     pub engine_wall_ns: u64,
-    /// Steps in which the engine ran on a thread of its own beside the agents (see
-    /// [`Simulation::exchange`]'s rule).
+    /// Steps in which the engine ran on a thread of its own beside the agents: those that handed
+    /// it 4,096 uplink messages or more.
     pub engine_overlapped_steps: u64,
 }
 
@@ -114,7 +114,7 @@ pub struct SimStats {
 ///
 /// The engine and the rest of the world (agents, network, calendar) are kept apart so that, where
 /// a step has enough work on both sides, the engine handles a batch of uplink messages on a thread
-/// of its own while the agents run (see [`Simulation::exchange`]).
+/// of its own while the agents run.
 pub struct Simulation {
     /// The engine; `None` only inside a step, while [`EngineThread`] has it.
     engine: Option<Box<Engine>>,
@@ -323,9 +323,9 @@ pub fn reference_agents(fleet: &ReferenceFleet, config: Arc<AgentConfig>) -> Vec
 }
 
 /// Uplink messages a step must hand the engine before it runs the engine on a thread of its own,
-/// beside the agents' side of the step: below it, starting and joining the thread (tens of
-/// microseconds) would cost more than the overlap gains, so a small step runs on the caller's
-/// thread. Decided by the step's size alone, so a run stays reproducible from its seed.
+/// beside the agents' side of the step: below it, handing the engine to its thread and back would
+/// cost more than the overlap gains, so a small step runs on the caller's thread. Decided by the
+/// step's size alone, so a run stays reproducible from its seed.
 const OVERLAP_MIN: usize = 4096;
 
 /// Why the engine is always there outside a step: a step that hands it to its thread waits for it.
@@ -516,8 +516,8 @@ impl Simulation {
 
     /// Connects every node's transport (each agent then registers), in waves of
     /// [`SimConfig::uplink_batch`] nodes. Each wave connects while the engine handles the
-    /// registrations of the wave before and the agents of the wave before that take their acks
-    /// (see [`Simulation::exchange`]), as a broker hands the controller the first registrations
+    /// registrations of the wave before and the agents of the wave before that take their acks,
+    /// as a broker hands the controller the first registrations
     /// while later nodes are still connecting; then everything due at the current instant is
     /// processed. Virtual time does not move.
     ///
@@ -626,11 +626,12 @@ impl Simulation {
             self.engine_back();
             return true;
         }
-        self.w.route_pending();
         if took {
-            let engine = self.engine.as_deref_mut().expect(HOME);
-            self.w.stats.engine_wall_ns += handle_uplink(engine, &batch, self.w.cfg.uplink_batch, now, &mut self.out);
-            self.take_engine_outputs();
+            let chunk = self.w.cfg.uplink_batch;
+            self.engine_call(|e, out| {
+                handle_uplink(e, &batch, chunk, now, out);
+            });
+        } else {
             self.w.route_pending();
         }
         self.up_batch = batch;
