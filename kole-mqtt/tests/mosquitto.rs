@@ -789,10 +789,20 @@ async fn mosquitto_payloads_at_the_exact_size_limits_keep_the_controller_connect
         let at_limit = max_packet - (1 + 3 + 2 + topic.len() + 2);
         let to = Destination::Node(name.clone());
         let msg = |len: usize, fill: u8| Outbound { to: to.clone(), payload: vec![fill; len], retain: false };
-        // Only what comes on the node's own topic (retained specs of other tests arrive too).
+        // Only what comes on the node's own topic (retained specs of other tests arrive too). A
+        // message that does not come names the counters that tell where it went: dropped by the
+        // node's full inbox, or lost to a reconnect or an error of the controller's connections.
         let own = || async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
             loop {
-                let got = bounded(10, node.recv(1)).await.unwrap();
+                let got = match tokio::time::timeout_at(deadline, node.recv(1)).await {
+                    Ok(got) => got.unwrap(),
+                    Err(_) => panic!(
+                        "no message on node-b's own topic within 20 s: node {:?}, controller {:?}",
+                        node.stats(),
+                        ctl.cloud.stats()
+                    ),
+                };
                 if let Some(d) = got.into_iter().find(|d| d.from == to) {
                     return d;
                 }
