@@ -179,6 +179,7 @@ fn run_engine_phases(cfg: &BenchConfig, fig: &mut Figures, progress: &mut dyn Fn
     progress("one heartbeat interval: every node heartbeats once");
     let before = sim.engine().stats().heartbeats;
     let engine_ns = sim.stats().engine_wall_ns;
+    let streamed = sim.stats().engine_streamed_rounds;
     let t = Instant::now();
     let cpu0 = cpu();
     sim.run_for(interval);
@@ -191,6 +192,7 @@ fn run_engine_phases(cfg: &BenchConfig, fig: &mut Figures, progress: &mut dyn Fn
     fig.float("heartbeat_s", hb_s);
     fig.float("heartbeat_engine_s", (sim.stats().engine_wall_ns - engine_ns) as f64 / 1e9);
     fig.int("heartbeats_in_interval", beats);
+    fig.int("heartbeat_streamed_rounds", sim.stats().engine_streamed_rounds - streamed);
 
     progress("one workload to every node, until every node reports it running");
     let workload = Workload {

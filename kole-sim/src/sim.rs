@@ -52,6 +52,12 @@ pub struct SimConfig {
     pub downlink_batch: usize,
     /// Keep each agent's last persisted state, so agents can be restarted with it (costs memory).
     pub keep_agent_state: bool,
+    /// Wake-ups due in one virtual millisecond from which the engine takes their uplink on a
+    /// thread of its own while the agents are still making it (see [`SimStats::engine_streamed_rounds`]).
+    /// The engine then handles the same messages in the same order and its replies are routed at
+    /// the same point, after every wake-up of that millisecond, as without it: only the size of
+    /// the engine's calls differs. Default 256; `usize::MAX` never.
+    pub stream_min: usize,
     /// Virtual start time, in milliseconds since the epoch.
     pub start_ms: u64,
 }
@@ -68,6 +74,7 @@ impl Default for SimConfig {
             uplink_batch: 16_384,
             downlink_batch: 65_536,
             keep_agent_state: false,
+            stream_min: 256,
             start_ms: crate::dataset::REFERENCE_NOW_SECS * 1000,
         }
     }
@@ -108,6 +115,10 @@ pub struct SimStats {
     /// Steps in which the engine ran on a thread of its own beside the agents: those that handed
     /// it 4,096 uplink messages or more.
     pub engine_overlapped_steps: u64,
+    /// Rounds of wake-ups (one virtual millisecond's, [`SimConfig::stream_min`] or more) whose
+    /// uplink the engine took on its own thread, [`STREAM_PART`] wake-ups' worth at a time, while
+    /// the agents went on.
+    pub engine_streamed_rounds: u64,
 }
 
 /// One engine, N agents and the network between them.
@@ -348,7 +359,24 @@ struct EngineJob {
     out: Outputs,
     now: Timestamp,
     chunk: usize,
+    /// After `batch`, the engine takes [`ToEngine::Part`]s until [`ToEngine::End`].
+    stream: bool,
 }
+
+/// What the simulation hands the engine's thread.
+enum ToEngine {
+    /// A step: the engine and its first batch.
+    Step(Box<EngineJob>),
+    /// More uplink for a streaming step, in order; its emptied buffer comes back as a spare.
+    Part(Vec<Inbound>),
+    /// The streaming step has all its uplink.
+    End,
+}
+
+/// Wake-ups a streaming round runs between two handoffs of their uplink to the engine: enough
+/// to keep the channel's cost small against the engine's work on them, few enough that the
+/// engine starts early and ends soon after the agents.
+const STREAM_PART: usize = 64;
 
 /// A step done: the job back with the engine's wall-clock nanoseconds, or the engine's panic.
 type EngineDone = std::thread::Result<(Box<EngineJob>, u64)>;
@@ -360,8 +388,10 @@ type EngineDone = std::thread::Result<(Box<EngineJob>, u64)>;
 /// wave of connects follows the last at once; so each side spins a short while ([`SPIN`]) for the
 /// other's message before it sleeps, instead of paying a sleeping thread's wake-up every step.
 struct EngineThread {
-    jobs: Option<std::sync::mpsc::Sender<Box<EngineJob>>>,
+    jobs: Option<std::sync::mpsc::Sender<ToEngine>>,
     done: std::sync::mpsc::Receiver<EngineDone>,
+    /// Emptied [`ToEngine::Part`] buffers, to be filled again.
+    spare: std::sync::mpsc::Receiver<Vec<Inbound>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -384,15 +414,35 @@ fn recv_spinning<T>(rx: &std::sync::mpsc::Receiver<T>) -> Option<T> {
 
 impl EngineThread {
     fn start() -> Self {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<Box<EngineJob>>();
+        let (jobs, job_rx) = std::sync::mpsc::channel::<ToEngine>();
         let (done_tx, done) = std::sync::mpsc::channel::<EngineDone>();
+        let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<Inbound>>();
         let thread = std::thread::Builder::new()
             .name("kole-sim-engine".into())
             .spawn(move || {
-                while let Some(mut job) = recv_spinning(&job_rx) {
+                while let Some(msg) = recv_spinning(&job_rx) {
+                    // A part or an end outside a step is what is left of a step whose engine
+                    // panicked: the caller has the panic by now.
+                    let ToEngine::Step(mut job) = msg else { continue };
                     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let EngineJob { engine, batch, out, now, chunk } = &mut *job;
-                        handle_uplink(engine, batch, *chunk, *now, out)
+                        let EngineJob { engine, batch, out, now, chunk, stream } = &mut *job;
+                        let mut ns = handle_uplink(engine, batch, *chunk, *now, out);
+                        if *stream {
+                            loop {
+                                match recv_spinning(&job_rx) {
+                                    Some(ToEngine::Part(mut part)) => {
+                                        ns += handle_uplink(engine, &part, *chunk, *now, out);
+                                        part.clear();
+                                        let _ = spare_tx.send(part);
+                                    }
+                                    Some(ToEngine::End) | None => break,
+                                    Some(ToEngine::Step(_)) => {
+                                        panic!("a step sent to the engine's thread inside a stream")
+                                    }
+                                }
+                            }
+                        }
+                        ns
                     }));
                     if done_tx.send(run.map(|ns| (job, ns))).is_err() {
                         break;
@@ -400,11 +450,11 @@ impl EngineThread {
                 }
             })
             .expect("starting the simulation's engine thread");
-        Self { jobs: Some(jobs), done, thread: Some(thread) }
+        Self { jobs: Some(jobs), done, spare, thread: Some(thread) }
     }
 
-    fn send(&self, job: Box<EngineJob>) {
-        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+    fn send(&self, msg: ToEngine) {
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(msg));
         assert!(matches!(sent, Some(Ok(()))), "the simulation's engine thread has stopped");
     }
 
@@ -593,8 +643,11 @@ impl Simulation {
     /// Moves what the engine sent into [`World::pending`] (to be routed) and its events into
     /// [`Simulation::take_events`]'s list.
     fn take_engine_outputs(&mut self) {
-        debug_assert!(self.w.pending.is_empty(), "the engine's earlier messages are routed first");
-        std::mem::swap(&mut self.out.messages, &mut self.w.pending);
+        if self.w.pending.is_empty() {
+            std::mem::swap(&mut self.out.messages, &mut self.w.pending);
+        } else {
+            self.w.pending.append(&mut self.out.messages);
+        }
         self.events.append(&mut self.out.events);
         self.out.clear();
     }
@@ -620,7 +673,7 @@ impl Simulation {
         let took = !batch.is_empty();
         if batch.len() >= OVERLAP_MIN {
             self.w.stats.engine_overlapped_steps += 1;
-            self.send_engine(batch, now);
+            self.send_engine(batch, now, false);
             self.w.route_pending();
             agents(&mut self.w);
             self.engine_back();
@@ -639,8 +692,9 @@ impl Simulation {
         routed || took || worked
     }
 
-    /// Hands the engine and `batch` to the engine's thread (started on first use).
-    fn send_engine(&mut self, batch: Vec<Inbound>, now: Timestamp) {
+    /// Hands the engine and `batch` to the engine's thread (started on first use); with `stream`,
+    /// the step goes on with the parts [`Simulation::stream_wakeups`] sends.
+    fn send_engine(&mut self, batch: Vec<Inbound>, now: Timestamp, stream: bool) {
         let engine = self.engine.take().expect("one step at a time on the engine's thread");
         let job = Box::new(EngineJob {
             engine,
@@ -648,8 +702,38 @@ impl Simulation {
             out: std::mem::take(&mut self.out),
             now,
             chunk: self.w.cfg.uplink_batch,
+            stream,
         });
-        self.thread.get_or_insert_with(EngineThread::start).send(job);
+        self.thread.get_or_insert_with(EngineThread::start).send(ToEngine::Step(job));
+    }
+
+    /// Runs the agent wake-ups of one instant, `due` (filed for `at`), while the engine takes their
+    /// uplink on its thread, [`STREAM_PART`] wake-ups' worth at a time.
+    ///
+    /// The engine handles what a step after the wake-ups would have handed it (every uplink
+    /// message due now, in the network's order: taken part by part, each part's messages come
+    /// after the last's), and what it sends is routed where it would have been, after every
+    /// wake-up, so the agents see the same world; the engine's calls are smaller, and end soon
+    /// after the agents' last wake-up instead of starting there.
+    fn stream_wakeups(&mut self, at: u64, due: &[u32]) -> bool {
+        let now = self.now();
+        self.w.stats.engine_streamed_rounds += 1;
+        let first = std::mem::take(&mut self.up_batch);
+        self.send_engine(first, now, true);
+        let thread = self.thread.as_mut().expect("send_engine starts the engine's thread");
+        let mut ran = false;
+        for part in due.chunks(STREAM_PART) {
+            ran |= self.w.run_due(at, part);
+            let mut batch = thread.spare.try_recv().unwrap_or_default();
+            self.w.net.take_uplink_into(now, usize::MAX, &mut batch);
+            if !batch.is_empty() {
+                self.w.stats.uplink += batch.len() as u64;
+                thread.send(ToEngine::Part(batch));
+            }
+        }
+        thread.send(ToEngine::End);
+        self.engine_back();
+        ran
     }
 
     /// Waits for the engine's thread to finish the step [`Simulation::send_engine`] gave it, and
@@ -667,10 +751,26 @@ impl Simulation {
         self.take_engine_outputs();
     }
 
+    /// Runs every agent wake-up due at the current instant; returns whether any ran. A round of
+    /// [`SimConfig::stream_min`] wake-ups or more streams its uplink to the engine
+    /// ([`Simulation::stream_wakeups`]).
+    fn run_wakeups(&mut self) -> bool {
+        let mut ran = false;
+        while let Some((at, due)) = self.w.wakes.pop_due(self.w.now_ms) {
+            ran |= if due.len() >= self.w.cfg.stream_min {
+                self.stream_wakeups(at, &due)
+            } else {
+                self.w.run_due(at, &due)
+            };
+            self.w.wakes.recycle(due);
+        }
+        ran
+    }
+
     /// Processes everything due at the current instant, until nothing is.
     fn pump(&mut self) {
         loop {
-            let mut progress = self.w.run_wakeups();
+            let mut progress = self.run_wakeups();
             // The engine takes every uplink message due, then the agents one round of deliveries,
             // and again: what one side sends is handled before the next round adds more, so a
             // fleet's acks or status reports do not pile up in the queues by the million (fresh
@@ -899,23 +999,20 @@ impl World {
         any
     }
 
-    /// Runs every agent wake-up due at the current instant; returns whether any ran.
-    fn run_wakeups(&mut self) -> bool {
+    /// Runs the wake-ups of `due` (filed for `at`) that are still due; returns whether any ran.
+    fn run_due(&mut self, at: u64, due: &[u32]) -> bool {
         let mut ran = false;
-        while let Some((at, due)) = self.wakes.pop_due(self.now_ms) {
-            for group in due.chunks(WARM_GROUP) {
-                self.warm(group.iter().map(|&id| (id, false)));
-                for &id in group {
-                    // A stale entry (the agent's wake-up moved since) finds it not due. One that
-                    // is due runs, and its next wake-up is filed afresh.
-                    if self.agents.get(id as usize).and_then(Agent::next_wake).is_some_and(|t| t.as_millis() <= at) {
-                        self.stats.wakeups += 1;
-                        self.run_agent(NodeId(id), AgentInput::Tick, None);
-                        ran = true;
-                    }
+        for group in due.chunks(WARM_GROUP) {
+            self.warm(group.iter().map(|&id| (id, false)));
+            for &id in group {
+                // A stale entry (the agent's wake-up moved since) finds it not due. One that is
+                // due runs, and its next wake-up is filed afresh.
+                if self.agents.get(id as usize).and_then(Agent::next_wake).is_some_and(|t| t.as_millis() <= at) {
+                    self.stats.wakeups += 1;
+                    self.run_agent(NodeId(id), AgentInput::Tick, None);
+                    ran = true;
                 }
             }
-            self.wakes.recycle(due);
         }
         ran
     }
@@ -1020,5 +1117,46 @@ mod tests {
         assert_eq!(a.1, b.1);
         assert_eq!(a.2, b.2);
         assert_eq!(a.3, b.3);
+    }
+
+    /// Streaming a round's uplink to the engine while the agents run changes nothing the
+    /// simulation does: with and without it, a fleet that registers, heartbeats, takes a rollout
+    /// in waves and heartbeats again raises the same events, sends the same messages and leaves
+    /// every agent with the same digest. Only the engine's calls are smaller.
+    #[test]
+    fn streaming_wakeups_to_the_engine_changes_no_outcome() {
+        let run = |stream_min: usize| {
+            let engine = EngineConfig { heartbeat_interval_ms: 1_000, ..EngineConfig::default() };
+            let mut sim = Simulation::new(SimConfig { nodes: 20_000, stream_min, engine, ..SimConfig::default() });
+            sim.connect_all();
+            assert!(sim.run_until_registered(120_000));
+            sim.run_for(2_000);
+            let w = workload(1, &[30, 100]);
+            sim.command(&WorkloadCommand::Apply { workload: w.clone(), progress: None });
+            assert!(sim.run_until_rolled_out(&w.id, 600_000));
+            sim.run_for(2_000);
+            assert!(sim.unconverged().is_empty());
+            let mut stats = sim.stats().clone();
+            let streamed = std::mem::take(&mut stats.engine_streamed_rounds);
+            // How the engine's work was split is all that may differ.
+            stats.engine_wall_ns = 0;
+            stats.engine_overlapped_steps = 0;
+            let events: Vec<String> = sim.take_events().iter().map(|e| format!("{e:?}")).collect();
+            let digests: Vec<DesiredDigest> = sim.agents().iter().map(Agent::applied).collect();
+            let beats = sim.engine().stats().heartbeats;
+            (streamed, (stats, events, sim.net().stats(), sim.engine_mut().workload_status(&w.id), digests, beats))
+        };
+        // 20,000 nodes heartbeating every second: 20 wake-ups a millisecond.
+        let (streamed, with) = run(8);
+        let (none, without) = run(usize::MAX);
+        assert!(streamed >= 1_000, "{streamed} rounds streamed");
+        assert_eq!(none, 0);
+        assert!(with.5 >= 60_000, "{} heartbeats", with.5);
+        assert_eq!(with.0, without.0);
+        assert_eq!(with.1, without.1);
+        assert_eq!(with.2, without.2);
+        assert_eq!(with.3, without.3);
+        assert_eq!(with.4, without.4);
+        assert_eq!(with.5, without.5);
     }
 }
