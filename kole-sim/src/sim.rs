@@ -115,9 +115,10 @@ pub struct SimStats {
     /// Steps in which the engine ran on a thread of its own beside the agents: those that handed
     /// it 4,096 uplink messages or more.
     pub engine_overlapped_steps: u64,
-    /// Rounds of wake-ups (one virtual millisecond's, [`SimConfig::stream_min`] or more) whose
-    /// uplink the engine took on its own thread, [`STREAM_PART`] wake-ups' worth at a time, while
-    /// the agents went on.
+    /// Rounds of wake-ups (one virtual millisecond's, [`SimConfig::stream_min`] or more, stale
+    /// calendar entries included) whose uplink the engine took on its own thread, [`STREAM_PART`]
+    /// wake-ups' worth at a time, while the agents went on; a round that sent nothing is not
+    /// counted.
     pub engine_streamed_rounds: u64,
 }
 
@@ -717,21 +718,24 @@ impl Simulation {
     /// after the agents' last wake-up instead of starting there.
     fn stream_wakeups(&mut self, at: u64, due: &[u32]) -> bool {
         let now = self.now();
-        self.w.stats.engine_streamed_rounds += 1;
         let first = std::mem::take(&mut self.up_batch);
         self.send_engine(first, now, true);
         let thread = self.thread.as_mut().expect("send_engine starts the engine's thread");
-        let mut ran = false;
+        let (mut ran, mut streamed) = (false, false);
         for part in due.chunks(STREAM_PART) {
             ran |= self.w.run_due(at, part);
             let mut batch = thread.spare.try_recv().unwrap_or_default();
             self.w.net.take_uplink_into(now, usize::MAX, &mut batch);
             if !batch.is_empty() {
+                streamed = true;
                 self.w.stats.uplink += batch.len() as u64;
                 thread.send(ToEngine::Part(batch));
             }
         }
         thread.send(ToEngine::End);
+        // A round of stale entries only (wake-ups that moved since they were filed, such as a
+        // fleet's registration retries once it registered) hands the engine nothing.
+        self.w.stats.engine_streamed_rounds += u64::from(streamed);
         self.engine_back();
         ran
     }
