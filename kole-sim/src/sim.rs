@@ -722,14 +722,18 @@ impl Simulation {
         self.send_engine(first, now, true);
         let thread = self.thread.as_mut().expect("send_engine starts the engine's thread");
         let (mut ran, mut streamed) = (false, false);
+        // Filled part by part; a part of stale entries leaves it empty for the next one.
+        let mut batch = Vec::new();
         for part in due.chunks(STREAM_PART) {
             ran |= self.w.run_due(at, part);
-            let mut batch = thread.spare.try_recv().unwrap_or_default();
+            if batch.capacity() == 0 {
+                batch = thread.spare.try_recv().unwrap_or_default();
+            }
             self.w.net.take_uplink_into(now, usize::MAX, &mut batch);
             if !batch.is_empty() {
                 streamed = true;
                 self.w.stats.uplink += batch.len() as u64;
-                thread.send(ToEngine::Part(batch));
+                thread.send(ToEngine::Part(std::mem::take(&mut batch)));
             }
         }
         thread.send(ToEngine::End);
