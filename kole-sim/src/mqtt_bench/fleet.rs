@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kole_core::agent::{
@@ -15,41 +14,12 @@ use kole_core::protocol::GroupName;
 use kole_core::transport::{Destination, NodeDelivery};
 use kole_mqtt::Topics;
 use kole_mqtt::uplink_qos;
-use rumqttc::{AsyncClient, ClientError, Event, EventLoop, Packet, QoS, Request};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
 
 use super::MqttBenchConfig;
+use super::wire::SimClient;
 use crate::dataset::ReferenceFleet;
-
-/// One simulator connection's event loop: hands every downlink publish to the agents' loop and
-/// counts CONNACKs and SUBACKs.
-pub(super) async fn connection(
-    mut eventloop: EventLoop,
-    down: mpsc::Sender<rumqttc::Publish>,
-    acks: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-) {
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                // Awaiting is safe: the agents' loop never waits on this connection.
-                if down.send(p).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::ConnAck(_) | Packet::SubAck(_))) => {
-                acks.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(_) => {}
-            Err(_) => {
-                // Clean session: a reconnect would lose the subscriptions; the phase then times
-                // out and the error count says why.
-                errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
 
 /// The simulated agents and their routing.
 pub(super) struct SimFleet {
@@ -57,7 +27,7 @@ pub(super) struct SimFleet {
     pub(super) agents: Vec<Agent>,
     index: HashMap<NodeName, u32>,
     groups: HashMap<GroupName, HashSet<u32>>,
-    pub(super) clients: Vec<AsyncClient>,
+    pub(super) clients: Vec<SimClient>,
     /// Publishes the request channel could not take yet, per connection (bounded by what the
     /// agents emit in one round: a few messages per node).
     backlog: Vec<VecDeque<rumqttc::Publish>>,
@@ -218,7 +188,7 @@ impl SimFleet {
             let mut msg = rumqttc::Publish::new(topic, uplink_qos(p.kind), p.payload);
             msg.retain = false;
             if self.backlog[c].is_empty() {
-                if let Err(back) = try_send(&self.clients[c], msg) {
+                if let Err(back) = self.clients[c].try_publish(msg) {
                     self.backlog[c].push_back(back);
                 }
             } else {
@@ -231,7 +201,7 @@ impl SimFleet {
                     let members = self.groups.entry(g.clone()).or_default();
                     if members.is_empty() {
                         // One subscription per group for the whole simulator (connection 0).
-                        let _ = self.clients[0].try_subscribe(self.topics.group_filter(&g), QoS::AtLeastOnce);
+                        self.clients[0].try_subscribe(self.topics.group_filter(&g), QoS::AtLeastOnce);
                     }
                     members.insert(id);
                 }
@@ -259,22 +229,11 @@ impl SimFleet {
     fn flush_backlog(&mut self) {
         for (c, backlog) in self.backlog.iter_mut().enumerate() {
             while let Some(msg) = backlog.pop_front() {
-                if let Err(back) = try_send(&self.clients[c], msg) {
+                if let Err(back) = self.clients[c].try_publish(msg) {
                     backlog.push_front(back);
                     break;
                 }
             }
         }
-    }
-}
-
-/// Hands a publish to a connection without waiting; gives it back when the channel is full.
-fn try_send(client: &AsyncClient, msg: rumqttc::Publish) -> Result<(), rumqttc::Publish> {
-    let rumqttc::Publish { topic, qos, retain, payload, .. } = msg;
-    match client.try_publish(topic, qos, retain, payload) {
-        Ok(()) => Ok(()),
-        Err(ClientError::TryRequest(Request::Publish(p))) => Err(p),
-        // The connection is gone: the phase will time out and report the connection errors.
-        Err(_) => Ok(()),
     }
 }

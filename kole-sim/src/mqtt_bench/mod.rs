@@ -25,6 +25,7 @@
 mod controller;
 mod fleet;
 mod report;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,14 +37,14 @@ use kole_core::model::{RolloutStrategy, Selector, Workload, WorkloadId};
 use kole_core::transport::Destination;
 use kole_mqtt::Topics;
 use kole_mqtt::{BrokerAddr, CloudConfig};
-use rumqttc::{AsyncClient, MqttOptions, QoS, SubscribeFilter};
+use rumqttc::{QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 
 use crate::procfs::{self, ThreadCpu, peak_rss_of, thread_cpu};
 use crate::report::{Figures, thousands};
 
 pub(crate) use controller::{ControllerCommand, ControllerView, controller_thread, engine_counts};
-use fleet::{SimFleet, connection};
+use fleet::SimFleet;
 pub use report::table;
 
 /// What to benchmark.
@@ -252,14 +253,16 @@ async fn simulate(
     let acks = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     for i in 0..c {
-        let mut o = MqttOptions::new(format!("kole-bench-sim-{i}"), broker.host.clone(), broker.port);
-        o.set_keep_alive(Duration::from_secs(60))
-            .set_clean_session(true)
-            .set_max_packet_size(256 * 1024, 256 * 1024)
-            .set_inflight(cfg.inflight.max(1))
-            .set_request_channel_capacity(65_536);
-        let (client, eventloop) = AsyncClient::new(o, 65_536);
-        tasks.push(tokio::spawn(connection(eventloop, down_tx.clone(), acks.clone(), errors.clone())));
+        let opts = wire::Options {
+            host: broker.host.clone(),
+            port: broker.port,
+            client_id: format!("kole-bench-sim-{i}"),
+            keep_alive: Duration::from_secs(60),
+            inflight: cfg.inflight.max(1),
+        };
+        let (client, requests) = wire::client(65_536);
+        let sinks = wire::Sinks { down: down_tx.clone(), acks: acks.clone(), errors: errors.clone() };
+        tasks.push(tokio::spawn(wire::run(opts, requests, sinks)));
         fleet.clients.push(client);
     }
     drop(down_tx);
@@ -277,7 +280,7 @@ async fn simulate(
     }
     for (i, list) in filters.into_iter().enumerate() {
         for chunk in list.chunks(1_000) {
-            let f = chunk.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+            let f = chunk.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)).collect();
             fleet.clients[i].subscribe_many(f).await.map_err(setup)?;
             packets += 1;
         }
@@ -361,11 +364,16 @@ async fn simulate(
     progress(&format!("  controller after distribution: {}", engine_counts(view)));
     fig.int("distribute_targeted", view.targeted.load(Ordering::Relaxed));
     fig.int("sim_connection_errors", errors.load(Ordering::Relaxed));
+    // A clean goodbye (DISCONNECT, then close), so the broker logs no lost connections.
     for client in &fleet.clients {
-        let _ = client.try_disconnect();
+        client.try_disconnect();
     }
-    for t in tasks {
-        t.abort();
+    drop(down_rx);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    for mut t in tasks {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            t.abort();
+        }
     }
     Ok(())
 }
