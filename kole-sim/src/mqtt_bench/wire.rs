@@ -277,6 +277,104 @@ async fn handle(
 mod tests {
     use super::*;
 
+    /// Reads one whole packet from the client's side of `sock`.
+    async fn next_packet(sock: &mut TcpStream, buf: &mut BytesMut) -> Packet {
+        loop {
+            match Packet::read(buf, MAX_PACKET) {
+                Ok(p) => return p,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    assert!(sock.read_buf(buf).await.unwrap() > 0, "the client closed");
+                }
+                Err(e) => panic!("the client sent a bad packet: {e:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_frames_split_packets_acks_deliveries_and_keeps_its_in_flight_window() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (down, mut down_rx) = mpsc::channel(16);
+        let (acks, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let sinks = Sinks { down, acks: acks.clone(), errors: errors.clone() };
+        let opts = Options {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "sim-test".into(),
+            keep_alive: Duration::from_secs(60),
+            inflight: 2,
+        };
+        let (sim, rx) = client(64);
+        // Queued before the connection is up: sent after the CONNACK.
+        for i in 0..3u8 {
+            sim.try_publish(Publish::new(format!("up/{i}"), QoS::AtLeastOnce, vec![i])).unwrap();
+        }
+        sim.try_publish(Publish::new("up/beat", QoS::AtMostOnce, vec![9])).unwrap();
+        let task = tokio::spawn(run(opts, rx, sinks));
+
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        match next_packet(&mut sock, &mut buf).await {
+            Packet::Connect(c) => assert_eq!((c.client_id.as_str(), c.clean_session), ("sim-test", true)),
+            other => panic!("expected CONNECT, got {other:?}"),
+        }
+        // The broker's bytes one at a time: a CONNACK, then a QoS 1 delivery.
+        let mut out = BytesMut::new();
+        rumqttc::mqttbytes::v4::ConnAck::new(ConnectReturnCode::Success, false).write(&mut out).unwrap();
+        let mut delivery = Publish::new("down/node/a", QoS::AtLeastOnce, b"spec".to_vec());
+        delivery.pkid = 7;
+        delivery.retain = true;
+        delivery.write(&mut out).unwrap();
+        for b in out.iter() {
+            sock.write_all(&[*b]).await.unwrap();
+            sock.flush().await.unwrap();
+        }
+        let got = down_rx.recv().await.unwrap();
+        assert_eq!((got.topic.as_str(), &got.payload[..], got.retain), ("down/node/a", &b"spec"[..], true));
+
+        // Two QoS 1 publishes fill the in-flight window; the third waits for an ack.
+        let mut seen = Vec::new();
+        let mut acked_delivery = false;
+        while seen.len() < 2 || !acked_delivery {
+            match next_packet(&mut sock, &mut buf).await {
+                Packet::Publish(p) => seen.push((p.topic, p.pkid)),
+                Packet::PubAck(a) => {
+                    assert_eq!(a.pkid, 7);
+                    acked_delivery = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, vec![("up/0".to_string(), 1), ("up/1".to_string(), 2)]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), next_packet(&mut sock, &mut buf)).await.is_err(),
+            "nothing more while two are in flight"
+        );
+        let mut out = BytesMut::new();
+        PubAck::new(1).write(&mut out).unwrap();
+        sock.write_all(&out).await.unwrap();
+        match next_packet(&mut sock, &mut buf).await {
+            Packet::Publish(p) => assert_eq!((p.topic.as_str(), p.pkid), ("up/2", 3)),
+            other => panic!("unexpected {other:?}"),
+        }
+        // The QoS 0 publish is queued behind them: it goes when the window opens again.
+        let mut out = BytesMut::new();
+        PubAck::new(2).write(&mut out).unwrap();
+        sock.write_all(&out).await.unwrap();
+        match next_packet(&mut sock, &mut buf).await {
+            Packet::Publish(p) => assert_eq!((p.topic.as_str(), p.qos), ("up/beat", QoS::AtMostOnce)),
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // An ack for a packet id not in flight is a protocol error: the connection counts it.
+        let mut out = BytesMut::new();
+        PubAck::new(40).write(&mut out).unwrap();
+        sock.write_all(&out).await.unwrap();
+        task.await.unwrap();
+        assert_eq!(acks.load(Ordering::Relaxed), 1, "one CONNACK");
+        assert_eq!(errors.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn packet_ids_skip_those_in_flight_and_wrap() {
         let mut ids = PacketIds::new();
