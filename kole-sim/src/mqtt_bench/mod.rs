@@ -1,5 +1,5 @@
 //! `kole-sim bench --transport mqtt`: the engine behind [`kole_mqtt::MqttCloud`] and the reference
-//! fleet's agents over a real MQTT broker, multiplexed over a few plain rumqttc connections.
+//! fleet's agents over a real MQTT broker, multiplexed over a few plain MQTT connections.
 //!
 //! Three parts share the machine, each on its own thread(s):
 //!
@@ -9,7 +9,8 @@
 //!   CPU time (engine *and* MQTT client) is that thread's time, read from
 //!   `/proc/self/task/{tid}/stat`;
 //! - the **simulator** (`fleet.rs`): one [`kole_core::agent::Agent`] per node, on the calling
-//!   thread, over `connections` rumqttc connections. Each connection publishes on its nodes' own
+//!   thread, over `connections` connections of its own (`wire.rs`: rumqttc's packet codec, one
+//!   write per batch of queued packets). Each connection publishes on its nodes' own
 //!   uplink topics and subscribes to its nodes' own downlink topics; connection 0 also subscribes to
 //!   the fleet, spec and group topics once and hands each message to every agent concerned (one copy
 //!   per simulator instead of one per node). The broker must let the simulator's user publish on
