@@ -3,11 +3,15 @@
 //! Each entry is one `u64`: the upper half is a 32-bit hash of the node name, the lower half the
 //! slot. Linear probing keeps a lookup within one or two cache lines, the table never stores the
 //! names themselves (callers verify a candidate slot against the name arena), and because the hash
-//! is kept, growing and deleting (backward shift) never touch the arena. A lookup's first probe is
+//! is kept, growing and deleting (backward shift) never touch the arena. A lookup's likely answer is
 //! exposed separately so batch paths can issue many independent loads before using any of them.
 
 /// Marks an empty bucket.
 const EMPTY: u64 = u64::MAX;
+
+/// Buckets [`NameIndex::candidate`] reads from a hash's home: a cache line's worth of entries.
+/// At the index's highest load (0.7) a successful lookup probes 2.2 buckets on average.
+const CANDIDATE_PROBES: usize = 8;
 
 /// Packs a hash and a slot.
 #[inline]
@@ -59,13 +63,29 @@ impl NameIndex {
         self.table.len() - 1
     }
 
-    /// The entry in `hash`'s home bucket (or `EMPTY`): the first probe of a lookup, for batching.
+    /// The slot of the first entry with `hash` among the [`CANDIDATE_PROBES`] buckets from its
+    /// home (`u32::MAX`: none there): a lookup's likely answer, read from the line its first probe
+    /// loads (and the next), for batching. A name whose entry sits past its home bucket, which
+    /// linear probing makes common, is found here too, so its slot and name are warmed with the
+    /// rest.
     #[inline]
-    pub(crate) fn first_probe(&self, hash: u32) -> u64 {
+    pub(crate) fn candidate(&self, hash: u32) -> u32 {
         if self.table.is_empty() {
-            return EMPTY;
+            return u32::MAX;
         }
-        self.table[hash as usize & self.mask()]
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        for _ in 0..CANDIDATE_PROBES {
+            let e = self.table[i];
+            if e == EMPTY {
+                break;
+            }
+            if entry_hash(e) == hash {
+                return entry_slot(e);
+            }
+            i = (i + 1) & mask;
+        }
+        u32::MAX
     }
 
     /// The slot whose entry has `hash` and for which `is_it` holds.
@@ -287,5 +307,37 @@ mod tests {
                 assert_eq!(idx.find(h, |c| c == s).is_some(), i % 3 != 0, "slot {s} after removals");
             }
         }
+    }
+
+    #[test]
+    fn candidate_is_the_first_entry_of_its_hash_near_home() {
+        // Unique random hashes at the highest load before growing (0.7), plus runs of a shared
+        // hash, which must yield the first of their entries in probe order.
+        let n = 180_000usize;
+        let mut idx = NameIndex::with_capacity(n);
+        let mut x = 11u64;
+        let mut hashes = Vec::with_capacity(n);
+        for slot in 0..n as u32 {
+            x = crate::model::mix64(x);
+            let h = if slot % 50 == 0 { 0xdead_0000 | (slot % 7) } else { x as u32 };
+            idx.insert(h, slot);
+            hashes.push(h);
+        }
+        assert!(idx.len() * 10 > idx.table.len() * 6, "load {} / {}", idx.len(), idx.table.len());
+        let mut found = 0usize;
+        for (slot, &h) in hashes.iter().enumerate() {
+            let c = idx.candidate(h);
+            if c == u32::MAX {
+                continue;
+            }
+            found += 1;
+            assert_eq!(Some(c), idx.find(h, |_| true), "slot {slot}: not the first entry of its hash");
+        }
+        // Linear probing leaves few entries further than a line from home at this load.
+        assert!(found * 100 >= n * 95, "{found} of {n} found near home");
+        // A hash whose home and the buckets after it hold other hashes has no candidate.
+        let absent = (0..u32::MAX).find(|h| idx.find(*h, |_| true).is_none()).unwrap();
+        assert_eq!(idx.candidate(absent), u32::MAX);
+        assert_eq!(NameIndex::default().candidate(absent), u32::MAX);
     }
 }

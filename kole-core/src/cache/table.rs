@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::ControlFlow;
 
-use super::index::{NameIndex, entry_hash, entry_slot};
+use super::index::NameIndex;
 use super::intern::{FxHashMap, Interner};
 use super::{
     CacheError, CacheQuery, HeartbeatIn, HeartbeatOutcome, HeartbeatUpdate, PhaseCounts, QueryPage, Registered,
@@ -944,25 +944,26 @@ impl NodeCache {
         probe.hashes.map(NameHash)
     }
 
-    /// The passes over one group of names: hash every name, load every name's first index entry,
-    /// then touch every candidate's slot and name bytes. Each pass's loads are independent of one
-    /// another, so their misses overlap.
+    /// The passes over one group of names: hash every name, find every name's candidate entry in
+    /// the index, touch every candidate's slot, then every candidate's name bytes (whose place is
+    /// in the slot). Each pass's loads are independent of one another, so their misses overlap.
     fn probe_group(&self, group: &[&str]) -> ProbeGroup {
         let mut probe = ProbeGroup { hashes: [0; PROBE_GROUP], cand: [u32::MAX; PROBE_GROUP] };
         for (k, name) in group.iter().enumerate() {
             probe.hashes[k] = hash_name(name.as_bytes());
         }
         for k in 0..group.len() {
-            let e = self.index.first_probe(probe.hashes[k]);
-            if entry_hash(e) == probe.hashes[k] {
-                probe.cand[k] = entry_slot(e);
-            }
+            probe.cand[k] = self.index.candidate(probe.hashes[k]);
         }
         let mut touch = 0u64;
-        for &c in &probe.cand[..group.len()] {
+        let mut name_offs = [0u32; PROBE_GROUP];
+        for (off, &c) in name_offs.iter_mut().zip(&probe.cand[..group.len()]) {
             if let Some(n) = self.slots.get(c as usize) {
-                touch ^= u64::from(self.names.get(n.name_off as usize).copied().unwrap_or(0));
+                *off = n.name_off;
             }
+        }
+        for &off in &name_offs[..group.len()] {
+            touch ^= u64::from(self.names.get(off as usize).copied().unwrap_or(0));
         }
         std::hint::black_box(touch);
         probe
@@ -1140,7 +1141,7 @@ fn name_at<'a>(names: &'a [u8], n: &NodeSlot) -> &'a [u8] {
 /// independent misses to keep the memory system busy, few enough to stay on the stack.
 pub(crate) const PROBE_GROUP: usize = 16;
 
-/// One group's hashes and first-probe candidates (`u32::MAX`: none).
+/// One group's hashes and candidate slots (`u32::MAX`: none; see [`NameIndex::candidate`]).
 struct ProbeGroup {
     hashes: [u32; PROBE_GROUP],
     cand: [u32; PROBE_GROUP],
