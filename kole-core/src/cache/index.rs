@@ -335,7 +335,7 @@ mod tests {
         }
         // Linear probing leaves few entries further than a line from home at this load.
         assert!(found * 100 >= n * 95, "{found} of {n} found near home");
-        // A hash whose home and the buckets after it hold other hashes has no candidate.
+        // A hash the index does not hold has no candidate, in a full index or an empty one.
         let absent = (0..u32::MAX).find(|h| idx.find(*h, |_| true).is_none()).unwrap();
         assert_eq!(idx.candidate(absent), u32::MAX);
         assert_eq!(NameIndex::default().candidate(absent), u32::MAX);
