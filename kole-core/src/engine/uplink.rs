@@ -303,10 +303,9 @@ impl Core {
                 self.stats.uplink_rate_limited += 1;
                 continue;
             }
-            let h = match msg.decode(&self.cfg.decode_limits) {
-                Ok(Message::Heartbeat(h)) => h,
-                // Decoding checks the payload's kind against the topic's.
-                Ok(_) => continue,
+            // Decoding checks the payload's kind against the topic's.
+            let h = match msg.decode_heartbeat(&self.cfg.decode_limits) {
+                Ok(h) => h,
                 Err(e) => {
                     self.decode_failed(out, msg, &e);
                     continue;

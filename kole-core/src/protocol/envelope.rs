@@ -20,7 +20,9 @@ use crate::model::{DesiredDigest, NodeName};
 use super::address::{GroupName, UplinkKind};
 use super::error::DecodeError;
 use super::limits::DecodeLimits;
-use super::messages::{Direction, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef, RegisterView};
+use super::messages::{
+    Direction, Heartbeat, Message, MessageKind, PROTOCOL_VERSION, REASONS_VERSION, RegisterRef, RegisterView,
+};
 use super::wire;
 
 /// Length of the envelope header (version and kind bytes).
@@ -203,6 +205,20 @@ pub fn decode_from_node(
         return Err(DecodeError::IdentityMismatch { topic: node.clone(), claimed: reg.name.clone() });
     }
     Ok(msg)
+}
+
+/// [`decode_from_node`] for a message on a heartbeat topic: the same checks and the same errors,
+/// the heartbeat returned as it is. The controller decodes a heartbeat per node per interval, and
+/// a [`Message`] built, moved and dropped around each one was a share of that work of its own.
+pub fn decode_heartbeat_from_node(bytes: &[u8], limits: &DecodeLimits) -> Result<Heartbeat, DecodeError> {
+    let (_, kind) = header(bytes, limits)?;
+    if kind.direction() != Direction::Uplink {
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
+    }
+    if kind != MessageKind::Heartbeat {
+        return Err(DecodeError::TopicKindMismatch { topic: UplinkKind::Heartbeat, payload: kind });
+    }
+    wire::decode_heartbeat_body(&bytes[HEADER_LEN..], limits)
 }
 
 /// [`decode_from_node`] for a message on `node`'s registration topic, decoded without copying its

@@ -34,8 +34,9 @@ mod tests;
 pub use address::{Destination, GroupName, GroupNameError, UplinkKind};
 pub(crate) use envelope::register_label_block;
 pub use envelope::{
-    EncodedGroups, HEADER_LEN, decode, decode_downlink, decode_from_node, decode_register_view,
-    decode_register_view_with, decode_uplink, encode, encode_accepted_ack, encode_into, encode_register, peek_kind,
+    EncodedGroups, HEADER_LEN, decode, decode_downlink, decode_from_node, decode_heartbeat_from_node,
+    decode_register_view, decode_register_view_with, decode_uplink, encode, encode_accepted_ack, encode_into,
+    encode_register, peek_kind,
 };
 pub use error::DecodeError;
 pub use limits::{DecodeLimits, Limit};

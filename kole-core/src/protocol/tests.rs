@@ -543,6 +543,33 @@ proptest! {
     }
 
     #[test]
+    fn the_heartbeat_decoder_agrees_with_the_general_one(
+        msg in prop_oneof![heartbeat().prop_map(Message::Heartbeat), message()],
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 0..3),
+        cut in any::<prop::sample::Index>(),
+        truncate in any::<bool>(),
+    ) {
+        // Heartbeats, other kinds, bit-flipped and truncated bytes of either, on a heartbeat
+        // topic: the same verdict, the same error, the same heartbeat.
+        let mut bytes = encode(&msg);
+        for (at, bit) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len() + 1));
+        }
+        let node = NodeName::new("edge-0001").unwrap();
+        let general = decode_from_node(&bytes, &node, UplinkKind::Heartbeat, &limits());
+        let direct = decode_heartbeat_from_node(&bytes, &limits());
+        match (general, direct) {
+            (Ok(Message::Heartbeat(a)), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "general {:?}, direct {:?}", a, b),
+        }
+    }
+
+    #[test]
     fn heartbeats_fit_the_size_contract(hb in heartbeat()) {
         prop_assert!(encode(&Message::Heartbeat(hb)).len() <= 20);
     }

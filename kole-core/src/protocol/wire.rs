@@ -541,6 +541,19 @@ struct DesiredIn<'a> {
 }
 
 /// Decodes one body of `kind`, then checks limits and field rules, then builds the owned message.
+/// The body of a heartbeat: [`decode_body`]'s heartbeat arm, returned as it is rather than in a
+/// [`Message`], for the controller's heartbeat path.
+pub(super) fn decode_heartbeat_body(body: &[u8], limits: &DecodeLimits) -> Result<Heartbeat, DecodeError> {
+    let cx = Check { kind: MessageKind::Heartbeat, limits };
+    let m: HeartbeatWire = cx.parse(body)?;
+    Ok(Heartbeat {
+        seq: m.seq,
+        boot_id: u32::from_le_bytes(m.boot_id),
+        applied: digest(m.applied),
+        health: NodeHealth(m.health),
+    })
+}
+
 pub(super) fn decode_body(
     kind: MessageKind,
     version: u8,
@@ -550,15 +563,7 @@ pub(super) fn decode_body(
     let cx = Check { kind, limits };
     match kind {
         MessageKind::Register => cx.register(cx.take_register(body)?).map(Message::Register),
-        MessageKind::Heartbeat => {
-            let m: HeartbeatWire = cx.parse(body)?;
-            Ok(Message::Heartbeat(Heartbeat {
-                seq: m.seq,
-                boot_id: u32::from_le_bytes(m.boot_id),
-                applied: digest(m.applied),
-                health: NodeHealth(m.health),
-            }))
-        }
+        MessageKind::Heartbeat => decode_heartbeat_body(body, limits).map(Message::Heartbeat),
         MessageKind::StatusReport => {
             let (m, reasons) = if version == super::messages::REASONS_VERSION {
                 let m: StatusV2In<'_> = cx.parse(body)?;

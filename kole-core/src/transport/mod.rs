@@ -48,7 +48,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::model::NodeName;
-use crate::protocol::{DecodeError, DecodeLimits, Message, decode_downlink, decode_from_node};
+use crate::protocol::{
+    DecodeError, DecodeLimits, Heartbeat, Message, decode_downlink, decode_from_node, decode_heartbeat_from_node,
+};
 
 pub use crate::protocol::{Destination, GroupName, UplinkKind};
 /// The shared byte buffer of [`Inbound::payload`] (the `bytes` crate's).
@@ -144,6 +146,12 @@ impl Inbound {
     /// registration claims this node (see [`crate::protocol::decode_from_node`]).
     pub fn decode(&self, limits: &DecodeLimits) -> Result<Message, DecodeError> {
         decode_from_node(&self.payload, &self.node, self.kind, limits)
+    }
+
+    /// [`Inbound::decode`] for a message on a heartbeat topic, the heartbeat returned as it is
+    /// (see [`crate::protocol::decode_heartbeat_from_node`]).
+    pub fn decode_heartbeat(&self, limits: &DecodeLimits) -> Result<Heartbeat, DecodeError> {
+        decode_heartbeat_from_node(&self.payload, limits)
     }
 }
 
