@@ -182,6 +182,19 @@ pub fn decode_downlink(bytes: &[u8], limits: &DecodeLimits) -> Result<Message, D
     decode_directed(bytes, Direction::Downlink, limits)
 }
 
+/// The header of a message that arrived on an uplink topic of kind `topic_kind`: it must be an
+/// uplink message, of the topic's kind. Every decoder of a node's messages checks it first.
+fn topic_header(bytes: &[u8], topic_kind: UplinkKind, limits: &DecodeLimits) -> Result<(u8, MessageKind), DecodeError> {
+    let (version, kind) = header(bytes, limits)?;
+    if kind.direction() != Direction::Uplink {
+        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
+    }
+    if kind.uplink() != Some(topic_kind) {
+        return Err(DecodeError::TopicKindMismatch { topic: topic_kind, payload: kind });
+    }
+    Ok((version, kind))
+}
+
 /// Decodes a message that arrived on `node`'s uplink topic of kind `topic_kind`, enforcing the
 /// identity rule: it must be an uplink message, of the topic's kind, and a registration must claim
 /// the topic's node (the topic is authoritative; the broker ACL ties it to the node's credentials).
@@ -191,13 +204,7 @@ pub fn decode_from_node(
     topic_kind: UplinkKind,
     limits: &DecodeLimits,
 ) -> Result<Message, DecodeError> {
-    let (version, kind) = header(bytes, limits)?;
-    if kind.direction() != Direction::Uplink {
-        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
-    }
-    if kind.uplink() != Some(topic_kind) {
-        return Err(DecodeError::TopicKindMismatch { topic: topic_kind, payload: kind });
-    }
+    let (version, kind) = topic_header(bytes, topic_kind, limits)?;
     let msg = wire::decode_body(kind, version, &bytes[HEADER_LEN..], limits)?;
     if let Message::Register(reg) = &msg
         && reg.name != *node
@@ -211,13 +218,7 @@ pub fn decode_from_node(
 /// the heartbeat returned as it is. The controller decodes a heartbeat per node per interval, and
 /// a [`Message`] built, moved and dropped around each one was a share of that work of its own.
 pub fn decode_heartbeat_from_node(bytes: &[u8], limits: &DecodeLimits) -> Result<Heartbeat, DecodeError> {
-    let (_, kind) = header(bytes, limits)?;
-    if kind.direction() != Direction::Uplink {
-        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
-    }
-    if kind != MessageKind::Heartbeat {
-        return Err(DecodeError::TopicKindMismatch { topic: UplinkKind::Heartbeat, payload: kind });
-    }
+    topic_header(bytes, UplinkKind::Heartbeat, limits)?;
     wire::decode_heartbeat_body(&bytes[HEADER_LEN..], limits)
 }
 
@@ -255,13 +256,7 @@ pub fn decode_register_view_with<'a>(
     limits: &DecodeLimits,
     known: wire::KnownLabels<'_>,
 ) -> Result<RegisterView<'a>, DecodeError> {
-    let (_, kind) = header(bytes, limits)?;
-    if kind.direction() != Direction::Uplink {
-        return Err(DecodeError::WrongDirection { kind, actual: kind.direction(), expected: Direction::Uplink });
-    }
-    if kind.uplink() != Some(UplinkKind::Register) {
-        return Err(DecodeError::TopicKindMismatch { topic: UplinkKind::Register, payload: kind });
-    }
+    topic_header(bytes, UplinkKind::Register, limits)?;
     let reg = wire::decode_register_view(&bytes[HEADER_LEN..], limits, known)?;
     if reg.name != node.as_str() {
         // Both names are valid here; the error carries them as the owned decoder's does.

@@ -540,7 +540,6 @@ struct DesiredIn<'a> {
     workloads: Vec<WorkloadIn<'a>>,
 }
 
-/// Decodes one body of `kind`, then checks limits and field rules, then builds the owned message.
 /// The body of a heartbeat: [`decode_body`]'s heartbeat arm, returned as it is rather than in a
 /// [`Message`], for the controller's heartbeat path.
 pub(super) fn decode_heartbeat_body(body: &[u8], limits: &DecodeLimits) -> Result<Heartbeat, DecodeError> {
@@ -554,6 +553,7 @@ pub(super) fn decode_heartbeat_body(body: &[u8], limits: &DecodeLimits) -> Resul
     })
 }
 
+/// Decodes one body of `kind`, then checks limits and field rules, then builds the owned message.
 pub(super) fn decode_body(
     kind: MessageKind,
     version: u8,
